@@ -1,0 +1,75 @@
+"""The `sealstream` command line: stack control, migrations, services, demo and benchmarks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sealstream.settings import StackSettings
+from sealstream.stack import runner
+from sealstream.stack.base import StackContext, StackError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+app = typer.Typer(help="Sealstream: server-side encrypted chat pipeline.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack of six real servers.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+console = Console()
+
+Only = Annotated[
+    list[str] | None, typer.Option("--only", help="Limit to these servers (repeatable).")
+]
+
+
+def _stack_context() -> StackContext:
+    return StackContext(settings=StackSettings(), repo_root=REPO_ROOT)
+
+
+@stack_app.command("up")
+def stack_up(only: Only = None) -> None:
+    """Install what is missing and start every server; returns when all answer."""
+    started = time.monotonic()
+    try:
+        servers = runner.build(_stack_context(), only)
+        runner.up(servers, report=console.print)
+    except StackError as err:
+        console.print(f"[red]stack up failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"stack up: all answering after {time.monotonic() - started:.1f}s")
+
+
+@stack_app.command("down")
+def stack_down(only: Only = None) -> None:
+    """Stop exactly the processes `stack up` started (by recorded pid)."""
+    runner.down(runner.build(_stack_context(), only), report=console.print)
+
+
+@stack_app.command("status")
+def stack_status(only: Only = None) -> None:
+    """Show each server, its port, its pid and whether it answers a real request."""
+    rows = runner.status(runner.build(_stack_context(), only))
+    table = Table("server", "port", "pid", "answers", "detail")
+    for row in rows:
+        table.add_row(
+            row.name,
+            str(row.port),
+            str(row.pid or "-"),
+            "[green]yes[/green]" if row.answering else "[red]no[/red]",
+            row.detail,
+        )
+    console.print(table)
+    if not all(row.answering for row in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

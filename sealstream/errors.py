@@ -1,0 +1,58 @@
+"""The project's exception hierarchy.
+
+Adapters translate library errors into these, and say whether a failure is *retriable* (a server is
+down or overloaded: pause and try again) or permanent (bad input, missing key: dead-letter or
+reject). Consumers decide between retry, pause and dead-letter from that flag alone. No message
+text and no key material ever goes into an exception message.
+"""
+
+from __future__ import annotations
+
+
+class SealstreamError(Exception):
+    """Base class of every error Sealstream raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigurationError(SealstreamError):
+    """Settings are missing or unsafe; raised at start-up."""
+
+
+class InvalidMessage(SealstreamError):
+    """A record or request can never be processed as it is (schema, size, encoding)."""
+
+
+class DecryptionError(SealstreamError):
+    """An envelope could not be opened: wrong key, wrong version, wrong ids, or tampered bytes.
+
+    Deliberately one type with one message for every cause, so that a caller (or an attacker
+    probing the API) learns nothing about *why* it failed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("message envelope could not be decrypted or authenticated")
+
+
+class KeyNotFound(SealstreamError):
+    """No chat, or no DEK version, exists for the ids given."""
+
+
+class KeyDestroyed(SealstreamError):
+    """The DEK version existed but was destroyed (crypto-shredded)."""
+
+
+class KmsError(SealstreamError):
+    """The KMS refused a request for a permanent reason (auth, permission, bad ciphertext)."""
+
+
+class KmsUnavailable(SealstreamError):
+    """The KMS could not be reached or kept failing after retries; try again later."""
+
+    retriable = True
+
+
+class StoreUnavailable(SealstreamError):
+    """A storage server (Postgres, Cassandra, Redis, OpenSearch, Kafka) could not be reached."""
+
+    retriable = True

@@ -1,0 +1,145 @@
+"""Typed configuration: one settings object per process, built once at start-up and passed down.
+
+Every value comes from environment variables with the ``SEALSTREAM_`` prefix (nested values with a
+double underscore, e.g. ``SEALSTREAM_KAFKA__BOOTSTRAP``). Defaults point at the local stack started
+by ``sealstream stack up``; its ports sit in the 1xxxx range so they never collide with a system
+Postgres/Redis/Kafka a developer may already run. Secrets are ``SecretStr`` and print masked.
+Nothing here connects to anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STACK_DIR = Path(".stack")
+# Credentials of the local stack only (loopback, throwaway data); production sets its own.
+LOCAL_POSTGRES_PASSWORD = "sealstream-local"
+
+# Local-stack ports. docker-compose.yml publishes the same numbers (a test checks they agree).
+KAFKA_PORT = 19092
+KAFKA_CONTROLLER_PORT = 19093
+CASSANDRA_PORT = 19042
+CASSANDRA_STORAGE_PORT = 17000
+OPENSEARCH_PORT = 19200
+OPENSEARCH_TRANSPORT_PORT = 19300
+POSTGRES_PORT = 15432
+REDIS_PORT = 16379
+OPENBAO_PORT = 18200
+
+
+class StackSettings(BaseSettings):
+    """How the local stack is laid out and sized (``SEALSTREAM_STACK_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_STACK_", frozen=True)
+
+    dir: Path = DEFAULT_STACK_DIR
+    kafka_port: int = KAFKA_PORT
+    kafka_controller_port: int = KAFKA_CONTROLLER_PORT
+    cassandra_port: int = CASSANDRA_PORT
+    cassandra_storage_port: int = CASSANDRA_STORAGE_PORT
+    opensearch_port: int = OPENSEARCH_PORT
+    opensearch_transport_port: int = OPENSEARCH_TRANSPORT_PORT
+    postgres_port: int = POSTGRES_PORT
+    redis_port: int = REDIS_PORT
+    openbao_port: int = OPENBAO_PORT
+    # Heaps are sized so all six servers fit together in a few GiB (see README "Memory").
+    kafka_heap_mb: int = 512
+    cassandra_heap_mb: int = 1024
+    opensearch_heap_mb: int = 768
+
+
+class KafkaSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    bootstrap: str = f"127.0.0.1:{KAFKA_PORT}"
+    messages_topic: str = "sealstream.messages.v1"
+    dead_letter_topic: str = "sealstream.messages.dlq.v1"
+    partitions: int = 6
+    # The message topic holds plaintext: keep it short-lived (docs/security.md).
+    retention_ms: int = 24 * 3600 * 1000
+
+
+class CassandraSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    port: int = CASSANDRA_PORT
+    keyspace: str = "sealstream"
+    replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+
+
+class PostgresSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    host: str = "127.0.0.1"
+    port: int = POSTGRES_PORT
+    database: str = "sealstream"
+    user: str = "sealstream"
+    password: SecretStr = SecretStr(LOCAL_POSTGRES_PASSWORD)
+    schema_name: str = "sealstream"
+
+    def conninfo(self) -> str:
+        """libpq connection string; only built where a connection is opened, never logged."""
+        return (
+            f"host={self.host} port={self.port} dbname={self.database} user={self.user} "
+            f"password={self.password.get_secret_value()} options=-csearch_path={self.schema_name}"
+        )
+
+
+class RedisSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
+    key_prefix: str = "sealstream:"
+
+
+class VaultSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    address: str = f"http://127.0.0.1:{OPENBAO_PORT}"
+    token: SecretStr | None = None
+    # Local stack only: `stack up` writes the root token here when it initialises OpenBao.
+    token_file: Path = DEFAULT_STACK_DIR / "openbao" / "root-token"
+    transit_mount: str = "transit"
+    default_key: str = "sealstream-cmk"
+
+    def resolved_token(self) -> SecretStr:
+        if self.token is not None:
+            return self.token
+        if self.token_file.exists():
+            return SecretStr(self.token_file.read_text().strip())
+        raise ValueError(
+            "no Vault/OpenBao token: set SEALSTREAM_VAULT__TOKEN, or run `sealstream stack up` "
+            f"so that {self.token_file} exists"
+        )
+
+
+class OpenSearchSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    url: str = f"http://127.0.0.1:{OPENSEARCH_PORT}"
+    index_prefix: str = "sealstream"
+
+
+class Settings(BaseSettings):
+    """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEALSTREAM_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    cassandra: CassandraSettings = Field(default_factory=CassandraSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    vault: VaultSettings = Field(default_factory=VaultSettings)
+    opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.kafka.partitions < 1:
+            raise ValueError("kafka.partitions must be at least 1")
+        return self
