@@ -124,6 +124,20 @@ class OpenSearchSettings(BaseModel):
     index_prefix: str = "sealstream"
 
 
+class KeyCacheSettings(BaseModel):
+    """How long and how many plaintext DEKs a process keeps in memory (never anywhere else)."""
+
+    model_config = {"frozen": True}
+
+    max_entries: int = Field(default=100_000, ge=1)
+    ttl_seconds: float = Field(default=300.0, gt=0)
+    # Upper bound on how long a process may keep encrypting with an old version if it missed
+    # the Redis invalidation message (normally it learns of a rotation within milliseconds).
+    pointer_ttl_seconds: float = Field(default=30.0, gt=0)
+    redis_ttl_seconds: int = Field(default=3600, ge=1)
+    default_tenant: str = "default"
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -137,6 +151,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
+    keys: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -1,0 +1,1 @@
+"""Every contract of Sealstream: event and API models, CQL, SQL and index mappings."""

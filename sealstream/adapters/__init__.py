@@ -1,0 +1,1 @@
+"""One adapter module per external system; no library type leaves its adapter."""

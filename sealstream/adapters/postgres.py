@@ -1,0 +1,256 @@
+"""Postgres adapter: the connection pool, schema migrations, and the chat / DEK history tables.
+
+Only wrapped DEKs (Transit ciphertext) are stored here; a plaintext DEK never reaches Postgres.
+psycopg errors are translated at this boundary: connection trouble becomes the retriable
+`StoreUnavailable`, everything else stays a programming error.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
+from sealstream.settings import PostgresSettings
+
+Row = dict[str, Any]
+_MIGRATION_LOCK = 0x5EA15
+_TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
+
+
+@dataclass(frozen=True)
+class ChatRow:
+    chat_id: uuid.UUID
+    tenant_id: str
+    participants: tuple[str, ...]
+    state: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DekRow:
+    chat_id: uuid.UUID
+    dek_version: int
+    encrypted_dek: str | None
+    kms_key_name: str
+    state: str
+    valid_from: datetime
+    valid_to: datetime | None
+
+
+class Database:
+    """A pool of connections to one schema of one Postgres database."""
+
+    def __init__(self, settings: PostgresSettings, max_size: int = 8) -> None:
+        self.settings = settings
+        self._pool = ConnectionPool(
+            settings.conninfo(),
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+        )
+
+    def open(self, timeout: float = 10.0) -> None:
+        try:
+            self._pool.open(wait=True, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - psycopg_pool raises its own PoolTimeout
+            raise StoreUnavailable(
+                f"Postgres at {self.settings.host}:{self.settings.port} did not accept a "
+                f"connection ({type(exc).__name__}); is the stack up? `sealstream stack up`"
+            ) from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Row]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"Postgres unavailable: {type(exc).__name__}") from None
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Row]]:
+        with self.connection() as conn, conn.transaction():
+            yield conn
+
+    # --- migrations -------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply the SQL files of schemas/postgres in order; returns those newly applied."""
+        schema = self.settings.schema_name
+        files = sorted(
+            (f for f in resources.files("schemas").joinpath("postgres").iterdir()),
+            key=lambda f: f.name,
+        )
+        applied: list[str] = []
+        with self.transaction() as conn:
+            # Serialises concurrent `migrate` runs (two workers starting together).
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            conn.execute(f'SET LOCAL search_path TO "{schema}"')
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in conn.execute("SELECT name FROM schema_migrations")}
+            for file in files:
+                if not file.name.endswith(".sql") or file.name in done:
+                    continue
+                conn.execute(file.read_text())
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (file.name,))
+                applied.append(file.name)
+        return applied
+
+    def drop_schema(self) -> None:
+        """Tests only: remove this run's schema entirely."""
+        with self.connection() as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.settings.schema_name}" CASCADE')
+
+
+def _chat(row: Row) -> ChatRow:
+    return ChatRow(
+        chat_id=row["chat_id"],
+        tenant_id=row["tenant_id"],
+        participants=tuple(row["participants"]),
+        state=row["state"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _dek(row: Row) -> DekRow:
+    return DekRow(
+        chat_id=row["chat_id"],
+        dek_version=row["dek_version"],
+        encrypted_dek=row["encrypted_dek"],
+        kms_key_name=row["kms_key_name"],
+        state=row["state"],
+        valid_from=row["valid_from"],
+        valid_to=row["valid_to"],
+    )
+
+
+class ChatKeyRepository:
+    """Reads and writes the `tenants`, `chats` and `chat_deks` tables."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def upsert_tenant(self, tenant_id: str, kms_key_name: str) -> None:
+        with self.db.connection() as conn:
+            conn.execute(
+                "INSERT INTO tenants (tenant_id, kms_key_name) VALUES (%s, %s)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET kms_key_name = EXCLUDED.kms_key_name",
+                (tenant_id, kms_key_name),
+            )
+
+    def tenant_key_name(self, tenant_id: str) -> str | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT kms_key_name FROM tenants WHERE tenant_id = %s", (tenant_id,)
+            ).fetchone()
+        return None if row is None else str(row["kms_key_name"])
+
+    def create_chat(
+        self,
+        chat_id: uuid.UUID,
+        tenant_id: str,
+        participants: tuple[str, ...],
+        encrypted_dek: str,
+        kms_key_name: str,
+    ) -> bool:
+        """Insert the chat and its DEK version 1; False if the chat already existed."""
+        with self.db.transaction() as conn:
+            inserted = conn.execute(
+                "INSERT INTO chats (chat_id, tenant_id, participants) VALUES (%s, %s, %s)"
+                " ON CONFLICT (chat_id) DO NOTHING",
+                (chat_id, tenant_id, list(participants)),
+            ).rowcount
+            if inserted == 0:
+                return False
+            conn.execute(
+                "INSERT INTO chat_deks (chat_id, dek_version, encrypted_dek, kms_key_name, state)"
+                " VALUES (%s, 1, %s, %s, 'active')",
+                (chat_id, encrypted_dek, kms_key_name),
+            )
+        return True
+
+    def chat(self, chat_id: uuid.UUID) -> ChatRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT * FROM chats WHERE chat_id = %s", (chat_id,)).fetchone()
+        return None if row is None else _chat(row)
+
+    def active_dek(self, chat_id: uuid.UUID) -> DekRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT * FROM chat_deks WHERE chat_id = %s AND state = 'active'", (chat_id,)
+            ).fetchone()
+        return None if row is None else _dek(row)
+
+    def dek(self, chat_id: uuid.UUID, version: int) -> DekRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT * FROM chat_deks WHERE chat_id = %s AND dek_version = %s",
+                (chat_id, version),
+            ).fetchone()
+        return None if row is None else _dek(row)
+
+    def deks(self, chat_id: uuid.UUID) -> list[DekRow]:
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM chat_deks WHERE chat_id = %s ORDER BY dek_version", (chat_id,)
+            ).fetchall()
+        return [_dek(r) for r in rows]
+
+    def add_version(
+        self,
+        chat_id: uuid.UUID,
+        expected_current: int,
+        new_version: int,
+        encrypted_dek: str,
+        kms_key_name: str,
+    ) -> int:
+        """Retire `expected_current` and make a new active version, unless someone already did.
+
+        The chat row is locked for the transaction, so of two processes rotating the same chat at
+        once exactly one creates a version; the other sees the moved pointer and returns it.
+        """
+        with self.db.transaction() as conn:
+            locked = conn.execute(
+                "SELECT state FROM chats WHERE chat_id = %s FOR UPDATE", (chat_id,)
+            ).fetchone()
+            if locked is None:
+                raise KeyNotFound(f"chat {chat_id} does not exist")
+            if locked["state"] != "active":
+                raise KeyDestroyed(f"chat {chat_id} was deleted")
+            current = conn.execute(
+                "SELECT dek_version FROM chat_deks WHERE chat_id = %s AND state = 'active'",
+                (chat_id,),
+            ).fetchone()
+            if current is not None and current["dek_version"] != expected_current:
+                return int(current["dek_version"])
+            conn.execute(
+                "UPDATE chat_deks SET state = 'retired', valid_to = now()"
+                " WHERE chat_id = %s AND state = 'active'",
+                (chat_id,),
+            )
+            conn.execute(
+                "INSERT INTO chat_deks (chat_id, dek_version, encrypted_dek, kms_key_name, state)"
+                " VALUES (%s, %s, %s, %s, 'active')",
+                (chat_id, new_version, encrypted_dek, kms_key_name),
+            )
+            conn.execute("UPDATE chats SET updated_at = now() WHERE chat_id = %s", (chat_id,))
+        return new_version

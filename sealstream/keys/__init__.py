@@ -1,0 +1,1 @@
+"""Chat data keys (DEKs): the KMS port, the version history, caching and rotation."""

@@ -1,0 +1,258 @@
+"""The key service: chat DEKs for encryption (current version) and decryption (by version).
+
+Lookup order for a DEK, cheapest first:
+  1. the in-process cache of plaintext DEKs (bounded in size and age; memory only);
+  2. the wrapped DEK from Redis, else from Postgres (the source of truth), then one KMS unwrap.
+The current-version pointer of a chat follows the same path (in-process, Redis, Postgres) and is
+evicted in every process by a Redis pub/sub message when a chat is rotated or deleted.
+
+Plaintext DEKs exist only in this process's memory: Redis and Postgres hold Transit ciphertexts.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sealstream.adapters.postgres import ChatKeyRepository, ChatRow, DekRow
+from sealstream.adapters.redis import InvalidationListener, RedisKeyCache, WrappedDek
+from sealstream.crypto import ChatKey
+from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
+from sealstream.keys.cache import TtlCache
+from sealstream.keys.ports import Kms
+from sealstream.metrics import DEK_CACHE
+from sealstream.settings import KeyCacheSettings
+
+log = logging.getLogger(__name__)
+
+_KMS_CONTEXT = struct.Struct(">16sI")
+_KMS_CONTEXT_LABEL = b"sealstream/dek/v1:"
+
+
+def kms_context(chat_id: uuid.UUID, version: int) -> bytes:
+    """Transit derivation context binding a wrapped DEK to its chat and version (docs/format.md)."""
+    return _KMS_CONTEXT_LABEL + _KMS_CONTEXT.pack(chat_id.bytes, version)
+
+
+@dataclass
+class KeyStats:
+    """Per-service counters (also exported to Prometheus via sealstream.metrics)."""
+
+    local_hits: int = 0
+    redis_hits: int = 0
+    postgres_reads: int = 0
+    kms_unwraps: int = 0
+    kms_generates: int = 0
+    lookup_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+
+class KeyService:
+    def __init__(
+        self,
+        repo: ChatKeyRepository,
+        kms: Kms,
+        redis: RedisKeyCache | None,
+        settings: KeyCacheSettings,
+        default_kms_key: str,
+    ) -> None:
+        self.repo = repo
+        self.kms = kms
+        self.redis = redis
+        self.settings = settings
+        self.default_kms_key = default_kms_key
+        self.stats = KeyStats()
+        self._deks: TtlCache[tuple[uuid.UUID, int], ChatKey] = TtlCache(
+            settings.max_entries, settings.ttl_seconds
+        )
+        self._pointers: TtlCache[uuid.UUID, int] = TtlCache(
+            settings.max_entries, settings.pointer_ttl_seconds
+        )
+        self._listener: InvalidationListener | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register the default tenant and listen for invalidations from other processes."""
+        self.register_tenant(self.settings.default_tenant, self.default_kms_key)
+        if self.redis is not None and self._listener is None:
+            self._listener = self.redis.subscribe(self._evict_chat, self._pointers.clear)
+            self._listener.subscribed.wait(timeout=5)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        self._deks.clear()
+        self._pointers.clear()
+
+    def _evict_chat(self, action: str, chat_id: uuid.UUID) -> None:
+        """Invalidation from any process (ourselves included): a rotation moves the pointer;
+        a deletion also drops every plaintext DEK of the chat."""
+        self._pointers.discard(lambda k: k == chat_id)
+        if action != "rotated":
+            self._deks.discard(lambda k: k[0] == chat_id)
+
+    # --- tenants and chats -----------------------------------------------------------------------
+
+    def register_tenant(self, tenant_id: str, kms_key_name: str) -> None:
+        self.kms.ensure_key(kms_key_name)
+        self.repo.upsert_tenant(tenant_id, kms_key_name)
+
+    def create_chat(
+        self, chat_id: uuid.UUID, participants: tuple[str, ...], tenant_id: str | None = None
+    ) -> ChatRow:
+        """Create the chat with DEK version 1 (idempotent: an existing chat is returned as is)."""
+        existing = self.repo.chat(chat_id)
+        if existing is not None:
+            return existing
+        tenant = tenant_id or self.settings.default_tenant
+        key_name = self.repo.tenant_key_name(tenant)
+        if key_name is None:
+            raise KeyNotFound(f"unknown tenant '{tenant}'")
+        data_key = self.kms.generate_data_key(key_name, kms_context(chat_id, 1))
+        self.stats.add("kms_generates")
+        self.repo.create_chat(chat_id, tenant, participants, data_key.wrapped, key_name)
+        chat = self.repo.chat(chat_id)
+        assert chat is not None
+        return chat
+
+    def chat(self, chat_id: uuid.UUID) -> ChatRow | None:
+        return self.repo.chat(chat_id)
+
+    # --- DEKs ------------------------------------------------------------------------------------
+
+    def current_key(self, chat_id: uuid.UUID) -> ChatKey:
+        """The DEK new messages of this chat are sealed with."""
+        started = time.perf_counter()
+        try:
+            return self.key(chat_id, self.current_version(chat_id), _timed=False)
+        finally:
+            self.stats.add("lookup_seconds", time.perf_counter() - started)
+
+    def current_version(self, chat_id: uuid.UUID) -> int:
+        version, _ = self._pointers.get_or_load(chat_id, lambda: self._load_pointer(chat_id))
+        return version
+
+    def _load_pointer(self, chat_id: uuid.UUID) -> int:
+        if self.redis is not None:
+            try:
+                cached = self.redis.current_version(chat_id)
+                if cached is not None:
+                    return cached
+            except StoreUnavailable:
+                log.warning("redis unavailable, reading the DEK pointer from postgres")
+        row = self.repo.active_dek(chat_id)
+        self.stats.add("postgres_reads")
+        if row is None:
+            raise self._missing(chat_id)
+        self._remember(row)
+        return row.dek_version
+
+    def _missing(self, chat_id: uuid.UUID) -> KeyNotFound:
+        chat = self.repo.chat(chat_id)
+        if chat is not None and chat.state == "deleted":
+            return KeyDestroyed(f"chat {chat_id} was deleted and its keys destroyed")
+        return KeyNotFound(f"no active DEK for chat {chat_id}")
+
+    def _remember(self, row: DekRow) -> None:
+        if self.redis is None or row.encrypted_dek is None:
+            return
+        try:
+            self.redis.set_wrapped(
+                row.chat_id, row.dek_version, WrappedDek(row.encrypted_dek, row.kms_key_name)
+            )
+            if row.state == "active":
+                self.redis.set_current_version(row.chat_id, row.dek_version)
+        except StoreUnavailable:
+            log.warning("redis unavailable, DEK pointer not shared")
+
+    def key(self, chat_id: uuid.UUID, version: int, _timed: bool = True) -> ChatKey:
+        """The DEK of a given version, e.g. to open an old message."""
+        started = time.perf_counter()
+        try:
+            cached = self._deks.get((chat_id, version))
+            if cached is not None:
+                self.stats.add("local_hits")
+                DEK_CACHE.labels(layer="local").inc()
+                return cached
+            key, _ = self._deks.get_or_load(
+                (chat_id, version), lambda: self._load_key(chat_id, version)
+            )
+            return key
+        finally:
+            if _timed:
+                self.stats.add("lookup_seconds", time.perf_counter() - started)
+
+    def _load_key(self, chat_id: uuid.UUID, version: int) -> ChatKey:
+        wrapped: WrappedDek | None = None
+        if self.redis is not None:
+            try:
+                wrapped = self.redis.wrapped(chat_id, version)
+            except StoreUnavailable:
+                log.warning("redis unavailable, reading the wrapped DEK from postgres")
+        if wrapped is not None:
+            self.stats.add("redis_hits")
+            DEK_CACHE.labels(layer="redis").inc()
+        else:
+            row = self.repo.dek(chat_id, version)
+            self.stats.add("postgres_reads")
+            DEK_CACHE.labels(layer="postgres").inc()
+            if row is None:
+                raise KeyNotFound(f"chat {chat_id} has no DEK version {version}")
+            if row.encrypted_dek is None:
+                raise KeyDestroyed(f"DEK version {version} of chat {chat_id} was destroyed")
+            wrapped = WrappedDek(row.encrypted_dek, row.kms_key_name)
+            self._remember(row)
+        material = self.kms.unwrap(wrapped.kms_key_name, wrapped.wrapped, kms_context(chat_id, version))
+        self.stats.add("kms_unwraps")
+        return ChatKey(version=version, material=material)
+
+    # --- rotation ------------------------------------------------------------------------------
+
+    def rotate(self, chat_id: uuid.UUID) -> int:
+        """Make a new active DEK version; old versions stay for reading history.
+
+        Concurrent rotations of one chat create exactly one version (the database row lock
+        decides); the loser's freshly generated DEK is simply never stored.
+        """
+        chat = self.repo.chat(chat_id)
+        if chat is None:
+            raise KeyNotFound(f"chat {chat_id} does not exist")
+        current = self.repo.active_dek(chat_id)
+        if current is None:
+            raise self._missing(chat_id)
+        key_name = self.repo.tenant_key_name(chat.tenant_id) or current.kms_key_name
+        new_version = current.dek_version + 1
+        data_key = self.kms.generate_data_key(key_name, kms_context(chat_id, new_version))
+        self.stats.add("kms_generates")
+        version = self.repo.add_version(
+            chat_id, current.dek_version, new_version, data_key.wrapped, key_name
+        )
+        if version == new_version:
+            # Seed our own cache with the key we already hold in plaintext: no unwrap needed.
+            self._deks.put((chat_id, version), ChatKey(version=version, material=data_key.plaintext))
+        self._pointers.put(chat_id, version)
+        self._announce("rotated", chat_id, version)
+        return version
+
+    def _announce(self, action: str, chat_id: uuid.UUID, version: int | None) -> None:
+        if self.redis is None:
+            return
+        try:
+            if version is not None:
+                self.redis.set_current_version(chat_id, version)
+            self.redis.publish_invalidation(action, chat_id)
+        except StoreUnavailable:
+            log.warning(
+                "redis unavailable: other processes pick up the rotation of a chat within "
+                "pointer_ttl_seconds instead of at once"
+            )

@@ -1,0 +1,37 @@
+"""Builds the real adapters from settings; the only place that knows which class serves which port."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.adapters.redis import RedisKeyCache
+from sealstream.adapters.vault import TransitKms
+from sealstream.keys.service import KeyService
+from sealstream.settings import Settings
+
+
+@contextmanager
+def key_service(settings: Settings, db: Database | None = None) -> Iterator[KeyService]:
+    """A started key service on Postgres + Redis + Transit; closes what it opened."""
+    own_db = db is None
+    database = db or Database(settings.postgres)
+    if own_db:
+        database.open()
+    redis = RedisKeyCache(settings.redis, ttl_seconds=settings.keys.redis_ttl_seconds)
+    service = KeyService(
+        repo=ChatKeyRepository(database),
+        kms=TransitKms(settings.vault),
+        redis=redis,
+        settings=settings.keys,
+        default_kms_key=settings.vault.default_key,
+    )
+    try:
+        service.start()
+        yield service
+    finally:
+        service.close()
+        redis.close()
+        if own_db:
+            database.close()
