@@ -1,0 +1,1 @@
+"""Micro-benchmarks of Sealstream's hot paths (run them with ``python -m``)."""
