@@ -67,6 +67,47 @@ def stack_status(only: Only = None) -> None:
         raise typer.Exit(1)
 
 
+SERVICES = ("ingest", "encryptor", "indexer", "reader")
+
+
+@app.command("migrate")
+def migrate() -> None:
+    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas (idempotent)."""
+    from sealstream.migrate import migrate_all
+    from sealstream.settings import Settings
+
+    for part, result in migrate_all(Settings()).items():
+        console.print(f"{part:<11} {result}")
+
+
+@app.command("run")
+def run(
+    service: Annotated[str, typer.Argument(help="ingest | encryptor | indexer | reader | all")],
+) -> None:
+    """Run one service in the foreground (or all four as child processes)."""
+    from sealstream.services import run_all, run_service
+    from sealstream.settings import Settings
+
+    if service == "all":
+        raise typer.Exit(run_all())
+    if service not in SERVICES:
+        console.print(f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all")
+        raise typer.Exit(2)
+    run_service(service, Settings())
+
+
+@app.command("token")
+def token(
+    user: Annotated[str, typer.Argument(help="user id to put in `sub`")],
+    ttl: Annotated[int, typer.Option(help="lifetime in seconds")] = 3600,
+) -> None:
+    """Mint a bearer token for local use (signed with the configured auth secret)."""
+    from sealstream.auth import mint_token
+    from sealstream.settings import Settings
+
+    print(mint_token(Settings().auth, user, ttl))
+
+
 def main() -> None:
     app()
 

@@ -10,13 +10,15 @@ Nothing here connects to anything.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STACK_DIR = Path(".stack")
 # Credentials of the local stack only (loopback, throwaway data); production sets its own.
-LOCAL_POSTGRES_PASSWORD = "sealstream-local"
+LOCAL_POSTGRES_PASSWORD = "sealstream-local"  # noqa: S105 - local stack only, refused in production
+LOCAL_AUTH_SECRET = "local-stack-only-not-a-secret-0123456789"  # noqa: S105 - idem
 
 # Local-stack ports. docker-compose.yml publishes the same numbers (a test checks they agree).
 KAFKA_PORT = 19092
@@ -28,6 +30,8 @@ OPENSEARCH_TRANSPORT_PORT = 19300
 POSTGRES_PORT = 15432
 REDIS_PORT = 16379
 OPENBAO_PORT = 18200
+INGEST_PORT = 8443
+READER_PORT = 8444
 
 
 class StackSettings(BaseSettings):
@@ -57,6 +61,8 @@ class KafkaSettings(BaseModel):
     bootstrap: str = f"127.0.0.1:{KAFKA_PORT}"
     messages_topic: str = "sealstream.messages.v1"
     dead_letter_topic: str = "sealstream.messages.dlq.v1"
+    encryptor_group: str = "sealstream-encryptor"
+    indexer_group: str = "sealstream-indexer"
     partitions: int = 6
     # The message topic holds plaintext: keep it short-lived (docs/security.md).
     retention_ms: int = 24 * 3600 * 1000
@@ -138,6 +144,31 @@ class KeyCacheSettings(BaseModel):
     default_tenant: str = "default"
 
 
+class AuthSettings(BaseModel):
+    """Signed bearer tokens (HS256 JWT, user id in `sub`) shared by the gateway and the reader."""
+
+    model_config = {"frozen": True}
+
+    secret: SecretStr = SecretStr(LOCAL_AUTH_SECRET)
+    issuer: str = "sealstream"
+    token_ttl_seconds: int = Field(default=3600, ge=60)
+
+
+class HttpSettings(BaseModel):
+    """Where an HTTP service listens; TLS is on when a certificate and key are given."""
+
+    model_config = {"frozen": True}
+
+    host: str = "127.0.0.1"
+    port: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -152,9 +183,25 @@ class Settings(BaseSettings):
     vault: VaultSettings = Field(default_factory=VaultSettings)
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
     keys: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    ingest: HttpSettings = Field(default_factory=lambda: HttpSettings(port=INGEST_PORT))
+    reader: HttpSettings = Field(default_factory=lambda: HttpSettings(port=READER_PORT))
+    # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
+    worker_id: int = Field(default=0, ge=0, le=1023)
+    # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
+    environment: Literal["local", "production"] = "local"
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.kafka.partitions < 1:
             raise ValueError("kafka.partitions must be at least 1")
+        if self.environment == "production":
+            if self.auth.secret.get_secret_value() == LOCAL_AUTH_SECRET:
+                raise ValueError("auth.secret is the local default; set SEALSTREAM_AUTH__SECRET")
+            if len(self.auth.secret.get_secret_value()) < 32:
+                raise ValueError("auth.secret must be at least 32 characters")
+            if not (self.ingest.tls and self.reader.tls):
+                raise ValueError("production needs TLS: set ingest/reader tls_cert and tls_key")
+            if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
+                raise ValueError("postgres.password is the local default")
         return self

@@ -1,0 +1,73 @@
+"""Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
+
+Permanent problems (bad schema, unknown or deleted chat) reject one record; anything else raised
+fails the whole batch so the runtime retries it (see sealstream.streaming).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from schemas.events import MessageRecord, decode_record
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.errors import KeyDestroyed, KeyNotFound
+from sealstream.streaming import RawRecord, Rejected
+
+
+class KeySource(Protocol):
+    def current_key(self, chat_id: uuid.UUID) -> ChatKey: ...
+
+
+class MessageSink(Protocol):
+    def write_many(self, messages: Sequence[StoredMessage]) -> None: ...
+
+
+def decode(record: RawRecord) -> MessageRecord | Rejected:
+    decoded = decode_record(record.value, record.key)
+    return Rejected(record, decoded) if isinstance(decoded, str) else decoded
+
+
+def seal_batch(
+    records: Sequence[RawRecord], keys: KeySource
+) -> tuple[list[StoredMessage], list[Rejected]]:
+    stored: list[StoredMessage] = []
+    rejected: list[Rejected] = []
+    for record in records:
+        decoded = decode(record)
+        if isinstance(decoded, Rejected):
+            rejected.append(decoded)
+            continue
+        try:
+            key = keys.current_key(decoded.chat_id)
+        except KeyDestroyed:
+            rejected.append(Rejected(record, f"chat {decoded.chat_id} was deleted"))
+            continue
+        except KeyNotFound:
+            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
+            continue
+        envelope = seal(
+            decoded.text.encode("utf-8"), key, MessageContext(decoded.chat_id, decoded.message_id)
+        )
+        stored.append(
+            StoredMessage(
+                chat_id=decoded.chat_id,
+                message_id=decoded.message_id,
+                sender_id=decoded.sender_id,
+                dek_version=key.version,
+                envelope=envelope,
+                created_at=decoded.sent_at,
+            )
+        )
+    return stored, rejected
+
+
+def encrypt_and_store(
+    records: Sequence[RawRecord], keys: KeySource, sink: MessageSink
+) -> list[Rejected]:
+    """One batch: seal every valid record and write them all; return the rejected ones."""
+    stored, rejected = seal_batch(records, keys)
+    sink.write_many(stored)
+    return rejected

@@ -1,0 +1,78 @@
+"""The Kafka record of a chat message (topic `sealstream.messages.v1`), schema version 1.
+
+Producers who post straight to Kafka and downstream ML consumers rely on this contract; its JSON
+Schema is exported to `schemas/message_record.v1.json` (a test keeps the file in step). The record
+key is the chat id (UTF-8 of its canonical text form), so one chat's messages stay in order on one
+partition. The message id is assigned before publishing, so every later step is idempotent by id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+MAX_TEXT_BYTES = 16 * 1024
+"""Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
+
+MAX_ID_LEN = 128
+
+
+class MessageRecord(BaseModel):
+    """One chat message as published to the message topic (plaintext: keep the topic short-lived)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: int = Field(ge=1, lt=2**63, description="Time-ordered 64-bit id (Snowflake)")
+    chat_id: uuid.UUID
+    tenant_id: str = Field(default="default", min_length=1, max_length=MAX_ID_LEN)
+    sender_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    text: str = Field(min_length=1, description=f"At most {MAX_TEXT_BYTES} bytes of UTF-8")
+    client_message_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    sent_at: datetime
+
+    @field_validator("text")
+    @classmethod
+    def _text_size(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text must contain a non-blank character")
+        size = len(value.encode("utf-8", errors="strict"))
+        if size > MAX_TEXT_BYTES:
+            raise ValueError(f"text is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}")
+        return value
+
+    def key(self) -> bytes:
+        return str(self.chat_id).encode()
+
+    def value(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def export_json_schema() -> dict[str, object]:
+    schema = MessageRecord.model_json_schema()
+    schema["$id"] = "https://sealstream.dev/schemas/message_record.v1.json"
+    schema["title"] = "Sealstream MessageRecord v1"
+    return schema
+
+
+def describe(error: ValidationError) -> str:
+    """Field and rule of each problem, never the input value (it may be message text)."""
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in error.errors()
+    ]
+    return "; ".join(parts)[:500]
+
+
+def decode_record(value: bytes, key: bytes | None) -> MessageRecord | str:
+    """Parse a record from the message topic; on failure return the reason (for the DLQ)."""
+    try:
+        message = MessageRecord.model_validate_json(value)
+    except ValidationError as exc:
+        return f"invalid record: {describe(exc)}"
+    if key is not None and key != message.key():
+        return "record key does not match chat_id (breaks per-chat ordering)"
+    return message

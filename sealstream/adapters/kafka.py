@@ -1,0 +1,204 @@
+"""Kafka adapter (confluent-kafka): topic set-up, the acknowledged publisher, the dead-letter writer.
+
+The publisher is idempotent with acks=all: a caller is told "published" only once the broker has
+the record on every in-sync replica, which is what lets the gateway answer 202 without ever losing
+an acknowledged message. Kafka headers carry ids and reasons only, never message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from sealstream.errors import StoreUnavailable
+from sealstream.settings import KafkaSettings
+
+
+def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
+    """Create the message and dead-letter topics if missing; returns those created."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(
+            settings.messages_topic,
+            num_partitions=settings.partitions,
+            replication_factor=1,
+            # Plaintext lives here: short retention by default (docs/security.md).
+            config={"retention.ms": str(settings.retention_ms)},
+        ),
+        NewTopic(
+            settings.dead_letter_topic,
+            num_partitions=1,
+            replication_factor=1,
+            config={"retention.ms": str(settings.retention_ms * 7)},
+        ),
+    ]
+    todo = [t for t in wanted if t.topic not in existing]
+    created: list[str] = []
+    for topic, future in (admin.create_topics(todo) if todo else {}).items():
+        try:
+            future.result(timeout)
+            created.append(topic)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    for future in admin.delete_topics(list(topics)).values():
+        try:
+            future.result(30)
+        except KafkaException:
+            pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    topic: str
+    partition: int
+    offset: int
+
+
+class Publisher:
+    """An idempotent, acks=all producer with a background poll thread.
+
+    `publish` returns only after the broker acknowledged every record; `publish_async` does the
+    same for asyncio callers without blocking their event loop.
+    """
+
+    def __init__(self, settings: KafkaSettings, client_id: str, linger_ms: int = 2) -> None:
+        self.settings = settings
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                "client.id": client_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": linger_ms,
+                "compression.type": "lz4",
+                # A record not acknowledged in this time fails its caller (gateway answers 503).
+                "delivery.timeout.ms": 30000,
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None,
+        on_done: object,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                       on_delivery=on_done)  # type: ignore[arg-type]
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
+
+    async def publish_async(
+        self, topic: str, items: Sequence[tuple[bytes, bytes]],
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Delivery]] = [loop.create_future() for _ in items]
+
+        def callback_for(future: asyncio.Future[Delivery]) -> object:
+            def done(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    error: BaseException = StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                    loop.call_soon_threadsafe(_fail, future, error)
+                else:
+                    delivery = Delivery(msg.topic() or topic, msg.partition() or 0, msg.offset() or 0)
+                    loop.call_soon_threadsafe(_succeed, future, delivery)
+
+            return done
+
+        for (key, value), future in zip(items, futures, strict=True):
+            self._produce(topic, key, value, headers, callback_for(future))
+        return list(await asyncio.gather(*futures))
+
+    def publish(
+        self, topic: str, items: Sequence[tuple[bytes, bytes]],
+        headers: list[tuple[str, bytes]] | None = None, timeout: float = 30.0,
+    ) -> list[Delivery]:
+        results: list[Delivery | BaseException | None] = [None] * len(items)
+        done = threading.Event()
+        remaining = [len(items)]
+        lock = threading.Lock()
+
+        def callback_for(index: int) -> object:
+            def callback(err: KafkaError | None, msg: Message) -> None:
+                results[index] = (
+                    StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                    if err is not None
+                    else Delivery(msg.topic() or topic, msg.partition() or 0, msg.offset() or 0)
+                )
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+            return callback
+
+        if not items:
+            return []
+        for index, (key, value) in enumerate(items):
+            self._produce(topic, key, value, headers, callback_for(index))
+        if not done.wait(timeout):
+            raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, Delivery)]
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout=2)
+
+
+def _succeed(future: asyncio.Future[Delivery], value: Delivery) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Delivery], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Why a record can never be processed, and where it came from."""
+
+    stage: str  # "encryptor" or "indexer"
+    reason: str  # names the field and rule; never the text
+    topic: str
+    partition: int
+    offset: int
+
+
+def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    return [
+        ("dlq.stage", letter.stage.encode()),
+        ("dlq.reason", letter.reason.encode()[:1000]),
+        ("dlq.topic", letter.topic.encode()),
+        ("dlq.partition", str(letter.partition).encode()),
+        ("dlq.offset", str(letter.offset).encode()),
+    ]

@@ -1,0 +1,172 @@
+"""OpenSearch adapter: the search index of message tokens.
+
+The mapping (`schemas/opensearch/messages.json`) indexes the analysed text but excludes it from
+`_source`, so the index can answer "which messages contain this word" without being able to hand
+back a message. Search returns message ids; the reader decrypts the messages from Cassandra.
+Documents use the message id as `_id`, so re-indexing a redelivered record is a no-op overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+from opensearchpy import OpenSearch, helpers
+from opensearchpy.exceptions import (
+    ConnectionError as OsConnectionError,
+)
+from opensearchpy.exceptions import (
+    ConnectionTimeout,
+    TransportError,
+)
+
+from sealstream.errors import InvalidMessage, StoreUnavailable
+from sealstream.settings import OpenSearchSettings
+
+
+@dataclass(frozen=True)
+class IndexedMessage:
+    message_id: int
+    chat_id: uuid.UUID
+    tenant_id: str
+    sender_id: str
+    sent_at: datetime
+    text: str
+
+
+def _retriable_status(status: int | str | None) -> bool:
+    return status in (429, 502, 503, 504) or status == "N/A"
+
+
+class SearchIndex:
+    def __init__(self, settings: OpenSearchSettings) -> None:
+        self.settings = settings
+        self.index = f"{settings.index_prefix}-messages"
+        self._client = OpenSearch(
+            hosts=[settings.url], timeout=30, max_retries=0, retry_on_timeout=False
+        )
+
+    def _run(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except (OsConnectionError, ConnectionTimeout) as exc:
+            raise StoreUnavailable(f"OpenSearch unavailable: {type(exc).__name__}") from None
+        except TransportError as exc:
+            if _retriable_status(exc.status_code):
+                raise StoreUnavailable(f"OpenSearch busy (HTTP {exc.status_code})") from None
+            raise
+
+    def ping(self) -> str:
+        info = self._run(self._client.info)
+        return f"OpenSearch {info['version']['number']}"
+
+    def migrate(self) -> None:
+        body = json.loads(
+            resources.files("schemas").joinpath("opensearch/messages.json").read_text()
+        )
+        exists = self._run(lambda: self._client.indices.exists(index=self.index))
+        if not exists:
+            try:
+                self._run(lambda: self._client.indices.create(index=self.index, body=body))
+            except TransportError as exc:
+                if "resource_already_exists" not in str(exc.error):
+                    raise
+
+    def index_many(self, messages: list[IndexedMessage]) -> None:
+        """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries)."""
+        if not messages:
+            return
+        actions = [
+            {
+                "_op_type": "index",
+                "_index": self.index,
+                "_id": str(m.message_id),
+                "_source": {
+                    "message_id": m.message_id,
+                    "chat_id": str(m.chat_id),
+                    "tenant_id": m.tenant_id,
+                    "sender_id": m.sender_id,
+                    "sent_at": m.sent_at.isoformat(),
+                    "text": m.text,
+                },
+            }
+            for m in messages
+        ]
+        _, errors = self._run(
+            lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
+        )
+        if errors:
+            statuses = [next(iter(e.values())).get("status") for e in errors]
+            if any(_retriable_status(s) for s in statuses):
+                raise StoreUnavailable(f"{len(errors)} bulk items rejected (busy: {statuses[:3]})")
+            # The mapping rejected a document: nothing a retry can fix. No text in the message.
+            raise InvalidMessage(f"{len(errors)} documents rejected by the index (status {statuses[0]})")
+
+    def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
+        body = {
+            "size": limit,
+            "_source": False,
+            "query": {
+                "bool": {
+                    "filter": [{"term": {"chat_id": str(chat_id)}}],
+                    "must": [{"match": {"text": {"query": query, "operator": "and"}}}],
+                }
+            },
+            "sort": [{"_score": "desc"}, {"message_id": "desc"}],
+        }
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        return [int(hit["_id"]) for hit in result["hits"]["hits"]]
+
+    def delete_message(self, message_id: int) -> None:
+        try:
+            self._run(lambda: self._client.delete(index=self.index, id=str(message_id)))
+        except TransportError as exc:
+            if exc.status_code != 404:
+                raise
+
+    def delete_chat(self, chat_id: uuid.UUID) -> int:
+        result = self._run(
+            lambda: self._client.delete_by_query(
+                index=self.index,
+                body={"query": {"term": {"chat_id": str(chat_id)}}},
+                refresh=True,
+                conflicts="proceed",
+            )
+        )
+        return int(result.get("deleted", 0))
+
+    def refresh(self) -> None:
+        self._run(lambda: self._client.indices.refresh(index=self.index))
+
+    def count(self, chat_id: uuid.UUID | None = None) -> int:
+        body = {"query": {"term": {"chat_id": str(chat_id)}}} if chat_id else None
+        return int(self._run(lambda: self._client.count(index=self.index, body=body))["count"])
+
+    def all_sources(self) -> list[dict[str, Any]]:
+        """Every stored `_source` (the leak-scan tests check that none holds message text)."""
+        result = self._run(
+            lambda: self._client.search(
+                index=self.index, body={"size": 10000, "query": {"match_all": {}}}
+            )
+        )
+        return [hit.get("_source", {}) for hit in result["hits"]["hits"]]
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.refresh()
+            if predicate():
+                return True
+            time.sleep(0.2)
+        return False
+
+    def drop(self) -> None:
+        self._run(lambda: self._client.indices.delete(index=self.index, ignore_unavailable=True))
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,161 @@
+"""What the HTTP services share: authentication, error bodies, health, readiness and metrics.
+
+Errors always have the body {"error": {"code", "message", "field"?}}: the client learns exactly
+what was wrong (field, limit, reason) and never sees a stack trace, an input echo or a 500 for
+its own mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sealstream.auth import AuthError, verify_token
+from sealstream.errors import (
+    DecryptionError,
+    InvalidMessage,
+    KeyDestroyed,
+    KeyNotFound,
+    KmsError,
+    SealstreamError,
+)
+from sealstream.settings import AuthSettings
+
+log = logging.getLogger(__name__)
+
+REQUEST_SECONDS = Histogram(
+    "sealstream_http_request_seconds",
+    "HTTP request latency",
+    ["service", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+class ApiError(Exception):
+    """An error meant for the client: HTTP status, a stable code and a readable message."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+def _json_error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def current_user(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(401, "unauthenticated", "missing bearer token (Authorization: Bearer ...)")
+    settings: AuthSettings = request.app.state.auth_settings
+    try:
+        return verify_token(settings, credentials.credentials)
+    except AuthError as err:
+        raise ApiError(401, "unauthenticated", str(err)) from None
+
+
+CurrentUser = Annotated[str, Depends(current_user)]
+
+
+def install(
+    app: FastAPI,
+    service: str,
+    auth: AuthSettings,
+    ready: Callable[[], Awaitable[bool]],
+) -> None:
+    """Add error handlers, request metrics, /healthz, /readyz and /metrics to a service app."""
+    app.state.auth_settings = auth
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _json_error(exc.status, exc.code, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name the field and the rule; do not echo the input back (it may be message text).
+        problems = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
+                "reason": str(err.get("msg", "invalid")),
+            }
+            for err in exc.errors()
+        ]
+        first = problems[0] if problems else {"field": "body", "reason": "invalid"}
+        body = error_body("invalid_request", f"{first['field']}: {first['reason']}", first["field"])
+        body["error"]["problems"] = problems
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _json_error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(SealstreamError)
+    async def _domain(_: Request, exc: SealstreamError) -> JSONResponse:
+        if isinstance(exc, InvalidMessage):
+            return _json_error(422, "invalid_message", str(exc))
+        if isinstance(exc, KeyDestroyed):
+            return _json_error(410, "gone", "this chat was deleted")
+        if isinstance(exc, KeyNotFound):
+            return _json_error(404, "not_found", "no such chat or message")
+        if isinstance(exc, DecryptionError | KmsError):
+            log.error("integrity failure", extra={"error": type(exc).__name__})
+            return _json_error(
+                500, "integrity_error", "the stored message failed its integrity check"
+            )
+        if exc.retriable:
+            log.warning("dependency unavailable", extra={"error": str(exc)})
+            return _json_error(503, "unavailable", "a backing service is unavailable; retry")
+        log.error("unexpected domain error", extra={"error": type(exc).__name__})
+        return _json_error(500, "internal", "internal error")
+
+    @app.middleware("http")
+    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUEST_SECONDS.labels(service, path, str(response.status_code)).observe(
+            time.perf_counter() - started
+        )
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ok = await ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,43 @@
+"""`sealstream migrate`: applies every schema the pipeline needs, idempotently.
+
+Postgres (versioned SQL files), Cassandra (keyspace + tables), the OpenSearch index with its
+mapping, the Kafka topics, and the default tenant's Transit master key.
+"""
+
+from __future__ import annotations
+
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import ensure_topics
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.adapters.vault import TransitKms
+from sealstream.settings import Settings
+
+
+def migrate_all(settings: Settings) -> dict[str, object]:
+    report: dict[str, object] = {}
+    db = Database(settings.postgres)
+    db.open()
+    try:
+        report["postgres"] = db.migrate() or "up to date"
+        kms = TransitKms(settings.vault)
+        kms.ensure_key(settings.vault.default_key)
+        ChatKeyRepository(db).upsert_tenant(settings.keys.default_tenant, settings.vault.default_key)
+        report["vault"] = f"transit key {settings.vault.default_key}"
+    finally:
+        db.close()
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    try:
+        store.migrate()
+        report["cassandra"] = f"keyspace {settings.cassandra.keyspace}"
+    finally:
+        store.close()
+    index = SearchIndex(settings.opensearch)
+    try:
+        index.migrate()
+        report["opensearch"] = f"index {index.index}"
+    finally:
+        index.close()
+    report["kafka"] = ensure_topics(settings.kafka) or "topics exist"
+    return report

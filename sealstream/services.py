@@ -1,0 +1,64 @@
+"""Starting the four services: one in the foreground, or all four as supervised child processes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sealstream.settings import Settings
+
+_ENTRYPOINTS = {
+    "ingest": "ingest.wiring:run",
+    "encryptor": "encryptor.worker:run",
+    "indexer": "indexer.worker:run",
+    "reader": "reader.wiring:run",
+}
+
+
+def run_service(name: str, settings: Settings) -> None:
+    module, func = _ENTRYPOINTS[name].split(":")
+    getattr(importlib.import_module(module), func)(settings)
+
+
+def spawn(name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start `sealstream run <name>` as a child process with the given environment."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sealstream.cli", "run", name],
+        env=env if env is not None else dict(os.environ),
+        start_new_session=True,
+    )
+
+
+def run_all() -> int:
+    """Run the four services; SIGTERM/SIGINT stops them all gracefully. Returns an exit code."""
+    children = {name: spawn(name) for name in _ENTRYPOINTS}
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"{name} exited with {child.returncode}; stopping the others", file=sys.stderr)
+                code = child.returncode or 1
+                stopping = True
+        time.sleep(0.2)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return code

@@ -1,0 +1,245 @@
+"""The consumer runtime shared by the encryptor and the indexer: a Faust agent that processes the
+message topic in batches and commits an offset only after its batch was durably handled.
+
+Why not `stream.take_events()`: it acks the buffered events in a `finally`, that is also when the
+processing raised or the task was cancelled at shutdown, which would commit offsets of records that
+were never written. Here the agent reads with `noack()`, hands events to a `Batcher`, and acks them
+only after `process` returned, so a crash or SIGKILL at any point leads to redelivery (and the
+stages are idempotent by message id), never to loss.
+
+`process` receives raw records and returns the dead letters among them. Retriable failures (a
+server down) are retried with backoff for as long as it takes, holding the batch: the stream is
+paused, nothing is skipped. Poison records are written to the dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.types import EventT, StreamT
+from prometheus_client import Counter, Gauge, Histogram
+
+from sealstream.adapters.kafka import DeadLetter, Publisher, dead_letter_headers
+from sealstream.observability import configure_logging
+from sealstream.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+RECORDS = Counter("sealstream_consumer_records", "Records handled", ["stage", "outcome"])
+BATCH_SIZE = Histogram(
+    "sealstream_consumer_batch_size", "Records per batch", ["stage"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+BATCH_SECONDS = Histogram(
+    "sealstream_consumer_batch_seconds", "Time to handle one batch", ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RETRIES = Counter("sealstream_consumer_retries", "Batches retried after a failure", ["stage"])
+LAG = Gauge("sealstream_consumer_lag", "Records behind the end of the partition", ["stage"])
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record that can never be processed, and why (names the field/rule; no message text)."""
+
+    record: RawRecord
+    reason: str
+
+
+Process = Callable[[Sequence[RawRecord]], list[Rejected]]
+
+
+def run_until_done(stage: str, process: Process, batch: Sequence[RawRecord]) -> list[Rejected]:
+    """Call `process` until it succeeds: every failure here is treated as retriable.
+
+    Per-record permanent problems are returned as `Rejected` by `process` itself; anything raised
+    means the batch as a whole could not be handled now (server down, overload), so we wait and try
+    again rather than drop or skip. The backoff is capped so recovery is noticed within seconds.
+    """
+    delay = 0.1
+    attempt = 0
+    while True:
+        try:
+            return process(batch)
+        except Exception as exc:  # noqa: BLE001 - see docstring: hold the batch, never skip
+            attempt += 1
+            RETRIES.labels(stage).inc()
+            log.warning(
+                "batch failed, retrying",
+                extra={"stage": stage, "attempt": attempt, "error": type(exc).__name__,
+                       "detail": str(exc)[:200], "records": len(batch)},
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Batcher:
+    """Collects events from the agent; flushes when full or when the oldest is `max_wait` old."""
+
+    def __init__(
+        self, stage: str, process: Process, dead_letters: DeadLetterWriter,
+        max_size: int, max_wait: float,
+    ) -> None:
+        self.stage = stage
+        self.process = process
+        self.dead_letters = dead_letters
+        self.max_size = max_size
+        self.max_wait = max_wait
+        self._events: list[EventT] = []
+        self._first_at = 0.0
+        self._lock = asyncio.Lock()
+        self.stream: StreamT | None = None
+
+    async def add(self, stream: StreamT, event: EventT) -> None:
+        self.stream = stream
+        if not self._events:
+            self._first_at = time.monotonic()
+        self._events.append(event)
+        if len(self._events) >= self.max_size:
+            await self.flush()
+
+    async def flush_if_due(self) -> None:
+        if self._events and time.monotonic() - self._first_at >= self.max_wait:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._events or self.stream is None:
+                return
+            events, self._events = self._events, []
+            started = time.perf_counter()
+            records = [_raw(e) for e in events]
+            rejected = await asyncio.to_thread(run_until_done, self.stage, self.process, records)
+            if rejected:
+                await asyncio.to_thread(self.dead_letters.write, self.stage, rejected)
+            # Only now is every record of the batch written (or dead-lettered): ack = may commit.
+            for event in events:
+                await self.stream.ack(event)
+            RECORDS.labels(self.stage, "ok").inc(len(records) - len(rejected))
+            RECORDS.labels(self.stage, "dead_letter").inc(len(rejected))
+            BATCH_SIZE.labels(self.stage).observe(len(records))
+            BATCH_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
+
+
+def _raw(event: EventT) -> RawRecord:
+    message = event.message
+    return RawRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value if isinstance(message.value, bytes) else bytes(message.value or b""),
+    )
+
+
+class DeadLetterWriter:
+    def __init__(self, publisher: Publisher, topic: str) -> None:
+        self.publisher = publisher
+        self.topic = topic
+
+    def write(self, stage: str, rejected: Sequence[Rejected]) -> None:
+        for item in rejected:
+            letter = DeadLetter(
+                stage=stage, reason=item.reason, topic=item.record.topic,
+                partition=item.record.partition, offset=item.record.offset,
+            )
+            log.warning(
+                "record dead-lettered",
+                extra={"stage": stage, "reason": item.reason, "partition": letter.partition,
+                       "offset": letter.offset},
+            )
+            # Retried like a batch: the offset must not be committed before the DLQ has it.
+            run_until_done(stage, self._publisher_for(letter), [item.record])
+
+    def _publisher_for(self, letter: DeadLetter) -> Process:
+        def publish(records: Sequence[RawRecord]) -> list[Rejected]:
+            self.publisher.publish(
+                self.topic,
+                [(r.key or b"", r.value) for r in records],
+                headers=dead_letter_headers(letter),
+            )
+            return []
+
+        return publish
+
+
+def build_app(
+    stage: str,
+    kafka: KafkaSettings,
+    group_id: str,
+    process: Process,
+    dead_letters: DeadLetterWriter,
+    max_size: int = 500,
+    max_wait: float = 0.05,
+) -> tuple[faust.App, Batcher]:
+    """A Faust app with one agent over the message topic in consumer group `group_id`."""
+    app = faust.App(
+        group_id,
+        broker=f"kafka://{kafka.bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,  # topics are created by `sealstream migrate`, not by workers
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=0.5,
+        stream_buffer_maxsize=max_size * 4,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    topic = app.topic(kafka.messages_topic, key_type=bytes, value_type=bytes)
+    batcher = Batcher(stage, process, dead_letters, max_size, max_wait)
+
+    async def agent(stream: StreamT) -> None:
+        manual = stream.noack()
+        async for event in manual.events():
+            await batcher.add(manual, event)
+
+    app.agent(topic, name=f"{stage}-agent")(agent)
+
+    @app.task
+    async def flush_due() -> None:
+        # A plain task, not app.timer: a flush may outlast the interval, which a timer warns about.
+        while True:
+            await asyncio.sleep(max_wait / 2)
+            await batcher.flush_if_due()
+
+    @app.task
+    async def json_logs() -> None:
+        # Faust's Worker installs its own log handlers at start-up; put ours back.
+        configure_logging(stage)
+
+    @app.timer(interval=5.0)
+    async def report_lag() -> None:
+        LAG.labels(stage).set(_lag(app))
+
+    return app, batcher
+
+
+def _lag(app: faust.App) -> float:
+    """Sum over assigned partitions of (highwater - committed): the consumer lag metric."""
+    try:
+        consumer: Any = app.consumer
+        total = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            committed = consumer._committed_offset.get(tp) or 0  # noqa: SLF001 - no public API
+            if high is not None:
+                total += max(0, high - committed)
+        return float(total)
+    except Exception:  # noqa: BLE001 - a metric must never break the worker
+        return 0.0
