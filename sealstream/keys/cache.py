@@ -74,6 +74,10 @@ class TtlCache(Generic[K, V]):
                 with self._lock:
                     self._loading.pop(key, None)
 
+    def pop(self, key: K) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
     def discard(self, predicate: Callable[[K], bool]) -> int:
         with self._lock:
             doomed = [k for k in self._items if predicate(k)]

@@ -1,0 +1,146 @@
+"""End-to-end harness: the four services as real processes, on the real stack, talking real HTTP.
+
+Each test run gets its own topics, consumer groups, keyspace, index, schema and Redis prefix (from
+the session `settings` fixture), passed to the services through their environment exactly as an
+operator would configure them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import delete_topics
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.auth import mint_token
+from sealstream.migrate import migrate_all
+from sealstream.services import spawn
+from sealstream.settings import Settings
+from tests.conftest import require_port
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The SEALSTREAM_* environment that reproduces `settings` in a child process."""
+    env: dict[str, str] = {}
+    for section_name, section in settings:
+        if not hasattr(section, "model_fields"):
+            env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
+            continue
+        for field_name in type(section).model_fields:
+            value: Any = getattr(section, field_name)
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            elif isinstance(value, tuple | list):
+                value = "[" + ",".join(f'"{v}"' for v in value) + "]"
+            env[f"SEALSTREAM_{section_name.upper()}__{field_name.upper()}"] = str(value)
+    return env
+
+
+class Pipeline:
+    """Starts, stops and kills the four services of one test run."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.env = {**os.environ, **settings_env(settings)}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ingest_url = f"http://127.0.0.1:{settings.ingest.port}"
+        self.reader_url = f"http://127.0.0.1:{settings.reader.port}"
+
+    def start(self, name: str, key: str | None = None) -> None:
+        self.procs[key or name] = spawn(name, self.env)
+
+    def signal(self, key: str, sig: signal.Signals) -> None:
+        proc = self.procs.pop(key)
+        os.killpg(proc.pid, sig)
+        proc.wait(60)
+
+    def stop_all(self) -> None:
+        for key in list(self.procs):
+            proc = self.procs[key]
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()
+
+    def wait_http(self, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            for key, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"service {key} exited with {proc.returncode}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} not ready after {timeout}s")
+
+    def token(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {mint_token(self.settings.auth, user)}"}
+
+
+@pytest.fixture(scope="session")
+def e2e_settings(settings: Settings) -> Settings:
+    from sealstream.settings import HttpSettings
+
+    return settings.model_copy(
+        update={
+            "ingest": HttpSettings(port=free_port()),
+            "reader": HttpSettings(port=free_port()),
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def migrated(e2e_settings: Settings) -> Iterator[Settings]:
+    for name, port in (("kafka", 19092), ("cassandra", 19042), ("opensearch", 19200)):
+        require_port(name, "127.0.0.1", port)
+    migrate_all(e2e_settings)
+    yield e2e_settings
+    store = MessageStore(e2e_settings.cassandra)
+    store.connect()
+    store.drop_keyspace()
+    store.close()
+    index = SearchIndex(e2e_settings.opensearch)
+    index.drop()
+    index.close()
+    delete_topics(
+        e2e_settings.kafka,
+        [e2e_settings.kafka.messages_topic, e2e_settings.kafka.dead_letter_topic],
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline(migrated: Settings, database: Any) -> Iterator[Pipeline]:
+    """All four services running for the whole e2e session."""
+    pipe = Pipeline(migrated)
+    for name in ("ingest", "encryptor", "indexer", "reader"):
+        pipe.start(name)
+    try:
+        pipe.wait_http(pipe.ingest_url)
+        pipe.wait_http(pipe.reader_url)
+        yield pipe
+    finally:
+        pipe.stop_all()
