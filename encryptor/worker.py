@@ -12,8 +12,9 @@ from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import Publisher
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app
+from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app, is_ready
 from sealstream.wiring import key_service
+from sealstream.worker_http import serve
 
 STAGE = "encryptor"
 
@@ -32,9 +33,14 @@ def run(settings: Settings) -> None:
             return encrypt_and_store(records, keys, store)
 
         app, _ = build_app(
-            STAGE, settings.kafka, settings.kafka.encryptor_group, process,
+            STAGE,
+            settings.kafka,
+            settings.kafka.encryptor_group,
+            process,
             DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
         )
+        http = serve(settings.encryptor_http, ready=lambda: is_ready(app))
+        stack.callback(http.shutdown)
         worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()

@@ -12,7 +12,8 @@ from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app
+from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app, is_ready
+from sealstream.worker_http import serve
 
 STAGE = "indexer"
 
@@ -29,10 +30,16 @@ def run(settings: Settings) -> None:
             return index_batch(records, index)
 
         app, _ = build_app(
-            STAGE, settings.kafka, settings.kafka.indexer_group, process,
+            STAGE,
+            settings.kafka,
+            settings.kafka.indexer_group,
+            process,
             DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
-            max_size=1000, max_wait=0.2,
+            max_size=1000,
+            max_wait=0.2,
         )
+        http = serve(settings.indexer_http, ready=lambda: is_ready(app))
+        stack.callback(http.shutdown)
         worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()

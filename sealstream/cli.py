@@ -91,7 +91,9 @@ def run(
     if service == "all":
         raise typer.Exit(run_all())
     if service not in SERVICES:
-        console.print(f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all")
+        console.print(
+            f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all"
+        )
         raise typer.Exit(2)
     run_service(service, Settings())
 
@@ -106,6 +108,21 @@ def token(
     from sealstream.settings import Settings
 
     print(mint_token(Settings().auth, user, ttl))
+
+
+@app.command("demo")
+def demo(
+    chats: Annotated[int, typer.Option(help="chats to create")] = 5,
+    per_chat: Annotated[int, typer.Option(help="messages per chat")] = 40,
+) -> None:
+    """Run the whole pipeline with demo traffic and print a short report."""
+    from sealstream.demo import run_demo
+
+    try:
+        run_demo(REPO_ROOT, chats, per_chat, console)
+    except StackError as err:
+        console.print(f"[red]stack up failed:[/red] {err}")
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

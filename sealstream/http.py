@@ -137,7 +137,9 @@ def install(
         return _json_error(500, "internal", "internal error")
 
     @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _timing(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

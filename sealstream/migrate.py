@@ -22,7 +22,9 @@ def migrate_all(settings: Settings) -> dict[str, object]:
         report["postgres"] = db.migrate() or "up to date"
         kms = TransitKms(settings.vault)
         kms.ensure_key(settings.vault.default_key)
-        ChatKeyRepository(db).upsert_tenant(settings.keys.default_tenant, settings.vault.default_key)
+        ChatKeyRepository(db).upsert_tenant(
+            settings.keys.default_tenant, settings.vault.default_key
+        )
         report["vault"] = f"transit key {settings.vault.default_key}"
     finally:
         db.close()

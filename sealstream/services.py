@@ -48,7 +48,9 @@ def run_all() -> int:
     while not stopping:
         for name, child in children.items():
             if child.poll() is not None:
-                print(f"{name} exited with {child.returncode}; stopping the others", file=sys.stderr)
+                print(
+                    f"{name} exited with {child.returncode}; stopping the others", file=sys.stderr
+                )
                 code = child.returncode or 1
                 stopping = True
         time.sleep(0.2)

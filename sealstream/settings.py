@@ -32,6 +32,8 @@ REDIS_PORT = 16379
 OPENBAO_PORT = 18200
 INGEST_PORT = 8443
 READER_PORT = 8444
+ENCRYPTOR_PORT = 8445
+INDEXER_PORT = 8446
 
 
 class StackSettings(BaseSettings):
@@ -186,6 +188,9 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     ingest: HttpSettings = Field(default_factory=lambda: HttpSettings(port=INGEST_PORT))
     reader: HttpSettings = Field(default_factory=lambda: HttpSettings(port=READER_PORT))
+    # Health and metrics endpoints of the two consumer workers.
+    encryptor_http: HttpSettings = Field(default_factory=lambda: HttpSettings(port=ENCRYPTOR_PORT))
+    indexer_http: HttpSettings = Field(default_factory=lambda: HttpSettings(port=INDEXER_PORT))
     # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
     worker_id: int = Field(default=0, ge=0, le=1023)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.

@@ -33,11 +33,15 @@ log = logging.getLogger(__name__)
 
 RECORDS = Counter("sealstream_consumer_records", "Records handled", ["stage", "outcome"])
 BATCH_SIZE = Histogram(
-    "sealstream_consumer_batch_size", "Records per batch", ["stage"],
+    "sealstream_consumer_batch_size",
+    "Records per batch",
+    ["stage"],
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
 BATCH_SECONDS = Histogram(
-    "sealstream_consumer_batch_seconds", "Time to handle one batch", ["stage"],
+    "sealstream_consumer_batch_seconds",
+    "Time to handle one batch",
+    ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RETRIES = Counter("sealstream_consumer_retries", "Batches retried after a failure", ["stage"])
@@ -81,8 +85,13 @@ def run_until_done(stage: str, process: Process, batch: Sequence[RawRecord]) -> 
             RETRIES.labels(stage).inc()
             log.warning(
                 "batch failed, retrying",
-                extra={"stage": stage, "attempt": attempt, "error": type(exc).__name__,
-                       "detail": str(exc)[:200], "records": len(batch)},
+                extra={
+                    "stage": stage,
+                    "attempt": attempt,
+                    "error": type(exc).__name__,
+                    "detail": str(exc)[:200],
+                    "records": len(batch),
+                },
             )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -92,8 +101,12 @@ class Batcher:
     """Collects events from the agent; flushes when full or when the oldest is `max_wait` old."""
 
     def __init__(
-        self, stage: str, process: Process, dead_letters: DeadLetterWriter,
-        max_size: int, max_wait: float,
+        self,
+        stage: str,
+        process: Process,
+        dead_letters: DeadLetterWriter,
+        max_size: int,
+        max_wait: float,
     ) -> None:
         self.stage = stage
         self.process = process
@@ -155,13 +168,20 @@ class DeadLetterWriter:
     def write(self, stage: str, rejected: Sequence[Rejected]) -> None:
         for item in rejected:
             letter = DeadLetter(
-                stage=stage, reason=item.reason, topic=item.record.topic,
-                partition=item.record.partition, offset=item.record.offset,
+                stage=stage,
+                reason=item.reason,
+                topic=item.record.topic,
+                partition=item.record.partition,
+                offset=item.record.offset,
             )
             log.warning(
                 "record dead-lettered",
-                extra={"stage": stage, "reason": item.reason, "partition": letter.partition,
-                       "offset": letter.offset},
+                extra={
+                    "stage": stage,
+                    "reason": item.reason,
+                    "partition": letter.partition,
+                    "offset": letter.offset,
+                },
             )
             # Retried like a batch: the offset must not be committed before the DLQ has it.
             run_until_done(stage, self._publisher_for(letter), [item.record])
@@ -237,9 +257,14 @@ def _lag(app: faust.App) -> float:
         total = 0
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
-            committed = consumer._committed_offset.get(tp) or 0  # noqa: SLF001 - no public API
+            committed = consumer._committed_offset.get(tp) or 0
             if high is not None:
                 total += max(0, high - committed)
         return float(total)
     except Exception:  # noqa: BLE001 - a metric must never break the worker
         return 0.0
+
+
+def is_ready(app: faust.App) -> bool:
+    """Joined its consumer group (has an assignment, possibly empty) and not rebalancing."""
+    return getattr(app, "_assignment", None) is not None and not app.rebalancing

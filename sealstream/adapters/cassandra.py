@@ -143,7 +143,10 @@ class MessageStore:
             return
         results = self._run(
             lambda: execute_concurrent_with_args(
-                self.session, self._stmt("insert"), args, concurrency=self.concurrency,
+                self.session,
+                self._stmt("insert"),
+                args,
+                concurrency=self.concurrency,
                 raise_on_first_error=False,
             )
         )
@@ -174,11 +177,10 @@ class MessageStore:
         last_bucket = bucket_at(oldest_ms)
         produced = 0
         while bucket >= last_bucket and produced < limit:
+            fetch = limit - produced + 50  # a little extra: deleted rows are skipped
             rows = self._run(
-                lambda b=bucket: list(
-                    self.session.execute(
-                        self._stmt("page"), (chat_id, b, before_id, limit - produced + 50)
-                    )
+                lambda b=bucket, n=fetch: list(
+                    self.session.execute(self._stmt("page"), (chat_id, b, before_id, n))
                 )
             )
             for row in rows:

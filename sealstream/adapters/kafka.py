@@ -105,14 +105,17 @@ class Publisher:
     ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers,
-                                       on_delivery=on_done)  # type: ignore[arg-type]
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_done
+                )  # type: ignore[arg-type]
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
 
     async def publish_async(
-        self, topic: str, items: Sequence[tuple[bytes, bytes]],
+        self,
+        topic: str,
+        items: Sequence[tuple[bytes, bytes]],
         headers: list[tuple[str, bytes]] | None = None,
     ) -> list[Delivery]:
         loop = asyncio.get_running_loop()
@@ -121,10 +124,14 @@ class Publisher:
         def callback_for(future: asyncio.Future[Delivery]) -> object:
             def done(err: KafkaError | None, msg: Message) -> None:
                 if err is not None:
-                    error: BaseException = StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                    error: BaseException = StoreUnavailable(
+                        f"Kafka did not acknowledge: {err.name()}"
+                    )
                     loop.call_soon_threadsafe(_fail, future, error)
                 else:
-                    delivery = Delivery(msg.topic() or topic, msg.partition() or 0, msg.offset() or 0)
+                    delivery = Delivery(
+                        msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
+                    )
                     loop.call_soon_threadsafe(_succeed, future, delivery)
 
             return done
@@ -134,8 +141,11 @@ class Publisher:
         return list(await asyncio.gather(*futures))
 
     def publish(
-        self, topic: str, items: Sequence[tuple[bytes, bytes]],
-        headers: list[tuple[str, bytes]] | None = None, timeout: float = 30.0,
+        self,
+        topic: str,
+        items: Sequence[tuple[bytes, bytes]],
+        headers: list[tuple[str, bytes]] | None = None,
+        timeout: float = 30.0,
     ) -> list[Delivery]:
         results: list[Delivery | BaseException | None] = [None] * len(items)
         done = threading.Event()

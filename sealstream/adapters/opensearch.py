@@ -105,7 +105,9 @@ class SearchIndex:
             if any(_retriable_status(s) for s in statuses):
                 raise StoreUnavailable(f"{len(errors)} bulk items rejected (busy: {statuses[:3]})")
             # The mapping rejected a document: nothing a retry can fix. No text in the message.
-            raise InvalidMessage(f"{len(errors)} documents rejected by the index (status {statuses[0]})")
+            raise InvalidMessage(
+                f"{len(errors)} documents rejected by the index (status {statuses[0]})"
+            )
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
         body = {

@@ -262,7 +262,9 @@ class KeyService:
         )
         if version == new_version:
             # Seed our own cache with the key we already hold in plaintext: no unwrap needed.
-            self._deks.put((chat_id, version), ChatKey(version=version, material=data_key.plaintext))
+            self._deks.put(
+                (chat_id, version), ChatKey(version=version, material=data_key.plaintext)
+            )
         self._pointers.put(chat_id, version)
         self._announce("rotated", chat_id, version)
         return version

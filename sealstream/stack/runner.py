@@ -197,7 +197,9 @@ def build(ctx: StackContext, names: Iterable[str] | None = None) -> list[Server]
     wanted = list(SERVERS) if not names else list(names)
     unknown = set(wanted) - set(SERVERS)
     if unknown:
-        raise StackError(f"unknown server(s): {', '.join(sorted(unknown))}; known: {', '.join(SERVERS)}")
+        raise StackError(
+            f"unknown server(s): {', '.join(sorted(unknown))}; known: {', '.join(SERVERS)}"
+        )
     servers: list[Server] = []
     for name in SERVERS:
         if name in wanted:

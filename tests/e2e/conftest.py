@@ -63,8 +63,8 @@ class Pipeline:
         self.ingest_url = f"http://127.0.0.1:{settings.ingest.port}"
         self.reader_url = f"http://127.0.0.1:{settings.reader.port}"
 
-    def start(self, name: str, key: str | None = None) -> None:
-        self.procs[key or name] = spawn(name, self.env)
+    def start(self, name: str, key: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.procs[key or name] = spawn(name, {**self.env, **(env or {})})
 
     def signal(self, key: str, sig: signal.Signals) -> None:
         proc = self.procs.pop(key)
@@ -109,6 +109,8 @@ def e2e_settings(settings: Settings) -> Settings:
         update={
             "ingest": HttpSettings(port=free_port()),
             "reader": HttpSettings(port=free_port()),
+            "encryptor_http": HttpSettings(port=free_port()),
+            "indexer_http": HttpSettings(port=free_port()),
         }
     )
 

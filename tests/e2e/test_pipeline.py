@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import RedisKeyCache
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, free_port
 
 CHATS = 20
 PER_CHAT = 50  # 1,000 messages in all
@@ -282,7 +282,8 @@ def test_two_encryptors_share_the_partitions(pipeline: Pipeline) -> None:
         described = admin.describe_consumer_groups([group])[group].result(10)
         return [m for m in described.members if m.assignment.topic_partitions]
 
-    pipeline.start("encryptor", key="encryptor-2")
+    second_port = {"SEALSTREAM_ENCRYPTOR_HTTP__PORT": str(free_port())}
+    pipeline.start("encryptor", key="encryptor-2", env=second_port)
     try:
         wait_until(lambda: len(members()) == 2, timeout=90, what="two encryptors in the group")
         assigned = [{tp.partition for tp in m.assignment.topic_partitions} for m in members()]

@@ -141,7 +141,11 @@ def test_redis_and_postgres_hold_no_plaintext_dek(keys: KeyService, redis_cache,
         rows = conn.execute("SELECT * FROM chat_deks WHERE chat_id = %s", (chat,)).fetchall()
     stored = dumped + repr(rows)
     for secret in (material, material2):  # ... but never with a key in any encoding
-        for form in (secret.hex(), secret.hex().upper(), __import__("base64").b64encode(secret).decode()):
+        for form in (
+            secret.hex(),
+            secret.hex().upper(),
+            __import__("base64").b64encode(secret).decode(),
+        ):
             assert form not in stored
 
 
@@ -152,9 +156,7 @@ def test_wrapped_dek_moved_to_another_chat_does_not_unwrap(keys, kms, settings) 
     stolen = keys.repo.dek(source, 1).encrypted_dek
     # Copy chat A's wrapped DEK into chat B's row, as an attacker with Postgres access could.
     with keys.repo.db.connection() as conn:
-        conn.execute(
-            "UPDATE chat_deks SET encrypted_dek = %s WHERE chat_id = %s", (stolen, target)
-        )
+        conn.execute("UPDATE chat_deks SET encrypted_dek = %s WHERE chat_id = %s", (stolen, target))
     keys.close()
     keys.redis.forget_chat(target)
     keys.start()
@@ -166,15 +168,19 @@ def test_wrapped_dek_moved_to_another_chat_does_not_unwrap(keys, kms, settings) 
 
 def test_kms_down_raises_unavailable_and_caches_nothing(settings, database, kms) -> None:
     down = VaultSettings(
-        address="http://127.0.0.1:9", token=kms.settings.resolved_token(),
+        address="http://127.0.0.1:9",
+        token=kms.settings.resolved_token(),
         default_key=settings.vault.default_key,
     )
     good = make_service(settings, database, kms)
     chat = uuid.uuid4()
     good.create_chat(chat, ("alice",))
     broken = KeyService(
-        repo=good.repo, kms=TransitKms(down, retry_seconds=0.5), redis=None,
-        settings=settings.keys, default_kms_key=settings.vault.default_key,
+        repo=good.repo,
+        kms=TransitKms(down, retry_seconds=0.5),
+        redis=None,
+        settings=settings.keys,
+        default_kms_key=settings.vault.default_key,
     )
     with pytest.raises(KmsUnavailable):
         broken.current_key(chat)

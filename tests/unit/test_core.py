@@ -193,8 +193,9 @@ def test_tokens_verify_and_reject_tampering_expiry_and_alg_none() -> None:
         verify_token(other, token)
     with pytest.raises(AuthError, match="expired"):
         verify_token(settings, mint_token(settings, "alice", ttl_seconds=-10))
-    unsigned = jwt.encode({"sub": "alice", "iss": "sealstream", "exp": 2**40}, key=None,
-                          algorithm="none")
+    unsigned = jwt.encode(
+        {"sub": "alice", "iss": "sealstream", "exp": 2**40}, key=None, algorithm="none"
+    )
     with pytest.raises(AuthError):
         verify_token(settings, unsigned)
 
@@ -209,14 +210,15 @@ def test_secrets_print_masked() -> None:
 
 
 def test_production_refuses_local_defaults() -> None:
-    with pytest.raises(ValidationError, match="auth.secret"):
+    with pytest.raises(ValidationError, match=r"auth\.secret"):
         Settings(environment="production")
     tls = HttpSettings(port=1, tls_cert=Path("c.pem"), tls_key=Path("k.pem"))
-    with pytest.raises(ValidationError, match="postgres.password"):
+    with pytest.raises(ValidationError, match=r"postgres\.password"):
         Settings(
             environment="production",
             auth=AuthSettings(secret=SecretStr("p" * 40)),
-            ingest=tls, reader=tls,
+            ingest=tls,
+            reader=tls,
         )
 
 

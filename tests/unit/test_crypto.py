@@ -149,8 +149,13 @@ def ref_aad(chat_id: uuid.UUID, message_id: int, dek_version: int) -> bytes:
 
 
 def ref_seal(
-    dek: bytes, dek_version: int, chat_id: uuid.UUID, message_id: int,
-    salt: bytes, nonce: bytes, plaintext: bytes,
+    dek: bytes,
+    dek_version: int,
+    chat_id: uuid.UUID,
+    message_id: int,
+    salt: bytes,
+    nonce: bytes,
+    plaintext: bytes,
 ) -> bytes:
     okm = ref_hkdf_sha256(dek, salt, ref_info(chat_id, message_id, dek_version), 64)
     body = ref_gcm_encrypt(okm[:32], nonce, plaintext, ref_aad(chat_id, message_id, dek_version))
@@ -274,7 +279,12 @@ def test_vector_independent(v: dict[str, Any]) -> None:
     assert v["message_key"] == okm[:32].hex()
     assert v["commitment"] == okm[32:].hex()
     expected = ref_seal(
-        i["dek"], i["dek_version"], i["chat_id"], i["message_id"], i["salt"], i["nonce"],
+        i["dek"],
+        i["dek_version"],
+        i["chat_id"],
+        i["message_id"],
+        i["salt"],
+        i["nonce"],
         i["plaintext"],
     )
     assert v["envelope"] == expected.hex()

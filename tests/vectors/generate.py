@@ -112,8 +112,7 @@ def _cases() -> list[dict[str, Any]]:
             "combining-marks",
             "combining marks: decomposed e + U+0301, stacked diacritics, Devanagari",
             (
-                "e\u0301 vs \u00e9; Z\u0351\u0352\u0353a\u0300\u0301\u0302l\u0303g\u0304o; "
-                "नमस्ते"
+                "e\u0301 vs \u00e9; Z\u0351\u0352\u0353a\u0300\u0301\u0302l\u0303g\u0304o; नमस्ते"
             ).encode(),
         ),
         _case("nul-inside", "NUL bytes inside text", b"before\x00middle\x00\x00after\x00"),
@@ -152,30 +151,86 @@ def _cases() -> list[dict[str, Any]]:
             b"rotation",
             dek_version=2**31 - 1,
         ),
-        _case("chat-a", "same text and ids in chat A (see chat-b, chat-nil, chat-max)",
-              b"same text, other chat", chat_id=CHAT_A, message_id=42,
-              salt=_det("salt/chat", 16), nonce=_det("nonce/chat", 12)),
-        _case("chat-b", "as chat-a but in chat B", b"same text, other chat", chat_id=CHAT_B,
-              message_id=42, salt=_det("salt/chat", 16), nonce=_det("nonce/chat", 12)),
-        _case("chat-nil", "as chat-a but in the nil-UUID chat", b"same text, other chat",
-              chat_id=CHAT_C, message_id=42, salt=_det("salt/chat", 16),
-              nonce=_det("nonce/chat", 12)),
-        _case("chat-max", "as chat-a but in the all-ones-UUID chat", b"same text, other chat",
-              chat_id=CHAT_D, message_id=42, salt=_det("salt/chat", 16),
-              nonce=_det("nonce/chat", 12)),
-        _case("other-salt", "as chat-a but another salt", b"same text, other chat",
-              chat_id=CHAT_A, message_id=42, salt=_det("salt/other", 16),
-              nonce=_det("nonce/chat", 12)),
-        _case("other-nonce", "as chat-a but another nonce", b"same text, other chat",
-              chat_id=CHAT_A, message_id=42, salt=_det("salt/chat", 16),
-              nonce=_det("nonce/other", 12)),
-        _case("other-dek", "as chat-a but another DEK", b"same text, other chat",
-              chat_id=CHAT_A, message_id=42, dek=_det("dek/other", 32),
-              salt=_det("salt/chat", 16), nonce=_det("nonce/chat", 12)),
-        _case("dek-zero", "all-zero DEK, salt and nonce (edge values)", b"zeros",
-              dek=b"\x00" * 32, salt=b"\x00" * 16, nonce=b"\x00" * 12),
-        _case("dek-ones", "all-0xff DEK, salt and nonce (edge values)", b"ones",
-              dek=b"\xff" * 32, salt=b"\xff" * 16, nonce=b"\xff" * 12),
+        _case(
+            "chat-a",
+            "same text and ids in chat A (see chat-b, chat-nil, chat-max)",
+            b"same text, other chat",
+            chat_id=CHAT_A,
+            message_id=42,
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "chat-b",
+            "as chat-a but in chat B",
+            b"same text, other chat",
+            chat_id=CHAT_B,
+            message_id=42,
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "chat-nil",
+            "as chat-a but in the nil-UUID chat",
+            b"same text, other chat",
+            chat_id=CHAT_C,
+            message_id=42,
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "chat-max",
+            "as chat-a but in the all-ones-UUID chat",
+            b"same text, other chat",
+            chat_id=CHAT_D,
+            message_id=42,
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "other-salt",
+            "as chat-a but another salt",
+            b"same text, other chat",
+            chat_id=CHAT_A,
+            message_id=42,
+            salt=_det("salt/other", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "other-nonce",
+            "as chat-a but another nonce",
+            b"same text, other chat",
+            chat_id=CHAT_A,
+            message_id=42,
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/other", 12),
+        ),
+        _case(
+            "other-dek",
+            "as chat-a but another DEK",
+            b"same text, other chat",
+            chat_id=CHAT_A,
+            message_id=42,
+            dek=_det("dek/other", 32),
+            salt=_det("salt/chat", 16),
+            nonce=_det("nonce/chat", 12),
+        ),
+        _case(
+            "dek-zero",
+            "all-zero DEK, salt and nonce (edge values)",
+            b"zeros",
+            dek=b"\x00" * 32,
+            salt=b"\x00" * 16,
+            nonce=b"\x00" * 12,
+        ),
+        _case(
+            "dek-ones",
+            "all-0xff DEK, salt and nonce (edge values)",
+            b"ones",
+            dek=b"\xff" * 32,
+            salt=b"\xff" * 16,
+            nonce=b"\xff" * 12,
+        ),
     ]
 
 
@@ -233,31 +288,59 @@ def _invalid(valid: list[dict[str, Any]]) -> list[dict[str, Any]]:
     header_as_v2 = (env[:1] + (2).to_bytes(4, "big") + env[5:]).hex()
     return [
         derived("format-version-0", "version byte 0x00", "00" + env[1:].hex()),
-        derived("format-version-2", "version byte 0x02 (unknown to a v1 reader)",
-                "02" + env[1:].hex()),
-        derived("header-dek-version", "header dek_version changed 1 -> 2, opened with the "
-                "version-1 key", header_as_v2),
-        derived("header-and-context-dek-version", "header dek_version changed 1 -> 2, opened "
-                "with the same DEK bytes labelled version 2", header_as_v2, dek_version=2),
-        derived("context-dek-version", "sealed under version 1, opened with the same DEK bytes "
-                "labelled version 2", env.hex(), dek_version=2),
-        derived("dek-version-swap", "a version-2 envelope opened with a version-1 key of the "
-                "same bytes", header_v2.hex()),
+        derived(
+            "format-version-2", "version byte 0x02 (unknown to a v1 reader)", "02" + env[1:].hex()
+        ),
+        derived(
+            "header-dek-version",
+            "header dek_version changed 1 -> 2, opened with the version-1 key",
+            header_as_v2,
+        ),
+        derived(
+            "header-and-context-dek-version",
+            "header dek_version changed 1 -> 2, opened with the same DEK bytes labelled version 2",
+            header_as_v2,
+            dek_version=2,
+        ),
+        derived(
+            "context-dek-version",
+            "sealed under version 1, opened with the same DEK bytes labelled version 2",
+            env.hex(),
+            dek_version=2,
+        ),
+        derived(
+            "dek-version-swap",
+            "a version-2 envelope opened with a version-1 key of the same bytes",
+            header_v2.hex(),
+        ),
         derived("salt-bit", "one bit of the salt flipped", flip(5)),
         derived("nonce-bit", "one bit of the nonce flipped", flip(21)),
-        derived("commitment-bit", "one bit of the commitment flipped (ciphertext intact)",
-                flip(33)),
+        derived(
+            "commitment-bit", "one bit of the commitment flipped (ciphertext intact)", flip(33)
+        ),
         derived("ciphertext-bit", "one bit of the ciphertext flipped", flip(65)),
         derived("tag-bit", "one bit of the last tag byte flipped", flip(len(env) - 1)),
         derived("truncated-tag", "last byte removed", env[:-1].hex()),
         derived("header-only", "only the 65-byte header", env[:65].hex()),
         derived("empty", "zero bytes", ""),
-        derived("wrong-dek", "right everything except the DEK", env.hex(),
-                dek=_det("dek/other", 32).hex()),
-        derived("wrong-chat", "opened as the same message_id in another chat", env.hex(),
-                chat_id=str(CHAT_B)),
-        derived("wrong-message-id", "opened as another message of the same chat", env.hex(),
-                message_id=str(SNOWFLAKE + 1)),
+        derived(
+            "wrong-dek",
+            "right everything except the DEK",
+            env.hex(),
+            dek=_det("dek/other", 32).hex(),
+        ),
+        derived(
+            "wrong-chat",
+            "opened as the same message_id in another chat",
+            env.hex(),
+            chat_id=str(CHAT_B),
+        ),
+        derived(
+            "wrong-message-id",
+            "opened as another message of the same chat",
+            env.hex(),
+            message_id=str(SNOWFLAKE + 1),
+        ),
     ]
 
 
