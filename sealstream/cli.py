@@ -53,16 +53,18 @@ def stack_down(only: Only = None) -> None:
 def stack_status(only: Only = None) -> None:
     """Show each server, its port, its pid and whether it answers a real request."""
     rows = runner.status(runner.build(_stack_context(), only))
-    table = Table("server", "port", "pid", "answers", "detail")
+    table = Table("server", "port", "pid", "RSS MiB", "answers", "detail")
     for row in rows:
         table.add_row(
             row.name,
             str(row.port),
             str(row.pid or "-"),
+            f"{row.rss_mb:.0f}",
             "[green]yes[/green]" if row.answering else "[red]no[/red]",
             row.detail,
         )
     console.print(table)
+    console.print(f"total resident memory: {sum(r.rss_mb for r in rows):.0f} MiB")
     if not all(row.answering for row in rows):
         raise typer.Exit(1)
 
@@ -123,6 +125,27 @@ def demo(
     except StackError as err:
         console.print(f"[red]stack up failed:[/red] {err}")
         raise typer.Exit(1) from None
+
+
+@app.command("bench")
+def bench(
+    which: Annotated[str, typer.Argument(help="crypto | keys | pipeline | all")] = "all",
+) -> None:
+    """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
+    from sealstream.bench import crypto_bench, keys_bench, pipeline_bench
+
+    suites = {"crypto": crypto_bench.run, "keys": keys_bench.run, "pipeline": pipeline_bench.run}
+    chosen = list(suites) if which == "all" else [which]
+    for name in chosen:
+        if name not in suites:
+            console.print(f"[red]unknown benchmark {name!r}[/red]; choose crypto, keys, pipeline, all")
+            raise typer.Exit(2)
+        console.rule(f"bench {name}")
+        figures = suites[name]()
+        table = Table("figure", "value")
+        for key, value in figures.items():
+            table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+        console.print(table)
 
 
 def main() -> None:

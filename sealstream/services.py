@@ -24,6 +24,25 @@ def run_service(name: str, settings: Settings) -> None:
     getattr(importlib.import_module(module), func)(settings)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The SEALSTREAM_* environment that reproduces `settings` in a child process."""
+    env: dict[str, str] = {}
+    for section_name, section in settings:
+        if not hasattr(section, "model_fields"):
+            env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
+            continue
+        for field_name in type(section).model_fields:
+            value: object = getattr(section, field_name)
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            elif isinstance(value, tuple | list):
+                value = "[" + ",".join(f'"{v}"' for v in value) + "]"
+            env[f"SEALSTREAM_{section_name.upper()}__{field_name.upper()}"] = str(value)
+    return env
+
+
 def spawn(name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `sealstream run <name>` as a child process with the given environment."""
     return subprocess.Popen(

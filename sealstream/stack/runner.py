@@ -28,6 +28,25 @@ class ServerStatus:
     pid: int | None
     answering: bool
     detail: str  # the version when answering, the probe's error otherwise
+    rss_mb: float  # resident memory of the server's whole process group
+
+
+def group_rss_mb(pgid: int | None) -> float:
+    """Resident memory (MiB) of every process in a process group, read from /proc."""
+    if pgid is None:
+        return 0.0
+    total_kb = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # field 5 of /proc/PID/stat: the process group
+                continue
+            for line in (stat.parent / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total_kb / 1024
 
 
 def _read_pid(path: Path) -> int | None:
@@ -58,7 +77,7 @@ def status(servers: Iterable[Server]) -> list[ServerStatus]:
     for server in servers:
         pid = _read_pid(server.ctx.pid_file(server.name))
         ok, detail = _probe(server)
-        result.append(ServerStatus(server.name, server.port, pid, ok, detail))
+        result.append(ServerStatus(server.name, server.port, pid, ok, detail, group_rss_mb(pid)))
     return result
 
 

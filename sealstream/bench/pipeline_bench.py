@@ -1,0 +1,287 @@
+"""End-to-end pipeline benchmark: the four services as processes on the real stack, real HTTP.
+
+Runs in its own namespace (topics, groups, keyspace, index, schema, Redis prefix, Transit key) and
+removes it afterwards. Prints nothing itself; `sealstream bench pipeline` prints the figures.
+Figures (docs/benchmarks.md): gateway throughput for single and batched posts, sustained end-to-end
+throughput (first post to last row written), post-to-readable latency at about half that rate,
+reader latency (one message, a 50-message page), KMS calls, and where the encryptor's time goes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import delete_topics
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import Database
+from sealstream.adapters.vault import TransitKms
+from sealstream.auth import mint_token
+from sealstream.migrate import migrate_all
+from sealstream.services import settings_env, spawn
+from sealstream.settings import (
+    CassandraSettings,
+    HttpSettings,
+    KafkaSettings,
+    OpenSearchSettings,
+    PostgresSettings,
+    RedisSettings,
+    Settings,
+    VaultSettings,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated(base: Settings, run: str) -> Settings:
+    return base.model_copy(
+        update={
+            "kafka": KafkaSettings(
+                bootstrap=base.kafka.bootstrap, messages_topic=f"bench.{run}.messages",
+                dead_letter_topic=f"bench.{run}.dlq", encryptor_group=f"bench-{run}-enc",
+                indexer_group=f"bench-{run}-idx", partitions=base.kafka.partitions,
+            ),
+            "cassandra": CassandraSettings(hosts=base.cassandra.hosts, port=base.cassandra.port,
+                                           keyspace=f"bench_{run}"),
+            "postgres": PostgresSettings(host=base.postgres.host, port=base.postgres.port,
+                                         schema_name=f"bench_{run}"),
+            "redis": RedisSettings(url=base.redis.url, key_prefix=f"sealstream-bench:{run}:"),
+            "vault": VaultSettings(address=base.vault.address, token=base.vault.token,
+                                   default_key=f"bench-{run}"),
+            "opensearch": OpenSearchSettings(url=base.opensearch.url, index_prefix=f"bench-{run}"),
+            "ingest": HttpSettings(port=_free_port()),
+            "reader": HttpSettings(port=_free_port()),
+            "encryptor_http": HttpSettings(port=_free_port()),
+            "indexer_http": HttpSettings(port=_free_port()),
+        }
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _metric(url: str, name: str, label: str | None = None) -> float:
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name) and (label is None or label in line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@contextmanager
+def _services(settings: Settings) -> Iterator[dict[str, str]]:
+    env = {**os.environ, **settings_env(settings)}
+    children: list[subprocess.Popen[bytes]] = [
+        spawn(name, env) for name in ("ingest", "encryptor", "indexer", "reader")
+    ]
+    urls = {
+        "ingest": f"http://127.0.0.1:{settings.ingest.port}",
+        "reader": f"http://127.0.0.1:{settings.reader.port}",
+        "encryptor": f"http://127.0.0.1:{settings.encryptor_http.port}",
+        "indexer": f"http://127.0.0.1:{settings.indexer_http.port}",
+    }
+    try:
+        for url in urls.values():
+            _wait(lambda url=url: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120)
+        yield urls
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"condition not met within {timeout}s")
+
+
+def run(
+    messages: int = 30_000, chats: int = 50, batch: int = 100, settings: Settings | None = None
+) -> dict[str, float]:
+    run_id = secrets.token_hex(3)
+    cfg = isolated(settings or Settings(), run_id)
+    migrate_all(cfg)
+    try:
+        with _services(cfg) as urls:
+            return _measure(cfg, urls, messages, chats, batch)
+    finally:
+        _cleanup(cfg)
+
+
+def _measure(
+    cfg: Settings, urls: dict[str, str], messages: int, chats: int, batch: int
+) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    auth = {"Authorization": f"Bearer {mint_token(cfg.auth, 'bench')}"}
+    store = MessageStore(cfg.cassandra)
+    store.connect()
+    http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=16))
+    kms_before = _metric(urls["encryptor"], "sealstream_kms_calls_total")
+    phase_before = {
+        p: _metric(urls["encryptor"], "sealstream_encryptor_seconds_total", f'phase="{p}"')
+        for p in ("key_lookup", "crypto", "store")
+    }
+    cpu_before = _metric(urls["encryptor"], "process_cpu_seconds_total")
+    chat_ids = [
+        http.post(f"{urls['ingest']}/v1/chats", json={"participants": ["reader"]},
+                  headers=auth).json()["chat_id"]
+        for _ in range(chats)
+    ]
+
+    # 1. Gateway, single posts (8 concurrent clients).
+    singles = 800
+
+    def post_one(i: int) -> None:
+        r = http.post(f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages",
+                      json={"text": f"single post number {i} with a few words"}, headers=auth)
+        r.raise_for_status()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(post_one, range(singles)))
+    figures["gateway_single_msgs_per_s"] = singles / (time.perf_counter() - started)
+
+    # 2. Sustained end-to-end with batched posts: first post to last row written.
+    base_rows = singles
+    _wait(lambda: store.count() >= base_rows, 120)
+    texts = [f"benchmark message {i} lorem ipsum dolor sit amet consectetur" for i in range(batch)]
+
+    def post_batch(i: int) -> None:
+        r = http.post(f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages:batch",
+                      json={"messages": [{"text": t} for t in texts]}, headers=auth)
+        r.raise_for_status()
+
+    batches = messages // batch
+    started = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(post_batch, range(batches)))
+    posted_at = time.perf_counter()
+    _wait(lambda: store.count() >= base_rows + batches * batch, 600)
+    done_at = time.perf_counter()
+    figures["gateway_batch_msgs_per_s"] = batches * batch / (posted_at - started)
+    e2e_rate = batches * batch / (done_at - started)
+    figures["e2e_msgs_per_s"] = e2e_rate
+
+    # 3. Post-to-readable latency at about half the sustained rate (batches of 10 per chat).
+    latencies = _latency_at(http, urls, auth, chat_ids, rate=e2e_rate / 2, seconds=15)
+    figures["post_to_readable_p50_ms"] = statistics.median(latencies) * 1000
+    figures["post_to_readable_p99_ms"] = _pct(latencies, 0.99) * 1000
+    figures["latency_samples"] = len(latencies)
+
+    # 4. Reader latency with warm caches.
+    reader_auth = {"Authorization": f"Bearer {mint_token(cfg.auth, 'reader')}"}
+    page = http.get(f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages", params={"limit": 50},
+                    headers=reader_auth).json()["messages"]
+    one_url = f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages/{page[0]['message_id']}"
+    page_url = f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages"
+    for name, call in (
+        ("reader_one", lambda: http.get(one_url, headers=reader_auth)),
+        ("reader_page50", lambda: http.get(page_url, params={"limit": 50}, headers=reader_auth)),
+    ):
+        samples = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            call().raise_for_status()
+            samples.append(time.perf_counter() - t0)
+        figures[f"{name}_p50_ms"] = statistics.median(samples) * 1000
+        figures[f"{name}_p99_ms"] = _pct(samples, 0.99) * 1000
+
+    # 5. KMS calls and where the encryptor's CPU went.
+    figures["messages_total"] = float(store.count())
+    figures["chats"] = float(chats)
+    figures["encryptor_kms_calls"] = _metric(urls["encryptor"], "sealstream_kms_calls_total") - kms_before
+    cpu = _metric(urls["encryptor"], "process_cpu_seconds_total") - cpu_before
+    for phase, before in phase_before.items():
+        spent = _metric(urls["encryptor"], "sealstream_encryptor_seconds_total", f'phase="{phase}"')
+        figures[f"encryptor_{phase}_share_of_cpu"] = (spent - before) / cpu if cpu else 0.0
+    figures["encryptor_cpu_seconds"] = cpu
+    http.close()
+    store.close()
+    return figures
+
+
+def _latency_at(
+    http: httpx.Client, urls: dict[str, str], auth: dict[str, str], chat_ids: list[str],
+    rate: float, seconds: float,
+) -> list[float]:
+    """Post batches of 10 at `rate` messages/s; time each batch until its last message reads."""
+    reader_auth = {**auth}
+    interval = 10 / rate
+    latencies: list[float] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    pool = ThreadPoolExecutor(16)
+    i = 0
+    next_at = time.monotonic()
+    while time.monotonic() < end:
+        chat = chat_ids[i % len(chat_ids)]
+        i += 1
+
+        def one(chat: str = chat, n: int = i) -> None:
+            t0 = time.perf_counter()
+            r = http.post(f"{urls['ingest']}/v1/chats/{chat}/messages:batch",
+                          json={"messages": [{"text": f"latency probe {n} {k}"} for k in range(10)]},
+                          headers=auth)
+            last = r.json()["accepted"][-1]["message_id"]
+            url = f"{urls['reader']}/v1/chats/{chat}/messages/{last}"
+            while http.get(url, headers=reader_auth).status_code != 200:
+                time.sleep(0.005)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+        pool.submit(one)
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    pool.shutdown(wait=True)
+    return latencies
+
+
+def _cleanup(cfg: Settings) -> None:
+    store = MessageStore(cfg.cassandra)
+    store.connect()
+    store.drop_keyspace()
+    store.close()
+    index = SearchIndex(cfg.opensearch)
+    index.drop()
+    index.close()
+    delete_topics(cfg.kafka, [cfg.kafka.messages_topic, cfg.kafka.dead_letter_topic])
+    db = Database(cfg.postgres)
+    db.open()
+    db.drop_schema()
+    db.close()
+    TransitKms(cfg.vault).delete_key(cfg.vault.default_key)
+
+
+if __name__ == "__main__":
+    for key, value in run().items():
+        print(f"{key:<40} {value:,.2f}")
