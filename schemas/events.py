@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_TEXT_BYTES = 16 * 1024
 """Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
 

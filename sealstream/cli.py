@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -134,11 +135,17 @@ def bench(
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import crypto_bench, keys_bench, pipeline_bench
 
-    suites = {"crypto": crypto_bench.run, "keys": keys_bench.run, "pipeline": pipeline_bench.run}
+    suites: dict[str, Callable[[], dict[str, float]]] = {
+        "crypto": crypto_bench.run,
+        "keys": keys_bench.run,
+        "pipeline": pipeline_bench.run,
+    }
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:
         if name not in suites:
-            console.print(f"[red]unknown benchmark {name!r}[/red]; choose crypto, keys, pipeline, all")
+            console.print(
+                f"[red]unknown benchmark {name!r}[/red]; choose crypto, keys, pipeline, all"
+            )
             raise typer.Exit(2)
         console.rule(f"bench {name}")
         figures = suites[name]()

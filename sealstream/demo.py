@@ -44,6 +44,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def _ready_probe(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+
+
 def _metric(url: str, name: str) -> float:
     """Sum of a Prometheus counter's samples on a service's /metrics page."""
     total = 0.0
@@ -53,7 +57,9 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
-def run_demo(repo_root: Path, chats: int = 5, per_chat: int = 40, console: Console | None = None) -> None:
+def run_demo(
+    repo_root: Path, chats: int = 5, per_chat: int = 40, console: Console | None = None
+) -> None:
     console = console or Console()
     settings = Settings()
     console.rule("[bold]Sealstream demo")
@@ -78,8 +84,7 @@ def run_demo(repo_root: Path, chats: int = 5, per_chat: int = 40, console: Conso
             )
         }
         for name, url in urls.items():
-            _wait(lambda url=url: httpx.get(f"{url}/readyz", timeout=2).status_code == 200,
-                  90, f"{name} ready")
+            _wait(_ready_probe(url), 90, f"{name} ready")
         console.print("services   ingest, encryptor, indexer, reader: all ready")
         _traffic(settings, urls, chats, per_chat, console)
     finally:
@@ -105,20 +110,20 @@ def _traffic(
         chat_ids: list[tuple[str, str, str]] = []
         for _ in range(chats):
             owner, member = rng.sample(users, 2)
-            created = http.post(f"{urls['ingest']}/v1/chats", json={"participants": [member]},
-                                headers=auth[owner])
+            created = http.post(
+                f"{urls['ingest']}/v1/chats", json={"participants": [member]}, headers=auth[owner]
+            )
             created.raise_for_status()
             chat_ids.append((created.json()["chat_id"], owner, member))
 
         started = time.monotonic()
         posted = 0
         for chat_id, owner, _ in chat_ids:
-            texts = [
-                f"{' '.join(rng.sample(WORDS, 4))} #{i} — ünïcödé ✓" for i in range(per_chat)
-            ]
+            texts = [f"{' '.join(rng.sample(WORDS, 4))} #{i} — ünïcödé ✓" for i in range(per_chat)]
             response = http.post(
                 f"{urls['ingest']}/v1/chats/{chat_id}/messages:batch",
-                json={"messages": [{"text": t} for t in texts]}, headers=auth[owner],
+                json={"messages": [{"text": t} for t in texts]},
+                headers=auth[owner],
             )
             response.raise_for_status()
             posted += len(texts)
@@ -126,8 +131,11 @@ def _traffic(
 
         def all_readable() -> bool:
             for chat_id, _, member in chat_ids:
-                page = http.get(f"{urls['reader']}/v1/chats/{chat_id}/messages",
-                                params={"limit": per_chat}, headers=auth[member]).json()
+                page = http.get(
+                    f"{urls['reader']}/v1/chats/{chat_id}/messages",
+                    params={"limit": per_chat},
+                    headers=auth[member],
+                ).json()
                 if len(page.get("messages", [])) < per_chat:
                     return False
             return True
@@ -137,11 +145,22 @@ def _traffic(
 
         chat_id, owner, member = chat_ids[0]
         word = "lantern"
-        _wait(lambda: bool(http.get(f"{urls['reader']}/v1/chats/{chat_id}/search",
-                                    params={"q": word}, headers=auth[member]).json().get("messages")),
-              60, "search results")
-        hits = http.get(f"{urls['reader']}/v1/chats/{chat_id}/search", params={"q": word},
-                        headers=auth[member]).json()["messages"]
+        _wait(
+            lambda: bool(
+                http.get(
+                    f"{urls['reader']}/v1/chats/{chat_id}/search",
+                    params={"q": word},
+                    headers=auth[member],
+                )
+                .json()
+                .get("messages")
+            ),
+            60,
+            "search results",
+        )
+        hits = http.get(
+            f"{urls['reader']}/v1/chats/{chat_id}/search", params={"q": word}, headers=auth[member]
+        ).json()["messages"]
         outsider = next(u for u in users if u not in (owner, member))
         refused = http.get(f"{urls['reader']}/v1/chats/{chat_id}/messages", headers=auth[outsider])
 
@@ -150,7 +169,12 @@ def _traffic(
     table.add_row("chats created", str(chats))
     table.add_row("messages posted (HTTP, batched)", f"{posted} in {post_seconds:.2f}s")
     table.add_row("all readable back, decrypted, after", f"{readable_seconds:.2f}s")
-    table.add_row(f"search '{word}' in chat 1", f"{len(hits)} hits, e.g. {hits[0]['text']!r}" if hits else "0 hits")
+    table.add_row(
+        f"search '{word}' in chat 1",
+        f"{len(hits)} hits, e.g. {hits[0]['text']!r}" if hits else "0 hits",
+    )
     table.add_row(f"outsider '{outsider}' reading chat 1", f"HTTP {refused.status_code}")
-    table.add_row("KMS calls by the encryptor this run", f"{kms_calls:.0f} (per chat, not per message)")
+    table.add_row(
+        "KMS calls by the encryptor this run", f"{kms_calls:.0f} (per chat, not per message)"
+    )
     console.print(table)

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.types import EventT, StreamT
@@ -113,12 +113,12 @@ class Batcher:
         self.dead_letters = dead_letters
         self.max_size = max_size
         self.max_wait = max_wait
-        self._events: list[EventT] = []
+        self._events: list[EventT[Any]] = []
         self._first_at = 0.0
         self._lock = asyncio.Lock()
-        self.stream: StreamT | None = None
+        self.stream: StreamT[Any] | None = None
 
-    async def add(self, stream: StreamT, event: EventT) -> None:
+    async def add(self, stream: StreamT[Any], event: EventT[Any]) -> None:
         self.stream = stream
         if not self._events:
             self._first_at = time.monotonic()
@@ -149,7 +149,7 @@ class Batcher:
             BATCH_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
 
 
-def _raw(event: EventT) -> RawRecord:
+def _raw(event: EventT[Any]) -> RawRecord:
     message = event.message
     return RawRecord(
         topic=message.topic,
@@ -224,26 +224,26 @@ def build_app(
     topic = app.topic(kafka.messages_topic, key_type=bytes, value_type=bytes)
     batcher = Batcher(stage, process, dead_letters, max_size, max_wait)
 
-    async def agent(stream: StreamT) -> None:
-        manual = stream.noack()
+    async def agent(stream: StreamT[Any]) -> None:
+        manual: Any = cast(Any, stream).noack()
         async for event in manual.events():
             await batcher.add(manual, event)
 
     app.agent(topic, name=f"{stage}-agent")(agent)
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def flush_due() -> None:
         # A plain task, not app.timer: a flush may outlast the interval, which a timer warns about.
         while True:
             await asyncio.sleep(max_wait / 2)
             await batcher.flush_if_due()
 
-    @app.task
+    @app.task  # type: ignore[untyped-decorator]
     async def json_logs() -> None:
         # Faust's Worker installs its own log handlers at start-up; put ours back.
         configure_logging(stage)
 
-    @app.timer(interval=5.0)
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def report_lag() -> None:
         LAG.labels(stage).set(_lag(app))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import KafkaSettings
@@ -59,6 +59,10 @@ def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:
             pass
 
 
+Headers = list[tuple[str, str | bytes | None]]
+OnDelivery = Callable[[KafkaError | None, Message], None]
+
+
 @dataclass(frozen=True)
 class Delivery:
     topic: str
@@ -100,14 +104,14 @@ class Publisher:
         topic: str,
         key: bytes,
         value: bytes,
-        headers: list[tuple[str, bytes]] | None,
-        on_done: object,
+        headers: Headers | None,
+        on_done: OnDelivery,
     ) -> None:
         while True:
             try:
                 self._producer.produce(
                     topic, value=value, key=key, headers=headers, on_delivery=on_done
-                )  # type: ignore[arg-type]
+                )
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
@@ -116,12 +120,12 @@ class Publisher:
         self,
         topic: str,
         items: Sequence[tuple[bytes, bytes]],
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: Headers | None = None,
     ) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Delivery]] = [loop.create_future() for _ in items]
 
-        def callback_for(future: asyncio.Future[Delivery]) -> object:
+        def callback_for(future: asyncio.Future[Delivery]) -> OnDelivery:
             def done(err: KafkaError | None, msg: Message) -> None:
                 if err is not None:
                     error: BaseException = StoreUnavailable(
@@ -144,7 +148,7 @@ class Publisher:
         self,
         topic: str,
         items: Sequence[tuple[bytes, bytes]],
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: Headers | None = None,
         timeout: float = 30.0,
     ) -> list[Delivery]:
         results: list[Delivery | BaseException | None] = [None] * len(items)
@@ -152,7 +156,7 @@ class Publisher:
         remaining = [len(items)]
         lock = threading.Lock()
 
-        def callback_for(index: int) -> object:
+        def callback_for(index: int) -> OnDelivery:
             def callback(err: KafkaError | None, msg: Message) -> None:
                 results[index] = (
                     StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
@@ -204,7 +208,7 @@ class DeadLetter:
     offset: int
 
 
-def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+def dead_letter_headers(letter: DeadLetter) -> Headers:
     return [
         ("dlq.stage", letter.stage.encode()),
         ("dlq.reason", letter.reason.encode()[:1000]),

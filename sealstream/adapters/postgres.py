@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.rows import dict_row
@@ -77,7 +77,7 @@ class Database:
     def connection(self) -> Iterator[psycopg.Connection[Row]]:
         try:
             with self._pool.connection() as conn:
-                yield conn
+                yield cast("psycopg.Connection[Row]", conn)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"Postgres unavailable: {type(exc).__name__}") from None
 

@@ -75,7 +75,7 @@ class RedisKeyCache:
 
     def forget_chat(self, chat_id: uuid.UUID) -> None:
         def forget() -> None:
-            keys = list(self._client.scan_iter(f"{self.prefix}dek:*:{chat_id}*", count=500))
+            keys = list(self._client.scan_iter(f"{self.prefix}dek:*:{chat_id!s}*", count=500))
             if keys:
                 self._client.delete(*keys)
 
@@ -98,7 +98,7 @@ class RedisKeyCache:
             for key in self._client.scan_iter(f"{self.prefix}*", count=1000):
                 value = self._client.get(key)
                 if value is not None:
-                    out.append(f"{key}={value}")
+                    out.append(f"{key!s}={value!s}")
             return out
 
         return self._run(scan)
@@ -132,7 +132,7 @@ class InvalidationListener(threading.Thread):
     def run(self) -> None:
         first = True
         while not self._halt.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self._channel)
                 if not first:

@@ -53,17 +53,23 @@ def isolated(base: Settings, run: str) -> Settings:
     return base.model_copy(
         update={
             "kafka": KafkaSettings(
-                bootstrap=base.kafka.bootstrap, messages_topic=f"bench.{run}.messages",
-                dead_letter_topic=f"bench.{run}.dlq", encryptor_group=f"bench-{run}-enc",
-                indexer_group=f"bench-{run}-idx", partitions=base.kafka.partitions,
+                bootstrap=base.kafka.bootstrap,
+                messages_topic=f"bench.{run}.messages",
+                dead_letter_topic=f"bench.{run}.dlq",
+                encryptor_group=f"bench-{run}-enc",
+                indexer_group=f"bench-{run}-idx",
+                partitions=base.kafka.partitions,
             ),
-            "cassandra": CassandraSettings(hosts=base.cassandra.hosts, port=base.cassandra.port,
-                                           keyspace=f"bench_{run}"),
-            "postgres": PostgresSettings(host=base.postgres.host, port=base.postgres.port,
-                                         schema_name=f"bench_{run}"),
+            "cassandra": CassandraSettings(
+                hosts=base.cassandra.hosts, port=base.cassandra.port, keyspace=f"bench_{run}"
+            ),
+            "postgres": PostgresSettings(
+                host=base.postgres.host, port=base.postgres.port, schema_name=f"bench_{run}"
+            ),
             "redis": RedisSettings(url=base.redis.url, key_prefix=f"sealstream-bench:{run}:"),
-            "vault": VaultSettings(address=base.vault.address, token=base.vault.token,
-                                   default_key=f"bench-{run}"),
+            "vault": VaultSettings(
+                address=base.vault.address, token=base.vault.token, default_key=f"bench-{run}"
+            ),
             "opensearch": OpenSearchSettings(url=base.opensearch.url, index_prefix=f"bench-{run}"),
             "ingest": HttpSettings(port=_free_port()),
             "reader": HttpSettings(port=_free_port()),
@@ -100,7 +106,7 @@ def _services(settings: Settings) -> Iterator[dict[str, str]]:
     }
     try:
         for url in urls.values():
-            _wait(lambda url=url: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120)
+            _wait(_ready_probe(url), 120)
         yield urls
     finally:
         for child in children:
@@ -111,6 +117,10 @@ def _services(settings: Settings) -> Iterator[dict[str, str]]:
                 child.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
+
+
+def _ready_probe(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200
 
 
 def _wait(predicate: Callable[[], bool], timeout: float) -> float:
@@ -153,8 +163,9 @@ def _measure(
     }
     cpu_before = _metric(urls["encryptor"], "process_cpu_seconds_total")
     chat_ids = [
-        http.post(f"{urls['ingest']}/v1/chats", json={"participants": ["reader"]},
-                  headers=auth).json()["chat_id"]
+        http.post(
+            f"{urls['ingest']}/v1/chats", json={"participants": ["reader"]}, headers=auth
+        ).json()["chat_id"]
         for _ in range(chats)
     ]
 
@@ -162,8 +173,11 @@ def _measure(
     singles = 800
 
     def post_one(i: int) -> None:
-        r = http.post(f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages",
-                      json={"text": f"single post number {i} with a few words"}, headers=auth)
+        r = http.post(
+            f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages",
+            json={"text": f"single post number {i} with a few words"},
+            headers=auth,
+        )
         r.raise_for_status()
 
     started = time.perf_counter()
@@ -177,8 +191,11 @@ def _measure(
     texts = [f"benchmark message {i} lorem ipsum dolor sit amet consectetur" for i in range(batch)]
 
     def post_batch(i: int) -> None:
-        r = http.post(f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages:batch",
-                      json={"messages": [{"text": t} for t in texts]}, headers=auth)
+        r = http.post(
+            f"{urls['ingest']}/v1/chats/{chat_ids[i % chats]}/messages:batch",
+            json={"messages": [{"text": t} for t in texts]},
+            headers=auth,
+        )
         r.raise_for_status()
 
     batches = messages // batch
@@ -200,8 +217,11 @@ def _measure(
 
     # 4. Reader latency with warm caches.
     reader_auth = {"Authorization": f"Bearer {mint_token(cfg.auth, 'reader')}"}
-    page = http.get(f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages", params={"limit": 50},
-                    headers=reader_auth).json()["messages"]
+    page = http.get(
+        f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages",
+        params={"limit": 50},
+        headers=reader_auth,
+    ).json()["messages"]
     one_url = f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages/{page[0]['message_id']}"
     page_url = f"{urls['reader']}/v1/chats/{chat_ids[0]}/messages"
     for name, call in (
@@ -211,7 +231,7 @@ def _measure(
         samples = []
         for _ in range(300):
             t0 = time.perf_counter()
-            call().raise_for_status()
+            call().raise_for_status()  # type: ignore[no-untyped-call]
             samples.append(time.perf_counter() - t0)
         figures[f"{name}_p50_ms"] = statistics.median(samples) * 1000
         figures[f"{name}_p99_ms"] = _pct(samples, 0.99) * 1000
@@ -219,7 +239,9 @@ def _measure(
     # 5. KMS calls and where the encryptor's CPU went.
     figures["messages_total"] = float(store.count())
     figures["chats"] = float(chats)
-    figures["encryptor_kms_calls"] = _metric(urls["encryptor"], "sealstream_kms_calls_total") - kms_before
+    figures["encryptor_kms_calls"] = (
+        _metric(urls["encryptor"], "sealstream_kms_calls_total") - kms_before
+    )
     cpu = _metric(urls["encryptor"], "process_cpu_seconds_total") - cpu_before
     for phase, before in phase_before.items():
         spent = _metric(urls["encryptor"], "sealstream_encryptor_seconds_total", f'phase="{phase}"')
@@ -231,8 +253,12 @@ def _measure(
 
 
 def _latency_at(
-    http: httpx.Client, urls: dict[str, str], auth: dict[str, str], chat_ids: list[str],
-    rate: float, seconds: float,
+    http: httpx.Client,
+    urls: dict[str, str],
+    auth: dict[str, str],
+    chat_ids: list[str],
+    rate: float,
+    seconds: float,
 ) -> list[float]:
     """Post batches of 10 at `rate` messages/s; time each batch until its last message reads."""
     reader_auth = {**auth}
@@ -249,9 +275,11 @@ def _latency_at(
 
         def one(chat: str = chat, n: int = i) -> None:
             t0 = time.perf_counter()
-            r = http.post(f"{urls['ingest']}/v1/chats/{chat}/messages:batch",
-                          json={"messages": [{"text": f"latency probe {n} {k}"} for k in range(10)]},
-                          headers=auth)
+            r = http.post(
+                f"{urls['ingest']}/v1/chats/{chat}/messages:batch",
+                json={"messages": [{"text": f"latency probe {n} {k}"} for k in range(10)]},
+                headers=auth,
+            )
             last = r.json()["accepted"][-1]["message_id"]
             url = f"{urls['reader']}/v1/chats/{chat}/messages/{last}"
             while http.get(url, headers=reader_auth).status_code != 200:

@@ -23,7 +23,7 @@ from sealstream.adapters.kafka import delete_topics
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import spawn
+from sealstream.services import settings_env, spawn
 from sealstream.settings import Settings
 from tests.conftest import require_port
 
@@ -32,25 +32,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The SEALSTREAM_* environment that reproduces `settings` in a child process."""
-    env: dict[str, str] = {}
-    for section_name, section in settings:
-        if not hasattr(section, "model_fields"):
-            env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
-            continue
-        for field_name in type(section).model_fields:
-            value: Any = getattr(section, field_name)
-            if value is None:
-                continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            elif isinstance(value, tuple | list):
-                value = "[" + ",".join(f'"{v}"' for v in value) + "]"
-            env[f"SEALSTREAM_{section_name.upper()}__{field_name.upper()}"] = str(value)
-    return env
 
 
 class Pipeline:
