@@ -8,8 +8,8 @@ by id alone, and the bucket of a message can be computed from its id without a l
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 WORKER_BITS = 10

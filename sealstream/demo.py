@@ -102,7 +102,7 @@ def run_demo(
 def _traffic(
     settings: Settings, urls: dict[str, str], chats: int, per_chat: int, console: Console
 ) -> None:
-    rng = random.Random(7)
+    rng = random.Random(7)  # noqa: S311 - demo text, reproducible on purpose
     users = ["ada", "grace", "alan", "edsger", "barbara", "ken"]
     auth = {u: {"Authorization": f"Bearer {mint_token(settings.auth, u)}"} for u in users}
     kms_before = _metric(urls["encryptor"], "sealstream_kms_calls_total")
