@@ -47,13 +47,15 @@ def _b64(data: bytes) -> str:
 class TransitKms:
     """The `Kms` port on the Transit secrets engine of Vault or OpenBao."""
 
-    def __init__(self, settings: VaultSettings, retry_seconds: float = 5.0) -> None:
+    def __init__(
+        self, settings: VaultSettings, retry_seconds: float = 5.0, timeout: float = 5.0
+    ) -> None:
         self.settings = settings
         self.retry_seconds = retry_seconds
         self._client = hvac.Client(
             url=settings.address,
             token=settings.resolved_token().get_secret_value(),
-            timeout=5,
+            timeout=timeout,
         )
         self._mount = settings.transit_mount
 

@@ -191,6 +191,37 @@ def test_kms_down_raises_unavailable_and_caches_nothing(settings, database, kms)
     good.close()
 
 
+def test_kms_frozen_then_back_recovers_without_caching_errors(settings, database, kms) -> None:
+    """Stop the real OpenBao process (SIGSTOP), then let it run again (SIGCONT)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    pid_file = Path(".stack/openbao/server.pid")
+    if not pid_file.exists():
+        pytest.fail("needs the OpenBao started by this checkout's `sealstream stack up`")
+    pid = int(pid_file.read_text())
+    good = make_service(settings, database, kms)
+    chat = uuid.uuid4()
+    good.create_chat(chat, ("alice",))
+    good.close()
+    fragile = KeyService(
+        repo=good.repo,
+        kms=TransitKms(settings.vault, retry_seconds=1.0, timeout=0.5),
+        redis=None,
+        settings=settings.keys,
+        default_kms_key=settings.vault.default_key,
+    )
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(KmsUnavailable):
+            fragile.current_key(chat)
+        assert len(fragile._deks) == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert fragile.current_key(chat).version == 1  # recovers once the KMS answers again
+
+
 def test_kms_auth_error_is_immediate_and_clear(settings) -> None:
     from pydantic import SecretStr
 
