@@ -7,6 +7,7 @@ we record is the postmaster's own.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,7 +38,26 @@ class PostgresServer(Server):
 
     @property
     def cluster(self) -> Path:
-        return self.data / "cluster"
+        """The cluster folder: in the stack folder when the `postgres` user can reach it.
+
+        A checkout under a private home (e.g. /root, mode 0700) is not traversable by `postgres`;
+        then the cluster lives under the postgres user's home, keyed by this stack's path, and a
+        symlink in the stack folder points at it.
+        """
+        link = self.data / "cluster"
+        if link.is_symlink() or link.exists():
+            return link.resolve()
+        probe = subprocess.run(
+            self._as_postgres(["test", "-x", str(self.data)]), capture_output=True
+        )
+        if probe.returncode == 0:
+            return link
+        digest = hashlib.sha256(str(self.data).encode()).hexdigest()[:12]
+        target = Path("/var/lib/postgresql") / f"sealstream-{digest}" / "cluster"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.chown(target.parent, "postgres", "postgres")
+        link.symlink_to(target)
+        return target
 
     def install(self) -> None:
         if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
@@ -47,19 +67,20 @@ class PostgresServer(Server):
         return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", *argv]
 
     def prepare(self) -> None:
-        if (self.cluster / "PG_VERSION").exists():
+        cluster = self.cluster
+        if (cluster / "PG_VERSION").exists():
             return
-        self.cluster.mkdir(parents=True, exist_ok=True)
-        pwfile = self.data / "pwfile"
+        cluster.mkdir(parents=True, exist_ok=True)
+        pwfile = cluster.parent / "pwfile"
         pwfile.write_text(LOCAL_POSTGRES_PASSWORD + "\n")
-        shutil.chown(self.cluster, "postgres", "postgres")
+        shutil.chown(cluster, "postgres", "postgres")
         shutil.chown(pwfile, "postgres", "postgres")
         result = subprocess.run(
             self._as_postgres(
                 [
                     str(_bin_dir() / "initdb"),
                     "-D",
-                    str(self.cluster),
+                    str(cluster),
                     f"--username={USER}",
                     f"--pwfile={pwfile}",
                     "--auth=scram-sha-256",
