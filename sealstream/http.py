@@ -101,7 +101,9 @@ def install(
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Name the field and the rule; do not echo the input back (it may be message text).
         problems = [
-            {
+            {"field": "body", "reason": "malformed JSON"}
+            if err.get("type") == "json_invalid"
+            else {
                 "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body",
                 "reason": str(err.get("msg", "invalid")),
             }
