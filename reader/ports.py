@@ -1,0 +1,41 @@
+"""What the reader needs from the outside world, as small protocols (the adapters satisfy them)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Protocol
+
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import ChatKey
+
+
+class ChatDirectory(Protocol):
+    """Chat metadata (participants, state, creation time); None for an unknown chat."""
+
+    def get(self, chat_id: uuid.UUID) -> ChatRow | None: ...
+
+
+class MessageSource(Protocol):
+    """Sealed rows of the message store (`sealstream.adapters.cassandra.MessageStore`)."""
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None: ...
+
+    def history(
+        self, chat_id: uuid.UUID, before_id: int, oldest_ms: int, limit: int
+    ) -> Iterable[StoredMessage]:
+        """Rows older than `before_id`, newest first, down to `oldest_ms`; no deleted rows."""
+        ...
+
+
+class KeySource(Protocol):
+    """The DEK of one version of a chat (`sealstream.keys.service.KeyService`)."""
+
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey: ...
+
+
+class SearchPort(Protocol):
+    """Ids of a chat's messages matching a query, best first (`SearchIndex`)."""
+
+    def search_chat(self, chat_id: uuid.UUID, query: str, limit: int) -> list[int]: ...

@@ -1,0 +1,286 @@
+"""The reader's logic: who may read a chat, history paging, search, and opening envelopes.
+
+Plain classes that take their collaborators (reader.ports) as arguments; no I/O set-up here.
+Errors meant for the client are `ApiError`s (403/404/410/422); a failed integrity check is the
+opaque `DecryptionError`, which the HTTP layer turns into a 500 `integrity_error` with no detail.
+Message text is only ever held in memory on its way to the caller: never logged, never raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import struct
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from prometheus_client import Counter, Histogram
+
+from reader.ports import ChatDirectory, KeySource, MessageSource, SearchPort
+from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import MessageContext, envelope_dek_version, open_envelope
+from sealstream.errors import DecryptionError, KeyNotFound
+from sealstream.http import ApiError
+from sealstream.keys.cache import TtlCache
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_ID = 2**63 - 1  # Cassandra bigint; Snowflake ids are 63-bit
+HISTORY_LIMIT_MAX = 100
+HISTORY_LIMIT_DEFAULT = 50
+SEARCH_LIMIT_MAX = 50
+SEARCH_LIMIT_DEFAULT = 20
+QUERY_MAX_CHARS = 256
+# First history page: start just above "now + skew" so a gateway whose clock runs a little ahead
+# still has its newest messages on page one. Costs at most one extra (empty) bucket read.
+DEFAULT_CLOCK_SKEW_MS = 10 * 60 * 1000
+
+_TIME_SHIFT = WORKER_BITS + SEQUENCE_BITS
+_CURSOR = struct.Struct(">BQ")  # cursor format version | id of the last message returned
+_CURSOR_VERSION = 1
+_CURSOR_CHARS = 12  # base64url of 9 bytes, no padding
+
+DECRYPTS_PER_REQUEST = Histogram(
+    "sealstream_reader_decrypts_per_request",
+    "Envelopes opened per reader request",
+    ["op"],
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100),
+)
+INTEGRITY_FAILURES = Counter(
+    "sealstream_reader_integrity_failures", "Stored envelopes that failed to open"
+)
+
+
+@dataclass(frozen=True)
+class ReadMessage:
+    """One decrypted message as the API returns it (the DEK version stays internal)."""
+
+    message_id: str  # decimal: 64-bit ids exceed JavaScript's safe integers
+    chat_id: uuid.UUID
+    sender_id: str
+    text: str
+    sent_at: datetime
+
+
+@dataclass(frozen=True)
+class Page:
+    """A history page, newest first; `next_cursor` is None on the last page."""
+
+    messages: list[ReadMessage]
+    next_cursor: str | None
+
+
+# --- cursors ---------------------------------------------------------------------------------
+
+
+def encode_cursor(message_id: int) -> str:
+    """Opaque cursor: base64url (no padding) of a format byte and the last message id seen."""
+    raw = _CURSOR.pack(_CURSOR_VERSION, message_id)
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The message id inside a cursor; 422 naming `query.before` for anything else."""
+    invalid = ApiError(
+        422, "invalid_request", "query.before: not a cursor returned by this API", "query.before"
+    )
+    if len(cursor) != _CURSOR_CHARS or not cursor.isascii():
+        raise invalid
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError):
+        raise invalid from None
+    if len(raw) != _CURSOR.size:
+        raise invalid
+    version, message_id = _CURSOR.unpack(raw)
+    # Canonical form only: a cursor is exactly what encode_cursor produced (no alternate spellings).
+    if version != _CURSOR_VERSION or not 1 <= message_id <= MAX_MESSAGE_ID:
+        raise invalid
+    if encode_cursor(message_id) != cursor:
+        raise invalid
+    return int(message_id)
+
+
+def ceiling_id(now_ms: int, skew_ms: int = DEFAULT_CLOCK_SKEW_MS) -> int:
+    """An exclusive upper bound above every id made up to `now_ms + skew_ms`."""
+    return min(MAX_MESSAGE_ID, (max(0, now_ms + skew_ms - EPOCH_MS) + 1) << _TIME_SHIFT)
+
+
+# --- chats -----------------------------------------------------------------------------------
+
+
+class CachedChatDirectory:
+    """A `ChatDirectory` over a lookup function, with a short in-process TTL cache.
+
+    Participants and state changes reach the reader within `ttl_seconds`; a deleted chat's keys
+    are destroyed anyway, so reads of it fail closed (410) even inside that window. Unknown chats
+    are not cached, so a chat is readable as soon as it exists.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[uuid.UUID], ChatRow | None],
+        ttl_seconds: float = 2.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._lookup = lookup
+        self._cache: TtlCache[uuid.UUID, ChatRow] = TtlCache(max_entries, ttl_seconds)
+
+    def get(self, chat_id: uuid.UUID) -> ChatRow | None:
+        cached = self._cache.get(chat_id)
+        if cached is not None:
+            return cached
+        chat = self._lookup(chat_id)
+        if chat is not None:
+            self._cache.put(chat_id, chat)
+        return chat
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def _check_limit(limit: int, maximum: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise ApiError(
+            422, "invalid_request", f"query.limit: must be between 1 and {maximum}", "query.limit"
+        )
+
+
+def _millis(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class ReaderService:
+    def __init__(
+        self,
+        chats: ChatDirectory,
+        messages: MessageSource,
+        keys: KeySource,
+        search_index: SearchPort,
+        clock_ms: Callable[[], int] | None = None,
+        clock_skew_ms: int = DEFAULT_CLOCK_SKEW_MS,
+    ) -> None:
+        self.chats = chats
+        self.messages = messages
+        self.keys = keys
+        self.search_index = search_index
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.clock_skew_ms = clock_skew_ms
+
+    # --- access ----------------------------------------------------------------------------------
+
+    def _chat_for(self, user: str, chat_id: uuid.UUID) -> ChatRow:
+        """The chat, if `user` may read it; checked before any message is touched."""
+        chat = self.chats.get(chat_id)
+        if chat is None:
+            raise ApiError(404, "not_found", "no such chat or message")
+        if chat.state == "deleted":
+            raise ApiError(410, "gone", "this chat was deleted")
+        if user not in chat.participants:
+            raise ApiError(403, "forbidden", "you are not a participant of this chat")
+        return chat
+
+    # --- decryption --------------------------------------------------------------------------
+
+    def _open(self, row: StoredMessage) -> ReadMessage:
+        try:
+            return self._open_row(row)
+        except DecryptionError:
+            INTEGRITY_FAILURES.inc()
+            # Ids and version only: never the envelope or any part of a plaintext.
+            log.error(
+                "stored envelope failed its integrity check",
+                extra={
+                    "chat_id": str(row.chat_id),
+                    "message_id": row.message_id,
+                    "dek_version": row.dek_version,
+                },
+            )
+            raise
+
+    def _open_row(self, row: StoredMessage) -> ReadMessage:
+        version = envelope_dek_version(row.envelope)  # DecryptionError if malformed
+        if version != row.dek_version:
+            raise DecryptionError()  # the row and its envelope disagree: tampered or corrupt
+        try:
+            key = self.keys.key(row.chat_id, version)
+        except KeyNotFound:
+            # The chat exists (checked) but never had this version: the row is not genuine.
+            raise DecryptionError() from None
+        # KeyDestroyed propagates: the HTTP layer answers 410 (crypto-shredded).
+        plaintext = open_envelope(row.envelope, key, MessageContext(row.chat_id, row.message_id))
+        try:
+            text = plaintext.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecryptionError() from None
+        return ReadMessage(
+            message_id=str(row.message_id),
+            chat_id=row.chat_id,
+            sender_id=row.sender_id,
+            text=text,
+            sent_at=row.created_at,
+        )
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def message(self, user: str, chat_id: uuid.UUID, message_id: int) -> ReadMessage:
+        self._chat_for(user, chat_id)
+        row = self.messages.get(chat_id, message_id)
+        if row is None or row.deleted_at is not None:
+            raise ApiError(404, "not_found", "no such chat or message")
+        read = self._open(row)
+        DECRYPTS_PER_REQUEST.labels("message").observe(1)
+        return read
+
+    def history(
+        self,
+        user: str,
+        chat_id: uuid.UUID,
+        before: str | None = None,
+        limit: int = HISTORY_LIMIT_DEFAULT,
+    ) -> Page:
+        """A page of up to `limit` messages older than the cursor (or the newest), newest first."""
+        _check_limit(limit, HISTORY_LIMIT_MAX)
+        before_id = (
+            decode_cursor(before)
+            if before is not None
+            else ceiling_id(self._clock_ms(), self.clock_skew_ms)
+        )
+        chat = self._chat_for(user, chat_id)
+        # The store walks back bucket by bucket down to the chat's creation (minus clock skew).
+        oldest_ms = _millis(chat.created_at) - self.clock_skew_ms
+        # One row more than asked tells whether another page exists; it is not decrypted.
+        rows = list(self.messages.history(chat_id, before_id, oldest_ms, limit + 1))
+        more = len(rows) > limit
+        messages = [self._open(row) for row in rows[:limit]]
+        DECRYPTS_PER_REQUEST.labels("history").observe(len(messages))
+        cursor = encode_cursor(rows[limit - 1].message_id) if more else None
+        return Page(messages=messages, next_cursor=cursor)
+
+    def search(
+        self, user: str, chat_id: uuid.UUID, q: str, limit: int = SEARCH_LIMIT_DEFAULT
+    ) -> list[ReadMessage]:
+        """Messages of the chat matching every word of `q`, in the index's order (best first)."""
+        _check_limit(limit, SEARCH_LIMIT_MAX)
+        if not 1 <= len(q) <= QUERY_MAX_CHARS or not q.strip():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"query.q: must be 1 to {QUERY_MAX_CHARS} characters, not only spaces",
+                "query.q",
+            )
+        self._chat_for(user, chat_id)
+        found: list[ReadMessage] = []
+        for message_id in self.search_index.search_chat(chat_id, q, limit):
+            row = self.messages.get(chat_id, message_id)
+            if row is None or row.deleted_at is not None:
+                continue  # the index lags behind deletions; the store is the truth
+            found.append(self._open(row))
+        DECRYPTS_PER_REQUEST.labels("search").observe(len(found))
+        return found

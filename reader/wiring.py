@@ -1,0 +1,114 @@
+"""Wiring and entrypoint of the reader (`sealstream run reader`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from reader.api import create_app
+from reader.service import CachedChatDirectory, ReaderService
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import Database
+from sealstream.observability import configure_logging
+from sealstream.settings import Settings
+from sealstream.wiring import key_service
+
+SERVICE = "reader"
+log = logging.getLogger(__name__)
+
+
+def _ensure_keyspace(store: MessageStore) -> None:
+    """Create the message tables if `sealstream migrate` has not (idempotent CQL)."""
+    if store.keyspace not in store.session.cluster.metadata.keyspaces:
+        log.warning("cassandra keyspace missing, creating it", extra={"keyspace": store.keyspace})
+        store.migrate()
+
+
+def _readiness(
+    database: Database, store: MessageStore, index: SearchIndex
+) -> Callable[[], Awaitable[bool]]:
+    def check() -> bool:
+        with database.connection() as conn:
+            conn.execute("SELECT 1")
+        store.session.execute("SELECT release_version FROM system.local")
+        index.ping()
+        return True
+
+    async def ready() -> bool:
+        try:
+            return await asyncio.to_thread(check)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            log.warning("not ready", extra={"error": type(exc).__name__})
+            return False
+
+    return ready
+
+
+def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
+    """The reader app on real adapters, and a function closing everything it opened."""
+    stack = ExitStack()
+    try:
+        database = Database(settings.postgres)
+        database.open()
+        stack.callback(database.close)
+        keys = stack.enter_context(key_service(settings, database))
+        store = MessageStore(settings.cassandra)
+        stack.callback(store.close)
+        store.connect()
+        _ensure_keyspace(store)
+        index = SearchIndex(settings.opensearch)
+        stack.callback(index.close)
+        service = ReaderService(
+            chats=CachedChatDirectory(keys.chat),
+            messages=store,
+            keys=keys,
+            search_index=index,
+        )
+        app = create_app(service, settings, _readiness(database, store, index))
+    except BaseException:
+        stack.close()
+        raise
+    return app, stack.close
+
+
+def _closing_lifespan(
+    close: Callable[[], None],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(close)
+            log.info("reader stopped, connections closed")
+
+    return lifespan
+
+
+def run(settings: Settings) -> None:
+    configure_logging(SERVICE)
+    app, close = build(settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
+    # (the `finally` below covers start-up failures; closing twice is a no-op).
+    app.router.lifespan_context = _closing_lifespan(close)
+    http = settings.reader
+    try:
+        uvicorn.run(
+            app,
+            host=http.host,
+            port=http.port,
+            # TLS only when both certificate and key are set (production requires it).
+            ssl_certfile=str(http.tls_cert) if http.tls else None,
+            ssl_keyfile=str(http.tls_key) if http.tls else None,
+            log_config=None,  # keep the JSON logging configured above
+            # No access log: search URLs carry the query words, i.e. message text.
+            access_log=False,
+        )
+    finally:
+        close()

@@ -1,0 +1,474 @@
+"""ReaderService with in-memory fakes of its ports and the real envelope crypto."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from reader.service import (
+    DEFAULT_CLOCK_SKEW_MS,
+    CachedChatDirectory,
+    ReaderService,
+    decode_cursor,
+    encode_cursor,
+)
+from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
+from sealstream.http import ApiError
+
+NOW_MS = EPOCH_MS + 40 * 24 * 3600 * 1000  # 40 days after the id epoch: a few buckets in
+
+
+class FakeChats:
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, ChatRow] = {}
+        self.lookups = 0
+
+    def get(self, chat_id: uuid.UUID) -> ChatRow | None:
+        self.lookups += 1
+        return self.rows.get(chat_id)
+
+
+class FakeMessages:
+    """Same contract as MessageStore: history is newest first, exclusive, skips deleted rows."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[uuid.UUID, int], StoredMessage] = {}
+        self.touched = 0
+        self.history_calls: list[tuple[uuid.UUID, int, int, int]] = []
+
+    def add(self, message: StoredMessage) -> None:
+        self.rows[(message.chat_id, message.message_id)] = message
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        self.touched += 1
+        return self.rows.get((chat_id, message_id))
+
+    def history(
+        self, chat_id: uuid.UUID, before_id: int, oldest_ms: int, limit: int
+    ) -> Iterator[StoredMessage]:
+        self.touched += 1
+        self.history_calls.append((chat_id, before_id, oldest_ms, limit))
+        rows = sorted(
+            (
+                m
+                for (c, i), m in self.rows.items()
+                if c == chat_id and i < before_id and m.deleted_at is None
+            ),
+            key=lambda m: m.message_id,
+            reverse=True,
+        )
+        yield from rows[:limit]
+
+
+class FakeKeys:
+    def __init__(self) -> None:
+        self.keys: dict[tuple[uuid.UUID, int], ChatKey] = {}
+        self.destroyed: set[tuple[uuid.UUID, int]] = set()
+
+    def new_version(self, chat_id: uuid.UUID) -> ChatKey:
+        version = 1 + max((v for c, v in self.keys if c == chat_id), default=0)
+        key = ChatKey(version=version, material=os.urandom(32))
+        self.keys[(chat_id, version)] = key
+        return key
+
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey:
+        if (chat_id, version) in self.destroyed:
+            raise KeyDestroyed("destroyed")
+        try:
+            return self.keys[(chat_id, version)]
+        except KeyError:
+            raise KeyNotFound("no such version") from None
+
+
+class FakeSearch:
+    def __init__(self) -> None:
+        self.hits: list[int] = []
+        self.calls: list[tuple[uuid.UUID, str, int]] = []
+
+    def search_chat(self, chat_id: uuid.UUID, query: str, limit: int) -> list[int]:
+        self.calls.append((chat_id, query, limit))
+        return self.hits[:limit]
+
+
+class World:
+    """A reader service over fakes, plus helpers to create chats and seal messages into them."""
+
+    def __init__(self) -> None:
+        self.chats = FakeChats()
+        self.messages = FakeMessages()
+        self.keys = FakeKeys()
+        self.search = FakeSearch()
+        self.clock = NOW_MS - 30 * 24 * 3600 * 1000  # messages are made over the past 30 days
+        self.ids = SnowflakeIds(3, clock_ms=lambda: self.clock)
+        self.service = ReaderService(
+            self.chats, self.messages, self.keys, self.search, clock_ms=lambda: NOW_MS
+        )
+
+    def chat(
+        self, participants: tuple[str, ...] = ("alice", "bob"), state: str = "active"
+    ) -> uuid.UUID:
+        chat_id = uuid.uuid4()
+        created = datetime.fromtimestamp(self.clock / 1000, UTC)
+        self.chats.rows[chat_id] = ChatRow(
+            chat_id, "default", participants, state, created, created
+        )
+        self.keys.new_version(chat_id)
+        return chat_id
+
+    def post(self, chat_id: uuid.UUID, text: str, sender: str = "alice", step_ms: int = 1) -> int:
+        self.clock += step_ms
+        message_id = self.ids.next_id()
+        version = max(v for c, v in self.keys.keys if c == chat_id)
+        key = self.keys.keys[(chat_id, version)]
+        self.messages.add(
+            StoredMessage(
+                chat_id=chat_id,
+                message_id=message_id,
+                sender_id=sender,
+                dek_version=version,
+                envelope=seal(text.encode(), key, MessageContext(chat_id, message_id)),
+                created_at=datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
+            )
+        )
+        return message_id
+
+    def tamper(self, chat_id: uuid.UUID, message_id: int, position: int = -5) -> None:
+        row = self.messages.rows[(chat_id, message_id)]
+        envelope = bytearray(row.envelope)
+        envelope[position] ^= 0x01
+        self.messages.add(replace(row, envelope=bytes(envelope)))
+
+    def delete(self, chat_id: uuid.UUID, message_id: int) -> None:
+        row = self.messages.rows[(chat_id, message_id)]
+        self.messages.add(replace(row, deleted_at=datetime.now(UTC)))
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def api_error(excinfo: pytest.ExceptionInfo[ApiError]) -> tuple[int, str, str | None]:
+    return excinfo.value.status, excinfo.value.code, excinfo.value.field
+
+
+# --- single messages ---------------------------------------------------------------------------
+
+
+def test_message_reads_back_exact_text_and_metadata(world: World) -> None:
+    chat = world.chat()
+    text = "café 世界 🚀 ✓ — ünïcödé"
+    message_id = world.post(chat, text, sender="bob")
+    read = world.service.message("alice", chat, message_id)
+    assert read.text == text
+    assert read.message_id == str(message_id)
+    assert read.chat_id == chat and read.sender_id == "bob"
+    assert read.sent_at == datetime.fromtimestamp(id_millis(message_id) / 1000, UTC)
+    assert not hasattr(read, "dek_version")
+
+
+@pytest.mark.parametrize(
+    ("state", "participants", "user", "status", "code"),
+    [
+        ("active", ("alice", "bob"), "mallory", 403, "forbidden"),
+        ("deleted", ("alice", "bob"), "alice", 410, "gone"),
+        ("deleted", ("alice", "bob"), "mallory", 410, "gone"),
+    ],
+)
+def test_access_rules_are_checked_before_any_message_is_touched(
+    world: World, state: str, participants: tuple[str, ...], user: str, status: int, code: str
+) -> None:
+    chat = world.chat(participants, state)
+    message_id = world.post(chat, "secret")
+    world.search.hits = [message_id]
+    world.messages.touched = 0
+    calls: list[Callable[[], object]] = [
+        lambda: world.service.message(user, chat, message_id),
+        lambda: world.service.history(user, chat),
+        lambda: world.service.search(user, chat, "secret"),
+    ]
+    for call in calls:
+        with pytest.raises(ApiError) as excinfo:
+            call()
+        assert api_error(excinfo)[:2] == (status, code)
+        assert "secret" not in excinfo.value.message
+    assert world.messages.touched == 0
+    assert world.search.calls == []
+
+
+def test_unknown_chat_is_404(world: World) -> None:
+    for call in (
+        lambda: world.service.message("alice", uuid.uuid4(), 1),
+        lambda: world.service.history("alice", uuid.uuid4()),
+        lambda: world.service.search("alice", uuid.uuid4(), "x"),
+    ):
+        with pytest.raises(ApiError) as excinfo:
+            call()
+        assert api_error(excinfo)[:2] == (404, "not_found")
+    assert world.messages.touched == 0
+
+
+def test_unknown_or_deleted_message_is_404(world: World) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "soon gone")
+    with pytest.raises(ApiError) as excinfo:
+        world.service.message("alice", chat, message_id + 1)
+    assert api_error(excinfo)[:2] == (404, "not_found")
+    world.delete(chat, message_id)
+    with pytest.raises(ApiError) as excinfo:
+        world.service.message("alice", chat, message_id)
+    assert api_error(excinfo)[:2] == (404, "not_found")
+
+
+def test_message_of_another_chat_is_not_found(world: World) -> None:
+    mine, theirs = world.chat(), world.chat(("carol", "dave"))
+    foreign = world.post(theirs, "not for alice")
+    with pytest.raises(ApiError) as excinfo:
+        world.service.message("alice", mine, foreign)
+    assert excinfo.value.status == 404
+
+
+# --- history -----------------------------------------------------------------------------------
+
+
+def page_through(world: World, chat: uuid.UUID, limit: int) -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        page = world.service.history("bob", chat, cursor, limit)
+        pages.append([m.text for m in page.messages])
+        cursor = page.next_cursor
+        if cursor is None:
+            return pages
+        assert len(pages) < 10, "paging does not end"
+
+
+def test_history_pages_newest_first_with_cursors(world: World) -> None:
+    chat = world.chat()
+    texts = [f"message {i} ✓" for i in range(120)]
+    for text in texts:
+        world.post(chat, text, step_ms=6 * 3600 * 1000)  # 120 x 6 h: spans three 10-day buckets
+    pages = page_through(world, chat, 50)
+    assert [len(p) for p in pages] == [50, 50, 20]
+    assert [t for p in pages for t in p] == list(reversed(texts))
+    # The store is asked for one row more than the page (to know whether more exist), down to
+    # the chat's creation time minus the clock-skew allowance.
+    created_ms = int(world.chats.rows[chat].created_at.timestamp() * 1000)
+    assert {c[2] for c in world.messages.history_calls} == {created_ms - DEFAULT_CLOCK_SKEW_MS}
+    assert {c[3] for c in world.messages.history_calls} == {51}
+
+
+def test_history_exact_multiple_of_the_limit_has_no_empty_last_page(world: World) -> None:
+    chat = world.chat()
+    for i in range(100):
+        world.post(chat, f"m{i}")
+    assert [len(p) for p in page_through(world, chat, 50)] == [50, 50]
+
+
+def test_history_of_an_empty_chat_and_default_limit(world: World) -> None:
+    chat = world.chat()
+    page = world.service.history("alice", chat)
+    assert page.messages == [] and page.next_cursor is None
+    for i in range(60):
+        world.post(chat, f"m{i}")
+    page = world.service.history("alice", chat)
+    assert len(page.messages) == 50 and page.next_cursor is not None
+
+
+def test_history_first_page_includes_messages_from_a_clock_slightly_ahead(world: World) -> None:
+    chat = world.chat()
+    world.clock = NOW_MS + 60_000  # the gateway's clock runs a minute ahead of the reader's
+    world.post(chat, "from the future")
+    assert [m.text for m in world.service.history("alice", chat).messages] == ["from the future"]
+
+
+def test_history_skips_deleted_messages(world: World) -> None:
+    chat = world.chat()
+    ids = [world.post(chat, f"m{i}") for i in range(5)]
+    world.delete(chat, ids[2])
+    texts = [m.text for m in world.service.history("alice", chat).messages]
+    assert texts == ["m4", "m3", "m1", "m0"]
+
+
+def test_cursor_round_trip_and_opacity() -> None:
+    for message_id in (1, 123456789, 2**63 - 1):
+        cursor = encode_cursor(message_id)
+        assert decode_cursor(cursor) == message_id
+        assert str(message_id) not in cursor
+        assert cursor.replace("-", "").replace("_", "").isalnum()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "abc",
+        "not a cursor",
+        "!!!!!!!!!!!!",
+        "AQAAAAAAAAAA",  # id 0
+        "AgAAAAAAAAAB",  # unknown cursor format version
+        "AYAAAAAAAAAA",  # id >= 2**63
+        "AQAAAAAAAAAB=",  # padded spelling
+        "AQAAAAAAAA+/",  # standard-alphabet spelling of a valid cursor
+        "AQAAAAAAAA.B",  # characters the lenient decoder would drop
+        "AQAAAAAAAAAé",
+        "x" * 64,
+    ],
+)
+def test_bad_cursor_is_422_naming_the_field(world: World, cursor: str) -> None:
+    chat = world.chat()
+    with pytest.raises(ApiError) as excinfo:
+        world.service.history("alice", chat, cursor)
+    assert api_error(excinfo) == (422, "invalid_request", "query.before")
+
+
+@pytest.mark.parametrize("limit", [0, -1, 101])
+def test_history_limit_is_1_to_100(world: World, limit: int) -> None:
+    with pytest.raises(ApiError) as excinfo:
+        world.service.history("alice", world.chat(), None, limit)
+    assert api_error(excinfo) == (422, "invalid_request", "query.limit")
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+def test_search_returns_decrypted_messages_in_search_order_skipping_gone_rows(
+    world: World,
+) -> None:
+    chat = world.chat()
+    ids = [world.post(chat, f"lantern number {i} — ünï") for i in range(5)]
+    world.delete(chat, ids[1])
+    world.search.hits = [ids[3], ids[1], 987654321, ids[0], ids[4]]
+    found = world.service.search("bob", chat, "lantern", 10)
+    assert [m.message_id for m in found] == [str(ids[3]), str(ids[0]), str(ids[4])]
+    assert [m.text for m in found] == [
+        "lantern number 3 — ünï",
+        "lantern number 0 — ünï",
+        "lantern number 4 — ünï",
+    ]
+    assert world.search.calls == [(chat, "lantern", 10)]
+
+
+@pytest.mark.parametrize(
+    ("q", "limit", "field"),
+    [
+        ("", 20, "query.q"),
+        ("   ", 20, "query.q"),
+        ("x" * 257, 20, "query.q"),
+        ("ok", 0, "query.limit"),
+        ("ok", 51, "query.limit"),
+    ],
+)
+def test_search_validates_q_and_limit(world: World, q: str, limit: int, field: str) -> None:
+    with pytest.raises(ApiError) as excinfo:
+        world.service.search("alice", world.chat(), q, limit)
+    assert api_error(excinfo) == (422, "invalid_request", field)
+    assert world.search.calls == []
+
+
+def test_search_accepts_256_characters(world: World) -> None:
+    assert world.service.search("alice", world.chat(), "y" * 256, 50) == []
+
+
+# --- integrity and key versions ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", [0, 1, 4, 10, 40, 70, -1, -5])
+def test_tampered_envelope_raises_decryption_error_without_text(
+    world: World, position: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "meet at the old mill at noon")
+    world.tamper(chat, message_id, position)
+    world.search.hits = [message_id]
+    caplog.set_level(logging.DEBUG)
+    for call in (
+        lambda: world.service.message("alice", chat, message_id),
+        lambda: world.service.history("alice", chat),
+        lambda: world.service.search("alice", chat, "mill"),
+    ):
+        with pytest.raises(DecryptionError) as excinfo:
+            call()
+        assert "mill" not in str(excinfo.value)
+        assert excinfo.value.__cause__ is None
+    assert caplog.records, "an integrity failure is logged"
+    for record in caplog.records:
+        assert "mill" not in record.getMessage() and "mill" not in str(record.__dict__)
+
+
+def test_row_version_disagreeing_with_envelope_is_an_integrity_error(world: World) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "v1 text")
+    world.keys.new_version(chat)
+    row = world.messages.rows[(chat, message_id)]
+    world.messages.add(replace(row, dek_version=2))
+    with pytest.raises(DecryptionError):
+        world.service.message("alice", chat, message_id)
+
+
+def test_envelope_naming_a_version_the_chat_never_had_is_an_integrity_error(
+    world: World,
+) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "text")
+    del world.keys.keys[(chat, 1)]
+    with pytest.raises(DecryptionError):
+        world.service.message("alice", chat, message_id)
+
+
+def test_destroyed_key_version_is_gone(world: World) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "shredded")
+    world.keys.destroyed.add((chat, 1))
+    with pytest.raises(KeyDestroyed):
+        world.service.message("alice", chat, message_id)
+
+
+def test_moved_envelope_does_not_open_under_another_message_id(world: World) -> None:
+    chat = world.chat()
+    first = world.post(chat, "first")
+    second = world.post(chat, "second")
+    envelope = world.messages.rows[(chat, first)].envelope
+    world.messages.add(replace(world.messages.rows[(chat, second)], envelope=envelope))
+    with pytest.raises(DecryptionError):
+        world.service.message("alice", chat, second)
+
+
+def test_messages_of_every_key_version_read_after_rotation(world: World) -> None:
+    chat = world.chat()
+    old = [world.post(chat, f"old {i}") for i in range(3)]
+    world.keys.new_version(chat)
+    new = [world.post(chat, f"new {i}") for i in range(3)]
+    versions = {world.messages.rows[(chat, i)].dek_version for i in old + new}
+    assert versions == {1, 2}
+    texts = [m.text for m in world.service.history("alice", chat).messages]
+    assert texts == ["new 2", "new 1", "new 0", "old 2", "old 1", "old 0"]
+
+
+# --- chat directory cache ----------------------------------------------------------------------
+
+
+def test_chat_directory_caches_found_chats_briefly_and_never_unknown_ones() -> None:
+    chats = FakeChats()
+    known = uuid.uuid4()
+    now = datetime.now(UTC) - timedelta(days=1)
+    chats.rows[known] = ChatRow(known, "default", ("a",), "active", now, now)
+    directory = CachedChatDirectory(chats.get, ttl_seconds=60)
+    assert directory.get(known) is chats.rows[known]
+    assert directory.get(known) is chats.rows[known]
+    assert chats.lookups == 1
+    unknown = uuid.uuid4()
+    assert directory.get(unknown) is None
+    chats.rows[unknown] = chats.rows[known]
+    assert directory.get(unknown) is not None
+    assert chats.lookups == 3
