@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
-import uvicorn
 from fastapi import FastAPI
 
 from ingest.api import create_app
@@ -17,6 +16,7 @@ from ingest.service import CachedChats, IngestService
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
+from sealstream.http import serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -90,16 +90,4 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 def run(settings: Settings) -> None:
     configure_logging(SERVICE)
     app, close = build(settings)
-    http = settings.ingest
-    try:
-        uvicorn.run(
-            app,
-            host=http.host,
-            port=http.port,
-            ssl_certfile=str(http.tls_cert) if http.tls else None,
-            ssl_keyfile=str(http.tls_key) if http.tls else None,
-            log_config=None,
-            access_log=False,
-        )
-    finally:
-        close()
+    serve(app, settings.ingest, close)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 
-import uvicorn
 from fastapi import FastAPI
 
 from reader.api import create_app
@@ -15,6 +14,7 @@ from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import Database
+from sealstream.http import serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.wiring import key_service
@@ -77,38 +77,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
     return app, stack.close
 
 
-def _closing_lifespan(
-    close: Callable[[], None],
-) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(close)
-            log.info("reader stopped, connections closed")
-
-    return lifespan
-
-
 def run(settings: Settings) -> None:
     configure_logging(SERVICE)
     app, close = build(settings)
-    # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
-    # (the `finally` below covers start-up failures; closing twice is a no-op).
-    app.router.lifespan_context = _closing_lifespan(close)
-    http = settings.reader
-    try:
-        uvicorn.run(
-            app,
-            host=http.host,
-            port=http.port,
-            # TLS only when both certificate and key are set (production requires it).
-            ssl_certfile=str(http.tls_cert) if http.tls else None,
-            ssl_keyfile=str(http.tls_key) if http.tls else None,
-            log_config=None,  # keep the JSON logging configured above
-            # No access log: search URLs carry the query words, i.e. message text.
-            access_log=False,
-        )
-    finally:
-        close()
+    serve(app, settings.reader, close)

@@ -7,11 +7,14 @@ its own mistake.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -28,7 +31,7 @@ from sealstream.errors import (
     KmsError,
     SealstreamError,
 )
-from sealstream.settings import AuthSettings
+from sealstream.settings import AuthSettings, HttpSettings
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +166,38 @@ def install(
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _closing_lifespan(
+    close: Callable[[], None],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(close)
+            log.info("stopped, connections closed")
+
+    return lifespan
+
+
+def serve(app: FastAPI, http: HttpSettings, close: Callable[[], None]) -> None:
+    """Run an app with uvicorn until SIGTERM/SIGINT, then close what the wiring opened."""
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
+    # (the `finally` covers start-up failures; closing twice is a no-op).
+    app.router.lifespan_context = _closing_lifespan(close)
+    try:
+        uvicorn.run(
+            app,
+            host=http.host,
+            port=http.port,
+            # TLS only when both certificate and key are set (production requires it).
+            ssl_certfile=str(http.tls_cert) if http.tls else None,
+            ssl_keyfile=str(http.tls_key) if http.tls else None,
+            log_config=None,  # keep the JSON logging configured by the service
+            # No access log: URLs carry search words, i.e. message text.
+            access_log=False,
+        )
+    finally:
+        close()

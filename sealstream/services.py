@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pydantic import BaseModel
+
 from sealstream.settings import Settings
 
 _ENTRYPOINTS = {
@@ -28,7 +30,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The SEALSTREAM_* environment that reproduces `settings` in a child process."""
     env: dict[str, str] = {}
     for section_name, section in settings:
-        if not hasattr(section, "model_fields"):
+        if not isinstance(section, BaseModel):
             env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
             continue
         for field_name in type(section).model_fields:
