@@ -71,9 +71,11 @@ def run_demo(
         console.print(f"migrate {part:<11} {result}")
 
     children: list[subprocess.Popen[bytes]] = []
+    logs = StackSettings().dir / "services"
+    logs.mkdir(parents=True, exist_ok=True)
     try:
         for name in ("ingest", "encryptor", "indexer", "reader"):
-            children.append(spawn(name, dict(os.environ)))
+            children.append(spawn(name, dict(os.environ), logs / f"{name}.log"))
         urls = {
             name: f"http://{http.host}:{http.port}"
             for name, http in (
@@ -85,7 +87,7 @@ def run_demo(
         }
         for name, url in urls.items():
             _wait(_ready_probe(url), 90, f"{name} ready")
-        console.print("services   ingest, encryptor, indexer, reader: all ready")
+        console.print(f"services   ingest, encryptor, indexer, reader: all ready (logs in {logs}/)")
         _traffic(settings, urls, chats, per_chat, console)
     finally:
         for child in children:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -45,13 +46,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def spawn(name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `sealstream run <name>` as a child process with the given environment."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sealstream.cli", "run", name],
-        env=env if env is not None else dict(os.environ),
-        start_new_session=True,
-    )
+def spawn(
+    name: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `sealstream run <name>` as a child process (own process group), logging to `log`."""
+    out = log.open("ab") if log is not None else None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sealstream.cli", "run", name],
+            env=env if env is not None else dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+    finally:
+        if out is not None:
+            out.close()
 
 
 def run_all() -> int:
