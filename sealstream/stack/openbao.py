@@ -106,6 +106,12 @@ log_level    = "warn"
             ):
                 path.write_text(value)
                 path.chmod(0o600)
+        if not (self.unseal_file.exists() and self.token_file.exists()):
+            raise StackError(
+                f"OpenBao on port {self.port} was initialised by another stack folder "
+                f"(no unseal key or token in {self.data}); stop that stack or set "
+                "SEALSTREAM_STACK_DIR to its folder"
+            )
         if client.sys.is_sealed():
             client.sys.submit_unseal_key(self.unseal_file.read_text().strip())
         client.token = self.token_file.read_text().strip()
