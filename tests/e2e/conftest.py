@@ -96,7 +96,7 @@ def e2e_settings(settings: Settings) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def migrated(e2e_settings: Settings) -> Iterator[Settings]:
     for name, port in (("kafka", 19092), ("cassandra", 19042), ("opensearch", 19200)):
         require_port(name, "127.0.0.1", port)
@@ -115,9 +115,9 @@ def migrated(e2e_settings: Settings) -> Iterator[Settings]:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pipeline(migrated: Settings, database: Any) -> Iterator[Pipeline]:
-    """All four services running for the whole e2e session."""
+    """All four services running while the e2e package runs (stopped before other tiers)."""
     pipe = Pipeline(migrated)
     for name in ("ingest", "encryptor", "indexer", "reader"):
         pipe.start(name)

@@ -18,7 +18,21 @@ from tests.conftest import require_port
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings, database: object) -> Iterator[TestClient]:
+def gateway_settings(settings: Settings) -> Settings:
+    """The run's settings with topics of this module's own (e2e workers may be consuming the
+    run's main topic)."""
+    kafka = settings.kafka.model_copy(
+        update={
+            "messages_topic": f"{settings.kafka.messages_topic}.gateway",
+            "dead_letter_topic": f"{settings.kafka.dead_letter_topic}.gateway",
+        }
+    )
+    return settings.model_copy(update={"kafka": kafka})
+
+
+@pytest.fixture(scope="module")
+def client(gateway_settings: Settings, database: object) -> Iterator[TestClient]:
+    settings = gateway_settings
     require_port("kafka", "127.0.0.1", int(settings.kafka.bootstrap.rsplit(":", 1)[1]))
     ensure_topics(settings.kafka)
     app, close = build(settings)
@@ -52,7 +66,8 @@ def consume(settings: Settings, count: int) -> list[tuple[bytes, bytes, list[tup
     return out
 
 
-def test_accepted_messages_are_on_the_topic(client: TestClient, settings: Settings) -> None:
+def test_accepted_messages_are_on_the_topic(client: TestClient, gateway_settings: Settings) -> None:
+    settings = gateway_settings
     created = client.post(
         "/v1/chats", json={"participants": ["bob"]}, headers=auth(settings, "alice")
     )
