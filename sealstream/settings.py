@@ -171,6 +171,24 @@ class HttpSettings(BaseModel):
         return self.tls_cert is not None and self.tls_key is not None
 
 
+# One subclass per service so each has its own default port: an environment that sets only
+# `SEALSTREAM_READER__HOST` must still get the reader's port, not a validation error.
+class IngestHttp(HttpSettings):
+    port: int = INGEST_PORT
+
+
+class ReaderHttp(HttpSettings):
+    port: int = READER_PORT
+
+
+class EncryptorHttp(HttpSettings):
+    port: int = ENCRYPTOR_PORT
+
+
+class IndexerHttp(HttpSettings):
+    port: int = INDEXER_PORT
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -186,11 +204,11 @@ class Settings(BaseSettings):
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
     keys: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
-    ingest: HttpSettings = Field(default_factory=lambda: HttpSettings(port=INGEST_PORT))
-    reader: HttpSettings = Field(default_factory=lambda: HttpSettings(port=READER_PORT))
+    ingest: IngestHttp = Field(default_factory=IngestHttp)
+    reader: ReaderHttp = Field(default_factory=ReaderHttp)
     # Health and metrics endpoints of the two consumer workers.
-    encryptor_http: HttpSettings = Field(default_factory=lambda: HttpSettings(port=ENCRYPTOR_PORT))
-    indexer_http: HttpSettings = Field(default_factory=lambda: HttpSettings(port=INDEXER_PORT))
+    encryptor_http: EncryptorHttp = Field(default_factory=EncryptorHttp)
+    indexer_http: IndexerHttp = Field(default_factory=IndexerHttp)
     # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
     worker_id: int = Field(default=0, ge=0, le=1023)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.

@@ -17,7 +17,7 @@ from schemas.events import MAX_TEXT_BYTES, MessageRecord, decode_record, export_
 from schemas.ids import BUCKET_MS, EPOCH_MS, SnowflakeIds, bucket_at, bucket_of, id_millis
 from sealstream.auth import AuthError, mint_token, verify_token
 from sealstream.keys.cache import TtlCache
-from sealstream.settings import AuthSettings, HttpSettings, Settings
+from sealstream.settings import AuthSettings, IngestHttp, ReaderHttp, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,13 +212,13 @@ def test_secrets_print_masked() -> None:
 def test_production_refuses_local_defaults() -> None:
     with pytest.raises(ValidationError, match=r"auth\.secret"):
         Settings(environment="production")
-    tls = HttpSettings(port=1, tls_cert=Path("c.pem"), tls_key=Path("k.pem"))
+    tls = {"tls_cert": Path("c.pem"), "tls_key": Path("k.pem")}
     with pytest.raises(ValidationError, match=r"postgres\.password"):
         Settings(
             environment="production",
             auth=AuthSettings(secret=SecretStr("p" * 40)),
-            ingest=tls,
-            reader=tls,
+            ingest=IngestHttp(**tls),
+            reader=ReaderHttp(**tls),
         )
 
 
