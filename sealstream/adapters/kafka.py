@@ -77,7 +77,7 @@ class Publisher:
     same for asyncio callers without blocking their event loop.
     """
 
-    def __init__(self, settings: KafkaSettings, client_id: str, linger_ms: int = 2) -> None:
+    def __init__(self, settings: KafkaSettings, client_id: str, linger_ms: int = 0) -> None:
         self.settings = settings
         self._producer = Producer(
             {
@@ -85,6 +85,8 @@ class Publisher:
                 "client.id": client_id,
                 "enable.idempotence": True,
                 "acks": "all",
+                # 0: a single post is acknowledged in <1 ms instead of ~3 ms; records queued while
+                # a request is in flight are still sent together.
                 "linger.ms": linger_ms,
                 "compression.type": "lz4",
                 # A record not acknowledged in this time fails its caller (gateway answers 503).

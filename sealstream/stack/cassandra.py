@@ -194,6 +194,11 @@ concurrent_counter_writes: 8
 concurrent_compactors: 1
 memtable_flush_writers: 1
 
+# The encryptor writes one unlogged batch per (chat, bucket) partition; such single-partition
+# batches are cheap, so warn only well above their usual size.
+batch_size_warn_threshold: 64KiB
+batch_size_fail_threshold: 1024KiB
+
 # Nothing to snapshot or tune on throw-away local data.
 auto_snapshot: false
 snapshot_before_compaction: false
