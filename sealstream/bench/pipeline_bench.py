@@ -39,8 +39,10 @@ from sealstream.settings import (
     PostgresSettings,
     RedisSettings,
     Settings,
+    StackSettings,
     VaultSettings,
 )
+from sealstream.stack.runner import group_cpu_seconds
 
 
 def _free_port() -> int:
@@ -79,6 +81,9 @@ def isolated(base: Settings, run: str) -> Settings:
     )
 
 
+_CHILDREN: dict[str, int] = {}
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -92,12 +97,24 @@ def _metric(url: str, name: str, label: str | None = None) -> float:
     return total
 
 
+def _process_groups(children: dict[str, int]) -> dict[str, int]:
+    """Process groups to account CPU to: the stack's servers (pid files) and the services."""
+    groups = dict(children)
+    stack_dir = StackSettings().dir
+    for name in ("postgres", "redis", "openbao", "cassandra", "kafka", "opensearch"):
+        pid_file = stack_dir / name / "server.pid"
+        if pid_file.exists():
+            groups[name] = int(pid_file.read_text())
+    return groups
+
+
 @contextmanager
 def _services(settings: Settings) -> Iterator[dict[str, str]]:
     env = {**os.environ, **settings_env(settings)}
-    children: list[subprocess.Popen[bytes]] = [
-        spawn(name, env) for name in ("ingest", "encryptor", "indexer", "reader")
-    ]
+    names = ("ingest", "encryptor", "indexer", "reader")
+    children: list[subprocess.Popen[bytes]] = [spawn(name, env) for name in names]
+    _CHILDREN.clear()
+    _CHILDREN.update({name: child.pid for name, child in zip(names, children, strict=True)})
     urls = {
         "ingest": f"http://127.0.0.1:{settings.ingest.port}",
         "reader": f"http://127.0.0.1:{settings.reader.port}",
@@ -199,6 +216,8 @@ def _measure(
         r.raise_for_status()
 
     batches = messages // batch
+    groups = _process_groups(_CHILDREN)
+    cpu_at_start = {name: group_cpu_seconds(pgid) for name, pgid in groups.items()}
     started = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(post_batch, range(batches)))
@@ -208,6 +227,10 @@ def _measure(
     figures["gateway_batch_msgs_per_s"] = batches * batch / (posted_at - started)
     e2e_rate = batches * batch / (done_at - started)
     figures["e2e_msgs_per_s"] = e2e_rate
+    # Where the two cores went during the sustained phase: CPU ms per message, per process.
+    for name, pgid in groups.items():
+        used = group_cpu_seconds(pgid) - cpu_at_start[name]
+        figures[f"cpu_ms_per_msg_{name}"] = 1000 * used / (batches * batch)
 
     # 3. Post-to-readable latency at about half the sustained rate (batches of 10 per chat).
     latencies = _latency_at(http, urls, auth, chat_ids, rate=e2e_rate / 2, seconds=15)

@@ -31,6 +31,19 @@ class ServerStatus:
     rss_mb: float  # resident memory of the server's whole process group
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by every process in a process group."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def group_rss_mb(pgid: int | None) -> float:
     """Resident memory (MiB) of every process in a process group, read from /proc."""
     if pgid is None:
