@@ -5,16 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 
-from faust.worker import Worker
-
 from encryptor.logic import encrypt_and_store
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.kafka import Publisher
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app, is_ready
+from sealstream.streaming import RawRecord, Rejected, run_worker
 from sealstream.wiring import key_service
-from sealstream.worker_http import serve
 
 STAGE = "encryptor"
 
@@ -26,23 +22,10 @@ def run(settings: Settings) -> None:
         store = MessageStore(settings.cassandra)
         store.connect()
         stack.callback(store.close)
-        publisher = Publisher(settings.kafka, client_id=f"{STAGE}-dlq")
-        stack.callback(publisher.close)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
             return encrypt_and_store(records, keys, store)
 
-        app, _ = build_app(
-            STAGE,
-            settings.kafka,
-            settings.kafka.encryptor_group,
-            process,
-            DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
+        run_worker(
+            STAGE, settings, settings.kafka.encryptor_group, settings.encryptor_http, process, stack
         )
-        http = serve(settings.encryptor_http, ready=lambda: is_ready(app))
-        stack.callback(http.shutdown)
-        worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
-        try:
-            worker.execute_from_commandline()
-        except SystemExit:
-            pass

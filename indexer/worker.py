@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 
-from faust.worker import Worker
-
 from indexer.logic import index_batch
-from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.streaming import DeadLetterWriter, RawRecord, Rejected, build_app, is_ready
-from sealstream.worker_http import serve
+from sealstream.streaming import RawRecord, Rejected, run_worker
 
 STAGE = "indexer"
 
@@ -23,25 +19,18 @@ def run(settings: Settings) -> None:
     with ExitStack() as stack:
         index = SearchIndex(settings.opensearch)
         stack.callback(index.close)
-        publisher = Publisher(settings.kafka, client_id=f"{STAGE}-dlq")
-        stack.callback(publisher.close)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
             return index_batch(records, index)
 
-        app, _ = build_app(
+        # Bigger, slower batches than the encryptor: OpenSearch prefers fewer, larger bulks.
+        run_worker(
             STAGE,
-            settings.kafka,
+            settings,
             settings.kafka.indexer_group,
+            settings.indexer_http,
             process,
-            DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
+            stack,
             max_size=1000,
             max_wait=0.2,
         )
-        http = serve(settings.indexer_http, ready=lambda: is_ready(app))
-        stack.callback(http.shutdown)
-        worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
-        try:
-            worker.execute_from_commandline()
-        except SystemExit:
-            pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from ingest.service import CachedChats, IngestService
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
-from sealstream.http import serve
+from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -68,19 +67,11 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             topic=settings.kafka.messages_topic,
         )
 
-        def check() -> bool:
+        def check() -> None:
             with database.connection() as conn:
                 conn.execute("SELECT 1")
-            return True
 
-        async def ready() -> bool:
-            try:
-                return await asyncio.to_thread(check)
-            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-                log.warning("not ready", extra={"error": type(exc).__name__})
-                return False
-
-        app = create_app(service, settings, ready)
+        app = create_app(service, settings, readiness(check))
     except BaseException:
         stack.close()
         raise

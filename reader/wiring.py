@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -14,7 +13,7 @@ from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import Database
-from sealstream.http import serve
+from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.wiring import key_service
@@ -33,21 +32,13 @@ def _ensure_keyspace(store: MessageStore) -> None:
 def _readiness(
     database: Database, store: MessageStore, index: SearchIndex
 ) -> Callable[[], Awaitable[bool]]:
-    def check() -> bool:
+    def check() -> None:
         with database.connection() as conn:
             conn.execute("SELECT 1")
         store.session.execute("SELECT release_version FROM system.local")
         index.ping()
-        return True
 
-    async def ready() -> bool:
-        try:
-            return await asyncio.to_thread(check)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            log.warning("not ready", extra={"error": type(exc).__name__})
-            return False
-
-    return ready
+    return readiness(check)
 
 
 def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:

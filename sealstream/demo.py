@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import spawn
+from sealstream.services import service_urls, spawn, stop, wait_ready
 from sealstream.settings import Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
@@ -42,10 +41,6 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _ready_probe(url: str) -> Callable[[], bool]:
-    return lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200
 
 
 def _metric(url: str, name: str) -> float:
@@ -76,28 +71,12 @@ def run_demo(
     try:
         for name in ("ingest", "encryptor", "indexer", "reader"):
             children.append(spawn(name, dict(os.environ), logs / f"{name}.log"))
-        urls = {
-            name: f"http://{http.host}:{http.port}"
-            for name, http in (
-                ("ingest", settings.ingest),
-                ("reader", settings.reader),
-                ("encryptor", settings.encryptor_http),
-                ("indexer", settings.indexer_http),
-            )
-        }
-        for name, url in urls.items():
-            _wait(_ready_probe(url), 90, f"{name} ready")
+        urls = service_urls(settings)
+        wait_ready(urls, 90)
         console.print(f"services   ingest, encryptor, indexer, reader: all ready (logs in {logs}/)")
         _traffic(settings, urls, chats, per_chat, console)
     finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+        stop(children)
         console.print("services   stopped (the stack keeps running: `sealstream stack down`)")
 
 

@@ -87,6 +87,20 @@ def current_user(
 CurrentUser = Annotated[str, Depends(current_user)]
 
 
+def readiness(check: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
+    """Turn a blocking dependency check (raises when a dependency is down) into `/readyz`."""
+
+    async def ready() -> bool:
+        try:
+            await asyncio.to_thread(check)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            log.warning("not ready", extra={"error": type(exc).__name__})
+            return False
+
+    return ready
+
+
 def install(
     app: FastAPI,
     service: str,

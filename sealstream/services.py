@@ -85,13 +85,49 @@ def run_all() -> int:
                 code = child.returncode or 1
                 stopping = True
         time.sleep(0.2)
-    for child in children.values():
+    stop(list(children.values()))
+    return code
+
+
+def service_urls(settings: Settings) -> dict[str, str]:
+    """Base URL of each service's HTTP endpoint (API or health/metrics)."""
+    return {
+        name: f"http://{http.host}:{http.port}"
+        for name, http in (
+            ("ingest", settings.ingest),
+            ("encryptor", settings.encryptor_http),
+            ("indexer", settings.indexer_http),
+            ("reader", settings.reader),
+        )
+    }
+
+
+def wait_ready(urls: dict[str, str], timeout: float = 120.0) -> None:
+    """Wait until every service answers /readyz with 200 (a worker: joined its group)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    for name, url in urls.items():
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready after {timeout:.0f}s ({url}/readyz)")
+            time.sleep(0.1)
+
+
+def stop(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM each child's process group, then SIGKILL whatever is left after `timeout`."""
+    for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for child in children.values():
+            os.killpg(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
         try:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
-    return code
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()

@@ -18,16 +18,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 from faust.types import EventT, StreamT
+from faust.worker import Worker
 from prometheus_client import Counter, Gauge, Histogram
 
 from sealstream.adapters.kafka import DeadLetter, Publisher, dead_letter_headers
 from sealstream.observability import configure_logging
-from sealstream.settings import KafkaSettings
+from sealstream.settings import HttpSettings, KafkaSettings, Settings
+from sealstream.worker_http import serve
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +274,34 @@ def _lag(app: faust.App) -> float:
 def is_ready(app: faust.App) -> bool:
     """Joined its consumer group (has an assignment, possibly empty) and not rebalancing."""
     return getattr(app, "_assignment", None) is not None and not app.rebalancing
+
+
+def run_worker(
+    stage: str,
+    settings: Settings,
+    group_id: str,
+    http: HttpSettings,
+    process: Process,
+    stack: ExitStack,
+    max_size: int = 500,
+    max_wait: float = 0.05,
+) -> None:
+    """Run a consumer worker until SIGTERM: dead-letter publisher, Faust app, health endpoint."""
+    publisher = Publisher(settings.kafka, client_id=f"{stage}-dlq")
+    stack.callback(publisher.close)
+    app, _ = build_app(
+        stage,
+        settings.kafka,
+        group_id,
+        process,
+        DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
+        max_size=max_size,
+        max_wait=max_wait,
+    )
+    endpoint = serve(http, ready=lambda: is_ready(app))
+    stack.callback(endpoint.shutdown)
+    worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        pass  # Faust exits this way after a graceful stop; the ExitStack closes the rest

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.adapters.vault import TransitKms
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import settings_env, spawn
+from sealstream.services import service_urls, settings_env, spawn, stop, wait_ready
 from sealstream.settings import (
     CassandraSettings,
     HttpSettings,
@@ -116,29 +115,12 @@ def _services(settings: Settings) -> Iterator[dict[str, str]]:
     children: list[subprocess.Popen[bytes]] = [spawn(name, env) for name in names]
     _CHILDREN.clear()
     _CHILDREN.update({name: child.pid for name, child in zip(names, children, strict=True)})
-    urls = {
-        "ingest": f"http://127.0.0.1:{settings.ingest.port}",
-        "reader": f"http://127.0.0.1:{settings.reader.port}",
-        "encryptor": f"http://127.0.0.1:{settings.encryptor_http.port}",
-        "indexer": f"http://127.0.0.1:{settings.indexer_http.port}",
-    }
+    urls = service_urls(settings)
     try:
-        for url in urls.values():
-            _wait(_ready_probe(url), 120)
+        wait_ready(urls)
         yield urls
     finally:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-
-
-def _ready_probe(url: str) -> Callable[[], bool]:
-    return lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        stop(children)
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:

@@ -23,7 +23,7 @@ from sealstream.adapters.kafka import delete_topics
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import settings_env, spawn
+from sealstream.services import settings_env, spawn, stop
 from sealstream.settings import Settings
 from tests.conftest import require_port
 
@@ -53,15 +53,7 @@ class Pipeline:
         proc.wait(60)
 
     def stop_all(self) -> None:
-        for key in list(self.procs):
-            proc = self.procs[key]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(list(self.procs.values()))
         self.procs.clear()
 
     def wait_http(self, url: str, timeout: float = 60) -> None:
