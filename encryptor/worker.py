@@ -18,7 +18,7 @@ STAGE = "encryptor"
 def run(settings: Settings) -> None:
     configure_logging(STAGE)
     with ExitStack() as stack:
-        keys = stack.enter_context(key_service(settings))
+        keys = stack.enter_context(key_service(settings, actor="encryptor"))
         store = MessageStore(settings.cassandra)
         store.connect()
         stack.callback(store.close)

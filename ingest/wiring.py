@@ -54,7 +54,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         database = Database(settings.postgres)
         database.open()
         stack.callback(database.close)
-        keys = stack.enter_context(key_service(settings, database))
+        keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
         publisher = Publisher(settings.kafka, client_id=f"ingest-{settings.worker_id}")
         stack.callback(publisher.close)  # flushes: nothing accepted stays in the local queue
         idempotency = RedisIdempotency(settings.redis)

@@ -48,7 +48,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         database = Database(settings.postgres)
         database.open()
         stack.callback(database.close)
-        keys = stack.enter_context(key_service(settings, database))
+        keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
         store = MessageStore(settings.cassandra)
         stack.callback(store.close)
         store.connect()

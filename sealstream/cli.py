@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +72,91 @@ def stack_status(only: Only = None) -> None:
 
 
 SERVICES = ("ingest", "encryptor", "indexer", "reader")
+keys_app = typer.Typer(
+    help="Key lifecycle: rotation, deletion (crypto-shredding), audit.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+ChatArg = Annotated[str, typer.Argument(help="chat id (UUID)")]
+
+
+def _chat_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        console.print(f"[red]not a chat id (UUID): {raw!r}[/red]")
+        raise typer.Exit(2) from None
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    chat: ChatArg,
+    reason: Annotated[str, typer.Option(help="why (recorded in the audit trail)")] = "operator",
+) -> None:
+    """Give a chat a new DEK version; old versions stay readable."""
+    from sealstream.settings import Settings
+    from sealstream.wiring import key_service
+
+    with key_service(Settings(), actor="cli") as keys:
+        console.print(f"chat {chat}: active DEK version {keys.rotate(_chat_id(chat), reason)}")
+
+
+@keys_app.command("delete-chat")
+def keys_delete_chat(
+    chat: ChatArg,
+    reason: Annotated[str, typer.Option(help="why (recorded in the audit trail)")],
+) -> None:
+    """Crypto-shred a chat: destroy its DEKs everywhere, then delete its index docs and rows."""
+    from sealstream.adapters.cassandra import MessageStore
+    from sealstream.adapters.opensearch import SearchIndex
+    from sealstream.lifecycle import delete_chat
+    from sealstream.settings import Settings
+    from sealstream.wiring import key_service
+
+    settings = Settings()
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    index = SearchIndex(settings.opensearch)
+    try:
+        with key_service(settings, actor="cli") as keys:
+            receipt = delete_chat(keys, index, store, _chat_id(chat), reason)
+    finally:
+        store.close()
+        index.close()
+    table = Table("receipt", "value", title=f"chat {chat} deleted")
+    table.add_row("DEK versions destroyed", str(receipt.dek_versions_destroyed))
+    table.add_row("index documents deleted", str(receipt.index_documents_deleted))
+    table.add_row("rows deleted", str(receipt.rows_deleted))
+    table.add_row("seconds", f"{receipt.seconds:.2f}")
+    console.print(table)
+
+
+@keys_app.command("audit")
+def keys_audit(
+    chat: Annotated[str | None, typer.Option(help="only this chat")] = None,
+    limit: Annotated[int, typer.Option(help="newest N entries")] = 50,
+) -> None:
+    """Show the append-only audit trail of key operations (no key material in it)."""
+    from sealstream.adapters.postgres import ChatKeyRepository, Database
+    from sealstream.settings import Settings
+
+    db = Database(Settings().postgres)
+    db.open()
+    try:
+        entries = ChatKeyRepository(db).audit_entries(_chat_id(chat) if chat else None, limit)
+    finally:
+        db.close()
+    table = Table("at", "actor", "action", "chat", "version", "reason")
+    for e in entries:
+        table.add_row(
+            e.at.isoformat(timespec="seconds"),
+            e.actor,
+            e.action,
+            str(e.chat_id or "-"),
+            str(e.dek_version or "-"),
+            e.reason,
+        )
+    console.print(table)
 
 
 @app.command("migrate")

@@ -13,7 +13,9 @@ from sealstream.settings import Settings
 
 
 @contextmanager
-def key_service(settings: Settings, db: Database | None = None) -> Iterator[KeyService]:
+def key_service(
+    settings: Settings, db: Database | None = None, actor: str = "sealstream"
+) -> Iterator[KeyService]:
     """A started key service on Postgres + Redis + Transit; closes what it opened."""
     own_db = db is None
     database = db or Database(settings.postgres)
@@ -26,6 +28,7 @@ def key_service(settings: Settings, db: Database | None = None) -> Iterator[KeyS
         redis=redis,
         settings=settings.keys,
         default_kms_key=settings.vault.default_key,
+        actor=actor,
     )
     try:
         service.start()

@@ -213,6 +213,27 @@ class MessageStore:
             )
         )
 
+    def delete_chat(self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int) -> int:
+        """Delete every partition of a chat between two times; returns the rows deleted."""
+        ks = self.keyspace
+        deleted = 0
+        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
+            row = self._run(
+                lambda b=bucket: self.session.execute(
+                    f"SELECT count(*) FROM {ks}.messages WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
+                ).one()
+            )
+            if row and row[0]:
+                deleted += int(row[0])
+                self._run(
+                    lambda b=bucket: self.session.execute(
+                        f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s",
+                        (chat_id, b),
+                    )
+                )
+        return deleted
+
     def overwrite_envelope(self, chat_id: uuid.UUID, message_id: int, envelope: bytes) -> None:
         """Tests only: tamper with a stored row as an attacker with database access could."""
         self._run(

@@ -132,15 +132,23 @@ class SearchIndex:
                 raise
 
     def delete_chat(self, chat_id: uuid.UUID) -> int:
-        result = self._run(
-            lambda: self._client.delete_by_query(
-                index=self.index,
-                body={"query": {"term": {"chat_id": str(chat_id)}}},
-                refresh=True,
-                conflicts="proceed",
-            )
-        )
-        return int(result.get("deleted", 0))
+        """Delete every document of a chat; returns how many were deleted.
+
+        Search-then-bulk-delete by id rather than `_delete_by_query`, which lives in OpenSearch's
+        reindex module (not loaded by the local stack's node, and not needed for this).
+        """
+        deleted = 0
+        query = {"size": 1000, "_source": False, "query": {"term": {"chat_id": str(chat_id)}}}
+        while True:
+            self.refresh()
+            hits = self._run(lambda: self._client.search(index=self.index, body=query))["hits"][
+                "hits"
+            ]
+            if not hits:
+                return deleted
+            actions = [{"_op_type": "delete", "_index": self.index, "_id": h["_id"]} for h in hits]
+            self._run(lambda a=actions: helpers.bulk(self._client, a, raise_on_error=False))
+            deleted += len(hits)
 
     def refresh(self) -> None:
         self._run(lambda: self._client.indices.refresh(index=self.index))

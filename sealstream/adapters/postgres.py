@@ -48,6 +48,16 @@ class DekRow:
     valid_to: datetime | None
 
 
+@dataclass(frozen=True)
+class AuditEntry:
+    at: datetime
+    actor: str
+    action: str
+    chat_id: uuid.UUID | None
+    dek_version: int | None
+    reason: str
+
+
 class Database:
     """A pool of connections to one schema of one Postgres database."""
 
@@ -254,3 +264,58 @@ class ChatKeyRepository:
             )
             conn.execute("UPDATE chats SET updated_at = now() WHERE chat_id = %s", (chat_id,))
         return new_version
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def shred_chat(self, chat_id: uuid.UUID) -> list[int]:
+        """Mark the chat deleted and destroy every DEK version (the wrapped key is erased).
+
+        Returns the versions destroyed by this call (empty when already shredded).
+        """
+        with self.db.transaction() as conn:
+            locked = conn.execute(
+                "SELECT state FROM chats WHERE chat_id = %s FOR UPDATE", (chat_id,)
+            ).fetchone()
+            if locked is None:
+                raise KeyNotFound(f"chat {chat_id} does not exist")
+            conn.execute(
+                "UPDATE chats SET state = 'deleted', updated_at = now() WHERE chat_id = %s",
+                (chat_id,),
+            )
+            rows = conn.execute(
+                "UPDATE chat_deks SET state = 'destroyed', encrypted_dek = NULL,"
+                " destroyed_at = now(), valid_to = coalesce(valid_to, now())"
+                " WHERE chat_id = %s AND state <> 'destroyed' RETURNING dek_version",
+                (chat_id,),
+            ).fetchall()
+        return sorted(int(r["dek_version"]) for r in rows)
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        chat_id: uuid.UUID | None,
+        dek_version: int | None,
+        reason: str = "",
+    ) -> None:
+        with self.db.connection() as conn:
+            conn.execute(
+                "INSERT INTO key_audit (actor, action, chat_id, dek_version, reason)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (actor, action, chat_id, dek_version, reason),
+            )
+
+    def audit_entries(self, chat_id: uuid.UUID | None = None, limit: int = 100) -> list[AuditEntry]:
+        query = "SELECT * FROM key_audit"
+        params: tuple[object, ...] = ()
+        if chat_id is not None:
+            query += " WHERE chat_id = %s"
+            params = (chat_id,)
+        with self.db.connection() as conn:
+            rows = conn.execute(query + " ORDER BY id DESC LIMIT %s", (*params, limit)).fetchall()
+        return [
+            AuditEntry(
+                r["at"], r["actor"], r["action"], r["chat_id"], r["dek_version"], r["reason"]
+            )
+            for r in rows
+        ]

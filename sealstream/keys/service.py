@@ -63,8 +63,10 @@ class KeyService:
         redis: RedisKeyCache | None,
         settings: KeyCacheSettings,
         default_kms_key: str,
+        actor: str = "sealstream",
     ) -> None:
         self.repo = repo
+        self.actor = actor  # recorded in the audit trail for operations this process makes
         self.kms = kms
         self.redis = redis
         self.settings = settings
@@ -126,6 +128,7 @@ class KeyService:
         self.stats.add("kms_generates")
         created = self.repo.create_chat(chat_id, tenant, participants, data_key.wrapped, key_name)
         if created:
+            self.repo.audit(self.actor, "dek_created", chat_id, 1, "chat created")
             # We hold the plaintext already: the chat's first message needs no unwrap.
             self._deks.put((chat_id, 1), ChatKey(version=1, material=data_key.plaintext))
             self._pointers.put(chat_id, 1)
@@ -237,11 +240,12 @@ class KeyService:
             wrapped.kms_key_name, wrapped.wrapped, kms_context(chat_id, version)
         )
         self.stats.add("kms_unwraps")
+        self.repo.audit(self.actor, "dek_unwrapped", chat_id, version, "cache miss")
         return ChatKey(version=version, material=material)
 
     # --- rotation ------------------------------------------------------------------------------
 
-    def rotate(self, chat_id: uuid.UUID) -> int:
+    def rotate(self, chat_id: uuid.UUID, reason: str = "on demand") -> int:
         """Make a new active DEK version; old versions stay for reading history.
 
         Concurrent rotations of one chat create exactly one version (the database row lock
@@ -261,6 +265,7 @@ class KeyService:
             chat_id, current.dek_version, new_version, data_key.wrapped, key_name
         )
         if version == new_version:
+            self.repo.audit(self.actor, "dek_rotated", chat_id, version, reason)
             # Seed our own cache with the key we already hold in plaintext: no unwrap needed.
             self._deks.put(
                 (chat_id, version), ChatKey(version=version, material=data_key.plaintext)
@@ -268,6 +273,29 @@ class KeyService:
         self._pointers.put(chat_id, version)
         self._announce("rotated", chat_id, version)
         return version
+
+    # --- deletion -------------------------------------------------------------------------------
+
+    def delete_chat(self, chat_id: uuid.UUID, reason: str) -> list[int]:
+        """Crypto-shred a chat: destroy every DEK version and evict it from every process.
+
+        Once this returns, no wrapped DEK of the chat exists in Postgres or Redis, so its envelopes
+        can never be opened again, even with full access to the KMS, Postgres and Redis. Other
+        processes drop their in-memory copies when the `deleted:` invalidation reaches them.
+        """
+        destroyed = self.repo.shred_chat(chat_id)
+        self._evict_chat("deleted", chat_id)
+        if self.redis is not None:
+            self.redis.forget_chat(chat_id)  # raises if Redis is down: the caller must retry
+        self._announce("deleted", chat_id, None)
+        self.repo.audit(
+            self.actor,
+            "chat_shredded",
+            chat_id,
+            max(destroyed, default=None),
+            f"{reason} (versions destroyed: {destroyed or 'none left'})",
+        )
+        return destroyed
 
     def _announce(self, action: str, chat_id: uuid.UUID, version: int | None) -> None:
         if self.redis is None:

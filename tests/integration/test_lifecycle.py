@@ -1,0 +1,162 @@
+"""Chat deletion by crypto-shredding, and the key audit trail, on the real stack."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from reader.wiring import build as build_reader
+from schemas.ids import SnowflakeIds
+from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.adapters.redis import RedisKeyCache
+from sealstream.auth import mint_token
+from sealstream.crypto import MessageContext, seal
+from sealstream.errors import KeyDestroyed
+from sealstream.keys.service import KeyService
+from sealstream.lifecycle import delete_chat
+from sealstream.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def life_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "cassandra": settings.cassandra.model_copy(
+                update={"keyspace": f"{settings.cassandra.keyspace}_life"}
+            ),
+            "opensearch": settings.opensearch.model_copy(
+                update={"index_prefix": f"{settings.opensearch.index_prefix}-life"}
+            ),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def stores(life_settings: Settings) -> Iterator[tuple[MessageStore, SearchIndex]]:
+    store = MessageStore(life_settings.cassandra)
+    store.connect()
+    store.migrate()
+    index = SearchIndex(life_settings.opensearch)
+    index.migrate()
+    yield store, index
+    store.drop_keyspace()
+    store.close()
+    index.drop()
+    index.close()
+
+
+def service(settings: Settings, database: Database, kms: object, actor: str) -> KeyService:
+    keys = KeyService(
+        ChatKeyRepository(database),
+        kms,
+        RedisKeyCache(settings.redis),  # type: ignore[arg-type]
+        settings.keys,
+        settings.vault.default_key,
+        actor=actor,
+    )
+    keys.start()
+    return keys
+
+
+def test_deleted_chat_is_shredded_everywhere(
+    life_settings: Settings,
+    database: Database,
+    kms: object,
+    stores: tuple[MessageStore, SearchIndex],
+) -> None:
+    store, index = stores
+    keys = service(life_settings, database, kms, "operator")
+    other = service(life_settings, database, kms, "another-process")
+    try:
+        chat = uuid.uuid4()
+        keys.create_chat(chat, ("alice", "bob"))
+        ids = SnowflakeIds(9)
+        rows, docs = [], []
+        for i in range(30):
+            if i == 15:
+                keys.rotate(chat, "test")
+            key = keys.current_key(chat)
+            message_id = ids.next_id()
+            text = f"secret plan number {i}"
+            rows.append(
+                StoredMessage(
+                    chat,
+                    message_id,
+                    "alice",
+                    key.version,
+                    seal(text.encode(), key, MessageContext(chat, message_id)),
+                    datetime.now(UTC),
+                )
+            )
+            docs.append(
+                IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)
+            )
+        store.write_many(rows)
+        index.index_many(docs)
+        index.refresh()
+        assert other.key(chat, 1) and other.key(chat, 2)  # another process holds both DEKs
+
+        reader_app, close_reader = build_reader(life_settings)
+        with TestClient(reader_app) as reader:
+            url = f"/v1/chats/{chat}/messages/{rows[0].message_id}"
+            bob = {"Authorization": f"Bearer {mint_token(life_settings.auth, 'bob')}"}
+            assert reader.get(url, headers=bob).status_code == 200
+
+            receipt = delete_chat(keys, index, store, chat, "user asked for erasure")
+            assert receipt.dek_versions_destroyed == [1, 2]
+            assert receipt.index_documents_deleted == 30
+            assert receipt.rows_deleted == 30
+
+            time.sleep(2.1)  # the reader's chat cache lives 2 s
+            gone = reader.get(url, headers=bob)
+            assert gone.status_code == 410 and "secret" not in gone.text
+            search = reader.get(f"/v1/chats/{chat}/search", params={"q": "plan"}, headers=bob)
+            assert search.status_code == 410
+        close_reader()
+
+        # Every process forgets the keys; no wrapped DEK of the chat survives anywhere.
+        with pytest.raises(KeyDestroyed):
+            keys.key(chat, 1)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                other.key(chat, 2)
+            except KeyDestroyed:
+                break
+            assert time.monotonic() < deadline, "another process still serves the DEK after 1 s"
+            time.sleep(0.01)
+        with database.connection() as conn:
+            deks = conn.execute(
+                "SELECT state, encrypted_dek FROM chat_deks WHERE chat_id = %s", (chat,)
+            ).fetchall()
+        assert deks and all(d["state"] == "destroyed" and d["encrypted_dek"] is None for d in deks)
+        assert not [v for v in RedisKeyCache(life_settings.redis).scan_values() if str(chat) in v]
+        assert store.get(chat, rows[0].message_id) is None
+        assert index.count(chat) == 0
+
+        actions = {e.action for e in keys.repo.audit_entries(chat)}
+        assert {"dek_created", "dek_rotated", "dek_unwrapped", "chat_shredded"} <= actions
+        shred = next(e for e in keys.repo.audit_entries(chat) if e.action == "chat_shredded")
+        assert shred.actor == "operator" and "erasure" in shred.reason
+    finally:
+        keys.close()
+        other.close()
+
+
+def test_audit_trail_is_append_only(database: Database) -> None:
+    repo = ChatKeyRepository(database)
+    repo.audit("tester", "retention", None, None, "append-only check")
+    with pytest.raises(psycopg.errors.RaiseException), database.connection() as conn:
+        conn.execute("UPDATE key_audit SET reason = 'rewritten'")
+    with pytest.raises(psycopg.errors.RaiseException), database.connection() as conn:
+        conn.execute("DELETE FROM key_audit")
+    for entry in repo.audit_entries(limit=1000):
+        assert "vault:v" not in entry.reason  # no key material, wrapped or not
