@@ -15,6 +15,7 @@ from rich.table import Table
 from sealstream.settings import StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext, StackError
+from sealstream.wiring import key_service
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,6 @@ def keys_rotate(
 ) -> None:
     """Give a chat a new DEK version; old versions stay readable."""
     from sealstream.settings import Settings
-    from sealstream.wiring import key_service
 
     with key_service(Settings(), actor="cli") as keys:
         console.print(f"chat {chat}: active DEK version {keys.rotate(_chat_id(chat), reason)}")
@@ -111,7 +111,6 @@ def keys_delete_chat(
     from sealstream.adapters.opensearch import SearchIndex
     from sealstream.lifecycle import delete_chat
     from sealstream.settings import Settings
-    from sealstream.wiring import key_service
 
     settings = Settings()
     store = MessageStore(settings.cassandra)
@@ -129,6 +128,75 @@ def keys_delete_chat(
     table.add_row("rows deleted", str(receipt.rows_deleted))
     table.add_row("seconds", f"{receipt.seconds:.2f}")
     console.print(table)
+
+
+@keys_app.command("rotate-master")
+def keys_rotate_master(
+    tenant: Annotated[
+        str, typer.Option(help="tenant whose master key (CMK) to rotate")
+    ] = "default",
+    retire_old: Annotated[
+        bool, typer.Option(help="after rewrapping, stop old CMK versions from decrypting")
+    ] = False,
+) -> None:
+    """Rotate a tenant's master key and rewrap every stored DEK to the new version."""
+    from rich.progress import Progress
+
+    from sealstream.adapters.postgres import ChatKeyRepository, Database
+    from sealstream.adapters.vault import TransitKms
+    from sealstream.lifecycle import rewrap_all
+    from sealstream.settings import Settings
+
+    settings = Settings()
+    db = Database(settings.postgres)
+    db.open()
+    try:
+        key_name = ChatKeyRepository(db).tenant_key_name(tenant)
+    finally:
+        db.close()
+    if key_name is None:
+        console.print(f"[red]unknown tenant {tenant!r}[/red]")
+        raise typer.Exit(2)
+    kms = TransitKms(settings.vault)
+    version = kms.rotate_master_key(key_name)
+    console.print(f"master key {key_name}: now version {version}")
+    with key_service(settings, actor="cli") as keys, Progress(console=console) as bar:
+        task = bar.add_task("rewrapping DEKs", total=None)
+        report = rewrap_all(
+            keys,
+            kms,
+            key_name,
+            progress=lambda examined, done: bar.update(
+                task, completed=examined, description=f"rewrapped {done}"
+            ),
+        )
+    console.print(
+        f"examined {report.examined}, rewrapped {report.rewrapped} in {report.seconds:.1f}s "
+        f"({report.per_second:,.0f}/s)"
+    )
+    if retire_old:
+        kms.set_min_decryption_version(key_name, version)
+        console.print(f"versions below {version} of {key_name} can no longer decrypt")
+
+
+@keys_app.command("delete-message")
+def keys_delete_message(chat: ChatArg, message_id: Annotated[int, typer.Argument()]) -> None:
+    """Hide one message at once, drop its ciphertext and its search document."""
+    from sealstream.adapters.cassandra import MessageStore
+    from sealstream.adapters.opensearch import SearchIndex
+    from sealstream.lifecycle import delete_message
+    from sealstream.settings import Settings
+
+    settings = Settings()
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    index = SearchIndex(settings.opensearch)
+    try:
+        found = delete_message(store, index, _chat_id(chat), message_id)
+    finally:
+        store.close()
+        index.close()
+    console.print("deleted" if found else "no such message (index entry removed if any)")
 
 
 @keys_app.command("audit")

@@ -1,4 +1,7 @@
-"""Chat deletion across every store, in the order that makes the chat unreadable first.
+"""Key and data lifecycle operations: chat deletion (crypto-shredding), message deletion, and
+rewrapping every DEK after a master-key rotation.
+
+Chat deletion works across every store, in the order that makes the chat unreadable first.
 
 1. Crypto-shred: destroy every DEK version (Postgres), evict it from Redis and from every process.
    From here on the chat's envelopes cannot be opened by anyone, whatever else survives.
@@ -11,13 +14,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.redis import WrappedDek
+from sealstream.adapters.vault import TransitKms
 from sealstream.errors import KeyNotFound
-from sealstream.keys.service import KeyService
+from sealstream.keys.service import KeyService, kms_context
 
 # Rows may carry a timestamp a little ahead of the chat's creation (clock skew between gateways).
 _SKEW = timedelta(minutes=10)
@@ -45,3 +51,69 @@ def delete_chat(
     newest_ms = int(time.time() * 1000 + _SKEW.total_seconds() * 1000)
     rows = store.delete_chat(chat_id, oldest_ms, newest_ms)
     return ShredReceipt(chat_id, destroyed, documents, rows, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class RewrapReport:
+    kms_key_name: str
+    master_key_version: int
+    examined: int
+    rewrapped: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.rewrapped / self.seconds if self.seconds else 0.0
+
+
+def rewrap_all(
+    keys: KeyService,
+    kms: TransitKms,
+    kms_key_name: str,
+    batch_size: int = 200,
+    progress: Callable[[int, int], None] | None = None,
+) -> RewrapReport:
+    """Rewrap every live DEK of a master key to its newest version (after `rotate_master_key`).
+
+    Uses Transit's batch rewrap: plaintext DEKs never leave the KMS. Idempotent and resumable:
+    a DEK already wrapped by the newest version is skipped, and a DEK shredded meanwhile is left
+    alone (the update is conditional on the old value). Redis gets the new wrapped values so that
+    old master-key versions can then be retired without breaking cached entries.
+    """
+    started = time.monotonic()
+    latest = kms.latest_version(kms_key_name)
+    current_prefix = f"vault:v{latest}:"
+    examined = rewrapped = 0
+    after = 0
+    while True:
+        page = keys.repo.wrapped_page(kms_key_name, after, batch_size)
+        if not page:
+            break
+        after = page[-1][0]
+        examined += len(page)
+        todo = [row for row in page if not row[3].startswith(current_prefix)]
+        if todo:
+            fresh = kms.rewrap_batch(
+                kms_key_name, [(wrapped, kms_context(chat, v)) for _, chat, v, wrapped in todo]
+            )
+            rewrapped += keys.repo.replace_wrapped(
+                [(row_id, old, new) for (row_id, _, _, old), new in zip(todo, fresh, strict=True)]
+            )
+            for (_, chat, version, _), new in zip(todo, fresh, strict=True):
+                if keys.redis is not None:
+                    keys.redis.set_wrapped(chat, version, WrappedDek(new, kms_key_name))
+                keys.repo.audit(keys.actor, "dek_rewrapped", chat, version, f"master key v{latest}")
+        if progress is not None:
+            progress(examined, rewrapped)
+    return RewrapReport(kms_key_name, latest, examined, rewrapped, time.monotonic() - started)
+
+
+def delete_message(
+    store: MessageStore, index: SearchIndex, chat_id: uuid.UUID, message_id: int
+) -> bool:
+    """Hide a message from reads at once, drop its envelope and its search document."""
+    found = store.get(chat_id, message_id) is not None
+    if found:
+        store.mark_deleted(chat_id, message_id, datetime.now(UTC))
+    index.delete_message(message_id)
+    return found

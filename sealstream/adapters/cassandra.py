@@ -46,7 +46,7 @@ def _row(row: Any) -> StoredMessage:
         message_id=row.message_id,
         sender_id=row.sender_id,
         dek_version=row.dek_version,
-        envelope=bytes(row.envelope),
+        envelope=bytes(row.envelope or b""),
         created_at=row.created_at.replace(tzinfo=UTC),
         edited_at=row.edited_at.replace(tzinfo=UTC) if row.edited_at else None,
         deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
@@ -109,8 +109,9 @@ class MessageStore:
             " AND message_id = ?",
             "page": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id < ? LIMIT ?",
-            "delete_mark": f"UPDATE {ks}.messages SET deleted_at = ? WHERE chat_id = ?"
-            " AND bucket = ? AND message_id = ?",
+            # Deleting a message keeps a marker row but drops its ciphertext.
+            "delete_mark": f"UPDATE {ks}.messages SET deleted_at = ?, envelope = null"
+            " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))

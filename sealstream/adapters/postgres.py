@@ -319,3 +319,27 @@ class ChatKeyRepository:
             )
             for r in rows
         ]
+
+    def wrapped_page(
+        self, kms_key_name: str, after_id: int, limit: int
+    ) -> list[tuple[int, uuid.UUID, int, str]]:
+        """Live wrapped DEKs of one master key, in id order after `after_id` (for rewrap jobs)."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, chat_id, dek_version, encrypted_dek FROM chat_deks"
+                " WHERE kms_key_name = %s AND encrypted_dek IS NOT NULL AND id > %s"
+                " ORDER BY id LIMIT %s",
+                (kms_key_name, after_id, limit),
+            ).fetchall()
+        return [(r["id"], r["chat_id"], r["dek_version"], r["encrypted_dek"]) for r in rows]
+
+    def replace_wrapped(self, updates: list[tuple[int, str, str]]) -> int:
+        """Swap (id, old, new) wrapped DEKs; a row shredded or changed meanwhile is left alone."""
+        changed = 0
+        with self.db.transaction() as conn:
+            for row_id, old, new in updates:
+                changed += conn.execute(
+                    "UPDATE chat_deks SET encrypted_dek = %s WHERE id = %s AND encrypted_dek = %s",
+                    (new, row_id, old),
+                ).rowcount
+        return changed

@@ -151,11 +151,23 @@ class TransitKms:
             "rotate",
             lambda: self._client.secrets.transit.rotate_key(name=key_name, mount_point=self._mount),
         )
+        return self.latest_version(key_name)
+
+    def latest_version(self, key_name: str) -> int:
         info: dict[str, Any] = self._call(
             "read_key",
             lambda: self._client.secrets.transit.read_key(name=key_name, mount_point=self._mount),
         )
         return int(info["data"]["latest_version"])
+
+    def set_min_decryption_version(self, key_name: str, version: int) -> None:
+        """Retire older master-key versions: ciphertexts wrapped by them no longer unwrap."""
+        self._call(
+            "config",
+            lambda: self._client.secrets.transit.update_key_configuration(
+                name=key_name, min_decryption_version=version, mount_point=self._mount
+            ),
+        )
 
     def delete_key(self, key_name: str) -> None:
         """Tests only: remove a run's master key (Transit needs deletion_allowed first)."""

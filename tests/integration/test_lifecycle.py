@@ -19,8 +19,8 @@ from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.auth import mint_token
 from sealstream.crypto import MessageContext, seal
-from sealstream.errors import KeyDestroyed
-from sealstream.keys.service import KeyService
+from sealstream.errors import KeyDestroyed, KmsError
+from sealstream.keys.service import KeyService, kms_context
 from sealstream.lifecycle import delete_chat
 from sealstream.settings import Settings
 
@@ -160,3 +160,89 @@ def test_audit_trail_is_append_only(database: Database) -> None:
         conn.execute("DELETE FROM key_audit")
     for entry in repo.audit_entries(limit=1000):
         assert "vault:v" not in entry.reason  # no key material, wrapped or not
+
+
+def test_master_key_rotation_rewraps_every_dek_and_old_versions_retire(
+    settings: Settings, database: Database, kms: object, run_id: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sealstream.adapters.vault import TransitKms
+    from sealstream.lifecycle import rewrap_all
+
+    assert isinstance(kms, TransitKms)
+    keys = service(settings, database, kms, "operator")
+    tenant, key_name = f"rewrap-{run_id}", f"test-{run_id}-rewrap"
+    keys.register_tenant(tenant, key_name)
+    chats = [uuid.uuid4() for _ in range(10_000)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda c: keys.create_chat(c, ("alice",), tenant), chats))
+    sample = chats[::500]
+    before = {c: keys.repo.dek(c, 1).encrypted_dek for c in sample}  # type: ignore[union-attr]
+    plain = {c: keys.key(c, 1).material for c in sample}
+
+    assert kms.rotate_master_key(key_name) == 2
+    report = rewrap_all(keys, kms, key_name)
+    print(
+        f"rewrapped {report.rewrapped} DEKs in {report.seconds:.1f}s = {report.per_second:,.0f}/s"
+    )
+    assert report.examined == report.rewrapped == 10_000
+    again = rewrap_all(keys, kms, key_name)  # idempotent: nothing left to do
+    assert again.examined == 10_000 and again.rewrapped == 0
+
+    kms.set_min_decryption_version(key_name, 2)
+    fresh = service(settings, database, kms, "reader-process")  # nothing cached in memory
+    try:
+        for chat in sample:
+            row = fresh.repo.dek(chat, 1)
+            assert row is not None and row.encrypted_dek.startswith("vault:v2:")  # type: ignore[union-attr]
+            assert fresh.key(chat, 1).material == plain[chat]  # still reads, via Redis or Postgres
+            with pytest.raises(KmsError):  # the old wrapping is retired
+                kms.unwrap(key_name, before[chat], kms_context(chat, 1))  # type: ignore[arg-type]
+    finally:
+        fresh.close()
+        keys.close()
+
+
+def test_deleted_message_is_hidden_and_unindexed(
+    life_settings: Settings,
+    database: Database,
+    kms: object,
+    stores: tuple[MessageStore, SearchIndex],
+) -> None:
+    from sealstream.lifecycle import delete_message
+
+    store, index = stores
+    keys = service(life_settings, database, kms, "operator")
+    try:
+        chat = uuid.uuid4()
+        keys.create_chat(chat, ("alice",))
+        key = keys.current_key(chat)
+        ids = SnowflakeIds(11)
+        kept, gone = ids.next_id(), ids.next_id()
+        for message_id, text in ((kept, "keep this one"), (gone, "remove this one")):
+            store.write_many(
+                [
+                    StoredMessage(
+                        chat,
+                        message_id,
+                        "alice",
+                        1,
+                        seal(text.encode(), key, MessageContext(chat, message_id)),
+                        datetime.now(UTC),
+                    )
+                ]
+            )
+            index.index_many(
+                [IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)]
+            )
+        index.refresh()
+        assert delete_message(store, index, chat, gone)
+        index.refresh()
+        history = [m.message_id for m in store.history(chat, ids.next_id(), 0, 10)]
+        assert history == [kept]
+        assert index.search_chat(chat, "remove") == [] and index.search_chat(chat, "keep") == [kept]
+        row = store.get(chat, gone)
+        assert row is not None and row.deleted_at is not None and row.envelope == b""
+    finally:
+        keys.close()
