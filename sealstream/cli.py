@@ -130,6 +130,44 @@ def keys_delete_chat(
     console.print(table)
 
 
+@keys_app.command("rotate-due")
+def keys_rotate_due(
+    older_than_days: Annotated[
+        float, typer.Option(help="rotate chats whose DEK is older than this (0 = every chat)")
+    ] = 30.0,
+    rate: Annotated[float, typer.Option(help="rotations per second at most")] = 50.0,
+    cutoff: Annotated[
+        str | None, typer.Option(help="resume a run: the cutoff (ISO time) it printed")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's chats")] = None,
+) -> None:
+    """Batch rotation by age (the seed's batch key rotation): rate-limited and resumable."""
+    from datetime import UTC, datetime, timedelta
+
+    from rich.progress import Progress
+
+    from sealstream.lifecycle import rotate_due
+    from sealstream.settings import Settings
+
+    when = (
+        datetime.fromisoformat(cutoff)
+        if cutoff
+        else datetime.now(UTC) - timedelta(days=older_than_days)
+    )
+    console.print(f"cutoff {when.isoformat()} (pass --cutoff with it to resume)")
+    with key_service(Settings(), actor="cli") as keys, Progress(console=console) as bar:
+        task = bar.add_task("rotating", total=None)
+        report = rotate_due(
+            keys,
+            when,
+            rate,
+            reason=f"older than cutoff {when.isoformat()}",
+            progress=lambda n: bar.update(task, completed=n, description=f"rotated {n}"),
+            tenant_id=tenant,
+        )
+    console.print(f"rotated {report.rotated} chats in {report.seconds:.1f}s")
+
+
 @keys_app.command("rotate-master")
 def keys_rotate_master(
     tenant: Annotated[

@@ -117,3 +117,45 @@ def delete_message(
         store.mark_deleted(chat_id, message_id, datetime.now(UTC))
     index.delete_message(message_id)
     return found
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    cutoff: datetime
+    rotated: int
+    seconds: float
+
+
+def rotate_due(
+    keys: KeyService,
+    cutoff: datetime,
+    rate_per_second: float = 50.0,
+    reason: str = "policy",
+    progress: Callable[[int], None] | None = None,
+    tenant_id: str | None = None,
+) -> RotationReport:
+    """Rotate every active chat whose current DEK became valid before `cutoff`.
+
+    The seed's "batch key rotation": `cutoff = now - max_age` rotates by age; `cutoff = now`
+    rotates every chat. Rate-limited so the KMS is not flooded. Resumable and idempotent: run it
+    again with the same cutoff and the chats already rotated (their new DEK is newer than the
+    cutoff) are skipped.
+    """
+    started = time.monotonic()
+    interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
+    next_at = time.monotonic()
+    rotated = 0
+    after: uuid.UUID | None = None
+    while True:
+        page = keys.repo.chats_due(cutoff, after, 200, tenant_id)
+        if not page:
+            break
+        after = page[-1][0]
+        for chat_id, _ in page:
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + interval, time.monotonic())
+            keys.rotate(chat_id, reason)
+            rotated += 1
+            if progress is not None:
+                progress(rotated)
+    return RotationReport(cutoff, rotated, time.monotonic() - started)

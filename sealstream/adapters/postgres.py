@@ -343,3 +343,17 @@ class ChatKeyRepository:
                     (new, row_id, old),
                 ).rowcount
         return changed
+
+    def chats_due(
+        self, cutoff: datetime, after: uuid.UUID | None, limit: int, tenant_id: str | None = None
+    ) -> list[tuple[uuid.UUID, int]]:
+        """Active chats (of one tenant, or all) whose active DEK became valid before `cutoff`."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT d.chat_id, d.dek_version FROM chat_deks d JOIN chats c USING (chat_id)"
+                " WHERE d.state = 'active' AND c.state = 'active' AND d.valid_from < %s"
+                " AND d.chat_id > %s AND (%s::text IS NULL OR c.tenant_id = %s)"
+                " ORDER BY d.chat_id LIMIT %s",
+                (cutoff, after or uuid.UUID(int=0), tenant_id, tenant_id, limit),
+            ).fetchall()
+        return [(r["chat_id"], r["dek_version"]) for r in rows]
