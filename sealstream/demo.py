@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from rich.table import Table
 
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import service_urls, spawn, stop, wait_ready
+from sealstream.services import service_urls, spawn, stop, wait_for, wait_ready
 from sealstream.settings import Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
@@ -29,18 +28,6 @@ WORDS = (
     "orbit lantern meadow copper violet harbor quartz ember willow signal falcon marble "
     "thunder saffron glacier cinder lotus prism nectar velvet"
 ).split()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if predicate():
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _metric(url: str, name: str) -> float:
@@ -121,12 +108,12 @@ def _traffic(
                     return False
             return True
 
-        _wait(all_readable, 120, "every message readable")
+        wait_for(all_readable, 120, "every message readable")
         readable_seconds = time.monotonic() - started
 
         chat_id, owner, member = chat_ids[0]
         word = "lantern"
-        _wait(
+        wait_for(
             lambda: bool(
                 http.get(
                     f"{urls['reader']}/v1/chats/{chat_id}/search",

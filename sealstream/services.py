@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -131,3 +132,20 @@ def stop(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str = "condition", interval: float = 0.05
+) -> float:
+    """Poll `predicate` (HTTP errors count as "not yet"); return the seconds it took."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if predicate():
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")

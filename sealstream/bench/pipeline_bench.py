@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -30,7 +30,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.adapters.vault import TransitKms
 from sealstream.auth import mint_token
 from sealstream.migrate import migrate_all
-from sealstream.services import service_urls, settings_env, spawn, stop, wait_ready
+from sealstream.services import service_urls, settings_env, spawn, stop, wait_for, wait_ready
 from sealstream.settings import (
     CassandraSettings,
     HttpSettings,
@@ -123,18 +123,6 @@ def _services(settings: Settings) -> Iterator[dict[str, str]]:
         stop(children)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if predicate():
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout}s")
-
-
 def run(
     messages: int = 30_000, chats: int = 50, batch: int = 100, settings: Settings | None = None
 ) -> dict[str, float]:
@@ -187,7 +175,7 @@ def _measure(
 
     # 2. Sustained end-to-end with batched posts: first post to last row written.
     base_rows = singles
-    _wait(lambda: store.count() >= base_rows, 120, interval=0.5)
+    wait_for(lambda: store.count() >= base_rows, 120, "single posts written", interval=0.5)
     texts = [f"benchmark message {i} lorem ipsum dolor sit amet consectetur" for i in range(batch)]
 
     def post_batch(i: int) -> tuple[uuid.UUID, int]:
@@ -217,7 +205,7 @@ def _measure(
                 pending.discard((chat, last_id))
         return not pending
 
-    _wait(all_written, 600)
+    wait_for(all_written, 600, "every request written")
     done_at = time.perf_counter()
     figures["gateway_batch_msgs_per_s"] = batches * batch / (posted_at - started)
     e2e_rate = batches * batch / (done_at - started)
