@@ -31,6 +31,11 @@ def bucket_at(unix_ms: int) -> int:
     return max(0, unix_ms - EPOCH_MS) // BUCKET_MS
 
 
+def first_id_at(unix_ms: int) -> int:
+    """The smallest id any worker can make at `unix_ms` (ids below it are strictly older)."""
+    return max(0, unix_ms - EPOCH_MS) << (WORKER_BITS + SEQUENCE_BITS)
+
+
 class SnowflakeIds:
     """Thread-safe id generator for one worker id (unique per gateway process)."""
 

@@ -237,6 +237,44 @@ def keys_delete_message(chat: ChatArg, message_id: Annotated[int, typer.Argument
     console.print("deleted" if found else "no such message (index entry removed if any)")
 
 
+@keys_app.command("retention")
+def keys_retention(
+    days: Annotated[
+        int | None, typer.Option(help="set this retention (days) before applying")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="tenant to set it on")] = None,
+    chat: Annotated[
+        str | None, typer.Option(help="chat to set it on (overrides the tenant)")
+    ] = None,
+) -> None:
+    """Apply retention: remove expired messages, destroy DEK versions no message uses."""
+    from sealstream.adapters.cassandra import MessageStore
+    from sealstream.adapters.opensearch import SearchIndex
+    from sealstream.lifecycle import apply_retention
+    from sealstream.settings import Settings
+
+    settings = Settings()
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    index = SearchIndex(settings.opensearch)
+    try:
+        with key_service(settings, actor="cli") as keys:
+            if days is not None:
+                if not (tenant or chat):
+                    console.print("[red]--days needs --tenant or --chat[/red]")
+                    raise typer.Exit(2)
+                keys.repo.set_retention(days, tenant, _chat_id(chat) if chat else None)
+            report = apply_retention(keys, index, store)
+    finally:
+        store.close()
+        index.close()
+    console.print(
+        f"{report.chats} chats with retention: {report.rows_deleted} rows, "
+        f"{report.index_documents_deleted} index documents removed, "
+        f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s)"
+    )
+
+
 @keys_app.command("audit")
 def keys_audit(
     chat: Annotated[str | None, typer.Option(help="only this chat")] = None,

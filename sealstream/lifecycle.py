@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from schemas.ids import first_id_at
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import WrappedDek
@@ -159,3 +160,54 @@ def rotate_due(
             if progress is not None:
                 progress(rotated)
     return RotationReport(cutoff, rotated, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    chats: int
+    rows_deleted: int
+    index_documents_deleted: int
+    dek_versions_destroyed: int
+    seconds: float
+
+
+def apply_retention(
+    keys: KeyService, index: SearchIndex, store: MessageStore, now: datetime | None = None
+) -> RetentionReport:
+    """Remove messages past their chat's retention, then destroy DEK versions no message uses.
+
+    A message's time is in its id, so expired rows are one range deletion per partition. A DEK
+    version is destroyed only if it was retired well before the cutoff (clock skew and the
+    encryptors' pointer TTL allowed for), so that no remaining message can depend on it (seed 5.3).
+    """
+    started = time.monotonic()
+    now = now or datetime.now(UTC)
+    margin = _SKEW + timedelta(seconds=keys.settings.pointer_ttl_seconds)
+    chats = rows = documents = versions = 0
+    for chat_id, days, created_at in keys.repo.chats_with_retention():
+        cutoff = now - timedelta(days=days)
+        cutoff_ms = int(cutoff.timestamp() * 1000)
+        oldest_ms = int((created_at - _SKEW).timestamp() * 1000)
+        chat_rows = 0
+        if cutoff_ms > oldest_ms:
+            chat_rows = store.delete_older_than(
+                chat_id, oldest_ms, cutoff_ms, first_id_at(cutoff_ms)
+            )
+        chat_documents = index.delete_chat(chat_id, before=cutoff)
+        destroyed = keys.repo.destroy_versions_retired_before(chat_id, cutoff - margin)
+        if destroyed:
+            keys.drop_versions(chat_id, destroyed)
+        if chat_rows or chat_documents or destroyed:
+            keys.repo.audit(
+                keys.actor,
+                "retention",
+                chat_id,
+                max(destroyed, default=None),
+                f"{days} days: {chat_rows} rows, {chat_documents} documents, "
+                f"DEK versions destroyed {destroyed}",
+            )
+        chats += 1
+        rows += chat_rows
+        documents += chat_documents
+        versions += len(destroyed)
+    return RetentionReport(chats, rows, documents, versions, time.monotonic() - started)

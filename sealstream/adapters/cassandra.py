@@ -235,6 +235,32 @@ class MessageStore:
                 )
         return deleted
 
+    def delete_older_than(
+        self, chat_id: uuid.UUID, oldest_ms: int, cutoff_ms: int, first_id_after_cutoff: int
+    ) -> int:
+        """Delete a chat's rows older than `cutoff_ms` (ids below `first_id_after_cutoff`)."""
+        ks = self.keyspace
+        deleted = 0
+        for bucket in range(bucket_at(oldest_ms), bucket_at(cutoff_ms) + 1):
+            row = self._run(
+                lambda b=bucket: self.session.execute(
+                    f"SELECT count(*) FROM {ks}.messages WHERE chat_id = %s AND bucket = %s"
+                    " AND message_id < %s",
+                    (chat_id, b, first_id_after_cutoff),
+                ).one()
+            )
+            if row and row[0]:
+                deleted += int(row[0])
+                # A range tombstone: one marker for the whole expired slice of the partition.
+                self._run(
+                    lambda b=bucket: self.session.execute(
+                        f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s"
+                        " AND message_id < %s",
+                        (chat_id, b, first_id_after_cutoff),
+                    )
+                )
+        return deleted
+
     def overwrite_envelope(self, chat_id: uuid.UUID, message_id: int, envelope: bytes) -> None:
         """Tests only: tamper with a stored row as an attacker with database access could."""
         self._run(

@@ -131,14 +131,19 @@ class SearchIndex:
             if exc.status_code != 404:
                 raise
 
-    def delete_chat(self, chat_id: uuid.UUID) -> int:
+    def delete_chat(self, chat_id: uuid.UUID, before: datetime | None = None) -> int:
         """Delete every document of a chat; returns how many were deleted.
 
         Search-then-bulk-delete by id rather than `_delete_by_query`, which lives in OpenSearch's
         reindex module (not loaded by the local stack's node, and not needed for this).
         """
         deleted = 0
-        query = {"size": 1000, "_source": False, "query": {"term": {"chat_id": str(chat_id)}}}
+        match: dict[str, Any] = {"term": {"chat_id": str(chat_id)}}
+        if before is not None:  # retention: only documents older than `before`
+            match = {
+                "bool": {"filter": [match, {"range": {"sent_at": {"lt": before.isoformat()}}}]}
+            }
+        query = {"size": 1000, "_source": False, "query": match}
         while True:
             self.refresh()
             hits = self._run(lambda: self._client.search(index=self.index, body=query))["hits"][

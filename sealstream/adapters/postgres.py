@@ -357,3 +357,40 @@ class ChatKeyRepository:
                 (cutoff, after or uuid.UUID(int=0), tenant_id, tenant_id, limit),
             ).fetchall()
         return [(r["chat_id"], r["dek_version"]) for r in rows]
+
+    def set_retention(
+        self, days: int | None, tenant_id: str | None = None, chat_id: uuid.UUID | None = None
+    ) -> None:
+        """Set (or clear, with None) the retention of a tenant or of one chat."""
+        with self.db.connection() as conn:
+            if chat_id is not None:
+                conn.execute(
+                    "UPDATE chats SET retention_days = %s WHERE chat_id = %s", (days, chat_id)
+                )
+            else:
+                conn.execute(
+                    "UPDATE tenants SET retention_days = %s WHERE tenant_id = %s", (days, tenant_id)
+                )
+
+    def chats_with_retention(self) -> list[tuple[uuid.UUID, int, datetime]]:
+        """Active chats with a retention period (the chat's own, else its tenant's)."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT c.chat_id, coalesce(c.retention_days, t.retention_days) AS days,"
+                " c.created_at FROM chats c JOIN tenants t USING (tenant_id)"
+                " WHERE c.state = 'active'"
+                " AND coalesce(c.retention_days, t.retention_days) IS NOT NULL"
+                " ORDER BY c.chat_id"
+            ).fetchall()
+        return [(r["chat_id"], int(r["days"]), r["created_at"]) for r in rows]
+
+    def destroy_versions_retired_before(self, chat_id: uuid.UUID, cutoff: datetime) -> list[int]:
+        """Destroy retired DEK versions whose validity ended before `cutoff` (no message left)."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "UPDATE chat_deks SET state = 'destroyed', encrypted_dek = NULL,"
+                " destroyed_at = now() WHERE chat_id = %s AND state = 'retired'"
+                " AND valid_to < %s RETURNING dek_version",
+                (chat_id, cutoff),
+            ).fetchall()
+        return sorted(int(r["dek_version"]) for r in rows)

@@ -81,6 +81,11 @@ class RedisKeyCache:
 
         self._run(forget)
 
+    def forget_versions(self, chat_id: uuid.UUID, versions: list[int]) -> None:
+        if versions:
+            keys = [self._wrapped_key(chat_id, v) for v in versions]
+            self._run(lambda: self._client.delete(*keys))
+
     def publish_invalidation(self, action: str, chat_id: uuid.UUID) -> None:
         """Tell every process that a chat was `rotated` or `deleted` (ids only, no key data)."""
         self._run(lambda: self._client.publish(self.channel, f"{action}:{chat_id}"))

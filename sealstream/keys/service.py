@@ -101,8 +101,8 @@ class KeyService:
         self._pointers.clear()
 
     def _evict_chat(self, action: str, chat_id: uuid.UUID) -> None:
-        """Invalidation from any process (ourselves included): a rotation moves the pointer;
-        a deletion also drops every plaintext DEK of the chat."""
+        """Invalidation from any process (ourselves included): a rotation moves the pointer; a
+        deletion (`deleted`) or retention (`retired`) drops every plaintext DEK of the chat."""
         self._pointers.pop(chat_id)
         if action != "rotated":
             self._deks.discard(lambda k: k[0] == chat_id)
@@ -296,6 +296,14 @@ class KeyService:
             f"{reason} (versions destroyed: {destroyed or 'none left'})",
         )
         return destroyed
+
+    def drop_versions(self, chat_id: uuid.UUID, versions: list[int]) -> None:
+        """Forget destroyed versions of a chat here and in Redis (retention)."""
+        for version in versions:
+            self._deks.pop((chat_id, version))
+        if self.redis is not None:
+            self.redis.forget_versions(chat_id, versions)
+        self._announce("retired", chat_id, None)
 
     def _announce(self, action: str, chat_id: uuid.UUID, version: int | None) -> None:
         if self.redis is None:

@@ -281,3 +281,91 @@ def test_batch_rotation_by_age_is_rate_limited_and_resumable(
         assert rotate_due(keys, hour_ago, tenant_id=tenant).rotated == 0
     finally:
         keys.close()
+
+
+def test_retention_removes_expired_messages_and_unused_dek_versions(
+    life_settings: Settings,
+    database: Database,
+    kms: object,
+    stores: tuple[MessageStore, SearchIndex],
+) -> None:
+    from datetime import timedelta
+
+    from sealstream.lifecycle import apply_retention
+
+    store, index = stores
+    keys = service(life_settings, database, kms, "retention-job")
+    try:
+        chat = uuid.uuid4()
+        keys.create_chat(chat, ("alice",))
+        now = datetime.now(UTC)
+        # Backdate the chat and its first DEK version as if they were a month old.
+        with database.connection() as conn:
+            conn.execute(
+                "UPDATE chats SET created_at = %s WHERE chat_id = %s",
+                (now - timedelta(days=30), chat),
+            )
+        old_key = keys.current_key(chat)
+        old_ids = SnowflakeIds(
+            12, clock_ms=lambda: int((now - timedelta(days=20)).timestamp() * 1000)
+        )
+        old_rows = []
+        for i in range(5):
+            message_id = old_ids.next_id()
+            old_rows.append(
+                StoredMessage(
+                    chat,
+                    message_id,
+                    "alice",
+                    1,
+                    seal(f"old {i}".encode(), old_key, MessageContext(chat, message_id)),
+                    now - timedelta(days=20),
+                )
+            )
+        keys.rotate(chat, "test")
+        with database.connection() as conn:
+            conn.execute(
+                "UPDATE chat_deks SET valid_to = %s WHERE chat_id = %s AND dek_version = 1",
+                (now - timedelta(days=19), chat),
+            )
+        new_key = keys.current_key(chat)
+        new_ids = SnowflakeIds(13)
+        new_rows = []
+        for i in range(3):
+            message_id = new_ids.next_id()
+            new_rows.append(
+                StoredMessage(
+                    chat,
+                    message_id,
+                    "alice",
+                    2,
+                    seal(f"new {i}".encode(), new_key, MessageContext(chat, message_id)),
+                    now,
+                )
+            )
+        store.write_many(old_rows + new_rows)
+        index.index_many(
+            [
+                IndexedMessage(r.message_id, chat, "default", "alice", r.created_at, "word")
+                for r in old_rows + new_rows
+            ]
+        )
+        index.refresh()
+
+        keys.repo.set_retention(7, chat_id=chat)
+        report = apply_retention(keys, index, store)
+        assert report.rows_deleted == 5 and report.index_documents_deleted == 5
+        assert report.dek_versions_destroyed == 1
+        remaining = [m.message_id for m in store.history(chat, new_ids.next_id(), 0, 100)]
+        assert remaining == [r.message_id for r in reversed(new_rows)]
+        index.refresh()
+        assert sorted(index.search_chat(chat, "word")) == sorted(r.message_id for r in new_rows)
+        states = {d.dek_version: d.state for d in keys.repo.deks(chat)}
+        assert states == {1: "destroyed", 2: "active"}
+        with pytest.raises(KeyDestroyed):
+            keys.key(chat, 1)
+        assert keys.key(chat, 2).material == new_key.material  # live messages still open
+        assert apply_retention(keys, index, store).rows_deleted == 0  # idempotent
+        assert any(e.action == "retention" for e in keys.repo.audit_entries(chat))
+    finally:
+        keys.close()
