@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -215,6 +217,8 @@ def build_app(
         group_id,
         broker=f"kafka://{kafka.bootstrap}",
         store="memory://",
+        # Faust writes a small state folder per app; keep it out of the working directory.
+        datadir=str(Path(tempfile.gettempdir()) / "sealstream-faust" / group_id),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,  # topics are created by `sealstream migrate`, not by workers
