@@ -20,7 +20,6 @@ from sealstream.settings import (
     PostgresSettings,
     RedisSettings,
     Settings,
-    VaultSettings,
 )
 
 START_HINT = "start the local stack first: `sealstream stack up` (or `make stack-up`)"
@@ -48,7 +47,7 @@ def settings(run_id: str) -> Settings:
             host=base.postgres.host, port=base.postgres.port, schema_name=f"t_{run_id}"
         ),
         redis=RedisSettings(url=base.redis.url, key_prefix=f"sealstream-test:{run_id}:"),
-        vault=VaultSettings(address=base.vault.address, default_key=f"test-{run_id}-default"),
+        vault=base.vault.model_copy(update={"default_key": f"test-{run_id}-default"}),
         opensearch=OpenSearchSettings(url=base.opensearch.url, index_prefix=f"t-{run_id}"),
         keys=base.keys,
     )

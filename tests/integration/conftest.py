@@ -1,0 +1,119 @@
+"""Session fixtures of the integration tier: the run's Cassandra keyspace, OpenSearch index and
+Kafka topics, each created through the project's own adapter and removed at the end of the run.
+
+They use names of their own, derived from the run's `settings` (`<keyspace>_smoke`,
+`<prefix>-smoke`, `<topic>.<suffix>`): the e2e tier migrates and then drops the run's shared
+keyspace, index and topics while it tears down, and these must outlive that whatever the order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import delete_topics, ensure_topics
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.settings import KafkaSettings, Settings
+from tests.conftest import require_port
+
+KafkaTopics = Callable[[str], KafkaSettings]
+NewGroup = Callable[[str], str]
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """`host:port` out of a bootstrap string or URL (`http://host:port/...`)."""
+    netloc = address.split("://", 1)[-1].split("/", 1)[0].split(",", 1)[0]
+    host, _, port = netloc.rpartition(":")
+    return host, int(port)
+
+
+@pytest.fixture(scope="session")
+def smoke_settings(settings: Settings) -> Settings:
+    """The run's settings with a keyspace and index prefix of the smoke tests' own."""
+    return settings.model_copy(
+        update={
+            "cassandra": settings.cassandra.model_copy(
+                update={"keyspace": f"{settings.cassandra.keyspace}_smoke"}
+            ),
+            "opensearch": settings.opensearch.model_copy(
+                update={"index_prefix": f"{settings.opensearch.index_prefix}-smoke"}
+            ),
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def message_store(smoke_settings: Settings) -> Iterator[MessageStore]:
+    cfg = smoke_settings.cassandra
+    require_port("cassandra", cfg.hosts[0], cfg.port)
+    store = MessageStore(cfg)
+    store.connect()
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.drop_keyspace()
+        store.close()
+
+
+@pytest.fixture(scope="session")
+def search_index(smoke_settings: Settings) -> Iterator[SearchIndex]:
+    require_port("opensearch", *host_port(smoke_settings.opensearch.url))
+    index = SearchIndex(smoke_settings.opensearch)
+    try:
+        index.migrate()
+        yield index
+    finally:
+        index.drop()
+        index.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_topic_factory(settings: Settings) -> Iterator[KafkaTopics]:
+    """`make(suffix)` creates a fresh message + dead-letter topic pair for this run and returns
+    the Kafka settings naming them; every pair made is deleted at the end of the run."""
+    require_port("kafka", *host_port(settings.kafka.bootstrap))
+    made: list[KafkaSettings] = []
+
+    def make(suffix: str) -> KafkaSettings:
+        cfg = settings.kafka.model_copy(
+            update={
+                "messages_topic": f"{settings.kafka.messages_topic}.{suffix}",
+                "dead_letter_topic": f"{settings.kafka.dead_letter_topic}.{suffix}",
+            }
+        )
+        made.append(cfg)  # before creating: a half-created pair is still cleaned up
+        ensure_topics(cfg)
+        return cfg
+
+    yield make
+    for cfg in made:
+        delete_topics(cfg, [cfg.messages_topic, cfg.dead_letter_topic])
+
+
+@pytest.fixture(scope="session")
+def kafka_topics(kafka_topic_factory: KafkaTopics) -> KafkaSettings:
+    """The run's smoke topics (message topic with `settings.kafka.partitions` partitions)."""
+    return kafka_topic_factory("smoke")
+
+
+@pytest.fixture
+def kafka_group(settings: Settings) -> Iterator[NewGroup]:
+    """`new(prefix)` returns a consumer-group id nobody used before; the groups are deleted
+    after the test, since Kafka would otherwise keep them (and their offsets) for a week."""
+    groups: list[str] = []
+
+    def new(prefix: str) -> str:
+        groups.append(f"{prefix}-{uuid.uuid4().hex[:12]}")
+        return groups[-1]
+
+    yield new
+    if groups:
+        # Fails the test if a member is still in a group: its consumer did not leave on close.
+        admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap})
+        for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
+            future.result(20)
