@@ -203,6 +203,13 @@ class DeadLetterWriter:
         return publish
 
 
+def _faust_datadir(group_id: str) -> Path:
+    """A state folder per consumer group outside the working directory (Faust needs it to exist)."""
+    path = Path(tempfile.gettempdir()) / "sealstream-faust" / group_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def build_app(
     stage: str,
     kafka: KafkaSettings,
@@ -218,7 +225,7 @@ def build_app(
         broker=f"kafka://{kafka.bootstrap}",
         store="memory://",
         # Faust writes a small state folder per app; keep it out of the working directory.
-        datadir=str(Path(tempfile.gettempdir()) / "sealstream-faust" / group_id),
+        datadir=str(_faust_datadir(group_id)),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,  # topics are created by `sealstream migrate`, not by workers
