@@ -1,14 +1,17 @@
 """The gateway's HTTP and WebSocket API: a thin FastAPI layer over `IngestService`.
 
 Handlers are plain `def`s where they block (Postgres, the Kafka acknowledgement): FastAPI runs
-them in its thread pool. Every route needs a bearer token.
+them in its thread pool; the WebSocket handler hands each frame to the pool the same way. Every
+route needs a bearer token. Message ids leave as decimal strings (64-bit ids exceed JavaScript's
+safe integers). Nothing here logs or echoes message text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,14 +19,35 @@ from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ingest.service import MAX_BATCH, Accepted, IngestService, NewMessage
-from schemas.events import MAX_ID_LEN
+from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService, NewMessage
+from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
 from sealstream.auth import AuthError, verify_token
 from sealstream.errors import SealstreamError
 from sealstream.http import ApiError, CurrentUser, error_body, install
 from sealstream.settings import Settings
 
-TAG = "ingest"
+log = logging.getLogger(__name__)
+
+CHATS, MESSAGES = "chats", "messages"
+DESCRIPTION = f"""\
+Accepts chat messages and publishes them to Kafka for encryption at rest and indexing.
+
+* `202 Accepted` means Kafka acknowledged the message on every in-sync replica (acks=all): it
+  will be encrypted and indexed and is never lost. `503` (with `Retry-After`) means it was not
+  accepted: retry, with the same `client_message_id` to make the retry safe.
+* A retry with the same `client_message_id` (same chat, same sender, within 24 h) returns the
+  original `message_id` with `duplicate: true` and publishes nothing.
+* Message ids are decimal strings: 64-bit ids exceed JavaScript's safe integers.
+* Text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank.
+* Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
+  and never echo the input.
+
+**WebSocket** `GET /v1/ws?token=<jwt>` (or `Authorization: Bearer <jwt>`): send JSON frames
+`{{"chat_id", "text", "client_message_id"?}}`; each gets one reply, in order, after Kafka's ack:
+`{{"ok": true, "message_id", "chat_id", "client_message_id", "duplicate"}}` or
+`{{"ok": false, "error": {{"code", "message", "field"?}}}}`. A bad frame does not close the socket;
+a missing or invalid token closes it with code 1008.
+"""
 
 
 class Strict(BaseModel):
@@ -33,11 +57,18 @@ class Strict(BaseModel):
 class CreateChatIn(Strict):
     participants: list[str] = Field(
         default_factory=list,
-        max_length=1000,
-        description="Other participants (the caller is added)",
+        max_length=MAX_PARTICIPANTS,
+        description=f"User ids (1..{MAX_ID_LEN} characters) besides the caller, who is always "
+        f"a participant; at most {MAX_PARTICIPANTS} in all",
     )
-    tenant_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LEN)
-    chat_id: uuid.UUID | None = Field(default=None, description="Optional; generated if absent")
+    tenant_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_ID_LEN, description="Defaults to `default`"
+    )
+    chat_id: uuid.UUID | None = Field(
+        default=None,
+        description="Optional, generated if absent; repeating a creation with the same id and "
+        "participants returns the chat again",
+    )
 
 
 class ChatOut(BaseModel):
@@ -47,7 +78,7 @@ class ChatOut(BaseModel):
 
 
 class MessageIn(Strict):
-    text: str = Field(description="1 to 16384 bytes of UTF-8, not blank")
+    text: str = Field(description=f"1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank")
     client_message_id: str | None = Field(
         default=None,
         min_length=1,
@@ -57,7 +88,9 @@ class MessageIn(Strict):
 
 
 class BatchIn(Strict):
-    messages: list[MessageIn] = Field(min_length=1, max_length=MAX_BATCH)
+    messages: list[MessageIn] = Field(
+        min_length=1, max_length=MAX_BATCH, description="Published in this order"
+    )
 
 
 class AcceptedOut(BaseModel):
@@ -68,13 +101,38 @@ class AcceptedOut(BaseModel):
 
 
 class BatchOut(BaseModel):
-    accepted: list[AcceptedOut]
+    accepted: list[AcceptedOut] = Field(description="One entry per message, in request order")
 
 
 class WsFrame(Strict):
     chat_id: uuid.UUID
     text: str
     client_message_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LEN)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS = {
+    401: "Missing, invalid or expired bearer token",
+    403: "The caller is not a participant of the chat",
+    404: "No such chat",
+    409: "The chat id is taken / a request with this client_message_id is still in flight",
+    410: "The chat was deleted",
+    422: "Invalid request; `field` names the offending field",
+    503: "A backing service (Kafka, Postgres, Redis, KMS) is unavailable; retry",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut, "description": _ERRORS[code]} for code in codes}
 
 
 def _out(chat_id: uuid.UUID, item: Accepted) -> AcceptedOut:
@@ -95,76 +153,134 @@ def create_app(
     app = FastAPI(
         title="Sealstream ingest gateway",
         version="1",
-        description="Post chat messages. `202` means Kafka acknowledged the message (acks=all): "
-        "it will be encrypted at rest and indexed; it is never lost.",
+        description=DESCRIPTION,
+        openapi_tags=[
+            {"name": CHATS, "description": "Creating chats"},
+            {"name": MESSAGES, "description": "Posting messages (see also the WebSocket above)"},
+        ],
     )
     install(app, "ingest", settings.auth, ready)
 
-    @app.post("/v1/chats", status_code=201, response_model=ChatOut, tags=[TAG])
+    @app.post(
+        "/v1/chats",
+        status_code=201,
+        response_model=ChatOut,
+        tags=[CHATS],
+        summary="Create a chat",
+        responses=_errors(401, 409, 410, 422, 503),
+    )
     def create_chat(body: CreateChatIn, user: CurrentUser) -> ChatOut:
-        """Create a chat (the caller is a participant) with its first data key."""
+        """Create a chat with its first data key; the caller is always a participant."""
         chat = service.create_chat(user, body.participants, body.tenant_id, body.chat_id)
         return ChatOut(
             chat_id=chat.chat_id, participants=list(chat.participants), created_at=chat.created_at
         )
 
     @app.post(
-        "/v1/chats/{chat_id}/messages", status_code=202, response_model=AcceptedOut, tags=[TAG]
+        "/v1/chats/{chat_id}/messages",
+        status_code=202,
+        response_model=AcceptedOut,
+        tags=[MESSAGES],
+        summary="Post one message",
+        responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
     def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> AcceptedOut:
-        """Post one message; answers after Kafka acknowledged it."""
-        [accepted] = service.post(user, chat_id, [NewMessage(body.text, body.client_message_id)])
+        """Answers once Kafka acknowledged the message."""
+        [accepted] = service.post(
+            user, chat_id, [NewMessage(body.text, body.client_message_id)], batch=False
+        )
         return _out(chat_id, accepted)
 
     @app.post(
-        "/v1/chats/{chat_id}/messages:batch", status_code=202, response_model=BatchOut, tags=[TAG]
+        "/v1/chats/{chat_id}/messages:batch",
+        status_code=202,
+        response_model=BatchOut,
+        tags=[MESSAGES],
+        summary=f"Post up to {MAX_BATCH} messages",
+        responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
     def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> BatchOut:
-        """Post up to 500 messages in order; answers after Kafka acknowledged all of them."""
+        """All or nothing: answers once Kafka acknowledged every message, in request order."""
         items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
-        return BatchOut(accepted=[_out(chat_id, a) for a in service.post(user, chat_id, items)])
+        accepted = service.post(user, chat_id, items, batch=True)
+        return BatchOut(accepted=[_out(chat_id, a) for a in accepted])
 
     @app.websocket("/v1/ws")
     async def websocket(socket: WebSocket) -> None:
-        """Frames `{"chat_id", "text", "client_message_id"?}`; one reply frame per message."""
-        token = socket.query_params.get("token")
-        header = socket.headers.get("authorization", "")
-        if not token and header.lower().startswith("bearer "):
-            token = header[7:]
-        try:
-            user = verify_token(settings.auth, token or "")
-        except AuthError:
-            await socket.close(code=status.WS_1008_POLICY_VIOLATION)
+        user = _socket_user(socket, settings)
+        if user is None:
+            await socket.close(code=status.WS_1008_POLICY_VIOLATION, reason="invalid token")
             return
         await socket.accept()
         try:
             while True:
-                raw = await socket.receive_text()
-                await socket.send_json(await _handle_frame(service, user, raw))
+                message = await socket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                # One frame at a time: replies come in order and a chat's order is kept.
+                await socket.send_json(await _handle_frame(service, user, _frame_text(message)))
         except WebSocketDisconnect:
             return
 
     return app
 
 
-async def _handle_frame(service: IngestService, user: str, raw: str) -> dict[str, Any]:
+def _socket_user(socket: WebSocket, settings: Settings) -> str | None:
+    token = socket.query_params.get("token")
+    header = socket.headers.get("authorization", "")
+    if not token and header[:7].lower() == "bearer ":
+        token = header[7:].strip()
+    try:
+        return verify_token(settings.auth, token or "")
+    except AuthError:
+        return None
+
+
+def _frame_text(message: Mapping[str, Any]) -> str | None:
+    """The frame as text; None for a binary frame that is not UTF-8."""
+    text = message.get("text")
+    if isinstance(text, str):
+        return text
+    try:
+        return bytes(message.get("bytes") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _frame_error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"ok": False, **error_body(code, message, field)}
+
+
+async def _handle_frame(service: IngestService, user: str, raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return _frame_error("invalid_request", "frame: binary frame is not UTF-8", "frame")
     try:
         frame = WsFrame.model_validate(json.loads(raw))
-    except json.JSONDecodeError:
-        return {"ok": False, **error_body("invalid_request", "frame: malformed JSON", "frame")}
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "frame"
-        return {"ok": False, **error_body("invalid_request", f"{field}: {err['msg']}", field)}
+        return _frame_error("invalid_request", f"{field}: {err['msg']}", field)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return _frame_error("invalid_request", "frame: malformed JSON", "frame")
     try:
         [accepted] = await run_in_threadpool(
-            service.post, user, frame.chat_id, [NewMessage(frame.text, frame.client_message_id)]
+            service.post,
+            user,
+            frame.chat_id,
+            [NewMessage(frame.text, frame.client_message_id)],
+            batch=False,
         )
     except ApiError as err:
-        return {"ok": False, **error_body(err.code, err.message, err.field)}
+        return _frame_error(err.code, err.message, err.field)
     except SealstreamError as err:
-        code = "unavailable" if err.retriable else "internal"
-        return {"ok": False, **error_body(code, "could not accept the message; retry")}
+        if err.retriable:
+            log.warning("dependency unavailable", extra={"error": str(err)})
+            return _frame_error("unavailable", "a backing service is unavailable; retry")
+        log.error("unexpected domain error", extra={"error": type(err).__name__})
+        return _frame_error("internal", "internal error")
+    except Exception as err:  # a bug must not end the socket for every later frame
+        log.exception("websocket frame failed", extra={"error": type(err).__name__})
+        return _frame_error("internal", "internal error")
     return {
         "ok": True,
         "message_id": str(accepted.message_id),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 
+from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
 
 from ingest.api import create_app
@@ -15,10 +16,11 @@ from ingest.service import CachedChats, IngestService
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
+from sealstream.errors import StoreUnavailable
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
-from sealstream.settings import Settings
+from sealstream.settings import KafkaSettings, Settings
 from sealstream.wiring import key_service
 
 SERVICE = "ingest"
@@ -41,6 +43,8 @@ class KeyServiceChats:
 
 
 class AckedPublisher:
+    """`RecordPublisher` on the shared acks=all producer (blocks until every record is acked)."""
+
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
 
@@ -48,7 +52,26 @@ class AckedPublisher:
         self.publisher.publish(topic, items)
 
 
+def _readiness(
+    database: Database, idempotency: RedisIdempotency, kafka: KafkaSettings
+) -> Callable[[], Awaitable[bool]]:
+    """Ready when Postgres and Redis answer and Kafka has the message topic."""
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+
+    def check() -> None:
+        with database.connection() as conn:
+            conn.execute("SELECT 1")
+        idempotency.ping()
+        topics = admin.list_topics(timeout=2).topics  # all topics: never auto-creates one
+        if kafka.messages_topic not in topics:
+            raise StoreUnavailable("the message topic does not exist (run `sealstream migrate`)")
+
+    return readiness(check)
+
+
 def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
+    """The gateway app on real adapters, and a function closing everything it opened (it
+    flushes the producer first, so nothing acknowledged to a client stays in a local queue)."""
     stack = ExitStack()
     try:
         database = Database(settings.postgres)
@@ -56,7 +79,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(database.close)
         keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
         publisher = Publisher(settings.kafka, client_id=f"ingest-{settings.worker_id}")
-        stack.callback(publisher.close)  # flushes: nothing accepted stays in the local queue
+        stack.callback(publisher.close)
         idempotency = RedisIdempotency(settings.redis)
         stack.callback(idempotency.close)
         service = IngestService(
@@ -66,12 +89,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             idempotency=idempotency,
             topic=settings.kafka.messages_topic,
         )
-
-        def check() -> None:
-            with database.connection() as conn:
-                conn.execute("SELECT 1")
-
-        app = create_app(service, settings, readiness(check))
+        app = create_app(service, settings, _readiness(database, idempotency, settings.kafka))
     except BaseException:
         stack.close()
         raise
@@ -79,6 +97,16 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 
 
 def run(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT (uvicorn's graceful shutdown), TLS when configured; the
+    app's lifespan shutdown then closes everything `build` opened, flushing the producer."""
     configure_logging(SERVICE)
     app, close = build(settings)
+    log.info(
+        "starting",
+        extra={
+            "port": settings.ingest.port,
+            "tls": settings.ingest.tls,
+            "worker_id": settings.worker_id,
+        },
+    )
     serve(app, settings.ingest, close)

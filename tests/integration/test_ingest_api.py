@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import Consumer
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
-from ingest.wiring import build
-from schemas.events import MessageRecord
+from ingest.idempotency import RedisIdempotency
+from ingest.ports import ClaimInFlight
+from schemas.events import MAX_TEXT_BYTES, MessageRecord
 from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.auth import mint_token
 from sealstream.settings import Settings
 from tests.conftest import require_port
+
+Record = tuple[bytes, MessageRecord, object]
 
 
 @pytest.fixture(scope="module")
@@ -32,47 +37,70 @@ def gateway_settings(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def client(gateway_settings: Settings, database: object) -> Iterator[TestClient]:
+    from ingest.wiring import build
+
     settings = gateway_settings
     require_port("kafka", "127.0.0.1", int(settings.kafka.bootstrap.rsplit(":", 1)[1]))
+    require_port("redis", "127.0.0.1", int(settings.redis.url.rsplit(":", 1)[1].split("/")[0]))
     ensure_topics(settings.kafka)
     app, close = build(settings)
-    with TestClient(app) as test_client:
-        yield test_client
-    close()
-    delete_topics(settings.kafka, [settings.kafka.messages_topic, settings.kafka.dead_letter_topic])
+    try:
+        with TestClient(app) as test_client:
+            yield test_client
+    finally:
+        close()
+        delete_topics(
+            settings.kafka, [settings.kafka.messages_topic, settings.kafka.dead_letter_topic]
+        )
 
 
 def auth(settings: Settings, user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(settings.auth, user)}"}
 
 
-def consume(settings: Settings, count: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+def new_chat(client: TestClient, settings: Settings, owner: str, *others: str) -> str:
+    created = client.post(
+        "/v1/chats", json={"participants": list(others)}, headers=auth(settings, owner)
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["chat_id"])
+
+
+def consume(settings: Settings, chat: str, count: int, settle: float = 0.0) -> list[Record]:
+    """The chat's records on the message topic (fresh group, from the earliest offset); waits
+    for `count` of them, then `settle` seconds more to catch any record too many."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka.bootstrap,
             "group.id": f"check-{uuid.uuid4()}",
             "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
         }
     )
     consumer.subscribe([settings.kafka.messages_topic])
-    out = []
-    for _ in range(200):
-        msg = consumer.poll(0.2)
-        if msg is not None and not msg.error():
-            out.append((msg.key(), msg.value(), msg.headers() or []))
-        if len(out) >= count:
-            break
-    consumer.close()
+    out: list[Record] = []
+    deadline = time.monotonic() + 30
+    settled: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            if settled is None and len(out) >= count:
+                settled = time.monotonic() + settle
+            if settled is not None and time.monotonic() >= settled:
+                break
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            record = MessageRecord.model_validate_json(msg.value() or b"")
+            if str(record.chat_id) == chat:
+                out.append((msg.key() or b"", record, msg.headers() or []))
+    finally:
+        consumer.close()
     return out
 
 
 def test_accepted_messages_are_on_the_topic(client: TestClient, gateway_settings: Settings) -> None:
     settings = gateway_settings
-    created = client.post(
-        "/v1/chats", json={"participants": ["bob"]}, headers=auth(settings, "alice")
-    )
-    assert created.status_code == 201
-    chat = created.json()["chat_id"]
+    chat = new_chat(client, settings, "alice", "bob")
     one = client.post(
         f"/v1/chats/{chat}/messages", json={"text": "first ✓"}, headers=auth(settings, "bob")
     )
@@ -82,72 +110,203 @@ def test_accepted_messages_are_on_the_topic(client: TestClient, gateway_settings
         headers=auth(settings, "alice"),
     )
     assert one.status_code == 202 and batch.status_code == 202
+    assert one.json()["chat_id"] == chat and one.json()["duplicate"] is False
+    assert isinstance(one.json()["message_id"], str)  # decimal string, not a JSON number
     ids = [one.json()["message_id"]] + [a["message_id"] for a in batch.json()["accepted"]]
-    records = consume(settings, 3)
-    mine = [(k, MessageRecord.model_validate_json(v), h) for k, v, h in records]
-    mine = [m for m in mine if str(m[1].chat_id) == chat]
-    assert [str(r.message_id) for _, r, _ in mine] == ids
-    assert [r.text for _, r, _ in mine] == ["first ✓", "second", "third"]
-    assert all(k == chat.encode() and h == [] for k, _, h in mine)  # keyed by chat, no headers
+    assert ids == sorted(ids, key=int)
+
+    records = consume(settings, chat, 3)
+    assert [str(r.message_id) for _, r, _ in records] == ids
+    assert [(r.text, r.sender_id, r.client_message_id) for _, r, _ in records] == [
+        ("first ✓", "bob", None),
+        ("second", "alice", None),
+        ("third", "alice", "k3"),
+    ]
+    for key, record, headers in records:
+        assert key == chat.encode() and headers == []  # keyed by chat id; no text in headers
+        assert record.tenant_id == "default" and record.schema_version == 1
+        assert abs(time.time() - record.sent_at.timestamp()) < 60
 
 
 def test_errors_are_clear_and_never_500(client: TestClient, settings: Settings) -> None:
-    chat = client.post("/v1/chats", json={}, headers=auth(settings, "carol")).json()["chat_id"]
+    chat = new_chat(client, settings, "carol")
     url = f"/v1/chats/{chat}/messages"
-    assert client.post(url, json={"text": "x"}).status_code == 401
+    carol = auth(settings, "carol")
+    missing = client.post(url, json={"text": "x"})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthenticated"
     bad_token = {"Authorization": "Bearer not.a.token"}
     assert client.post(url, json={"text": "x"}, headers=bad_token).status_code == 401
-    assert client.post(url, json={"text": "x"}, headers=auth(settings, "dave")).status_code == 403
-    unknown = client.post(
-        f"/v1/chats/{uuid.uuid4()}/messages", json={"text": "x"}, headers=auth(settings, "carol")
-    )
-    assert unknown.status_code == 404
-    too_big = client.post(url, json={"text": "y" * 20_000}, headers=auth(settings, "carol"))
+    expired = {"Authorization": f"Bearer {mint_token(settings.auth, 'carol', ttl_seconds=-60)}"}
+    assert client.post(url, json={"text": "x"}, headers=expired).status_code == 401
+    other = client.post(url, json={"text": "x"}, headers=auth(settings, "dave"))
+    assert other.status_code == 403 and other.json()["error"]["code"] == "not_participant"
+    unknown = client.post(f"/v1/chats/{uuid.uuid4()}/messages", json={"text": "x"}, headers=carol)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_chat"
+    bad_path = client.post("/v1/chats/not-a-uuid/messages", json={"text": "x"}, headers=carol)
+    assert bad_path.status_code == 422 and "chat_id" in bad_path.json()["error"]["field"]
+
+    too_big = client.post(url, json={"text": "y" * 20_000}, headers=carol)
     assert too_big.status_code == 422 and too_big.json()["error"]["field"] == "text"
-    assert "16384" in too_big.json()["error"]["message"] and "yyyy" not in too_big.text
-    malformed = client.post(
-        url,
-        content=b"{oops",
-        headers={**auth(settings, "carol"), "content-type": "application/json"},
+    assert str(MAX_TEXT_BYTES) in too_big.json()["error"]["message"] and "yyyy" not in too_big.text
+    json_headers = {**carol, "content-type": "application/json"}
+    malformed = client.post(url, content=b"{oops", headers=json_headers)
+    assert malformed.status_code == 422
+    assert malformed.json()["error"]["message"] == "body: malformed JSON"
+    surrogate = client.post(url, content=b'{"text": "hi \\ud800"}', headers=json_headers)
+    assert surrogate.status_code == 422 and surrogate.json()["error"]["field"] == "text"
+    in_batch = client.post(
+        f"{url}:batch", content=b'{"messages": [{"text": "\\udfff"}]}', headers=json_headers
     )
-    assert (
-        malformed.status_code == 422
-        and malformed.json()["error"]["message"] == "body: malformed JSON"
-    )
-    extra = client.post(url, json={"text": "x", "color": "red"}, headers=auth(settings, "carol"))
+    assert in_batch.status_code == 422 and in_batch.json()["error"]["field"] == "messages.0.text"
+    blank = client.post(url, json={"text": "   "}, headers=carol)
+    assert blank.status_code == 422 and blank.json()["error"]["field"] == "text"
+    missing_text = client.post(url, json={}, headers=carol)
+    assert missing_text.status_code == 422 and missing_text.json()["error"]["field"] == "text"
+    extra = client.post(url, json={"text": "x", "color": "red"}, headers=carol)
     assert extra.status_code == 422 and extra.json()["error"]["field"] == "color"
+    empty_batch = client.post(f"{url}:batch", json={"messages": []}, headers=carol)
+    assert empty_batch.status_code == 422 and empty_batch.json()["error"]["field"] == "messages"
+    bad_member = client.post("/v1/chats", json={"participants": ["ok", "x" * 200]}, headers=carol)
+    assert bad_member.status_code == 422 and bad_member.json()["error"]["field"] == "participants.1"
+    bad_tenant = client.post("/v1/chats", json={"tenant_id": "no-such-tenant"}, headers=carol)
+    assert bad_tenant.status_code == 422 and bad_tenant.json()["error"]["field"] == "tenant_id"
 
 
-def test_idempotent_retry(client: TestClient, settings: Settings) -> None:
-    chat = client.post("/v1/chats", json={}, headers=auth(settings, "erin")).json()["chat_id"]
+def test_a_taken_chat_id_is_refused_without_revealing_the_chat(
+    client: TestClient, settings: Settings
+) -> None:
+    chat_id = str(uuid.uuid4())
+    body = {"participants": ["secret-friend"], "chat_id": chat_id}
+    first = client.post("/v1/chats", json=body, headers=auth(settings, "frank"))
+    assert first.status_code == 201 and first.json()["chat_id"] == chat_id
+    again = client.post("/v1/chats", json=body, headers=auth(settings, "frank"))
+    assert again.status_code == 201 and again.json() == first.json()  # a safe retry
+    stolen = client.post(
+        "/v1/chats", json={"participants": [], "chat_id": chat_id}, headers=auth(settings, "eve")
+    )
+    assert stolen.status_code == 409 and stolen.json()["error"]["code"] == "chat_exists"
+    assert "secret-friend" not in stolen.text and "frank" not in stolen.text
+
+
+def test_idempotent_retry_publishes_once(client: TestClient, gateway_settings: Settings) -> None:
+    settings = gateway_settings
+    chat = new_chat(client, settings, "erin")
+    url, erin = f"/v1/chats/{chat}/messages", auth(settings, "erin")
     body = {"text": "only once", "client_message_id": "retry-1"}
-    first = client.post(
-        f"/v1/chats/{chat}/messages", json=body, headers=auth(settings, "erin")
-    ).json()
-    second = client.post(
-        f"/v1/chats/{chat}/messages", json=body, headers=auth(settings, "erin")
-    ).json()
-    assert second["message_id"] == first["message_id"] and second["duplicate"] is True
+    first = client.post(url, json=body, headers=erin)
+    second = client.post(url, json=body, headers=erin)
+    assert first.status_code == second.status_code == 202
+    assert second.json()["message_id"] == first.json()["message_id"]
+    assert (first.json()["duplicate"], second.json()["duplicate"]) == (False, True)
+    batch = client.post(
+        f"{url}:batch",
+        json={"messages": [body, {"text": "new", "client_message_id": "retry-2"}]},
+        headers=erin,
+    ).json()["accepted"]
+    assert batch[0]["message_id"] == first.json()["message_id"] and batch[0]["duplicate"]
+    assert batch[1]["duplicate"] is False
+
+    records = consume(settings, chat, 2, settle=1.0)
+    assert [(r.text, r.client_message_id) for _, r, _ in records] == [
+        ("only once", "retry-1"),
+        ("new", "retry-2"),
+    ]
 
 
-def test_websocket_round_trip_and_bad_frames(client: TestClient, settings: Settings) -> None:
-    chat = client.post("/v1/chats", json={}, headers=auth(settings, "gina")).json()["chat_id"]
+def test_redis_idempotency_store(settings: Settings) -> None:
+    store = RedisIdempotency(settings.redis)
+    chat, sender, client_id = uuid.uuid4(), "ivy", "client-id-42"
+    try:
+        assert store.claim(chat, sender, client_id, 1001) is None
+        with pytest.raises(ClaimInFlight):  # pending until Kafka acknowledged
+            store.claim(chat, sender, client_id, 1002)
+        store.confirm(chat, sender, client_id, 1001)
+        assert store.claim(chat, sender, client_id, 1003) == 1001
+        store.release(chat, sender, client_id, 1003)  # not our claim: no effect
+        assert store.claim(chat, sender, client_id, 1004) == 1001
+
+        key = store.key(chat, sender, client_id)
+        raw = store._client  # the test reads Redis directly: key and value hold ids only
+        assert raw.get(key) == "1001" and 23 * 3600 < raw.ttl(key) <= 24 * 3600
+        assert str(chat) not in key and client_id not in key and sender not in key
+        assert len(store.key(chat, sender, "c" * 128)) == len(key)
+
+        assert store.claim(chat, sender, "other", 2001) is None
+        assert 0 < raw.ttl(store.key(chat, sender, "other")) <= 120  # pending claims expire soon
+        store.release(chat, sender, "other", 2001)
+        assert store.claim(chat, sender, "other", 2002) is None  # released: free again
+    finally:
+        store._client.delete(store.key(chat, sender, client_id), store.key(chat, sender, "other"))
+        store.close()
+
+
+def test_websocket_round_trip_and_bad_frames(
+    client: TestClient, gateway_settings: Settings
+) -> None:
+    settings = gateway_settings
+    chat = new_chat(client, settings, "gina")
     token = mint_token(settings.auth, "gina")
     with client.websocket_connect(f"/v1/ws?token={token}") as ws:
-        ws.send_json({"chat_id": chat, "text": "over the socket"})
+        ws.send_json({"chat_id": chat, "text": "over the socket", "client_message_id": "w1"})
         reply = ws.receive_json()
         assert reply["ok"] is True and int(reply["message_id"]) > 0
+        assert reply["client_message_id"] == "w1" and reply["duplicate"] is False
         ws.send_text("not json")
-        assert ws.receive_json()["error"]["message"] == "frame: malformed JSON"
+        assert ws.receive_json() == {
+            "ok": False,
+            "error": {
+                "code": "invalid_request",
+                "message": "frame: malformed JSON",
+                "field": "frame",
+            },
+        }
         ws.send_json({"chat_id": chat})
         assert ws.receive_json()["error"]["field"] == "text"
+        ws.send_json({"chat_id": chat, "text": "z" * (MAX_TEXT_BYTES + 1)})
+        too_long = ws.receive_json()
+        assert too_long["error"]["field"] == "text" and "zzzz" not in str(too_long)
+        ws.send_text('{"chat_id": "' + chat + '", "text": "\\ud800"}')  # a lone surrogate
+        assert ws.receive_json()["error"]["field"] == "text"
+        ws.send_json({"chat_id": str(uuid.uuid4()), "text": "x"})
+        assert ws.receive_json()["error"]["code"] == "unknown_chat"
+        ws.send_bytes(b"\xff\xfe")
+        assert ws.receive_json()["ok"] is False
+        ws.send_json({"chat_id": chat, "text": "over the socket", "client_message_id": "w1"})
+        retried = ws.receive_json()
+        assert retried["message_id"] == reply["message_id"] and retried["duplicate"] is True
         ws.send_json({"chat_id": chat, "text": "still open"})
         assert ws.receive_json()["ok"] is True
-    from starlette.websockets import WebSocketDisconnect
 
-    with (
-        pytest.raises(WebSocketDisconnect) as closed,
-        client.websocket_connect("/v1/ws?token=bad") as ws,
-    ):
-        ws.receive_json()
-    assert closed.value.code == 1008
+    # The token may come in the Authorization header too; a non-participant is told so.
+    with client.websocket_connect("/v1/ws", headers=auth(settings, "mallory")) as ws:
+        ws.send_json({"chat_id": chat, "text": "let me in"})
+        assert ws.receive_json()["error"]["code"] == "not_participant"
+
+    records = consume(settings, chat, 2, settle=1.0)
+    assert [r.text for _, r, _ in records] == ["over the socket", "still open"]
+
+    for url in ("/v1/ws?token=bad", "/v1/ws"):
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(url) as ws:
+            ws.receive_json()
+        assert closed.value.code == 1008
+
+
+def test_openapi_health_and_metrics(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert spec["info"]["title"] == "Sealstream ingest gateway"
+    assert {t["name"] for t in spec["tags"]} == {"chats", "messages"}
+    paths = spec["paths"]
+    assert set(paths) >= {
+        "/v1/chats",
+        "/v1/chats/{chat_id}/messages",
+        "/v1/chats/{chat_id}/messages:batch",
+    }
+    post = paths["/v1/chats/{chat_id}/messages"]["post"]
+    assert {"202", "401", "403", "404", "410", "422", "503"} <= set(post["responses"])
+    assert post["security"] == [{"HTTPBearer": []}]
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    metrics = client.get("/metrics").text
+    assert "sealstream_ingest_messages_total" in metrics
+    assert "sealstream_ingest_batch_size_bucket" in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def test_gateway_serves_https_only_when_given_a_certificate(
         deadline = time.monotonic() + 20
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        response = httpx.get(f"https://127.0.0.1:{http.port}/healthz", verify=str(cert))
+        trust = ssl.create_default_context(cafile=str(cert))
+        response = httpx.get(f"https://127.0.0.1:{http.port}/healthz", verify=trust)
         assert response.status_code == 200
         # The same port refuses plaintext HTTP: nothing travels unencrypted.
         try:
