@@ -15,10 +15,6 @@ class SealstreamError(Exception):
     retriable: bool = False
 
 
-class ConfigurationError(SealstreamError):
-    """Settings are missing or unsafe; raised at start-up."""
-
-
 class InvalidMessage(SealstreamError):
     """A record or request can never be processed as it is (schema, size, encoding)."""
 

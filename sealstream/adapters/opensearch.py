@@ -9,7 +9,6 @@ Documents use the message id as `_id`, so re-indexing a redelivered record is a 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +24,7 @@ from opensearchpy.exceptions import (
     TransportError,
 )
 
-from sealstream.errors import InvalidMessage, StoreUnavailable
+from sealstream.errors import InvalidMessage, SealstreamError, StoreUnavailable
 from sealstream.settings import OpenSearchSettings
 
 
@@ -37,6 +36,15 @@ class IndexedMessage:
     sender_id: str
     sent_at: datetime
     text: str
+
+
+class SearchRejected(SealstreamError):
+    """OpenSearch refused a request for a reason a retry will not fix."""
+
+    def __init__(self, status: int | str | None, error_type: str) -> None:
+        super().__init__(f"OpenSearch rejected the request (HTTP {status}, {error_type})")
+        self.status = status
+        self.error_type = error_type
 
 
 def _retriable_status(status: int | str | None) -> bool:
@@ -59,7 +67,9 @@ class SearchIndex:
         except TransportError as exc:
             if _retriable_status(exc.status_code):
                 raise StoreUnavailable(f"OpenSearch busy (HTTP {exc.status_code})") from None
-            raise
+            # Status and error type only: OpenSearch's reason text can quote a field's value,
+            # i.e. message text, and callers log what they catch.
+            raise SearchRejected(exc.status_code, str(exc.error)[:100]) from None
 
     def ping(self) -> str:
         info = self._run(self._client.info)
@@ -73,8 +83,8 @@ class SearchIndex:
         if not exists:
             try:
                 self._run(lambda: self._client.indices.create(index=self.index, body=body))
-            except TransportError as exc:
-                if "resource_already_exists" not in str(exc.error):
+            except SearchRejected as exc:
+                if "resource_already_exists" not in exc.error_type:
                     raise
 
     def index_many(self, messages: list[IndexedMessage]) -> None:
@@ -127,8 +137,8 @@ class SearchIndex:
     def delete_message(self, message_id: int) -> None:
         try:
             self._run(lambda: self._client.delete(index=self.index, id=str(message_id)))
-        except TransportError as exc:
-            if exc.status_code != 404:
+        except SearchRejected as exc:
+            if exc.status != 404:
                 raise
 
     def delete_chat(self, chat_id: uuid.UUID, before: datetime | None = None) -> int:
@@ -170,15 +180,6 @@ class SearchIndex:
             )
         )
         return [hit.get("_source", {}) for hit in result["hits"]["hits"]]
-
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.refresh()
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return False
 
     def drop(self) -> None:
         self._run(lambda: self._client.indices.delete(index=self.index, ignore_unavailable=True))
