@@ -15,7 +15,7 @@ from rich.table import Table
 from sealstream.settings import StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext, StackError
-from sealstream.wiring import key_service
+from sealstream.wiring import key_service, message_stores
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,21 +107,12 @@ def keys_delete_chat(
     reason: Annotated[str, typer.Option(help="why (recorded in the audit trail)")],
 ) -> None:
     """Crypto-shred a chat: destroy its DEKs everywhere, then delete its index docs and rows."""
-    from sealstream.adapters.cassandra import MessageStore
-    from sealstream.adapters.opensearch import SearchIndex
     from sealstream.lifecycle import delete_chat
     from sealstream.settings import Settings
 
     settings = Settings()
-    store = MessageStore(settings.cassandra)
-    store.connect()
-    index = SearchIndex(settings.opensearch)
-    try:
-        with key_service(settings, actor="cli") as keys:
-            receipt = delete_chat(keys, index, store, _chat_id(chat), reason)
-    finally:
-        store.close()
-        index.close()
+    with message_stores(settings) as (store, index), key_service(settings, actor="cli") as keys:
+        receipt = delete_chat(keys, index, store, _chat_id(chat), reason)
     table = Table("receipt", "value", title=f"chat {chat} deleted")
     table.add_row("DEK versions destroyed", str(receipt.dek_versions_destroyed))
     table.add_row("index documents deleted", str(receipt.index_documents_deleted))
@@ -220,20 +211,11 @@ def keys_rotate_master(
 @keys_app.command("delete-message")
 def keys_delete_message(chat: ChatArg, message_id: Annotated[int, typer.Argument()]) -> None:
     """Hide one message at once, drop its ciphertext and its search document."""
-    from sealstream.adapters.cassandra import MessageStore
-    from sealstream.adapters.opensearch import SearchIndex
     from sealstream.lifecycle import delete_message
     from sealstream.settings import Settings
 
-    settings = Settings()
-    store = MessageStore(settings.cassandra)
-    store.connect()
-    index = SearchIndex(settings.opensearch)
-    try:
+    with message_stores(Settings()) as (store, index):
         found = delete_message(store, index, _chat_id(chat), message_id)
-    finally:
-        store.close()
-        index.close()
     console.print("deleted" if found else "no such message (index entry removed if any)")
 
 
@@ -248,26 +230,17 @@ def keys_retention(
     ] = None,
 ) -> None:
     """Apply retention: remove expired messages, destroy DEK versions no message uses."""
-    from sealstream.adapters.cassandra import MessageStore
-    from sealstream.adapters.opensearch import SearchIndex
     from sealstream.lifecycle import apply_retention
     from sealstream.settings import Settings
 
     settings = Settings()
-    store = MessageStore(settings.cassandra)
-    store.connect()
-    index = SearchIndex(settings.opensearch)
-    try:
-        with key_service(settings, actor="cli") as keys:
-            if days is not None:
-                if not (tenant or chat):
-                    console.print("[red]--days needs --tenant or --chat[/red]")
-                    raise typer.Exit(2)
-                keys.repo.set_retention(days, tenant, _chat_id(chat) if chat else None)
-            report = apply_retention(keys, index, store)
-    finally:
-        store.close()
-        index.close()
+    with message_stores(settings) as (store, index), key_service(settings, actor="cli") as keys:
+        if days is not None:
+            if not (tenant or chat):
+                console.print("[red]--days needs --tenant or --chat[/red]")
+                raise typer.Exit(2)
+            keys.repo.set_retention(days, tenant, _chat_id(chat) if chat else None)
+        report = apply_retention(keys, index, store)
     console.print(
         f"{report.chats} chats with retention: {report.rows_deleted} rows, "
         f"{report.index_documents_deleted} index documents removed, "

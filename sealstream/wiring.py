@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.adapters.vault import TransitKms
@@ -38,3 +40,16 @@ def key_service(
         redis.close()
         if own_db:
             database.close()
+
+
+@contextmanager
+def message_stores(settings: Settings) -> Iterator[tuple[MessageStore, SearchIndex]]:
+    """The Cassandra message store and the search index, connected; closed on exit."""
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    index = SearchIndex(settings.opensearch)
+    try:
+        yield store, index
+    finally:
+        store.close()
+        index.close()

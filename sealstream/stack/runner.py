@@ -31,35 +31,31 @@ class ServerStatus:
     rss_mb: float  # resident memory of the server's whole process group
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by every process in a process group."""
-    ticks = 0
+def _group_stats(pgid: int) -> list[list[str]]:
+    """/proc/PID/stat fields (from field 3 on) of every process in a process group."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-        except (OSError, IndexError, ValueError):
-            continue
+        except OSError:
+            continue  # the process ended while we looked
+        if len(fields) > 21 and fields[2] == str(pgid):  # field 5: the process group
+            found.append(fields)
+    return found
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by every process in a process group."""
+    ticks = sum(int(f[11]) + int(f[12]) for f in _group_stats(pgid))  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def group_rss_mb(pgid: int | None) -> float:
-    """Resident memory (MiB) of every process in a process group, read from /proc."""
+    """Resident memory (MiB) of every process in a process group."""
     if pgid is None:
         return 0.0
-    total_kb = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:  # field 5 of /proc/PID/stat: the process group
-                continue
-            for line in (stat.parent / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kb += int(line.split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total_kb / 1024
+    pages = sum(int(f[21]) for f in _group_stats(pgid))  # field 24: rss in pages
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 def _read_pid(path: Path) -> int | None:
