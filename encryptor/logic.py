@@ -45,6 +45,7 @@ def seal_batch(
 ) -> tuple[list[StoredMessage], list[Rejected]]:
     stored: list[StoredMessage] = []
     rejected: list[Rejected] = []
+    lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
     for record in records:
         decoded = decode(record)
         if isinstance(decoded, Rejected):
@@ -63,8 +64,8 @@ def seal_batch(
         envelope = seal(
             decoded.text.encode("utf-8"), key, MessageContext(decoded.chat_id, decoded.message_id)
         )
-        _KEY_LOOKUP.inc(looked_up - started)
-        _CRYPTO.inc(time.perf_counter() - looked_up)
+        lookup_seconds += looked_up - started
+        crypto_seconds += time.perf_counter() - looked_up
         stored.append(
             StoredMessage(
                 chat_id=decoded.chat_id,
@@ -75,6 +76,8 @@ def seal_batch(
                 created_at=decoded.sent_at,
             )
         )
+    _KEY_LOOKUP.inc(lookup_seconds)
+    _CRYPTO.inc(crypto_seconds)
     return stored, rejected
 
 
