@@ -1,8 +1,12 @@
-"""Signed bearer tokens: HS256 JWTs whose `sub` is the user id (PyJWT does the signing)."""
+"""Signed bearer tokens: HS256 JWTs whose `sub` is the user id (PyJWT does the signing).
+
+An optional `roles` claim grants operator rights: `admin` opens the key-lifecycle admin API.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import jwt
 
@@ -11,27 +15,48 @@ from sealstream.settings import AuthSettings
 
 _ALGORITHM = "HS256"
 _MAX_USER_ID = 128
+ADMIN_ROLE = "admin"
 
 
 class AuthError(SealstreamError):
     """The bearer token is missing, malformed, expired or not signed by us."""
 
 
-def mint_token(settings: AuthSettings, user_id: str, ttl_seconds: int | None = None) -> str:
+@dataclass(frozen=True)
+class Principal:
+    """Who a valid token speaks for, and the roles it grants."""
+
+    user_id: str
+    roles: frozenset[str] = frozenset()
+
+
+def mint_token(
+    settings: AuthSettings,
+    user_id: str,
+    ttl_seconds: int | None = None,
+    roles: tuple[str, ...] = (),
+) -> str:
     if not 0 < len(user_id) <= _MAX_USER_ID:
         raise ValueError(f"user id must be 1..{_MAX_USER_ID} characters")
     now = int(time.time())
-    claims = {
+    claims: dict[str, object] = {
         "sub": user_id,
         "iss": settings.issuer,
         "iat": now,
         "exp": now + (ttl_seconds or settings.token_ttl_seconds),
     }
+    if roles:
+        claims["roles"] = sorted(roles)
     return jwt.encode(claims, settings.secret.get_secret_value(), algorithm=_ALGORITHM)
 
 
 def verify_token(settings: AuthSettings, token: str) -> str:
     """Return the user id of a valid token; raise AuthError saying what was wrong otherwise."""
+    return verify_principal(settings, token).user_id
+
+
+def verify_principal(settings: AuthSettings, token: str) -> Principal:
+    """The user and roles of a valid token; raise AuthError saying what was wrong otherwise."""
     try:
         claims = jwt.decode(
             token,
@@ -47,4 +72,7 @@ def verify_token(settings: AuthSettings, token: str) -> str:
     user = claims["sub"]
     if not isinstance(user, str) or not 0 < len(user) <= _MAX_USER_ID:
         raise AuthError("invalid token (bad sub)")
-    return user
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthError("invalid token (bad roles)")
+    return Principal(user, frozenset(roles))

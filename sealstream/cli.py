@@ -308,12 +308,15 @@ def run(
 def token(
     user: Annotated[str, typer.Argument(help="user id to put in `sub`")],
     ttl: Annotated[int, typer.Option(help="lifetime in seconds")] = 3600,
+    admin: Annotated[
+        bool, typer.Option(help="grant the admin role (key-lifecycle admin API)")
+    ] = False,
 ) -> None:
     """Mint a bearer token for local use (signed with the configured auth secret)."""
-    from sealstream.auth import mint_token
+    from sealstream.auth import ADMIN_ROLE, mint_token
     from sealstream.settings import Settings
 
-    print(mint_token(Settings().auth, user, ttl))
+    print(mint_token(Settings().auth, user, ttl, roles=(ADMIN_ROLE,) if admin else ()))
 
 
 @app.command("demo")

@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sealstream.auth import AuthError, verify_token
+from sealstream.auth import ADMIN_ROLE, AuthError, Principal, verify_principal
 from sealstream.errors import (
     DecryptionError,
     InvalidMessage,
@@ -71,20 +71,32 @@ def _json_error(status: int, code: str, message: str, field: str | None = None) 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def current_user(
+def current_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
+) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "unauthenticated", "missing bearer token (Authorization: Bearer ...)")
     settings: AuthSettings = request.app.state.auth_settings
     try:
-        return verify_token(settings, credentials.credentials)
+        return verify_principal(settings, credentials.credentials)
     except AuthError as err:
         raise ApiError(401, "unauthenticated", str(err)) from None
 
 
+def current_user(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+    return principal.user_id
+
+
+def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+    """The operator behind an admin request (recorded in the key audit trail)."""
+    if ADMIN_ROLE not in principal.roles:
+        raise ApiError(403, "forbidden", f"this operation needs the '{ADMIN_ROLE}' role")
+    return principal.user_id
+
+
 CurrentUser = Annotated[str, Depends(current_user)]
+CurrentAdmin = Annotated[str, Depends(current_admin)]
 
 
 def readiness(check: Callable[[], object]) -> Callable[[], Awaitable[bool]]:

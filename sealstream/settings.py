@@ -34,6 +34,7 @@ INGEST_PORT = 8443
 READER_PORT = 8444
 ENCRYPTOR_PORT = 8445
 INDEXER_PORT = 8446
+ADMIN_PORT = 8447
 
 
 class StackSettings(BaseSettings):
@@ -144,6 +145,12 @@ class KeyCacheSettings(BaseModel):
     pointer_ttl_seconds: float = Field(default=30.0, gt=0)
     redis_ttl_seconds: int = Field(default=3600, ge=1)
     default_tenant: str = "default"
+    # Rotation policy (docs/operations.md). A chat's DEK is rotated once its current version is
+    # older than `rotate_max_age_days` (by `sealstream keys rotate-due`) or has sealed
+    # `rotate_max_messages` messages (by the encryptor, as soon as it crosses the limit).
+    # None turns a rule off.
+    rotate_max_age_days: float | None = Field(default=90.0, gt=0)
+    rotate_max_messages: int | None = Field(default=1_000_000, ge=1)
 
 
 class AuthSettings(BaseModel):
@@ -189,6 +196,10 @@ class IndexerHttp(HttpSettings):
     port: int = INDEXER_PORT
 
 
+class AdminHttp(HttpSettings):
+    port: int = ADMIN_PORT
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -209,6 +220,8 @@ class Settings(BaseSettings):
     # Health and metrics endpoints of the two consumer workers.
     encryptor_http: EncryptorHttp = Field(default_factory=EncryptorHttp)
     indexer_http: IndexerHttp = Field(default_factory=IndexerHttp)
+    # Key-lifecycle admin API (operators only: tokens with the admin role).
+    admin: AdminHttp = Field(default_factory=AdminHttp)
     # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
     worker_id: int = Field(default=0, ge=0, le=1023)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
@@ -223,8 +236,10 @@ class Settings(BaseSettings):
                 raise ValueError("auth.secret is the local default; set SEALSTREAM_AUTH__SECRET")
             if len(self.auth.secret.get_secret_value()) < 32:
                 raise ValueError("auth.secret must be at least 32 characters")
-            if not (self.ingest.tls and self.reader.tls):
-                raise ValueError("production needs TLS: set ingest/reader tls_cert and tls_key")
+            if not (self.ingest.tls and self.reader.tls and self.admin.tls):
+                raise ValueError(
+                    "production needs TLS: set ingest/reader/admin tls_cert and tls_key"
+                )
             if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
                 raise ValueError("postgres.password is the local default")
         return self

@@ -17,7 +17,7 @@ from schemas.events import MAX_TEXT_BYTES, MessageRecord, decode_record, export_
 from schemas.ids import BUCKET_MS, EPOCH_MS, SnowflakeIds, bucket_at, bucket_of, id_millis
 from sealstream.auth import AuthError, mint_token, verify_token
 from sealstream.keys.cache import TtlCache
-from sealstream.settings import AuthSettings, IngestHttp, ReaderHttp, Settings
+from sealstream.settings import AdminHttp, AuthSettings, IngestHttp, ReaderHttp, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -213,12 +213,20 @@ def test_production_refuses_local_defaults() -> None:
     with pytest.raises(ValidationError, match=r"auth\.secret"):
         Settings(environment="production")
     tls = {"tls_cert": Path("c.pem"), "tls_key": Path("k.pem")}
+    with pytest.raises(ValidationError, match=r"admin tls_cert"):
+        Settings(
+            environment="production",
+            auth=AuthSettings(secret=SecretStr("p" * 40)),
+            ingest=IngestHttp(**tls),
+            reader=ReaderHttp(**tls),
+        )
     with pytest.raises(ValidationError, match=r"postgres\.password"):
         Settings(
             environment="production",
             auth=AuthSettings(secret=SecretStr("p" * 40)),
             ingest=IngestHttp(**tls),
             reader=ReaderHttp(**tls),
+            admin=AdminHttp(**tls),
         )
 
 
