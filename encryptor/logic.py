@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter as Tally
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from sealstream.streaming import RawRecord, Rejected
 
 class KeySource(Protocol):
     def current_key(self, chat_id: uuid.UUID) -> ChatKey: ...
+
+    def record_usage(self, counts: dict[tuple[uuid.UUID, int], int]) -> list[uuid.UUID]: ...
 
 
 class MessageSink(Protocol):
@@ -84,9 +87,15 @@ def seal_batch(
 def encrypt_and_store(
     records: Sequence[RawRecord], keys: KeySource, sink: MessageSink
 ) -> list[Rejected]:
-    """One batch: seal every valid record and write them all; return the rejected ones."""
+    """One batch: seal every valid record and write them all; return the rejected ones.
+
+    Once the rows are written, the messages sealed per DEK version are counted, which rotates
+    a chat whose current version reached the rotation policy's message limit.
+    """
     stored, rejected = seal_batch(records, keys)
     started = time.perf_counter()
     sink.write_many(stored)
     _STORE.inc(time.perf_counter() - started)
+    if stored:
+        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in stored)))
     return rejected

@@ -115,6 +115,10 @@ class CachedChats:
         self.directory = directory
         self._cache: TtlCache[uuid.UUID, ChatRow] = TtlCache(max_entries, ttl_seconds)
 
+    def forget(self, chat_id: uuid.UUID) -> None:
+        """Drop a chat at once (its deletion was announced by another process)."""
+        self._cache.pop(chat_id)
+
     def get(self, chat_id: uuid.UUID) -> ChatRow | None:
         cached = self._cache.get(chat_id)
         if cached is not None:

@@ -82,8 +82,11 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(publisher.close)
         idempotency = RedisIdempotency(settings.redis)
         stack.callback(idempotency.close)
+        chats = CachedChats(KeyServiceChats(keys))
+        # A chat deleted by an operator refuses posts at once, not after the cache's TTL.
+        keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = IngestService(
-            chats=CachedChats(KeyServiceChats(keys)),
+            chats=chats,
             publisher=AckedPublisher(publisher),
             ids=SnowflakeIds(settings.worker_id),
             idempotency=idempotency,

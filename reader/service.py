@@ -118,8 +118,9 @@ def ceiling_id(now_ms: int, skew_ms: int = DEFAULT_CLOCK_SKEW_MS) -> int:
 class CachedChatDirectory:
     """A `ChatDirectory` over a lookup function, with a short in-process TTL cache.
 
-    Participants and state changes reach the reader within `ttl_seconds`; a deleted chat's keys
-    are destroyed anyway, so reads of it fail closed (410) even inside that window. Unknown chats
+    Participants changes reach the reader within `ttl_seconds`. A deletion reaches it at once:
+    the wiring calls `forget` on the key service's invalidation (Redis pub/sub), and a deleted
+    chat's keys are destroyed anyway, so reads of it fail closed (410). Unknown chats
     are not cached, so a chat is readable as soon as it exists.
     """
 
@@ -131,6 +132,10 @@ class CachedChatDirectory:
     ) -> None:
         self._lookup = lookup
         self._cache: TtlCache[uuid.UUID, ChatRow] = TtlCache(max_entries, ttl_seconds)
+
+    def forget(self, chat_id: uuid.UUID) -> None:
+        """Drop a chat at once (its deletion was announced by another process)."""
+        self._cache.pop(chat_id)
 
     def get(self, chat_id: uuid.UUID) -> ChatRow | None:
         cached = self._cache.get(chat_id)

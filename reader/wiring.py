@@ -55,8 +55,10 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         _ensure_keyspace(store)
         index = SearchIndex(settings.opensearch)
         stack.callback(index.close)
+        chats = CachedChatDirectory(keys.chat)
+        keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = ReaderService(
-            chats=CachedChatDirectory(keys.chat),
+            chats=chats,
             messages=store,
             keys=keys,
             search_index=index,

@@ -72,7 +72,7 @@ def stack_status(only: Only = None) -> None:
         raise typer.Exit(1)
 
 
-SERVICES = ("ingest", "encryptor", "indexer", "reader")
+SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin")
 keys_app = typer.Typer(
     help="Key lifecycle: rotation, deletion (crypto-shredding), audit.", no_args_is_help=True
 )
@@ -87,6 +87,28 @@ def _chat_id(raw: str) -> uuid.UUID:
     except ValueError:
         console.print(f"[red]not a chat id (UUID): {raw!r}[/red]")
         raise typer.Exit(2) from None
+
+
+@keys_app.command("add-tenant")
+def keys_add_tenant(
+    tenant: Annotated[str, typer.Argument(help="tenant id")],
+    kms_key: Annotated[str, typer.Option("--kms-key", help="its Transit master key (CMK)")],
+    region: Annotated[
+        str | None,
+        typer.Option(help="KMS region (a key of SEALSTREAM_VAULT__CLUSTERS); default KMS if unset"),
+    ] = None,
+) -> None:
+    """Register a tenant and create its master key on its own KMS (idempotent)."""
+    from sealstream.errors import KmsError
+    from sealstream.settings import Settings
+
+    with key_service(Settings(), actor="cli") as keys:
+        try:
+            keys.register_tenant(tenant, kms_key, region)
+        except KmsError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
+    console.print(f"tenant {tenant}: master key {kms_key} on the {region or 'default'} KMS")
 
 
 @keys_app.command("rotate")
@@ -124,15 +146,26 @@ def keys_delete_chat(
 @keys_app.command("rotate-due")
 def keys_rotate_due(
     older_than_days: Annotated[
-        float, typer.Option(help="rotate chats whose DEK is older than this (0 = every chat)")
-    ] = 30.0,
+        float | None,
+        typer.Option(
+            help="rotate chats whose DEK is older than this (0 = every chat); "
+            "default: the policy's rotate_max_age_days"
+        ),
+    ] = None,
+    max_messages: Annotated[
+        int | None,
+        typer.Option(
+            help="also rotate DEK versions that sealed this many messages; "
+            "default: the policy's rotate_max_messages"
+        ),
+    ] = None,
     rate: Annotated[float, typer.Option(help="rotations per second at most")] = 50.0,
     cutoff: Annotated[
         str | None, typer.Option(help="resume a run: the cutoff (ISO time) it printed")
     ] = None,
     tenant: Annotated[str | None, typer.Option(help="only this tenant's chats")] = None,
 ) -> None:
-    """Batch rotation by age (the seed's batch key rotation): rate-limited and resumable."""
+    """Batch rotation by policy (age, messages per version): rate-limited and resumable."""
     from datetime import UTC, datetime, timedelta
 
     from rich.progress import Progress
@@ -140,23 +173,64 @@ def keys_rotate_due(
     from sealstream.lifecycle import rotate_due
     from sealstream.settings import Settings
 
-    when = (
-        datetime.fromisoformat(cutoff)
-        if cutoff
-        else datetime.now(UTC) - timedelta(days=older_than_days)
-    )
+    settings = Settings()
+    days = older_than_days if older_than_days is not None else settings.keys.rotate_max_age_days
+    limit = max_messages if max_messages is not None else settings.keys.rotate_max_messages
+    if cutoff:
+        when = datetime.fromisoformat(cutoff)
+    elif days is not None:
+        when = datetime.now(UTC) - timedelta(days=days)
+    else:
+        when = datetime(1970, 1, 1, tzinfo=UTC)  # no age rule: by message count only
     console.print(f"cutoff {when.isoformat()} (pass --cutoff with it to resume)")
-    with key_service(Settings(), actor="cli") as keys, Progress(console=console) as bar:
+    with key_service(settings, actor="cli") as keys, Progress(console=console) as bar:
         task = bar.add_task("rotating", total=None)
         report = rotate_due(
             keys,
             when,
             rate,
-            reason=f"older than cutoff {when.isoformat()}",
+            reason=f"policy: older than {when.isoformat()} or {limit} messages sealed",
             progress=lambda n: bar.update(task, completed=n, description=f"rotated {n}"),
             tenant_id=tenant,
+            max_messages=limit,
         )
     console.print(f"rotated {report.rotated} chats in {report.seconds:.1f}s")
+
+
+@keys_app.command("reencrypt")
+def keys_reencrypt(
+    chat: ChatArg,
+    retire: Annotated[
+        bool, typer.Option(help="then destroy old DEK versions no message uses any more")
+    ] = True,
+) -> None:
+    """Re-encrypt a chat's history to its newest DEK version (resumable, idempotent)."""
+    from rich.progress import Progress
+
+    from sealstream.lifecycle import reencrypt_chat
+    from sealstream.settings import Settings
+
+    settings = Settings()
+    with (
+        message_stores(settings) as (store, _),
+        key_service(settings, actor="cli") as keys,
+        Progress(console=console) as bar,
+    ):
+        task = bar.add_task("re-encrypting", total=None)
+        report = reencrypt_chat(
+            keys,
+            store,
+            _chat_id(chat),
+            retire=retire,
+            progress=lambda examined, done: bar.update(
+                task, completed=examined, description=f"re-sealed {done}"
+            ),
+        )
+    console.print(
+        f"{report.rows_reencrypted} of {report.rows_examined} rows re-sealed with DEK version "
+        f"{report.dek_version} in {report.seconds:.1f}s; versions destroyed: "
+        f"{report.dek_versions_destroyed or 'none (still in use, or retired too recently)'}"
+    )
 
 
 @keys_app.command("rotate-master")
@@ -168,44 +242,39 @@ def keys_rotate_master(
         bool, typer.Option(help="after rewrapping, stop old CMK versions from decrypting")
     ] = False,
 ) -> None:
-    """Rotate a tenant's master key and rewrap every stored DEK to the new version."""
+    """Rotate a tenant's master key on its own KMS and rewrap every stored DEK to the new
+    version (resumable: run it again to finish an interrupted rewrap)."""
     from rich.progress import Progress
 
-    from sealstream.adapters.postgres import ChatKeyRepository, Database
-    from sealstream.adapters.vault import TransitKms
-    from sealstream.lifecycle import rewrap_all
+    from sealstream.errors import KeyNotFound
+    from sealstream.lifecycle import rotate_master_key
     from sealstream.settings import Settings
 
-    settings = Settings()
-    db = Database(settings.postgres)
-    db.open()
-    try:
-        key_name = ChatKeyRepository(db).tenant_key_name(tenant)
-    finally:
-        db.close()
-    if key_name is None:
-        console.print(f"[red]unknown tenant {tenant!r}[/red]")
-        raise typer.Exit(2)
-    kms = TransitKms(settings.vault)
-    version = kms.rotate_master_key(key_name)
-    console.print(f"master key {key_name}: now version {version}")
-    with key_service(settings, actor="cli") as keys, Progress(console=console) as bar:
+    with key_service(Settings(), actor="cli") as keys, Progress(console=console) as bar:
         task = bar.add_task("rewrapping DEKs", total=None)
-        report = rewrap_all(
-            keys,
-            kms,
-            key_name,
-            progress=lambda examined, done: bar.update(
-                task, completed=examined, description=f"rewrapped {done}"
-            ),
-        )
+        try:
+            report = rotate_master_key(
+                keys,
+                tenant,
+                retire_old,
+                progress=lambda examined, done: bar.update(
+                    task, completed=examined, description=f"rewrapped {done}"
+                ),
+            )
+        except KeyNotFound as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
+    rate = report.rewrapped / report.seconds if report.seconds else 0.0
     console.print(
+        f"master key {report.kms_key_name}: now version {report.master_key_version}; "
         f"examined {report.examined}, rewrapped {report.rewrapped} in {report.seconds:.1f}s "
-        f"({report.per_second:,.0f}/s)"
+        f"({rate:,.0f}/s)"
     )
     if retire_old:
-        kms.set_min_decryption_version(key_name, version)
-        console.print(f"versions below {version} of {key_name} can no longer decrypt")
+        console.print(
+            f"versions below {report.master_key_version} of {report.kms_key_name} "
+            "can no longer decrypt"
+        )
 
 
 @keys_app.command("delete-message")
@@ -230,6 +299,8 @@ def keys_retention(
     ] = None,
 ) -> None:
     """Apply retention: remove expired messages, destroy DEK versions no message uses."""
+    from rich.progress import Progress
+
     from sealstream.lifecycle import apply_retention
     from sealstream.settings import Settings
 
@@ -240,7 +311,14 @@ def keys_retention(
                 console.print("[red]--days needs --tenant or --chat[/red]")
                 raise typer.Exit(2)
             keys.repo.set_retention(days, tenant, _chat_id(chat) if chat else None)
-        report = apply_retention(keys, index, store)
+        with Progress(console=console) as bar:
+            task = bar.add_task("applying retention", total=None)
+            report = apply_retention(
+                keys,
+                index,
+                store,
+                progress=lambda n: bar.update(task, completed=n, description=f"chats {n}"),
+            )
     console.print(
         f"{report.chats} chats with retention: {report.rows_deleted} rows, "
         f"{report.index_documents_deleted} index documents removed, "
@@ -288,7 +366,9 @@ def migrate() -> None:
 
 @app.command("run")
 def run(
-    service: Annotated[str, typer.Argument(help="ingest | encryptor | indexer | reader | all")],
+    service: Annotated[
+        str, typer.Argument(help="ingest | encryptor | indexer | reader | admin | all")
+    ],
 ) -> None:
     """Run one service in the foreground (or all four as child processes)."""
     from sealstream.services import run_all, run_service
@@ -336,22 +416,23 @@ def demo(
 
 @app.command("bench")
 def bench(
-    which: Annotated[str, typer.Argument(help="crypto | keys | pipeline | all")] = "all",
+    which: Annotated[
+        str, typer.Argument(help="crypto | keys | pipeline | lifecycle | all")
+    ] = "all",
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
-    from sealstream.bench import crypto_bench, keys_bench, pipeline_bench
+    from sealstream.bench import crypto_bench, keys_bench, lifecycle_bench, pipeline_bench
 
     suites: dict[str, Callable[[], dict[str, float]]] = {
         "crypto": crypto_bench.run,
         "keys": keys_bench.run,
         "pipeline": pipeline_bench.run,
+        "lifecycle": lifecycle_bench.run,
     }
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:
         if name not in suites:
-            console.print(
-                f"[red]unknown benchmark {name!r}[/red]; choose crypto, keys, pipeline, all"
-            )
+            console.print(f"[red]unknown benchmark {name!r}[/red]; choose {', '.join(suites)}, all")
             raise typer.Exit(2)
         console.rule(f"bench {name}")
         figures = suites[name]()

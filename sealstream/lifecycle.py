@@ -1,5 +1,6 @@
-"""Key and data lifecycle operations: chat deletion (crypto-shredding), message deletion, and
-rewrapping every DEK after a master-key rotation.
+"""Key and data lifecycle operations: chat deletion (crypto-shredding), message deletion,
+rewrapping every DEK after a master-key rotation, policy rotation, retention and re-encryption
+of a chat's history to its newest DEK version.
 
 Chat deletion works across every store, in the order that makes the chat unreadable first.
 
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from schemas.ids import first_id_at
-from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import WrappedDek
 from sealstream.adapters.vault import TransitKms
+from sealstream.crypto import MessageContext, open_envelope, seal
 from sealstream.errors import KeyNotFound
+from sealstream.keys.router import KmsRouter
 from sealstream.keys.service import KeyService, kms_context
 
 # Rows may carry a timestamp a little ahead of the chat's creation (clock skew between gateways).
@@ -109,11 +112,53 @@ def rewrap_all(
     return RewrapReport(kms_key_name, latest, examined, rewrapped, time.monotonic() - started)
 
 
+@dataclass(frozen=True)
+class MasterKeyReport:
+    tenant_id: str
+    kms_key_name: str
+    master_key_version: int
+    examined: int
+    rewrapped: int
+    old_versions_retired: bool
+    seconds: float
+
+
+def rotate_master_key(
+    keys: KeyService,
+    tenant_id: str,
+    retire_old: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> MasterKeyReport:
+    """Rotate a tenant's master key on its own KMS, rewrap every stored DEK to the new version,
+    and (with `retire_old`) stop the old versions from decrypting. Resumable: run it again and
+    the rewrap finishes what is left (a second rotation is harmless too)."""
+    started = time.monotonic()
+    tenant = keys.repo.tenant(tenant_id)
+    if tenant is None:
+        raise KeyNotFound(f"unknown tenant '{tenant_id}'")
+    kms = keys.kms.at(tenant.region, tenant_id) if isinstance(keys.kms, KmsRouter) else keys.kms
+    assert isinstance(kms, TransitKms)
+    version = kms.rotate_master_key(tenant.kms_key_name)
+    report = rewrap_all(keys, kms, tenant.kms_key_name, progress=progress)
+    if retire_old:
+        kms.set_min_decryption_version(tenant.kms_key_name, version)
+    return MasterKeyReport(
+        tenant_id,
+        tenant.kms_key_name,
+        version,
+        report.examined,
+        report.rewrapped,
+        retire_old,
+        time.monotonic() - started,
+    )
+
+
 def delete_message(
     store: MessageStore, index: SearchIndex, chat_id: uuid.UUID, message_id: int
 ) -> bool:
     """Hide a message from reads at once, drop its envelope and its search document."""
-    found = store.get(chat_id, message_id) is not None
+    row = store.get(chat_id, message_id)
+    found = row is not None and row.deleted_at is None
     if found:
         store.mark_deleted(chat_id, message_id, datetime.now(UTC))
     index.delete_message(message_id)
@@ -134,8 +179,10 @@ def rotate_due(
     reason: str = "policy",
     progress: Callable[[int], None] | None = None,
     tenant_id: str | None = None,
+    max_messages: int | None = None,
 ) -> RotationReport:
-    """Rotate every active chat whose current DEK became valid before `cutoff`.
+    """Rotate every active chat whose current DEK became valid before `cutoff`, or (with
+    `max_messages`) has sealed that many messages.
 
     The seed's "batch key rotation": `cutoff = now - max_age` rotates by age; `cutoff = now`
     rotates every chat. Rate-limited so the KMS is not flooded. Resumable and idempotent: run it
@@ -148,15 +195,15 @@ def rotate_due(
     rotated = 0
     after: uuid.UUID | None = None
     while True:
-        page = keys.repo.chats_due(cutoff, after, 200, tenant_id)
+        page = keys.repo.chats_due(cutoff, after, 200, tenant_id, max_messages)
         if not page:
             break
         after = page[-1][0]
-        for chat_id, _ in page:
+        for chat_id, version in page:
             time.sleep(max(0.0, next_at - time.monotonic()))
             next_at = max(next_at + interval, time.monotonic())
-            keys.rotate(chat_id, reason)
-            rotated += 1
+            if keys.rotate(chat_id, reason, only_if_version=version) != version:
+                rotated += 1
             if progress is not None:
                 progress(rotated)
     return RotationReport(cutoff, rotated, time.monotonic() - started)
@@ -172,7 +219,11 @@ class RetentionReport:
 
 
 def apply_retention(
-    keys: KeyService, index: SearchIndex, store: MessageStore, now: datetime | None = None
+    keys: KeyService,
+    index: SearchIndex,
+    store: MessageStore,
+    now: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RetentionReport:
     """Remove messages past their chat's retention, then destroy DEK versions no message uses.
 
@@ -207,7 +258,90 @@ def apply_retention(
                 f"DEK versions destroyed {destroyed}",
             )
         chats += 1
+        if progress is not None:
+            progress(chats)
         rows += chat_rows
         documents += chat_documents
         versions += len(destroyed)
     return RetentionReport(chats, rows, documents, versions, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class ReencryptReport:
+    chat_id: uuid.UUID
+    dek_version: int
+    rows_examined: int
+    rows_reencrypted: int
+    dek_versions_destroyed: list[int]
+    seconds: float
+
+
+def reencrypt_chat(
+    keys: KeyService,
+    store: MessageStore,
+    chat_id: uuid.UUID,
+    retire: bool = True,
+    batch_size: int = 100,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReencryptReport:
+    """Re-seal every message of a chat still under an older DEK version with the active one.
+
+    Each row is replaced in place by a conditional write (same message id, new envelope and
+    version), so readers see either the old or the new envelope, never a missing message, and a
+    message deleted meanwhile stays deleted. Idempotent and resumable: rows already at the
+    active version are skipped, so an interrupted job is finished by running it again.
+
+    With `retire`, the old versions are then destroyed, provided no row still uses them and they
+    were retired long enough before the scan began that no encryptor can still be writing with
+    them (twice the pointer TTL: one to learn of the rotation, one for a write in flight), by
+    the database's clock. A version retired more recently is kept: run the job again later.
+    """
+    started = time.monotonic()
+    scan_started = keys.repo.db_now()
+    chat = keys.chat(chat_id)
+    active = keys.repo.active_dek(chat_id)
+    if chat is None or active is None:
+        raise KeyNotFound(f"chat {chat_id} does not exist or has no active DEK")
+    target = keys.key(chat_id, active.dek_version)
+    oldest_ms = int((chat.created_at - _SKEW).timestamp() * 1000)
+    newest_ms = int(time.time() * 1000 + _SKEW.total_seconds() * 1000)
+    examined = changed = left = 0
+    pending: list[tuple[StoredMessage, int, bytes]] = []
+
+    def flush() -> None:
+        nonlocal changed, left
+        done = store.reseal_many(pending)
+        changed += done
+        left += len(pending) - done
+        pending.clear()
+        if progress is not None:
+            progress(examined, changed)
+
+    for row in store.scan_chat(chat_id, oldest_ms, newest_ms):
+        examined += 1
+        if row.dek_version >= target.version:
+            continue
+        context = MessageContext(chat_id, row.message_id)
+        plaintext = open_envelope(row.envelope, keys.key(chat_id, row.dek_version), context)
+        pending.append((row, target.version, seal(plaintext, target, context)))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    destroyed: list[int] = []
+    if retire and left == 0:
+        margin = timedelta(seconds=2 * keys.settings.pointer_ttl_seconds)
+        destroyed = keys.repo.destroy_versions_retired_before(
+            chat_id, scan_started - margin, below_version=target.version
+        )
+        if destroyed:
+            keys.drop_versions(chat_id, destroyed)
+    keys.repo.audit(
+        keys.actor,
+        "history_reencrypted",
+        chat_id,
+        target.version,
+        f"{changed} of {examined} rows re-sealed; DEK versions destroyed {destroyed}",
+    )
+    return ReencryptReport(
+        chat_id, target.version, examined, changed, destroyed, time.monotonic() - started
+    )

@@ -1,8 +1,10 @@
-"""Starting the four services: one in the foreground, or all four as supervised child processes."""
+"""Starting the services (the four of the pipeline and the admin API): one in the foreground, or
+all of them as supervised child processes."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ _ENTRYPOINTS = {
     "encryptor": "encryptor.worker:run",
     "indexer": "indexer.worker:run",
     "reader": "reader.wiring:run",
+    "admin": "admin.wiring:run",
 }
 
 
@@ -43,8 +46,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
                 value = value.get_secret_value()
             elif isinstance(value, tuple | list):
                 value = "[" + ",".join(f'"{v}"' for v in value) + "]"
+            elif isinstance(value, dict):
+                value = json.dumps(_plain(value))  # e.g. vault.clusters, parsed back as JSON
             env[f"SEALSTREAM_{section_name.upper()}__{field_name.upper()}"] = str(value)
     return env
+
+
+def _plain(value: object) -> object:
+    """`value` as JSON data, secrets revealed (the child process needs them)."""
+    if hasattr(value, "get_secret_value"):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return {k: _plain(v) for k, v in value if v is not None}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def spawn(
@@ -66,7 +84,7 @@ def spawn(
 
 
 def run_all() -> int:
-    """Run the four services; SIGTERM/SIGINT stops them all gracefully. Returns an exit code."""
+    """Run every service; SIGTERM/SIGINT stops them all gracefully. Returns an exit code."""
     children = {name: spawn(name) for name in _ENTRYPOINTS}
     stopping = False
 

@@ -105,6 +105,23 @@ class RedisSettings(BaseModel):
     key_prefix: str = "sealstream:"
 
 
+class KmsCluster(BaseModel):
+    """A further Vault/OpenBao cluster (one per region) holding the master keys of its tenants."""
+
+    model_config = {"frozen": True}
+
+    address: str
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> KmsCluster:
+        # Never fall back on the default cluster's token: that would send it to another server.
+        if self.token is None and self.token_file is None:
+            raise ValueError("a KMS cluster needs a token or a token_file")
+        return self
+
+
 class VaultSettings(BaseModel):
     model_config = {"frozen": True}
 
@@ -114,6 +131,23 @@ class VaultSettings(BaseModel):
     token_file: Path = DEFAULT_STACK_DIR / "openbao" / "root-token"
     transit_mount: str = "transit"
     default_key: str = "sealstream-cmk"
+    # Further KMS clusters by region name (JSON in SEALSTREAM_VAULT__CLUSTERS, e.g.
+    # `{"eu": {"address": "https://kms.eu:8200", "token_file": "/run/secrets/kms-eu"}}`). A tenant
+    # registered with a region keeps its master key there (docs/operations.md).
+    clusters: dict[str, KmsCluster] = Field(default_factory=dict)
+
+    def for_region(self, region: str) -> VaultSettings:
+        """These settings pointed at the cluster of `region` (KeyError if none is configured)."""
+        cluster = self.clusters[region]
+        return self.model_copy(
+            update={
+                "address": cluster.address,
+                "token": cluster.token,
+                # The validator guarantees a token or a file: the default file is never read.
+                "token_file": cluster.token_file or self.token_file,
+                "clusters": {},
+            }
+        )
 
     def resolved_token(self) -> SecretStr:
         if self.token is not None:

@@ -9,7 +9,7 @@ from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
-from sealstream.adapters.vault import TransitKms
+from sealstream.keys.router import KmsRouter
 from sealstream.keys.service import KeyService
 from sealstream.settings import Settings
 
@@ -18,15 +18,17 @@ from sealstream.settings import Settings
 def key_service(
     settings: Settings, db: Database | None = None, actor: str = "sealstream"
 ) -> Iterator[KeyService]:
-    """A started key service on Postgres + Redis + Transit; closes what it opened."""
+    """A started key service on Postgres + Redis + Transit (one cluster per tenant region);
+    closes what it opened."""
     own_db = db is None
     database = db or Database(settings.postgres)
     if own_db:
         database.open()
     redis = RedisKeyCache(settings.redis, ttl_seconds=settings.keys.redis_ttl_seconds)
+    repo = ChatKeyRepository(database)
     service = KeyService(
-        repo=ChatKeyRepository(database),
-        kms=TransitKms(settings.vault),
+        repo=repo,
+        kms=KmsRouter(settings.vault, repo.tenants_with_key),
         redis=redis,
         settings=settings.keys,
         default_kms_key=settings.vault.default_key,

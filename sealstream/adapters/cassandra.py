@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -112,6 +112,12 @@ class MessageStore:
             # Deleting a message keeps a marker row but drops its ciphertext.
             "delete_mark": f"UPDATE {ks}.messages SET deleted_at = ?, envelope = null"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
+            "scan": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?",
+            # Re-encryption: a lightweight transaction, so a row deleted or re-encrypted by
+            # someone else meanwhile is left alone rather than resurrected or overwritten.
+            "reseal": f"UPDATE {ks}.messages SET envelope = ?, dek_version = ?"
+            " WHERE chat_id = ? AND bucket = ? AND message_id = ?"
+            " IF dek_version = ? AND deleted_at = null",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))
@@ -206,6 +212,35 @@ class MessageStore:
                 if produced >= limit:
                     return
             bucket -= 1
+
+    def scan_chat(
+        self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int, page_size: int = 500
+    ) -> Iterator[StoredMessage]:
+        """Every live row of a chat between two times, bucket by bucket (paged by the driver)."""
+        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
+            statement = self._stmt("scan").bind((chat_id, bucket))
+            statement.fetch_size = page_size
+            for row in self._run(lambda s=statement: self.session.execute(s)):
+                if row.deleted_at is None:
+                    yield _row(row)
+
+    def reseal_many(self, updates: Sequence[tuple[StoredMessage, int, bytes]]) -> int:
+        """Replace (row, new DEK version, new envelope) where the row still has its old version
+        and is not deleted; returns how many rows changed."""
+        statement = self._stmt("reseal")
+        params = [
+            (envelope, version, m.chat_id, bucket_of(m.message_id), m.message_id, m.dek_version)
+            for m, version, envelope in updates
+        ]
+        results = self._run(
+            lambda: execute_concurrent(
+                self.session,
+                [(statement, p) for p in params],
+                concurrency=16,
+                raise_on_first_error=True,
+            )
+        )
+        return sum(1 for ok, result in results if ok and result.one()[0])
 
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None:
         self._run(

@@ -38,6 +38,13 @@ class ChatRow:
 
 
 @dataclass(frozen=True)
+class TenantRow:
+    tenant_id: str
+    kms_key_name: str
+    region: str | None  # `tenants.kms_address`: a region name, None for the default KMS
+
+
+@dataclass(frozen=True)
 class DekRow:
     chat_id: uuid.UUID
     dek_version: int
@@ -159,13 +166,41 @@ class ChatKeyRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def upsert_tenant(self, tenant_id: str, kms_key_name: str) -> None:
+    def upsert_tenant(self, tenant_id: str, kms_key_name: str, region: str | None = None) -> None:
+        """Store a tenant's master key and the region of its KMS (None: the default KMS)."""
         with self.db.connection() as conn:
             conn.execute(
-                "INSERT INTO tenants (tenant_id, kms_key_name) VALUES (%s, %s)"
-                " ON CONFLICT (tenant_id) DO UPDATE SET kms_key_name = EXCLUDED.kms_key_name",
-                (tenant_id, kms_key_name),
+                "INSERT INTO tenants (tenant_id, kms_key_name, kms_address) VALUES (%s, %s, %s)"
+                " ON CONFLICT (tenant_id) DO UPDATE SET kms_key_name = EXCLUDED.kms_key_name,"
+                " kms_address = EXCLUDED.kms_address",
+                (tenant_id, kms_key_name, region),
             )
+
+    def tenant(self, tenant_id: str) -> TenantRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT tenant_id, kms_key_name, kms_address FROM tenants WHERE tenant_id = %s",
+                (tenant_id,),
+            ).fetchone()
+        return None if row is None else TenantRow(*row.values())
+
+    def tenants_with_key(self, kms_key_name: str) -> list[TenantRow]:
+        """The tenants whose master key is `kms_key_name` (normally one), else the tenant of a DEK
+        wrapped by it (a key the tenant used before it changed key name)."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT tenant_id, kms_key_name, kms_address FROM tenants"
+                " WHERE kms_key_name = %s ORDER BY tenant_id",
+                (kms_key_name,),
+            ).fetchall()
+            if not rows:
+                rows = conn.execute(
+                    "SELECT t.tenant_id, t.kms_key_name, t.kms_address FROM chat_deks d"
+                    " JOIN chats c USING (chat_id) JOIN tenants t USING (tenant_id)"
+                    " WHERE d.kms_key_name = %s LIMIT 1",
+                    (kms_key_name,),
+                ).fetchall()
+        return [TenantRow(*r.values()) for r in rows]
 
     def tenant_key_name(self, tenant_id: str) -> str | None:
         with self.db.connection() as conn:
@@ -345,18 +380,58 @@ class ChatKeyRepository:
         return changed
 
     def chats_due(
-        self, cutoff: datetime, after: uuid.UUID | None, limit: int, tenant_id: str | None = None
+        self,
+        cutoff: datetime,
+        after: uuid.UUID | None,
+        limit: int,
+        tenant_id: str | None = None,
+        max_messages: int | None = None,
     ) -> list[tuple[uuid.UUID, int]]:
-        """Active chats (of one tenant, or all) whose active DEK became valid before `cutoff`."""
+        """Active chats (of one tenant, or all) whose active DEK became valid before `cutoff`
+        or has sealed at least `max_messages` messages."""
         with self.db.connection() as conn:
             rows = conn.execute(
                 "SELECT d.chat_id, d.dek_version FROM chat_deks d JOIN chats c USING (chat_id)"
-                " WHERE d.state = 'active' AND c.state = 'active' AND d.valid_from < %s"
+                " WHERE d.state = 'active' AND c.state = 'active'"
+                " AND (d.valid_from < %s OR d.messages_sealed >= %s)"
                 " AND d.chat_id > %s AND (%s::text IS NULL OR c.tenant_id = %s)"
                 " ORDER BY d.chat_id LIMIT %s",
-                (cutoff, after or uuid.UUID(int=0), tenant_id, tenant_id, limit),
+                (
+                    cutoff,
+                    max_messages if max_messages is not None else 2**62,
+                    after or uuid.UUID(int=0),
+                    tenant_id,
+                    tenant_id,
+                    limit,
+                ),
             ).fetchall()
         return [(r["chat_id"], r["dek_version"]) for r in rows]
+
+    def db_now(self) -> datetime:
+        """The database's clock (DEK validity times are written by it)."""
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT now() AS now").fetchone()
+        assert row is not None
+        return row["now"]  # type: ignore[no-any-return]
+
+    def add_usage(
+        self, counts: dict[tuple[uuid.UUID, int], int]
+    ) -> list[tuple[uuid.UUID, int, int]]:
+        """Add messages sealed per (chat, DEK version); returns each active version's new total."""
+        if not counts:
+            return []
+        chats, versions, amounts = zip(
+            *((chat, version, n) for (chat, version), n in sorted(counts.items())), strict=True
+        )
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "UPDATE chat_deks d SET messages_sealed = d.messages_sealed + u.n"
+                " FROM unnest(%s::uuid[], %s::int[], %s::bigint[]) AS u(chat_id, v, n)"
+                " WHERE d.chat_id = u.chat_id AND d.dek_version = u.v AND d.state = 'active'"
+                " RETURNING d.chat_id, d.dek_version, d.messages_sealed",
+                (list(chats), list(versions), list(amounts)),
+            ).fetchall()
+        return [(r["chat_id"], r["dek_version"], r["messages_sealed"]) for r in rows]
 
     def set_retention(
         self, days: int | None, tenant_id: str | None = None, chat_id: uuid.UUID | None = None
@@ -384,13 +459,17 @@ class ChatKeyRepository:
             ).fetchall()
         return [(r["chat_id"], int(r["days"]), r["created_at"]) for r in rows]
 
-    def destroy_versions_retired_before(self, chat_id: uuid.UUID, cutoff: datetime) -> list[int]:
-        """Destroy retired DEK versions whose validity ended before `cutoff` (no message left)."""
+    def destroy_versions_retired_before(
+        self, chat_id: uuid.UUID, cutoff: datetime, below_version: int | None = None
+    ) -> list[int]:
+        """Destroy retired DEK versions whose validity ended before `cutoff` (no message left),
+        optionally only those below `below_version`."""
         with self.db.connection() as conn:
             rows = conn.execute(
                 "UPDATE chat_deks SET state = 'destroyed', encrypted_dek = NULL,"
                 " destroyed_at = now() WHERE chat_id = %s AND state = 'retired'"
-                " AND valid_to < %s RETURNING dek_version",
-                (chat_id, cutoff),
+                " AND valid_to < %s AND (%s::int IS NULL OR dek_version < %s)"
+                " RETURNING dek_version",
+                (chat_id, cutoff, below_version, below_version),
             ).fetchall()
         return sorted(int(r["dek_version"]) for r in rows)

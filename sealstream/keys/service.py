@@ -11,19 +11,22 @@ Plaintext DEKs exist only in this process's memory: Redis and Postgres hold Tran
 
 from __future__ import annotations
 
+import copy
 import logging
 import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sealstream.adapters.postgres import ChatKeyRepository, ChatRow, DekRow
 from sealstream.adapters.redis import InvalidationListener, RedisKeyCache, WrappedDek
 from sealstream.crypto import ChatKey
-from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
+from sealstream.errors import KeyDestroyed, KeyNotFound, KmsError, StoreUnavailable
 from sealstream.keys.cache import TtlCache
 from sealstream.keys.ports import Kms
+from sealstream.keys.router import KmsRouter
 from sealstream.metrics import DEK_CACHE
 from sealstream.settings import KeyCacheSettings
 
@@ -79,10 +82,19 @@ class KeyService:
             settings.max_entries, settings.pointer_ttl_seconds
         )
         self._listener: InvalidationListener | None = None
+        # Other caches of this process keyed by chat (e.g. the reader's chat directory).
+        self._on_invalidation: list[Callable[[str, uuid.UUID], None]] = []
         # Bound once: looking a labelled counter up costs ~2 µs, too much for every message.
         self._local_hit = DEK_CACHE.labels(layer="local")
         self._redis_hit = DEK_CACHE.labels(layer="redis")
         self._postgres_read = DEK_CACHE.labels(layer="postgres")
+
+    def as_actor(self, actor: str) -> KeyService:
+        """This service (same caches, same connections) recording `actor` in the audit trail,
+        e.g. the operator behind an admin request. Close only the original."""
+        other = copy.copy(self)
+        other.actor = actor
+        return other
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -106,12 +118,40 @@ class KeyService:
         self._pointers.pop(chat_id)
         if action != "rotated":
             self._deks.discard(lambda k: k[0] == chat_id)
+        for callback in self._on_invalidation:
+            callback(action, chat_id)
+
+    def on_invalidation(self, callback: Callable[[str, uuid.UUID], None]) -> None:
+        """Call `callback(action, chat_id)` whenever a chat is rotated, deleted or retired in
+        any process, so that other per-process caches can drop what they hold about it."""
+        self._on_invalidation.append(callback)
 
     # --- tenants and chats -----------------------------------------------------------------------
 
-    def register_tenant(self, tenant_id: str, kms_key_name: str) -> None:
-        self.kms.ensure_key(kms_key_name)
-        self.repo.upsert_tenant(tenant_id, kms_key_name)
+    def register_tenant(self, tenant_id: str, kms_key_name: str, region: str | None = None) -> None:
+        """Register or update a tenant; its master key is created on the KMS of `region` (None:
+        the default KMS) if missing. A tenant never moves region and a key name belongs to one
+        region, since wrapped DEKs unwrap only where their master key lives."""
+        current = self.repo.tenant(tenant_id)
+        others = self.repo.tenants_with_key(kms_key_name)
+        for row in ([current] if current else []) + others:
+            if row.region != region:
+                raise KmsError(
+                    f"tenant '{row.tenant_id}' (key '{row.kms_key_name}') is in region "
+                    f"'{row.region or 'default'}', not '{region or 'default'}': moving a tenant or "
+                    "a master key between KMS clusters is not supported"
+                )
+        self._kms_at(region, tenant_id).ensure_key(kms_key_name)
+        self.repo.upsert_tenant(tenant_id, kms_key_name, region)
+
+    def _kms_at(self, region: str | None, tenant_id: str) -> Kms:
+        if isinstance(self.kms, KmsRouter):
+            return self.kms.at(region, tenant_id)
+        if region is not None:
+            raise KmsError(
+                f"tenant '{tenant_id}' needs region '{region}' but this service has one KMS"
+            )
+        return self.kms
 
     def create_chat(
         self, chat_id: uuid.UUID, participants: tuple[str, ...], tenant_id: str | None = None
@@ -245,11 +285,15 @@ class KeyService:
 
     # --- rotation ------------------------------------------------------------------------------
 
-    def rotate(self, chat_id: uuid.UUID, reason: str = "on demand") -> int:
+    def rotate(
+        self, chat_id: uuid.UUID, reason: str = "on demand", only_if_version: int | None = None
+    ) -> int:
         """Make a new active DEK version; old versions stay for reading history.
 
         Concurrent rotations of one chat create exactly one version (the database row lock
-        decides); the loser's freshly generated DEK is simply never stored.
+        decides); the loser's freshly generated DEK is simply never stored. With
+        `only_if_version`, nothing happens unless that version is still the active one (policy
+        rotations by several workers then rotate a chat once, not once per worker).
         """
         chat = self.repo.chat(chat_id)
         if chat is None:
@@ -257,6 +301,8 @@ class KeyService:
         current = self.repo.active_dek(chat_id)
         if current is None:
             raise self._missing(chat_id)
+        if only_if_version is not None and current.dek_version != only_if_version:
+            return current.dek_version
         key_name = self.repo.tenant_key_name(chat.tenant_id) or current.kms_key_name
         new_version = current.dek_version + 1
         data_key = self.kms.generate_data_key(key_name, kms_context(chat_id, new_version))
@@ -273,6 +319,23 @@ class KeyService:
         self._pointers.put(chat_id, version)
         self._announce("rotated", chat_id, version)
         return version
+
+    def record_usage(self, counts: dict[tuple[uuid.UUID, int], int]) -> list[uuid.UUID]:
+        """Count messages sealed per (chat, version); rotate chats past the message limit.
+
+        Called by the encryptor after each written batch. Returns the chats it rotated.
+        """
+        totals = self.repo.add_usage(counts)
+        limit = self.settings.rotate_max_messages
+        rotated: list[uuid.UUID] = []
+        if limit is None:
+            return rotated
+        for chat_id, version, total in totals:
+            if total >= limit:
+                reason = f"policy: {total} messages sealed with version {version} (max {limit})"
+                if self.rotate(chat_id, reason, only_if_version=version) != version:
+                    rotated.append(chat_id)
+        return rotated
 
     # --- deletion -------------------------------------------------------------------------------
 

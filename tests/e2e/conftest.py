@@ -21,7 +21,7 @@ import pytest
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import delete_topics
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.auth import mint_token
+from sealstream.auth import ADMIN_ROLE, mint_token
 from sealstream.migrate import migrate_all
 from sealstream.services import settings_env, spawn, stop
 from sealstream.settings import Settings
@@ -43,6 +43,7 @@ class Pipeline:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ingest_url = f"http://127.0.0.1:{settings.ingest.port}"
         self.reader_url = f"http://127.0.0.1:{settings.reader.port}"
+        self.admin_url = f"http://127.0.0.1:{settings.admin.port}"
 
     def start(self, name: str, key: str | None = None, env: dict[str, str] | None = None) -> None:
         self.procs[key or name] = spawn(name, {**self.env, **(env or {})})
@@ -73,6 +74,10 @@ class Pipeline:
     def token(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {mint_token(self.settings.auth, user)}"}
 
+    def admin_token(self, user: str = "ops") -> dict[str, str]:
+        token = mint_token(self.settings.auth, user, roles=(ADMIN_ROLE,))
+        return {"Authorization": f"Bearer {token}"}
+
 
 @pytest.fixture(scope="session")
 def e2e_settings(settings: Settings) -> Settings:
@@ -84,6 +89,7 @@ def e2e_settings(settings: Settings) -> Settings:
             "reader": HttpSettings(port=free_port()),
             "encryptor_http": HttpSettings(port=free_port()),
             "indexer_http": HttpSettings(port=free_port()),
+            "admin": HttpSettings(port=free_port()),
         }
     )
 

@@ -1,0 +1,1 @@
+"""The key-lifecycle admin API: every `sealstream keys ...` operation over authenticated HTTP."""

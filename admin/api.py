@@ -1,0 +1,459 @@
+"""The admin HTTP API: the `sealstream keys ...` operations for operators (tokens with the
+`admin` role). Quick operations answer at once; long ones start a background job (202) whose
+progress and result are read from `/v1/jobs/{job_id}`.
+
+Every operation is recorded in the key audit trail with the operator's user id as the actor.
+No response carries key material: DEK versions are described by number, state and master key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query
+from pydantic import BaseModel, Field
+
+from admin.jobs import Job, JobRunner
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.errors import KmsError
+from sealstream.http import ApiError, CurrentAdmin, install
+from sealstream.keys.service import KeyService
+from sealstream.lifecycle import (
+    apply_retention,
+    delete_chat,
+    delete_message,
+    reencrypt_chat,
+    rotate_due,
+    rotate_master_key,
+)
+from sealstream.settings import Settings
+
+TAG_KEYS = "keys"
+TAG_DATA = "deletion and retention"
+TAG_JOBS = "jobs"
+MAX_REASON = 500
+MAX_MESSAGE_ID = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class AdminContext:
+    """What the admin operations act on (built by admin.wiring)."""
+
+    keys: KeyService
+    store: MessageStore
+    index: SearchIndex
+
+
+# --- request and response bodies -------------------------------------------------------------
+
+Reason = Annotated[str, Field(min_length=1, max_length=MAX_REASON)]
+
+
+class TenantIn(BaseModel):
+    tenant_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    kms_key_name: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$", description="Its Transit CMK"
+    )
+    region: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="KMS region (a key of SEALSTREAM_VAULT__CLUSTERS); null: the default KMS",
+    )
+
+
+class RotateIn(BaseModel):
+    reason: Reason = "on demand"
+
+
+class RotateOut(BaseModel):
+    chat_id: uuid.UUID
+    dek_version: int = Field(description="The chat's active DEK version after the rotation")
+
+
+class DekVersionOut(BaseModel):
+    dek_version: int
+    state: str = Field(description="active | retired | destroyed")
+    kms_key_name: str
+    valid_from: datetime
+    valid_to: datetime | None
+
+
+class ChatKeysOut(BaseModel):
+    chat_id: uuid.UUID
+    tenant_id: str
+    state: str
+    versions: list[DekVersionOut]
+
+
+class RotationsIn(BaseModel):
+    max_age_days: float | None = Field(
+        default=None, gt=0, description="Rotate DEKs older than this; 0 or absent: see below"
+    )
+    max_messages: int | None = Field(
+        default=None, ge=1, description="Rotate DEK versions that sealed at least this many"
+    )
+    all_chats: bool = Field(default=False, description="Rotate every active chat")
+    tenant_id: str | None = Field(default=None, min_length=1, max_length=128)
+    rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
+
+
+class MasterKeyIn(BaseModel):
+    retire_old: bool = Field(
+        default=False, description="After the rewrap, old master-key versions stop decrypting"
+    )
+
+
+class ReencryptIn(BaseModel):
+    retire: bool = Field(
+        default=True, description="Destroy the old DEK versions once no message uses them"
+    )
+
+
+class RetentionIn(BaseModel):
+    days: int | None = Field(ge=1, le=36_500, description="Retention in days; null: forever")
+
+
+class ShredReceiptOut(BaseModel):
+    chat_id: uuid.UUID
+    dek_versions_destroyed: list[int]
+    index_documents_deleted: int
+    rows_deleted: int
+    seconds: float
+
+
+class MessageDeletedOut(BaseModel):
+    chat_id: uuid.UUID
+    message_id: str
+    deleted: bool
+
+
+class AuditOut(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    chat_id: uuid.UUID | None
+    dek_version: int | None
+    reason: str
+
+
+class JobOut(BaseModel):
+    job_id: str
+    kind: str
+    requested_by: str
+    state: str = Field(description="queued | running | succeeded | failed")
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+def _job(job: Job) -> JobOut:
+    return JobOut(**asdict(job))
+
+
+def _report(report: object) -> dict[str, Any]:
+    """A lifecycle report as JSON (datetimes and UUIDs as strings)."""
+    return {
+        k: (v.isoformat() if isinstance(v, datetime) else str(v) if isinstance(v, uuid.UUID) else v)
+        for k, v in asdict(report).items()  # type: ignore[call-overload]
+    }
+
+
+ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
+TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+MessageId = Annotated[str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")]
+
+
+def create_app(
+    ctx: AdminContext,
+    jobs: JobRunner,
+    settings: Settings,
+    ready: Callable[[], Awaitable[bool]],
+) -> FastAPI:
+    app = FastAPI(
+        title="Sealstream key-lifecycle admin",
+        version="1",
+        description=(
+            "DEK rotation, master-key rotation and rewrap, history re-encryption, message and "
+            "chat deletion (crypto-shredding), retention and the key audit trail. Needs a bearer "
+            "token with the `admin` role. Errors are "
+            '{"error": {"code", "message", "field"?}}.'
+        ),
+        openapi_tags=[
+            {"name": TAG_KEYS, "description": "Data keys and master keys"},
+            {"name": TAG_DATA, "description": "Deleting messages and chats, retention"},
+            {"name": TAG_JOBS, "description": "Background jobs and the audit trail"},
+        ],
+    )
+    install(app, "admin", settings.auth, ready)
+
+    def keys_for(admin: str) -> KeyService:
+        return ctx.keys.as_actor(f"admin:{admin}")
+
+    def existing_chat(chat_id: uuid.UUID) -> None:
+        if ctx.keys.chat(chat_id) is None:
+            raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
+
+    # --- tenants -------------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/tenants",
+        response_model=TenantIn,
+        status_code=201,
+        tags=[TAG_KEYS],
+        summary="Register a tenant and create its master key on its own KMS (idempotent)",
+    )
+    def add_tenant(admin: CurrentAdmin, body: TenantIn) -> TenantIn:
+        try:
+            ctx.keys.register_tenant(body.tenant_id, body.kms_key_name, body.region)
+        except KmsError as exc:
+            if exc.retriable:
+                raise
+            raise ApiError(422, "invalid_tenant", str(exc), "body.region") from None
+        return body
+
+    # --- data keys -----------------------------------------------------------------------------
+
+    @app.get(
+        "/v1/chats/{chat_id}/keys",
+        response_model=ChatKeysOut,
+        tags=[TAG_KEYS],
+        summary="A chat's DEK versions (numbers and states, never key material)",
+    )
+    def chat_keys(admin: CurrentAdmin, chat_id: ChatId) -> ChatKeysOut:
+        chat = ctx.keys.chat(chat_id)
+        if chat is None:
+            raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
+        return ChatKeysOut(
+            chat_id=chat_id,
+            tenant_id=chat.tenant_id,
+            state=chat.state,
+            versions=[
+                DekVersionOut(
+                    dek_version=d.dek_version,
+                    state=d.state,
+                    kms_key_name=d.kms_key_name,
+                    valid_from=d.valid_from,
+                    valid_to=d.valid_to,
+                )
+                for d in ctx.keys.repo.deks(chat_id)
+            ],
+        )
+
+    @app.post(
+        "/v1/chats/{chat_id}/keys/rotate",
+        response_model=RotateOut,
+        tags=[TAG_KEYS],
+        summary="Rotate one chat's DEK now (every worker uses the new version within a second)",
+    )
+    def rotate_chat(
+        admin: CurrentAdmin, chat_id: ChatId, body: RotateIn | None = None
+    ) -> RotateOut:
+        existing_chat(chat_id)
+        reason = (body or RotateIn()).reason
+        return RotateOut(chat_id=chat_id, dek_version=keys_for(admin).rotate(chat_id, reason))
+
+    @app.post(
+        "/v1/rotations",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Batch rotation by policy (age, messages per version) or of every chat",
+    )
+    def rotations(admin: CurrentAdmin, body: RotationsIn) -> JobOut:
+        if not (body.all_chats or body.max_age_days or body.max_messages):
+            raise ApiError(
+                422,
+                "invalid_request",
+                "body: give max_age_days, max_messages or all_chats=true",
+                "body",
+            )
+        now = datetime.now(UTC)
+        if body.all_chats:
+            cutoff = now
+        elif body.max_age_days:
+            cutoff = now - timedelta(days=body.max_age_days)
+        else:
+            cutoff = datetime(1970, 1, 1, tzinfo=UTC)  # by message count only
+        keys = keys_for(admin)
+
+        def run(progress: Callable[..., None]) -> dict[str, Any]:
+            report = rotate_due(
+                keys,
+                cutoff,
+                body.rate_per_second,
+                reason=f"batch rotation (cutoff {cutoff.isoformat(timespec='seconds')})",
+                progress=lambda n: progress(rotated=n),
+                tenant_id=body.tenant_id,
+                max_messages=body.max_messages,
+            )
+            return _report(report)
+
+        return _job(jobs.submit("rotate-due", admin, run))
+
+    @app.post(
+        "/v1/tenants/{tenant_id}/master-key/rotate",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Rotate a tenant's master key and rewrap every stored DEK to the new version",
+    )
+    def master_key(
+        admin: CurrentAdmin, tenant_id: TenantId, body: MasterKeyIn | None = None
+    ) -> JobOut:
+        if ctx.keys.repo.tenant_key_name(tenant_id) is None:
+            raise ApiError(404, "not_found", f"no tenant {tenant_id!r}", "path.tenant_id")
+        retire_old = (body or MasterKeyIn()).retire_old
+        keys = keys_for(admin)
+
+        def run(progress: Callable[..., None]) -> dict[str, Any]:
+            report = rotate_master_key(
+                keys,
+                tenant_id,
+                retire_old,
+                progress=lambda examined, done: progress(examined=examined, rewrapped=done),
+            )
+            return _report(report)
+
+        return _job(jobs.submit("rotate-master", admin, run))
+
+    @app.post(
+        "/v1/chats/{chat_id}/keys/reencrypt",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Re-encrypt a chat's history to its newest DEK version (then retire old ones)",
+    )
+    def reencrypt(admin: CurrentAdmin, chat_id: ChatId, body: ReencryptIn | None = None) -> JobOut:
+        existing_chat(chat_id)
+        retire = (body or ReencryptIn()).retire
+        keys = keys_for(admin)
+
+        def run(progress: Callable[..., None]) -> dict[str, Any]:
+            report = reencrypt_chat(
+                keys,
+                ctx.store,
+                chat_id,
+                retire=retire,
+                progress=lambda examined, done: progress(examined=examined, reencrypted=done),
+            )
+            return _report(report)
+
+        return _job(jobs.submit("reencrypt", admin, run))
+
+    # --- deletion and retention ----------------------------------------------------------------
+
+    @app.delete(
+        "/v1/chats/{chat_id}",
+        response_model=ShredReceiptOut,
+        tags=[TAG_DATA],
+        summary="Delete a chat: crypto-shred its DEKs, then its index documents and rows",
+    )
+    def remove_chat(
+        admin: CurrentAdmin,
+        chat_id: ChatId,
+        reason: Annotated[str, Query(min_length=1, max_length=MAX_REASON)] = "admin request",
+    ) -> ShredReceiptOut:
+        existing_chat(chat_id)
+        receipt = delete_chat(keys_for(admin), ctx.index, ctx.store, chat_id, reason)
+        return ShredReceiptOut(**asdict(receipt))
+
+    @app.delete(
+        "/v1/chats/{chat_id}/messages/{message_id}",
+        response_model=MessageDeletedOut,
+        tags=[TAG_DATA],
+        summary="Delete one message: hidden at once, ciphertext and index document removed",
+    )
+    def remove_message(
+        admin: CurrentAdmin, chat_id: ChatId, message_id: MessageId
+    ) -> MessageDeletedOut:
+        existing_chat(chat_id)
+        value = int(message_id)
+        if not 1 <= value <= MAX_MESSAGE_ID:
+            raise ApiError(
+                422, "invalid_request", "path.message_id: out of range", "path.message_id"
+            )
+        found = delete_message(ctx.store, ctx.index, chat_id, value)
+        if not found:
+            raise ApiError(404, "not_found", f"no message {message_id} in chat {chat_id}")
+        return MessageDeletedOut(chat_id=chat_id, message_id=message_id, deleted=True)
+
+    @app.put(
+        "/v1/tenants/{tenant_id}/retention",
+        tags=[TAG_DATA],
+        summary="Set (or clear with null) a tenant's retention period",
+    )
+    def tenant_retention(
+        admin: CurrentAdmin, tenant_id: TenantId, body: RetentionIn
+    ) -> dict[str, Any]:
+        if ctx.keys.repo.tenant_key_name(tenant_id) is None:
+            raise ApiError(404, "not_found", f"no tenant {tenant_id!r}", "path.tenant_id")
+        ctx.keys.repo.set_retention(body.days, tenant_id=tenant_id)
+        return {"tenant_id": tenant_id, "retention_days": body.days}
+
+    @app.put(
+        "/v1/chats/{chat_id}/retention",
+        tags=[TAG_DATA],
+        summary="Set (or clear with null) one chat's retention period (overrides the tenant's)",
+    )
+    def chat_retention(admin: CurrentAdmin, chat_id: ChatId, body: RetentionIn) -> dict[str, Any]:
+        existing_chat(chat_id)
+        ctx.keys.repo.set_retention(body.days, chat_id=chat_id)
+        return {"chat_id": str(chat_id), "retention_days": body.days}
+
+    @app.post(
+        "/v1/retention/runs",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_DATA],
+        summary="Apply retention: remove expired messages, destroy DEK versions none uses",
+    )
+    def retention_run(admin: CurrentAdmin) -> JobOut:
+        keys = keys_for(admin)
+
+        def run(progress: Callable[..., None]) -> dict[str, Any]:
+            report = apply_retention(
+                keys, ctx.index, ctx.store, progress=lambda n: progress(chats=n)
+            )
+            return _report(report)
+
+        return _job(jobs.submit("retention", admin, run))
+
+    # --- jobs and audit ------------------------------------------------------------------------
+
+    @app.get("/v1/jobs", response_model=list[JobOut], tags=[TAG_JOBS], summary="Recent jobs")
+    def list_jobs(admin: CurrentAdmin) -> list[JobOut]:
+        return [_job(j) for j in jobs.all()]
+
+    @app.get(
+        "/v1/jobs/{job_id}", response_model=JobOut, tags=[TAG_JOBS], summary="One job's progress"
+    )
+    def get_job(
+        admin: CurrentAdmin, job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+    ) -> JobOut:
+        job = jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id} (jobs live in the admin process)")
+        return _job(job)
+
+    @app.get(
+        "/v1/audit",
+        response_model=list[AuditOut],
+        tags=[TAG_JOBS],
+        summary="The append-only key audit trail, newest first",
+    )
+    def audit(
+        admin: CurrentAdmin,
+        chat_id: Annotated[uuid.UUID | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[AuditOut]:
+        return [AuditOut(**asdict(e)) for e in ctx.keys.repo.audit_entries(chat_id, limit)]
+
+    return app

@@ -1,0 +1,49 @@
+"""Wiring and entrypoint of the admin API (`sealstream run admin`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from fastapi import FastAPI
+
+from admin.api import AdminContext, create_app
+from admin.jobs import JobRunner
+from sealstream.adapters.postgres import Database
+from sealstream.http import readiness, serve
+from sealstream.observability import configure_logging
+from sealstream.settings import Settings
+from sealstream.wiring import key_service, message_stores
+
+SERVICE = "admin"
+
+
+def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
+    """The admin app on real adapters, and a function closing everything it opened."""
+    stack = ExitStack()
+    try:
+        database = Database(settings.postgres)
+        database.open()
+        stack.callback(database.close)
+        keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
+        store, index = stack.enter_context(message_stores(settings))
+        jobs = JobRunner()
+        stack.callback(jobs.close)
+
+        def check() -> None:
+            with database.connection() as conn:
+                conn.execute("SELECT 1")
+            store.session.execute("SELECT release_version FROM system.local")
+            index.ping()
+
+        app = create_app(AdminContext(keys, store, index), jobs, settings, readiness(check))
+    except BaseException:
+        stack.close()
+        raise
+    return app, stack.close
+
+
+def run(settings: Settings) -> None:
+    configure_logging(SERVICE)
+    app, close = build(settings)
+    serve(app, settings.admin, close)
