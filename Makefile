@@ -39,7 +39,7 @@ test: stack-up  ## Run the whole test suite against the real local stack
 demo: stack-up  ## Run the four services with demo traffic and print a report
 	$(SEAL) demo
 
-bench: stack-up  ## Print the benchmark figures (crypto, keys, pipeline)
+bench: stack-up  ## Print the benchmark figures (crypto, keys, pipeline, lifecycle)
 	$(SEAL) bench
 
 clean: stack-down  ## Stop the stack and delete its data (.stack/)
