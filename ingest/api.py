@@ -23,7 +23,7 @@ from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService,
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
 from sealstream.auth import AuthError, verify_token
 from sealstream.errors import SealstreamError
-from sealstream.http import ApiError, CurrentUser, error_body, install
+from sealstream.http import ApiError, CurrentPrincipal, CurrentUser, error_body, install
 from sealstream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class ErrorOut(BaseModel):
 
 _ERRORS = {
     401: "Missing, invalid or expired bearer token",
-    403: "The caller is not a participant of the chat",
+    403: "The caller is not a participant of the chat, or the tenant is not the token's",
     404: "No such chat",
     409: "The chat id is taken / a request with this client_message_id is still in flight",
     410: "The chat was deleted",
@@ -167,11 +167,24 @@ def create_app(
         response_model=ChatOut,
         tags=[CHATS],
         summary="Create a chat",
-        responses=_errors(401, 409, 410, 422, 503),
+        responses=_errors(401, 403, 409, 410, 422, 503),
     )
-    def create_chat(body: CreateChatIn, user: CurrentUser) -> ChatOut:
-        """Create a chat with its first data key; the caller is always a participant."""
-        chat = service.create_chat(user, body.participants, body.tenant_id, body.chat_id)
+    def create_chat(body: CreateChatIn, principal: CurrentPrincipal) -> ChatOut:
+        """Create a chat with its first data key; the caller is always a participant.
+
+        The chat belongs to the tenant of the caller's token (`tenant` claim); a token without
+        one creates chats in the default tenant only."""
+        own_tenant = principal.tenant or settings.keys.default_tenant
+        if body.tenant_id not in (None, own_tenant):
+            raise ApiError(
+                403,
+                "forbidden",
+                f"tenant_id: your token is for tenant '{own_tenant}'",
+                "tenant_id",
+            )
+        chat = service.create_chat(
+            principal.user_id, body.participants, principal.tenant or body.tenant_id, body.chat_id
+        )
         return ChatOut(
             chat_id=chat.chat_id, participants=list(chat.participants), created_at=chat.created_at
         )

@@ -1,6 +1,8 @@
 """Signed bearer tokens: HS256 JWTs whose `sub` is the user id (PyJWT does the signing).
 
 An optional `roles` claim grants operator rights: `admin` opens the key-lifecycle admin API.
+An optional `tenant` claim says which tenant the user belongs to: chats are created in it (a token
+without one may create chats in the default tenant only).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Principal:
 
     user_id: str
     roles: frozenset[str] = frozenset()
+    tenant: str | None = None
 
 
 def mint_token(
@@ -35,6 +38,7 @@ def mint_token(
     user_id: str,
     ttl_seconds: int | None = None,
     roles: tuple[str, ...] = (),
+    tenant: str | None = None,
 ) -> str:
     if not 0 < len(user_id) <= _MAX_USER_ID:
         raise ValueError(f"user id must be 1..{_MAX_USER_ID} characters")
@@ -47,6 +51,8 @@ def mint_token(
     }
     if roles:
         claims["roles"] = sorted(roles)
+    if tenant is not None:
+        claims["tenant"] = tenant
     return jwt.encode(claims, settings.secret.get_secret_value(), algorithm=_ALGORITHM)
 
 
@@ -75,4 +81,7 @@ def verify_principal(settings: AuthSettings, token: str) -> Principal:
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise AuthError("invalid token (bad roles)")
-    return Principal(user, frozenset(roles))
+    tenant = claims.get("tenant")
+    if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant) <= _MAX_USER_ID):
+        raise AuthError("invalid token (bad tenant)")
+    return Principal(user, frozenset(roles), tenant)

@@ -391,12 +391,16 @@ def token(
     admin: Annotated[
         bool, typer.Option(help="grant the admin role (key-lifecycle admin API)")
     ] = False,
+    tenant: Annotated[
+        str | None, typer.Option(help="the user's tenant (chats are created in it)")
+    ] = None,
 ) -> None:
     """Mint a bearer token for local use (signed with the configured auth secret)."""
     from sealstream.auth import ADMIN_ROLE, mint_token
     from sealstream.settings import Settings
 
-    print(mint_token(Settings().auth, user, ttl, roles=(ADMIN_ROLE,) if admin else ()))
+    roles = (ADMIN_ROLE,) if admin else ()
+    print(mint_token(Settings().auth, user, ttl, roles=roles, tenant=tenant))
 
 
 @app.command("demo")

@@ -96,6 +96,7 @@ def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 CurrentAdmin = Annotated[str, Depends(current_admin)]
 
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.auth import mint_token
 from sealstream.wiring import key_service
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_pipeline import create_chat, history, post_batch, search, wait_until
@@ -117,12 +118,18 @@ def test_tenant_batch_rotation_and_master_key_rewrap(admin: Pipeline) -> None:
     key_name = f"{tenant}-cmk"
     added = call(admin, "POST", "/v1/tenants", json={"tenant_id": tenant, "kms_key_name": key_name})
     assert added.status_code == 201, added.text
+    # Only a token of the tenant may create chats in it.
+    refused = httpx.post(
+        f"{admin.ingest_url}/v1/chats",
+        json={"participants": ["bob"], "tenant_id": tenant},
+        headers=admin.token("alice"),
+    )
+    assert refused.status_code == 403
+    member = {"Authorization": f"Bearer {mint_token(admin.settings.auth, 'alice', tenant=tenant)}"}
     chats = []
     for _ in range(3):
         response = httpx.post(
-            f"{admin.ingest_url}/v1/chats",
-            json={"participants": ["bob"], "tenant_id": tenant},
-            headers=admin.token("alice"),
+            f"{admin.ingest_url}/v1/chats", json={"participants": ["bob"]}, headers=member
         )
         assert response.status_code == 201, response.text
         chats.append(response.json()["chat_id"])

@@ -168,7 +168,11 @@ def test_errors_are_clear_and_never_500(client: TestClient, settings: Settings) 
     assert empty_batch.status_code == 422 and empty_batch.json()["error"]["field"] == "messages"
     bad_member = client.post("/v1/chats", json={"participants": ["ok", "x" * 200]}, headers=carol)
     assert bad_member.status_code == 422 and bad_member.json()["error"]["field"] == "participants.1"
-    bad_tenant = client.post("/v1/chats", json={"tenant_id": "no-such-tenant"}, headers=carol)
+    # A token without a tenant claim creates chats in the default tenant only.
+    other_tenant = client.post("/v1/chats", json={"tenant_id": "acme"}, headers=carol)
+    assert other_tenant.status_code == 403 and other_tenant.json()["error"]["field"] == "tenant_id"
+    stranger = {"Authorization": f"Bearer {mint_token(settings.auth, 'eve', tenant='nope')}"}
+    bad_tenant = client.post("/v1/chats", json={}, headers=stranger)
     assert bad_tenant.status_code == 422 and bad_tenant.json()["error"]["field"] == "tenant_id"
 
 

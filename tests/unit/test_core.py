@@ -15,7 +15,7 @@ from pydantic import SecretStr, ValidationError
 
 from schemas.events import MAX_TEXT_BYTES, MessageRecord, decode_record, export_json_schema
 from schemas.ids import BUCKET_MS, EPOCH_MS, SnowflakeIds, bucket_at, bucket_of, id_millis
-from sealstream.auth import AuthError, mint_token, verify_token
+from sealstream.auth import AuthError, Principal, mint_token, verify_principal, verify_token
 from sealstream.keys.cache import TtlCache
 from sealstream.settings import AdminHttp, AuthSettings, IngestHttp, ReaderHttp, Settings
 
@@ -198,6 +198,19 @@ def test_tokens_verify_and_reject_tampering_expiry_and_alg_none() -> None:
     )
     with pytest.raises(AuthError):
         verify_token(settings, unsigned)
+
+
+def test_tokens_carry_roles_and_tenant_and_reject_malformed_claims() -> None:
+    settings = AuthSettings()
+    plain = verify_principal(settings, mint_token(settings, "alice"))
+    assert plain == Principal("alice", frozenset(), None)
+    ops = verify_principal(settings, mint_token(settings, "ops", roles=("admin",), tenant="acme"))
+    assert ops.roles == {"admin"} and ops.tenant == "acme"
+    secret = settings.secret.get_secret_value()
+    for bad in ({"roles": "admin"}, {"roles": [1]}, {"tenant": 7}, {"tenant": ""}):
+        claims = {"sub": "x", "iss": "sealstream", "exp": 2**40, **bad}
+        with pytest.raises(AuthError, match="bad"):
+            verify_principal(settings, jwt.encode(claims, secret, algorithm="HS256"))
 
 
 # --- settings -------------------------------------------------------------------------------
