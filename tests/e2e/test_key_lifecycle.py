@@ -215,3 +215,34 @@ def test_retention_via_admin_api(admin: Pipeline) -> None:
     readable(admin, chat, texts)
     bad = call(admin, "PUT", f"/v1/chats/{chat}/retention", json={"days": 0})
     assert bad.status_code == 422 and "days" in bad.text
+
+
+def test_policy_rotation_by_messages_sealed(admin: Pipeline) -> None:
+    tenant = f"busy-{uuid.uuid4().hex[:8]}"
+    added = call(admin, "POST", "/v1/tenants", json={"tenant_id": tenant, "kms_key_name": tenant})
+    assert added.status_code == 201, added.text
+    member = {"Authorization": f"Bearer {mint_token(admin.settings.auth, 'alice', tenant=tenant)}"}
+    busy, quiet = (
+        httpx.post(f"{admin.ingest_url}/v1/chats", json={}, headers=member).json()["chat_id"]
+        for _ in range(2)
+    )
+    busy_texts = [f"busy {i}" for i in range(30)]
+    quiet_texts = [f"quiet {i}" for i in range(5)]
+    post_batch(admin, "alice", busy, busy_texts)
+    post_batch(admin, "alice", quiet, quiet_texts)
+    readable(admin, busy, busy_texts)
+    readable(admin, quiet, quiet_texts)
+    # The encryptor counted the messages each version sealed; the policy run rotates the chat
+    # whose version sealed at least 25, and only that one.
+    result = finished(
+        admin,
+        call(admin, "POST", "/v1/rotations", json={"max_messages": 25, "tenant_id": tenant}),
+    )
+    assert result["rotated"] == 1
+    versions = {
+        chat: [v["state"] for v in call(admin, "GET", f"/v1/chats/{chat}/keys").json()["versions"]]
+        for chat in (busy, quiet)
+    }
+    assert versions == {busy: ["retired", "active"], quiet: ["active"]}
+    missing = call(admin, "POST", "/v1/rotations", json={})
+    assert missing.status_code == 422 and "max_messages" in missing.text
