@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sealstream.auth import ADMIN_ROLE, AuthError, Principal, verify_principal
 from sealstream.errors import (
@@ -71,7 +72,9 @@ def _json_error(status: int, code: str, message: str, field: str | None = None) 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def current_principal(
+# The auth dependencies are `async def` on purpose: they only check a signature, and a plain
+# `def` dependency costs every request a hop to the thread pool and back.
+async def current_principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -84,11 +87,11 @@ def current_principal(
         raise ApiError(401, "unauthenticated", str(err)) from None
 
 
-def current_user(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+async def current_user(principal: Annotated[Principal, Depends(current_principal)]) -> str:
     return principal.user_id
 
 
-def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -> str:
+async def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -> str:
     """The operator behind an admin request (recorded in the key audit trail)."""
     if ADMIN_ROLE not in principal.roles:
         raise ApiError(403, "forbidden", f"this operation needs the '{ADMIN_ROLE}' role")
@@ -112,6 +115,36 @@ def readiness(check: Callable[[], object]) -> Callable[[], Awaitable[bool]]:
             return False
 
     return ready
+
+
+class _RequestTiming:
+    """Request latency by route and status, as a plain ASGI middleware (Starlette's
+    `BaseHTTPMiddleware` costs a task group and two memory streams per request)."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            REQUEST_SECONDS.labels(
+                self.service, getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - started)
 
 
 def install(
@@ -168,18 +201,7 @@ def install(
         log.error("unexpected domain error", extra={"error": type(exc).__name__})
         return _json_error(500, "internal", "internal error")
 
-    @app.middleware("http")
-    async def _timing(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        REQUEST_SECONDS.labels(service, path, str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
+    app.add_middleware(_RequestTiming, service=service)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

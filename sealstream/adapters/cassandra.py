@@ -25,6 +25,7 @@ from sealstream.errors import StoreUnavailable
 from sealstream.settings import CassandraSettings
 
 _BATCH_ROWS = 100  # rows per single-partition batch (~30 KiB of 200-byte messages)
+_DELETED_SLACK = 5  # extra rows per history query, so a few deleted ones need no second query
 _TRANSIENT = (NoHostAvailable, OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable)
 
 
@@ -192,26 +193,34 @@ class MessageStore:
         self, chat_id: uuid.UUID, before_id: int, oldest_ms: int, limit: int
     ) -> Iterator[StoredMessage]:
         """Messages older than `before_id`, newest first, walking back bucket by bucket until
-        the chat's creation time; deleted rows are left out."""
+        the chat's creation time; deleted rows are left out.
+
+        Each query asks for what is still missing plus a few rows of slack for deleted ones, and
+        a bucket is read on from the last row seen until it is exhausted, so many deleted rows in
+        a row never hide older messages of the same bucket.
+        """
         bucket = bucket_of(before_id)
         last_bucket = bucket_at(oldest_ms)
         produced = 0
+        cursor = before_id
         while bucket >= last_bucket and produced < limit:
-            fetch = limit - produced + 50  # a little extra: deleted rows are skipped
+            fetch = limit - produced + _DELETED_SLACK
             rows = self._run(
-                lambda b=bucket, n=fetch: list(
-                    self.session.execute(self._stmt("page"), (chat_id, b, before_id, n))
+                lambda b=bucket, c=cursor, n=fetch: list(
+                    self.session.execute(self._stmt("page"), (chat_id, b, c, n))
                 )
             )
             for row in rows:
-                message = _row(row)
-                if message.deleted_at is not None:
+                cursor = row.message_id
+                if row.deleted_at is not None:
                     continue
-                yield message
+                yield _row(row)
                 produced += 1
                 if produced >= limit:
                     return
-            bucket -= 1
+            if len(rows) < fetch:  # this bucket is exhausted: go back in time
+                bucket -= 1
+                cursor = before_id
 
     def scan_chat(
         self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int, page_size: int = 500

@@ -195,6 +195,23 @@ def test_cassandra_message_store_and_prepared_statement(message_store: MessageSt
 # --- OpenSearch --------------------------------------------------------------------------------
 
 
+def test_history_pages_past_a_long_run_of_deleted_messages(message_store: MessageStore) -> None:
+    chat, ids = uuid.uuid4(), SnowflakeIds(41)
+    rows = [
+        StoredMessage(chat, ids.next_id(), "alice", 1, b"envelope", datetime.now(UTC))
+        for _ in range(100)
+    ]
+    message_store.write_many(rows)
+    for row in rows[40:]:  # the 60 newest are deleted
+        message_store.mark_deleted(chat, row.message_id, datetime.now(UTC))
+    newest_first = [r.message_id for r in reversed(rows[:40])]
+    oldest_ms = id_millis(rows[0].message_id) - 60_000
+    page = list(message_store.history(chat, 2**63 - 1, oldest_ms, 10))
+    assert [m.message_id for m in page] == newest_first[:10]
+    rest = list(message_store.history(chat, page[-1].message_id, oldest_ms, 100))
+    assert [m.message_id for m in rest] == newest_first[10:]
+
+
 def test_opensearch_index_search_and_no_text_in_source(search_index: SearchIndex) -> None:
     chat, other_chat = uuid.uuid4(), uuid.uuid4()
     sent = datetime.now(UTC)
