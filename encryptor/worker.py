@@ -26,6 +26,16 @@ def run(settings: Settings) -> None:
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
             return encrypt_and_store(records, keys, store)
 
+        # Batches flushed after 50 ms at most: the encryptor is on the path from post to readable,
+        # unlike the indexer. 20 ms gave no better latency under load and smaller, costlier
+        # batches (docs/benchmarks.md).
         run_worker(
-            STAGE, settings, settings.kafka.encryptor_group, settings.encryptor_http, process, stack
+            STAGE,
+            settings,
+            settings.kafka.encryptor_group,
+            settings.encryptor_http,
+            process,
+            stack,
+            max_size=500,
+            max_wait=0.05,
         )

@@ -421,16 +421,23 @@ def demo(
 @app.command("bench")
 def bench(
     which: Annotated[
-        str, typer.Argument(help="crypto | keys | pipeline | lifecycle | all")
+        str, typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | all")
     ] = "all",
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
-    from sealstream.bench import crypto_bench, keys_bench, lifecycle_bench, pipeline_bench
+    from sealstream.bench import (
+        consumer_bench,
+        crypto_bench,
+        keys_bench,
+        lifecycle_bench,
+        pipeline_bench,
+    )
 
     suites: dict[str, Callable[[], dict[str, float]]] = {
         "crypto": crypto_bench.run,
         "keys": keys_bench.run,
         "pipeline": pipeline_bench.run,
+        "consumer": consumer_bench.run,
         "lifecycle": lifecycle_bench.run,
     }
     chosen = list(suites) if which == "all" else [which]

@@ -222,6 +222,18 @@ class MessageStore:
                 bucket -= 1
                 cursor = before_id
 
+    def written_at(self, chat_id: uuid.UUID, message_id: int) -> float | None:
+        """When a row's envelope was written (seconds since the epoch, from the write timestamp
+        the writer's driver attached), or None if there is no such row. For benchmarks."""
+        row = self._run(
+            lambda: self.session.execute(
+                f"SELECT writetime(envelope) FROM {self.keyspace}.messages"
+                " WHERE chat_id = %s AND bucket = %s AND message_id = %s",
+                (chat_id, bucket_of(message_id), message_id),
+            ).one()
+        )
+        return None if row is None or row[0] is None else row[0] / 1_000_000
+
     def scan_chat(
         self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int, page_size: int = 500
     ) -> Iterator[StoredMessage]:

@@ -1,0 +1,170 @@
+"""Consumer-runtime benchmark: what reading the message topic costs per record, before any work.
+
+The encryptor and the indexer are Faust agents (`sealstream.streaming`). This measures that
+runtime with a `process` that does nothing, against the same records read by a bare
+confluent-kafka (librdkafka) consumer in batches with a synchronous commit per batch, the cheapest
+way Python can read Kafka. Each consumer runs as its own process over the same 30,000 records of
+an isolated topic; the figure is its CPU time per record. It tells how much of the two workers'
+CPU per message is the runtime itself (docs/benchmarks.md).
+
+    sealstream bench consumer
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import UTC, datetime
+
+from schemas.events import MessageRecord
+from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics
+from sealstream.bench.pipeline_bench import isolated
+from sealstream.services import settings_env, stop, wait_for
+from sealstream.settings import Settings
+from sealstream.stack.runner import group_cpu_seconds
+
+
+def _publish(settings: Settings, count: int) -> None:
+    ids = SnowflakeIds(7)
+    chats = [uuid.uuid4() for _ in range(50)]
+    records = [
+        MessageRecord(
+            message_id=ids.next_id(),
+            chat_id=chats[i % len(chats)],
+            sender_id="bench",
+            text=f"benchmark message {i} lorem ipsum dolor sit amet consectetur",
+            sent_at=datetime.now(UTC),
+        )
+        for i in range(count)
+    ]
+    publisher = Publisher(settings.kafka, client_id="consumer-bench", linger_ms=20)
+    try:
+        for start in range(0, count, 1000):
+            publisher.publish(
+                settings.kafka.messages_topic,
+                [(r.key(), r.value()) for r in records[start : start + 1000]],
+            )
+    finally:
+        publisher.close()
+
+
+def _faust_worker() -> None:
+    """Child process: the workers' Faust runtime with a process that does nothing (the child of
+    `_faust_figures`, started as `python -m sealstream.bench.consumer_bench faust`)."""
+    from sealstream.observability import configure_logging
+    from sealstream.streaming import run_worker
+
+    settings = Settings()
+    configure_logging("consumer-bench")
+    with ExitStack() as stack:
+        run_worker(
+            "bench", settings, settings.kafka.encryptor_group, settings.encryptor_http,
+            lambda records: [], stack,
+        )  # fmt: skip
+
+
+def _confluent_consumer(count: int) -> None:
+    """Child process: a bare confluent-kafka consumer, batches of 500, commit after each."""
+    from confluent_kafka import Consumer
+
+    settings = Settings()
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap,
+            "group.id": f"{settings.kafka.encryptor_group}-confluent",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([settings.kafka.messages_topic])
+    seen = 0
+    cpu_started = wall_started = 0.0
+    while seen < count:
+        batch = consumer.consume(500, 0.1)
+        if batch:
+            if not seen:  # joined the group: from here on, as for the Faust worker
+                cpu_started, wall_started = time.process_time(), time.perf_counter()
+            seen += len(batch)
+            _ = [(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in batch]
+            consumer.commit(asynchronous=False)
+    print(f"{time.process_time() - cpu_started} {time.perf_counter() - wall_started}")
+    consumer.close()
+
+
+def _faust_figures(env: dict[str, str], settings: Settings, count: int) -> dict[str, float]:
+    import httpx
+
+    url = f"http://127.0.0.1:{settings.encryptor_http.port}"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sealstream.bench.consumer_bench", "faust"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def handled() -> float:
+        total = 0.0
+        for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("sealstream_consumer_records_total"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    try:
+        # Ready = joined the group; from then on every record is read by this process.
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "ready")
+        cpu0, t0 = group_cpu_seconds(child.pid), time.perf_counter()
+        wait_for(lambda: handled() >= count, 300, "all records handled", interval=0.1)
+        cpu1, t1 = group_cpu_seconds(child.pid), time.perf_counter()
+    finally:
+        stop([child])
+    return {
+        "faust_cpu_ms_per_record": 1000 * (cpu1 - cpu0) / count,
+        "faust_records_per_s": count / (t1 - t0),
+    }
+
+
+def _confluent_figures(env: dict[str, str], count: int) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-m", "sealstream.bench.consumer_bench", "confluent", str(count)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    cpu, wall = (float(v) for v in done.stdout.split())
+    return {
+        "confluent_cpu_ms_per_record": 1000 * cpu / count,
+        "confluent_records_per_s": count / wall if wall else 0.0,
+    }
+
+
+def run(count: int = 30_000, settings: Settings | None = None) -> dict[str, float]:
+    cfg = isolated(settings or Settings(), secrets.token_hex(3))
+    ensure_topics(cfg.kafka)
+    try:
+        _publish(cfg, count)
+        env = {**os.environ, **settings_env(cfg)}
+        figures = {"records": float(count)}
+        figures |= _faust_figures(env, cfg, count)
+        figures |= _confluent_figures(env, count)
+        return figures
+    finally:
+        delete_topics(cfg.kafka, [cfg.kafka.messages_topic, cfg.kafka.dead_letter_topic])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["faust"]:
+        _faust_worker()
+    elif sys.argv[1:2] == ["confluent"]:
+        _confluent_consumer(int(sys.argv[2]))
+    else:
+        for name, value in run().items():
+            print(f"{name:<45} {value:,.4f}")
