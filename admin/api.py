@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from admin.jobs import Job, JobRunner
 from sealstream.adapters.cassandra import MessageStore
@@ -54,7 +54,13 @@ class AdminContext:
 Reason = Annotated[str, Field(min_length=1, max_length=MAX_REASON)]
 
 
-class TenantIn(BaseModel):
+class _Request(BaseModel):
+    """Request bodies refuse unknown fields: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantIn(_Request):
     tenant_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     kms_key_name: str = Field(
         min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$", description="Its Transit CMK"
@@ -67,7 +73,7 @@ class TenantIn(BaseModel):
     )
 
 
-class RotateIn(BaseModel):
+class RotateIn(_Request):
     reason: Reason = "on demand"
 
 
@@ -91,9 +97,9 @@ class ChatKeysOut(BaseModel):
     versions: list[DekVersionOut]
 
 
-class RotationsIn(BaseModel):
+class RotationsIn(_Request):
     max_age_days: float | None = Field(
-        default=None, gt=0, description="Rotate DEKs older than this; 0 or absent: see below"
+        default=None, gt=0, description="Rotate chats whose active DEK is older than this"
     )
     max_messages: int | None = Field(
         default=None, ge=1, description="Rotate DEK versions that sealed at least this many"
@@ -103,19 +109,19 @@ class RotationsIn(BaseModel):
     rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
 
 
-class MasterKeyIn(BaseModel):
+class MasterKeyIn(_Request):
     retire_old: bool = Field(
         default=False, description="After the rewrap, old master-key versions stop decrypting"
     )
 
 
-class ReencryptIn(BaseModel):
+class ReencryptIn(_Request):
     retire: bool = Field(
         default=True, description="Destroy the old DEK versions once no message uses them"
     )
 
 
-class RetentionIn(BaseModel):
+class RetentionIn(_Request):
     days: int | None = Field(ge=1, le=36_500, description="Retention in days; null: forever")
 
 

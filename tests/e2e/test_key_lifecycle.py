@@ -246,3 +246,5 @@ def test_policy_rotation_by_messages_sealed(admin: Pipeline) -> None:
     assert versions == {busy: ["retired", "active"], quiet: ["active"]}
     missing = call(admin, "POST", "/v1/rotations", json={})
     assert missing.status_code == 422 and "max_messages" in missing.text
+    typo = call(admin, "POST", "/v1/rotations", json={"max_mesages": 25})
+    assert typo.status_code == 422 and "max_mesages" in typo.text
