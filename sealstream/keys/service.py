@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from sealstream.adapters.postgres import ChatKeyRepository, ChatRow, DekRow
 from sealstream.adapters.redis import InvalidationListener, RedisKeyCache, WrappedDek
 from sealstream.crypto import ChatKey
-from sealstream.errors import KeyDestroyed, KeyNotFound, KmsError, StoreUnavailable
+from sealstream.errors import (
+    KeyDestroyed,
+    KeyNotFound,
+    KmsError,
+    SealstreamError,
+    StoreUnavailable,
+)
 from sealstream.keys.cache import TtlCache
 from sealstream.keys.ports import Kms
 from sealstream.keys.router import KmsRouter
@@ -331,10 +337,19 @@ class KeyService:
         if limit is None:
             return rotated
         for chat_id, version, total in totals:
-            if total >= limit:
-                reason = f"policy: {total} messages sealed with version {version} (max {limit})"
+            if total < limit:
+                continue
+            reason = f"policy: {total} messages sealed with version {version} (max {limit})"
+            try:
                 if self.rotate(chat_id, reason, only_if_version=version) != version:
                     rotated.append(chat_id)
+            except SealstreamError as exc:
+                # The batch is written: a KMS or database hiccup must not hold it for retries.
+                # The chat stays over the limit, so the next batch or `keys rotate-due` rotates it.
+                log.warning(
+                    "policy rotation deferred",
+                    extra={"chat_id": str(chat_id), "error": type(exc).__name__},
+                )
         return rotated
 
     # --- deletion -------------------------------------------------------------------------------

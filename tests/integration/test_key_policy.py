@@ -17,6 +17,7 @@ from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
+from sealstream.adapters.vault import TransitKms
 from sealstream.crypto import MessageContext, open_envelope, seal
 from sealstream.errors import KeyDestroyed
 from sealstream.keys.service import KeyService
@@ -105,6 +106,36 @@ def test_encryptor_rotates_a_chat_when_its_dek_reached_the_message_limit(
     finally:
         worker_a.close()
         worker_b.close()
+
+
+def test_policy_rotation_waits_out_a_kms_outage_without_holding_the_batch(
+    policy_settings: Settings, database: Database, kms: object
+) -> None:
+    keys = service(policy_settings, database, kms, "operator")
+    dead_vault = policy_settings.vault.model_copy(update={"address": "http://127.0.0.1:9"})
+    # An encryptor whose KMS has gone away (not started: start() registers the default tenant).
+    cut_off = KeyService(
+        ChatKeyRepository(database),
+        TransitKms(dead_vault, retry_seconds=0.5),
+        RedisKeyCache(policy_settings.redis),
+        policy_settings.keys,
+        policy_settings.vault.default_key,
+        actor="encryptor",
+    )
+    try:
+        chat = uuid.uuid4()
+        keys.create_chat(chat, ("alice",))
+        # The limit is reached while the KMS is unreachable: no exception for the caller (the
+        # encryptor's batch is already written), the chat keeps its version and its count.
+        assert cut_off.record_usage({(chat, 1): 60}) == []
+        assert keys.repo.active_dek(chat).dek_version == 1  # type: ignore[union-attr]
+        # The policy job rotates it once the KMS answers again.
+        report = rotate_due(keys, datetime(2000, 1, 1, tzinfo=UTC), 0, max_messages=50)
+        assert report.rotated >= 1
+        assert keys.repo.active_dek(chat).dek_version == 2  # type: ignore[union-attr]
+    finally:
+        keys.close()
+        cut_off.close()
 
 
 def test_rotate_due_picks_chats_by_message_count(
