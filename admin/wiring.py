@@ -13,7 +13,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.wiring import key_service, message_stores
+from sealstream.wiring import key_service, message_stores, stores_reachable
 
 SERVICE = "admin"
 
@@ -30,13 +30,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         jobs = JobRunner()
         stack.callback(jobs.close)
 
-        def check() -> None:
-            with database.connection() as conn:
-                conn.execute("SELECT 1")
-            store.session.execute("SELECT release_version FROM system.local")
-            index.ping()
-
-        app = create_app(AdminContext(keys, store, index), jobs, settings, readiness(check))
+        ready = readiness(lambda: stores_reachable(database, store, index))
+        app = create_app(AdminContext(keys, store, index), jobs, settings, ready)
     except BaseException:
         stack.close()
         raise

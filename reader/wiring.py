@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import ExitStack
 
 from fastapi import FastAPI
@@ -16,7 +16,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.wiring import key_service
+from sealstream.wiring import key_service, stores_reachable
 
 SERVICE = "reader"
 log = logging.getLogger(__name__)
@@ -27,18 +27,6 @@ def _ensure_keyspace(store: MessageStore) -> None:
     if store.keyspace not in store.session.cluster.metadata.keyspaces:
         log.warning("cassandra keyspace missing, creating it", extra={"keyspace": store.keyspace})
         store.migrate()
-
-
-def _readiness(
-    database: Database, store: MessageStore, index: SearchIndex
-) -> Callable[[], Awaitable[bool]]:
-    def check() -> None:
-        with database.connection() as conn:
-            conn.execute("SELECT 1")
-        store.session.execute("SELECT release_version FROM system.local")
-        index.ping()
-
-    return readiness(check)
 
 
 def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
@@ -63,7 +51,9 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             keys=keys,
             search_index=index,
         )
-        app = create_app(service, settings, _readiness(database, store, index))
+        app = create_app(
+            service, settings, readiness(lambda: stores_reachable(database, store, index))
+        )
     except BaseException:
         stack.close()
         raise

@@ -55,3 +55,12 @@ def message_stores(settings: Settings) -> Iterator[tuple[MessageStore, SearchInd
     finally:
         store.close()
         index.close()
+
+
+def stores_reachable(database: Database, store: MessageStore, index: SearchIndex) -> None:
+    """Raise unless Postgres, Cassandra and OpenSearch all answer (the readiness check of the
+    services that read messages: reader and admin API)."""
+    with database.connection() as conn:
+        conn.execute("SELECT 1")
+    store.session.execute("SELECT release_version FROM system.local")
+    index.ping()

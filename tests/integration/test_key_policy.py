@@ -51,7 +51,9 @@ def store(policy_settings: Settings) -> Iterator[MessageStore]:
     store.close()
 
 
-def service(settings: Settings, database: Database, kms: object, actor: str) -> KeyService:
+def service(
+    settings: Settings, database: Database, kms: object, actor: str, start: bool = True
+) -> KeyService:
     keys = KeyService(
         ChatKeyRepository(database),
         kms,  # type: ignore[arg-type]
@@ -60,7 +62,8 @@ def service(settings: Settings, database: Database, kms: object, actor: str) -> 
         settings.vault.default_key,
         actor=actor,
     )
-    keys.start()
+    if start:
+        keys.start()
     return keys
 
 
@@ -114,14 +117,8 @@ def test_policy_rotation_waits_out_a_kms_outage_without_holding_the_batch(
     keys = service(policy_settings, database, kms, "operator")
     dead_vault = policy_settings.vault.model_copy(update={"address": "http://127.0.0.1:9"})
     # An encryptor whose KMS has gone away (not started: start() registers the default tenant).
-    cut_off = KeyService(
-        ChatKeyRepository(database),
-        TransitKms(dead_vault, retry_seconds=0.5),
-        RedisKeyCache(policy_settings.redis),
-        policy_settings.keys,
-        policy_settings.vault.default_key,
-        actor="encryptor",
-    )
+    dead_kms = TransitKms(dead_vault, retry_seconds=0.5)
+    cut_off = service(policy_settings, database, dead_kms, "encryptor", start=False)
     try:
         chat = uuid.uuid4()
         keys.create_chat(chat, ("alice",))
