@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
@@ -20,13 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from admin.jobs import Job, JobRunner
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import ChatRow
 from sealstream.errors import KmsError
-from sealstream.http import ApiError, CurrentAdmin, install
+from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
+from sealstream.http import message_id as parse_message_id
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import (
     apply_retention,
     delete_chat,
     delete_message,
+    policy_cutoff,
     reencrypt_chat,
     rotate_due,
     rotate_master_key,
@@ -37,7 +40,6 @@ TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
 TAG_JOBS = "jobs"
 MAX_REASON = 500
-MAX_MESSAGE_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,6 @@ def _report(report: object) -> dict[str, Any]:
 
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
 TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
-MessageId = Annotated[str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")]
 
 
 def create_app(
@@ -203,9 +204,11 @@ def create_app(
     def keys_for(admin: str) -> KeyService:
         return ctx.keys.as_actor(f"admin:{admin}")
 
-    def existing_chat(chat_id: uuid.UUID) -> None:
-        if ctx.keys.chat(chat_id) is None:
+    def existing_chat(chat_id: uuid.UUID) -> ChatRow:
+        chat = ctx.keys.chat(chat_id)
+        if chat is None:
             raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
+        return chat
 
     # --- tenants -------------------------------------------------------------------------------
 
@@ -234,9 +237,7 @@ def create_app(
         summary="A chat's DEK versions (numbers and states, never key material)",
     )
     def chat_keys(admin: CurrentAdmin, chat_id: ChatId) -> ChatKeysOut:
-        chat = ctx.keys.chat(chat_id)
-        if chat is None:
-            raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
+        chat = existing_chat(chat_id)
         return ChatKeysOut(
             chat_id=chat_id,
             tenant_id=chat.tenant_id,
@@ -281,13 +282,7 @@ def create_app(
                 "body: give max_age_days, max_messages or all_chats=true",
                 "body",
             )
-        now = datetime.now(UTC)
-        if body.all_chats:
-            cutoff = now
-        elif body.max_age_days:
-            cutoff = now - timedelta(days=body.max_age_days)
-        else:
-            cutoff = datetime(1970, 1, 1, tzinfo=UTC)  # by message count only
+        cutoff = policy_cutoff(0 if body.all_chats else body.max_age_days)
         keys = keys_for(admin)
 
         def run(progress: Callable[..., None]) -> dict[str, Any]:
@@ -378,15 +373,10 @@ def create_app(
         summary="Delete one message: hidden at once, ciphertext and index document removed",
     )
     def remove_message(
-        admin: CurrentAdmin, chat_id: ChatId, message_id: MessageId
+        admin: CurrentAdmin, chat_id: ChatId, message_id: MessageIdPath
     ) -> MessageDeletedOut:
         existing_chat(chat_id)
-        value = int(message_id)
-        if not 1 <= value <= MAX_MESSAGE_ID:
-            raise ApiError(
-                422, "invalid_request", "path.message_id: out of range", "path.message_id"
-            )
-        found = delete_message(ctx.store, ctx.index, chat_id, value)
+        found = delete_message(ctx.store, ctx.index, chat_id, parse_message_id(message_id))
         if not found:
             raise ApiError(404, "not_found", f"no message {message_id} in chat {chat_id}")
         return MessageDeletedOut(chat_id=chat_id, message_id=message_id, deleted=True)

@@ -17,14 +17,14 @@ from pydantic import BaseModel, Field
 from reader.service import (
     HISTORY_LIMIT_DEFAULT,
     HISTORY_LIMIT_MAX,
-    MAX_MESSAGE_ID,
     QUERY_MAX_CHARS,
     SEARCH_LIMIT_DEFAULT,
     SEARCH_LIMIT_MAX,
     ReaderService,
     ReadMessage,
 )
-from sealstream.http import ApiError, CurrentUser, install
+from sealstream.http import CurrentUser, MessageIdPath, install
+from sealstream.http import message_id as parse_message_id
 from sealstream.settings import Settings
 
 TAG = "messages"
@@ -66,20 +66,7 @@ def _json(body: BaseModel) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _message_id(raw: str) -> int:
-    value = int(raw)
-    if not 1 <= value <= MAX_MESSAGE_ID:
-        raise ApiError(
-            422,
-            "invalid_request",
-            "path.message_id: must be a decimal 64-bit message id",
-            "path.message_id",
-        )
-    return value
-
-
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
-MessageId = Annotated[str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")]
 
 
 def create_app(
@@ -102,8 +89,8 @@ def create_app(
         tags=[TAG],
         summary="One message, decrypted",
     )
-    def get_message(user: CurrentUser, chat_id: ChatId, message_id: MessageId) -> Response:
-        return _json(_out(service.message(user, chat_id, _message_id(message_id))))
+    def get_message(user: CurrentUser, chat_id: ChatId, message_id: MessageIdPath) -> Response:
+        return _json(_out(service.message(user, chat_id, parse_message_id(message_id))))
 
     @app.get(
         "/v1/chats/{chat_id}/messages",

@@ -166,22 +166,17 @@ def keys_rotate_due(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's chats")] = None,
 ) -> None:
     """Batch rotation by policy (age, messages per version): rate-limited and resumable."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import datetime
 
     from rich.progress import Progress
 
-    from sealstream.lifecycle import rotate_due
+    from sealstream.lifecycle import policy_cutoff, rotate_due
     from sealstream.settings import Settings
 
     settings = Settings()
     days = older_than_days if older_than_days is not None else settings.keys.rotate_max_age_days
     limit = max_messages if max_messages is not None else settings.keys.rotate_max_messages
-    if cutoff:
-        when = datetime.fromisoformat(cutoff)
-    elif days is not None:
-        when = datetime.now(UTC) - timedelta(days=days)
-    else:
-        when = datetime(1970, 1, 1, tzinfo=UTC)  # no age rule: by message count only
+    when = datetime.fromisoformat(cutoff) if cutoff else policy_cutoff(days)
     console.print(f"cutoff {when.isoformat()} (pass --cutoff with it to resume)")
     with key_service(settings, actor="cli") as keys, Progress(console=console) as bar:
         task = bar.add_task("rotating", total=None)

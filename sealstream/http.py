@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -101,6 +101,26 @@ async def current_admin(principal: Annotated[Principal, Depends(current_principa
 CurrentUser = Annotated[str, Depends(current_user)]
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 CurrentAdmin = Annotated[str, Depends(current_admin)]
+
+
+# A message id in a URL: decimal, as the APIs return it (64-bit ids exceed JavaScript's integers).
+MessageIdPath = Annotated[
+    str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")
+]
+_MAX_MESSAGE_ID = 2**63 - 1  # Cassandra bigint; Snowflake ids are 63-bit
+
+
+def message_id(raw: str) -> int:
+    """The value of a `MessageIdPath` parameter; 422 naming the field when out of range."""
+    value = int(raw)
+    if not 1 <= value <= _MAX_MESSAGE_ID:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "path.message_id: must be a decimal 64-bit message id",
+            "path.message_id",
+        )
+    return value
 
 
 def readiness(check: Callable[[], object]) -> Callable[[], Awaitable[bool]]:

@@ -26,11 +26,26 @@ from sealstream.adapters.redis import WrappedDek
 from sealstream.adapters.vault import TransitKms
 from sealstream.crypto import MessageContext, open_envelope, seal
 from sealstream.errors import KeyNotFound
-from sealstream.keys.router import KmsRouter
 from sealstream.keys.service import KeyService, kms_context
 
 # Rows may carry a timestamp a little ahead of the chat's creation (clock skew between gateways).
 _SKEW = timedelta(minutes=10)
+
+
+def _chat_span(created_at: datetime) -> tuple[int, int]:
+    """The times (ms) a chat's rows can carry: from its creation to now, widened by clock skew."""
+    return (
+        int((created_at - _SKEW).timestamp() * 1000),
+        int((datetime.now(UTC) + _SKEW).timestamp() * 1000),
+    )
+
+
+def policy_cutoff(max_age_days: float | None) -> datetime:
+    """The `rotate_due` cutoff for a maximum DEK age: 0 rotates every chat, None none by age
+    (only by message count)."""
+    if max_age_days is None:
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    return datetime.now(UTC) - timedelta(days=max_age_days)
 
 
 @dataclass(frozen=True)
@@ -51,9 +66,7 @@ def delete_chat(
         raise KeyNotFound(f"chat {chat_id} does not exist")
     destroyed = keys.delete_chat(chat_id, reason)
     documents = index.delete_chat(chat_id)
-    oldest_ms = int((chat.created_at - _SKEW).timestamp() * 1000)
-    newest_ms = int(time.time() * 1000 + _SKEW.total_seconds() * 1000)
-    rows = store.delete_chat(chat_id, oldest_ms, newest_ms)
+    rows = store.delete_chat(chat_id, *_chat_span(chat.created_at))
     return ShredReceipt(chat_id, destroyed, documents, rows, time.monotonic() - started)
 
 
@@ -136,8 +149,8 @@ def rotate_master_key(
     tenant = keys.repo.tenant(tenant_id)
     if tenant is None:
         raise KeyNotFound(f"unknown tenant '{tenant_id}'")
-    kms = keys.kms.at(tenant.region, tenant_id) if isinstance(keys.kms, KmsRouter) else keys.kms
-    assert isinstance(kms, TransitKms)
+    kms = keys.kms_for(tenant.region, tenant_id)
+    assert isinstance(kms, TransitKms)  # rotation and rewrap are Transit operations
     version = kms.rotate_master_key(tenant.kms_key_name)
     report = rewrap_all(keys, kms, tenant.kms_key_name, progress=progress)
     if retire_old:
@@ -238,7 +251,7 @@ def apply_retention(
     for chat_id, days, created_at in keys.repo.chats_with_retention():
         cutoff = now - timedelta(days=days)
         cutoff_ms = int(cutoff.timestamp() * 1000)
-        oldest_ms = int((created_at - _SKEW).timestamp() * 1000)
+        oldest_ms, _ = _chat_span(created_at)
         chat_rows = 0
         if cutoff_ms > oldest_ms:
             chat_rows = store.delete_older_than(
@@ -303,8 +316,6 @@ def reencrypt_chat(
     if chat is None or active is None:
         raise KeyNotFound(f"chat {chat_id} does not exist or has no active DEK")
     target = keys.key(chat_id, active.dek_version)
-    oldest_ms = int((chat.created_at - _SKEW).timestamp() * 1000)
-    newest_ms = int(time.time() * 1000 + _SKEW.total_seconds() * 1000)
     examined = changed = left = 0
     pending: list[tuple[StoredMessage, int, bytes]] = []
 
@@ -317,7 +328,7 @@ def reencrypt_chat(
         if progress is not None:
             progress(examined, changed)
 
-    for row in store.scan_chat(chat_id, oldest_ms, newest_ms):
+    for row in store.scan_chat(chat_id, *_chat_span(chat.created_at)):
         examined += 1
         if row.dek_version >= target.version:
             continue

@@ -147,10 +147,11 @@ class KeyService:
                     f"'{row.region or 'default'}', not '{region or 'default'}': moving a tenant or "
                     "a master key between KMS clusters is not supported"
                 )
-        self._kms_at(region, tenant_id).ensure_key(kms_key_name)
+        self.kms_for(region, tenant_id).ensure_key(kms_key_name)
         self.repo.upsert_tenant(tenant_id, kms_key_name, region)
 
-    def _kms_at(self, region: str | None, tenant_id: str) -> Kms:
+    def kms_for(self, region: str | None, tenant_id: str) -> Kms:
+        """The KMS holding the master keys of `region` (None: the default one)."""
         if isinstance(self.kms, KmsRouter):
             return self.kms.at(region, tenant_id)
         if region is not None:
