@@ -9,6 +9,7 @@ unseals it again and makes sure the Transit engine and the default master key (C
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -96,6 +97,24 @@ log_level    = "warn"
         )
         return f"OpenBao {health.get('version', '?')} ({state})"
 
+    def _wait_active(self, timeout: float = 60.0) -> None:
+        """Wait until this node leads its raft cluster: right after the first unseal, sys/health
+        says unsealed while writes still fail with "local node not active" for a few seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self._health()
+            if not health.get("sealed") and not health.get("standby"):
+                try:
+                    urllib.request.urlopen(  # noqa: S310 - loopback http only
+                        f"{self.address}/v1/sys/health", timeout=2
+                    ).close()  # 200 only on the active node
+                    return
+                except urllib.error.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                raise StackError(f"OpenBao on port {self.port} did not become active: {health}")
+            time.sleep(0.5)
+
     def after_ready(self) -> None:
         client = hvac.Client(url=self.address, timeout=10)
         if not client.sys.is_initialized():
@@ -115,6 +134,7 @@ log_level    = "warn"
         if client.sys.is_sealed():
             client.sys.submit_unseal_key(self.unseal_file.read_text().strip())
         client.token = self.token_file.read_text().strip()
+        self._wait_active()
         if f"{TRANSIT_MOUNT}/" not in client.sys.list_mounted_secrets_engines()["data"]:
             client.sys.enable_secrets_engine("transit", path=TRANSIT_MOUNT)
         try:
