@@ -1,8 +1,8 @@
 """The gateway's HTTP and WebSocket API: a thin FastAPI layer over `IngestService`.
 
-Handlers are plain `def`s where they block (Postgres, the Kafka acknowledgement): FastAPI runs
-them in its thread pool; the WebSocket handler hands each frame to the pool the same way. Every
-route needs a bearer token. Message ids leave as decimal strings (64-bit ids exceed JavaScript's
+Chat creation is a plain `def` (Postgres, KMS): FastAPI runs it in its thread pool. Posting is
+`async`: the service does its Postgres work in that pool and awaits Kafka's acknowledgement on the
+event loop, so a Kafka outage holds no thread. Every route needs a bearer token. Message ids leave as decimal strings (64-bit ids exceed JavaScript's
 safe integers). Nothing here logs or echoes message text.
 """
 
@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect, status
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService, NewMessage
@@ -33,10 +32,13 @@ DESCRIPTION = f"""\
 Accepts chat messages and publishes them to Kafka for encryption at rest and indexing.
 
 * `202 Accepted` means Kafka acknowledged the message on every in-sync replica (acks=all): it
-  will be encrypted and indexed and is never lost. `503` (with `Retry-After`) means it was not
-  accepted: retry, with the same `client_message_id` to make the retry safe.
+  will be encrypted and indexed and is never lost. `503` (with `Retry-After`) means a backing
+  service did not answer in time: the message may or may not have been accepted. Retry with the
+  same `client_message_id` and the same text: one `client_message_id` is at most one message.
 * A retry with the same `client_message_id` (same chat, same sender, within 24 h) returns the
-  original `message_id` with `duplicate: true` and publishes nothing.
+  original `message_id`: `duplicate: true` when that message was already acknowledged (nothing is
+  published), `duplicate: false` when this request published it (again) under that id. The same
+  `client_message_id` with another text is `409 idempotency_conflict`.
 * Message ids are decimal strings: 64-bit ids exceed JavaScript's safe integers.
 * Text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank.
 * Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
@@ -124,7 +126,7 @@ _ERRORS = {
     401: "Missing, invalid or expired bearer token",
     403: "The caller is not a participant of the chat, or the tenant is not the token's",
     404: "No such chat",
-    409: "The chat id is taken / a request with this client_message_id is still in flight",
+    409: "The chat id is taken / the client_message_id was used for another text",
     410: "The chat was deleted",
     422: "Invalid request; `field` names the offending field",
     503: "A backing service (Kafka, Postgres, Redis, KMS) is unavailable; retry",
@@ -197,9 +199,9 @@ def create_app(
         summary="Post one message",
         responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
-    def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> AcceptedOut:
+    async def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> AcceptedOut:
         """Answers once Kafka acknowledged the message."""
-        [accepted] = service.post(
+        [accepted] = await service.post(
             user, chat_id, [NewMessage(body.text, body.client_message_id)], batch=False
         )
         return _out(chat_id, accepted)
@@ -212,10 +214,10 @@ def create_app(
         summary=f"Post up to {MAX_BATCH} messages",
         responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
-    def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> BatchOut:
+    async def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> BatchOut:
         """All or nothing: answers once Kafka acknowledged every message, in request order."""
         items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
-        accepted = service.post(user, chat_id, items, batch=True)
+        accepted = await service.post(user, chat_id, items, batch=True)
         return BatchOut(accepted=[_out(chat_id, a) for a in accepted])
 
     @app.websocket("/v1/ws")
@@ -276,12 +278,8 @@ async def _handle_frame(service: IngestService, user: str, raw: str | None) -> d
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return _frame_error("invalid_request", "frame: malformed JSON", "frame")
     try:
-        [accepted] = await run_in_threadpool(
-            service.post,
-            user,
-            frame.chat_id,
-            [NewMessage(frame.text, frame.client_message_id)],
-            batch=False,
+        [accepted] = await service.post(
+            user, frame.chat_id, [NewMessage(frame.text, frame.client_message_id)], batch=False
         )
     except ApiError as err:
         return _frame_error(err.code, err.message, err.field)

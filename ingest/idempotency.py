@@ -1,107 +1,146 @@
-"""Redis-backed idempotency of client message ids: a retried post gets the original message id.
+"""Durable idempotency claims of client message ids, in Postgres (table `message_claims`).
 
-One key per (chat, sender, client message id): `{prefix}idem:{sha256 of the three}`. Hashing keeps
-keys short and unambiguous (ids may contain ':') and keeps chat and user ids out of Redis, so a
-deleted chat leaves nothing readable behind. The value is the message id only, never any text.
+One row per (chat, sender, client message id), keyed by sha256 of the three (ids may contain
+any character; the key reveals none of them). The row holds the message id given to the first
+request, a keyed fingerprint of its text, its `sent_at` and whether Kafka acknowledged it. A
+claim is written before publishing and is never released: whatever crashed or timed out, a
+retry finds the message id and re-publishes the same record under it (the sinks store by id),
+so at most one message exists per client message id. No message text is stored here.
 
-A claim is written *pending* (`pending:<id>`, short TTL) with one atomic `SET NX GET`, and becomes
-`<id>` for 24 h once Kafka acknowledged the message. So a gateway that dies between claim and
-publish cannot make the client's retry report a message that was never published, and a retry
-racing the original request is told to wait (`ClaimInFlight`) instead of getting an id too early.
+Redis is not used: the claim must be durable before publishing, so every post with a client
+id costs one Postgres round trip anyway, and a Redis "fast path" in front could only add a
+second one (docs/operations.md, "Deadlines and idempotency").
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Sequence
+from datetime import datetime
 
-import redis
-import redis.exceptions
-
-from ingest.ports import ClaimInFlight
+from ingest.ports import Claim, ClaimConflict, Granted
+from sealstream.adapters.postgres import Database
 from sealstream.errors import StoreUnavailable
-from sealstream.settings import RedisSettings
 
-T = TypeVar("T")
-TTL_SECONDS = 24 * 3600
-# Longer than the publisher's delivery timeout (30 s): a live request always confirms in time.
-PENDING_TTL_SECONDS = 120
-_PENDING = "pending:"
-_TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+log = logging.getLogger(__name__)
 
-# Compare-and-set / compare-and-delete: only the request holding the pending claim may finish it.
-_CONFIRM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-end
-return false
+PURGE_INTERVAL_SECONDS = 60.0
+_PURGE_BATCH = 10_000
+
+# One statement for every claim of a request: insert what is new, read back what was there.
+# The second SELECT sees the table as it was before this statement: the earlier claims only.
+_CLAIM = """
+WITH wanted AS (
+    SELECT * FROM unnest(%s::bytea[], %s::bigint[], %s::bytea[], %s::timestamptz[])
+        AS w(claim_key, message_id, fingerprint, sent_at)
+), inserted AS (
+    INSERT INTO message_claims (claim_key, message_id, fingerprint, sent_at)
+    SELECT claim_key, message_id, fingerprint, sent_at FROM wanted
+    ON CONFLICT (claim_key) DO NOTHING
+    RETURNING claim_key, message_id, fingerprint, sent_at, acknowledged
+)
+SELECT * FROM inserted
+UNION ALL
+SELECT c.claim_key, c.message_id, c.fingerprint, c.sent_at, c.acknowledged
+FROM message_claims c JOIN wanted USING (claim_key)
 """
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
+_EARLIER = """
+SELECT claim_key, message_id, fingerprint, sent_at, acknowledged
+FROM message_claims WHERE claim_key = ANY(%s)
 """
 
 
-class RedisIdempotency:
-    """`ingest.ports.IdempotencyStore` on Redis (needs Redis >= 7.0 for `SET NX GET`)."""
+def claim_key(chat_id: uuid.UUID, sender: str, client_id: str) -> bytes:
+    return hashlib.sha256("\0".join((str(chat_id), sender, client_id)).encode()).digest()
 
-    def __init__(
-        self,
-        settings: RedisSettings,
-        ttl_seconds: int = TTL_SECONDS,
-        pending_ttl_seconds: int = PENDING_TTL_SECONDS,
-    ) -> None:
-        self.prefix = settings.key_prefix
-        self.ttl = ttl_seconds
-        self.pending_ttl = pending_ttl_seconds
-        self._client = redis.Redis.from_url(
-            settings.url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
+
+class PostgresClaims:
+    """`ingest.ports.ClaimStore` on the gateway's Postgres pool."""
+
+    def __init__(self, database: Database, window_hours: float = 24.0) -> None:
+        self.database = database
+        self.window_seconds = window_hours * 3600
+        self._stop = threading.Event()
+        self._purger: threading.Thread | None = None
+
+    def claim(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Claim]) -> list[Granted]:
+        keys = [claim_key(chat_id, sender, c.client_id) for c in claims]
+        params = (
+            keys,
+            [c.message_id for c in claims],
+            [c.fingerprint for c in claims],
+            [c.sent_at for c in claims],
         )
-        self._confirm = self._client.register_script(_CONFIRM)
-        self._release = self._client.register_script(_RELEASE)
+        with self.database.transaction() as conn:
+            rows = {bytes(r["claim_key"]): r for r in conn.execute(_CLAIM, params).fetchall()}
+            # A claim committed by a concurrent request after this statement's snapshot was
+            # neither inserted nor seen: read it again in a fresh snapshot (a rare race).
+            missing = [k for k in keys if k not in rows]
+            if missing:
+                rows |= {bytes(r["claim_key"]): r for r in conn.execute(_EARLIER, (missing,))}
+            granted: list[Granted] = []
+            for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
+                row = rows[key]
+                if row["message_id"] == wanted.message_id:  # ours: a new claim
+                    granted.append(Granted(wanted.client_id, wanted.message_id, wanted.sent_at))
+                    continue
+                if bytes(row["fingerprint"]) != wanted.fingerprint:
+                    # Rolls the transaction back: a refused request claims nothing.
+                    raise ClaimConflict(index)
+                granted.append(
+                    Granted(
+                        wanted.client_id,
+                        row["message_id"],
+                        row["sent_at"],
+                        earlier=True,
+                        acknowledged=row["acknowledged"],
+                    )
+                )
+        return granted
 
-    def key(self, chat_id: uuid.UUID, sender: str, client_id: str) -> str:
-        material = "\0".join((str(chat_id), sender, client_id)).encode()
-        return f"{self.prefix}idem:{hashlib.sha256(material).hexdigest()[:32]}"
-
-    def _run(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except _TRANSIENT as exc:
-            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from None
-
-    def claim(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> int | None:
-        key = self.key(chat_id, sender, client_id)
-        earlier = self._run(
-            lambda: self._client.set(
-                key, f"{_PENDING}{message_id}", nx=True, get=True, ex=self.pending_ttl
+    def acknowledge(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Granted]) -> None:
+        keys = [claim_key(chat_id, sender, c.client_id) for c in claims]
+        with self.database.connection() as conn:
+            conn.execute(
+                "UPDATE message_claims SET acknowledged = true"
+                " WHERE claim_key = ANY(%s) AND NOT acknowledged",
+                (keys,),
             )
-        )
-        if earlier is None:
-            return None
-        value = str(earlier)
-        if value.startswith(_PENDING):
-            raise ClaimInFlight(int(value.removeprefix(_PENDING)))
-        return int(value)
 
-    def confirm(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        key = self.key(chat_id, sender, client_id)
-        self._run(
-            lambda: self._confirm(
-                keys=[key], args=[f"{_PENDING}{message_id}", message_id, self.ttl]
-            )
-        )
+    def purge(self, now: datetime | None = None) -> int:
+        """Delete claims older than the window, a batch at a time; returns how many."""
+        deleted = 0
+        while True:
+            with self.database.connection() as conn:
+                count = conn.execute(
+                    "DELETE FROM message_claims WHERE claim_key IN ("
+                    " SELECT claim_key FROM message_claims"
+                    " WHERE created_at < coalesce(%s::timestamptz, now()) - make_interval(secs => %s)"
+                    " LIMIT %s)",
+                    (now, self.window_seconds, _PURGE_BATCH),
+                ).rowcount
+            deleted += count
+            if count < _PURGE_BATCH:
+                return deleted
 
-    def release(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        key = self.key(chat_id, sender, client_id)
-        self._run(lambda: self._release(keys=[key], args=[f"{_PENDING}{message_id}"]))
+    def start_purging(self, interval: float = PURGE_INTERVAL_SECONDS) -> None:
+        """Purge expired claims in a background thread, at most once per `interval`. Several
+        gateways may do so at once: each deletes what is still there."""
 
-    def ping(self) -> None:
-        self._run(self._client.ping)
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.purge()
+                except StoreUnavailable as exc:  # retried at the next interval
+                    log.warning("claim purge failed", extra={"error": str(exc)})
+
+        self._purger = threading.Thread(target=run, name="claim-purge", daemon=True)
+        self._purger.start()
 
     def close(self) -> None:
-        self._client.close()
+        self._stop.set()
+        if self._purger is not None:
+            self._purger.join(timeout=5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from sealstream.adapters.postgres import ChatRow
@@ -25,34 +27,54 @@ class ChatDirectory(Protocol):
 
 
 class RecordPublisher(Protocol):
-    def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Publish (key, value) records; return only once the broker acknowledged every one of
-        them, raise (`StoreUnavailable`, retriable) otherwise."""
+    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Publish (key, value) records; return once the broker acknowledged every one of them.
+
+        Raises `StoreUnavailable` (retriable) when they were not acknowledged within the
+        publish deadline: an *unknown* outcome, since the broker may still get them later."""
 
 
-class ClaimInFlight(Exception):
-    """Another request claimed this client message id and is still waiting for Kafka's ack."""
+@dataclass(frozen=True)
+class Claim:
+    """What a request asks for a client message id."""
 
-    def __init__(self, message_id: int) -> None:
-        super().__init__("client message id claimed by a request still in flight")
-        self.message_id = message_id
+    client_id: str
+    message_id: int  # the id this request would give the message
+    fingerprint: bytes  # keyed fingerprint of the text (sealstream.crypto.TextFingerprints)
+    sent_at: datetime
 
 
-class IdempotencyStore(Protocol):
-    """Client message id -> message id, per (chat, sender), for about a day.
+@dataclass(frozen=True)
+class Granted:
+    """The message a client message id stands for, and whether an earlier request made it."""
 
-    A claim is *pending* until `confirm` (after Kafka's ack) and expires soon if never confirmed,
-    so a crash between claim and publish cannot make a retry report an unpublished message as a
-    duplicate.
+    client_id: str
+    message_id: int
+    sent_at: datetime
+    earlier: bool = False  # claimed by an earlier request (same text)
+    acknowledged: bool = False  # ... and Kafka acknowledged that request's message
+
+
+class ClaimConflict(Exception):
+    """The client message id at `index` was claimed earlier for another text."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__("client message id already used for another text")
+        self.index = index
+
+
+class ClaimStore(Protocol):
+    """Client message id -> message id, per (chat, sender), for the idempotency window.
+
+    Claims are durable and never released: a request whose outcome is unknown (timeout,
+    crash) leaves its claim, and the retry re-publishes the same record under the same id.
     """
 
-    def claim(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> int | None:
-        """Claim the client id for `message_id`: None if claimed now, else the confirmed id of
-        the earlier message. Raises `ClaimInFlight` while the earlier claim is still pending."""
+    def claim(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Claim]) -> list[Granted]:
+        """Claim every client id (distinct) at once, in order; an id claimed earlier yields
+        the earlier message. Raises `ClaimConflict` (and claims nothing) when one was claimed
+        for another text, `StoreUnavailable` when the store does not answer in time."""
         ...
 
-    def confirm(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        """The message was acknowledged: keep the claim for the full idempotency window."""
-
-    def release(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        """The message was not published: drop our pending claim (never someone else's)."""
+    def acknowledge(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Granted]) -> None:
+        """Kafka acknowledged these messages: a later retry publishes nothing."""

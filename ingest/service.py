@@ -2,9 +2,12 @@
 
 Plain code over the ports in `ingest.ports`; the HTTP layer only turns requests into these calls.
 Errors meant for the client are `ApiError`s naming the field and the rule, never echoing input.
-`post` returns only once Kafka acknowledged every new record (acks=all), so an accepted message is
-durable; if Kafka does not acknowledge, the client ids claimed by the request are released and the
-retriable `StoreUnavailable` (-> 503) propagates. Message text is never logged nor put in errors.
+`post` returns only once Kafka acknowledged every record it published (acks=all), so an accepted
+message is durable. Client message ids are claimed durably *before* publishing and never
+released: if Kafka does not acknowledge in time the outcome is unknown, the retriable
+`StoreUnavailable` (-> 503) propagates, and the client's retry re-publishes the same record under
+the same message id (the sinks store by id), so one client message id is at most one message.
+Message text is never logged nor put in errors.
 """
 
 from __future__ import annotations
@@ -12,15 +15,17 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from anyio import to_thread
 from prometheus_client import Counter, Histogram
 
-from ingest.ports import ChatDirectory, ClaimInFlight, IdempotencyStore, RecordPublisher
+from ingest.ports import ChatDirectory, Claim, ClaimConflict, ClaimStore, Granted, RecordPublisher
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES, MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import TextFingerprints
 from sealstream.errors import KeyNotFound
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
@@ -34,7 +39,8 @@ CHAT_CACHE_SECONDS = 2.0
 
 MESSAGES = Counter(
     "sealstream_ingest_messages",
-    "Messages accepted by the gateway (new: published; duplicate: retried client_message_id)",
+    "Messages accepted by the gateway (new: published; republished: a retry published again "
+    "under its first id after an unknown outcome; duplicate: already acknowledged, not published)",
     ["kind"],
 )
 BATCH_SIZE = Histogram(
@@ -44,6 +50,7 @@ BATCH_SIZE = Histogram(
 )
 _NEW = MESSAGES.labels("new")
 _DUPLICATE = MESSAGES.labels("duplicate")
+_REPUBLISHED = MESSAGES.labels("republished")
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,18 @@ class NewMessage:
 class Accepted:
     message_id: int
     client_message_id: str | None
+    # True: an earlier request's message, already acknowledged by Kafka; nothing was published.
     duplicate: bool
+
+
+@dataclass
+class _Plan:
+    """What one post request publishes and answers, once its client ids are claimed."""
+
+    accepted: list[Accepted] = field(default_factory=list)
+    records: list[MessageRecord] = field(default_factory=list)
+    claimed: list[Granted] = field(default_factory=list)  # acknowledged once published
+    republished: int = 0
 
 
 def _utf8_size(value: str) -> int | None:
@@ -142,17 +160,18 @@ class IngestService:
         chats: ChatDirectory,
         publisher: RecordPublisher,
         ids: SnowflakeIds,
-        idempotency: IdempotencyStore,
+        claims: ClaimStore,
+        fingerprints: TextFingerprints,
         topic: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.chats = chats
         self.publisher = publisher
         self.ids = ids
-        self.idempotency = idempotency
+        self.claims = claims
+        self.fingerprints = fingerprints
         self.topic = topic
         self._now = clock
-
     # --- chats -----------------------------------------------------------------------------------
 
     def create_chat(
@@ -209,7 +228,7 @@ class IngestService:
 
     # --- messages ----------------------------------------------------------------------------
 
-    def post(
+    async def post(
         self,
         user: str,
         chat_id: uuid.UUID,
@@ -217,11 +236,27 @@ class IngestService:
         *,
         batch: bool | None = None,
     ) -> list[Accepted]:
-        """Validate, assign ids, publish; return once Kafka acknowledged every new record.
+        """Validate, claim client ids, publish; return once Kafka acknowledged every record.
 
+        Postgres work (participant check, claims) runs in a worker thread; waiting for Kafka
+        does not hold one, so a Kafka outage cannot starve requests that do not need Kafka.
         `batch` only changes how fields are named in errors (`messages.3.text` rather than
         `text`); by default a request of one message is not a batch.
         """
+        fields = self._check(items, batch)
+        plan = await to_thread.run_sync(self._plan, user, chat_id, items, fields)
+        if plan.records:
+            await self.publisher.publish(self.topic, [(r.key(), r.value()) for r in plan.records])
+        if plan.claimed:
+            await to_thread.run_sync(self._acknowledge, chat_id, user, plan.claimed)
+        _NEW.inc(len(plan.records) - plan.republished)
+        _REPUBLISHED.inc(plan.republished)
+        _DUPLICATE.inc(len(plan.accepted) - len(plan.records))
+        BATCH_SIZE.observe(len(items))
+        return plan.accepted
+
+    def _check(self, items: Sequence[NewMessage], batch: bool | None) -> list[str]:
+        """The field prefix of each item (`messages.3.` in a batch) once all are valid."""
         if not 1 <= len(items) <= MAX_BATCH:
             raise ApiError(
                 422,
@@ -235,82 +270,91 @@ class IngestService:
             check_text(item.text, f"{prefix}text")
             if item.client_message_id is not None:
                 check_id(item.client_message_id, f"{prefix}client_message_id")
-        chat = self.authorize(user, chat_id)
+        return fields
 
+    def _plan(
+        self, user: str, chat_id: uuid.UUID, items: Sequence[NewMessage], fields: list[str]
+    ) -> _Plan:
+        """Check the caller, assign ids and claim the client ids (blocking: Postgres).
+
+        A client id claimed earlier with the same text stands for that earlier message: it is
+        published again under its first id unless Kafka is known to have acknowledged it."""
+        chat = self.authorize(user, chat_id)
         sent_at = self._now()
-        accepted: list[Accepted] = []
-        fresh: list[MessageRecord] = []
-        claimed: list[tuple[str, int]] = []
-        seen: dict[str, int] = {}  # the same client id twice in one request: one message
-        try:
-            for item, prefix in zip(items, fields, strict=True):
-                client_id = item.client_message_id
-                if client_id is not None and client_id in seen:
-                    accepted.append(Accepted(seen[client_id], client_id, duplicate=True))
-                    continue
-                message_id = self.ids.next_id()
-                if client_id is not None:
-                    earlier = self._claim(chat_id, user, client_id, message_id, prefix)
-                    seen[client_id] = earlier or message_id
-                    if earlier is not None:
-                        accepted.append(Accepted(earlier, client_id, duplicate=True))
-                        continue
-                    claimed.append((client_id, message_id))
-                fresh.append(
-                    MessageRecord(
-                        message_id=message_id,
-                        chat_id=chat_id,
-                        tenant_id=chat.tenant_id,
-                        sender_id=user,
-                        text=item.text,
-                        client_message_id=client_id,
-                        sent_at=sent_at,
-                    )
+        message_ids = [self.ids.next_id() for _ in items]
+        first: dict[str, int] = {}  # client id -> its first item (the same id twice: one message)
+        for index, item in enumerate(items):
+            client_id = item.client_message_id
+            if client_id is None:
+                continue
+            if client_id not in first:
+                first[client_id] = index
+            elif items[first[client_id]].text != item.text:
+                raise _conflict(fields[index])
+        granted = self._claim(
+            chat_id,
+            user,
+            [
+                Claim(client_id, message_ids[i], self.fingerprints.of(items[i].text), sent_at)
+                for client_id, i in first.items()
+            ],
+            [fields[i] for i in first.values()],
+        )
+
+        plan = _Plan()
+        for index, item in enumerate(items):
+            client_id = item.client_message_id
+            grant = granted.get(client_id) if client_id is not None else None
+            if grant is not None and (grant.acknowledged or index != first[grant.client_id]):
+                plan.accepted.append(Accepted(grant.message_id, client_id, duplicate=True))
+                continue
+            message_id, at = (
+                (grant.message_id, grant.sent_at) if grant else (message_ids[index], sent_at)
+            )
+            if grant is not None:
+                plan.claimed.append(grant)
+                plan.republished += grant.earlier
+            plan.records.append(
+                MessageRecord(
+                    message_id=message_id,
+                    chat_id=chat_id,
+                    tenant_id=chat.tenant_id,
+                    sender_id=user,
+                    text=item.text,
+                    client_message_id=client_id,
+                    sent_at=at,
                 )
-                accepted.append(Accepted(message_id, client_id, duplicate=False))
-            if fresh:
-                self.publisher.publish(self.topic, [(r.key(), r.value()) for r in fresh])
-        except BaseException:
-            # Not acknowledged: forget our claims so that the client's retry publishes again.
-            self._release(chat_id, user, claimed)
-            raise
-        self._confirm(chat_id, user, claimed)
-        _NEW.inc(len(fresh))
-        _DUPLICATE.inc(len(accepted) - len(fresh))
-        BATCH_SIZE.observe(len(items))
-        return accepted
+            )
+            plan.accepted.append(Accepted(message_id, client_id, duplicate=False))
+        return plan
 
     def _claim(
-        self, chat_id: uuid.UUID, user: str, client_id: str, message_id: int, prefix: str
-    ) -> int | None:
+        self, chat_id: uuid.UUID, user: str, wanted: list[Claim], fields: list[str]
+    ) -> dict[str, Granted]:
+        if not wanted:
+            return {}
         try:
-            return self.idempotency.claim(chat_id, user, client_id, message_id)
-        except ClaimInFlight:
-            field = f"{prefix}client_message_id"
-            raise ApiError(
-                409,
-                "in_flight",
-                f"{field}: an earlier request with this id is still being published; retry shortly",
-                field,
-            ) from None
+            granted = self.claims.claim(chat_id, user, wanted)
+        except ClaimConflict as conflict:
+            raise _conflict(fields[conflict.index]) from None
+        return {g.client_id: g for g in granted}
 
-    def _confirm(self, chat_id: uuid.UUID, user: str, claimed: list[tuple[str, int]]) -> None:
-        for client_id, message_id in claimed:
-            try:
-                self.idempotency.confirm(chat_id, user, client_id, message_id)
-            except Exception as exc:  # noqa: BLE001 - published already: the answer is still 202
-                # The pending claim expires on its own; a retry after that publishes again.
-                log.warning(
-                    "idempotency claim not confirmed",
-                    extra={"chat_id": str(chat_id), "error": type(exc).__name__},
-                )
+    def _acknowledge(self, chat_id: uuid.UUID, user: str, claimed: list[Granted]) -> None:
+        try:
+            self.claims.acknowledge(chat_id, user, claimed)
+        except Exception as exc:  # noqa: BLE001 - published already: the answer is still 202
+            # Harmless: a retry then publishes the same record again under the same id.
+            log.warning(
+                "idempotency claims not marked acknowledged",
+                extra={"chat_id": str(chat_id), "error": type(exc).__name__},
+            )
 
-    def _release(self, chat_id: uuid.UUID, user: str, claimed: list[tuple[str, int]]) -> None:
-        for client_id, message_id in claimed:
-            try:
-                self.idempotency.release(chat_id, user, client_id, message_id)
-            except Exception as exc:  # noqa: BLE001 - never hide the error being handled
-                log.warning(
-                    "idempotency claim not released (it expires on its own)",
-                    extra={"chat_id": str(chat_id), "error": type(exc).__name__},
-                )
+
+def _conflict(prefix: str) -> ApiError:
+    field = f"{prefix}client_message_id"
+    return ApiError(
+        409,
+        "idempotency_conflict",
+        f"{field}: already used for a message with another text; use a new id for a new message",
+        field,
+    )

@@ -11,11 +11,12 @@ from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
 
 from ingest.api import create_app
-from ingest.idempotency import RedisIdempotency
+from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
+from sealstream.crypto import TextFingerprints
 from sealstream.errors import StoreUnavailable
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
@@ -43,25 +44,25 @@ class KeyServiceChats:
 
 
 class AckedPublisher:
-    """`RecordPublisher` on the shared acks=all producer (blocks until every record is acked)."""
+    """`RecordPublisher` on the shared acks=all producer: awaits every acknowledgement for at
+    most `deadline` seconds, on the event loop (no thread waits for Kafka)."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, deadline: float) -> None:
         self.publisher = publisher
+        self.deadline = deadline
 
-    def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        self.publisher.publish(topic, items)
+    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        await self.publisher.publish_async(topic, items, timeout=self.deadline)
 
 
-def _readiness(
-    database: Database, idempotency: RedisIdempotency, kafka: KafkaSettings
-) -> Callable[[], Awaitable[bool]]:
-    """Ready when Postgres and Redis answer and Kafka has the message topic."""
+def _readiness(database: Database, kafka: KafkaSettings) -> Callable[[], Awaitable[bool]]:
+    """Ready when Postgres answers and Kafka has the message topic. Redis is not checked: the
+    gateway posts without it (a Redis outage must not take every gateway out of service)."""
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
 
     def check() -> None:
         with database.connection() as conn:
             conn.execute("SELECT 1")
-        idempotency.ping()
         topics = admin.list_topics(timeout=2).topics  # all topics: never auto-creates one
         if kafka.messages_topic not in topics:
             raise StoreUnavailable("the message topic does not exist (run `sealstream migrate`)")
@@ -74,28 +75,35 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
     flushes the producer first, so nothing acknowledged to a client stays in a local queue)."""
     stack = ExitStack()
     try:
-        database = Database(settings.postgres)
+        deadlines = settings.gateway
+        database = Database(settings.postgres, deadline=deadlines.postgres_deadline_seconds)
         database.open()
         stack.callback(database.close)
-        keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
+        keys = stack.enter_context(
+            key_service(
+                settings, database, actor=SERVICE, kms_deadline=deadlines.kms_deadline_seconds
+            )
+        )
         # linger 1 ms: the records of one request leave in one produce request instead of
         # several; at 150 ten-message posts a second the gateway used 34 % of a core instead of
         # 43 % (docs/benchmarks.md), for one more millisecond per post.
         publisher = Publisher(settings.kafka, client_id=f"ingest-{settings.worker_id}", linger_ms=1)
         stack.callback(publisher.close)
-        idempotency = RedisIdempotency(settings.redis)
-        stack.callback(idempotency.close)
+        claims = PostgresClaims(database, deadlines.idempotency_window_hours)
+        claims.start_purging()
+        stack.callback(claims.close)
         chats = CachedChats(KeyServiceChats(keys))
         # A chat deleted by an operator refuses posts at once, not after the cache's TTL.
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = IngestService(
             chats=chats,
-            publisher=AckedPublisher(publisher),
+            publisher=AckedPublisher(publisher, deadlines.kafka_deadline_seconds),
             ids=SnowflakeIds(settings.worker_id),
-            idempotency=idempotency,
+            claims=claims,
+            fingerprints=TextFingerprints(deadlines.fingerprint_key(settings.auth)),
             topic=settings.kafka.messages_topic,
         )
-        app = create_app(service, settings, _readiness(database, idempotency, settings.kafka))
+        app = create_app(service, settings, _readiness(database, settings.kafka))
     except BaseException:
         stack.close()
         raise

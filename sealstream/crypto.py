@@ -242,3 +242,24 @@ def _open_v1(envelope: bytes, key: ChatKey, context: MessageContext) -> bytes | 
         return None
     # GCM checks the tag over nonce, AAD and ciphertext before returning anything (InvalidTag).
     return AESGCM(message_key).decrypt(nonce, envelope[HEADER_LEN:], _AAD_PREFIX + ctx)
+
+
+_FINGERPRINT_INFO = b"sealstream idempotency fingerprint v1"
+
+
+class TextFingerprints:
+    """Keyed fingerprints of message texts: HMAC-SHA256 under a key derived (HKDF-SHA256, own
+    `info` label) from a server secret. The gateway stores them to tell a retry (same text) from
+    a conflicting reuse of a client message id; a plain hash would let whoever reads the claim
+    table confirm guessed texts (a dictionary attack), a keyed one needs the secret too."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the fingerprint secret must be at least 16 bytes")
+        self._key = HKDF(algorithm=_SHA256, length=32, salt=None, info=_FINGERPRINT_INFO).derive(
+            secret
+        )
+
+    def of(self, text: str) -> bytes:
+        """32 bytes; `text` must be valid UTF-8 (checked by the gateway before)."""
+        return hmac.new(self._key, text.encode("utf-8"), "sha256").digest()

@@ -234,6 +234,32 @@ class AdminHttp(HttpSettings):
     port: int = ADMIN_PORT
 
 
+class GatewaySettings(BaseModel):
+    """How long the gateway waits for each dependency, and its idempotency window
+    (docs/operations.md, "Deadlines and idempotency"). A dependency that does not answer in
+    time costs the client a `503` with `Retry-After`, never a hang."""
+
+    model_config = {"frozen": True}
+
+    # Pool checkout, connection set-up, `statement_timeout` and a client-side watchdog per use
+    # of a connection (a hung server answers nothing, not even a statement timeout).
+    postgres_deadline_seconds: float = Field(default=2.0, gt=0)
+    # Wait for Kafka's acknowledgement; librdkafka keeps trying in the background until its own
+    # delivery timeout, and a retry re-publishes under the same message id anyway.
+    kafka_deadline_seconds: float = Field(default=5.0, gt=0)
+    # Each Vault/OpenBao call of chat creation, retries included.
+    kms_deadline_seconds: float = Field(default=3.0, gt=0)
+    idempotency_window_hours: float = Field(default=24.0, gt=0)
+    # Keys the fingerprints of message texts in the claim table (never a plain hash of a text,
+    # which a Postgres leak would expose to a dictionary attack). Unset: derived from
+    # `auth.secret`; set it separately so that rotating the auth secret keeps open claims.
+    fingerprint_secret: SecretStr | None = None
+
+    def fingerprint_key(self, auth: AuthSettings) -> bytes:
+        secret = self.fingerprint_secret or auth.secret
+        return secret.get_secret_value().encode()
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -258,6 +284,7 @@ class Settings(BaseSettings):
     admin: AdminHttp = Field(default_factory=AdminHttp)
     # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
     worker_id: int = Field(default=0, ge=0, le=1023)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
     environment: Literal["local", "production"] = "local"
 

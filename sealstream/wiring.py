@@ -16,10 +16,13 @@ from sealstream.settings import Settings
 
 @contextmanager
 def key_service(
-    settings: Settings, db: Database | None = None, actor: str = "sealstream"
+    settings: Settings,
+    db: Database | None = None,
+    actor: str = "sealstream",
+    kms_deadline: float | None = None,
 ) -> Iterator[KeyService]:
     """A started key service on Postgres + Redis + Transit (one cluster per tenant region);
-    closes what it opened."""
+    closes what it opened. `kms_deadline`: seconds per KMS call (see `KmsRouter`)."""
     own_db = db is None
     database = db or Database(settings.postgres)
     if own_db:
@@ -28,7 +31,7 @@ def key_service(
     repo = ChatKeyRepository(database)
     service = KeyService(
         repo=repo,
-        kms=KmsRouter(settings.vault, repo.tenants_with_key),
+        kms=KmsRouter(settings.vault, repo.tenants_with_key, deadline=kms_deadline),
         redis=redis,
         settings=settings.keys,
         default_kms_key=settings.vault.default_key,

@@ -108,6 +108,7 @@ class Publisher:
         value: bytes,
         headers: Headers | None,
         on_done: OnDelivery,
+        wait_for_room: bool = True,
     ) -> None:
         while True:
             try:
@@ -116,6 +117,8 @@ class Publisher:
                 )
                 return
             except BufferError:
+                if not wait_for_room:  # an event loop must not block: the caller retries
+                    raise StoreUnavailable("Kafka's local queue is full") from None
                 self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
 
     async def publish_async(
@@ -123,28 +126,46 @@ class Publisher:
         topic: str,
         items: Sequence[tuple[bytes, bytes]],
         headers: Headers | None = None,
+        timeout: float | None = None,
     ) -> list[Delivery]:
+        """Publish and await every acknowledgement, never blocking the event loop.
+
+        Raises `StoreUnavailable` when a record was refused, or not acknowledged within
+        `timeout` seconds: then the outcome is unknown, since librdkafka keeps trying in the
+        background until `delivery.timeout.ms`.
+        """
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Delivery]] = [loop.create_future() for _ in items]
 
         def callback_for(future: asyncio.Future[Delivery]) -> OnDelivery:
             def done(err: KafkaError | None, msg: Message) -> None:
-                if err is not None:
-                    error: BaseException = StoreUnavailable(
-                        f"Kafka did not acknowledge: {err.name()}"
-                    )
-                    loop.call_soon_threadsafe(_fail, future, error)
-                else:
-                    delivery = Delivery(
-                        msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
-                    )
-                    loop.call_soon_threadsafe(_succeed, future, delivery)
+                try:
+                    if err is not None:
+                        error: BaseException = StoreUnavailable(
+                            f"Kafka did not acknowledge: {err.name()}"
+                        )
+                        loop.call_soon_threadsafe(_fail, future, error)
+                    else:
+                        delivery = Delivery(
+                            msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
+                        )
+                        loop.call_soon_threadsafe(_succeed, future, delivery)
+                except RuntimeError:  # the loop is closed: nobody waits for this any more
+                    pass
 
             return done
 
         for (key, value), future in zip(items, futures, strict=True):
-            self._produce(topic, key, value, headers, callback_for(future))
-        return list(await asyncio.gather(*futures))
+            # With a deadline a full local queue fails at once rather than block the loop.
+            self._produce(
+                topic, key, value, headers, callback_for(future), wait_for_room=timeout is None
+            )
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Kafka did not acknowledge within {timeout:.1f}s (outcome unknown)"
+            ) from None
 
     def publish(
         self,

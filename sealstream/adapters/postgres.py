@@ -7,6 +7,11 @@ psycopg errors are translated at this boundary: connection trouble becomes the r
 
 from __future__ import annotations
 
+import math
+import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,17 +71,46 @@ class AuditEntry:
 
 
 class Database:
-    """A pool of connections to one schema of one Postgres database."""
+    """A pool of connections to one schema of one Postgres database.
 
-    def __init__(self, settings: PostgresSettings, max_size: int = 8) -> None:
+    With a `deadline` (seconds; the gateway's), no use of the database waits longer than about
+    that: pool checkout and connection set-up time out, the server cancels longer statements
+    (`statement_timeout`), and a watchdog shuts the socket of a connection held longer than
+    the deadline plus a grace, since a hung server answers nothing, not even a cancellation.
+    Each case raises `StoreUnavailable`. Without one (CLI jobs, workers), only the defaults of
+    libpq and the pool apply: a long migration or rewrap must not be cut short.
+    """
+
+    def __init__(
+        self, settings: PostgresSettings, max_size: int = 8, deadline: float | None = None
+    ) -> None:
         self.settings = settings
+        self.deadline = deadline
+        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+        if deadline is not None:
+            kwargs |= {
+                "connect_timeout": max(1, math.ceil(deadline)),  # libpq: whole seconds
+                # A server that vanished (host down, partition) is noticed by TCP itself.
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 1,
+                "keepalives_count": 3,
+                "tcp_user_timeout": int(deadline * 1000),
+            }
         self._pool = ConnectionPool(
             settings.conninfo(),
             min_size=1,
             max_size=max_size,
             open=False,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs=kwargs,
+            configure=self._configure if deadline is not None else None,
+            timeout=deadline if deadline is not None else 30.0,
         )
+        self._watchdog = _Watchdog() if deadline is not None else None
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        assert self.deadline is not None
+        conn.execute(f"SET statement_timeout = {int(self.deadline * 1000)}")
 
     def open(self, timeout: float = 10.0) -> None:
         try:
@@ -89,12 +123,18 @@ class Database:
 
     def close(self) -> None:
         self._pool.close()
+        if self._watchdog is not None:
+            self._watchdog.stop()
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Row]]:
         try:
             with self._pool.connection() as conn:
-                yield cast("psycopg.Connection[Row]", conn)
+                if self._watchdog is None or self.deadline is None:
+                    yield cast("psycopg.Connection[Row]", conn)
+                    return
+                with self._watchdog.guard(conn, self.deadline + _WATCHDOG_GRACE):
+                    yield cast("psycopg.Connection[Row]", conn)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"Postgres unavailable: {type(exc).__name__}") from None
 
@@ -135,6 +175,72 @@ class Database:
         """Tests only: remove this run's schema entirely."""
         with self.connection() as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{self.settings.schema_name}" CASCADE')
+
+
+# Lets the server's statement_timeout answer first when the server is alive but slow.
+_WATCHDOG_GRACE = 0.25
+
+
+class _Watchdog:
+    """One thread that shuts down the socket of any connection held past its deadline.
+
+    psycopg has no client-side query timeout: a statement sent to a hung server (stopped
+    process, black-holed network) waits forever, and a cancel request would hang the same way.
+    Shutting the socket down makes the blocked call fail at once with an `OperationalError`;
+    the pool then discards the broken connection.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._armed: dict[int, tuple[float, psycopg.Connection[Any]]] = {}
+        self._next_token = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="pg-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def guard(self, conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+        with self._lock:
+            token = self._next_token
+            self._next_token += 1
+            self._armed[token] = (time.monotonic() + seconds, conn)
+            self._lock.notify()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed.pop(token, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        with self._lock:
+            while not self._stopped:
+                now = time.monotonic()
+                expired = [t for t, (when, _) in self._armed.items() if when <= now]
+                for token in expired:
+                    _, conn = self._armed.pop(token)
+                    _sever(conn)
+                upcoming = [when for when, _ in self._armed.values()]
+                self._lock.wait(timeout=min(upcoming) - now if upcoming else None)
+
+
+def _sever(conn: psycopg.Connection[Any]) -> None:
+    """Shut down the connection's socket (not close: libpq still owns the descriptor)."""
+    try:
+        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except (OSError, psycopg.Error):
+        return  # already closed
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
 
 
 def _chat(row: Row) -> ChatRow:

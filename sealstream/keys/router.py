@@ -32,10 +32,14 @@ class KmsRouter:
         settings: VaultSettings,
         placements: Callable[[str], list[TenantRow]],
         default: TransitKms | None = None,
+        deadline: float | None = None,
     ) -> None:
+        """`deadline`: seconds a KMS call may take, retries included (None: the adapter's
+        defaults); the gateway sets it so that chat creation fails fast when the KMS hangs."""
         self.settings = settings
         self._placements = placements
-        self._default = default or TransitKms(settings)
+        self._deadline = deadline
+        self._default = default or self._transit(settings)
         self._clients: dict[str, TransitKms] = {}
         self._regions: dict[str, str | None] = {}
         self._lock = threading.Lock()
@@ -58,9 +62,14 @@ class KmsRouter:
                 f"{sorted(self.settings.clusters) or 'none'})"
             )
         try:
-            return TransitKms(self.settings.for_region(region))
+            return self._transit(self.settings.for_region(region))
         except ValueError as exc:  # no token: the message names the variable or file, not a token
             raise KmsError(f"{who}, whose KMS cluster has no usable token: {exc}") from None
+
+    def _transit(self, settings: VaultSettings) -> TransitKms:
+        if self._deadline is None:
+            return TransitKms(settings)
+        return TransitKms(settings, retry_seconds=self._deadline, timeout=self._deadline)
 
     def client(self, key_name: str) -> TransitKms:
         """The client of the cluster holding master key `key_name`."""

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Consumer
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from ingest.idempotency import RedisIdempotency
-from ingest.ports import ClaimInFlight
+from ingest.idempotency import PostgresClaims
+from ingest.ports import Claim, ClaimConflict, Granted
 from schemas.events import MAX_TEXT_BYTES, MessageRecord
 from sealstream.adapters.kafka import delete_topics, ensure_topics
+from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
+from sealstream.crypto import TextFingerprints
 from sealstream.settings import Settings
 from tests.conftest import require_port
 
@@ -217,31 +221,47 @@ def test_idempotent_retry_publishes_once(client: TestClient, gateway_settings: S
     ]
 
 
-def test_redis_idempotency_store(settings: Settings) -> None:
-    store = RedisIdempotency(settings.redis)
-    chat, sender, client_id = uuid.uuid4(), "ivy", "client-id-42"
-    try:
-        assert store.claim(chat, sender, client_id, 1001) is None
-        with pytest.raises(ClaimInFlight):  # pending until Kafka acknowledged
-            store.claim(chat, sender, client_id, 1002)
-        store.confirm(chat, sender, client_id, 1001)
-        assert store.claim(chat, sender, client_id, 1003) == 1001
-        store.release(chat, sender, client_id, 1003)  # not our claim: no effect
-        assert store.claim(chat, sender, client_id, 1004) == 1001
+def test_postgres_claims_hold_the_first_message_and_refuse_another_text(database: Database) -> None:
+    claims = PostgresClaims(database)
+    fingerprint = TextFingerprints(b"a test secret of enough length").of
+    chat, sender, at = uuid.uuid4(), "ivy", datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    later = at + timedelta(seconds=5)
 
-        key = store.key(chat, sender, client_id)
-        raw = store._client  # the test reads Redis directly: key and value hold ids only
-        assert raw.get(key) == "1001" and 23 * 3600 < raw.ttl(key) <= 24 * 3600
-        assert str(chat) not in key and client_id not in key and sender not in key
-        assert len(store.key(chat, sender, "c" * 128)) == len(key)
+    [first] = claims.claim(chat, sender, [Claim("client-id-42", 1001, fingerprint("hi"), at)])
+    assert first == Granted("client-id-42", 1001, at, earlier=False, acknowledged=False)
+    [retry] = claims.claim(chat, sender, [Claim("client-id-42", 1002, fingerprint("hi"), later)])
+    assert retry == Granted("client-id-42", 1001, at, earlier=True, acknowledged=False)
+    claims.acknowledge(chat, sender, [retry])
+    [known] = claims.claim(chat, sender, [Claim("client-id-42", 1003, fingerprint("hi"), later)])
+    assert known.message_id == 1001 and known.acknowledged
+    # The same id from another sender, or in another chat, is another message.
+    [other] = claims.claim(chat, "jo", [Claim("client-id-42", 1004, fingerprint("hi"), at)])
+    assert other.message_id == 1004 and not other.earlier
 
-        assert store.claim(chat, sender, "other", 2001) is None
-        assert 0 < raw.ttl(store.key(chat, sender, "other")) <= 120  # pending claims expire soon
-        store.release(chat, sender, "other", 2001)
-        assert store.claim(chat, sender, "other", 2002) is None  # released: free again
-    finally:
-        store._client.delete(store.key(chat, sender, client_id), store.key(chat, sender, "other"))
-        store.close()
+    with pytest.raises(ClaimConflict) as conflict:
+        claims.claim(
+            chat,
+            sender,
+            [
+                Claim("fresh", 2001, fingerprint("new"), at),
+                Claim("client-id-42", 2002, fingerprint("changed"), at),
+            ],
+        )
+    assert conflict.value.index == 1
+    [fresh] = claims.claim(chat, sender, [Claim("fresh", 2003, fingerprint("other"), at)])
+    assert fresh.message_id == 2003 and not fresh.earlier  # the refused call claimed nothing
+
+    with database.connection() as conn:
+        rows = conn.execute("SELECT * FROM message_claims").fetchall()
+    for row in rows:  # ids and text stay out of the table: a hash key and a keyed fingerprint
+        stored = b"".join(bytes(row[c]) for c in ("claim_key", "fingerprint"))
+        assert b"client-id-42" not in stored and b"ivy" not in stored and b"hi" not in stored
+        assert bytes(row["fingerprint"]) != hashlib.sha256(b"hi").digest()
+
+    assert claims.purge(now=datetime.now(UTC) + timedelta(hours=23)) == 0
+    assert claims.purge(now=datetime.now(UTC) + timedelta(hours=25)) >= 3
+    [renewed] = claims.claim(chat, sender, [Claim("client-id-42", 3001, fingerprint("x"), at)])
+    assert renewed.message_id == 3001 and not renewed.earlier  # past the window: a new message
 
 
 def test_websocket_round_trip_and_bad_frames(
@@ -314,3 +334,63 @@ def test_openapi_health_and_metrics(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert "sealstream_ingest_messages_total" in metrics
     assert "sealstream_ingest_batch_size_bucket" in metrics
+
+
+def test_same_client_id_with_another_text_is_a_conflict_over_http_and_websocket(
+    client: TestClient, gateway_settings: Settings
+) -> None:
+    settings = gateway_settings
+    chat = new_chat(client, settings, "quinn")
+    url, quinn = f"/v1/chats/{chat}/messages", auth(settings, "quinn")
+    first = client.post(url, json={"text": "original", "client_message_id": "q-1"}, headers=quinn)
+    assert first.status_code == 202, first.text
+
+    changed = client.post(url, json={"text": "changed", "client_message_id": "q-1"}, headers=quinn)
+    assert changed.status_code == 409, changed.text
+    assert changed.json()["error"]["code"] == "idempotency_conflict"
+    assert changed.json()["error"]["field"] == "client_message_id"
+    assert "changed" not in changed.text and "original" not in changed.text
+
+    batch = client.post(
+        f"{url}:batch",
+        json={
+            "messages": [
+                {"text": "fresh", "client_message_id": "q-2"},
+                {"text": "changed", "client_message_id": "q-1"},
+            ]
+        },
+        headers=quinn,
+    )
+    assert batch.status_code == 409, batch.text
+    assert batch.json()["error"]["field"] == "messages.1.client_message_id"
+    twice = client.post(
+        f"{url}:batch",
+        json={
+            "messages": [
+                {"text": "one", "client_message_id": "q-3"},
+                {"text": "two", "client_message_id": "q-3"},
+            ]
+        },
+        headers=quinn,
+    )
+    assert twice.status_code == 409 and twice.json()["error"]["field"] == (
+        "messages.1.client_message_id"
+    )
+    # The refused batch claimed nothing: its new id is free for another text.
+    other = client.post(url, json={"text": "other", "client_message_id": "q-2"}, headers=quinn)
+    assert other.status_code == 202 and other.json()["duplicate"] is False
+
+    with client.websocket_connect(f"/v1/ws?token={mint_token(settings.auth, 'quinn')}") as ws:
+        ws.send_json({"chat_id": chat, "text": "changed", "client_message_id": "q-1"})
+        reply = ws.receive_json()
+        assert reply["ok"] is False and reply["error"]["code"] == "idempotency_conflict"
+        assert reply["error"]["field"] == "client_message_id"
+        ws.send_json({"chat_id": chat, "text": "original", "client_message_id": "q-1"})
+        same = ws.receive_json()
+        assert same["ok"] is True and same["message_id"] == first.json()["message_id"]
+
+    records = consume(settings, chat, 2, settle=1.0)
+    assert [(r.text, r.client_message_id) for _, r, _ in records] == [
+        ("original", "q-1"),
+        ("other", "q-2"),
+    ]

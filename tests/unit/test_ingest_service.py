@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
-from ingest.ports import ClaimInFlight
-from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, CachedChats, IngestService, NewMessage
+from ingest.ports import Claim, ClaimConflict, Granted
+from ingest.service import (
+    MAX_BATCH,
+    MAX_PARTICIPANTS,
+    Accepted,
+    CachedChats,
+    IngestService,
+    NewMessage,
+)
 from schemas.events import MAX_TEXT_BYTES, MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import TextFingerprints
 from sealstream.errors import KeyNotFound, StoreUnavailable
 from sealstream.http import ApiError
 
@@ -49,7 +59,7 @@ class FakePublisher:
         self.fail = False
         self.calls = 0
 
-    def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
         self.calls += 1
         if self.fail:
             raise StoreUnavailable("Kafka did not acknowledge")
@@ -59,44 +69,71 @@ class FakePublisher:
         return [MessageRecord.model_validate_json(v) for _, _, v in self.records]
 
 
-class FakeIdempotency:
-    """Pending claims until confirmed, like the Redis store."""
+class FakeClaims:
+    """Durable claims with fingerprints, like the Postgres store."""
 
     def __init__(self) -> None:
-        self.claims: dict[tuple[uuid.UUID, str, str], tuple[int, bool]] = {}
-        self.fail_confirm = False
+        self.rows: dict[tuple[uuid.UUID, str, str], tuple[int, bytes, datetime, bool]] = {}
+        self.fail_acknowledge = False
 
-    def claim(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> int | None:
-        key = (chat_id, sender, client_id)
-        if key in self.claims:
-            earlier, confirmed = self.claims[key]
-            if not confirmed:
-                raise ClaimInFlight(earlier)
-            return earlier
-        self.claims[key] = (message_id, False)
-        return None
+    def claim(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Claim]) -> list[Granted]:
+        granted, added = [], {}
+        for index, c in enumerate(claims):
+            row = self.rows.get((chat_id, sender, c.client_id))
+            if row is None:
+                added[(chat_id, sender, c.client_id)] = (
+                    c.message_id,
+                    c.fingerprint,
+                    c.sent_at,
+                    False,
+                )
+                granted.append(Granted(c.client_id, c.message_id, c.sent_at))
+            elif row[1] != c.fingerprint:
+                raise ClaimConflict(index)  # nothing of this call is kept
+            else:
+                granted.append(
+                    Granted(c.client_id, row[0], row[2], earlier=True, acknowledged=row[3])
+                )
+        self.rows |= added
+        return granted
 
-    def confirm(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        if self.fail_confirm:
-            raise StoreUnavailable("Redis unavailable")
-        if self.claims.get((chat_id, sender, client_id)) == (message_id, False):
-            self.claims[(chat_id, sender, client_id)] = (message_id, True)
-
-    def release(self, chat_id: uuid.UUID, sender: str, client_id: str, message_id: int) -> None:
-        if self.claims.get((chat_id, sender, client_id)) == (message_id, False):
-            del self.claims[(chat_id, sender, client_id)]
+    def acknowledge(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Granted]) -> None:
+        if self.fail_acknowledge:
+            raise StoreUnavailable("Postgres unavailable")
+        for c in claims:
+            message_id, fingerprint, sent_at, _ = self.rows[(chat_id, sender, c.client_id)]
+            self.rows[(chat_id, sender, c.client_id)] = (message_id, fingerprint, sent_at, True)
 
 
-Parts = tuple[IngestService, FakeChats, FakePublisher, FakeIdempotency]
+class Sync:
+    """The service with `post` run to completion: these tests are synchronous."""
+
+    def __init__(self, service: IngestService) -> None:
+        self.service = service
+
+    def post(self, *args: Any, **kwargs: Any) -> list[Accepted]:
+        return asyncio.run(self.service.post(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+
+Parts = tuple[Sync, FakeChats, FakePublisher, FakeClaims]
 
 
 @pytest.fixture
 def parts() -> Parts:
-    chats, publisher, idem = FakeChats(), FakePublisher(), FakeIdempotency()
+    chats, publisher, claims = FakeChats(), FakePublisher(), FakeClaims()
     service = IngestService(
-        chats, publisher, SnowflakeIds(7), idem, topic="messages", clock=lambda: NOW
+        chats,
+        publisher,
+        SnowflakeIds(7),
+        claims,
+        TextFingerprints(b"unit-test fingerprint secret"),
+        topic="messages",
+        clock=lambda: NOW,
     )
-    return service, chats, publisher, idem
+    return Sync(service), chats, publisher, claims
 
 
 def error_of(fn, *args, **kwargs) -> ApiError:
@@ -277,13 +314,13 @@ def test_metrics_count_new_and_duplicate_messages(parts: Parts) -> None:
 
 
 def test_retry_with_client_id_returns_same_id_and_publishes_once(parts: Parts) -> None:
-    service, _, publisher, idem = parts
+    service, _, publisher, claims = parts
     chat = service.create_chat("alice", ["bob"]).chat_id
     first = service.post("alice", chat, [NewMessage("hello", "c-1")])[0]
     again = service.post("alice", chat, [NewMessage("hello", "c-1")])[0]
     assert again.message_id == first.message_id and again.duplicate and not first.duplicate
     assert len(publisher.records) == 1
-    assert idem.claims[(chat, "alice", "c-1")] == (first.message_id, True)  # confirmed
+    assert claims.rows[(chat, "alice", "c-1")][3] is True  # acknowledged
     # The same client id from another sender is another message.
     other = service.post("bob", chat, [NewMessage("hello", "c-1")])[0]
     assert not other.duplicate and other.message_id != first.message_id
@@ -307,36 +344,64 @@ def test_the_same_client_id_twice_in_one_batch_is_one_message(parts: Parts) -> N
     accepted = service.post("alice", chat, [NewMessage("a", "k"), NewMessage("a", "k")])
     assert accepted[0].message_id == accepted[1].message_id
     assert [a.duplicate for a in accepted] == [False, True] and len(publisher.records) == 1
+    err = error_of(service.post, "alice", chat, [NewMessage("a", "j"), NewMessage("b", "j")])
+    assert (err.status, err.code, err.field) == (
+        409,
+        "idempotency_conflict",
+        "messages.1.client_message_id",
+    )
 
 
-def test_unacknowledged_publish_releases_claims_and_is_retriable(parts: Parts) -> None:
-    service, _, publisher, idem = parts
+def test_an_unknown_outcome_keeps_the_claim_and_the_retry_republishes_the_same_record(
+    parts: Parts,
+) -> None:
+    service, _, publisher, claims = parts
     chat = service.create_chat("alice", []).chat_id
-    publisher.fail = True
+    publisher.fail = True  # e.g. no acknowledgement within the deadline: maybe published
     with pytest.raises(StoreUnavailable) as caught:
         service.post("alice", chat, [NewMessage("hello", "c-9"), NewMessage("x", "c-10")])
-    assert caught.value.retriable and not idem.claims and not publisher.records
+    assert caught.value.retriable and len(claims.rows) == 2 and not publisher.records
+    claimed = claims.rows[(chat, "alice", "c-9")][0]
     publisher.fail = False
-    accepted = service.post("alice", chat, [NewMessage("hello", "c-9")])[0]
-    assert not accepted.duplicate and len(publisher.records) == 1
-    assert json.loads(publisher.records[0][2])["client_message_id"] == "c-9"
+    retry = service.post("alice", chat, [NewMessage("hello", "c-9")])[0]
+    assert retry.message_id == claimed and not retry.duplicate  # published by this request
+    [record] = publisher.decoded()
+    assert (record.message_id, record.text, record.client_message_id) == (claimed, "hello", "c-9")
+    assert record.sent_at == NOW  # the first request's record, byte for byte
+    again = service.post("alice", chat, [NewMessage("hello", "c-9")])[0]
+    assert again.message_id == claimed and again.duplicate and len(publisher.records) == 1
 
 
-def test_a_retry_racing_the_original_gets_409_and_releases_its_own_claims(parts: Parts) -> None:
-    service, _, publisher, idem = parts
+def test_the_same_client_id_with_another_text_is_a_conflict_and_claims_nothing(
+    parts: Parts,
+) -> None:
+    service, _, publisher, claims = parts
     chat = service.create_chat("alice", []).chat_id
-    idem.claims[(chat, "alice", "busy")] = (123, False)  # another request, not yet acked
-    err = error_of(service.post, "alice", chat, [NewMessage("a", "k1"), NewMessage("b", "busy")])
-    assert (err.status, err.code, err.field) == (409, "in_flight", "messages.1.client_message_id")
-    assert list(idem.claims) == [(chat, "alice", "busy")] and not publisher.records
+    service.post("alice", chat, [NewMessage("original", "busy")])
+    err = error_of(service.post, "alice", chat, [NewMessage("changed", "busy")])
+    assert (err.status, err.code, err.field) == (409, "idempotency_conflict", "client_message_id")
+    assert "changed" not in err.message and "original" not in err.message
+    err = error_of(
+        service.post, "alice", chat, [NewMessage("a", "k1"), NewMessage("changed", "busy")]
+    )
+    assert err.field == "messages.1.client_message_id"
+    assert (chat, "alice", "k1") not in claims.rows and len(publisher.records) == 1
 
 
-def test_an_unconfirmed_claim_still_answers_accepted(parts: Parts) -> None:
-    service, _, publisher, idem = parts
+def test_an_unacknowledged_claim_mark_still_answers_accepted(parts: Parts) -> None:
+    service, _, publisher, claims = parts
     chat = service.create_chat("alice", []).chat_id
-    idem.fail_confirm = True  # Redis fails after Kafka's ack: the message is durable anyway
+    claims.fail_acknowledge = True  # Postgres fails after Kafka's ack: the message is durable
     accepted = service.post("alice", chat, [NewMessage("hello", "c-1")])
     assert not accepted[0].duplicate and len(publisher.records) == 1
+
+
+def test_text_fingerprints_are_keyed() -> None:
+    one, other = TextFingerprints(b"secret number one!"), TextFingerprints(b"secret number two!")
+    assert one.of("hi") == one.of("hi") and len(one.of("hi")) == 32
+    assert one.of("hi") != one.of("hi ") and one.of("hi") != other.of("hi")
+    with pytest.raises(ValueError, match="16 bytes"):
+        TextFingerprints(b"short")
 
 
 # --- chat cache --------------------------------------------------------------------------------
