@@ -30,22 +30,28 @@ log = logging.getLogger(__name__)
 PURGE_INTERVAL_SECONDS = 60.0
 _PURGE_BATCH = 10_000
 
-# One statement for every claim of a request: insert what is new, read back what was there.
-# The second SELECT sees the table as it was before this statement: the earlier claims only.
+# One statement (one round trip, atomic) for every claim of a request: read the earlier claims,
+# and insert the new ones unless an earlier one has another fingerprint (a conflict refuses the
+# whole request, so it must claim nothing). `existing` sees the table as it was before this
+# statement, i.e. the earlier claims only.
 _CLAIM = """
 WITH wanted AS (
     SELECT * FROM unnest(%s::bytea[], %s::bigint[], %s::bytea[], %s::timestamptz[])
         AS w(claim_key, message_id, fingerprint, sent_at)
+), existing AS (
+    SELECT c.claim_key, c.message_id, c.fingerprint, c.sent_at, c.acknowledged
+    FROM message_claims c JOIN wanted USING (claim_key)
 ), inserted AS (
     INSERT INTO message_claims (claim_key, message_id, fingerprint, sent_at)
     SELECT claim_key, message_id, fingerprint, sent_at FROM wanted
+    WHERE NOT EXISTS (
+        SELECT 1 FROM existing e JOIN wanted w USING (claim_key)
+        WHERE e.fingerprint <> w.fingerprint
+    )
     ON CONFLICT (claim_key) DO NOTHING
     RETURNING claim_key, message_id, fingerprint, sent_at, acknowledged
 )
-SELECT * FROM inserted
-UNION ALL
-SELECT c.claim_key, c.message_id, c.fingerprint, c.sent_at, c.acknowledged
-FROM message_claims c JOIN wanted USING (claim_key)
+SELECT * FROM inserted UNION ALL SELECT * FROM existing
 """
 _EARLIER = """
 SELECT claim_key, message_id, fingerprint, sent_at, acknowledged
@@ -74,31 +80,29 @@ class PostgresClaims:
             [c.fingerprint for c in claims],
             [c.sent_at for c in claims],
         )
-        with self.database.transaction() as conn:
+        with self.database.connection() as conn:
             rows = {bytes(r["claim_key"]): r for r in conn.execute(_CLAIM, params).fetchall()}
             # A claim committed by a concurrent request after this statement's snapshot was
-            # neither inserted nor seen: read it again in a fresh snapshot (a rare race).
+            # neither inserted nor seen: read it in a fresh snapshot (a rare race; if it then
+            # conflicts, the other new claims of this request stay, bound to their texts).
             missing = [k for k in keys if k not in rows]
             if missing:
                 rows |= {bytes(r["claim_key"]): r for r in conn.execute(_EARLIER, (missing,))}
-            granted: list[Granted] = []
-            for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
-                row = rows[key]
-                if row["message_id"] == wanted.message_id:  # ours: a new claim
-                    granted.append(Granted(wanted.client_id, wanted.message_id, wanted.sent_at))
-                    continue
-                if bytes(row["fingerprint"]) != wanted.fingerprint:
-                    # Rolls the transaction back: a refused request claims nothing.
-                    raise ClaimConflict(index)
-                granted.append(
-                    Granted(
-                        wanted.client_id,
-                        row["message_id"],
-                        row["sent_at"],
-                        earlier=True,
-                        acknowledged=row["acknowledged"],
-                    )
+        for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
+            if key in rows and bytes(rows[key]["fingerprint"]) != wanted.fingerprint:
+                raise ClaimConflict(index)  # and the statement inserted none of the new ones
+        granted: list[Granted] = []
+        for key, wanted in zip(keys, claims, strict=True):
+            row = rows[key]
+            granted.append(
+                Granted(
+                    wanted.client_id,
+                    row["message_id"],
+                    row["sent_at"],
+                    earlier=row["message_id"] != wanted.message_id,
+                    acknowledged=row["acknowledged"],
                 )
+            )
         return granted
 
     def acknowledge(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Granted]) -> None:

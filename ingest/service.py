@@ -172,6 +172,7 @@ class IngestService:
         self.fingerprints = fingerprints
         self.topic = topic
         self._now = clock
+
     # --- chats -----------------------------------------------------------------------------------
 
     def create_chat(

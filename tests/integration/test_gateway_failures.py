@@ -148,6 +148,7 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
     )
     consumer.subscribe([settings.kafka.messages_topic])
     found: dict[str, set[int]] = {}
+    copies: dict[str, int] = {}  # a re-published record is a second copy of the same message
     deadline, settled = time.monotonic() + 60, None
     try:
         while time.monotonic() < deadline:
@@ -161,8 +162,12 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
             record = MessageRecord.model_validate_json(msg.value() or b"")
             if str(record.chat_id) == chat:
                 found.setdefault(record.client_message_id or "", set()).add(record.message_id)
+                copies[record.client_message_id or ""] = (
+                    copies.get(record.client_message_id or "", 0) + 1
+                )
     finally:
         consumer.close()
+    print(f"records on the topic per client_message_id: {copies}")
     return found
 
 
