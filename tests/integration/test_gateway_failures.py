@@ -37,6 +37,7 @@ from tests.tcp_proxy import TcpProxy, free_port, proxy
 # are 2 s (Postgres) and 5 s (Kafka); the old gateway took 30 s, 75 s or forever.
 POSTGRES_BOUND = 10.0
 KAFKA_BOUND = 20.0
+POSTS = 48
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +241,11 @@ def test_kafka_hung_answers_503_in_time_and_retries_make_one_message_each(base: 
             def post(client_id: str) -> None:
                 answers[client_id] = gw.post("kai", chat, f"hung {client_id}", client_id)
 
-            posts = [threading.Thread(target=post, args=(f"k{i}",)) for i in range(3)]
+            # More posts than the thread pool has threads (40): they must not hold threads.
+            posts = [threading.Thread(target=post, args=(f"k{i}",)) for i in range(POSTS)]
             for thread in posts:
                 thread.start()
+            time.sleep(1.0)  # let the posts reach the gateway first
             # Chat creation does not need Kafka: it is not held up by the blocked posts.
             started = time.monotonic()
             other = gw.new_chat("kai")
@@ -250,8 +253,9 @@ def test_kafka_hung_answers_503_in_time_and_retries_make_one_message_each(base: 
             for thread in posts:
                 thread.join()
             print(f"chat created in {creation_seconds:.2f}s while Kafka hung")
-            for client_id, (response, seconds) in sorted(answers.items()):
-                print(f"{client_id}: {response.status_code} after {seconds:.2f}s")
+            slowest = max(seconds for _, seconds in answers.values())
+            print(f"{len(answers)} posts answered 503 in {slowest:.2f}s at most")
+            for response, seconds in answers.values():
                 assert response.status_code == 503, response.text
                 assert response.headers["Retry-After"] and seconds < KAFKA_BOUND
             assert other and creation_seconds < POSTGRES_BOUND
