@@ -12,12 +12,15 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from fastapi.testclient import TestClient
+from httpx import Response
 from prometheus_client import REGISTRY
 
-from schemas.ids import id_millis
+from schemas.ids import SEQUENCE_BITS, id_millis
 from sealstream.adapters.postgres import Database, WorkerLeaseRepository
+from sealstream.auth import mint_token
 from sealstream.errors import WorkerIdConflict, WorkerIdUnavailable
-from sealstream.settings import Settings, WorkerLeaseSettings
+from sealstream.settings import KafkaSettings, Settings, WorkerLeaseSettings
 from sealstream.worker_ids import WorkerIdLease
 
 SHORT = WorkerLeaseSettings(ttl_seconds=3, renew_seconds=1, margin_seconds=1)
@@ -280,3 +283,54 @@ def test_a_released_configured_id_is_taken_again_at_once(
     second = leases(worker_id=700)
     assert second.acquire() == 700
     assert second.ids.next_id() > last
+
+
+def test_gateway_answers_503_while_it_holds_no_lease(
+    leases: Callable[..., WorkerIdLease],
+    kafka_topic_factory: Callable[[str], KafkaSettings],
+    settings: Settings,
+    database: Database,
+) -> None:
+    """The gateway with a configured id that another process took over: 503 + Retry-After (and
+    not ready) until it has the id again, then 202 with ids above the other holder's."""
+    from ingest.wiring import build
+
+    cfg = settings.model_copy(
+        update={"kafka": kafka_topic_factory("leases"), "worker_id": 702, "worker_lease": SHORT}
+    )
+    headers = {"Authorization": f"Bearer {mint_token(cfg.auth, 'quinn')}"}
+    app, close = build(cfg)
+    try:
+        with TestClient(app) as client:
+            created = client.post("/v1/chats", json={"participants": []}, headers=headers)
+            assert created.status_code == 201, created.text
+            url = f"/v1/chats/{created.json()['chat_id']}/messages"
+
+            def post() -> Response:
+                return client.post(url, json={"text": "hello"}, headers=headers)
+
+            first = post()
+            assert first.status_code == 202, first.text
+            assert (int(first.json()["message_id"]) >> SEQUENCE_BITS) & 1023 == 702
+
+            with database.connection() as conn:  # as if the gateway had stalled past the TTL
+                conn.execute(
+                    "UPDATE worker_leases SET expires_at = now() - interval '1 second'"
+                    " WHERE worker_id = 702"
+                )
+            thief = leases(worker_id=702)
+            thief.acquire()
+            stolen = thief.ids.next_id()
+            wait_for(lambda: post().status_code == 503, timeout=60, what="503 without a lease")
+            refused = post()
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "unavailable"
+            assert client.get("/readyz").status_code == 503
+
+            thief.close()
+            wait_for(lambda: client.get("/readyz").status_code == 200, 60, "lease back")
+            again = post()
+            assert again.status_code == 202, again.text
+            assert int(again.json()["message_id"]) > stolen
+    finally:
+        close()
