@@ -10,18 +10,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 from prometheus_client import REGISTRY
 
+from schemas.events import MessageRecord
 from schemas.ids import SEQUENCE_BITS, id_millis
+from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import Database, WorkerLeaseRepository
 from sealstream.auth import mint_token
 from sealstream.errors import WorkerIdConflict, WorkerIdUnavailable
 from sealstream.settings import KafkaSettings, Settings, WorkerLeaseSettings
-from sealstream.worker_ids import WorkerIdLease
+from sealstream.worker_ids import WorkerIdLease, lease_worker_id
 
 SHORT = WorkerLeaseSettings(ttl_seconds=3, renew_seconds=1, margin_seconds=1)
 
@@ -334,3 +337,35 @@ def test_gateway_answers_503_while_it_holds_no_lease(
             assert int(again.json()["message_id"]) > stolen
     finally:
         close()
+
+
+def test_direct_producers_lease_their_own_ids(
+    kafka_topic_factory: Callable[[str], KafkaSettings], settings: Settings, database: Database
+) -> None:
+    """The docs' example for a process that publishes to Kafka itself (docs/operations.md,
+    "Message ids across processes"), run twice at once: two ids, released on exit."""
+    cfg = settings.model_copy(update={"kafka": kafka_topic_factory("producers")})
+    publisher = Publisher(cfg.kafka, client_id="importer")
+    repo = WorkerLeaseRepository(database)
+    try:
+        with (
+            lease_worker_id(cfg, service="importer") as ids,
+            lease_worker_id(cfg, service="importer") as other,
+        ):
+            assert ids.worker_id != other.worker_id
+            record = MessageRecord(
+                message_id=ids.next_id(),
+                chat_id=uuid.uuid4(),
+                sender_id="importer",
+                text="imported",
+                sent_at=datetime.now(UTC),
+            )
+            publisher.publish(cfg.kafka.messages_topic, [(record.key(), record.value())])
+            held = (ids.worker_id, other.worker_id)
+            assert all(repo.holder_of(w) is not None for w in held)
+            with pytest.raises(WorkerIdConflict):  # a configured id is leased too
+                with lease_worker_id(cfg.model_copy(update={"worker_id": ids.worker_id})):
+                    pass
+        assert all(repo.holder_of(w) is None for w in held)
+    finally:
+        publisher.close()
