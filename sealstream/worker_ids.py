@@ -38,7 +38,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
-from schemas.ids import EPOCH_MS, SEQUENCE_BITS, SnowflakeIds, id_millis
+from schemas.ids import EPOCH_MS, SEQUENCE_BITS, SnowflakeIds
 from sealstream.adapters.postgres import Database, LeaseHolder, WorkerLeaseRepository
 from sealstream.errors import WorkerIdConflict, WorkerIdUnavailable
 from sealstream.settings import Settings, WorkerLeaseSettings
@@ -125,7 +125,7 @@ class LeasedIds(SnowflakeIds):
             if grant is None or self._monotonic() >= grant.deadline:
                 raise WorkerIdUnavailable("no valid worker-id lease; message ids cannot be made")
             message_id = self._next_locked()
-            if id_millis(message_id) > grant.ceiling_ms:
+            if self._last_ms + EPOCH_MS > grant.ceiling_ms:
                 # Only if the wall clock jumped forward: this id is dropped, never handed out.
                 raise WorkerIdUnavailable("the clock passed the worker-id lease's fence")
             return message_id

@@ -529,6 +529,12 @@ class WorkerLeaseRepository:
             "wanted": worker_id,
         }
         with self.db.connection() as conn:
+            try:
+                conn.execute("SELECT 1 FROM worker_leases LIMIT 1")
+            except psycopg.errors.UndefinedTable:
+                raise StoreUnavailable(
+                    "the worker_leases table does not exist (run `sealstream migrate`)"
+                ) from None
             # READ COMMITTED may drop the one candidate it locked if a concurrent holder took it
             # meanwhile (the LIMIT is not refilled); try again while a free id still exists.
             for _ in range(10):

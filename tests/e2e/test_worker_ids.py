@@ -8,6 +8,7 @@ and messages that drew the same id overwrote each other in Cassandra.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -37,17 +38,28 @@ def unconfigured_env(pipeline: Pipeline, port: int) -> dict[str, str]:
     return {**env, "SEALSTREAM_INGEST__PORT": str(port)}
 
 
-def start_gateways(pipeline: Pipeline, n: int) -> dict[str, str]:
-    """Start `n` extra gateways; returns their process key -> base URL once all are ready."""
+def start_gateways(pipeline: Pipeline, n: int, logs: Path | None = None) -> dict[str, str]:
+    """Start `n` extra gateways (logging to `logs`/<key>.log if given); returns their process
+    key -> base URL once all are ready."""
     urls: dict[str, str] = {}
     for i in range(n):
         port = free_port()
         key = f"ingest-replica-{i}"
-        pipeline.procs[key] = spawn("ingest", unconfigured_env(pipeline, port))
+        log = logs / f"{key}.log" if logs is not None else None
+        pipeline.procs[key] = spawn("ingest", unconfigured_env(pipeline, port), log=log)
         urls[key] = f"http://127.0.0.1:{port}"
     for url in urls.values():
         pipeline.wait_http(url, timeout=120)
     return urls
+
+
+def leased_line(log: Path) -> dict[str, Any]:
+    """The start-up log line that names the leased worker id ({} if none)."""
+    for line in log.read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("msg") == "worker id leased":
+            return dict(entry)
+    return {}
 
 
 def metric(url: str, name: str) -> float:
@@ -126,9 +138,10 @@ def test_three_unconfigured_gateways_never_share_an_id(pipeline: Pipeline, datab
 def test_gateway_refuses_to_start_with_a_configured_id_another_holds(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    [(key, url)] = start_gateways(pipeline, 1).items()
+    [(key, url)] = start_gateways(pipeline, 1, logs=tmp_path).items()
     try:
         held = int(metric(url, "sealstream_worker_id"))
+        assert leased_line(tmp_path / f"{key}.log").get("worker_id") == held
         log = tmp_path / "clash.log"
         env = {**unconfigured_env(pipeline, free_port()), "SEALSTREAM_WORKER_ID": str(held)}
         clash = spawn("ingest", env, log=log)
