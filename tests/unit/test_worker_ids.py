@@ -214,3 +214,12 @@ def test_worker_id_is_leased_unless_configured_and_lease_timings_are_checked() -
     assert settings_env(Settings(worker_id=3))["SEALSTREAM_WORKER_ID"] == "3"
     with pytest.raises(ValueError, match="renew_seconds"):
         WorkerLeaseSettings(ttl_seconds=10, renew_seconds=8, margin_seconds=2)
+
+
+def test_compose_services_do_not_pin_a_worker_id() -> None:
+    """A worker id in the shared compose environment would make every scaled gateway replica
+    but one refuse to start; they lease theirs."""
+    from tests.unit.test_compose import PROJECT_SERVICES, environment
+
+    for service in ("migrate", *PROJECT_SERVICES):
+        assert "SEALSTREAM_WORKER_ID" not in environment(service), service
