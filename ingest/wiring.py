@@ -13,16 +13,16 @@ from fastapi import FastAPI
 from ingest.api import create_app
 from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
-from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
 from sealstream.crypto import TextFingerprints
-from sealstream.errors import StoreUnavailable
+from sealstream.errors import StoreUnavailable, WorkerIdConflict
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
 from sealstream.settings import KafkaSettings, Settings
 from sealstream.wiring import key_service
+from sealstream.worker_ids import LeasedIds, lease_worker_id
 
 SERVICE = "ingest"
 log = logging.getLogger(__name__)
@@ -55,12 +55,16 @@ class AckedPublisher:
         await self.publisher.publish_async(topic, items, timeout=self.deadline)
 
 
-def _readiness(database: Database, kafka: KafkaSettings) -> Callable[[], Awaitable[bool]]:
-    """Ready when Postgres answers and Kafka has the message topic. Redis is not checked: the
-    gateway posts without it (a Redis outage must not take every gateway out of service)."""
+def _readiness(
+    database: Database, kafka: KafkaSettings, ids: LeasedIds
+) -> Callable[[], Awaitable[bool]]:
+    """Ready when it holds a valid worker-id lease, Postgres answers and Kafka has the message
+    topic. Redis is not checked: the gateway posts without it (a Redis outage must not take every
+    gateway out of service)."""
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
 
     def check() -> None:
+        ids.check()
         with database.connection() as conn:
             conn.execute("SELECT 1")
         topics = admin.list_topics(timeout=2).topics  # all topics: never auto-creates one
@@ -79,6 +83,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         database = Database(settings.postgres, deadline=deadlines.postgres_deadline_seconds)
         database.open()
         stack.callback(database.close)
+        # Before anything else: a clash of a configured worker id stops the start-up here.
+        ids = stack.enter_context(lease_worker_id(settings, SERVICE, database))
         keys = stack.enter_context(
             key_service(
                 settings, database, actor=SERVICE, kms_deadline=deadlines.kms_deadline_seconds
@@ -87,7 +93,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         # linger 1 ms: the records of one request leave in one produce request instead of
         # several; at 150 ten-message posts a second the gateway used 34 % of a core instead of
         # 43 % (docs/benchmarks.md), for one more millisecond per post.
-        publisher = Publisher(settings.kafka, client_id=f"ingest-{settings.worker_id}", linger_ms=1)
+        publisher = Publisher(settings.kafka, client_id=f"ingest-{ids.worker_id}", linger_ms=1)
         stack.callback(publisher.close)
         claims = PostgresClaims(database, deadlines.idempotency_window_hours)
         claims.start_purging()
@@ -98,12 +104,13 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         service = IngestService(
             chats=chats,
             publisher=AckedPublisher(publisher, deadlines.kafka_deadline_seconds),
-            ids=SnowflakeIds(settings.worker_id),
+            ids=ids,
             claims=claims,
             fingerprints=TextFingerprints(deadlines.fingerprint_key(settings.auth)),
             topic=settings.kafka.messages_topic,
         )
-        app = create_app(service, settings, _readiness(database, settings.kafka))
+        app = create_app(service, settings, _readiness(database, settings.kafka, ids))
+        app.state.worker_ids = ids
     except BaseException:
         stack.close()
         raise
@@ -114,13 +121,17 @@ def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn's graceful shutdown), TLS when configured; the
     app's lifespan shutdown then closes everything `build` opened, flushing the producer."""
     configure_logging(SERVICE)
-    app, close = build(settings)
+    try:
+        app, close = build(settings)
+    except WorkerIdConflict as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        raise SystemExit(2) from None
     log.info(
         "starting",
         extra={
             "port": settings.ingest.port,
             "tls": settings.ingest.tls,
-            "worker_id": settings.worker_id,
+            "worker_id": app.state.worker_ids.worker_id,
         },
     )
     serve(app, settings.ingest, close)

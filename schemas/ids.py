@@ -37,7 +37,8 @@ def first_id_at(unix_ms: int) -> int:
 
 
 class SnowflakeIds:
-    """Thread-safe id generator for one worker id (unique per gateway process)."""
+    """Thread-safe id generator for one worker id. Ids are unique only while no other process
+    uses the same worker id: processes lease theirs (`sealstream.worker_ids`)."""
 
     def __init__(self, worker_id: int, clock_ms: Callable[[], int] | None = None) -> None:
         if not 0 <= worker_id <= MAX_WORKER:
@@ -50,19 +51,23 @@ class SnowflakeIds:
 
     def next_id(self) -> int:
         with self._lock:
-            now = self._clock() - EPOCH_MS
-            if now < self._last_ms:
-                now = self._last_ms  # clock went backwards: keep ids monotonic
-            if now == self._last_ms:
-                self._sequence = (self._sequence + 1) & ((1 << SEQUENCE_BITS) - 1)
-                if self._sequence == 0:
-                    while now <= self._last_ms:  # 4096 ids in this ms: wait for the next one
-                        now = self._clock() - EPOCH_MS
-            else:
-                self._sequence = 0
-            self._last_ms = now
-            return (
-                (now << (WORKER_BITS + SEQUENCE_BITS))
-                | (self.worker_id << SEQUENCE_BITS)
-                | (self._sequence)
-            )
+            return self._next_locked()
+
+    def _next_locked(self) -> int:
+        """The next id; the caller holds `self._lock`."""
+        now = self._clock() - EPOCH_MS
+        if now < self._last_ms:
+            now = self._last_ms  # clock went backwards: keep ids monotonic
+        if now == self._last_ms:
+            self._sequence = (self._sequence + 1) & ((1 << SEQUENCE_BITS) - 1)
+            if self._sequence == 0:
+                while now <= self._last_ms:  # 4096 ids in this ms: wait for the next one
+                    now = self._clock() - EPOCH_MS
+        else:
+            self._sequence = 0
+        self._last_ms = now
+        return (
+            (now << (WORKER_BITS + SEQUENCE_BITS))
+            | (self.worker_id << SEQUENCE_BITS)
+            | (self._sequence)
+        )

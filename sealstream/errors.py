@@ -52,3 +52,12 @@ class StoreUnavailable(SealstreamError):
     """A storage server (Postgres, Cassandra, Redis, OpenSearch, Kafka) could not be reached."""
 
     retriable = True
+
+
+class WorkerIdUnavailable(StoreUnavailable):
+    """This process holds no worker-id lease known to be valid (Postgres unreachable, lease lost
+    to another process, or every id taken), so it may not make message ids; try again later."""
+
+
+class WorkerIdConflict(SealstreamError):
+    """The explicitly configured worker id (SEALSTREAM_WORKER_ID) is leased by a live process."""

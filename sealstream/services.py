@@ -36,7 +36,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {}
     for section_name, section in settings:
         if not isinstance(section, BaseModel):
-            env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
+            if section is not None:  # e.g. worker_id: unset means "lease one"
+                env[f"SEALSTREAM_{section_name.upper()}"] = str(section)
             continue
         for field_name in type(section).model_fields:
             value: object = getattr(section, field_name)

@@ -260,6 +260,28 @@ class GatewaySettings(BaseModel):
         return secret.get_secret_value().encode()
 
 
+class WorkerLeaseSettings(BaseModel):
+    """How a process that makes message ids leases its Snowflake worker id from Postgres
+    (``SEALSTREAM_WORKER_LEASE__*``, docs/operations.md "Message ids across processes")."""
+
+    model_config = {"frozen": True}
+
+    # A crashed holder's id is free again after this long (by the database's clock).
+    ttl_seconds: float = Field(default=30.0, gt=0)
+    renew_seconds: float = Field(default=10.0, gt=0)
+    # The process stops making ids this long before the lease it last renewed would expire.
+    margin_seconds: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerLeaseSettings:
+        if self.renew_seconds + self.margin_seconds >= self.ttl_seconds:
+            raise ValueError(
+                "worker_lease: renew_seconds + margin_seconds must be below ttl_seconds "
+                "(else a healthy process would stop making ids between two renewals)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -282,8 +304,10 @@ class Settings(BaseSettings):
     indexer_http: IndexerHttp = Field(default_factory=IndexerHttp)
     # Key-lifecycle admin API (operators only: tokens with the admin role).
     admin: AdminHttp = Field(default_factory=AdminHttp)
-    # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
-    worker_id: int = Field(default=0, ge=0, le=1023)
+    # The worker bits of the Snowflake message ids this process makes. None (the default): lease
+    # a free one from Postgres; a number: lease exactly that one (start-up fails if it is taken).
+    worker_id: int | None = Field(default=None, ge=0, le=1023)
+    worker_lease: WorkerLeaseSettings = Field(default_factory=WorkerLeaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
     environment: Literal["local", "production"] = "local"

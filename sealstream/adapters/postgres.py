@@ -579,3 +579,133 @@ class ChatKeyRepository:
                 (chat_id, cutoff, below_version, below_version),
             ).fetchall()
         return sorted(int(r["dek_version"]) for r in rows)
+
+
+# --- worker-id leases -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a worker id, for the operator reading an error or the table."""
+
+    worker_id: int
+    host: str
+    pid: int | None
+    service: str
+    seconds_left: float  # until the lease expires by the database's clock (<= 0: expired)
+
+
+class WorkerLeaseRepository:
+    """The `worker_leases` table: one row per Snowflake worker id (0..1023), leased to a process.
+
+    Every time is the database's `now()`, so the processes' clocks never decide who holds an id.
+    `fence_ms` values are Unix milliseconds of the *process* clock: the highest id timestamp the
+    holder may use; they only ever grow (`greatest`) until the holder releases the lease.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def acquire(
+        self,
+        holder: uuid.UUID,
+        host: str,
+        pid: int,
+        service: str,
+        ttl_seconds: float,
+        fence_ms: int,
+        worker_id: int | None = None,
+    ) -> tuple[int, int] | None:
+        """Lease a free or expired worker id (`worker_id` only, when given) for `ttl_seconds`.
+
+        Returns (worker id, previous fence in Unix ms), or None when no id (or not the wanted one)
+        is free. SELECT ... FOR UPDATE SKIP LOCKED rather than INSERT ... ON CONFLICT: the 1024
+        rows exist already and the question is *which* free row, so concurrent starters each lock
+        a different candidate instead of queueing on one and then finding it taken. The row's
+        expiry is checked again on the locked version, so a live lease is never taken over.
+        Candidates go by oldest fence first: a new holder then rarely has to wait for its clock.
+        """
+        params = {
+            "holder": holder,
+            "host": host,
+            "pid": pid,
+            "service": service,
+            "ttl": ttl_seconds,
+            "fence": fence_ms,
+            "wanted": worker_id,
+        }
+        with self.db.connection() as conn:
+            try:
+                conn.execute("SELECT 1 FROM worker_leases LIMIT 1")
+            except psycopg.errors.UndefinedTable:
+                raise StoreUnavailable(
+                    "the worker_leases table does not exist (run `sealstream migrate`)"
+                ) from None
+            # READ COMMITTED may drop the one candidate it locked if a concurrent holder took it
+            # meanwhile (the LIMIT is not refilled); try again while a free id still exists.
+            for _ in range(10):
+                row = conn.execute(
+                    "WITH pick AS ("
+                    " SELECT worker_id, last_ms FROM worker_leases"
+                    " WHERE expires_at < now()"
+                    " AND (%(wanted)s::int IS NULL OR worker_id = %(wanted)s::int)"
+                    " ORDER BY last_ms, worker_id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                    " UPDATE worker_leases AS w SET holder = %(holder)s, host = %(host)s,"
+                    " pid = %(pid)s, service = %(service)s, acquired_at = now(),"
+                    " expires_at = now() + make_interval(secs => %(ttl)s),"
+                    " last_ms = greatest(w.last_ms, %(fence)s)"
+                    " FROM pick WHERE w.worker_id = pick.worker_id AND w.expires_at < now()"
+                    " RETURNING w.worker_id, pick.last_ms AS floor_ms",
+                    params,
+                ).fetchone()
+                if row is not None:
+                    return int(row["worker_id"]), int(row["floor_ms"])
+                free = conn.execute(
+                    "SELECT count(*) AS n FROM worker_leases WHERE expires_at < now()"
+                    " AND (%(wanted)s::int IS NULL OR worker_id = %(wanted)s::int)",
+                    params,
+                ).fetchone()
+                if free is None or free["n"] == 0:
+                    return None
+        return None
+
+    def renew(self, worker_id: int, holder: uuid.UUID, ttl_seconds: float, fence_ms: int) -> bool:
+        """Extend the lease to now() + ttl and raise its fence; False if `holder` lost it.
+
+        Deliberately not conditional on the lease being unexpired: while `holder` is still the
+        holder, nobody else has held the id since, so picking it up again is safe.
+        """
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "UPDATE worker_leases SET expires_at = now() + make_interval(secs => %s),"
+                " last_ms = greatest(last_ms, %s) WHERE worker_id = %s AND holder = %s"
+                " RETURNING worker_id",
+                (ttl_seconds, fence_ms, worker_id, holder),
+            ).fetchone()
+        return row is not None
+
+    def release(self, worker_id: int, holder: uuid.UUID, last_ms: int) -> bool:
+        """Free the id at once (graceful stop), its fence set to `last_ms`: the holder's last
+        used millisecond, which the caller guarantees is >= the fence it took over."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "UPDATE worker_leases SET holder = NULL, expires_at = '-infinity',"
+                " last_ms = %s WHERE worker_id = %s AND holder = %s RETURNING worker_id",
+                (last_ms, worker_id, holder),
+            ).fetchone()
+        return row is not None
+
+    def holder_of(self, worker_id: int) -> LeaseHolder | None:
+        """The live holder of `worker_id`, None when the id is free or its lease expired."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT worker_id, host, pid, service,"
+                " extract(epoch FROM expires_at - now())::float8 AS seconds_left"
+                " FROM worker_leases WHERE worker_id = %s AND expires_at >= now()",
+                (worker_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return LeaseHolder(
+            row["worker_id"], row["host"], row["pid"], row["service"], row["seconds_left"]
+        )
