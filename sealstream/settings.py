@@ -234,6 +234,14 @@ class AdminHttp(HttpSettings):
     port: int = ADMIN_PORT
 
 
+class DeletionSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    # Chat deletion waits at most this long for both worker groups to commit past the deletion
+    # point before its second sweep of the index (the receipt says whether they got there).
+    sweep_seconds: float = Field(default=60.0, ge=0, le=3600)
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -256,6 +264,7 @@ class Settings(BaseSettings):
     indexer_http: IndexerHttp = Field(default_factory=IndexerHttp)
     # Key-lifecycle admin API (operators only: tokens with the admin role).
     admin: AdminHttp = Field(default_factory=AdminHttp)
+    deletion: DeletionSettings = Field(default_factory=DeletionSettings)
     # Unique per gateway process: the worker bits of the Snowflake message ids it assigns.
     worker_id: int = Field(default=0, ge=0, le=1023)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
