@@ -52,6 +52,7 @@ def stores(race_settings: Settings) -> Iterator[tuple[MessageStore, SearchIndex]
     store.migrate()
     index = SearchIndex(race_settings.opensearch)
     index.migrate()
+    index.migrate()  # an existing index: the `deleted` field is added in place, no error
     yield store, index
     store.drop_keyspace()
     store.close()
