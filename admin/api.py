@@ -26,6 +26,7 @@ from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
 from sealstream.http import message_id as parse_message_id
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import (
+    WorkerProgress,
     apply_retention,
     delete_chat,
     delete_message,
@@ -49,6 +50,7 @@ class AdminContext:
     keys: KeyService
     store: MessageStore
     index: SearchIndex
+    workers: WorkerProgress | None = None  # for chat deletion's sweep (None: no sweep)
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -133,6 +135,10 @@ class ShredReceiptOut(BaseModel):
     index_documents_deleted: int
     rows_deleted: int
     seconds: float
+    sweep_completed: bool = Field(
+        description="Both workers were seen past the deletion point and the index swept after "
+        "that; false: run the deletion again once they caught up (idempotent)"
+    )
 
 
 class MessageDeletedOut(BaseModel):
@@ -363,7 +369,15 @@ def create_app(
         reason: Annotated[str, Query(min_length=1, max_length=MAX_REASON)] = "admin request",
     ) -> ShredReceiptOut:
         existing_chat(chat_id)
-        receipt = delete_chat(keys_for(admin), ctx.index, ctx.store, chat_id, reason)
+        receipt = delete_chat(
+            keys_for(admin),
+            ctx.index,
+            ctx.store,
+            chat_id,
+            reason,
+            ctx.workers,
+            settings.deletion.sweep_seconds,
+        )
         return ShredReceiptOut(**asdict(receipt))
 
     @app.delete(

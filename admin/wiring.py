@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from admin.api import AdminContext, create_app
 from admin.jobs import JobRunner
+from sealstream.adapters.kafka import ConsumerGroupsProgress
 from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
@@ -31,7 +32,12 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(jobs.close)
 
         ready = readiness(lambda: stores_reachable(database, store, index))
-        app = create_app(AdminContext(keys, store, index), jobs, settings, ready)
+        app = create_app(
+            AdminContext(keys, store, index, ConsumerGroupsProgress(settings.kafka)),
+            jobs,
+            settings,
+            ready,
+        )
     except BaseException:
         stack.close()
         raise

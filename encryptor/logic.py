@@ -1,7 +1,8 @@
 """Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
 
-Permanent problems (bad schema, unknown or deleted chat) reject one record; anything else raised
-fails the whole batch so the runtime retries it (see sealstream.streaming).
+Permanent problems (bad schema, unknown chat) reject one record; anything else raised fails the
+whole batch so the runtime retries it (see sealstream.streaming). Records of a deleted chat, or
+past their chat's retention, are skipped, not dead-lettered (sealstream.deletion_state).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from schemas.events import MessageRecord, decode_record
+from schemas.ids import id_time
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.deletion_state import CHAT_DELETED, ChatStates, deletion_check
 from sealstream.errors import KeyDestroyed, KeyNotFound
 from sealstream.streaming import RawRecord, Rejected
 
@@ -44,8 +47,9 @@ _STORE = PHASE_SECONDS.labels("store")
 
 
 def seal_batch(
-    records: Sequence[RawRecord], keys: KeySource
+    records: Sequence[RawRecord], keys: KeySource, states: ChatStates | None = None
 ) -> tuple[list[StoredMessage], list[Rejected]]:
+    deletion = deletion_check("encryptor", records, states)
     stored: list[StoredMessage] = []
     rejected: list[Rejected] = []
     lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
@@ -54,11 +58,15 @@ def seal_batch(
         if isinstance(decoded, Rejected):
             rejected.append(decoded)
             continue
+        if deletion.refuses(decoded.chat_id, decoded.message_id):
+            continue
         started = time.perf_counter()
         try:
             key = keys.current_key(decoded.chat_id)
         except KeyDestroyed:
-            rejected.append(Rejected(record, f"chat {decoded.chat_id} was deleted"))
+            # Deleted after the state was read: skipped like the others. Not a dead letter, which
+            # would keep the deleted chat's plaintext on the dead-letter topic for days.
+            deletion.skip(CHAT_DELETED)
             continue
         except KeyNotFound:
             rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
@@ -76,7 +84,8 @@ def seal_batch(
                 sender_id=decoded.sender_id,
                 dek_version=key.version,
                 envelope=envelope,
-                created_at=decoded.sent_at,
+                # The id's time, the one clock of record; sent_at is the producer's clock.
+                created_at=id_time(decoded.message_id),
             )
         )
     _KEY_LOOKUP.inc(lookup_seconds)
@@ -85,14 +94,17 @@ def seal_batch(
 
 
 def encrypt_and_store(
-    records: Sequence[RawRecord], keys: KeySource, sink: MessageSink
+    records: Sequence[RawRecord],
+    keys: KeySource,
+    sink: MessageSink,
+    states: ChatStates | None = None,
 ) -> list[Rejected]:
     """One batch: seal every valid record and write them all; return the rejected ones.
 
     Once the rows are written, the messages sealed per DEK version are counted, which rotates
     a chat whose current version reached the rotation policy's message limit.
     """
-    stored, rejected = seal_batch(records, keys)
+    stored, rejected = seal_batch(records, keys, states)
     started = time.perf_counter()
     sink.write_many(stored)
     _STORE.inc(time.perf_counter() - started)

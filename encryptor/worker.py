@@ -24,7 +24,7 @@ def run(settings: Settings) -> None:
         stack.callback(store.close)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            return encrypt_and_store(records, keys, store)
+            return encrypt_and_store(records, keys, store, keys.repo)
 
         # Batches flushed after 50 ms at most: the encryptor is on the path from post to readable,
         # unlike the indexer. 20 ms gave no better latency under load and smaller, costlier

@@ -7,6 +7,7 @@ from contextlib import ExitStack
 
 from indexer.logic import index_batch
 from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected, run_worker
@@ -19,9 +20,14 @@ def run(settings: Settings) -> None:
     with ExitStack() as stack:
         index = SearchIndex(settings.opensearch)
         stack.callback(index.close)
+        # Postgres for the chats' deletion state (read once per batch).
+        database = Database(settings.postgres)
+        database.open()
+        stack.callback(database.close)
+        chats = ChatKeyRepository(database)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            return index_batch(records, index)
+            return index_batch(records, index, chats)
 
         # Bigger, slower batches than the encryptor: OpenSearch prefers fewer, larger bulks.
         run_worker(

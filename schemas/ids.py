@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 WORKER_BITS = 10
@@ -71,3 +72,9 @@ class SnowflakeIds:
             | (self.worker_id << SEQUENCE_BITS)
             | (self._sequence)
         )
+
+
+def id_time(message_id: int) -> datetime:
+    """The time (UTC, ms precision) at which the id was made: the one clock of record for a
+    message (retention, row times), whatever the producer's `sent_at` says."""
+    return datetime.fromtimestamp(id_millis(message_id) / 1000, tz=UTC)

@@ -129,16 +129,21 @@ def keys_delete_chat(
     reason: Annotated[str, typer.Option(help="why (recorded in the audit trail)")],
 ) -> None:
     """Crypto-shred a chat: destroy its DEKs everywhere, then delete its index docs and rows."""
+    from sealstream.adapters.kafka import ConsumerGroupsProgress
     from sealstream.lifecycle import delete_chat
     from sealstream.settings import Settings
 
     settings = Settings()
     with message_stores(settings) as (store, index), key_service(settings, actor="cli") as keys:
-        receipt = delete_chat(keys, index, store, _chat_id(chat), reason)
+        workers = ConsumerGroupsProgress(settings.kafka)
+        receipt = delete_chat(
+            keys, index, store, _chat_id(chat), reason, workers, settings.deletion.sweep_seconds
+        )
     table = Table("receipt", "value", title=f"chat {chat} deleted")
     table.add_row("DEK versions destroyed", str(receipt.dek_versions_destroyed))
     table.add_row("index documents deleted", str(receipt.index_documents_deleted))
     table.add_row("rows deleted", str(receipt.rows_deleted))
+    table.add_row("sweep after the workers completed", str(receipt.sweep_completed))
     table.add_row("seconds", f"{receipt.seconds:.2f}")
     console.print(table)
 

@@ -5,9 +5,14 @@ of a chat's history to its newest DEK version.
 Chat deletion works across every store, in the order that makes the chat unreadable first.
 
 1. Crypto-shred: destroy every DEK version (Postgres), evict it from Redis and from every process.
-   From here on the chat's envelopes cannot be opened by anyone, whatever else survives.
+   From here on the chat's envelopes cannot be opened by anyone, whatever else survives, and both
+   workers refuse the chat's records (sealstream.deletion_state). The message topic's end
+   offsets at this moment are the deletion point.
 2. Delete the chat's documents from the search index (tokens are not encrypted).
-3. Delete the chat's Cassandra partitions (the ciphertext, now useless, is also removed).
+3. Delete the chat's Cassandra partitions (the ciphertext, now useless, is also removed), with
+   tombstones no later write can overwrite (adapters/cassandra.py), so rows in flight vanish too.
+4. Sweep: wait until both workers committed past the deletion point, then delete the chat's
+   documents again (what a worker indexed after reading the chat's state just before the shred).
 Each step is idempotent, so a failed deletion is finished by running it again.
 """
 
@@ -18,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from schemas.ids import first_id_at
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
@@ -48,26 +54,62 @@ def policy_cutoff(max_age_days: float | None) -> datetime:
     return datetime.now(UTC) - timedelta(days=max_age_days)
 
 
+class WorkerProgress(Protocol):
+    """How far the workers got: a position on the message topic, and whether every worker group
+    has committed past one (adapters/kafka.py `ConsumerGroupsProgress`)."""
+
+    def position(self) -> dict[int, int]: ...
+
+    def passed(self, position: dict[int, int]) -> bool: ...
+
+
 @dataclass(frozen=True)
 class ShredReceipt:
     chat_id: uuid.UUID
     dek_versions_destroyed: list[int]
-    index_documents_deleted: int
+    index_documents_deleted: int  # both passes: before and after the workers' sweep point
     rows_deleted: int
     seconds: float
+    # True once both workers were seen past the deletion point and the sweep ran after that;
+    # False: a worker group did not get there in time (or none was given): run the deletion
+    # again once the workers have caught up, it is idempotent.
+    sweep_completed: bool = False
 
 
 def delete_chat(
-    keys: KeyService, index: SearchIndex, store: MessageStore, chat_id: uuid.UUID, reason: str
+    keys: KeyService,
+    index: SearchIndex,
+    store: MessageStore,
+    chat_id: uuid.UUID,
+    reason: str,
+    workers: WorkerProgress | None = None,
+    sweep_seconds: float = 60.0,
 ) -> ShredReceipt:
+    """Crypto-shred a chat and remove its documents and rows, including those in flight.
+
+    With `workers`, waits (at most `sweep_seconds`) until both worker groups committed past the
+    topic position taken right after the shred, then deletes the chat's documents once more:
+    every record below that position was written (or refused) before the commit, and every
+    batch read after the shred refuses the chat. Cassandra needs no second pass: rows written
+    after its deletion are shadowed by it.
+    """
     started = time.monotonic()
     chat = keys.chat(chat_id)
     if chat is None:
         raise KeyNotFound(f"chat {chat_id} does not exist")
     destroyed = keys.delete_chat(chat_id, reason)
+    point = workers.position() if workers is not None else None
     documents = index.delete_chat(chat_id)
     rows = store.delete_chat(chat_id, *_chat_span(chat.created_at))
-    return ShredReceipt(chat_id, destroyed, documents, rows, time.monotonic() - started)
+    swept = False
+    if workers is not None and point is not None:
+        deadline = time.monotonic() + sweep_seconds
+        while not (swept := workers.passed(point)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        documents += index.delete_chat(chat_id)  # also when not passed: removes what it can
+    return ShredReceipt(
+        chat_id, destroyed, documents, rows, time.monotonic() - started, sweep_completed=swept
+    )
 
 
 @dataclass(frozen=True)
@@ -169,12 +211,17 @@ def rotate_master_key(
 def delete_message(
     store: MessageStore, index: SearchIndex, chat_id: uuid.UUID, message_id: int
 ) -> bool:
-    """Hide a message from reads at once, drop its envelope and its search document."""
+    """Hide a message from reads at once, drop its envelope and replace its search document by a
+    tombstone; both writes win over any later redelivery of the message's record. Returns False
+    for a message not stored (unknown, or not yet written by the encryptor) or already deleted.
+    """
     row = store.get(chat_id, message_id)
-    found = row is not None and row.deleted_at is None
+    if row is None:
+        return False
+    found = row.deleted_at is None
     if found:
         store.mark_deleted(chat_id, message_id, datetime.now(UTC))
-    index.delete_message(message_id)
+    index.delete_message(chat_id, message_id)  # again if already deleted: finishes a failed call
     return found
 
 
@@ -240,7 +287,9 @@ def apply_retention(
 ) -> RetentionReport:
     """Remove messages past their chat's retention, then destroy DEK versions no message uses.
 
-    A message's time is in its id, so expired rows are one range deletion per partition. A DEK
+    A message's time is in its id, the one clock of record: expired rows are one range deletion
+    per partition, and expired documents those with a smaller message id (never by the producer's
+    `sent_at`, which can be days off either way, so history and search always agree). A DEK
     version is destroyed only if it was retired well before the cutoff (clock skew and the
     encryptors' pointer TTL allowed for), so that no remaining message can depend on it (seed 5.3).
     """
@@ -253,11 +302,10 @@ def apply_retention(
         cutoff_ms = int(cutoff.timestamp() * 1000)
         oldest_ms, _ = _chat_span(created_at)
         chat_rows = 0
+        first_kept = first_id_at(cutoff_ms)
         if cutoff_ms > oldest_ms:
-            chat_rows = store.delete_older_than(
-                chat_id, oldest_ms, cutoff_ms, first_id_at(cutoff_ms)
-            )
-        chat_documents = index.delete_chat(chat_id, before=cutoff)
+            chat_rows = store.delete_older_than(chat_id, oldest_ms, cutoff_ms, first_kept)
+        chat_documents = index.delete_chat(chat_id, before_id=first_kept)
         destroyed = keys.repo.destroy_versions_retired_before(chat_id, cutoff - margin)
         if destroyed:
             keys.drop_versions(chat_id, destroyed)

@@ -282,6 +282,14 @@ class WorkerLeaseSettings(BaseModel):
         return self
 
 
+class DeletionSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    # Chat deletion waits at most this long for both worker groups to commit past the deletion
+    # point before its second sweep of the index (the receipt says whether they got there).
+    sweep_seconds: float = Field(default=60.0, ge=0, le=3600)
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -309,6 +317,7 @@ class Settings(BaseSettings):
     worker_id: int | None = Field(default=None, ge=0, le=1023)
     worker_lease: WorkerLeaseSettings = Field(default_factory=WorkerLeaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    deletion: DeletionSettings = Field(default_factory=DeletionSettings)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
     environment: Literal["local", "production"] = "local"
 

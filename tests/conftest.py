@@ -38,6 +38,10 @@ def settings(run_id: str) -> Settings:
             bootstrap=base.kafka.bootstrap,
             messages_topic=f"t.{run_id}.messages",
             dead_letter_topic=f"t.{run_id}.dlq",
+            # Groups of the run's own: in a shared group, other runs' workers would keep it from
+            # being empty (offsets cannot be reset) and count as members.
+            encryptor_group=f"t.{run_id}.encryptor",
+            indexer_group=f"t.{run_id}.indexer",
             partitions=4,
         ),
         cassandra=CassandraSettings(

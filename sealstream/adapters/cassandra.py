@@ -3,6 +3,12 @@
 Rows hold the envelope (never plaintext) and the DEK version. Writes are idempotent by
 (chat, bucket, message id), so a redelivered record rewrites the same row. Driver errors that can
 heal (no host, timeouts, unavailable replicas) become the retriable `StoreUnavailable`.
+
+Every deletion (a message's marker, a chat's partitions, retention's ranges) is written with the
+write timestamp `DELETION_TIMESTAMP`, far above any real clock, so it wins over every write of a
+message ever made later with a normal timestamp: a replayed or in-flight record cannot bring an
+envelope back, whatever the order in which the writes arrive (docs/operations.md, "Deletion
+guarantees", for the limit: tombstones are purged after the table's gc_grace_seconds).
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from sealstream.settings import CassandraSettings
 _BATCH_ROWS = 100  # rows per single-partition batch (~30 KiB of 200-byte messages)
 _DELETED_SLACK = 5  # extra rows per history query, so a few deleted ones need no second query
 _TRANSIENT = (NoHostAvailable, OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable)
+# Write timestamp (µs) of every deletion: 2^62 µs is year ~148,000, so no clock ever writes
+# above it, and still far below Cassandra's limit (2^63 - 1, measured: Cassandra 5 accepts both).
+# On equal timestamps a deletion wins over data, so deletions at this timestamp also compose
+# (a chat deletion shadows an earlier message deletion's marker).
+DELETION_TIMESTAMP = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,10 @@ class MessageStore:
             "page": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id < ? LIMIT ?",
             # Deleting a message keeps a marker row but drops its ciphertext.
-            "delete_mark": f"UPDATE {ks}.messages SET deleted_at = ?, envelope = null"
+            # Written at DELETION_TIMESTAMP: a replayed INSERT of the message (normal timestamp)
+            # can set its other columns again but never the envelope, nor clear deleted_at.
+            "delete_mark": f"UPDATE {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
+            " SET deleted_at = ?, envelope = null"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
             "scan": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?",
             # Re-encryption: a lightweight transaction, so a row deleted or re-encrypted by
@@ -271,7 +285,11 @@ class MessageStore:
         )
 
     def delete_chat(self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int) -> int:
-        """Delete every partition of a chat between two times; returns the rows deleted."""
+        """Delete every partition of a chat between two times; returns the rows deleted.
+
+        Rows written after this (a record in flight, a replay) are shadowed by the partition
+        tombstones at once and are never visible, so they need no second deletion.
+        """
         ks = self.keyspace
         deleted = 0
         for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
@@ -281,14 +299,15 @@ class MessageStore:
                     (chat_id, b),
                 ).one()
             )
-            if row and row[0]:
-                deleted += int(row[0])
-                self._run(
-                    lambda b=bucket: self.session.execute(
-                        f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s",
-                        (chat_id, b),
-                    )
+            deleted += int(row[0]) if row else 0
+            # Every bucket, even one empty now: the encryptor may still be writing into it.
+            self._run(
+                lambda b=bucket: self.session.execute(
+                    f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
+                    " WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
                 )
+            )
         return deleted
 
     def delete_older_than(
@@ -307,11 +326,12 @@ class MessageStore:
             )
             if row and row[0]:
                 deleted += int(row[0])
-                # A range tombstone: one marker for the whole expired slice of the partition.
+                # A range tombstone: one marker for the whole expired slice of the partition,
+                # at DELETION_TIMESTAMP so a replayed expired record stays deleted.
                 self._run(
                     lambda b=bucket: self.session.execute(
-                        f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s"
-                        " AND message_id < %s",
+                        f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
+                        " WHERE chat_id = %s AND bucket = %s AND message_id < %s",
                         (chat_id, b, first_id_after_cutoff),
                     )
                 )

@@ -12,7 +12,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from sealstream.errors import StoreUnavailable
@@ -239,3 +247,54 @@ def dead_letter_headers(letter: DeadLetter) -> Headers:
         ("dlq.partition", str(letter.partition).encode()),
         ("dlq.offset", str(letter.offset).encode()),
     ]
+
+
+class ConsumerGroupsProgress:
+    """Where the worker groups are on the message topic (for chat deletion's sweep).
+
+    `position()` is the topic's end offset per partition now; `passed(position)` is True once
+    every worker group has committed at least that offset on every partition, i.e. every record
+    published before `position()` was taken has been written (or refused) and acknowledged.
+    """
+
+    def __init__(self, settings: KafkaSettings, timeout: float = 10.0) -> None:
+        self.settings = settings
+        self.groups = (settings.encryptor_group, settings.indexer_group)
+        self.timeout = timeout
+
+    def _partitions(self) -> list[TopicPartition]:
+        topic = self.settings.messages_topic
+        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap})
+        metadata = admin.list_topics(topic, timeout=self.timeout).topics[topic]
+        if metadata.error is not None:
+            raise StoreUnavailable(f"Kafka: no metadata for the message topic ({metadata.error})")
+        return [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+
+    def position(self) -> dict[int, int]:
+        consumer = Consumer(
+            {"bootstrap.servers": self.settings.bootstrap, "group.id": "sealstream-positions"}
+        )
+        try:
+            return {
+                tp.partition: consumer.get_watermark_offsets(tp, timeout=self.timeout)[1]
+                for tp in self._partitions()
+            }
+        except KafkaException as exc:
+            raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+        finally:
+            consumer.close()
+
+    def passed(self, position: dict[int, int]) -> bool:
+        wanted = [TopicPartition(self.settings.messages_topic, p) for p in sorted(position)]
+        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap})
+        try:
+            for group in self.groups:
+                request = [ConsumerGroupTopicPartitions(group, wanted)]
+                result = admin.list_consumer_group_offsets(request)[group].result(self.timeout)
+                committed = {tp.partition: tp.offset for tp in result.topic_partitions}
+                # No commit yet is offset -1001: behind, unless the partition was empty.
+                if any(committed.get(p, -1) < end for p, end in position.items() if end > 0):
+                    return False
+        except KafkaException as exc:
+            raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+        return True

@@ -3,7 +3,10 @@
 The mapping (`schemas/opensearch/messages.json`) indexes the analysed text but excludes it from
 `_source`, so the index can answer "which messages contain this word" without being able to hand
 back a message. Search returns message ids; the reader decrypts the messages from Cassandra.
-Documents use the message id as `_id`, so re-indexing a redelivered record is a no-op overwrite.
+Documents use the message id as `_id` and external version 1, so a redelivered record is refused
+with a version conflict, which means "already indexed" and counts as done. A deleted message's
+document is replaced by a tombstone (no words, `deleted: true`) at version `DELETION_VERSION`,
+above any version the indexer writes, so no redelivery or replay can index its words again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from opensearchpy.exceptions import (
 
 from sealstream.errors import InvalidMessage, SealstreamError, StoreUnavailable
 from sealstream.settings import OpenSearchSettings
+
+# External versions: every message document is written at version 1, a deleted message's tombstone
+# at 2^62 (OpenSearch accepts up to 2^63 - 1, measured). A write at a version not above the stored
+# one is refused with 409, so a tombstone is never overwritten by the indexer.
+MESSAGE_VERSION = 1
+DELETION_VERSION = 1 << 62
+_CONFLICT = 409
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,14 @@ class SearchIndex:
             resources.files("schemas").joinpath("opensearch/messages.json").read_text()
         )
         exists = self._run(lambda: self._client.indices.exists(index=self.index))
-        if not exists:
+        if exists:  # an index made before the `deleted` field: adding a field is allowed
+            deleted = {"deleted": body["mappings"]["properties"]["deleted"]}
+            self._run(
+                lambda: self._client.indices.put_mapping(
+                    index=self.index, body={"properties": deleted}
+                )
+            )
+        else:
             try:
                 self._run(lambda: self._client.indices.create(index=self.index, body=body))
             except SearchRejected as exc:
@@ -88,7 +105,11 @@ class SearchIndex:
                     raise
 
     def index_many(self, messages: list[IndexedMessage]) -> None:
-        """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries)."""
+        """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries).
+
+        A version conflict (the document exists: a redelivery, or a deleted message's tombstone)
+        is success: the record was already handled.
+        """
         if not messages:
             return
         actions = [
@@ -96,6 +117,8 @@ class SearchIndex:
                 "_op_type": "index",
                 "_index": self.index,
                 "_id": str(m.message_id),
+                "version": MESSAGE_VERSION,
+                "version_type": "external",
                 "_source": {
                     "message_id": m.message_id,
                     "chat_id": str(m.chat_id),
@@ -110,8 +133,10 @@ class SearchIndex:
         _, errors = self._run(
             lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
         )
+        statuses = [next(iter(e.values())).get("status") for e in errors]
+        errors = [e for e, status in zip(errors, statuses, strict=True) if status != _CONFLICT]
+        statuses = [status for status in statuses if status != _CONFLICT]
         if errors:
-            statuses = [next(iter(e.values())).get("status") for e in errors]
             if any(_retriable_status(s) for s in statuses):
                 raise StoreUnavailable(f"{len(errors)} bulk items rejected (busy: {statuses[:3]})")
             # The mapping rejected a document: nothing a retry can fix. No text in the message.
@@ -134,26 +159,37 @@ class SearchIndex:
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]
 
-    def delete_message(self, message_id: int) -> None:
+    def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
+        """Replace a message's document by its tombstone (idempotent; works before the message
+        was ever indexed too: the indexer's later write then conflicts)."""
         try:
-            self._run(lambda: self._client.delete(index=self.index, id=str(message_id)))
+            self._run(
+                lambda: self._client.index(
+                    index=self.index,
+                    id=str(message_id),
+                    body={"message_id": message_id, "chat_id": str(chat_id), "deleted": True},
+                    version=DELETION_VERSION,
+                    version_type="external",
+                    refresh=True,  # the words leave search before the call returns
+                )
+            )
         except SearchRejected as exc:
-            if exc.status != 404:
+            if exc.status != _CONFLICT:  # else the tombstone is there already
                 raise
 
-    def delete_chat(self, chat_id: uuid.UUID, before: datetime | None = None) -> int:
-        """Delete every document of a chat; returns how many were deleted.
+    def delete_chat(self, chat_id: uuid.UUID, before_id: int | None = None) -> int:
+        """Delete every document of a chat (with `before_id`: those of messages with a smaller
+        id, i.e. older by the id's clock, for retention); returns how many message documents were
+        deleted (deleted messages' tombstones go too but are not counted).
 
         Search-then-bulk-delete by id rather than `_delete_by_query`, which lives in OpenSearch's
         reindex module (not loaded by the local stack's node, and not needed for this).
         """
         deleted = 0
         match: dict[str, Any] = {"term": {"chat_id": str(chat_id)}}
-        if before is not None:  # retention: only documents older than `before`
-            match = {
-                "bool": {"filter": [match, {"range": {"sent_at": {"lt": before.isoformat()}}}]}
-            }
-        query = {"size": 1000, "_source": False, "query": match}
+        if before_id is not None:  # retention: by the id's time, never the producer's sent_at
+            match = {"bool": {"filter": [match, {"range": {"message_id": {"lt": before_id}}}]}}
+        query = {"size": 1000, "_source": ["deleted"], "query": match}
         while True:
             self.refresh()
             hits = self._run(lambda: self._client.search(index=self.index, body=query))["hits"][
@@ -163,13 +199,17 @@ class SearchIndex:
                 return deleted
             actions = [{"_op_type": "delete", "_index": self.index, "_id": h["_id"]} for h in hits]
             self._run(lambda a=actions: helpers.bulk(self._client, a, raise_on_error=False))
-            deleted += len(hits)
+            deleted += sum(1 for h in hits if not h.get("_source", {}).get("deleted"))
 
     def refresh(self) -> None:
         self._run(lambda: self._client.indices.refresh(index=self.index))
 
     def count(self, chat_id: uuid.UUID | None = None) -> int:
-        body = {"query": {"term": {"chat_id": str(chat_id)}}} if chat_id else None
+        """Message documents (tombstones of deleted messages not counted), of one chat or all."""
+        live: dict[str, Any] = {"must_not": [{"term": {"deleted": True}}]}
+        if chat_id:
+            live["filter"] = [{"term": {"chat_id": str(chat_id)}}]
+        body = {"query": {"bool": live}}
         return int(self._run(lambda: self._client.count(index=self.index, body=body))["count"])
 
     def all_sources(self) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -564,6 +564,21 @@ class ChatKeyRepository:
                 " ORDER BY c.chat_id"
             ).fetchall()
         return [(r["chat_id"], int(r["days"]), r["created_at"]) for r in rows]
+
+    def chat_states(
+        self, chat_ids: Collection[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[str, int | None]]:
+        """(state, retention days: the chat's own, else its tenant's) of each known chat, in one
+        query (the workers' deletion check, once per batch)."""
+        if not chat_ids:
+            return {}
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT c.chat_id, c.state, coalesce(c.retention_days, t.retention_days) AS days"
+                " FROM chats c JOIN tenants t USING (tenant_id) WHERE c.chat_id = ANY(%s)",
+                (list(chat_ids),),
+            ).fetchall()
+        return {r["chat_id"]: (r["state"], r["days"]) for r in rows}
 
     def destroy_versions_retired_before(
         self, chat_id: uuid.UUID, cutoff: datetime, below_version: int | None = None

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import delete_topics
@@ -111,6 +113,14 @@ def migrated(e2e_settings: Settings) -> Iterator[Settings]:
         e2e_settings.kafka,
         [e2e_settings.kafka.messages_topic, e2e_settings.kafka.dead_letter_topic],
     )
+    # The run's consumer groups (the services are stopped by now); Kafka would keep them a week.
+    groups = [e2e_settings.kafka.encryptor_group, e2e_settings.kafka.indexer_group]
+    admin = AdminClient({"bootstrap.servers": e2e_settings.kafka.bootstrap})
+    for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
+        try:
+            future.result(20)
+        except KafkaException:
+            pass  # a group never created (a run that failed early)
 
 
 @pytest.fixture(scope="package")

@@ -1,0 +1,87 @@
+"""Deletion state as the workers see it: whether a record may still be written to a store.
+
+Both workers (encryptor, indexer) ask once per batch, after the batch was assembled, and write
+nothing for a record whose chat was deleted (crypto-shredded) or whose message is older, by the
+clock in its id, than its chat's retention period. The state is read from Postgres, the source of
+truth, not from a cache: the read happens after every record of the batch was produced, so a
+chat deleted before the read is always seen, and one deleted after it is caught by the deletion's
+second sweep, which waits until both workers committed past the deletion point
+(`sealstream.lifecycle.delete_chat`). Single deleted messages need no check here: the stores'
+versioned writes keep them deleted (adapters/cassandra.py, adapters/opensearch.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+from prometheus_client import Counter
+
+from schemas.ids import id_millis
+from sealstream.streaming import RawRecord
+
+SKIPPED = Counter(
+    "sealstream_records_skipped_total",
+    "Records not written because their chat was deleted or they are past retention",
+    ["stage", "reason"],
+)
+
+_DAY_MS = 86_400_000
+CHAT_DELETED = "chat_deleted"
+PAST_RETENTION = "past_retention"
+
+
+class ChatStates(Protocol):
+    """(state, retention days or None) of each known chat among `chat_ids`."""
+
+    def chat_states(
+        self, chat_ids: Collection[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[str, int | None]]: ...
+
+
+class DeletionCheck:
+    """One batch's answer: which of its records must not be written."""
+
+    def __init__(
+        self, stage: str, states: dict[uuid.UUID, tuple[str, int | None]], now: datetime
+    ) -> None:
+        self.stage = stage
+        self._states = states
+        self._now_ms = int(now.timestamp() * 1000)
+
+    def refuses(self, chat_id: uuid.UUID, message_id: int) -> bool:
+        """True (and counted) if the record must not be written. An unknown chat is not refused
+        here: the encryptor dead-letters it when it finds no key."""
+        state = self._states.get(chat_id)
+        if state is None:
+            return False
+        status, days = state
+        if status == "deleted":
+            self.skip(CHAT_DELETED)
+            return True
+        if days is not None and id_millis(message_id) < self._now_ms - days * _DAY_MS:
+            self.skip(PAST_RETENTION)
+            return True
+        return False
+
+    def skip(self, reason: str) -> None:
+        SKIPPED.labels(self.stage, reason).inc()
+
+
+def deletion_check(
+    stage: str, records: Sequence[RawRecord], states: ChatStates | None
+) -> DeletionCheck:
+    """Read the deletion state of the chats of a batch (by record key: the chat id) in one query.
+    With `states` None nothing is refused (tests of the logic alone)."""
+    chat_ids: set[uuid.UUID] = set()
+    for record in records:
+        if not record.key:
+            continue  # no key: the record is dead-lettered when it is decoded
+        try:
+            chat_ids.add(uuid.UUID(record.key.decode("ascii")))
+        except (ValueError, UnicodeDecodeError):
+            continue  # a malformed key: the record is dead-lettered when it is decoded
+    found = states.chat_states(chat_ids) if states is not None and chat_ids else {}
+    return DeletionCheck(stage, found, datetime.now(UTC))

@@ -1,0 +1,242 @@
+"""Deleted stays deleted, with the workers' process functions and the real stores: the orders of
+events the e2e tests can only hit by chance are made to happen here, one step at a time.
+
+The only stand-ins are of our own ports: a `ChatStates` answering what Postgres said before the
+deletion (a batch that read the chat's state just before it was shredded), a `KeySource` holding
+the DEK it had cached then, and a `WorkerProgress` that lets that batch write right after the
+deletion's first pass.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client import REGISTRY
+
+from encryptor.logic import encrypt_and_store
+from indexer.logic import index_batch
+from schemas.events import MessageRecord
+from schemas.ids import SnowflakeIds, first_id_at, id_time
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.adapters.redis import RedisKeyCache
+from sealstream.crypto import ChatKey
+from sealstream.keys.service import KeyService
+from sealstream.lifecycle import delete_chat, delete_message, reencrypt_chat
+from sealstream.settings import Settings
+from sealstream.streaming import RawRecord
+
+
+@pytest.fixture(scope="module")
+def race_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "cassandra": settings.cassandra.model_copy(
+                update={"keyspace": f"{settings.cassandra.keyspace}_race"}
+            ),
+            "opensearch": settings.opensearch.model_copy(
+                update={"index_prefix": f"{settings.opensearch.index_prefix}-race"}
+            ),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def stores(race_settings: Settings) -> Iterator[tuple[MessageStore, SearchIndex]]:
+    store = MessageStore(race_settings.cassandra)
+    store.connect()
+    store.migrate()
+    index = SearchIndex(race_settings.opensearch)
+    index.migrate()
+    index.migrate()  # an existing index: the `deleted` field is added in place, no error
+    yield store, index
+    store.drop_keyspace()
+    store.close()
+    index.drop()
+    index.close()
+
+
+@pytest.fixture
+def keys(race_settings: Settings, database: Database, kms: object) -> Iterator[KeyService]:
+    service = KeyService(
+        ChatKeyRepository(database),
+        kms,  # type: ignore[arg-type]
+        RedisKeyCache(race_settings.redis),
+        race_settings.keys,
+        race_settings.vault.default_key,
+        actor="deletion-test",
+    )
+    service.start()
+    yield service
+    service.close()
+
+
+def records(chat: uuid.UUID, message_ids: list[int], word: str) -> list[RawRecord]:
+    out = []
+    for offset, message_id in enumerate(message_ids):
+        record = MessageRecord(
+            message_id=message_id,
+            chat_id=chat,
+            sender_id="alice",
+            text=f"{word} {offset}",
+            sent_at=datetime.now(UTC),
+        )
+        out.append(RawRecord("t", 0, offset, record.key(), record.value()))
+    return out
+
+
+def skipped_count(stage: str, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "sealstream_records_skipped_total", {"stage": stage, "reason": reason}
+    )
+    return value or 0.0
+
+
+class StatesReadEarlier:
+    """What Postgres answered before the chat was shredded (a batch that read just before it)."""
+
+    def __init__(self, answer: dict[uuid.UUID, tuple[str, int | None]]) -> None:
+        self.answer = answer
+
+    def chat_states(
+        self, chat_ids: Collection[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[str, int | None]]:
+        return {c: s for c, s in self.answer.items() if c in chat_ids}
+
+
+class CachedKey:
+    """An encryptor's in-process DEK cache that has not heard of the shred yet."""
+
+    def __init__(self, key: ChatKey) -> None:
+        self.key = key
+
+    def current_key(self, chat_id: uuid.UUID) -> ChatKey:
+        return self.key
+
+    def record_usage(self, counts: dict[tuple[uuid.UUID, int], int]) -> list[uuid.UUID]:
+        return []
+
+
+class WorkersWriteLate:
+    """Both workers finish a batch they began before the shred, right after the first pass."""
+
+    def __init__(self, batch: list[RawRecord], late_write: object) -> None:
+        self.batch = batch
+        self.late_write = late_write
+        self.calls = 0
+
+    def position(self) -> dict[int, int]:
+        return {0: len(self.batch)}
+
+    def passed(self, position: dict[int, int]) -> bool:
+        self.calls += 1
+        if self.calls == 1:
+            self.late_write()  # type: ignore[operator]
+            return False  # not yet committed: the sweep must wait for the next look
+        return True
+
+
+def test_a_batch_in_flight_during_the_shred_leaves_nothing(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    store, index = stores
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    ids = SnowflakeIds(31)
+    first = records(chat, [ids.next_id() for _ in range(5)], "early")
+    assert encrypt_and_store(first, keys, store, keys.repo) == []
+    assert index_batch(first, index, keys.repo) == []
+    index.refresh()
+
+    in_flight = records(chat, [ids.next_id() for _ in range(7)], "inflight")
+    before = StatesReadEarlier(keys.repo.chat_states([chat]))
+    cached = CachedKey(keys.current_key(chat))
+
+    def late_write() -> None:
+        assert encrypt_and_store(in_flight, cached, store, before) == []
+        assert index_batch(in_flight, index, before) == []
+        index.refresh()
+
+    workers = WorkersWriteLate(in_flight, late_write)
+    receipt = delete_chat(keys, index, store, chat, "race", workers, sweep_seconds=30)
+
+    assert receipt.sweep_completed and workers.calls == 2
+    index.refresh()
+    assert index.count(chat) == 0 and index.search_chat(chat, "inflight") == []
+    # The 5 documents of the first pass and the 7 written after it, removed by the sweep.
+    assert receipt.index_documents_deleted == 12
+    assert receipt.rows_deleted == 5
+    # The late rows were written after the partitions' deletion, yet are not there: the
+    # deletion's write timestamp is above theirs.
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    assert list(store.scan_chat(chat, now - 3_600_000, now + 600_000)) == []
+    for raw in in_flight:
+        message_id = MessageRecord.model_validate_json(raw.value).message_id
+        assert store.get(chat, message_id) is None
+
+    # A replay after the shred: both workers skip the records, and nothing is dead-lettered
+    # (the dead-letter topic would keep the deleted chat's text for days).
+    skipped = skipped_count("encryptor", "chat_deleted")
+    assert encrypt_and_store(first + in_flight, keys, store, keys.repo) == []
+    assert index_batch(first + in_flight, index, keys.repo) == []
+    assert skipped_count("encryptor", "chat_deleted") == skipped + 12
+    index.refresh()
+    assert index.count(chat) == 0
+    assert list(store.scan_chat(chat, now - 3_600_000, now + 600_000)) == []
+
+
+def test_a_deleted_message_survives_redelivery_and_reencryption(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    store, index = stores
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    ids = SnowflakeIds(32)
+    batch = records(chat, [ids.next_id() for _ in range(3)], "redelivered")
+    gone = MessageRecord.model_validate_json(batch[0].value).message_id
+    assert encrypt_and_store(batch, keys, store, keys.repo) == []
+    assert index_batch(batch, index, keys.repo) == []
+    assert delete_message(store, index, chat, gone)
+
+    # The same batch again (a rebalance), in both workers.
+    assert encrypt_and_store(batch, keys, store, keys.repo) == []
+    assert index_batch(batch, index, keys.repo) == []
+    index.refresh()
+    row = store.get(chat, gone)
+    assert row is not None and row.deleted_at is not None and row.envelope == b""
+    assert gone not in index.search_chat(chat, "redelivered")
+    assert len(index.search_chat(chat, "redelivered")) == 2
+    assert index.count(chat) == 2  # the tombstone is not a message document
+
+    # Re-encryption to a new DEK version leaves the deleted row deleted (its conditional write
+    # sees deleted_at) and re-seals the two others.
+    keys.rotate(chat, "test")
+    report = reencrypt_chat(keys, store, chat)
+    assert report.rows_examined == 2 and report.rows_reencrypted == 2
+    row = store.get(chat, gone)
+    assert row is not None and row.deleted_at is not None and row.envelope == b""
+    # The row's time is the id's time, not the producer's clock.
+    kept = MessageRecord.model_validate_json(batch[1].value).message_id
+    assert store.get(chat, kept).created_at == id_time(kept)  # type: ignore[union-attr]
+
+
+def test_records_past_retention_are_not_written(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    store, index = stores
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    keys.repo.set_retention(1, chat_id=chat)
+    now = datetime.now(UTC)
+    old_id = first_id_at(int((now - timedelta(days=2)).timestamp() * 1000)) | (1000 << 12)
+    new_id = first_id_at(int((now - timedelta(hours=2)).timestamp() * 1000)) | (1000 << 12)
+    batch = records(chat, [old_id, new_id], "expired")
+    assert encrypt_and_store(batch, keys, store, keys.repo) == []
+    assert index_batch(batch, index, keys.repo) == []
+    index.refresh()
+    assert store.get(chat, old_id) is None and store.get(chat, new_id) is not None
+    assert index.search_chat(chat, "expired") == [new_id]
