@@ -35,11 +35,11 @@ from sealstream.lifecycle import (
     rotate_master_key,
 )
 from sealstream.settings import Settings
+from sealstream.text_rules import MAX_REASON, TEXT_PATTERN, Reason, Utf8
 
 TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
 TAG_JOBS = "jobs"
-MAX_REASON = 500
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,6 @@ class AdminContext:
 
 
 # --- request and response bodies -------------------------------------------------------------
-
-Reason = Annotated[str, Field(min_length=1, max_length=MAX_REASON)]
 
 
 class _Request(BaseModel):
@@ -71,6 +69,7 @@ class TenantIn(_Request):
         default=None,
         min_length=1,
         max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
         description="KMS region (a key of SEALSTREAM_VAULT__CLUSTERS); null: the default KMS",
     )
 
@@ -107,7 +106,9 @@ class RotationsIn(_Request):
         default=None, ge=1, description="Rotate DEK versions that sealed at least this many"
     )
     all_chats: bool = Field(default=False, description="Rotate every active chat")
-    tenant_id: str | None = Field(default=None, min_length=1, max_length=128)
+    tenant_id: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$"
+    )
     rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
 
 
@@ -360,7 +361,9 @@ def create_app(
     def remove_chat(
         admin: CurrentAdmin,
         chat_id: ChatId,
-        reason: Annotated[str, Query(min_length=1, max_length=MAX_REASON)] = "admin request",
+        reason: Annotated[
+            str, Query(min_length=1, max_length=MAX_REASON, pattern=TEXT_PATTERN), Utf8
+        ] = "admin request",
     ) -> ShredReceiptOut:
         existing_chat(chat_id)
         receipt = delete_chat(keys_for(admin), ctx.index, ctx.store, chat_id, reason)

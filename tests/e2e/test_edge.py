@@ -91,7 +91,7 @@ def test_chat_deletion_with_a_nul_reason_is_refused_and_deletes_nothing(admin: P
         timeout=60,
     )
     assert refused.status_code == 422, refused.text
-    assert refused.json()["error"]["field"] == "reason"
+    assert refused.json()["error"]["field"] == "query.reason"
     keys = httpx.get(f"{admin.admin_url}/v1/chats/{chat}/keys", headers=headers, timeout=60)
     assert keys.json()["state"] == "active"
     assert [v["state"] for v in keys.json()["versions"]] == ["active"]
@@ -266,17 +266,18 @@ def test_oversized_request_heads_get_431(admin: Pipeline, shape: str, size: int)
         status, headers, body = _exchange(url, pieces)
         assert status == 431, (url, status)
         assert json.loads(body)["error"]["code"] == "header_too_large"
-        assert str(admin.settings.ingest.limits.max_header_bytes) in json.loads(body)["error"][
-            "message"
-        ]
+        assert (
+            str(admin.settings.ingest.limits.max_header_bytes)
+            in json.loads(body)["error"]["message"]
+        )
 
 
 def test_oversized_bodies_get_413_with_or_without_content_length(admin: Pipeline) -> None:
-    for url in (admin.ingest_url, admin.admin_url):
+    for url, path in ((admin.ingest_url, b"/v1/chats"), (admin.admin_url, b"/v1/tenants")):
         limit = 10 << 20  # above every listener's default body limit
         declared = [
-            b"POST /v1/chats HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % (limit + 1),
+            b"POST %s HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path, limit + 1),
             *(b"[" * 65536 for _ in range(limit // 65536 + 1)),
         ]
         status, _, body = _exchange(url, declared)
@@ -284,8 +285,8 @@ def test_oversized_bodies_get_413_with_or_without_content_length(admin: Pipeline
         assert json.loads(body)["error"]["code"] == "payload_too_large"
         chunk = b"%x\r\n%s\r\n" % (65536, b"[" * 65536)
         chunked = [
-            b"POST /v1/chats HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"POST %s HTTP/1.1\r\nHost: s\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % path,
             *(chunk for _ in range(limit // 65536 + 2)),
             b"0\r\n\r\n",
         ]
@@ -317,7 +318,7 @@ def test_no_service_log_holds_a_token(admin: Pipeline) -> None:
     logs = sorted(admin.log_dir.glob("*.log"))
     assert {p.stem for p in logs} >= {"ingest", "reader", "admin", "encryptor", "indexer"}
     text = "\n".join(p.read_text(errors="replace") for p in logs)
-    assert "WebSocket" in text or "ws" in text  # the handshake lines were written
+    assert '"service": "ingest"' in text  # the services did write their logs there
     assert USED_TOKENS
     leaked = [t for t in USED_TOKENS if t in text or t.split(".")[2] in text]
     assert not leaked, f"{len(leaked)} tokens in the service logs"
