@@ -105,8 +105,14 @@ CurrentAdmin = Annotated[str, Depends(current_admin)]
 
 
 # A message id in a URL: decimal, as the APIs return it (64-bit ids exceed JavaScript's integers).
+# The pattern stops below 2**63 - 1 (9.2e18) at 8999999999999999999 so that the description
+# refuses no id the API accepts, and vice versa (Snowflake ids stay below it for centuries).
 MessageIdPath = Annotated[
-    str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")
+    str,
+    Path(
+        pattern=r"^([1-9][0-9]{0,17}|[1-8][0-9]{18})$",
+        description="Decimal 64-bit message id",
+    ),
 ]
 _MAX_MESSAGE_ID = 2**63 - 1  # Cassandra bigint; Snowflake ids are 63-bit
 
@@ -232,6 +238,7 @@ def install(
         return _json_error(500, "internal", "internal error")
 
     app.add_middleware(_RequestTiming, service=service)
+    app.openapi = lambda: _openapi_with_errors(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -245,6 +252,75 @@ def install(
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable, machine-readable"},
+                "message": {"type": "string", "description": "Names the field and the rule"},
+                "field": {"type": "string", "description": "The offending field, if one"},
+                "problems": {
+                    "type": "array",
+                    "description": "422 only: every invalid field",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
+            },
+        }
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# What each status means on every route that can answer it (the listener's limits included).
+_STATUS_TEXT = {
+    "401": "Missing, invalid or expired bearer token",
+    "403": "Not allowed: not a participant of the chat, another tenant, or not an admin",
+    "404": "No such chat, message, tenant or job",
+    "410": "The chat was deleted",
+    "413": "Request body over the listener's limit (HttpLimits.max_body_bytes)",
+    "422": "Invalid request; `field` names the offending field and `message` the rule",
+    "431": "Request line and headers over the listener's limit (HttpLimits.max_header_bytes)",
+    "500": "Internal error (a stored message failing its integrity check, or a bug)",
+    "503": "A backing service is unavailable, or too many connections; retry (Retry-After)",
+}
+
+
+def _openapi_with_errors(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI description with every error it can answer, each with the real error
+    body (FastAPI documents only 422, with its own shape, which these services never send)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError", "ErrorOut", "ErrorDetail"):
+        schemas.pop(unused, None)
+    schemas["Error"] = _ERROR_SCHEMA
+    admin = app.title.endswith("admin")
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            codes = {"401", "422", "431", "500", "503"}
+            if admin:
+                codes.add("403")
+            if "{" in path:
+                codes |= {"403", "404", "410"}
+            if method in ("post", "put", "patch", "delete"):
+                codes.add("413")
+            responses = operation.setdefault("responses", {})
+            for code in sorted(codes | {c for c in responses if c[0] in "45"}):
+                described = responses.get(code, {}).get("description")
+                responses[code] = {
+                    "description": described or _STATUS_TEXT.get(code, "Error"),
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+    app.openapi_schema = schema
+    return schema
 
 
 def _closing_lifespan(
