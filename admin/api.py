@@ -40,6 +40,9 @@ from sealstream.text_rules import MAX_REASON, TEXT_PATTERN, Reason, Utf8
 TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
 TAG_JOBS = "jobs"
+# Tenant, master-key and region names. They become KMS URL paths: a name must start with a
+# letter or digit, so "." and ".." cannot step out of the key's path.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,15 @@ class _Request(BaseModel):
 
 
 class TenantIn(_Request):
-    tenant_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant_id: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     kms_key_name: str = Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$", description="Its Transit CMK"
+        min_length=1, max_length=128, pattern=NAME_PATTERN, description="Its Transit CMK"
     )
     region: str | None = Field(
         default=None,
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        pattern=NAME_PATTERN,
         description="KMS region (a key of SEALSTREAM_VAULT__CLUSTERS); null: the default KMS",
     )
 
@@ -100,15 +103,19 @@ class ChatKeysOut(BaseModel):
 
 class RotationsIn(_Request):
     max_age_days: float | None = Field(
-        default=None, gt=0, description="Rotate chats whose active DEK is older than this"
+        default=None,
+        gt=0,
+        le=36_500,
+        description="Rotate chats whose active DEK is older than this (at most 100 years)",
     )
     max_messages: int | None = Field(
-        default=None, ge=1, description="Rotate DEK versions that sealed at least this many"
+        default=None,
+        ge=1,
+        le=2**62,
+        description="Rotate DEK versions that sealed at least this many",
     )
     all_chats: bool = Field(default=False, description="Rotate every active chat")
-    tenant_id: str | None = Field(
-        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$"
-    )
+    tenant_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=NAME_PATTERN)
     rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
 
 
@@ -176,7 +183,7 @@ def _report(report: object) -> dict[str, Any]:
 
 
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
-TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 
 
 def create_app(

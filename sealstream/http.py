@@ -206,6 +206,10 @@ def install(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8): invalid input like any
+            # other malformed body, so the same 422 naming the field.
+            return _json_error(422, "invalid_request", "body: malformed JSON", "body")
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
