@@ -63,6 +63,10 @@ listener's frame limit closes it with 1009.
 """
 
 
+# An id as the gateway accepts it: 1..128 printable characters, not blank (ingest.service.check_id).
+IdText = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, pattern=ID_PATTERN), Utf8]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,13 +80,7 @@ class CreateChatIn(Strict):
             f"a participant; at most {MAX_PARTICIPANTS} in all",
         )
     )
-    tenant_id: Annotated[str, Utf8] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=MAX_ID_LEN,
-        pattern=ID_PATTERN,
-        description="Defaults to `default`",
-    )
+    tenant_id: IdText | None = Field(default=None, description="Defaults to `default`")
     chat_id: uuid.UUID | None = Field(
         default=None,
         description="Optional, generated if absent; repeating a creation with the same id and "
@@ -98,10 +96,8 @@ class ChatOut(BaseModel):
 
 class MessageIn(Strict):
     text: str = Field(description=f"1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank")
-    client_message_id: str | None = Field(
+    client_message_id: IdText | None = Field(
         default=None,
-        min_length=1,
-        max_length=MAX_ID_LEN,
         description="Makes retries idempotent: the same id returns the same message_id",
     )
 

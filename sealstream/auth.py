@@ -8,7 +8,7 @@ without one may create chats in the default tenant only).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -32,9 +32,8 @@ class Principal:
     user_id: str
     roles: frozenset[str] = frozenset()
     tenant: str | None = None
-    expires_at: float | None = (
-        None  # the token's `exp` (Unix seconds): long-lived sockets close then
-    )
+    # The token's `exp` (Unix seconds): a WebSocket is closed then. Not part of who it is.
+    expires_at: float | None = field(default=None, compare=False)
 
 
 def mint_token(
@@ -83,14 +82,12 @@ def verify_principal(settings: AuthSettings, token: str) -> Principal:
     # (NUL, lone surrogates) and what no id should contain (control characters).
     user = claims["sub"]
     if not isinstance(user, str) or not 0 < len(user) <= _MAX_USER_ID or not storable_text(user):
-        raise AuthError(
-            f"invalid token (claim sub: 1..{_MAX_USER_ID} characters of printable UTF-8)"
-        )
+        raise AuthError(f"invalid token (bad sub: 1..{_MAX_USER_ID} characters of printable UTF-8)")
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(
         isinstance(r, str) and len(r) <= _MAX_USER_ID and storable_text(r) for r in roles
     ):
-        raise AuthError("invalid token (claim roles: a list of printable strings)")
+        raise AuthError("invalid token (bad roles: a list of printable strings)")
     tenant = claims.get("tenant")
     if tenant is not None and (
         not isinstance(tenant, str)
@@ -98,7 +95,7 @@ def verify_principal(settings: AuthSettings, token: str) -> Principal:
         or not storable_text(tenant)
     ):
         raise AuthError(
-            f"invalid token (claim tenant: 1..{_MAX_USER_ID} characters of printable UTF-8)"
+            f"invalid token (bad tenant: 1..{_MAX_USER_ID} characters of printable UTF-8)"
         )
     exp = claims["exp"]
     return Principal(user, frozenset(roles), tenant, float(exp) if exp is not None else None)

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from sealstream.auth import mint_token
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, free_port
 from tests.e2e.test_pipeline import create_chat
 
 NUL_REASON = "rotate \x00 now"
@@ -302,6 +302,40 @@ def test_oversized_websocket_message_closes_1009(pipeline: Pipeline) -> None:
         ws.send(json.dumps({"chat_id": "x", "text": "y" * (limit + 1)}))
         closed = _closed(ws)
     assert closed.rcvd is not None and closed.rcvd.code == 1009
+
+
+def test_connections_beyond_the_limit_get_503(pipeline: Pipeline) -> None:
+    port = free_port()
+    pipeline.start(
+        "ingest",
+        key="ingest-2-connections",
+        env={
+            "SEALSTREAM_INGEST__PORT": str(port),
+            "SEALSTREAM_INGEST__LIMITS": json.dumps({"max_connections": 2}),
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pipeline.wait_http(url)
+        request = b"GET /healthz HTTP/1.1\r\nHost: s\r\n\r\n"
+        held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2)]
+        try:
+            for sock in held:  # two keep-alive connections, answered and left open
+                sock.sendall(request)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            status, headers, body = _exchange(url, [request])
+            assert status == 503 and headers.get("retry-after") == "1"
+            assert json.loads(body)["error"]["code"] == "unavailable"
+        finally:
+            for sock in held:
+                sock.close()
+        # Once they are closed, new connections are served again.
+        deadline = time.monotonic() + 60
+        while _exchange(url, [request])[0] != 200:
+            assert time.monotonic() < deadline, "still refused after the connections closed"
+            time.sleep(0.2)
+    finally:
+        pipeline.signal("ingest-2-connections", signal.SIGTERM)
 
 
 # --- no token in any log (runs last in this module) ---------------------------------------------
