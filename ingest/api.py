@@ -72,13 +72,11 @@ class Strict(BaseModel):
 
 
 class CreateChatIn(Strict):
-    participants: list[Annotated[str, Field(max_length=MAX_ID_LEN, pattern=ID_PATTERN), Utf8]] = (
-        Field(
-            default_factory=list,
-            max_length=MAX_PARTICIPANTS,
-            description=f"User ids (1..{MAX_ID_LEN} characters) besides the caller, who is always "
-            f"a participant; at most {MAX_PARTICIPANTS} in all",
-        )
+    participants: list[IdText] = Field(
+        default_factory=list,
+        max_length=MAX_PARTICIPANTS,
+        description=f"User ids (1..{MAX_ID_LEN} printable characters) besides the caller, who "
+        f"is always a participant; at most {MAX_PARTICIPANTS} in all",
     )
     tenant_id: IdText | None = Field(default=None, description="Defaults to `default`")
     chat_id: uuid.UUID | None = Field(
