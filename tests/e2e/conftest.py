@@ -101,8 +101,12 @@ def e2e_settings(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="package")
 def migrated(e2e_settings: Settings) -> Iterator[Settings]:
-    for name, port in (("kafka", 19092), ("cassandra", 19042), ("opensearch", 19200)):
-        require_port(name, "127.0.0.1", port)
+    kafka_host, kafka_port = e2e_settings.kafka.bootstrap.split(",")[0].rsplit(":", 1)
+    opensearch_port = int(e2e_settings.opensearch.url.rsplit(":", 1)[1].split("/")[0])
+    # The servers the settings point at (the local stack's ports unless SEALSTREAM_* say else).
+    require_port("kafka", kafka_host, int(kafka_port))
+    require_port("cassandra", e2e_settings.cassandra.hosts[0], e2e_settings.cassandra.port)
+    require_port("opensearch", "127.0.0.1", opensearch_port)
     migrate_all(e2e_settings)
     yield e2e_settings
     store = MessageStore(e2e_settings.cassandra)
