@@ -245,6 +245,12 @@ def _services(pipe: Pipeline) -> list[str]:
     return [pipe.ingest_url, pipe.reader_url, pipe.admin_url]
 
 
+def _listeners(pipe: Pipeline) -> list[str]:
+    """Every listener: the three APIs and the workers' health endpoints."""
+    workers = (pipe.settings.encryptor_http.port, pipe.settings.indexer_http.port)
+    return [*_services(pipe), *(f"http://127.0.0.1:{port}" for port in workers)]
+
+
 def _many_headers(total: int) -> Iterator[bytes]:
     yield b"GET /healthz HTTP/1.1\r\nHost: sealstream\r\n"
     for i in range(total // 65536):
@@ -261,7 +267,7 @@ def _one_header(total: int) -> Iterator[bytes]:
 
 @pytest.mark.parametrize(("shape", "size"), [("many", 2 << 20), ("one", 8 << 20)])
 def test_oversized_request_heads_get_431(admin: Pipeline, shape: str, size: int) -> None:
-    for url in _services(admin):
+    for url in _listeners(admin):
         pieces = _many_headers(size) if shape == "many" else _one_header(size)
         status, _, body = _exchange(url, pieces)
         assert status == 431, (url, status)
