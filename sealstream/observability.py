@@ -14,11 +14,12 @@ REDACTED = "[redacted]"
 # What a bearer token can look like in a log line: a JWT (three base64url parts, the first a
 # JSON header, so it starts with "eyJ"), the value of a `token=` / `access_token=` parameter
 # (uvicorn's WebSocket handshake line logs the full URL), an `Authorization: Bearer ...` value,
-# and the `bearer, <token>` WebSocket subprotocol header.
+# and the `bearer, <token>` WebSocket subprotocol header. A value stops before a backslash: the
+# pattern runs on the JSON line, where a backslash starts an escape that must stay whole.
 _TOKEN_LIKE = re.compile(
     r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"
-    r"|(?<=token=)[^&\s\"',;]+"
-    r"|(?i:(?<=bearer )|(?<=bearer, )|(?<=bearer%2c%20)|(?<=bearer,))[^\s\"',;]+"
+    r"|(?i:(?<=token=))[^&\s\"',;\\]+"
+    r"|(?i:(?<=bearer )|(?<=bearer, )|(?<=bearer%2c%20)|(?<=bearer,))[^\s\"',;\\]+"
 )
 
 
