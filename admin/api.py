@@ -36,11 +36,14 @@ from sealstream.lifecycle import (
     rotate_master_key,
 )
 from sealstream.settings import Settings
+from sealstream.text_rules import MAX_REASON, TEXT_PATTERN, Reason, Utf8
 
 TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
 TAG_JOBS = "jobs"
-MAX_REASON = 500
+# Tenant, master-key and region names. They become KMS URL paths: a name must start with a
+# letter or digit, so "." and ".." cannot step out of the key's path.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,6 @@ class AdminContext:
 
 # --- request and response bodies -------------------------------------------------------------
 
-Reason = Annotated[str, Field(min_length=1, max_length=MAX_REASON)]
-
 
 class _Request(BaseModel):
     """Request bodies refuse unknown fields: a typo must not silently fall back to a default."""
@@ -65,14 +66,15 @@ class _Request(BaseModel):
 
 
 class TenantIn(_Request):
-    tenant_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant_id: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
     kms_key_name: str = Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$", description="Its Transit CMK"
+        min_length=1, max_length=128, pattern=NAME_PATTERN, description="Its Transit CMK"
     )
     region: str | None = Field(
         default=None,
         min_length=1,
         max_length=64,
+        pattern=NAME_PATTERN,
         description="KMS region (a key of SEALSTREAM_VAULT__CLUSTERS); null: the default KMS",
     )
 
@@ -103,13 +105,19 @@ class ChatKeysOut(BaseModel):
 
 class RotationsIn(_Request):
     max_age_days: float | None = Field(
-        default=None, gt=0, description="Rotate chats whose active DEK is older than this"
+        default=None,
+        gt=0,
+        le=36_500,
+        description="Rotate chats whose active DEK is older than this (at most 100 years)",
     )
     max_messages: int | None = Field(
-        default=None, ge=1, description="Rotate DEK versions that sealed at least this many"
+        default=None,
+        ge=1,
+        le=2**62,
+        description="Rotate DEK versions that sealed at least this many",
     )
     all_chats: bool = Field(default=False, description="Rotate every active chat")
-    tenant_id: str | None = Field(default=None, min_length=1, max_length=128)
+    tenant_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=NAME_PATTERN)
     rate_per_second: float = Field(default=50.0, gt=0, le=10_000)
 
 
@@ -181,7 +189,7 @@ def _report(report: object) -> dict[str, Any]:
 
 
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
-TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 
 
 def create_app(
@@ -366,7 +374,9 @@ def create_app(
     def remove_chat(
         admin: CurrentAdmin,
         chat_id: ChatId,
-        reason: Annotated[str, Query(min_length=1, max_length=MAX_REASON)] = "admin request",
+        reason: Annotated[
+            str, Query(min_length=1, max_length=MAX_REASON, pattern=TEXT_PATTERN), Utf8
+        ] = "admin request",
     ) -> ShredReceiptOut:
         existing_chat(chat_id)
         receipt = delete_chat(

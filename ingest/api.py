@@ -8,8 +8,10 @@ safe integers). Nothing here logs or echoes message text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
@@ -20,14 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService, NewMessage
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
-from sealstream.auth import AuthError, verify_token
+from sealstream.auth import AuthError, Principal, verify_principal
 from sealstream.errors import SealstreamError
 from sealstream.http import ApiError, CurrentPrincipal, CurrentUser, error_body, install
 from sealstream.settings import Settings
+from sealstream.text_rules import ID_PATTERN, Utf8
 
 log = logging.getLogger(__name__)
 
 CHATS, MESSAGES = "chats", "messages"
+_BEARER = "bearer"  # the WebSocket subprotocol that carries a token: `bearer, <jwt>`
+AUTH_FRAME_SECONDS = 10.0  # how long a socket without a handshake token may wait for `auth`
+_POLICY = status.WS_1008_POLICY_VIOLATION
 DESCRIPTION = f"""\
 Accepts chat messages and publishes them to Kafka for encryption at rest and indexing.
 
@@ -44,12 +50,23 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
 * Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
   and never echo the input.
 
-**WebSocket** `GET /v1/ws?token=<jwt>` (or `Authorization: Bearer <jwt>`): send JSON frames
+**WebSocket** `GET /v1/ws`, authenticated by one of, best first: the subprotocol header
+`Sec-WebSocket-Protocol: bearer, <jwt>` (the server answers `bearer`, never the token), an
+`Authorization: Bearer <jwt>` header, a first frame `{{"auth": "<jwt>"}}` (answered
+`{{"ok": true, "authenticated": true}}`, within {AUTH_FRAME_SECONDS:g} s of opening), or, discouraged
+because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames
 `{{"chat_id", "text", "client_message_id"?}}`; each gets one reply, in order, after Kafka's ack:
 `{{"ok": true, "message_id", "chat_id", "client_message_id", "duplicate"}}` or
-`{{"ok": false, "error": {{"code", "message", "field"?}}}}`. A bad frame does not close the socket;
-a missing or invalid token closes it with code 1008.
+`{{"ok": false, "error": {{"code", "message", "field"?}}}}`. A bad frame does not close the socket.
+The handshake always completes (101); a missing, invalid or expired token then closes the socket
+with code 1008 and a reason (`invalid token`, `token expired`, `authentication required`), and
+the socket is closed with 1008 `token expired` when the token's `exp` passes. A message over the
+listener's frame limit closes it with 1009.
 """
+
+
+# An id as the gateway accepts it: 1..128 printable characters, not blank (ingest.service.check_id).
+IdText = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN, pattern=ID_PATTERN), Utf8]
 
 
 class Strict(BaseModel):
@@ -57,15 +74,13 @@ class Strict(BaseModel):
 
 
 class CreateChatIn(Strict):
-    participants: list[str] = Field(
+    participants: list[IdText] = Field(
         default_factory=list,
         max_length=MAX_PARTICIPANTS,
-        description=f"User ids (1..{MAX_ID_LEN} characters) besides the caller, who is always "
-        f"a participant; at most {MAX_PARTICIPANTS} in all",
+        description=f"User ids (1..{MAX_ID_LEN} printable characters) besides the caller, who "
+        f"is always a participant; at most {MAX_PARTICIPANTS} in all",
     )
-    tenant_id: str | None = Field(
-        default=None, min_length=1, max_length=MAX_ID_LEN, description="Defaults to `default`"
-    )
+    tenant_id: IdText | None = Field(default=None, description="Defaults to `default`")
     chat_id: uuid.UUID | None = Field(
         default=None,
         description="Optional, generated if absent; repeating a creation with the same id and "
@@ -81,10 +96,8 @@ class ChatOut(BaseModel):
 
 class MessageIn(Strict):
     text: str = Field(description=f"1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank")
-    client_message_id: str | None = Field(
+    client_message_id: IdText | None = Field(
         default=None,
-        min_length=1,
-        max_length=MAX_ID_LEN,
         description="Makes retries idempotent: the same id returns the same message_id",
     )
 
@@ -222,15 +235,18 @@ def create_app(
 
     @app.websocket("/v1/ws")
     async def websocket(socket: WebSocket) -> None:
-        user = _socket_user(socket, settings)
-        if user is None:
-            await socket.close(code=status.WS_1008_POLICY_VIOLATION, reason="invalid token")
-            return
-        await socket.accept()
+        # Accept first, then refuse with 1008: a refusal before the handshake is an HTTP 403
+        # that browsers cannot even read, while the close code and reason are documented.
+        offered = socket.scope.get("subprotocols") or []
+        await socket.accept(subprotocol=_BEARER if _BEARER in offered else None)
         try:
+            principal = await _socket_principal(socket, settings)
+            if principal is None:
+                return
+            user = principal.user_id
             while True:
-                message = await socket.receive()
-                if message["type"] == "websocket.disconnect":
+                message = await _receive_until_expiry(socket, principal)
+                if message is None or message["type"] == "websocket.disconnect":
                     return
                 # One frame at a time: replies come in order and a chat's order is kept.
                 await socket.send_json(await _handle_frame(service, user, _frame_text(message)))
@@ -240,14 +256,65 @@ def create_app(
     return app
 
 
-def _socket_user(socket: WebSocket, settings: Settings) -> str | None:
-    token = socket.query_params.get("token")
+def _handshake_token(socket: WebSocket) -> str | None:
+    """The token of the handshake: subprotocol, Authorization header or (discouraged) query."""
+    offered = socket.scope.get("subprotocols") or []
+    if _BEARER in offered and len(offered) > offered.index(_BEARER) + 1:
+        return str(offered[offered.index(_BEARER) + 1])
     header = socket.headers.get("authorization", "")
-    if not token and header[:7].lower() == "bearer ":
-        token = header[7:].strip()
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return socket.query_params.get("token")
+
+
+async def _socket_principal(socket: WebSocket, settings: Settings) -> Principal | None:
+    """Who the accepted socket speaks for; None once it was closed with 1008 for a missing,
+    invalid or expired token (then nothing else is read from it)."""
+    token = _handshake_token(socket)
+    from_frame = token is None
+    if from_frame:
+        try:
+            first = await asyncio.wait_for(socket.receive(), AUTH_FRAME_SECONDS)
+        except TimeoutError:
+            await socket.close(code=_POLICY, reason="authentication required")
+            return None
+        if first["type"] == "websocket.disconnect":
+            return None
+        token = _auth_frame_token(_frame_text(first))
+        if token is None:
+            await socket.close(code=_POLICY, reason="authentication required")
+            return None
     try:
-        return verify_token(settings.auth, token or "")
-    except AuthError:
+        principal = verify_principal(settings.auth, token or "")
+    except AuthError as err:
+        reason = "token expired" if "expired" in str(err) else "invalid token"
+        await socket.close(code=_POLICY, reason=reason)
+        return None
+    if from_frame:
+        await socket.send_json({"ok": True, "authenticated": True})
+    return principal
+
+
+def _auth_frame_token(raw: str | None) -> str | None:
+    try:
+        frame = json.loads(raw or "")
+    except (ValueError, RecursionError):
+        return None
+    token = frame.get("auth") if isinstance(frame, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+async def _receive_until_expiry(
+    socket: WebSocket, principal: Principal
+) -> Mapping[str, Any] | None:
+    """The next message; None once the token expired and the socket was closed with 1008."""
+    remaining = None if principal.expires_at is None else principal.expires_at - time.time()
+    try:
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(socket.receive(), remaining)
+    except TimeoutError:
+        await socket.close(code=_POLICY, reason="token expired")
         return None
 
 

@@ -8,12 +8,13 @@ without one may create chats in the default tenant only).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 
 from sealstream.errors import SealstreamError
 from sealstream.settings import AuthSettings
+from sealstream.text_rules import storable_text
 
 _ALGORITHM = "HS256"
 _MAX_USER_ID = 128
@@ -31,6 +32,8 @@ class Principal:
     user_id: str
     roles: frozenset[str] = frozenset()
     tenant: str | None = None
+    # The token's `exp` (Unix seconds): a WebSocket is closed then. Not part of who it is.
+    expires_at: float | None = field(default=None, compare=False)
 
 
 def mint_token(
@@ -40,8 +43,8 @@ def mint_token(
     roles: tuple[str, ...] = (),
     tenant: str | None = None,
 ) -> str:
-    if not 0 < len(user_id) <= _MAX_USER_ID:
-        raise ValueError(f"user id must be 1..{_MAX_USER_ID} characters")
+    if not 0 < len(user_id) <= _MAX_USER_ID or not storable_text(user_id):
+        raise ValueError(f"user id must be 1..{_MAX_USER_ID} characters of printable UTF-8")
     now = int(time.time())
     claims: dict[str, object] = {
         "sub": user_id,
@@ -75,13 +78,24 @@ def verify_principal(settings: AuthSettings, token: str) -> Principal:
         raise AuthError("token expired") from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token ({type(exc).__name__})") from None
+    # Claims reach Postgres (participants, audit actors): refuse at the edge what it cannot hold
+    # (NUL, lone surrogates) and what no id should contain (control characters).
     user = claims["sub"]
-    if not isinstance(user, str) or not 0 < len(user) <= _MAX_USER_ID:
-        raise AuthError("invalid token (bad sub)")
+    if not isinstance(user, str) or not 0 < len(user) <= _MAX_USER_ID or not storable_text(user):
+        raise AuthError(f"invalid token (bad sub: 1..{_MAX_USER_ID} characters of printable UTF-8)")
     roles = claims.get("roles", [])
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise AuthError("invalid token (bad roles)")
+    if not isinstance(roles, list) or not all(
+        isinstance(r, str) and len(r) <= _MAX_USER_ID and storable_text(r) for r in roles
+    ):
+        raise AuthError("invalid token (bad roles: a list of printable strings)")
     tenant = claims.get("tenant")
-    if tenant is not None and (not isinstance(tenant, str) or not 0 < len(tenant) <= _MAX_USER_ID):
-        raise AuthError("invalid token (bad tenant)")
-    return Principal(user, frozenset(roles), tenant)
+    if tenant is not None and (
+        not isinstance(tenant, str)
+        or not 0 < len(tenant) <= _MAX_USER_ID
+        or not storable_text(tenant)
+    ):
+        raise AuthError(
+            f"invalid token (bad tenant: 1..{_MAX_USER_ID} characters of printable UTF-8)"
+        )
+    exp = claims["exp"]
+    return Principal(user, frozenset(roles), tenant, float(exp) if exp is not None else None)

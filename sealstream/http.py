@@ -32,6 +32,7 @@ from sealstream.errors import (
     KmsError,
     SealstreamError,
 )
+from sealstream.http_limits import BodyLimit, limited_protocol
 from sealstream.settings import AuthSettings, HttpSettings
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,14 @@ CurrentAdmin = Annotated[str, Depends(current_admin)]
 
 
 # A message id in a URL: decimal, as the APIs return it (64-bit ids exceed JavaScript's integers).
+# The pattern stops below 2**63 - 1 (9.2e18) at 8999999999999999999 so that the description
+# refuses no id the API accepts, and vice versa (Snowflake ids stay below it for centuries).
 MessageIdPath = Annotated[
-    str, Path(pattern=r"^[0-9]{1,19}$", description="Decimal 64-bit message id")
+    str,
+    Path(
+        pattern=r"^([1-9][0-9]{0,17}|[1-8][0-9]{18})$",
+        description="Decimal 64-bit message id",
+    ),
 ]
 _MAX_MESSAGE_ID = 2**63 - 1  # Cassandra bigint; Snowflake ids are 63-bit
 
@@ -199,7 +206,13 @@ def install(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8): invalid input like any
+            # other malformed body, so the same 422 naming the field.
+            return _json_error(422, "invalid_request", "body: malformed JSON", "body")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return _json_error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(SealstreamError)
@@ -221,7 +234,15 @@ def install(
         log.error("unexpected domain error", extra={"error": type(exc).__name__})
         return _json_error(500, "internal", "internal error")
 
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        # A bug still answers the documented error body (Starlette's default is plain text);
+        # the type only is logged: a library's message may quote data we do not control.
+        log.error("unhandled error", extra={"error": type(exc).__name__})
+        return _json_error(500, "internal", "internal error")
+
     app.add_middleware(_RequestTiming, service=service)
+    app.openapi = lambda: _openapi_with_errors(app)  # type: ignore[method-assign]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -235,6 +256,75 @@ def install(
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable, machine-readable"},
+                "message": {"type": "string", "description": "Names the field and the rule"},
+                "field": {"type": "string", "description": "The offending field, if one"},
+                "problems": {
+                    "type": "array",
+                    "description": "422 only: every invalid field",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "reason": {"type": "string"}},
+                    },
+                },
+            },
+        }
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# What each status means on every route that can answer it (the listener's limits included).
+_STATUS_TEXT = {
+    "401": "Missing, invalid or expired bearer token",
+    "403": "Not allowed: not a participant of the chat, another tenant, or not an admin",
+    "404": "No such chat, message, tenant or job",
+    "410": "The chat was deleted",
+    "413": "Request body over the listener's limit (HttpLimits.max_body_bytes)",
+    "422": "Invalid request; `field` names the offending field and `message` the rule",
+    "431": "Request line and headers over the listener's limit (HttpLimits.max_header_bytes)",
+    "500": "Internal error (a stored message failing its integrity check, or a bug)",
+    "503": "A backing service is unavailable, or too many connections; retry (Retry-After)",
+}
+
+
+def _openapi_with_errors(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI description with every error it can answer, each with the real error
+    body (FastAPI documents only 422, with its own shape, which these services never send)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = FastAPI.openapi(app)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError", "ErrorOut", "ErrorDetail"):
+        schemas.pop(unused, None)
+    schemas["Error"] = _ERROR_SCHEMA
+    admin = app.title.endswith("admin")
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            codes = {"401", "422", "431", "500", "503"}
+            if admin:
+                codes.add("403")
+            if "{" in path:
+                codes |= {"403", "404", "410"}
+            if method in ("post", "put", "patch", "delete"):
+                codes.add("413")
+            responses = operation.setdefault("responses", {})
+            for code in sorted(codes | {c for c in responses if c[0] in "45"}):
+                described = responses.get(code, {}).get("description")
+                responses[code] = {
+                    "description": described or _STATUS_TEXT.get(code, "Error"),
+                    "content": {"application/json": {"schema": _ERROR_REF}},
+                }
+    app.openapi_schema = schema
+    return schema
 
 
 def _closing_lifespan(
@@ -256,11 +346,16 @@ def serve(app: FastAPI, http: HttpSettings, close: Callable[[], None]) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
     # (the `finally` covers start-up failures; closing twice is a no-op).
     app.router.lifespan_context = _closing_lifespan(close)
+    # Outermost, so that no other layer buffers a body before it is counted.
+    app.add_middleware(BodyLimit, limit=http.limits.max_body_bytes)
     try:
         uvicorn.run(
             app,
             host=http.host,
             port=http.port,
+            # Head (431) and connection (503) limits while parsing; messages (1009) by websockets.
+            http=limited_protocol(http.limits),
+            ws_max_size=http.limits.max_ws_frame_bytes,
             # TLS only when both certificate and key are set (production requires it).
             ssl_certfile=str(http.tls_cert) if http.tls else None,
             ssl_keyfile=str(http.tls_key) if http.tls else None,

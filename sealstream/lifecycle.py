@@ -28,6 +28,7 @@ from typing import Protocol
 from schemas.ids import first_id_at
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import AuditRecord
 from sealstream.adapters.redis import WrappedDek
 from sealstream.adapters.vault import TransitKms
 from sealstream.crypto import MessageContext, open_envelope, seal
@@ -156,12 +157,12 @@ def rewrap_all(
                 kms_key_name, [(wrapped, kms_context(chat, v)) for _, chat, v, wrapped in todo]
             )
             rewrapped += keys.repo.replace_wrapped(
-                [(row_id, old, new) for (row_id, _, _, old), new in zip(todo, fresh, strict=True)]
+                [(row_id, old, new) for (row_id, _, _, old), new in zip(todo, fresh, strict=True)],
+                AuditRecord(keys.actor, "dek_rewrapped", f"master key v{latest}"),
             )
             for (_, chat, version, _), new in zip(todo, fresh, strict=True):
                 if keys.redis is not None:
                     keys.redis.set_wrapped(chat, version, WrappedDek(new, kms_key_name))
-                keys.repo.audit(keys.actor, "dek_rewrapped", chat, version, f"master key v{latest}")
         if progress is not None:
             progress(examined, rewrapped)
     return RewrapReport(kms_key_name, latest, examined, rewrapped, time.monotonic() - started)
@@ -306,18 +307,14 @@ def apply_retention(
         if cutoff_ms > oldest_ms:
             chat_rows = store.delete_older_than(chat_id, oldest_ms, cutoff_ms, first_kept)
         chat_documents = index.delete_chat(chat_id, before_id=first_kept)
-        destroyed = keys.repo.destroy_versions_retired_before(chat_id, cutoff - margin)
-        if destroyed:
-            keys.drop_versions(chat_id, destroyed)
-        if chat_rows or chat_documents or destroyed:
-            keys.repo.audit(
-                keys.actor,
-                "retention",
-                chat_id,
-                max(destroyed, default=None),
-                f"{days} days: {chat_rows} rows, {chat_documents} documents, "
-                f"DEK versions destroyed {destroyed}",
-            )
+        # Audited with the destruction, in one transaction; also when only data was removed.
+        destroyed = keys.destroy_retired(
+            chat_id,
+            cutoff - margin,
+            "retention",
+            f"{days} days: {chat_rows} rows, {chat_documents} documents",
+            audit_if_none=bool(chat_rows or chat_documents),
+        )
         chats += 1
         if progress is not None:
             progress(chats)
@@ -387,20 +384,19 @@ def reencrypt_chat(
             flush()
     flush()
     destroyed: list[int] = []
+    reason = f"{changed} of {examined} rows re-sealed"
     if retire and left == 0:
         margin = timedelta(seconds=2 * keys.settings.pointer_ttl_seconds)
-        destroyed = keys.repo.destroy_versions_retired_before(
-            chat_id, scan_started - margin, below_version=target.version
+        # The old versions' destruction and its audit row commit together.
+        destroyed = keys.destroy_retired(
+            chat_id,
+            scan_started - margin,
+            "history_reencrypted",
+            reason,
+            below_version=target.version,
         )
-        if destroyed:
-            keys.drop_versions(chat_id, destroyed)
-    keys.repo.audit(
-        keys.actor,
-        "history_reencrypted",
-        chat_id,
-        target.version,
-        f"{changed} of {examined} rows re-sealed; DEK versions destroyed {destroyed}",
-    )
+    else:
+        keys.repo.audit(keys.actor, "history_reencrypted", chat_id, target.version, reason)
     return ReencryptReport(
         chat_id, target.version, examined, changed, destroyed, time.monotonic() - started
     )

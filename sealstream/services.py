@@ -47,7 +47,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
                 value = value.get_secret_value()
             elif isinstance(value, tuple | list):
                 value = "[" + ",".join(f'"{v}"' for v in value) + "]"
-            elif isinstance(value, dict):
+            elif isinstance(value, dict | BaseModel):
                 value = json.dumps(_plain(value))  # e.g. vault.clusters, parsed back as JSON
             env[f"SEALSTREAM_{section_name.upper()}__{field_name.upper()}"] = str(value)
     return env

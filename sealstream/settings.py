@@ -197,6 +197,24 @@ class AuthSettings(BaseModel):
     token_ttl_seconds: int = Field(default=3600, ge=60)
 
 
+class HttpLimits(BaseModel):
+    """What one listener accepts from a client before refusing (docs/security.md, "Limits").
+
+    Answers: a request head (request line and headers) over `max_header_bytes` gets 431; a body
+    over `max_body_bytes` (by Content-Length or counted as it streams in, chunked or not) gets
+    413; a WebSocket message over `max_ws_frame_bytes` closes the socket with 1009; a connection
+    beyond `max_connections` open at once gets 503 (with Retry-After) and is closed.
+    """
+
+    model_config = {"frozen": True}
+
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # A message frame holds at most 16 KiB of text, which JSON escaping may grow a few times.
+    max_ws_frame_bytes: int = Field(default=128 * 1024, ge=1024)
+    max_connections: int = Field(default=1000, ge=1)
+
+
 class HttpSettings(BaseModel):
     """Where an HTTP service listens; TLS is on when a certificate and key are given."""
 
@@ -206,6 +224,8 @@ class HttpSettings(BaseModel):
     port: int
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # e.g. SEALSTREAM_INGEST__LIMITS='{"max_body_bytes": 2097152}' (JSON, like every nested value)
+    limits: HttpLimits = Field(default_factory=HttpLimits)
 
     @property
     def tls(self) -> bool:
@@ -216,6 +236,8 @@ class HttpSettings(BaseModel):
 # `SEALSTREAM_READER__HOST` must still get the reader's port, not a validation error.
 class IngestHttp(HttpSettings):
     port: int = INGEST_PORT
+    # A full batch (500 messages of up to 16 KiB) must fit in one body.
+    limits: HttpLimits = Field(default_factory=lambda: HttpLimits(max_body_bytes=10 * 1024 * 1024))
 
 
 class ReaderHttp(HttpSettings):

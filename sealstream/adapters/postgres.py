@@ -61,6 +61,17 @@ class DekRow:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """An audit row to write in the same transaction as the key change it records: the change
+    and its record commit together or not at all (a reason Postgres refuses undoes the change).
+    Methods that destroy DEK versions append ` (DEK versions destroyed: [...])` to `reason`."""
+
+    actor: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     at: datetime
     actor: str
@@ -322,8 +333,10 @@ class ChatKeyRepository:
         participants: tuple[str, ...],
         encrypted_dek: str,
         kms_key_name: str,
+        audit: AuditRecord | None = None,
     ) -> bool:
-        """Insert the chat and its DEK version 1; False if the chat already existed."""
+        """Insert the chat and its DEK version 1 (and `audit`, in the same transaction); False
+        if the chat already existed."""
         with self.db.transaction() as conn:
             inserted = conn.execute(
                 "INSERT INTO chats (chat_id, tenant_id, participants) VALUES (%s, %s, %s)"
@@ -337,6 +350,7 @@ class ChatKeyRepository:
                 " VALUES (%s, 1, %s, %s, 'active')",
                 (chat_id, encrypted_dek, kms_key_name),
             )
+            _audit(conn, audit, chat_id, 1)
         return True
 
     def chat(self, chat_id: uuid.UUID) -> ChatRow | None:
@@ -373,8 +387,10 @@ class ChatKeyRepository:
         new_version: int,
         encrypted_dek: str,
         kms_key_name: str,
+        audit: AuditRecord | None = None,
     ) -> int:
-        """Retire `expected_current` and make a new active version, unless someone already did.
+        """Retire `expected_current` and make a new active version, unless someone already did
+        (`audit` is written with the new version, in the same transaction).
 
         The chat row is locked for the transaction, so of two processes rotating the same chat at
         once exactly one creates a version; the other sees the moved pointer and returns it.
@@ -404,12 +420,14 @@ class ChatKeyRepository:
                 (chat_id, new_version, encrypted_dek, kms_key_name),
             )
             conn.execute("UPDATE chats SET updated_at = now() WHERE chat_id = %s", (chat_id,))
+            _audit(conn, audit, chat_id, new_version)
         return new_version
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def shred_chat(self, chat_id: uuid.UUID) -> list[int]:
-        """Mark the chat deleted and destroy every DEK version (the wrapped key is erased).
+    def shred_chat(self, chat_id: uuid.UUID, audit: AuditRecord | None = None) -> list[int]:
+        """Mark the chat deleted and destroy every DEK version (the wrapped key is erased), with
+        `audit` in the same transaction.
 
         Returns the versions destroyed by this call (empty when already shredded).
         """
@@ -429,7 +447,9 @@ class ChatKeyRepository:
                 " WHERE chat_id = %s AND state <> 'destroyed' RETURNING dek_version",
                 (chat_id,),
             ).fetchall()
-        return sorted(int(r["dek_version"]) for r in rows)
+            destroyed = sorted(int(r["dek_version"]) for r in rows)
+            _audit(conn, audit, chat_id, max(destroyed, default=None), destroyed)
+        return destroyed
 
     def audit(
         self,
@@ -474,15 +494,22 @@ class ChatKeyRepository:
             ).fetchall()
         return [(r["id"], r["chat_id"], r["dek_version"], r["encrypted_dek"]) for r in rows]
 
-    def replace_wrapped(self, updates: list[tuple[int, str, str]]) -> int:
-        """Swap (id, old, new) wrapped DEKs; a row shredded or changed meanwhile is left alone."""
+    def replace_wrapped(
+        self, updates: list[tuple[int, str, str]], audit: AuditRecord | None = None
+    ) -> int:
+        """Swap (id, old, new) wrapped DEKs; a row shredded or changed meanwhile is left alone.
+        `audit` is written for each row swapped, in the same transaction."""
         changed = 0
         with self.db.transaction() as conn:
             for row_id, old, new in updates:
-                changed += conn.execute(
-                    "UPDATE chat_deks SET encrypted_dek = %s WHERE id = %s AND encrypted_dek = %s",
+                row = conn.execute(
+                    "UPDATE chat_deks SET encrypted_dek = %s WHERE id = %s AND encrypted_dek = %s"
+                    " RETURNING chat_id, dek_version",
                     (new, row_id, old),
-                ).rowcount
+                ).fetchone()
+                if row is not None:
+                    changed += 1
+                    _audit(conn, audit, row["chat_id"], row["dek_version"])
         return changed
 
     def chats_due(
@@ -581,11 +608,17 @@ class ChatKeyRepository:
         return {r["chat_id"]: (r["state"], r["days"]) for r in rows}
 
     def destroy_versions_retired_before(
-        self, chat_id: uuid.UUID, cutoff: datetime, below_version: int | None = None
+        self,
+        chat_id: uuid.UUID,
+        cutoff: datetime,
+        below_version: int | None = None,
+        audit: AuditRecord | None = None,
+        audit_if_none: bool = True,
     ) -> list[int]:
         """Destroy retired DEK versions whose validity ended before `cutoff` (no message left),
-        optionally only those below `below_version`."""
-        with self.db.connection() as conn:
+        optionally only those below `below_version`. `audit` is written in the same transaction
+        (also when nothing was destroyed, unless `audit_if_none` is False)."""
+        with self.db.transaction() as conn:
             rows = conn.execute(
                 "UPDATE chat_deks SET state = 'destroyed', encrypted_dek = NULL,"
                 " destroyed_at = now() WHERE chat_id = %s AND state = 'retired'"
@@ -593,7 +626,30 @@ class ChatKeyRepository:
                 " RETURNING dek_version",
                 (chat_id, cutoff, below_version, below_version),
             ).fetchall()
-        return sorted(int(r["dek_version"]) for r in rows)
+            destroyed = sorted(int(r["dek_version"]) for r in rows)
+            if destroyed or audit_if_none:
+                _audit(conn, audit, chat_id, max(destroyed, default=None), destroyed)
+        return destroyed
+
+
+def _audit(
+    conn: psycopg.Connection[Row],
+    record: AuditRecord | None,
+    chat_id: uuid.UUID | None,
+    dek_version: int | None,
+    destroyed: list[int] | None = None,
+) -> None:
+    """Insert `record` on `conn` (inside the caller's transaction); nothing when None."""
+    if record is None:
+        return
+    reason = record.reason
+    if destroyed is not None:
+        reason += f" (DEK versions destroyed: {destroyed or 'none'})"
+    conn.execute(
+        "INSERT INTO key_audit (actor, action, chat_id, dek_version, reason)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        (record.actor, record.action, chat_id, dek_version, reason),
+    )
 
 
 # --- worker-id leases -----------------------------------------------------------------------

@@ -85,6 +85,10 @@ class TransitKms:
             raise KmsError(f"KMS rejected {op}: {_first_error(exc)}") from None
         except hvac.exceptions.InvalidPath:
             raise KmsError(f"KMS has no such key or mount for {op}") from None
+        except hvac.exceptions.VaultError as exc:
+            # Any other refusal (e.g. an unexpected status for a malformed key path) is not a
+            # server being down: permanent, by type only (its message may quote the request).
+            raise KmsError(f"KMS refused {op} ({type(exc).__name__})") from None
 
     def ensure_key(self, key_name: str) -> None:
         def create() -> None:

@@ -19,8 +19,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from sealstream.adapters.postgres import ChatKeyRepository, ChatRow, DekRow
+from sealstream.adapters.postgres import AuditRecord, ChatKeyRepository, ChatRow, DekRow
 from sealstream.adapters.redis import InvalidationListener, RedisKeyCache, WrappedDek
 from sealstream.crypto import ChatKey
 from sealstream.errors import (
@@ -173,9 +174,15 @@ class KeyService:
             raise KeyNotFound(f"unknown tenant '{tenant}'")
         data_key = self.kms.generate_data_key(key_name, kms_context(chat_id, 1))
         self.stats.add("kms_generates")
-        created = self.repo.create_chat(chat_id, tenant, participants, data_key.wrapped, key_name)
+        created = self.repo.create_chat(
+            chat_id,
+            tenant,
+            participants,
+            data_key.wrapped,
+            key_name,
+            AuditRecord(self.actor, "dek_created", "chat created"),
+        )
         if created:
-            self.repo.audit(self.actor, "dek_created", chat_id, 1, "chat created")
             # We hold the plaintext already: the chat's first message needs no unwrap.
             self._deks.put((chat_id, 1), ChatKey(version=1, material=data_key.plaintext))
             self._pointers.put(chat_id, 1)
@@ -315,10 +322,14 @@ class KeyService:
         data_key = self.kms.generate_data_key(key_name, kms_context(chat_id, new_version))
         self.stats.add("kms_generates")
         version = self.repo.add_version(
-            chat_id, current.dek_version, new_version, data_key.wrapped, key_name
+            chat_id,
+            current.dek_version,
+            new_version,
+            data_key.wrapped,
+            key_name,
+            AuditRecord(self.actor, "dek_rotated", reason),
         )
         if version == new_version:
-            self.repo.audit(self.actor, "dek_rotated", chat_id, version, reason)
             # Seed our own cache with the key we already hold in plaintext: no unwrap needed.
             self._deks.put(
                 (chat_id, version), ChatKey(version=version, material=data_key.plaintext)
@@ -362,18 +373,34 @@ class KeyService:
         can never be opened again, even with full access to the KMS, Postgres and Redis. Other
         processes drop their in-memory copies when the `deleted:` invalidation reaches them.
         """
-        destroyed = self.repo.shred_chat(chat_id)
+        destroyed = self.repo.shred_chat(chat_id, AuditRecord(self.actor, "chat_shredded", reason))
         self._evict_chat("deleted", chat_id)
         if self.redis is not None:
             self.redis.forget_chat(chat_id)  # raises if Redis is down: the caller must retry
         self._announce("deleted", chat_id, None)
-        self.repo.audit(
-            self.actor,
-            "chat_shredded",
+        return destroyed
+
+    def destroy_retired(
+        self,
+        chat_id: uuid.UUID,
+        cutoff: datetime,
+        action: str,
+        reason: str,
+        below_version: int | None = None,
+        audit_if_none: bool = True,
+    ) -> list[int]:
+        """Destroy the chat's retired DEK versions whose validity ended before `cutoff`
+        (optionally only below `below_version`), audited as `action` in the same transaction,
+        and forget them in every process. Returns the versions destroyed."""
+        destroyed = self.repo.destroy_versions_retired_before(
             chat_id,
-            max(destroyed, default=None),
-            f"{reason} (versions destroyed: {destroyed or 'none left'})",
+            cutoff,
+            below_version,
+            AuditRecord(self.actor, action, reason),
+            audit_if_none=audit_if_none,
         )
+        if destroyed:
+            self.drop_versions(chat_id, destroyed)
         return destroyed
 
     def drop_versions(self, chat_id: uuid.UUID, versions: list[int]) -> None:

@@ -11,8 +11,10 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,12 +45,15 @@ class Pipeline:
         self.settings = settings
         self.env = {**os.environ, **settings_env(settings)}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Each service's stdout and stderr, one file per service (read by the token-leak test).
+        self.log_dir = Path(tempfile.mkdtemp(prefix="sealstream-e2e-logs-"))
         self.ingest_url = f"http://127.0.0.1:{settings.ingest.port}"
         self.reader_url = f"http://127.0.0.1:{settings.reader.port}"
         self.admin_url = f"http://127.0.0.1:{settings.admin.port}"
 
     def start(self, name: str, key: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.procs[key or name] = spawn(name, {**self.env, **(env or {})})
+        log = self.log_dir / f"{key or name}.log"
+        self.procs[key or name] = spawn(name, {**self.env, **(env or {})}, log=log)
 
     def signal(self, key: str, sig: signal.Signals) -> None:
         proc = self.procs.pop(key)
@@ -83,23 +88,27 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def e2e_settings(settings: Settings) -> Settings:
-    from sealstream.settings import HttpSettings
+    from sealstream.settings import AdminHttp, HttpSettings, IngestHttp, ReaderHttp
 
     return settings.model_copy(
         update={
-            "ingest": HttpSettings(port=free_port()),
-            "reader": HttpSettings(port=free_port()),
+            "ingest": IngestHttp(port=free_port()),
+            "reader": ReaderHttp(port=free_port()),
             "encryptor_http": HttpSettings(port=free_port()),
             "indexer_http": HttpSettings(port=free_port()),
-            "admin": HttpSettings(port=free_port()),
+            "admin": AdminHttp(port=free_port()),
         }
     )
 
 
 @pytest.fixture(scope="package")
 def migrated(e2e_settings: Settings) -> Iterator[Settings]:
-    for name, port in (("kafka", 19092), ("cassandra", 19042), ("opensearch", 19200)):
-        require_port(name, "127.0.0.1", port)
+    kafka_host, kafka_port = e2e_settings.kafka.bootstrap.split(",")[0].rsplit(":", 1)
+    opensearch_port = int(e2e_settings.opensearch.url.rsplit(":", 1)[1].split("/")[0])
+    # The servers the settings point at (the local stack's ports unless SEALSTREAM_* say else).
+    require_port("kafka", kafka_host, int(kafka_port))
+    require_port("cassandra", e2e_settings.cassandra.hosts[0], e2e_settings.cassandra.port)
+    require_port("opensearch", "127.0.0.1", opensearch_port)
     migrate_all(e2e_settings)
     yield e2e_settings
     store = MessageStore(e2e_settings.cassandra)

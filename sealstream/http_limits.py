@@ -1,0 +1,199 @@
+"""What an HTTP listener accepts before refusing: request-head size (431), body size (413), open
+connections (503) and WebSocket message size (1009), from `HttpLimits` (docs/security.md).
+
+uvicorn's own knobs do not give these answers: its parsers accept request heads of any size
+(httptools) or answer 400 (h11), and its concurrency limit answers a plain-text 503. So the head
+and connection limits live in a small subclass of uvicorn's httptools protocol, which refuses
+while it parses (before a byte of an oversized head is buffered past the limit and before the
+app runs), and the body limit in an ASGI middleware that counts the bytes as they stream in
+(chunked bodies have no Content-Length to check). Every refusal has the JSON error body of
+sealstream.http; the WebSocket limit is uvicorn's `ws_max_size` (the websockets library closes
+with 1009).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sealstream.settings import HttpLimits
+
+log = logging.getLogger(__name__)
+
+_REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
+_REASONS[503] = b"Service Unavailable"
+
+
+def _refusal(status: int, code: str, message: str, retry_after: bool = False) -> bytes:
+    """A complete HTTP/1.1 response with the JSON error body, closing the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [
+        b"HTTP/1.1 %d %s" % (status, _REASONS[status]),
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+    ]
+    if retry_after:
+        head.append(b"retry-after: 1")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing; the response is `protocol._refusal`."""
+
+
+def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the head and connection limits of `limits`."""
+
+    head_limit = limits.max_header_bytes
+    connection_limit = limits.max_connections
+
+    class LimitedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes = 0  # bytes of the current request head seen by the parser callbacks
+        _raw_head_bytes = 0  # bytes received while the current head is incomplete
+        _in_head = True
+        _refusal: bytes | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._raw_head_bytes += len(data)
+            super().data_received(data)
+            # A head still incomplete after more bytes than the limit: refuse now rather than
+            # buffer it (httptools keeps a header value whole until its end arrives).
+            if (
+                self._in_head
+                and self._raw_head_bytes > head_limit
+                and not self.transport.is_closing()
+            ):
+                self._refuse(431, "header_too_large", self._head_message())
+
+        def on_message_begin(self) -> None:
+            self._head_bytes = 0
+            self._in_head = True
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)  # ": " and CRLF
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._raw_head_bytes = 0
+            if len(self.connections) > connection_limit:
+                log.warning("connection limit reached", extra={"limit": connection_limit})
+                self._refusal = _refusal(
+                    503,
+                    "unavailable",
+                    f"too many open connections (limit {connection_limit}); retry",
+                    retry_after=True,
+                )
+                raise _Refused
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True
+            self._raw_head_bytes = 0
+
+        def _count(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > head_limit:
+                self._refusal = _refusal(431, "header_too_large", self._head_message())
+                raise _Refused
+
+        def _head_message(self) -> str:
+            return f"request line and headers exceed {head_limit} bytes"
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            self.transport.write(_refusal(status, code, message))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls this for every parser error, ours (_Refused) included.
+            refusal, self._refusal = self._refusal, None
+            self.transport.write(refusal or _refusal(400, "bad_request", "malformed HTTP request"))
+            self.transport.close()
+
+    return LimitedHttpToolsProtocol
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over the listener's limit (an HTTPException so FastAPI's body reading
+    passes it through unchanged and the app's error handler answers 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body exceeds {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, by Content-Length at
+    once, else by counting the body as it arrives (chunked transfer has no length up front)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await _send_413(send, self.limit)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:
+            # Only reached when the app did not turn it into a response itself.
+            if not started:
+                await _send_413(send, self.limit)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    body = json.dumps(
+        {"error": {"code": "payload_too_large", "message": f"body exceeds {limit} bytes"}}
+    ).encode()
+    headers: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
