@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
@@ -27,6 +27,11 @@ from sealstream.settings import CassandraSettings
 _BATCH_ROWS = 100  # rows per single-partition batch (~30 KiB of 200-byte messages)
 _DELETED_SLACK = 5  # extra rows per history query, so a few deleted ones need no second query
 _TRANSIENT = (NoHostAvailable, OperationTimedOut, ReadTimeout, WriteTimeout, Unavailable)
+# Every statement that changes data runs under this execution profile, i.e. at the configured
+# write consistency: a write is acknowledged (and the encryptor commits its offsets) only once
+# that many replicas have it in their commit log (docs/operations.md, "Durability").
+_WRITE = "write"
+_REQUEST_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,28 @@ class MessageStore:
 
     def connect(self) -> None:
         try:
+            profiles = {
+                EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                    consistency_level=ConsistencyLevel.name_to_value[
+                        self.settings.read_consistency
+                    ],
+                    request_timeout=_REQUEST_TIMEOUT,
+                ),
+                _WRITE: ExecutionProfile(
+                    consistency_level=ConsistencyLevel.name_to_value[
+                        self.settings.write_consistency
+                    ],
+                    request_timeout=_REQUEST_TIMEOUT,
+                ),
+            }
             self._cluster = Cluster(
                 list(self.settings.hosts),
                 port=self.settings.port,
                 protocol_version=5,
                 connect_timeout=5,
+                execution_profiles=profiles,
             )
             self._session = self._cluster.connect()
-            self._session.default_timeout = 10
         except _TRANSIENT as exc:
             raise StoreUnavailable(
                 f"Cassandra at {self.settings.hosts}:{self.settings.port} unavailable "
@@ -168,7 +187,11 @@ class MessageStore:
                 batches.append((batch, None))
         results = self._run(
             lambda: execute_concurrent(
-                self.session, batches, concurrency=self.concurrency, raise_on_first_error=False
+                self.session,
+                batches,
+                concurrency=self.concurrency,
+                raise_on_first_error=False,
+                execution_profile=_WRITE,
             )
         )
         failures = [r for ok, r in results if not ok]
@@ -259,6 +282,7 @@ class MessageStore:
                 [(statement, p) for p in params],
                 concurrency=16,
                 raise_on_first_error=True,
+                execution_profile=_WRITE,
             )
         )
         return sum(1 for ok, result in results if ok and result.one()[0])
@@ -266,7 +290,9 @@ class MessageStore:
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None:
         self._run(
             lambda: self.session.execute(
-                self._stmt("delete_mark"), (when, chat_id, bucket_of(message_id), message_id)
+                self._stmt("delete_mark"),
+                (when, chat_id, bucket_of(message_id), message_id),
+                execution_profile=_WRITE,
             )
         )
 
@@ -287,6 +313,7 @@ class MessageStore:
                     lambda b=bucket: self.session.execute(
                         f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s",
                         (chat_id, b),
+                        execution_profile=_WRITE,
                     )
                 )
         return deleted
@@ -313,6 +340,7 @@ class MessageStore:
                         f"DELETE FROM {ks}.messages WHERE chat_id = %s AND bucket = %s"
                         " AND message_id < %s",
                         (chat_id, b, first_id_after_cutoff),
+                        execution_profile=_WRITE,
                     )
                 )
         return deleted
@@ -324,6 +352,7 @@ class MessageStore:
                 f"UPDATE {self.keyspace}.messages SET envelope = %s WHERE chat_id = %s"
                 " AND bucket = %s AND message_id = %s",
                 (envelope, chat_id, bucket_of(message_id), message_id),
+                execution_profile=_WRITE,
             )
         )
 
