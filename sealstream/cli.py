@@ -364,13 +364,24 @@ def run(
     service: Annotated[
         str, typer.Argument(help="ingest | encryptor | indexer | reader | admin | all")
     ],
+    max_restarts: Annotated[
+        int,
+        typer.Option(help="all: restarts of one service within --restart-window before giving up"),
+    ] = 5,
+    restart_window: Annotated[float, typer.Option(help="all: seconds (see --max-restarts)")] = 60.0,
+    grace: Annotated[
+        float, typer.Option(help="all: seconds between SIGTERM and SIGKILL when stopping")
+    ] = 30.0,
 ) -> None:
-    """Run one service in the foreground (or all four as child processes)."""
-    from sealstream.services import run_all, run_service
+    """Run one service in the foreground (or all five as supervised child processes)."""
+    from sealstream.services import RestartPolicy, run_all, run_service
     from sealstream.settings import Settings
 
     if service == "all":
-        raise typer.Exit(run_all())
+        policy = RestartPolicy(
+            max_restarts=max_restarts, window_seconds=restart_window, grace_seconds=grace
+        )
+        raise typer.Exit(run_all(policy))
     if service not in SERVICES:
         console.print(
             f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all"

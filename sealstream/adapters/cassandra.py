@@ -16,7 +16,14 @@ from importlib import resources
 from typing import Any
 
 from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+    default_lbp_factory,
+)
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
@@ -76,12 +83,14 @@ class MessageStore:
                         self.settings.read_consistency
                     ],
                     request_timeout=_REQUEST_TIMEOUT,
+                    load_balancing_policy=default_lbp_factory(),
                 ),
                 _WRITE: ExecutionProfile(
                     consistency_level=ConsistencyLevel.name_to_value[
                         self.settings.write_consistency
                     ],
                     request_timeout=_REQUEST_TIMEOUT,
+                    load_balancing_policy=default_lbp_factory(),
                 ),
             }
             self._cluster = Cluster(

@@ -25,7 +25,6 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import KafkaSettings
 
-
 HOUR_MS = 3_600_000
 
 
