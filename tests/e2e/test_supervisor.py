@@ -130,8 +130,10 @@ class RunAll:
 
     def wait_all_healthy(self, timeout: float = 180) -> dict[str, int]:
         wait_until(
-            lambda: set(self.children()) == set(SERVICES)
-            and all(healthy(url) for url in self.urls.values()),
+            lambda: (
+                set(self.children()) == set(SERVICES)
+                and all(healthy(url) for url in self.urls.values())
+            ),
             timeout,
             "all five services to answer /healthz",
         )
@@ -180,8 +182,10 @@ def test_a_killed_child_is_restarted_and_the_others_are_left_alone(
 
     os.killpg(before["reader"], signal.SIGKILL)
     wait_until(
-        lambda: run.children().get("reader", before["reader"]) != before["reader"]
-        and healthy(run.urls["reader"]),
+        lambda: (
+            run.children().get("reader", before["reader"]) != before["reader"]
+            and healthy(run.urls["reader"])
+        ),
         120,
         "a new reader process answering /healthz",
     )
