@@ -148,7 +148,7 @@ class KafkaServer(Server):
             # the plaintext topic from them: retention is checked every 5 min, and a deleted
             # segment's files are removed 1 min after that.
             "log.retention.check.interval.ms=300000",
-            "file.delete.delay.ms=60000",
+            "log.segment.delete.delay.ms=60000",
             # 50 partitions each (the default) make the first consumer group wait on a small box.
             "offsets.topic.num.partitions=6",
             "transaction.state.log.num.partitions=6",
