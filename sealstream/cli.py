@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -427,24 +427,27 @@ def demo(
 @app.command("bench")
 def bench(
     which: Annotated[
-        str, typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | all")
+        str,
+        typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | durability | all"),
     ] = "all",
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
         consumer_bench,
         crypto_bench,
+        durability_bench,
         keys_bench,
         lifecycle_bench,
         pipeline_bench,
     )
 
-    suites: dict[str, Callable[[], dict[str, float]]] = {
+    suites: dict[str, Callable[[], Mapping[str, float | str]]] = {
         "crypto": crypto_bench.run,
         "keys": keys_bench.run,
         "pipeline": pipeline_bench.run,
         "consumer": consumer_bench.run,
         "lifecycle": lifecycle_bench.run,
+        "durability": durability_bench.run,
     }
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:
