@@ -59,7 +59,7 @@ class StackSettings(BaseSettings):
     # Durability of the local stack (docs/operations.md, "Durability"). The defaults sync before
     # acknowledging; the other values exist only to measure what that costs (docs/stack.md).
     postgres_fsync: bool = True
-    cassandra_commitlog_sync: Literal["periodic", "group", "batch"] = "group"
+    cassandra_commitlog_sync: Literal["periodic", "group", "batch"] = "batch"
     cassandra_commitlog_group_window_ms: int = Field(default=10, ge=1)
 
 
