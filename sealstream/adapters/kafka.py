@@ -89,6 +89,7 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    _keep_stronger_isr(admin, configs, [t for t in configs if t not in created], timeout)
     # Incremental: only these keys are set, any other override an operator made is kept.
     resources = [
         ConfigResource(
@@ -105,6 +106,21 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
     for future in (admin.incremental_alter_configs(resources) if resources else {}).values():
         future.result(timeout)
     return created
+
+
+def _keep_stronger_isr(
+    admin: AdminClient, configs: dict[str, dict[str, str]], topics: list[str], timeout: float
+) -> None:
+    """Never lower an existing topic's `min.insync.replicas`: a `migrate` run with the local
+    default (1) against production topics must not weaken them (drops the key from `configs`)."""
+    if not topics:
+        return
+    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
+    for resource, future in described.items():
+        current = future.result(timeout).get("min.insync.replicas")
+        wanted = configs[resource.name]
+        if current is not None and int(current.value) > int(wanted["min.insync.replicas"]):
+            del wanted["min.insync.replicas"]
 
 
 def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:

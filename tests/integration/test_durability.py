@@ -257,3 +257,32 @@ def test_the_running_stack_syncs_before_it_acknowledges(settings: Settings) -> N
         cluster.shutdown()
     print(f"postgres {shown}; cassandra {commitlog}")
     assert commitlog["commitlog_sync"] in ("group", "batch")
+
+
+def test_migrate_never_lowers_a_topics_min_insync_replicas(old_deployment: Settings) -> None:
+    """A `migrate` run with the local default (1) must not weaken topics set up stronger."""
+    kafka = old_deployment.kafka
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    stronger = ConfigResource(
+        ResourceType.TOPIC,
+        kafka.messages_topic,
+        incremental_configs=[
+            ConfigEntry("min.insync.replicas", "2", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([stronger]).values():
+        future.result(30)
+    try:
+        assert kafka.min_insync_replicas == 1
+        migrate_all(old_deployment)
+        assert topic_config(kafka.bootstrap, kafka.messages_topic)["min.insync.replicas"] == "2"
+    finally:
+        back = ConfigResource(
+            ResourceType.TOPIC,
+            kafka.messages_topic,
+            incremental_configs=[
+                ConfigEntry("min.insync.replicas", "1", incremental_operation=AlterConfigOpType.SET)
+            ],
+        )
+        for future in admin.incremental_alter_configs([back]).values():
+            future.result(30)
