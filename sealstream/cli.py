@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -369,13 +369,24 @@ def run(
     service: Annotated[
         str, typer.Argument(help="ingest | encryptor | indexer | reader | admin | all")
     ],
+    max_restarts: Annotated[
+        int,
+        typer.Option(help="all: restarts of one service within --restart-window before giving up"),
+    ] = 5,
+    restart_window: Annotated[float, typer.Option(help="all: seconds (see --max-restarts)")] = 60.0,
+    grace: Annotated[
+        float, typer.Option(help="all: seconds between SIGTERM and SIGKILL when stopping")
+    ] = 30.0,
 ) -> None:
-    """Run one service in the foreground (or all four as child processes)."""
-    from sealstream.services import run_all, run_service
+    """Run one service in the foreground (or all five as supervised child processes)."""
+    from sealstream.services import RestartPolicy, run_all, run_service
     from sealstream.settings import Settings
 
     if service == "all":
-        raise typer.Exit(run_all())
+        policy = RestartPolicy(
+            max_restarts=max_restarts, window_seconds=restart_window, grace_seconds=grace
+        )
+        raise typer.Exit(run_all(policy))
     if service not in SERVICES:
         console.print(
             f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all"
@@ -421,24 +432,27 @@ def demo(
 @app.command("bench")
 def bench(
     which: Annotated[
-        str, typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | all")
+        str,
+        typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | durability | all"),
     ] = "all",
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
         consumer_bench,
         crypto_bench,
+        durability_bench,
         keys_bench,
         lifecycle_bench,
         pipeline_bench,
     )
 
-    suites: dict[str, Callable[[], dict[str, float]]] = {
+    suites: dict[str, Callable[[], Mapping[str, float | str]]] = {
         "crypto": crypto_bench.run,
         "keys": keys_bench.run,
         "pipeline": pipeline_bench.run,
         "consumer": consumer_bench.run,
         "lifecycle": lifecycle_bench.run,
+        "durability": durability_bench.run,
     }
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:

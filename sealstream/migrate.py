@@ -1,7 +1,9 @@
 """`sealstream migrate`: applies every schema the pipeline needs, idempotently.
 
 Postgres (versioned SQL files), Cassandra (keyspace + tables), the OpenSearch index with its
-mapping, the Kafka topics, and the default tenant's Transit master key.
+mapping, the Kafka topics, and the default tenant's Transit master key. Topic configs and the
+index's dynamic durability settings are re-applied on every run, so an existing deployment gets
+them too.
 """
 
 from __future__ import annotations
@@ -41,5 +43,7 @@ def migrate_all(settings: Settings) -> dict[str, object]:
         report["opensearch"] = f"index {index.index}"
     finally:
         index.close()
-    report["kafka"] = ensure_topics(settings.kafka) or "topics exist"
+    created = ensure_topics(settings.kafka)
+    # Retention, segment roll and durability are (re)applied to existing topics as well.
+    report["kafka"] = f"created {created}" if created else "topics exist, configs applied"
     return report

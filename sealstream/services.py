@@ -3,6 +3,7 @@ all of them as supervised child processes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -84,28 +86,109 @@ def spawn(
             out.close()
 
 
-def run_all() -> int:
-    """Run every service; SIGTERM/SIGINT stops them all gracefully. Returns an exit code."""
-    children = {name: spawn(name) for name in _ENTRYPOINTS}
-    stopping = False
+@dataclass(frozen=True)
+class RestartPolicy:
+    """What `run_all` does when a child exits on its own (docs/operations.md, "Running the
+    services").
 
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+    The child is started again after `backoff_seconds`, doubled for every restart of that
+    service in the last `window_seconds` (capped at `max_backoff_seconds`). A service that
+    exits again after `max_restarts` restarts within `window_seconds` is crash-looping: the
+    supervisor then stops every child and exits 1. Stopping (SIGTERM/SIGINT to the supervisor,
+    or giving up) sends SIGTERM to every child and SIGKILL to what is left after
+    `grace_seconds`.
+    """
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = 0
-    while not stopping:
-        for name, child in children.items():
-            if child.poll() is not None:
-                print(
-                    f"{name} exited with {child.returncode}; stopping the others", file=sys.stderr
+    max_restarts: int = 5
+    window_seconds: float = 60.0
+    backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 16.0
+    grace_seconds: float = 30.0
+
+    def delay(self, recent_restarts: int) -> float:
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2.0**recent_restarts))
+
+
+class _Supervisor:
+    """The children of `run_all`, by service name, and their recent restart times."""
+
+    def __init__(self, names: list[str], policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, list[float]] = {name: [] for name in names}
+        self.due: dict[str, float] = {}  # service -> monotonic time of its pending restart
+        self.stopping = False
+
+    def start(self, name: str) -> None:
+        self.children[name] = spawn(name)
+        _say(f"{name} started", service=name, pid=self.children[name].pid)
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+
+    def tick(self) -> int | None:
+        """Reap exited children and start due restarts; an exit code when it is time to stop."""
+        now = time.monotonic()
+        for name, child in list(self.children.items()):
+            if name in self.due or child.poll() is None:
+                continue
+            recent = [t for t in self.restarts[name] if now - t < self.policy.window_seconds]
+            self.restarts[name] = recent
+            if len(recent) >= self.policy.max_restarts:
+                _say(
+                    f"{name} exited with {child.returncode} after {len(recent)} restarts in "
+                    f"{self.policy.window_seconds:.0f}s; stopping every service",
+                    service=name,
+                    code=child.returncode,
                 )
-                code = child.returncode or 1
-                stopping = True
-        time.sleep(0.2)
-    stop(list(children.values()))
+                return 1
+            delay = self.policy.delay(len(recent))
+            _say(
+                f"{name} exited with {child.returncode}; restarting in {delay:.1f}s",
+                service=name,
+                code=child.returncode,
+            )
+            self.due[name] = now + delay
+        for name, when in list(self.due.items()):
+            if now >= when:
+                del self.due[name]
+                self.restarts[name].append(now)
+                self.start(name)
+        return None
+
+    def stop_all(self) -> None:
+        stop(list(self.children.values()), timeout=self.policy.grace_seconds)
+        _say("every service stopped")
+
+
+def _say(msg: str, **fields: object) -> None:
+    """One JSON line on stderr, like the services' logs."""
+    entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "service": "supervisor"}
+    print(json.dumps({**entry, "msg": msg, **fields}), file=sys.stderr, flush=True)
+
+
+def run_all(policy: RestartPolicy | None = None) -> int:
+    """Run every service as a child process, supervised by `policy` (defaults: RestartPolicy()).
+
+    SIGTERM or SIGINT stops every child (SIGTERM, then SIGKILL after the grace period) and
+    returns 0; a crash-looping service stops every child and returns 1.
+    """
+    supervisor = _Supervisor(list(_ENTRYPOINTS), policy or RestartPolicy())
+    # Handlers first: a SIGTERM while the children start must still stop the ones started.
+    signal.signal(signal.SIGTERM, supervisor.on_signal)
+    signal.signal(signal.SIGINT, supervisor.on_signal)
+    code = 0
+    try:
+        for name in _ENTRYPOINTS:
+            supervisor.start(name)
+        while not supervisor.stopping:
+            outcome = supervisor.tick()
+            if outcome is not None:
+                code = outcome
+                break
+            time.sleep(0.2)
+    finally:
+        supervisor.stop_all()
     return code
 
 
@@ -143,14 +226,20 @@ def stop(children: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None
     """SIGTERM each child's process group, then SIGKILL whatever is left after `timeout`."""
     for child in children:
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+            _signal_group(child.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for child in children:
         try:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+            _signal_group(child.pid, signal.SIGKILL)
             child.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    # The child may have exited since it was polled: nothing left to signal then.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 def wait_for(

@@ -56,6 +56,11 @@ class StackSettings(BaseSettings):
     kafka_heap_mb: int = 512
     cassandra_heap_mb: int = 1024
     opensearch_heap_mb: int = 768
+    # Durability of the local stack (docs/operations.md, "Durability"). The defaults sync before
+    # acknowledging; the other values exist only to measure what that costs (docs/stack.md).
+    postgres_fsync: bool = True
+    cassandra_commitlog_sync: Literal["periodic", "group", "batch"] = "batch"
+    cassandra_commitlog_group_window_ms: int = Field(default=10, ge=1)
 
 
 class KafkaSettings(BaseModel):
@@ -69,6 +74,15 @@ class KafkaSettings(BaseModel):
     partitions: int = 6
     # The message topic holds plaintext: keep it short-lived (docs/security.md).
     retention_ms: int = 24 * 3600 * 1000
+    # Topic durability (docs/operations.md, "Durability"): the local broker is alone, so 1 and 1;
+    # production runs 3 brokers with replication_factor 3 and min_insync_replicas 2.
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int = Field(default=1, ge=1)
+
+
+ConsistencyName = Literal[
+    "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"
+]
 
 
 class CassandraSettings(BaseModel):
@@ -78,6 +92,11 @@ class CassandraSettings(BaseModel):
     port: int = CASSANDRA_PORT
     keyspace: str = "sealstream"
     replication: str = "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    # A write is acknowledged (and the encryptor commits its offset) once this many replicas have
+    # it in their commit log; LOCAL_QUORUM is 1 of 1 locally and 2 of 3 in production. Reads use
+    # LOCAL_QUORUM too, so a read after an acknowledged write sees it (2 + 2 > 3).
+    write_consistency: ConsistencyName = "LOCAL_QUORUM"
+    read_consistency: ConsistencyName = "LOCAL_QUORUM"
 
 
 class PostgresSettings(BaseModel):
@@ -347,6 +366,11 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.kafka.partitions < 1:
             raise ValueError("kafka.partitions must be at least 1")
+        if self.kafka.min_insync_replicas > self.kafka.replication_factor:
+            raise ValueError(
+                "kafka.min_insync_replicas must not exceed kafka.replication_factor "
+                "(every acks=all write would be refused)"
+            )
         if self.environment == "production":
             if self.auth.secret.get_secret_value() == LOCAL_AUTH_SECRET:
                 raise ValueError("auth.secret is the local default; set SEALSTREAM_AUTH__SECRET")

@@ -21,8 +21,15 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
-from cassandra.cluster import Cluster, NoHostAvailable, Session
+from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    Session,
+    default_lbp_factory,
+)
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
@@ -38,6 +45,11 @@ _TRANSIENT = (NoHostAvailable, OperationTimedOut, ReadTimeout, WriteTimeout, Una
 # On equal timestamps a deletion wins over data, so deletions at this timestamp also compose
 # (a chat deletion shadows an earlier message deletion's marker).
 DELETION_TIMESTAMP = 1 << 62
+# Every statement that changes data runs under this execution profile, i.e. at the configured
+# write consistency: a write is acknowledged (and the encryptor commits its offsets) only once
+# that many replicas have it in their commit log (docs/operations.md, "Durability").
+_WRITE = "write"
+_REQUEST_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,14 +88,30 @@ class MessageStore:
 
     def connect(self) -> None:
         try:
+            profiles = {
+                EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                    consistency_level=ConsistencyLevel.name_to_value[
+                        self.settings.read_consistency
+                    ],
+                    request_timeout=_REQUEST_TIMEOUT,
+                    load_balancing_policy=default_lbp_factory(),
+                ),
+                _WRITE: ExecutionProfile(
+                    consistency_level=ConsistencyLevel.name_to_value[
+                        self.settings.write_consistency
+                    ],
+                    request_timeout=_REQUEST_TIMEOUT,
+                    load_balancing_policy=default_lbp_factory(),
+                ),
+            }
             self._cluster = Cluster(
                 list(self.settings.hosts),
                 port=self.settings.port,
                 protocol_version=5,
                 connect_timeout=5,
+                execution_profiles=profiles,
             )
             self._session = self._cluster.connect()
-            self._session.default_timeout = 10
         except _TRANSIENT as exc:
             raise StoreUnavailable(
                 f"Cassandra at {self.settings.hosts}:{self.settings.port} unavailable "
@@ -182,7 +210,11 @@ class MessageStore:
                 batches.append((batch, None))
         results = self._run(
             lambda: execute_concurrent(
-                self.session, batches, concurrency=self.concurrency, raise_on_first_error=False
+                self.session,
+                batches,
+                concurrency=self.concurrency,
+                raise_on_first_error=False,
+                execution_profile=_WRITE,
             )
         )
         failures = [r for ok, r in results if not ok]
@@ -273,6 +305,7 @@ class MessageStore:
                 [(statement, p) for p in params],
                 concurrency=16,
                 raise_on_first_error=True,
+                execution_profile=_WRITE,
             )
         )
         return sum(1 for ok, result in results if ok and result.one()[0])
@@ -280,7 +313,9 @@ class MessageStore:
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None:
         self._run(
             lambda: self.session.execute(
-                self._stmt("delete_mark"), (when, chat_id, bucket_of(message_id), message_id)
+                self._stmt("delete_mark"),
+                (when, chat_id, bucket_of(message_id), message_id),
+                execution_profile=_WRITE,
             )
         )
 
@@ -306,6 +341,7 @@ class MessageStore:
                     f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
                     " WHERE chat_id = %s AND bucket = %s",
                     (chat_id, b),
+                    execution_profile=_WRITE,
                 )
             )
         return deleted
@@ -333,6 +369,7 @@ class MessageStore:
                         f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
                         " WHERE chat_id = %s AND bucket = %s AND message_id < %s",
                         (chat_id, b, first_id_after_cutoff),
+                        execution_profile=_WRITE,
                     )
                 )
         return deleted
@@ -344,6 +381,7 @@ class MessageStore:
                 f"UPDATE {self.keyspace}.messages SET envelope = %s WHERE chat_id = %s"
                 " AND bucket = %s AND message_id = %s",
                 (envelope, chat_id, bucket_of(message_id), message_id),
+                execution_profile=_WRITE,
             )
         )
 

@@ -21,32 +21,74 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import KafkaSettings
 
+HOUR_MS = 3_600_000
+
+
+def segment_ms_for(retention_ms: int) -> int:
+    """How often a topic with this retention rolls a new log segment (milliseconds).
+
+    Kafka deletes whole segments, and only once the *newest* record in a segment is past
+    retention, so a record stays on disk for up to retention + segment age (+ the broker's
+    `log.retention.check.interval.ms` and `file.delete.delay.ms`). Kafka's default roll is 7 days
+    or 1 GiB, which kept plaintext for ~8 days behind a 24 h retention; a quarter of the
+    retention, at most an hour, keeps the promise close to what it says.
+    """
+    return max(1, min(HOUR_MS, retention_ms // 4))
+
+
+def topic_configs(settings: KafkaSettings) -> dict[str, dict[str, str]]:
+    """The config `migrate` gives (and re-applies to) each topic: retention and durability."""
+
+    def config(retention_ms: int) -> dict[str, str]:
+        return {
+            "retention.ms": str(retention_ms),
+            "segment.ms": str(segment_ms_for(retention_ms)),
+            # With acks=all, a write is acknowledged only once this many replicas have it
+            # (docs/operations.md, "Durability"); a lagging replica never becomes leader.
+            "min.insync.replicas": str(settings.min_insync_replicas),
+            "unclean.leader.election.enable": "false",
+        }
+
+    return {
+        # Plaintext lives here: short retention by default (docs/security.md).
+        settings.messages_topic: config(settings.retention_ms),
+        # Poison records as they came: kept longer so an operator can look, bounded all the same.
+        settings.dead_letter_topic: config(settings.retention_ms * 7),
+    }
+
 
 def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
-    """Create the message and dead-letter topics if missing; returns those created."""
+    """Create the message and dead-letter topics if missing, and (re)apply `topic_configs` to
+    both, so a deployment made by an older release gets today's retention and durability.
+
+    Returns the topics created. Raises `KafkaException` if the broker refuses a topic or config.
+    """
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [
+    configs = topic_configs(settings)
+    partitions = {settings.messages_topic: settings.partitions, settings.dead_letter_topic: 1}
+    todo = [
         NewTopic(
-            settings.messages_topic,
-            num_partitions=settings.partitions,
-            replication_factor=1,
-            # Plaintext lives here: short retention by default (docs/security.md).
-            config={"retention.ms": str(settings.retention_ms)},
-        ),
-        NewTopic(
-            settings.dead_letter_topic,
-            num_partitions=1,
-            replication_factor=1,
-            config={"retention.ms": str(settings.retention_ms * 7)},
-        ),
+            topic,
+            num_partitions=partitions[topic],
+            replication_factor=settings.replication_factor,
+            config=config,
+        )
+        for topic, config in configs.items()
+        if topic not in existing
     ]
-    todo = [t for t in wanted if t.topic not in existing]
     created: list[str] = []
     for topic, future in (admin.create_topics(todo) if todo else {}).items():
         try:
@@ -55,7 +97,38 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    _keep_stronger_isr(admin, configs, [t for t in configs if t not in created], timeout)
+    # Incremental: only these keys are set, any other override an operator made is kept.
+    resources = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            topic,
+            incremental_configs=[
+                ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+                for name, value in config.items()
+            ],
+        )
+        for topic, config in configs.items()
+        if topic not in created
+    ]
+    for future in (admin.incremental_alter_configs(resources) if resources else {}).values():
+        future.result(timeout)
     return created
+
+
+def _keep_stronger_isr(
+    admin: AdminClient, configs: dict[str, dict[str, str]], topics: list[str], timeout: float
+) -> None:
+    """Never lower an existing topic's `min.insync.replicas`: a `migrate` run with the local
+    default (1) against production topics must not weaken them (drops the key from `configs`)."""
+    if not topics:
+        return
+    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
+    for resource, future in described.items():
+        current = future.result(timeout).get("min.insync.replicas")
+        wanted = configs[resource.name]
+        if current is not None and int(current.value) > int(wanted["min.insync.replicas"]):
+            del wanted["min.insync.replicas"]
 
 
 def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:

@@ -57,6 +57,13 @@ class SearchRejected(SealstreamError):
         self.error_type = error_type
 
 
+#: Index settings `migrate` re-applies to an existing index (all dynamic). `translog.durability:
+#: request` fsyncs the translog before a bulk request is acknowledged (the indexer commits its
+#: offsets after that); `soft_deletes.retention_lease.period` bounds how long the history of
+#: deleted documents is kept for a shard copy that went missing (docs/operations.md, "Durability").
+DURABLE_SETTINGS = ("translog.durability", "soft_deletes.retention_lease.period")
+
+
 def _retriable_status(status: int | str | None) -> bool:
     return status in (429, 502, 503, 504) or status == "N/A"
 
@@ -86,6 +93,9 @@ class SearchIndex:
         return f"OpenSearch {info['version']['number']}"
 
     def migrate(self) -> None:
+        """Create the index from `schemas/opensearch/messages.json`, or, if it exists, re-apply
+        the dynamic settings of `DURABLE_SETTINGS` from that file (an index made by an older
+        release gets today's durability and history bounds; mappings are left alone)."""
         body = json.loads(
             resources.files("schemas").joinpath("opensearch/messages.json").read_text()
         )
@@ -100,9 +110,12 @@ class SearchIndex:
         else:
             try:
                 self._run(lambda: self._client.indices.create(index=self.index, body=body))
+                return
             except SearchRejected as exc:
                 if "resource_already_exists" not in exc.error_type:
                     raise
+        update = {f"index.{key}": body["settings"][key] for key in DURABLE_SETTINGS}
+        self._run(lambda: self._client.indices.put_settings(index=self.index, body=update))
 
     def index_many(self, messages: list[IndexedMessage]) -> None:
         """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries).

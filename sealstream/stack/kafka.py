@@ -142,6 +142,13 @@ class KafkaServer(Server):
             "share.coordinator.state.topic.replication.factor=1",
             "share.coordinator.state.topic.min.isr=1",
             "min.insync.replicas=1",
+            # A replica that fell behind never becomes leader (it would drop acknowledged records).
+            "unclean.leader.election.enable=false",
+            # Kafka's defaults, written out because docs/security.md derives the on-disk bound of
+            # the plaintext topic from them: retention is checked every 5 min, and a deleted
+            # segment's files are removed 1 min after that.
+            "log.retention.check.interval.ms=300000",
+            "log.segment.delete.delay.ms=60000",
             # 50 partitions each (the default) make the first consumer group wait on a small box.
             "offsets.topic.num.partitions=6",
             "transaction.state.log.num.partitions=6",

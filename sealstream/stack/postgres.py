@@ -111,13 +111,25 @@ class PostgresServer(Server):
                 "shared_buffers=128MB",
                 "-c",
                 "max_connections=200",
-                # Local test data only: skipping fsync makes the test suite much faster.
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
+                *self._durability(),
             ]
         )
+
+    def _durability(self) -> list[str]:
+        """Postgres holds what cannot be recreated (DEK history, audit): a commit is acknowledged
+        only once its WAL is on disk. `SEALSTREAM_STACK_POSTGRES_FSYNC=false` turns that off
+        only to measure its cost (docs/stack.md); a DEK version acknowledged and then lost would
+        leave every message sealed under it unreadable."""
+        on = "on" if self.ctx.settings.postgres_fsync else "off"
+        return [
+            "-c",
+            f"fsync={on}",
+            "-c",
+            f"synchronous_commit={on}",
+            # A torn 8 KiB page after an OS crash is repaired from the full image in the WAL.
+            "-c",
+            "full_page_writes=on",
+        ]
 
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[object, ...]]:
         return psycopg.connect(

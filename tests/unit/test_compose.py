@@ -320,3 +320,22 @@ def test_images_are_the_releases_the_local_stack_runs(service: str, image: str) 
     assert name == image
     version = _pom_version(service)
     assert tag == version or version.startswith(f"{tag}."), f"{service}: {tag} vs {version}"
+
+
+# --- durability ---------------------------------------------------------------------------------
+
+
+def test_cassandra_acknowledges_only_synced_writes_like_the_local_stack() -> None:
+    """The image's default (periodic, 10 s) loses acknowledged writes in a crash."""
+    script = " ".join(SERVICES["cassandra"]["command"])
+    mode = StackSettings().cassandra_commitlog_sync
+    assert f"s/^commitlog_sync:.*/commitlog_sync: {mode}/" in script
+    # Cassandra refuses a sync period outside periodic mode.
+    assert "/^commitlog_sync_period:/d" in script
+
+
+def test_postgres_keeps_its_durable_defaults() -> None:
+    """The image syncs every commit by default; nothing here may turn that off."""
+    spec = json.dumps(SERVICES["postgres"])
+    for unsafe in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
+        assert unsafe not in spec.replace(" ", "")
