@@ -1,7 +1,8 @@
 """Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
 
-Permanent problems (bad schema, unknown or deleted chat) reject one record; anything else raised
-fails the whole batch so the runtime retries it (see sealstream.streaming).
+Permanent problems (bad schema, unknown or deleted chat, a row Cassandra refuses) reject one
+record; anything else raised fails the whole batch so the runtime retries it (see
+sealstream.streaming).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from schemas.events import MessageRecord, decode_record
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import RefusedRow, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.errors import KeyDestroyed, KeyNotFound
 from sealstream.streaming import RawRecord, Rejected
@@ -28,7 +29,7 @@ class KeySource(Protocol):
 
 
 class MessageSink(Protocol):
-    def write_many(self, messages: Sequence[StoredMessage]) -> None: ...
+    def write_many(self, messages: Sequence[StoredMessage]) -> list[RefusedRow]: ...
 
 
 def decode(record: RawRecord) -> MessageRecord | Rejected:
@@ -45,8 +46,10 @@ _STORE = PHASE_SECONDS.labels("store")
 
 def seal_batch(
     records: Sequence[RawRecord], keys: KeySource
-) -> tuple[list[StoredMessage], list[Rejected]]:
+) -> tuple[list[StoredMessage], list[Rejected], dict[int, RawRecord]]:
+    """Sealed rows, rejected records, and the record each row came from (by message id)."""
     stored: list[StoredMessage] = []
+    source: dict[int, RawRecord] = {}
     rejected: list[Rejected] = []
     lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
     for record in records:
@@ -69,6 +72,7 @@ def seal_batch(
         )
         lookup_seconds += looked_up - started
         crypto_seconds += time.perf_counter() - looked_up
+        source[decoded.message_id] = record
         stored.append(
             StoredMessage(
                 chat_id=decoded.chat_id,
@@ -81,7 +85,7 @@ def seal_batch(
         )
     _KEY_LOOKUP.inc(lookup_seconds)
     _CRYPTO.inc(crypto_seconds)
-    return stored, rejected
+    return stored, rejected, source
 
 
 def encrypt_and_store(
@@ -92,10 +96,13 @@ def encrypt_and_store(
     Once the rows are written, the messages sealed per DEK version are counted, which rotates
     a chat whose current version reached the rotation policy's message limit.
     """
-    stored, rejected = seal_batch(records, keys)
+    stored, rejected, source = seal_batch(records, keys)
     started = time.perf_counter()
-    sink.write_many(stored)
+    refused = sink.write_many(stored)
     _STORE.inc(time.perf_counter() - started)
-    if stored:
-        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in stored)))
+    rejected += [Rejected(source[r.message_id], r.reason) for r in refused]
+    refused_ids = {r.message_id for r in refused}
+    written_rows = [m for m in stored if m.message_id not in refused_ids]
+    if written_rows:
+        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in written_rows)))
     return rejected

@@ -1,4 +1,9 @@
-"""Turn a batch of raw message records into search documents and bulk-index them."""
+"""Turn a batch of raw message records into search documents and bulk-index them.
+
+A record the schema refuses, and a document the index refuses for itself, are dead-lettered with
+the reason; anything the sink raises fails the whole batch so the runtime retries it. The text is
+handed to the index adapter, which sends only its tokens (sealstream/tokens.py).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,24 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from schemas.events import decode_record
-from sealstream.adapters.opensearch import IndexedMessage
+from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
 from sealstream.streaming import RawRecord, Rejected
 
 
 class DocumentSink(Protocol):
-    def index_many(self, messages: list[IndexedMessage]) -> None: ...
+    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]: ...
 
 
 def index_batch(records: Sequence[RawRecord], sink: DocumentSink) -> list[Rejected]:
     documents: list[IndexedMessage] = []
     rejected: list[Rejected] = []
+    source: dict[int, RawRecord] = {}
     for record in records:
         decoded = decode_record(record.value, record.key)
         if isinstance(decoded, str):
             rejected.append(Rejected(record, decoded))
             continue
+        source[decoded.message_id] = record
         documents.append(
             IndexedMessage(
                 message_id=decoded.message_id,
@@ -33,5 +40,6 @@ def index_batch(records: Sequence[RawRecord], sink: DocumentSink) -> list[Reject
             )
         )
     # Document id = message id: a redelivered record overwrites its own document.
-    sink.index_many(documents)
+    for refused in sink.index_many(documents):
+        rejected.append(Rejected(source[refused.message_id], refused.reason))
     return rejected

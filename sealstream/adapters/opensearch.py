@@ -1,14 +1,17 @@
 """OpenSearch adapter: the search index of message tokens.
 
-The mapping (`schemas/opensearch/messages.json`) indexes the analysed text but excludes it from
-`_source`, so the index can answer "which messages contain this word" without being able to hand
-back a message. Search returns message ids; the reader decrypts the messages from Cassandra.
+No message text ever reaches OpenSearch: `index_many` analyses each text in this process
+(sealstream/tokens.py) and sends only the sorted set of its distinct tokens, indexed as `keyword`
+terms (no positions, no doc values) and excluded from `_source`. OpenSearch's translog and
+recovery source do keep what was sent, which is why only tokens are sent (docs/security.md). The
+index answers "which messages hold all these words"; the reader decrypts them from Cassandra.
 Documents use the message id as `_id`, so re-indexing a redelivered record is a no-op overwrite.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,8 +27,9 @@ from opensearchpy.exceptions import (
     TransportError,
 )
 
-from sealstream.errors import InvalidMessage, SealstreamError, StoreUnavailable
+from sealstream.errors import SealstreamError, StoreUnavailable
 from sealstream.settings import OpenSearchSettings
+from sealstream.tokens import analyzer
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,29 @@ class IndexedMessage:
     tenant_id: str
     sender_id: str
     sent_at: datetime
-    text: str
+    text: str  # analysed into tokens by `index_many`; never sent
+
+
+@dataclass(frozen=True)
+class RefusedDocument:
+    """A document OpenSearch refused for itself (a bulk item error a retry will not fix)."""
+
+    message_id: int
+    reason: str  # status, error type and field name only: OpenSearch's own text quotes values
+
+
+_FIELDS = ("message_id", "chat_id", "tenant_id", "sender_id", "sent_at", "tokens")
+_FIELD_IN_REASON = re.compile(r"field \[([A-Za-z_]+)\]")
+
+
+def _refusal(status: object, error: dict[str, Any]) -> str:
+    """`status` + error type (+ the field, when OpenSearch names one of ours), never its reason."""
+    error_type = str(error.get("type", "unknown"))[:100]
+    fields = {
+        name for name in _FIELD_IN_REASON.findall(str(error.get("reason", ""))) if name in _FIELDS
+    }
+    named = f", field {', '.join(sorted(fields))}" if fields else ""
+    return f"the search index refused the document (HTTP {status}, {error_type}{named})"
 
 
 class SearchRejected(SealstreamError):
@@ -51,10 +77,21 @@ def _retriable_status(status: int | str | None) -> bool:
     return status in (429, 502, 503, 504) or status == "N/A"
 
 
+# Item errors about the index rather than the document (missing index, write block after a full
+# disk): every item of every batch would fail alike, so they are waited out, not dead-lettered.
+_INDEX_WIDE_ERRORS = ("index_not_found_exception", "cluster_block_exception")
+
+
+def _item_can_heal(item: dict[str, Any]) -> bool:
+    error_type = str(item.get("error", {}).get("type", ""))
+    return _retriable_status(item.get("status")) or error_type in _INDEX_WIDE_ERRORS
+
+
 class SearchIndex:
     def __init__(self, settings: OpenSearchSettings) -> None:
         self.settings = settings
         self.index = f"{settings.index_prefix}-messages"
+        self.analyze = analyzer(settings.analyzer)
         self._client = OpenSearch(
             hosts=[settings.url], timeout=30, max_retries=0, retry_on_timeout=False
         )
@@ -87,10 +124,15 @@ class SearchIndex:
                 if "resource_already_exists" not in exc.error_type:
                     raise
 
-    def index_many(self, messages: list[IndexedMessage]) -> None:
-        """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries)."""
+    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
+        """Bulk index; returns the documents OpenSearch refused one by one (permanent).
+
+        Raises `StoreUnavailable` when the request as a whole failed (node unreachable, overload)
+        or when any item failed with a status that can heal (429, 502-504): the caller retries
+        the whole set, which is idempotent by `_id`.
+        """
         if not messages:
-            return
+            return []
         actions = [
             {
                 "_op_type": "index",
@@ -102,7 +144,7 @@ class SearchIndex:
                     "tenant_id": m.tenant_id,
                     "sender_id": m.sender_id,
                     "sent_at": m.sent_at.isoformat(),
-                    "text": m.text,
+                    "tokens": self.analyze(m.text),
                 },
             }
             for m in messages
@@ -110,26 +152,35 @@ class SearchIndex:
         _, errors = self._run(
             lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
         )
-        if errors:
-            statuses = [next(iter(e.values())).get("status") for e in errors]
-            if any(_retriable_status(s) for s in statuses):
-                raise StoreUnavailable(f"{len(errors)} bulk items rejected (busy: {statuses[:3]})")
-            # The mapping rejected a document: nothing a retry can fix. No text in the message.
-            raise InvalidMessage(
-                f"{len(errors)} documents rejected by the index (status {statuses[0]})"
-            )
+        items = [next(iter(e.values())) for e in errors]
+        busy = [item.get("status") for item in items if _item_can_heal(item)]
+        if busy:
+            raise StoreUnavailable(f"{len(busy)} bulk items rejected (busy: {busy[:3]})")
+        return [
+            RefusedDocument(int(item["_id"]), _refusal(item.get("status"), item.get("error", {})))
+            for item in items
+        ]
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
+        """Ids of the chat's messages holding every token of `query`, newest first.
+
+        The query is analysed like the texts were; a query without any token matches nothing.
+        """
+        terms = self.analyze(query)
+        if not terms:
+            return []
         body = {
             "size": limit,
             "_source": False,
             "query": {
                 "bool": {
-                    "filter": [{"term": {"chat_id": str(chat_id)}}],
-                    "must": [{"match": {"text": {"query": query, "operator": "and"}}}],
+                    "filter": [
+                        {"term": {"chat_id": str(chat_id)}},
+                        *({"term": {"tokens": term}} for term in terms),
+                    ]
                 }
             },
-            "sort": [{"_score": "desc"}, {"message_id": "desc"}],
+            "sort": [{"message_id": "desc"}],
         }
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]
