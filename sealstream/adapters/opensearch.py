@@ -78,8 +78,14 @@ def _retriable_status(status: int | str | None) -> bool:
 
 
 # Item errors about the index rather than the document (missing index, write block after a full
-# disk): every item of every batch would fail alike, so they are waited out, not dead-lettered.
-_INDEX_WIDE_ERRORS = ("index_not_found_exception", "cluster_block_exception")
+# disk, an outdated mapping): every item of every batch would fail alike, so they are waited
+# out, not dead-lettered (a strict-mapping refusal: the index predates these documents, see
+# `migrate`).
+_INDEX_WIDE_ERRORS = (
+    "index_not_found_exception",
+    "cluster_block_exception",
+    "strict_dynamic_mapping_exception",
+)
 
 
 def _item_can_heal(item: dict[str, Any]) -> bool:
@@ -123,6 +129,15 @@ class SearchIndex:
             except SearchRejected as exc:
                 if "resource_already_exists" not in exc.error_type:
                     raise
+            return
+        mapping = self._run(lambda: self._client.indices.get_mapping(index=self.index))
+        properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+        if "tokens" not in properties:
+            # `_source` excludes cannot be changed in place, and the old index holds text.
+            raise SealstreamError(
+                f"index {self.index} has the mapping of an older version (a text field, no "
+                "tokens): delete it and run migrate again, then re-index (docs/security.md)"
+            )
 
     def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
         """Bulk index; returns the documents OpenSearch refused one by one (permanent).
