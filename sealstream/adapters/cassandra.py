@@ -159,9 +159,9 @@ class MessageStore:
 
         A single-partition batch is applied atomically by one replica set and costs the driver one
         request instead of one per row, which is where the encryptor's CPU went. A batch the
-        server refuses (e.g. larger than `batch_size_fail_threshold`, or holding a row it will
-        not take) is written again row by row, so only the refused rows are returned and the
-        others are stored. Raises `StoreUnavailable` if any write failed for a reason that can
+        server refuses as invalid (it holds a row Cassandra will not take, e.g. one over
+        `native_transport_max_message_size`) is written again row by row, so only the refused
+        rows are returned and the others are stored. Raises `StoreUnavailable` if any write failed for a reason that can
         heal; the caller retries the whole set (writes are idempotent by message id).
         """
         groups: dict[tuple[uuid.UUID, int], list[StoredMessage]] = defaultdict(list)
