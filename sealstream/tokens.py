@@ -12,6 +12,7 @@ breaking) can be added later; an index must be rebuilt when its analyzer changes
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Callable
 
@@ -44,13 +45,34 @@ _SINGLE_CHARACTER_SCRIPTS = (
 )
 
 
-def _single_character(char: str) -> bool:
-    code = ord(char)
+def _single_character(code: int) -> bool:
     return any(low <= code <= high for low, high in _SINGLE_CHARACTER_SCRIPTS)
 
 
-def _word_char(category: str) -> bool:
-    return category[0] in "LN"  # letters and digits (decimal, letter-like and other numbers)
+class _Classes(dict[int, str]):
+    """Code point -> class letter, for `str.translate`: "w" letter or digit (categories L*, N*),
+    "m" combining mark (M*), "s" a character of the scripts above, " " anything else.
+    Computed on first sight and kept (up to a bound, so odd input cannot grow it without end)."""
+
+    LIMIT = 65_536
+
+    def __missing__(self, code: int) -> str:
+        major = unicodedata.category(chr(code))[0]
+        if major == "M":
+            found = "m"
+        elif _single_character(code):
+            found = "s"
+        else:
+            found = "w" if major in "LN" else " "
+        if len(self) < self.LIMIT:
+            self[code] = found
+        return found
+
+
+_CLASSES = _Classes()
+# A token: one single-script character with its marks, or a run of letters/digits and marks.
+_TOKEN_CLASSES = re.compile(r"sm*|w[wm]*")
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
 
 
 def unicode_words(text: str) -> list[str]:
@@ -62,35 +84,16 @@ def unicode_words(text: str) -> list[str]:
     MAX_TOKEN_CHARS are cut into pieces of that length.
     """
     normalised = unicodedata.normalize("NFKC", text).casefold()
-    found: set[str] = set()
-    word: list[str] = []
-
-    def end_word() -> None:
-        if word:
-            joined = "".join(word)
-            for start in range(0, len(joined), MAX_TOKEN_CHARS):
-                found.add(joined[start : start + MAX_TOKEN_CHARS])
-            word.clear()
-
-    single = False  # the open word is one character of a script written without spaces
-    for char in normalised:
-        category = unicodedata.category(char)
-        if category[0] == "M":  # a combining mark belongs to the character before it
-            if word:
-                word.append(char)
-        elif _single_character(char):
-            end_word()
-            word.append(char)
-            single = True
-        elif _word_char(category):
-            if single:
-                end_word()
-                single = False
-            word.append(char)
-        else:
-            end_word()
-            single = False
-    end_word()
+    if normalised.isascii():
+        words = _ASCII_WORD.findall(normalised)
+    else:
+        classes = normalised.translate(_CLASSES)  # one class letter per character
+        words = [normalised[m.start() : m.end()] for m in _TOKEN_CLASSES.finditer(classes)]
+    found = {
+        word[start : start + MAX_TOKEN_CHARS]
+        for word in words
+        for start in range(0, len(word), MAX_TOKEN_CHARS)
+    }
     return sorted(found)
 
 

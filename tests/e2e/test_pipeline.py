@@ -332,7 +332,10 @@ def test_bad_records_are_dead_lettered_and_never_stop_a_stage(pipeline: Pipeline
         producer.flush(10)
         [after] = post_batch(pipeline, "ivan", chat, ["the pipeline flows on regardless"])
 
-        wait_until(lambda: len(history(pipeline, "judy", chat)) == 1, what="encryptor goes on")
+        wait_until(
+            lambda: [m["message_id"] for m in history(pipeline, "judy", chat)] == [after],
+            what="encryptor goes on (and stored neither bad record)",
+        )
         wait_until(
             lambda: (
                 [
