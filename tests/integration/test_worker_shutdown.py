@@ -85,10 +85,12 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
         assert retries(url) >= 2, "the worker never retried a batch"
 
         os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
         try:
             code = proc.wait(GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             pytest.fail(f"indexer still running {GRACE_SECONDS} s after SIGTERM")
+        print(f"\nindexer exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert code == 0, log.read_text()[-2000:]
 
         consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
