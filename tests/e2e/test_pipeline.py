@@ -11,8 +11,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +23,7 @@ from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import RedisKeyCache
+from tests.conftest import index_folder, phrases
 from tests.e2e.conftest import Pipeline, free_port
 
 CHATS = 20
@@ -190,24 +189,6 @@ def test_no_store_but_kafka_holds_message_text(pipeline: Pipeline, database: Any
                     assert not found, f"{needle!r} ({moment}) found in {found}"
         client.indices.flush(index=index.index, force=True, wait_if_ongoing=True)
     client.close()
-
-
-def index_folder(client: OpenSearch, index_name: str) -> Path:
-    """The folder of `index_name`'s shards on this machine (the node's own `path.data`)."""
-    nodes = client.nodes.info(node_id="_local", metric="settings")["nodes"]
-    [node] = nodes.values()
-    data = node["settings"]["path"]["data"]
-    data_path = Path(data[0] if isinstance(data, list) else data)
-    uuid_ = client.indices.get_settings(index=index_name)[index_name]["settings"]["index"]["uuid"]
-    folder = data_path / "nodes" / "0" / "indices" / uuid_
-    assert folder.is_dir(), f"no folder {folder}: is the OpenSearch node on this machine?"
-    return folder
-
-
-def phrases(text: str) -> list[str]:
-    """The whole text and every run of two words of it, in their order."""
-    words = text.split()
-    return [text] + [f"{a} {b}" for a, b in pairwise(words)]
 
 
 def test_non_participant_is_refused_and_tampered_row_fails_closed(pipeline: Pipeline) -> None:

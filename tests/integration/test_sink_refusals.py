@@ -77,22 +77,6 @@ def test_indexer_dead_letters_what_no_sink_can_store_and_indexes_the_rest(
     assert sorted(found) == sorted([records[0].message_id, records[2].message_id])
 
 
-def test_indexer_sends_tokens_not_text(search_index: SearchIndex) -> None:
-    chat = uuid.uuid4()
-    search_index.index_many(
-        [IndexedMessage(301, chat, "default", "alice", datetime.now(UTC), "Zebra ate the ZEBRA")]
-    )
-    search_index.refresh()
-    mapping = search_index._client.indices.get_mapping(index=search_index.index)
-    properties = mapping[search_index.index]["mappings"]["properties"]
-    assert "text" not in properties and properties["tokens"]["type"] == "keyword"
-    source = next(s for s in search_index.all_sources() if s["message_id"] == 301)
-    assert set(source) == {"message_id", "chat_id", "tenant_id", "sender_id", "sent_at"}
-    assert search_index.search_chat(chat, "ZEBRA the") == [301]
-    assert search_index.search_chat(chat, "zebra giraffe") == []
-    assert search_index.search_chat(chat, "?!") == []
-
-
 # --- Cassandra -----------------------------------------------------------------------------------
 
 
