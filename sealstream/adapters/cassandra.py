@@ -161,8 +161,9 @@ class MessageStore:
         request instead of one per row, which is where the encryptor's CPU went. A batch the
         server refuses as invalid (it holds a row Cassandra will not take, e.g. one over
         `native_transport_max_message_size`) is written again row by row, so only the refused
-        rows are returned and the others are stored. Raises `StoreUnavailable` if any write failed for a reason that can
-        heal; the caller retries the whole set (writes are idempotent by message id).
+        rows are returned and the others are stored. Raises `StoreUnavailable` if any write
+        failed for a reason that can heal; the caller retries the whole set (writes are
+        idempotent by message id).
         """
         groups: dict[tuple[uuid.UUID, int], list[StoredMessage]] = defaultdict(list)
         for m in messages:
