@@ -1,8 +1,9 @@
 """Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
 
-Permanent problems (bad schema, unknown chat) reject one record; anything else raised fails the
-whole batch so the runtime retries it (see sealstream.streaming). Records of a deleted chat, or
-past their chat's retention, are skipped, not dead-lettered (sealstream.deletion_state).
+Permanent problems (bad schema, unknown chat, a row Cassandra refuses) reject one record; anything
+else raised fails the whole batch so the runtime retries it (see sealstream.streaming). Records of
+a deleted chat, or past their chat's retention, are skipped, not dead-lettered
+(sealstream.deletion_state).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prometheus_client import Counter
 
 from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_time
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import RefusedRow, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, deletion_check
 from sealstream.errors import KeyDestroyed, KeyNotFound
@@ -31,7 +32,7 @@ class KeySource(Protocol):
 
 
 class MessageSink(Protocol):
-    def write_many(self, messages: Sequence[StoredMessage]) -> None: ...
+    def write_many(self, messages: Sequence[StoredMessage]) -> list[RefusedRow]: ...
 
 
 def decode(record: RawRecord) -> MessageRecord | Rejected:
@@ -48,9 +49,11 @@ _STORE = PHASE_SECONDS.labels("store")
 
 def seal_batch(
     records: Sequence[RawRecord], keys: KeySource, states: ChatStates | None = None
-) -> tuple[list[StoredMessage], list[Rejected]]:
+) -> tuple[list[StoredMessage], list[Rejected], dict[int, RawRecord]]:
+    """Sealed rows, rejected records, and the record each row came from (by message id)."""
     deletion = deletion_check("encryptor", records, states)
     stored: list[StoredMessage] = []
+    source: dict[int, RawRecord] = {}
     rejected: list[Rejected] = []
     lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
     for record in records:
@@ -77,6 +80,7 @@ def seal_batch(
         )
         lookup_seconds += looked_up - started
         crypto_seconds += time.perf_counter() - looked_up
+        source[decoded.message_id] = record
         stored.append(
             StoredMessage(
                 chat_id=decoded.chat_id,
@@ -90,7 +94,7 @@ def seal_batch(
         )
     _KEY_LOOKUP.inc(lookup_seconds)
     _CRYPTO.inc(crypto_seconds)
-    return stored, rejected
+    return stored, rejected, source
 
 
 def encrypt_and_store(
@@ -104,10 +108,13 @@ def encrypt_and_store(
     Once the rows are written, the messages sealed per DEK version are counted, which rotates
     a chat whose current version reached the rotation policy's message limit.
     """
-    stored, rejected = seal_batch(records, keys, states)
+    stored, rejected, source = seal_batch(records, keys, states)
     started = time.perf_counter()
-    sink.write_many(stored)
+    refused = sink.write_many(stored)
     _STORE.inc(time.perf_counter() - started)
-    if stored:
-        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in stored)))
+    rejected += [Rejected(source[r.message_id], r.reason) for r in refused]
+    refused_ids = {r.message_id for r in refused}
+    written_rows = [m for m in stored if m.message_id not in refused_ids]
+    if written_rows:
+        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in written_rows)))
     return rejected

@@ -1,5 +1,8 @@
 """Turn a batch of raw message records into search documents and bulk-index them.
 
+A record the schema refuses, and a document the index refuses for itself, are dead-lettered with
+the reason; anything the sink raises fails the whole batch so the runtime retries it. The text is
+handed to the index adapter, which sends only its tokens (sealstream/tokens.py).
 Records of a deleted chat, or past their chat's retention, are skipped (sealstream.deletion_state).
 """
 
@@ -9,13 +12,13 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from schemas.events import decode_record
-from sealstream.adapters.opensearch import IndexedMessage
+from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
 from sealstream.deletion_state import ChatStates, deletion_check
 from sealstream.streaming import RawRecord, Rejected
 
 
 class DocumentSink(Protocol):
-    def index_many(self, messages: list[IndexedMessage]) -> None: ...
+    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]: ...
 
 
 def index_batch(
@@ -24,6 +27,7 @@ def index_batch(
     deletion = deletion_check("indexer", records, states)
     documents: list[IndexedMessage] = []
     rejected: list[Rejected] = []
+    source: dict[int, RawRecord] = {}
     for record in records:
         decoded = decode_record(record.value, record.key)
         if isinstance(decoded, str):
@@ -31,6 +35,7 @@ def index_batch(
             continue
         if deletion.refuses(decoded.chat_id, decoded.message_id):
             continue
+        source[decoded.message_id] = record
         documents.append(
             IndexedMessage(
                 message_id=decoded.message_id,
@@ -43,5 +48,6 @@ def index_batch(
         )
     # Document id = message id at external version 1: a redelivered record conflicts (done), and a
     # deleted message's tombstone (a higher version) is never overwritten.
-    sink.index_many(documents)
+    for refused in sink.index_many(documents):
+        rejected.append(Rejected(source[refused.message_id], refused.reason))
     return rejected

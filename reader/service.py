@@ -271,7 +271,7 @@ class ReaderService:
     def search(
         self, user: str, chat_id: uuid.UUID, q: str, limit: int = SEARCH_LIMIT_DEFAULT
     ) -> list[ReadMessage]:
-        """Messages of the chat matching every word of `q`, in the index's order (best first)."""
+        """Messages of the chat holding every word of `q`, in the index's order (newest first)."""
         _check_limit(limit, SEARCH_LIMIT_MAX)
         if not 1 <= len(q) <= QUERY_MAX_CHARS or not q.strip():
             raise ApiError(

@@ -9,7 +9,7 @@ partition. The message id is assigned before publishing, so every later step is 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,9 @@ MAX_TEXT_BYTES = 16 * 1024
 """Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
 
 MAX_ID_LEN = 128
+
+MAX_UTC_OFFSET = timedelta(hours=18)
+"""Largest UTC offset of `sent_at`: Java's time API, hence OpenSearch, refuses anything beyond."""
 
 
 class MessageRecord(BaseModel):
@@ -33,7 +36,9 @@ class MessageRecord(BaseModel):
     sender_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
     text: str = Field(min_length=1, description=f"At most {MAX_TEXT_BYTES} bytes of UTF-8")
     client_message_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
-    sent_at: datetime
+    sent_at: datetime = Field(
+        description="RFC 3339 date-time with a UTC offset of at most +/-18:00; held in UTC"
+    )
 
     @field_validator("text")
     @classmethod
@@ -44,6 +49,22 @@ class MessageRecord(BaseModel):
         if size > MAX_TEXT_BYTES:
             raise ValueError(f"text is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}")
         return value
+
+    @field_validator("sent_at")
+    @classmethod
+    def _sent_at_in_utc(cls, value: datetime) -> datetime:
+        # Normalised here, before any sink: every store gets the same instant in UTC, and what
+        # one of them could not store (an offset Java refuses, a year that leaves 1..9999 once
+        # in UTC) is refused for all, with the reason, instead of failing in one sink only.
+        offset = value.utcoffset()
+        if offset is None:
+            raise ValueError("must carry a UTC offset (e.g. 'Z' or '+02:00')")
+        if abs(offset) > MAX_UTC_OFFSET:
+            raise ValueError("UTC offset must be within +/-18:00")
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is outside years 1 to 9999 once converted to UTC") from None
 
     def key(self) -> bytes:
         return str(self.chat_id).encode()

@@ -7,9 +7,14 @@ were never written. Here the agent reads with `noack()`, hands events to a `Batc
 only after `process` returned, so a crash or SIGKILL at any point leads to redelivery (and the
 stages are idempotent by message id), never to loss.
 
-`process` receives raw records and returns the dead letters among them. Retriable failures (a
-server down) are retried with backoff for as long as it takes, holding the batch: the stream is
-paused, nothing is skipped. Poison records are written to the dead-letter topic with the reason.
+`process` receives raw records and returns the dead letters among them: records that fail the
+schema, and records a sink refused one by one (a bulk item error, a row the database refuses).
+Anything `process` raises is a failure of the batch as a whole and is retried with backoff,
+holding the batch: the stream is paused, nothing is skipped. Dead letters go to the dead-letter
+topic with the reason; one the topic refuses (too large) is replaced by a letter without the value.
+
+Shutdown: SIGTERM sets a stop signal that every retry loop checks, so a worker whose sink is down
+stops within its grace period; the batch in hand is then left unacked and is redelivered.
 """
 
 from __future__ import annotations
@@ -17,19 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import faust
 from faust.types import EventT, StreamT
 from faust.worker import Worker
 from prometheus_client import Counter, Gauge, Histogram
 
-from sealstream.adapters.kafka import DeadLetter, Publisher, dead_letter_headers
+from sealstream.adapters.kafka import DeadLetter, Publisher, RecordRefused, dead_letter_headers
 from sealstream.observability import configure_logging
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
@@ -71,18 +77,27 @@ class Rejected:
 
 
 Process = Callable[[Sequence[RawRecord]], list[Rejected]]
+T = TypeVar("T")
 
 
-def run_until_done(stage: str, process: Process, batch: Sequence[RawRecord]) -> list[Rejected]:
-    """Call `process` until it succeeds: every failure here is treated as retriable.
+class Stopped(Exception):
+    """The worker is stopping: the batch in hand was not handled and must not be acked."""
+
+
+def run_until_done(
+    stage: str, process: Process, batch: Sequence[RawRecord], stop: threading.Event
+) -> list[Rejected]:
+    """Call `process` until it succeeds or `stop` is set: every failure here is retriable.
 
     Per-record permanent problems are returned as `Rejected` by `process` itself; anything raised
     means the batch as a whole could not be handled now (server down, overload), so we wait and try
     again rather than drop or skip. The backoff is capped so recovery is noticed within seconds.
+    Raises `Stopped` once `stop` is set (checked before each attempt and during each wait); an
+    attempt already running is not interrupted.
     """
     delay = 0.1
     attempt = 0
-    while True:
+    while not stop.is_set():
         try:
             return process(batch)
         except Exception as exc:  # noqa: BLE001 - see docstring: hold the batch, never skip
@@ -98,8 +113,43 @@ def run_until_done(stage: str, process: Process, batch: Sequence[RawRecord]) -> 
                     "records": len(batch),
                 },
             )
-            time.sleep(delay)
+            if stop.wait(delay):
+                break
             delay = min(delay * 2, 5.0)
+    raise Stopped()
+
+
+async def in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run blocking `fn` off the event loop in a daemon thread.
+
+    Not `asyncio.to_thread`: its pool threads are joined when the interpreter exits, so a sink
+    call hanging at SIGTERM would keep the worker alive. Abandoning such a call is safe because
+    nothing is acked until it returned: its batch is redelivered.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: T | BaseException) -> None:
+        if future.done():  # the waiting task was cancelled (worker stopping)
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def target() -> None:
+        outcome: T | BaseException
+        try:
+            outcome = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = exc
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:
+            pass  # the event loop is closed: the worker has stopped, nothing waits for this
+
+    threading.Thread(target=target, name="sealstream-batch", daemon=True).start()
+    return await future
 
 
 class Batcher:
@@ -112,10 +162,12 @@ class Batcher:
         dead_letters: DeadLetterWriter,
         max_size: int,
         max_wait: float,
+        stop: threading.Event,
     ) -> None:
         self.stage = stage
         self.process = process
         self.dead_letters = dead_letters
+        self.stop = stop
         self.max_size = max_size
         self.max_wait = max_wait
         self._events: list[EventT[Any]] = []
@@ -142,9 +194,20 @@ class Batcher:
             events, self._events = self._events, []
             started = time.perf_counter()
             records = [_raw(e) for e in events]
-            rejected = await asyncio.to_thread(run_until_done, self.stage, self.process, records)
-            if rejected:
-                await asyncio.to_thread(self.dead_letters.write, self.stage, rejected)
+            try:
+                rejected = await in_daemon_thread(
+                    lambda: run_until_done(self.stage, self.process, records, self.stop)
+                )
+                if rejected:
+                    await in_daemon_thread(
+                        lambda: self.dead_letters.write(self.stage, rejected, self.stop)
+                    )
+            except Stopped:
+                log.info(
+                    "stopping: batch left unacked for redelivery",
+                    extra={"stage": self.stage, "records": len(records)},
+                )
+                return
             # Only now is every record of the batch written (or dead-lettered): ack = may commit.
             for event in events:
                 await self.stream.ack(event)
@@ -166,11 +229,21 @@ def _raw(event: EventT[Any]) -> RawRecord:
 
 
 class DeadLetterWriter:
+    """Publishes dead letters: the record as it came (key, value) with `dlq.*` headers.
+
+    A record the dead-letter topic refuses for good (larger than the topic takes) is replaced by
+    a letter with the same key and headers, no value, and a `dlq.value` header saying why: the
+    headers point at the original record, still in the message topic until its retention ends.
+    Publishing is retried like a batch (the offset must not be committed before the topic has
+    the letter) until `stop` is set; letters published before a stop are published again when
+    the batch is redelivered.
+    """
+
     def __init__(self, publisher: Publisher, topic: str) -> None:
         self.publisher = publisher
         self.topic = topic
 
-    def write(self, stage: str, rejected: Sequence[Rejected]) -> None:
+    def write(self, stage: str, rejected: Sequence[Rejected], stop: threading.Event) -> None:
         for item in rejected:
             letter = DeadLetter(
                 stage=stage,
@@ -188,16 +261,25 @@ class DeadLetterWriter:
                     "offset": letter.offset,
                 },
             )
-            # Retried like a batch: the offset must not be committed before the DLQ has it.
-            run_until_done(stage, self._publisher_for(letter), [item.record])
+            run_until_done(stage, self._publisher_for(letter), [item.record], stop)
 
     def _publisher_for(self, letter: DeadLetter) -> Process:
         def publish(records: Sequence[RawRecord]) -> list[Rejected]:
-            self.publisher.publish(
-                self.topic,
-                [(r.key or b"", r.value) for r in records],
-                headers=dead_letter_headers(letter),
-            )
+            headers = dead_letter_headers(letter)
+            for r in records:
+                try:
+                    self.publisher.publish(self.topic, [(r.key or b"", r.value)], headers=headers)
+                except RecordRefused as exc:
+                    log.warning(
+                        "dead letter published without its value",
+                        extra={"stage": letter.stage, "offset": letter.offset, "error": exc.code},
+                    )
+                    omitted = f"omitted: the dead-letter topic refused it ({exc.code})"
+                    self.publisher.publish(
+                        self.topic,
+                        [(r.key or b"", None)],
+                        headers=[*headers, ("dlq.value", omitted.encode())],
+                    )
             return []
 
         return publish
@@ -218,8 +300,13 @@ def build_app(
     dead_letters: DeadLetterWriter,
     max_size: int = 500,
     max_wait: float = 0.05,
+    stop: threading.Event | None = None,
 ) -> tuple[faust.App, Batcher]:
-    """A Faust app with one agent over the message topic in consumer group `group_id`."""
+    """A Faust app with one agent over the message topic in consumer group `group_id`.
+
+    `stop` is set when the app begins to stop (SIGTERM), which ends the retry loops.
+    """
+    stop = stop if stop is not None else threading.Event()
     app = faust.App(
         group_id,
         broker=f"kafka://{kafka.bootstrap}",
@@ -235,11 +322,19 @@ def build_app(
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
         stream_buffer_maxsize=max_size * 4,
+        # Stopping does not wait for the batch in hand to be acked: with a sink down it never
+        # would be. Unacked records are redelivered to the next owner of the partition.
+        stream_wait_empty=False,
         key_serializer="raw",
         value_serializer="raw",
     )
     topic = app.topic(kafka.messages_topic, key_type=bytes, value_type=bytes)
-    batcher = Batcher(stage, process, dead_letters, max_size, max_wait)
+    batcher = Batcher(stage, process, dead_letters, max_size, max_wait, stop)
+
+    def end_retries(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        stop.set()  # sent as the app begins to stop (SIGTERM), before its agents are cancelled
+
+    app.on_before_shutdown.connect(end_retries)
 
     async def agent(stream: StreamT[Any]) -> None:
         manual: Any = cast(Any, stream).noack()
@@ -300,6 +395,8 @@ def run_worker(
     """Run a consumer worker until SIGTERM: dead-letter publisher, Faust app, health endpoint."""
     publisher = Publisher(settings.kafka, client_id=f"{stage}-dlq")
     stack.callback(publisher.close)
+    stop = threading.Event()
+    stack.callback(stop.set)  # whatever ends the worker also ends a retry loop still running
     app, _ = build_app(
         stage,
         settings.kafka,
@@ -308,6 +405,7 @@ def run_worker(
         DeadLetterWriter(publisher, settings.kafka.dead_letter_topic),
         max_size=max_size,
         max_wait=max_wait,
+        stop=stop,
     )
     endpoint = serve(http, ready=lambda: is_ready(app))
     stack.callback(endpoint.shutdown)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import secrets
 import socket
 from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
 
 import pytest
+from opensearchpy import OpenSearch
 
 from sealstream.settings import (
     CassandraSettings,
@@ -106,3 +109,21 @@ def redis_cache(settings: Settings) -> Iterator[object]:
     cache = RedisKeyCache(settings.redis)
     yield cache
     cache.close()
+
+
+def index_folder(client: OpenSearch, index_name: str) -> Path:
+    """The folder of `index_name`'s shards on this machine (the node's own `path.data`)."""
+    nodes = client.nodes.info(node_id="_local", metric="settings")["nodes"]
+    [node] = nodes.values()
+    data = node["settings"]["path"]["data"]
+    data_path = Path(data[0] if isinstance(data, list) else data)
+    uuid_ = client.indices.get_settings(index=index_name)[index_name]["settings"]["index"]["uuid"]
+    folder = data_path / "nodes" / "0" / "indices" / uuid_
+    assert folder.is_dir(), f"no folder {folder}: is the OpenSearch node on this machine?"
+    return folder
+
+
+def phrases(text: str) -> list[str]:
+    """The whole text and every run of two words of it, in their order."""
+    words = text.split()
+    return [text] + [f"{a} {b}" for a, b in pairwise(words)]

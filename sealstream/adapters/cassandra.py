@@ -13,6 +13,7 @@ guarantees", for the limit: tombstones are purged after the table's gc_grace_sec
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +22,14 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from cassandra import ConsistencyLevel, OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+from cassandra import (
+    ConsistencyLevel,
+    InvalidRequest,
+    OperationTimedOut,
+    ReadTimeout,
+    Unavailable,
+    WriteTimeout,
+)
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
@@ -50,6 +58,23 @@ DELETION_TIMESTAMP = 1 << 62
 # that many replicas have it in their commit log (docs/operations.md, "Durability").
 _WRITE = "write"
 _REQUEST_TIMEOUT = 10.0
+# What makes one row unwritable for good: the server calls the request invalid, or the driver
+# cannot encode a value. Anything else (timeouts, overload, lost connections, a permission or
+# schema problem) is about the store, not the row, and is retried.
+_ROW_REFUSED = (InvalidRequest, TypeError, ValueError, OverflowError, struct.error)
+
+
+@dataclass(frozen=True)
+class RefusedRow:
+    """A row Cassandra refused for itself (a retry will not help); `reason` holds no value."""
+
+    message_id: int
+    reason: str
+
+
+def _refusal(exc: BaseException) -> str:
+    # Cassandra only ever sees ids and envelopes, so its message cannot quote message text.
+    return f"the message store refused the row ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 @dataclass(frozen=True)
@@ -177,37 +202,43 @@ class MessageStore:
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"Cassandra unavailable: {type(exc).__name__}") from None
 
-    def write_many(self, messages: Iterable[StoredMessage]) -> None:
-        """Write rows, one unlogged batch per (chat, bucket) partition, batches concurrently.
+    def write_many(self, messages: Iterable[StoredMessage]) -> list[RefusedRow]:
+        """Write rows, one unlogged batch per (chat, bucket) partition, batches concurrently;
+        returns the rows Cassandra refused.
 
         A single-partition batch is applied atomically by one replica set and costs the driver one
-        request instead of one per row, which is where the encryptor's CPU went. Raises if any
-        batch failed; the caller retries the whole set (writes are idempotent by message id).
+        request instead of one per row, which is where the encryptor's CPU went. A batch the
+        server refuses as invalid (it holds a row Cassandra will not take, e.g. one over
+        `native_transport_max_message_size`) is written again row by row, so only the refused
+        rows are returned and the others are stored. Raises `StoreUnavailable` if any write
+        failed for a reason that can heal; the caller retries the whole set (writes are
+        idempotent by message id).
         """
         groups: dict[tuple[uuid.UUID, int], list[StoredMessage]] = defaultdict(list)
         for m in messages:
             groups[(m.chat_id, bucket_of(m.message_id))].append(m)
         if not groups:
-            return
+            return []
         insert = self._stmt("insert")
         batches: list[tuple[BatchStatement, None]] = []
-        for (chat_id, bucket), rows in groups.items():
+        batch_rows: list[list[StoredMessage]] = []
+        unencodable: list[RefusedRow] = []
+        for rows in groups.values():
             for start in range(0, len(rows), _BATCH_ROWS):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                added: list[StoredMessage] = []
                 for m in rows[start : start + _BATCH_ROWS]:
-                    batch.add(
-                        insert,
-                        (
-                            chat_id,
-                            bucket,
-                            m.message_id,
-                            m.sender_id,
-                            m.dek_version,
-                            m.envelope,
-                            m.created_at,
-                        ),
-                    )
-                batches.append((batch, None))
+                    try:
+                        batch.add(insert, self._insert_values(m))
+                    except _ROW_REFUSED as exc:  # the driver cannot encode a value of this row
+                        unencodable.append(RefusedRow(m.message_id, _refusal(exc)))
+                        continue
+                    added.append(m)
+                if added:
+                    batches.append((batch, None))
+                    batch_rows.append(added)
+        if not batches:
+            return unencodable
         results = self._run(
             lambda: execute_concurrent(
                 self.session,
@@ -217,15 +248,51 @@ class MessageStore:
                 execution_profile=_WRITE,
             )
         )
-        failures = [r for ok, r in results if not ok]
-        if failures:
-            first = failures[0]
-            if isinstance(first, _TRANSIENT):
-                raise StoreUnavailable(
-                    f"{len(failures)} of {len(batches)} Cassandra batches failed "
-                    f"({type(first).__name__})"
-                )
-            raise first
+        refused_batches = []
+        for (ok, result), rows in zip(results, batch_rows, strict=True):
+            if not ok:
+                self._raise_unless_refused(result, len(batches))
+                refused_batches.extend(rows)
+        if refused_batches:
+            return unencodable + self._write_one_by_one(refused_batches)
+        return unencodable
+
+    @staticmethod
+    def _insert_values(m: StoredMessage) -> tuple[Any, ...]:
+        return (
+            m.chat_id,
+            bucket_of(m.message_id),
+            m.message_id,
+            m.sender_id,
+            m.dek_version,
+            m.envelope,
+            m.created_at,
+        )
+
+    @staticmethod
+    def _raise_unless_refused(error: BaseException, requests: int) -> None:
+        if not isinstance(error, _ROW_REFUSED):
+            raise StoreUnavailable(
+                f"a write of {requests} Cassandra requests failed ({type(error).__name__})"
+            )
+
+    def _write_one_by_one(self, rows: list[StoredMessage]) -> list[RefusedRow]:
+        insert = self._stmt("insert")
+        results = self._run(
+            lambda: execute_concurrent(
+                self.session,
+                [(insert, self._insert_values(m)) for m in rows],
+                concurrency=self.concurrency,
+                raise_on_first_error=False,
+                execution_profile=_WRITE,
+            )
+        )
+        refused: list[RefusedRow] = []
+        for (ok, result), m in zip(results, rows, strict=True):
+            if not ok:
+                self._raise_unless_refused(result, len(rows))
+                refused.append(RefusedRow(m.message_id, _refusal(result)))
+        return refused
 
     def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
         row = self._run(

@@ -30,7 +30,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from sealstream.errors import StoreUnavailable
+from sealstream.errors import SealstreamError, StoreUnavailable
 from sealstream.settings import KafkaSettings
 
 HOUR_MS = 3_600_000
@@ -67,6 +67,31 @@ def topic_configs(settings: KafkaSettings) -> dict[str, dict[str, str]]:
         # Poison records as they came: kept longer so an operator can look, bounded all the same.
         settings.dead_letter_topic: config(settings.retention_ms * 7),
     }
+
+
+class RecordRefused(SealstreamError):
+    """The broker (or the client, before sending) refused this record for good: too large for
+    the topic, or invalid. Publishing it again will fail again; the error code says why."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(f"Kafka refused the record ({code})")
+        self.code = code
+
+
+# Error codes about one record, not about the cluster: retrying cannot help.
+_RECORD_REFUSED = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_MSG,
+    KafkaError.INVALID_MSG_SIZE,
+}
+
+
+def _delivery_error(err: KafkaError) -> SealstreamError:
+    if err.code() in _RECORD_REFUSED:
+        return RecordRefused(err.name())
+    return StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
 
 
 def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
@@ -186,7 +211,7 @@ class Publisher:
         self,
         topic: str,
         key: bytes,
-        value: bytes,
+        value: bytes | None,
         headers: Headers | None,
         on_done: OnDelivery,
         wait_for_room: bool = True,
@@ -201,6 +226,8 @@ class Publisher:
                 if not wait_for_room:  # an event loop must not block: the caller retries
                     raise StoreUnavailable("Kafka's local queue is full") from None
                 self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
+            except KafkaException as exc:  # refused before sending, e.g. over message.max.bytes
+                raise _delivery_error(exc.args[0]) from None
 
     async def publish_async(
         self,
@@ -251,10 +278,15 @@ class Publisher:
     def publish(
         self,
         topic: str,
-        items: Sequence[tuple[bytes, bytes]],
+        items: Sequence[tuple[bytes, bytes | None]],
         headers: Headers | None = None,
         timeout: float = 30.0,
     ) -> list[Delivery]:
+        """Publish and wait for the acknowledgement of every record.
+
+        Raises `RecordRefused` when a record can never be accepted (too large, invalid) and
+        `StoreUnavailable` for anything else (no broker, no acknowledgement in `timeout`).
+        """
         results: list[Delivery | BaseException | None] = [None] * len(items)
         done = threading.Event()
         remaining = [len(items)]
@@ -263,7 +295,7 @@ class Publisher:
         def callback_for(index: int) -> OnDelivery:
             def callback(err: KafkaError | None, msg: Message) -> None:
                 results[index] = (
-                    StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                    _delivery_error(err)
                     if err is not None
                     else Delivery(msg.topic() or topic, msg.partition() or 0, msg.offset() or 0)
                 )
@@ -313,6 +345,7 @@ class DeadLetter:
 
 
 def dead_letter_headers(letter: DeadLetter) -> Headers:
+    """Where the record came from and why it was dead-lettered (see docs/operations.md)."""
     return [
         ("dlq.stage", letter.stage.encode()),
         ("dlq.reason", letter.reason.encode()[:1000]),

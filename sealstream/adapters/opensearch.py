@@ -1,17 +1,20 @@
 """OpenSearch adapter: the search index of message tokens.
 
-The mapping (`schemas/opensearch/messages.json`) indexes the analysed text but excludes it from
-`_source`, so the index can answer "which messages contain this word" without being able to hand
-back a message. Search returns message ids; the reader decrypts the messages from Cassandra.
+No message text ever reaches OpenSearch: `index_many` analyses each text in this process
+(sealstream/tokens.py) and sends only the sorted set of its distinct tokens, indexed as `keyword`
+terms (no positions, no doc values) and excluded from `_source`. OpenSearch's translog and
+recovery source do keep what was sent, which is why only tokens are sent (docs/security.md). The
+index answers "which messages hold all these words"; the reader decrypts them from Cassandra.
 Documents use the message id as `_id` and external version 1, so a redelivered record is refused
 with a version conflict, which means "already indexed" and counts as done. A deleted message's
-document is replaced by a tombstone (no words, `deleted: true`) at version `DELETION_VERSION`,
+document is replaced by a tombstone (no tokens, `deleted: true`) at version `DELETION_VERSION`,
 above any version the indexer writes, so no redelivery or replay can index its words again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,8 +30,9 @@ from opensearchpy.exceptions import (
     TransportError,
 )
 
-from sealstream.errors import InvalidMessage, SealstreamError, StoreUnavailable
+from sealstream.errors import SealstreamError, StoreUnavailable
 from sealstream.settings import OpenSearchSettings
+from sealstream.tokens import analyzer
 
 # External versions: every message document is written at version 1, a deleted message's tombstone
 # at 2^62 (OpenSearch accepts up to 2^63 - 1, measured). A write at a version not above the stored
@@ -45,7 +49,29 @@ class IndexedMessage:
     tenant_id: str
     sender_id: str
     sent_at: datetime
-    text: str
+    text: str  # analysed into tokens by `index_many`; never sent
+
+
+@dataclass(frozen=True)
+class RefusedDocument:
+    """A document OpenSearch refused for itself (a bulk item error a retry will not fix)."""
+
+    message_id: int
+    reason: str  # status, error type and field name only: OpenSearch's own text quotes values
+
+
+_FIELDS = ("message_id", "chat_id", "tenant_id", "sender_id", "sent_at", "tokens")
+_FIELD_IN_REASON = re.compile(r"field \[([A-Za-z_]+)\]")
+
+
+def _refusal(status: object, error: dict[str, Any]) -> str:
+    """`status` + error type (+ the field, when OpenSearch names one of ours), never its reason."""
+    error_type = str(error.get("type", "unknown"))[:100]
+    fields = {
+        name for name in _FIELD_IN_REASON.findall(str(error.get("reason", ""))) if name in _FIELDS
+    }
+    named = f", field {', '.join(sorted(fields))}" if fields else ""
+    return f"the search index refused the document (HTTP {status}, {error_type}{named})"
 
 
 class SearchRejected(SealstreamError):
@@ -68,10 +94,27 @@ def _retriable_status(status: int | str | None) -> bool:
     return status in (429, 502, 503, 504) or status == "N/A"
 
 
+# Item errors about the index rather than the document (missing index, write block after a full
+# disk, an outdated mapping): every item of every batch would fail alike, so they are waited
+# out, not dead-lettered (a strict-mapping refusal: the index predates these documents, see
+# `migrate`).
+_INDEX_WIDE_ERRORS = (
+    "index_not_found_exception",
+    "cluster_block_exception",
+    "strict_dynamic_mapping_exception",
+)
+
+
+def _item_can_heal(item: dict[str, Any]) -> bool:
+    error_type = str(item.get("error", {}).get("type", ""))
+    return _retriable_status(item.get("status")) or error_type in _INDEX_WIDE_ERRORS
+
+
 class SearchIndex:
     def __init__(self, settings: OpenSearchSettings) -> None:
         self.settings = settings
         self.index = f"{settings.index_prefix}-messages"
+        self.analyze = analyzer(settings.analyzer)
         self._client = OpenSearch(
             hosts=[settings.url], timeout=30, max_retries=0, retry_on_timeout=False
         )
@@ -93,38 +136,48 @@ class SearchIndex:
         return f"OpenSearch {info['version']['number']}"
 
     def migrate(self) -> None:
-        """Create the index from `schemas/opensearch/messages.json`, or, if it exists, re-apply
-        the dynamic settings of `DURABLE_SETTINGS` from that file (an index made by an older
-        release gets today's durability and history bounds; mappings are left alone)."""
+        """Create the index from `schemas/opensearch/messages.json`, or, if it exists, add the
+        fields added since (allowed in place) and re-apply the dynamic settings of
+        `DURABLE_SETTINGS` (an index made by an older release gets today's durability and history
+        bounds). An index of the text-holding mapping is refused: it cannot be changed in place."""
         body = json.loads(
             resources.files("schemas").joinpath("opensearch/messages.json").read_text()
         )
         exists = self._run(lambda: self._client.indices.exists(index=self.index))
-        if exists:  # an index made before the `deleted` field: adding a field is allowed
-            deleted = {"deleted": body["mappings"]["properties"]["deleted"]}
-            self._run(
-                lambda: self._client.indices.put_mapping(
-                    index=self.index, body={"properties": deleted}
-                )
-            )
-        else:
+        if not exists:
             try:
                 self._run(lambda: self._client.indices.create(index=self.index, body=body))
                 return
             except SearchRejected as exc:
                 if "resource_already_exists" not in exc.error_type:
                     raise
+        mapping = self._run(lambda: self._client.indices.get_mapping(index=self.index))
+        properties = next(iter(mapping.values()))["mappings"].get("properties", {})
+        if "tokens" not in properties:
+            # `_source` excludes cannot be changed in place, and the old index holds text.
+            raise SealstreamError(
+                f"index {self.index} has the mapping of an older version (a text field, no "
+                "tokens): delete it and run migrate again, then re-index (docs/security.md)"
+            )
+        if "deleted" not in properties:  # an index made before message tombstones
+            deleted = {"deleted": body["mappings"]["properties"]["deleted"]}
+            self._run(
+                lambda: self._client.indices.put_mapping(
+                    index=self.index, body={"properties": deleted}
+                )
+            )
         update = {f"index.{key}": body["settings"][key] for key in DURABLE_SETTINGS}
         self._run(lambda: self._client.indices.put_settings(index=self.index, body=update))
 
-    def index_many(self, messages: list[IndexedMessage]) -> None:
-        """Bulk index; 429s and unreachable nodes raise `StoreUnavailable` (caller retries).
+    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
+        """Bulk index; returns the documents OpenSearch refused one by one (permanent).
 
-        A version conflict (the document exists: a redelivery, or a deleted message's tombstone)
-        is success: the record was already handled.
+        Raises `StoreUnavailable` when the request as a whole failed (node unreachable, overload)
+        or when any item failed with a status that can heal (429, 502-504): the caller retries
+        the whole set, which is idempotent by `_id`.
         """
         if not messages:
-            return
+            return []
         actions = [
             {
                 "_op_type": "index",
@@ -138,7 +191,7 @@ class SearchIndex:
                     "tenant_id": m.tenant_id,
                     "sender_id": m.sender_id,
                     "sent_at": m.sent_at.isoformat(),
-                    "text": m.text,
+                    "tokens": self.analyze(m.text),
                 },
             }
             for m in messages
@@ -146,28 +199,38 @@ class SearchIndex:
         _, errors = self._run(
             lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
         )
-        statuses = [next(iter(e.values())).get("status") for e in errors]
-        errors = [e for e, status in zip(errors, statuses, strict=True) if status != _CONFLICT]
-        statuses = [status for status in statuses if status != _CONFLICT]
-        if errors:
-            if any(_retriable_status(s) for s in statuses):
-                raise StoreUnavailable(f"{len(errors)} bulk items rejected (busy: {statuses[:3]})")
-            # The mapping rejected a document: nothing a retry can fix. No text in the message.
-            raise InvalidMessage(
-                f"{len(errors)} documents rejected by the index (status {statuses[0]})"
-            )
+        # A version conflict (the document exists: a redelivery, or a deleted message's
+        # tombstone) is success: the record was already handled.
+        items = [next(iter(e.values())) for e in errors]
+        items = [item for item in items if item.get("status") != _CONFLICT]
+        busy = [item.get("status") for item in items if _item_can_heal(item)]
+        if busy:
+            raise StoreUnavailable(f"{len(busy)} bulk items rejected (busy: {busy[:3]})")
+        return [
+            RefusedDocument(int(item["_id"]), _refusal(item.get("status"), item.get("error", {})))
+            for item in items
+        ]
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
+        """Ids of the chat's messages holding every token of `query`, newest first.
+
+        The query is analysed like the texts were; a query without any token matches nothing.
+        """
+        terms = self.analyze(query)
+        if not terms:
+            return []
         body = {
             "size": limit,
             "_source": False,
             "query": {
                 "bool": {
-                    "filter": [{"term": {"chat_id": str(chat_id)}}],
-                    "must": [{"match": {"text": {"query": query, "operator": "and"}}}],
+                    "filter": [
+                        {"term": {"chat_id": str(chat_id)}},
+                        *({"term": {"tokens": term}} for term in terms),
+                    ]
                 }
             },
-            "sort": [{"_score": "desc"}, {"message_id": "desc"}],
+            "sort": [{"message_id": "desc"}],
         }
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]

@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+from opensearchpy import OpenSearch
 
+from schemas.events import MessageRecord
+from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import RedisKeyCache
+from tests.conftest import index_folder, phrases
 from tests.e2e.conftest import Pipeline, free_port
 
 CHATS = 20
@@ -162,6 +169,27 @@ def test_no_store_but_kafka_holds_message_text(pipeline: Pipeline, database: Any
         search(pipeline, "leaky", chat, "zebra7quartz").json()["messages"][0]["text"] == secrets[7]
     )
 
+    # The index's files on disk hold no text either: not the translog (which keeps every document
+    # as it was sent, `_source` filtering or not), not the segments. Scanned before and after a
+    # flush, which moves the translog into segments.
+    client = OpenSearch(hosts=[settings.opensearch.url])
+    folder = index_folder(client, index.index)
+    client.indices.refresh(index=index.index)
+    for moment in ("before flush", "after flush"):
+        files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        if moment == "before flush":
+            # The scan sees what was sent: the translog holds the documents raw, and the rare
+            # word of each message (a token) is found there. (Segment files compress what they
+            # hold, so after the flush the raw scan is the weaker check.)
+            assert any("translog" in str(p) and b"zebra7quartz" in d for p, d in files.items())
+        for text in secrets:
+            for needle in phrases(text):
+                for encoded in (needle.encode(), needle.encode("utf-16-le")):
+                    found = [str(p.relative_to(folder)) for p, d in files.items() if encoded in d]
+                    assert not found, f"{needle!r} ({moment}) found in {found}"
+        client.indices.flush(index=index.index, force=True, wait_if_ongoing=True)
+    client.close()
+
 
 def test_non_participant_is_refused_and_tampered_row_fails_closed(pipeline: Pipeline) -> None:
     chat = create_chat(pipeline, "alice", ["bob"])
@@ -233,6 +261,100 @@ def test_poison_record_goes_to_dead_letter_topic_and_pipeline_continues(
         assert headers["dlq.topic"] == pipeline.settings.kafka.messages_topic
         assert int(headers["dlq.offset"]) >= 0
         assert "message_id" in headers["dlq.reason"]  # names the field that was wrong
+
+
+def _dead_letters(pipe: Pipeline, until: Callable[[list[Any]], bool]) -> list[Any]:
+    """Dead letters of this run's topic, read from the start until `until(letters)` holds."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": pipe.settings.kafka.bootstrap,
+            "group.id": f"dlq-check-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([pipe.settings.kafka.dead_letter_topic])
+    letters: list[Any] = []
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and not until(letters):
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                letters.append(msg)
+    finally:
+        consumer.close()
+    return letters
+
+
+def _headers(msg: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in (msg.headers() or [])}
+
+
+def test_bad_records_are_dead_lettered_and_never_stop_a_stage(pipeline: Pipeline) -> None:
+    """A record OpenSearch would refuse (UTC offset +20:00) and a poison record too large for the
+    dead-letter topic: both stages dead-letter them and go on to the next message."""
+    chat = create_chat(pipeline, "ivan", ["judy"])
+    kafka = pipeline.settings.kafka
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    _set_topic_config(admin, kafka.dead_letter_topic, "max.message.bytes", "16384")
+    try:
+        far_east = MessageRecord(
+            message_id=SnowflakeIds(77).next_id(),
+            chat_id=uuid.UUID(chat),
+            sender_id="ivan",
+            text="offset beyond eighteen hours",
+            sent_at=datetime.now(UTC),
+        )
+        value = json.loads(far_east.value())
+        value["sent_at"] = "2026-01-01T12:00:00+20:00"  # the schema of the old code took this
+        oversized = b"not json " + os.urandom(32_000)  # incompressible: > the DLQ's 16 KiB
+        producer = _raw_producer(pipeline)
+        producer.produce(kafka.messages_topic, key=chat.encode(), value=json.dumps(value).encode())
+        producer.produce(kafka.messages_topic, key=chat.encode(), value=oversized)
+        producer.flush(10)
+        [after] = post_batch(pipeline, "ivan", chat, ["the pipeline flows on regardless"])
+
+        wait_until(
+            lambda: [m["message_id"] for m in history(pipeline, "judy", chat)] == [after],
+            what="encryptor goes on (and stored neither bad record)",
+        )
+        wait_until(
+            lambda: (
+                [
+                    m["message_id"]
+                    for m in search(pipeline, "judy", chat, "regardless").json().get("messages", [])
+                ]
+                == [after]
+            ),
+            what="indexer goes on",
+        )
+
+        def ours(letters: list[Any]) -> list[tuple[str, str, bytes | None]]:
+            return [
+                (h["dlq.stage"], h["dlq.reason"], m.value())
+                for m in letters
+                if m.key() == chat.encode() and (h := _headers(m))
+            ]
+
+        letters = _dead_letters(pipeline, lambda got: len(ours(got)) >= 4)
+        found = ours(letters)
+        for stage in ("encryptor", "indexer"):
+            offsets = [r for s, r, v in found if s == stage and v is not None]
+            assert any("sent_at" in r and "18:00" in r for r in offsets), (stage, found)
+            assert any(s == stage and v is None for s, _, v in found), (stage, found)
+        omitted = [_headers(m) for m in letters if m.key() == chat.encode() and m.value() is None]
+        assert all("MSG_SIZE_TOO_LARGE" in h["dlq.value"] for h in omitted)
+        assert all(int(h["dlq.offset"]) >= 0 for h in omitted)
+    finally:
+        _set_topic_config(admin, kafka.dead_letter_topic, "max.message.bytes", None)
+
+
+def _set_topic_config(admin: AdminClient, topic: str, name: str, value: str | None) -> None:
+    """Set one config of a topic, or back to the broker's default with None."""
+    op = AlterConfigOpType.SET if value is not None else AlterConfigOpType.DELETE
+    entry = ConfigEntry(name, value or "", incremental_operation=op)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
 
 
 def _kill_and_restart_midstream(

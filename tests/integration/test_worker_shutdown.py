@@ -1,0 +1,113 @@
+"""A consumer worker whose sink is down stops on SIGTERM, and commits nothing it did not write.
+
+A real `sealstream run indexer` process, on this run's own topics and consumer group, with its
+OpenSearch address pointing at a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from schemas.events import MessageRecord
+from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import Publisher
+from sealstream.services import settings_env, spawn
+from sealstream.settings import IndexerHttp, Settings
+from tests.e2e.conftest import free_port
+from tests.integration.conftest import KafkaTopics
+
+GRACE_SECONDS = 30  # what an orchestrator gives a container between SIGTERM and SIGKILL
+
+
+def retries(url: str) -> float:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sealstream_consumer_retries_total{") and 'stage="indexer"' in line
+    )
+
+
+def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
+    settings: Settings, kafka_topic_factory: KafkaTopics, tmp_path: Path
+) -> None:
+    topics = kafka_topic_factory("shutdown")
+    group = f"shutdown-indexer-{uuid.uuid4().hex[:12]}"
+    http = IndexerHttp(port=free_port())
+    worker = settings.model_copy(
+        update={
+            "kafka": topics.model_copy(update={"indexer_group": group}),
+            "opensearch": settings.opensearch.model_copy(
+                update={"url": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+            ),
+            "indexer_http": http,
+        }
+    )
+    log = tmp_path / "indexer.log"
+    proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
+    try:
+        publisher = Publisher(topics, client_id="shutdown-test")
+        ids, chat = SnowflakeIds(71), uuid.uuid4()
+        records = [
+            MessageRecord(
+                message_id=ids.next_id(),
+                chat_id=chat,
+                sender_id="alice",
+                text=f"held while the index is down {i}",
+                sent_at=datetime.now(UTC),
+            )
+            for i in range(20)
+        ]
+        publisher.publish(topics.messages_topic, [(r.key(), r.value()) for r in records])
+        publisher.close()
+
+        # The worker has the batch and is retrying it (its index is unreachable).
+        url = f"http://127.0.0.1:{http.port}"
+        deadline = time.monotonic() + 120
+        while retries(url) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.5)
+        assert retries(url) >= 2, "the worker never retried a batch"
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        try:
+            code = proc.wait(GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"indexer still running {GRACE_SECONDS} s after SIGTERM")
+        print(f"\nindexer exited {time.monotonic() - signalled:.1f} s after SIGTERM")
+        assert code == 0, log.read_text()[-2000:]
+
+        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        try:
+            partitions = [
+                TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)
+            ]
+            committed = consumer.committed(partitions, timeout=30)
+        finally:
+            consumer.close()
+        # Nothing was indexed, so no offset may have been committed (negative = none).
+        assert [tp.offset for tp in committed if tp.offset >= 0] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+        for future in admin.delete_consumer_groups([group], request_timeout=15).values():
+            with contextlib.suppress(KafkaException):  # a SIGKILLed member holds it a while
+                future.result(20)
