@@ -1,0 +1,356 @@
+"""Review of the gateway's idempotency and failure behaviour, black-box: a real gateway process
+on the shared stack (own topics and schema), clients racing and retrying as real ones do.
+
+Each test states the promise of README.md / docs/operations.md it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from ingest.idempotency import PostgresClaims, claim_key
+from ingest.ports import Claim, ClaimConflict
+from sealstream.adapters.postgres import Database
+from sealstream.auth import mint_token
+from sealstream.crypto import TextFingerprints
+from sealstream.errors import StoreUnavailable
+from sealstream.settings import Settings
+from tests.integration.test_gateway_failures import (
+    Gateway,
+    base,  # noqa: F401 - the module's topics, a fixture
+    gateway,
+    through,
+    topic_ids,
+)
+from tests.tcp_proxy import proxy
+
+POSTGRES_BOUND = 10.0
+
+
+@pytest.fixture(scope="module")
+def gw(base: Settings) -> Iterator[Gateway]:  # noqa: F811
+    with gateway(base) as running:
+        yield running
+
+
+def _race(n: int, work) -> list:  # type: ignore[no-untyped-def]
+    """Run work(i) for i in range(n) in n threads released at the same instant."""
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _batch(gw: Gateway, user: str, chat: str, messages: list[dict]) -> httpx.Response:
+    return httpx.post(
+        f"{gw.url}/v1/chats/{chat}/messages:batch",
+        json={"messages": messages},
+        headers=gw.headers(user),
+        timeout=60,
+    )
+
+
+# --- concurrent retries ------------------------------------------------------------------------
+
+
+def test_racing_retries_of_one_client_id_get_one_message_id(base: Settings, gw: Gateway) -> None:  # noqa: F811
+    chat = gw.new_chat("rae")
+    answers = _race(24, lambda i: gw.post("rae", chat, "same text", "race-1")[0])
+    assert {a.status_code for a in answers} == {202}, [a.text for a in answers]
+    ids = {a.json()["message_id"] for a in answers}
+    assert len(ids) == 1
+    assert topic_ids(base, chat, 1) == {"race-1": {int(ids.pop())}}
+
+
+def test_racing_texts_under_one_client_id_one_wins_the_rest_conflict(
+    base: Settings,  # noqa: F811
+    gw: Gateway,
+) -> None:
+    chat = gw.new_chat("rex")
+    answers = _race(16, lambda i: gw.post("rex", chat, f"text {i}", "race-2")[0])
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) <= {202, 409}, [a.text for a in answers]
+    won = [a for a in answers if a.status_code == 202]
+    assert len({a.json()["message_id"] for a in won}) == 1
+    for a in answers:
+        if a.status_code == 409:
+            assert a.json()["error"]["code"] == "idempotency_conflict"
+            assert a.json()["error"]["field"] == "client_message_id"
+    assert topic_ids(base, chat, 1) == {"race-2": {int(won[0].json()["message_id"])}}
+
+
+def test_a_conflicting_batch_claims_nothing_even_when_racing(gw: Gateway) -> None:
+    """docs/operations.md: 'the refused request claims nothing'. Batch B = [x: other text, y_i]
+    races batch A = [x: text]; when B is refused (409), its y_i must stay free, so a later post
+    of y_i with any text is accepted."""
+    chat = gw.new_chat("ray")
+    leaked: list[str] = []
+    for round_ in range(12):
+        x = f"x{round_}"
+
+        def work(i: int, x: str = x, round_: int = round_) -> httpx.Response:
+            if i == 0:
+                return _batch(gw, "ray", chat, [{"text": "A", "client_message_id": x}])
+            return _batch(
+                gw,
+                "ray",
+                chat,
+                [
+                    {"text": f"B{i}", "client_message_id": x},
+                    {"text": "y", "client_message_id": f"y{round_}.{i}"},
+                ],
+            )
+
+        answers = _race(6, work)
+        for i, answer in enumerate(answers):
+            if i == 0 or answer.status_code != 409:
+                continue
+            assert answer.json()["error"]["field"] == "messages.0.client_message_id"
+            again = gw.post("ray", chat, "a new text", f"y{round_}.{i}")[0]
+            if again.status_code != 202:
+                leaked.append(f"y{round_}.{i}: {again.status_code} {again.text}")
+    assert leaked == []
+
+
+# --- batches mixing new, duplicate and conflicting ids ---------------------------------------
+
+
+def test_a_batch_mixing_new_duplicate_and_conflicting_ids(base: Settings, gw: Gateway) -> None:  # noqa: F811
+    chat = gw.new_chat("max")
+    first = _batch(
+        gw,
+        "max",
+        chat,
+        [{"text": "one", "client_message_id": "m1"}, {"text": "two", "client_message_id": "m2"}],
+    )
+    assert first.status_code == 202, first.text
+    ids = [a["message_id"] for a in first.json()["accepted"]]
+    mixed = [
+        {"text": "new", "client_message_id": "m3"},
+        {"text": "one", "client_message_id": "m1"},
+        {"text": "no id"},
+        {"text": "TWO", "client_message_id": "m2"},
+    ]
+    refused = _batch(gw, "max", chat, mixed)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["field"] == "messages.3.client_message_id"
+    # Nothing of the refused batch was claimed: m3 takes another text now.
+    fixed = _batch(
+        gw,
+        "max",
+        chat,
+        [
+            {"text": "new, edited", "client_message_id": "m3"},
+            {"text": "one", "client_message_id": "m1"},
+            {"text": "one", "client_message_id": "m1"},
+            {"text": "two", "client_message_id": "m2"},
+        ],
+    )
+    assert fixed.status_code == 202, fixed.text
+    accepted = fixed.json()["accepted"]
+    assert [a["duplicate"] for a in accepted] == [False, True, True, True]
+    assert [a["message_id"] for a in accepted[1:]] == [ids[0], ids[0], ids[1]]
+    in_batch = _batch(
+        gw,
+        "max",
+        chat,
+        [{"text": "p", "client_message_id": "m4"}, {"text": "q", "client_message_id": "m4"}],
+    )
+    assert in_batch.status_code == 409
+    assert in_batch.json()["error"]["field"] == "messages.1.client_message_id"
+    published = topic_ids(base, chat, 3)
+    assert published == {
+        "m1": {int(ids[0])},
+        "m2": {int(ids[1])},
+        "m3": {int(accepted[0]["message_id"])},
+    }
+
+
+def test_one_client_id_in_two_chats_and_by_two_senders_is_four_messages(gw: Gateway) -> None:
+    created = httpx.post(
+        f"{gw.url}/v1/chats", json={"participants": ["bob"]}, headers=gw.headers("ann"), timeout=30
+    )
+    chat1 = created.json()["chat_id"]
+    created = httpx.post(
+        f"{gw.url}/v1/chats", json={"participants": ["bob"]}, headers=gw.headers("ann"), timeout=30
+    )
+    chat2 = created.json()["chat_id"]
+    ids = set()
+    for chat in (chat1, chat2):
+        for user in ("ann", "bob"):
+            response = gw.post(user, chat, f"{user} says", "shared")[0]
+            assert response.status_code == 202, response.text
+            assert response.json()["duplicate"] is False
+            ids.add(response.json()["message_id"])
+    assert len(ids) == 4
+
+
+# --- Unicode client ids ----------------------------------------------------------------------
+
+
+def test_unicode_client_ids_are_exact_strings(gw: Gateway) -> None:
+    chat = gw.new_chat("uma")
+    nfc = unicodedata.normalize("NFC", "café")
+    nfd = unicodedata.normalize("NFD", "café")
+    ids = {}
+    for cid in (nfc, nfd, "🙂" * 128, "\u200d", "a\u2028b", "\ufeff", "\U0010ffff"):
+        response = gw.post("uma", chat, "t", cid)[0]
+        assert response.status_code == 202, (cid, response.text)
+        assert response.json()["client_message_id"] == cid
+        ids[cid] = response.json()["message_id"]
+    assert len(set(ids.values())) == len(ids)
+    # A lone surrogate, a NUL, a C1 control and 129 characters: 422 naming the field.
+    for raw in ('"\\ud800"', '"a\\u0000b"', '"\\u0085"', json.dumps("x" * 129)):
+        response = httpx.post(
+            f"{gw.url}/v1/chats/{chat}/messages",
+            content=f'{{"text": "t", "client_message_id": {raw}}}',
+            headers={**gw.headers("uma"), "content-type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 422, (raw, response.text)
+        assert response.json()["error"]["field"] == "client_message_id"
+
+
+# --- WebSocket while Postgres hangs ----------------------------------------------------------
+
+
+def test_websocket_frames_while_postgres_hangs(base: Settings) -> None:  # noqa: F811
+    with proxy(base.postgres.host, base.postgres.port) as postgres:
+        with gateway(through(base, postgres=postgres)) as gw:
+            chat = gw.new_chat("wes")
+            token = mint_token(gw.settings.auth, "wes")
+            url = f"ws://127.0.0.1:{gw.settings.ingest.port}/v1/ws"
+            with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                ws.send(json.dumps({"chat_id": chat, "text": "a", "client_message_id": "ws1"}))
+                first = json.loads(ws.recv(timeout=30))
+                assert first["ok"] is True, first
+                postgres.pause()
+                started = time.monotonic()
+                ws.send(json.dumps({"chat_id": chat, "text": "b", "client_message_id": "ws2"}))
+                hung = json.loads(ws.recv(timeout=30))
+                seconds = time.monotonic() - started
+                print(f"ws frame during hang: {hung} in {seconds:.2f}s")
+                assert hung["ok"] is False and hung["error"]["code"] == "unavailable"
+                assert seconds < POSTGRES_BOUND
+                postgres.forward()
+                deadline = time.monotonic() + 60
+                while True:
+                    ws.send(json.dumps({"chat_id": chat, "text": "b", "client_message_id": "ws2"}))
+                    reply = json.loads(ws.recv(timeout=30))
+                    if reply["ok"] or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+                assert reply["ok"] is True, reply
+                ws.send(json.dumps({"chat_id": chat, "text": "c", "client_message_id": "ws2"}))
+                conflict = json.loads(ws.recv(timeout=30))
+                assert conflict["error"]["code"] == "idempotency_conflict", conflict
+
+
+# --- load on a healthy stack -----------------------------------------------------------------
+
+
+def test_many_concurrent_posts_on_a_healthy_stack_get_202(base: Settings, gw: Gateway) -> None:  # noqa: F811
+    chat = gw.new_chat("lou")
+    answers = _race(120, lambda i: gw.post("lou", chat, f"load {i}", f"l{i}")[0])
+    codes: dict[int, int] = {}
+    for a in answers:
+        codes[a.status_code] = codes.get(a.status_code, 0) + 1
+    print(f"120 concurrent posts: {codes}")
+    assert set(codes) == {202}, [a.text for a in answers if a.status_code != 202][:3]
+
+
+# --- claims and connections on the real Postgres, below the HTTP layer -----------------------
+
+
+def test_a_conflict_seen_only_after_a_concurrent_claim_committed_claims_nothing(
+    database: Database,
+) -> None:
+    """docs/operations.md: 'the refused request claims nothing'. Request B claims [x, y] while
+    request A's claim of x (another text) is not yet committed: B's insert waits for A, then
+    finds the conflict. B is refused (409), so y must not stay claimed: the client, told its
+    request was refused, may send y again with another text."""
+    claims = PostgresClaims(database)
+    fingerprints = TextFingerprints(b"review-fingerprint-key")
+    chat, now = uuid.uuid4(), datetime.now(UTC)
+    with database.transaction() as first:  # request A, in flight
+        first.execute(
+            "INSERT INTO message_claims (claim_key, message_id, fingerprint, sent_at)"
+            " VALUES (%s, 1, %s, now())",
+            (claim_key(chat, "amy", "x"), fingerprints.of("A")),
+        )
+        a_pid = first.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]  # type: ignore[index]
+        outcome: list[object] = []
+
+        def request_b() -> None:
+            try:
+                outcome.append(
+                    claims.claim(
+                        chat,
+                        "amy",
+                        [
+                            Claim("x", 2, fingerprints.of("B"), now),
+                            Claim("y", 3, fingerprints.of("y"), now),
+                        ],
+                    )
+                )
+            except ClaimConflict as conflict:
+                outcome.append(conflict)
+
+        b = threading.Thread(target=request_b)
+        b.start()
+        with database.connection() as watcher:  # until B waits for A's row lock
+            deadline = time.monotonic() + 30
+            while not watcher.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                (a_pid,),
+            ).fetchone()["n"]:  # type: ignore[index]
+                assert time.monotonic() < deadline, "request B never waited for request A"
+                time.sleep(0.05)
+    b.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClaimConflict), outcome
+    with database.connection() as conn:
+        left = conn.execute(
+            "SELECT count(*) AS n FROM message_claims WHERE claim_key = %s",
+            (claim_key(chat, "amy", "y"),),
+        ).fetchone()
+    assert left is not None and left["n"] == 0, "the refused request left its claim of y"
+
+
+def test_a_connection_held_past_the_deadline_is_not_handed_out_broken(
+    settings: Settings,
+) -> None:
+    """The watchdog shuts the socket of a connection held past the deadline. When the holder
+    was not blocked on it (a thread descheduled on a loaded machine, Python work between two
+    statements) the use ends without an error; the connection must not go back to the pool
+    broken, or the next request on a healthy Postgres fails with a 503."""
+    db = Database(settings.postgres, max_size=1, deadline=0.3)
+    db.open()
+    try:
+        with db.connection() as conn:
+            conn.execute("SELECT 1")
+            time.sleep(1.0)  # past deadline + grace, no I/O in flight
+        with db.connection() as conn:
+            assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    except StoreUnavailable as exc:
+        pytest.fail(f"a healthy Postgres answered StoreUnavailable: {exc}")
+    finally:
+        db.close()
