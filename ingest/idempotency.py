@@ -80,17 +80,18 @@ class PostgresClaims:
             [c.fingerprint for c in claims],
             [c.sent_at for c in claims],
         )
-        with self.database.connection() as conn:
+        # One transaction: a conflict found only by the second statement rolls back the new
+        # claims of the first, so a refused request claims nothing.
+        with self.database.transaction() as conn:
             rows = {bytes(r["claim_key"]): r for r in conn.execute(_CLAIM, params).fetchall()}
             # A claim committed by a concurrent request after this statement's snapshot was
-            # neither inserted nor seen: read it in a fresh snapshot (a rare race; if it then
-            # conflicts, the other new claims of this request stay, bound to their texts).
+            # neither inserted nor seen: read it in a fresh snapshot (READ COMMITTED).
             missing = [k for k in keys if k not in rows]
             if missing:
                 rows |= {bytes(r["claim_key"]): r for r in conn.execute(_EARLIER, (missing,))}
-        for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
-            if key in rows and bytes(rows[key]["fingerprint"]) != wanted.fingerprint:
-                raise ClaimConflict(index)  # and the statement inserted none of the new ones
+            for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
+                if key in rows and bytes(rows[key]["fingerprint"]) != wanted.fingerprint:
+                    raise ClaimConflict(index)  # rolls back what this request inserted
         granted: list[Granted] = []
         for key, wanted in zip(keys, claims, strict=True):
             row = rows[key]
