@@ -354,3 +354,28 @@ def test_a_connection_held_past_the_deadline_is_not_handed_out_broken(
         pytest.fail(f"a healthy Postgres answered StoreUnavailable: {exc}")
     finally:
         db.close()
+
+
+# --- thread and pool exhaustion while Postgres hangs -----------------------------------------
+
+
+def test_a_burst_of_posts_while_postgres_hangs_is_answered_503_in_time(
+    base: Settings,  # noqa: F811
+) -> None:
+    """docs/operations.md: a dependency that does not answer costs a 503 within its deadline,
+    never a hang. 160 posts at once (four times the 40 worker threads) while Postgres hangs:
+    each must be answered 503 with Retry-After within the bound, not after queueing for a
+    thread behind the others."""
+    with proxy(base.postgres.host, base.postgres.port) as postgres:
+        with gateway(through(base, postgres=postgres)) as gw:
+            chat = gw.new_chat("bea")
+            assert gw.post("bea", chat, "warm", "b0")[0].status_code == 202
+            postgres.pause()
+            answers = _race(160, lambda i: gw.post("bea", chat, f"burst {i}", f"b{i + 1}"))
+            postgres.forward()
+    slowest = max(seconds for _, seconds in answers)
+    codes = sorted({response.status_code for response, _ in answers})
+    print(f"160 posts while Postgres hung: {codes}, slowest {slowest:.2f}s")
+    assert codes == [503]
+    assert all(response.headers.get("Retry-After") for response, _ in answers)
+    assert slowest < POSTGRES_BOUND
