@@ -6,6 +6,7 @@ Each test states the promise of README.md / docs/operations.md it checks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -270,7 +271,9 @@ def test_websocket_frames_while_postgres_hangs(base: Settings) -> None:  # noqa:
 
 def test_many_concurrent_posts_on_a_healthy_stack_get_202(base: Settings, gw: Gateway) -> None:  # noqa: F811
     chat = gw.new_chat("lou")
-    answers = _race(120, lambda i: gw.post("lou", chat, f"load {i}", f"l{i}")[0])
+    timed = _race(120, lambda i: gw.post("lou", chat, f"load {i}", f"l{i}"))
+    answers = [a for a, _ in timed]
+    print(f"slowest of 120 healthy posts: {max(s for _, s in timed):.2f}s")
     codes: dict[int, int] = {}
     for a in answers:
         codes[a.status_code] = codes.get(a.status_code, 0) + 1
@@ -363,19 +366,41 @@ def test_a_burst_of_posts_while_postgres_hangs_is_answered_503_in_time(
     base: Settings,  # noqa: F811
 ) -> None:
     """docs/operations.md: a dependency that does not answer costs a 503 within its deadline,
-    never a hang. 160 posts at once (four times the 40 worker threads) while Postgres hangs:
+    never a hang. 240 posts at once (six times the 40 worker threads) while Postgres hangs:
     each must be answered 503 with Retry-After within the bound, not after queueing for a
-    thread behind the others."""
+    thread behind the others (six rounds of the 2 s deadline)."""
+    posts = 240
+
+    async def burst(gw: Gateway, chat: str) -> list[tuple[int, str | None, float]]:
+        headers = gw.headers("bea")
+        limits = httpx.Limits(max_connections=posts)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as client:
+
+            async def one(i: int) -> tuple[int, str | None, float]:
+                started = time.monotonic()
+                response = await client.post(
+                    f"/v1/chats/{chat}/messages",
+                    json={"text": f"burst {i}", "client_message_id": f"b{i + 1}"},
+                    headers=headers,
+                )
+                seconds = time.monotonic() - started
+                return response.status_code, response.headers.get("Retry-After"), seconds
+
+            return await asyncio.gather(*(one(i) for i in range(posts)))
+
     with proxy(base.postgres.host, base.postgres.port) as postgres:
         with gateway(through(base, postgres=postgres)) as gw:
             chat = gw.new_chat("bea")
             assert gw.post("bea", chat, "warm", "b0")[0].status_code == 202
             postgres.pause()
-            answers = _race(160, lambda i: gw.post("bea", chat, f"burst {i}", f"b{i + 1}"))
+            answers = asyncio.run(burst(gw, chat))
             postgres.forward()
-    slowest = max(seconds for _, seconds in answers)
-    codes = sorted({response.status_code for response, _ in answers})
-    print(f"160 posts while Postgres hung: {codes}, slowest {slowest:.2f}s")
+    times = sorted(seconds for _, _, seconds in answers)
+    codes = sorted({code for code, _, _ in answers})
+    print(
+        f"{posts} posts while Postgres hung: {codes}, p50 {times[posts // 2]:.2f}s, "
+        f"slowest {times[-1]:.2f}s"
+    )
     assert codes == [503]
-    assert all(response.headers.get("Retry-After") for response, _ in answers)
-    assert slowest < POSTGRES_BOUND
+    assert all(retry for _, retry, _ in answers)
+    assert times[-1] < POSTGRES_BOUND
