@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confluent_kafka import Consumer
 from pydantic import SecretStr
 from websockets.sync.client import connect
 
@@ -488,3 +489,59 @@ def test_a_websocket_token_in_the_url_stays_out_of_the_log(
     finally:
         stop([proc], timeout=10)
     assert token.split(".")[2] not in log.read_text(), "a token found in the gateway log"
+
+
+# --- a re-published record is the same record ------------------------------------------------
+
+
+def test_a_record_with_a_client_id_is_the_same_record_in_utc_whatever_the_pg_time_zone(
+    base: Settings,  # noqa: F811
+) -> None:
+    """docs/operations.md: after an unknown outcome (here: the acknowledged mark was not
+    written) a retry publishes 'the same record again under the same message id'. The claim's
+    `sent_at` comes back from Postgres in the session's time zone (a server's `timezone`
+    setting, here PGTZ): the record must still be the first one, and its sent_at in UTC like
+    that of a post without a client id (which never reads it back)."""
+    settings = base.model_copy(update={"ingest": HttpSettings(port=free_port())})
+    env = {**os.environ, **settings_env(settings), "PGTZ": "America/New_York"}
+    gw = Gateway.__new__(Gateway)
+    gw.settings, gw.proc = settings, spawn("ingest", env)
+    gw.url = f"http://127.0.0.1:{settings.ingest.port}"
+    try:
+        gw.wait_alive()
+        chat = gw.new_chat("tz")
+        first = gw.post("tz", chat, "same record", "tz1")[0]
+        assert first.status_code == 202, first.text
+        db = Database(base.postgres)
+        db.open()
+        try:
+            with db.connection() as conn:
+                conn.execute("UPDATE message_claims SET acknowledged = false")
+        finally:
+            db.close()
+        again = gw.post("tz", chat, "same record", "tz1")[0]
+        assert again.status_code == 202 and again.json()["duplicate"] is False, again.text
+    finally:
+        stop([gw.proc], timeout=10)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": base.kafka.bootstrap,
+            "group.id": f"check-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([base.kafka.messages_topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(values) < 2 and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error() and f'"{chat}"'.encode() in (msg.value() or b""):
+                values.append(msg.value() or b"")
+    finally:
+        consumer.close()
+    assert len(values) == 2
+    assert values[1] == values[0]
+    # In UTC like every other record of the gateway, whatever the session's time zone.
+    sent_at = json.loads(values[0])["sent_at"]
+    assert sent_at.endswith("Z"), sent_at
