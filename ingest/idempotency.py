@@ -19,7 +19,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ingest.ports import Claim, ClaimConflict, Granted
 from sealstream.adapters.postgres import Database
@@ -99,7 +99,7 @@ class PostgresClaims:
                 Granted(
                     wanted.client_id,
                     row["message_id"],
-                    row["sent_at"],
+                    row["sent_at"].astimezone(UTC),  # not the session's time zone
                     earlier=row["message_id"] != wanted.message_id,
                     acknowledged=row["acknowledged"],
                 )
