@@ -25,6 +25,8 @@ from websockets.sync.client import connect
 
 from ingest.idempotency import PostgresClaims, claim_key
 from ingest.ports import Claim, ClaimConflict
+from ingest.service import MAX_BATCH
+from schemas.events import MAX_TEXT_BYTES
 from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
 from sealstream.crypto import TextFingerprints
@@ -545,3 +547,30 @@ def test_a_record_with_a_client_id_is_the_same_record_in_utc_whatever_the_pg_tim
     # In UTC like every other record of the gateway, whatever the session's time zone.
     sent_at = json.loads(values[0])["sent_at"]
     assert sent_at.endswith("Z"), sent_at
+
+
+# --- giant batches ---------------------------------------------------------------------------
+
+
+def test_a_full_batch_of_the_largest_texts_and_its_retry(gw: Gateway) -> None:
+    """500 messages of 16 KiB (8 MiB) with client ids: accepted, retried (all duplicates, same
+    ids), and once more with a conflict at the last index (409 naming it)."""
+    chat = gw.new_chat("gia")
+    big = [
+        {"text": f"{i:04d}" + "é" * (MAX_TEXT_BYTES // 2 - 2), "client_message_id": f"g{i}"}
+        for i in range(MAX_BATCH)
+    ]
+    first = _batch(gw, "gia", chat, big)
+    assert first.status_code == 202, first.text[:300]
+    again = _batch(gw, "gia", chat, big)
+    assert again.status_code == 202, again.text[:300]
+    assert [a["message_id"] for a in again.json()["accepted"]] == [
+        a["message_id"] for a in first.json()["accepted"]
+    ]
+    assert all(a["duplicate"] for a in again.json()["accepted"])
+    big[-1] = {**big[-1], "text": "changed"}
+    conflict = _batch(gw, "gia", chat, big)
+    assert conflict.status_code == 409, conflict.text[:300]
+    assert conflict.json()["error"]["field"] == f"messages.{MAX_BATCH - 1}.client_message_id"
+    too_many = _batch(gw, "gia", chat, [{"text": "x"}] * (MAX_BATCH + 1))
+    assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "messages"
