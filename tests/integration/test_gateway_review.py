@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from confluent_kafka import Consumer
 from pydantic import SecretStr
@@ -580,3 +581,50 @@ def test_a_full_batch_of_the_largest_texts_and_its_retry(gw: Gateway) -> None:
     assert conflict.json()["error"]["field"] == f"messages.{MAX_BATCH - 1}.client_message_id"
     too_many = _batch(gw, "gia", chat, [{"text": "x"}] * (MAX_BATCH + 1))
     assert too_many.status_code == 422 and too_many.json()["error"]["field"] == "messages"
+
+
+def test_a_transaction_cut_off_by_a_hang_does_not_hold_its_locks(
+    settings: Settings, database: Database
+) -> None:
+    """A gateway's transaction (claims, chat creation) whose connection hangs mid-way: the
+    watchdog shuts the gateway's side, but the server never hears of it while the network
+    holds (here the proxy, paused) and would keep the transaction and its row locks, so every
+    other gateway's claim of those client ids would time out. The server must end it itself
+    (`idle_in_transaction_session_timeout`, the gateway's deadline)."""
+    key = uuid.uuid4().bytes
+    with proxy(settings.postgres.host, settings.postgres.port) as hung:
+        through_proxy = settings.postgres.model_copy(update={"port": hung.port})
+        db = Database(through_proxy, max_size=1, deadline=1.0)
+        db.open()
+        try:
+            with pytest.raises(StoreUnavailable), db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO message_claims (claim_key, message_id, fingerprint, sent_at)"
+                    " VALUES (%s, 1, %s, now())",
+                    (key, b"f"),
+                )
+                hung.pause()
+                conn.execute("SELECT 1")  # never answered: the watchdog cuts it
+            direct = Database(settings.postgres)
+            direct.open()
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    with direct.connection() as other:
+                        other.execute("SET lock_timeout = '500ms'")
+                        try:
+                            other.execute(
+                                "INSERT INTO message_claims"
+                                " (claim_key, message_id, fingerprint, sent_at)"
+                                " VALUES (%s, 2, %s, now())",
+                                (key, b"f"),
+                            )
+                            break
+                        except psycopg.errors.LockNotAvailable:
+                            pass
+                    assert time.monotonic() < deadline, "the cut-off transaction kept its lock"
+            finally:
+                direct.close()
+        finally:
+            hung.forward()
+            db.close()
