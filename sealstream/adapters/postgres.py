@@ -75,8 +75,10 @@ class Database:
 
     With a `deadline` (seconds; the gateway's), no use of the database waits longer than about
     that: pool checkout and connection set-up time out, the server cancels longer statements
-    (`statement_timeout`), and a watchdog shuts the socket of a connection held longer than
-    the deadline plus a grace, since a hung server answers nothing, not even a cancellation.
+    (`statement_timeout`) and ends transactions idle that long
+    (`idle_in_transaction_session_timeout`), and a watchdog shuts the socket of a connection
+    held longer than the deadline plus a grace, since a hung server answers nothing, not even
+    a cancellation.
     Each case raises `StoreUnavailable`. Without one (CLI jobs, workers), only the defaults of
     libpq and the pool apply: a long migration or rewrap must not be cut short.
     """
@@ -111,6 +113,9 @@ class Database:
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         assert self.deadline is not None
         conn.execute(f"SET statement_timeout = {int(self.deadline * 1000)}")
+        # A transaction whose client went silent (the watchdog shut our side, but a hung
+        # network never told the server) is ended by the server, with its row locks.
+        conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.deadline * 1000)}")
 
     def open(self, timeout: float = 10.0) -> None:
         try:
