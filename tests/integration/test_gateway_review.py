@@ -628,3 +628,46 @@ def test_a_transaction_cut_off_by_a_hang_does_not_hold_its_locks(
         finally:
             hung.forward()
             db.close()
+
+
+# --- what the claim table reveals ------------------------------------------------------------
+
+
+def test_claims_of_one_text_in_other_chats_or_by_others_have_unrelated_fingerprints(
+    base: Settings,  # noqa: F811
+    gw: Gateway,
+) -> None:
+    """docs/security.md: with Postgres alone, 'guessed texts cannot be confirmed without that
+    key'. A participant who can read the claim table posts a guess with a client id and reads
+    the fingerprint of their own claim: no other claim (another sender, another chat) may carry
+    the same fingerprint when its text is the same, or the guess is confirmed without the key."""
+    created = httpx.post(
+        f"{gw.url}/v1/chats", json={"participants": ["vic"]}, headers=gw.headers("eve"), timeout=30
+    )
+    shared = created.json()["chat_id"]
+    elsewhere = gw.new_chat("vic")
+    guess = "meet at the harbour at 9"
+    for user, chat, client_id in (
+        ("vic", shared, "v1"),
+        ("vic", elsewhere, "v2"),
+        ("eve", shared, "e1"),
+    ):
+        assert gw.post(user, chat, guess, client_id)[0].status_code == 202
+    db = Database(base.postgres)
+    db.open()
+    try:
+        with db.connection() as conn:
+            rows = conn.execute(
+                "SELECT fingerprint FROM message_claims WHERE claim_key = ANY(%s)",
+                (
+                    [
+                        claim_key(uuid.UUID(shared), "vic", "v1"),
+                        claim_key(uuid.UUID(elsewhere), "vic", "v2"),
+                        claim_key(uuid.UUID(shared), "eve", "e1"),
+                    ],
+                ),
+            ).fetchall()
+    finally:
+        db.close()
+    assert len(rows) == 3
+    assert len({bytes(r["fingerprint"]) for r in rows}) == 3, "equal texts show in the claims"
