@@ -324,7 +324,13 @@ class IngestService:
             chat_id,
             user,
             [
-                Claim(client_id, message_ids[i], self.fingerprints.of(items[i].text), sent_at)
+                Claim(
+                    client_id,
+                    message_ids[i],
+                    # Bound to the claim: equal texts of other claims must not show.
+                    self.fingerprints.of(items[i].text, f"{chat_id}\0{user}\0{client_id}"),
+                    sent_at,
+                )
                 for client_id, i in first.items()
             ],
             [fields[i] for i in first.values()],

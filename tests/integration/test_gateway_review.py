@@ -307,7 +307,7 @@ def test_a_conflict_seen_only_after_a_concurrent_claim_committed_claims_nothing(
         first.execute(
             "INSERT INTO message_claims (claim_key, message_id, fingerprint, sent_at)"
             " VALUES (%s, 1, %s, now())",
-            (claim_key(chat, "amy", "x"), fingerprints.of("A")),
+            (claim_key(chat, "amy", "x"), fingerprints.of("A", "x")),
         )
         a_pid = first.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]  # type: ignore[index]
         outcome: list[object] = []
@@ -319,8 +319,8 @@ def test_a_conflict_seen_only_after_a_concurrent_claim_committed_claims_nothing(
                         chat,
                         "amy",
                         [
-                            Claim("x", 2, fingerprints.of("B"), now),
-                            Claim("y", 3, fingerprints.of("y"), now),
+                            Claim("x", 2, fingerprints.of("B", "x"), now),
+                            Claim("y", 3, fingerprints.of("y", "y"), now),
                         ],
                     )
                 )
