@@ -671,3 +671,30 @@ def test_claims_of_one_text_in_other_chats_or_by_others_have_unrelated_fingerpri
         db.close()
     assert len(rows) == 3
     assert len({bytes(r["fingerprint"]) for r in rows}) == 3, "equal texts show in the claims"
+
+
+# --- a batch through a gateway killed mid-request --------------------------------------------
+
+
+def test_a_batch_retried_after_the_gateway_was_killed_after_publishing_is_one_message_each(
+    base: Settings,  # noqa: F811
+) -> None:
+    """Kafka acknowledged a batch of five client ids, the gateway died before answering; the
+    client retries the whole batch through another gateway: each client id is one message id
+    on the topic (published twice under that id, which the sinks store once)."""
+    messages = [{"text": f"batch {i}", "client_message_id": f"kb{i}"} for i in range(5)]
+    with gateway(base, ["tests.crashing_gateway", "after-publish"]) as doomed:
+        chat = doomed.new_chat("kat")
+        with pytest.raises(httpx.HTTPError):
+            _batch(doomed, "kat", chat, messages)
+        doomed.proc.wait(30)
+    with gateway(base) as fresh:
+        deadline = time.monotonic() + 90
+        while True:
+            retried = _batch(fresh, "kat", chat, messages)
+            if retried.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert retried.status_code == 202, retried.text
+    ids = {a["client_message_id"]: int(a["message_id"]) for a in retried.json()["accepted"]}
+    assert topic_ids(base, chat, len(messages)) == {k: {v} for k, v in ids.items()}
