@@ -1,8 +1,9 @@
 """Durable idempotency claims of client message ids, in Postgres (table `message_claims`).
 
 One row per (chat, sender, client message id), keyed by sha256 of the three (ids may contain
-any character; the key reveals none of them). The row holds the message id given to the first
-request, a keyed fingerprint of its text, its `sent_at` and whether Kafka acknowledged it. A
+any character; none is stored, though a guessed triple can be confirmed). The row holds the
+message id given to the first request, a keyed fingerprint of its text bound to the claim, its
+`sent_at` and whether Kafka acknowledged it. The claims of a request are one transaction. A
 claim is written before publishing and is never released: whatever crashed or timed out, a
 retry finds the message id and re-publishes the same record under it (the sinks store by id),
 so at most one message exists per client message id. No message text is stored here.
@@ -19,7 +20,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ingest.ports import Claim, ClaimConflict, Granted
 from sealstream.adapters.postgres import Database
@@ -80,17 +81,18 @@ class PostgresClaims:
             [c.fingerprint for c in claims],
             [c.sent_at for c in claims],
         )
-        with self.database.connection() as conn:
+        # One transaction: a conflict found only by the second statement rolls back the new
+        # claims of the first, so a refused request claims nothing.
+        with self.database.transaction() as conn:
             rows = {bytes(r["claim_key"]): r for r in conn.execute(_CLAIM, params).fetchall()}
             # A claim committed by a concurrent request after this statement's snapshot was
-            # neither inserted nor seen: read it in a fresh snapshot (a rare race; if it then
-            # conflicts, the other new claims of this request stay, bound to their texts).
+            # neither inserted nor seen: read it in a fresh snapshot (READ COMMITTED).
             missing = [k for k in keys if k not in rows]
             if missing:
                 rows |= {bytes(r["claim_key"]): r for r in conn.execute(_EARLIER, (missing,))}
-        for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
-            if key in rows and bytes(rows[key]["fingerprint"]) != wanted.fingerprint:
-                raise ClaimConflict(index)  # and the statement inserted none of the new ones
+            for index, (key, wanted) in enumerate(zip(keys, claims, strict=True)):
+                if key in rows and bytes(rows[key]["fingerprint"]) != wanted.fingerprint:
+                    raise ClaimConflict(index)  # rolls back what this request inserted
         granted: list[Granted] = []
         for key, wanted in zip(keys, claims, strict=True):
             row = rows[key]
@@ -98,7 +100,7 @@ class PostgresClaims:
                 Granted(
                     wanted.client_id,
                     row["message_id"],
-                    row["sent_at"],
+                    row["sent_at"].astimezone(UTC),  # not the session's time zone
                     earlier=row["message_id"] != wanted.message_id,
                     acknowledged=row["acknowledged"],
                 )

@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
+import anyio
 from anyio import to_thread
 from prometheus_client import Counter, Histogram
 
@@ -26,11 +28,12 @@ from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES, MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import TextFingerprints
-from sealstream.errors import KeyNotFound
+from sealstream.errors import KeyNotFound, StoreUnavailable
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_BATCH = 500
 MAX_PARTICIPANTS = 1000
@@ -164,7 +167,10 @@ class IngestService:
         fingerprints: TextFingerprints,
         topic: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        postgres_budget: float | None = None,
     ) -> None:
+        """`postgres_budget`: seconds a post may spend on its Postgres work, waiting for a
+        worker thread included (None: no bound); past it the post is a retriable 503."""
         self.chats = chats
         self.publisher = publisher
         self.ids = ids
@@ -172,6 +178,7 @@ class IngestService:
         self.fingerprints = fingerprints
         self.topic = topic
         self._now = clock
+        self.postgres_budget = postgres_budget
 
     # --- chats -----------------------------------------------------------------------------------
 
@@ -245,16 +252,37 @@ class IngestService:
         `text`); by default a request of one message is not a batch.
         """
         fields = self._check(items, batch)
-        plan = await to_thread.run_sync(self._plan, user, chat_id, items, fields)
+        plan = await self._in_thread(self._plan, user, chat_id, items, fields)
         if plan.records:
             await self.publisher.publish(self.topic, [(r.key(), r.value()) for r in plan.records])
         if plan.claimed:
-            await to_thread.run_sync(self._acknowledge, chat_id, user, plan.claimed)
+            try:
+                await self._in_thread(self._acknowledge, chat_id, user, plan.claimed)
+            except StoreUnavailable:  # published already: the answer is still 202
+                log.warning("idempotency claims not marked acknowledged in time")
         _NEW.inc(len(plan.records) - plan.republished)
         _REPUBLISHED.inc(plan.republished)
         _DUPLICATE.inc(len(plan.accepted) - len(plan.records))
         BATCH_SIZE.observe(len(items))
         return plan.accepted
+
+    async def _in_thread(self, work: Callable[..., _T], *args: object) -> _T:
+        """`work(*args)` (blocking Postgres work) in a worker thread, within the budget.
+
+        The budget covers the wait for a free thread: when Postgres hangs, every thread is
+        held for its deadline and a burst of posts would otherwise queue behind them for many
+        deadlines. Past the budget the thread is abandoned (it ends at its own deadline) and
+        the post is a 503 with an unknown outcome: a claim it still writes makes the retry
+        re-publish under the same message id."""
+        if self.postgres_budget is None:
+            return await to_thread.run_sync(work, *args)
+        try:
+            with anyio.fail_after(self.postgres_budget):
+                return await to_thread.run_sync(work, *args, abandon_on_cancel=True)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Postgres work not done within {self.postgres_budget:.1f}s (outcome unknown)"
+            ) from None
 
     def _check(self, items: Sequence[NewMessage], batch: bool | None) -> list[str]:
         """The field prefix of each item (`messages.3.` in a batch) once all are valid."""
@@ -296,7 +324,13 @@ class IngestService:
             chat_id,
             user,
             [
-                Claim(client_id, message_ids[i], self.fingerprints.of(items[i].text), sent_at)
+                Claim(
+                    client_id,
+                    message_ids[i],
+                    # Bound to the claim: equal texts of other claims must not show.
+                    self.fingerprints.of(items[i].text, f"{chat_id}\0{user}\0{client_id}"),
+                    sent_at,
+                )
                 for client_id, i in first.items()
             ],
             [fields[i] for i in first.values()],

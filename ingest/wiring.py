@@ -26,6 +26,9 @@ from sealstream.worker_ids import LeasedIds, lease_worker_id
 
 SERVICE = "ingest"
 log = logging.getLogger(__name__)
+# A post's Postgres work, waiting for a worker thread included, ends within the Postgres
+# deadline plus this (docs/operations.md, "Deadlines and idempotency").
+POSTGRES_QUEUE_GRACE = 1.0
 
 
 class KeyServiceChats:
@@ -108,6 +111,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             claims=claims,
             fingerprints=TextFingerprints(deadlines.fingerprint_key(settings.auth)),
             topic=settings.kafka.messages_topic,
+            postgres_budget=deadlines.postgres_deadline_seconds + POSTGRES_QUEUE_GRACE,
         )
         app = create_app(service, settings, _readiness(database, settings.kafka, ids))
         app.state.worker_ids = ids

@@ -251,7 +251,10 @@ class TextFingerprints:
     """Keyed fingerprints of message texts: HMAC-SHA256 under a key derived (HKDF-SHA256, own
     `info` label) from a server secret. The gateway stores them to tell a retry (same text) from
     a conflicting reuse of a client message id; a plain hash would let whoever reads the claim
-    table confirm guessed texts (a dictionary attack), a keyed one needs the secret too."""
+    table confirm guessed texts (a dictionary attack), a keyed one needs the secret too. Each
+    fingerprint is bound to its `context` (the gateway's: chat, sender, client message id), so
+    equal texts of other claims do not show: without it, a participant who reads the table
+    could post a guess and compare fingerprints, confirming it without the key."""
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
@@ -260,6 +263,9 @@ class TextFingerprints:
             secret
         )
 
-    def of(self, text: str) -> bytes:
-        """32 bytes; `text` must be valid UTF-8 (checked by the gateway before)."""
-        return hmac.new(self._key, text.encode("utf-8"), "sha256").digest()
+    def of(self, text: str, context: str) -> bytes:
+        """32 bytes; `text` and `context` must be valid UTF-8 (checked by the gateway before)."""
+        bound = context.encode("utf-8")
+        return hmac.new(
+            self._key, len(bound).to_bytes(4, "big") + bound + text.encode("utf-8"), "sha256"
+        ).digest()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STACK_DIR = Path(".stack")
@@ -298,6 +298,18 @@ class GatewaySettings(BaseModel):
     # which a Postgres leak would expose to a dictionary attack). Unset: derived from
     # `auth.secret`; set it separately so that rotating the auth secret keeps open claims.
     fingerprint_secret: SecretStr | None = None
+
+    @field_validator("fingerprint_secret")
+    @classmethod
+    def _fingerprint_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Refused, not replaced: an empty value (an unset variable passed on) used to fall
+        # back silently to the auth secret.
+        if value is not None and len(value.get_secret_value().encode()) < 16:
+            raise ValueError(
+                "gateway.fingerprint_secret: at least 16 bytes; unset it to derive the key "
+                "from auth.secret"
+            )
+        return value
 
     def fingerprint_key(self, auth: AuthSettings) -> bytes:
         secret = self.fingerprint_secret or auth.secret

@@ -86,8 +86,10 @@ class Database:
 
     With a `deadline` (seconds; the gateway's), no use of the database waits longer than about
     that: pool checkout and connection set-up time out, the server cancels longer statements
-    (`statement_timeout`), and a watchdog shuts the socket of a connection held longer than
-    the deadline plus a grace, since a hung server answers nothing, not even a cancellation.
+    (`statement_timeout`) and ends transactions idle that long
+    (`idle_in_transaction_session_timeout`), and a watchdog shuts the socket of a connection
+    held longer than the deadline plus a grace, since a hung server answers nothing, not even
+    a cancellation.
     Each case raises `StoreUnavailable`. Without one (CLI jobs, workers), only the defaults of
     libpq and the pool apply: a long migration or rewrap must not be cut short.
     """
@@ -122,6 +124,9 @@ class Database:
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         assert self.deadline is not None
         conn.execute(f"SET statement_timeout = {int(self.deadline * 1000)}")
+        # A transaction whose client went silent (the watchdog shut our side, but a hung
+        # network never told the server) is ended by the server, with its row locks.
+        conn.execute(f"SET idle_in_transaction_session_timeout = {int(self.deadline * 1000)}")
 
     def open(self, timeout: float = 10.0) -> None:
         try:
@@ -144,8 +149,16 @@ class Database:
                 if self._watchdog is None or self.deadline is None:
                     yield cast("psycopg.Connection[Row]", conn)
                     return
-                with self._watchdog.guard(conn, self.deadline + _WATCHDOG_GRACE):
-                    yield cast("psycopg.Connection[Row]", conn)
+                severed = threading.Event()
+                try:
+                    with self._watchdog.guard(conn, self.deadline + _WATCHDOG_GRACE, severed):
+                        yield cast("psycopg.Connection[Row]", conn)
+                finally:
+                    # Severed while its holder was not waiting on it (descheduled, or between
+                    # two statements), the use may have ended without an error: close it so
+                    # that the pool never hands out a connection whose socket is shut.
+                    if severed.is_set():
+                        conn.close()
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"Postgres unavailable: {type(exc).__name__}") from None
 
@@ -203,18 +216,22 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._armed: dict[int, tuple[float, psycopg.Connection[Any]]] = {}
+        self._armed: dict[int, tuple[float, psycopg.Connection[Any], threading.Event]] = {}
         self._next_token = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="pg-watchdog", daemon=True)
         self._thread.start()
 
     @contextmanager
-    def guard(self, conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    def guard(
+        self, conn: psycopg.Connection[Any], seconds: float, severed: threading.Event
+    ) -> Iterator[None]:
+        """Shut `conn`'s socket if still held after `seconds`; `severed` is then set (final
+        once this context has exited)."""
         with self._lock:
             token = self._next_token
             self._next_token += 1
-            self._armed[token] = (time.monotonic() + seconds, conn)
+            self._armed[token] = (time.monotonic() + seconds, conn, severed)
             self._lock.notify()
         try:
             yield
@@ -232,11 +249,12 @@ class _Watchdog:
         with self._lock:
             while not self._stopped:
                 now = time.monotonic()
-                expired = [t for t, (when, _) in self._armed.items() if when <= now]
+                expired = [t for t, (when, _, _) in self._armed.items() if when <= now]
                 for token in expired:
-                    _, conn = self._armed.pop(token)
+                    _, conn, severed = self._armed.pop(token)
                     _sever(conn)
-                upcoming = [when for when, _ in self._armed.values()]
+                    severed.set()
+                upcoming = [when for when, _, _ in self._armed.values()]
                 self._lock.wait(timeout=min(upcoming) - now if upcoming else None)
 
 

@@ -33,7 +33,11 @@ def _ms(samples: list[float]) -> str:
 
 def test_claim_cost_postgres_against_redis(settings: Settings, database: Database) -> None:
     claims = PostgresClaims(database)
-    fingerprint = TextFingerprints(b"cost test fingerprint secret").of
+    fingerprints = TextFingerprints(b"cost test fingerprint secret")
+
+    def fingerprint(text: str) -> bytes:
+        return fingerprints.of(text, "cost")
+
     cache = redis.Redis.from_url(settings.redis.url, socket_timeout=1.0)
     prefix = f"{settings.redis.key_prefix}claim-cost:"
     try:

@@ -223,7 +223,11 @@ def test_idempotent_retry_publishes_once(client: TestClient, gateway_settings: S
 
 def test_postgres_claims_hold_the_first_message_and_refuse_another_text(database: Database) -> None:
     claims = PostgresClaims(database)
-    fingerprint = TextFingerprints(b"a test secret of enough length").of
+    fingerprints = TextFingerprints(b"a test secret of enough length")
+
+    def fingerprint(text: str) -> bytes:
+        return fingerprints.of(text, "client-id-42")
+
     chat, sender, at = uuid.uuid4(), "ivy", datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     later = at + timedelta(seconds=5)
 

@@ -397,8 +397,10 @@ def test_an_unacknowledged_claim_mark_still_answers_accepted(parts: Parts) -> No
 
 def test_text_fingerprints_are_keyed() -> None:
     one, other = TextFingerprints(b"secret number one!"), TextFingerprints(b"secret number two!")
-    assert one.of("hi") == one.of("hi") and len(one.of("hi")) == 32
-    assert one.of("hi") != one.of("hi ") and one.of("hi") != other.of("hi")
+    assert one.of("hi", "c") == one.of("hi", "c") and len(one.of("hi", "c")) == 32
+    assert one.of("hi", "c") != one.of("hi ", "c") and one.of("hi", "c") != other.of("hi", "c")
+    # Bound to the claim, unambiguously: equal texts of two claims do not show.
+    assert one.of("hi", "c") != one.of("hi", "d") and one.of("ahi", "c") != one.of("hi", "ca")
     with pytest.raises(ValueError, match="16 bytes"):
         TextFingerprints(b"short")
 
