@@ -142,7 +142,7 @@ _ERRORS = {
     409: "The chat id is taken / the client_message_id was used for another text",
     410: "The chat was deleted",
     422: "Invalid request; `field` names the offending field",
-    503: "A backing service (Kafka, Postgres, Redis, KMS) is unavailable; retry",
+    503: "A backing service (Kafka, Postgres, KMS) did not answer within its deadline, or no worker-id lease is held; retry after `Retry-After` seconds",
 }
 
 
