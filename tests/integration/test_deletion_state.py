@@ -240,3 +240,65 @@ def test_records_past_retention_are_not_written(
     index.refresh()
     assert store.get(chat, old_id) is None and store.get(chat, new_id) is not None
     assert index.search_chat(chat, "expired") == [new_id]
+
+
+class ShreddedWhileReading(ChatKeyRepository):
+    """A worker's repository whose DEK read is answered just before the chat is shredded by
+    another process (the admin API): the read returns the wrapped DEK, the shred then commits and
+    clears Redis, and only after that does the worker go on with what it read."""
+
+    def __init__(self, database: Database, shred: object) -> None:
+        super().__init__(database)
+        self.shred = shred
+
+    def _then_shred(self) -> None:
+        shred, self.shred = self.shred, None
+        if shred is not None:
+            shred()  # type: ignore[operator]
+
+    def active_dek(self, chat_id: uuid.UUID):  # type: ignore[no-untyped-def]
+        row = super().active_dek(chat_id)
+        self._then_shred()
+        return row
+
+    def dek(self, chat_id: uuid.UUID, version: int):  # type: ignore[no-untyped-def]
+        row = super().dek(chat_id, version)
+        self._then_shred()
+        return row
+
+
+@pytest.mark.parametrize("lookup", ["current_key", "key"])
+def test_no_wrapped_dek_of_a_shredded_chat_is_left_in_redis(
+    keys: KeyService,
+    race_settings: Settings,
+    database: Database,
+    kms: object,
+    lookup: str,
+) -> None:
+    """A process (encryptor or reader) filling Redis from a DEK row it read just before the shred
+    must not leave that wrapped DEK in Redis after the shred: docs/security.md promises that once
+    a chat is deleted no wrapped DEK of it exists in Postgres or Redis."""
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    redis = RedisKeyCache(race_settings.redis)
+    redis.forget_chat(chat)  # a cold cache: the worker reads the DEK from Postgres
+    repo = ShreddedWhileReading(database, lambda: keys.delete_chat(chat, "race"))
+    worker = KeyService(
+        repo,
+        kms,  # type: ignore[arg-type]
+        RedisKeyCache(race_settings.redis),
+        race_settings.keys,
+        race_settings.vault.default_key,
+        actor="racing-worker",
+    )
+    try:
+        if lookup == "current_key":
+            worker.current_key(chat)
+        else:
+            worker.key(chat, 1)
+    except Exception:  # noqa: BLE001, S110 - refusing the key is fine; leaving it in Redis is not
+        pass
+    assert repo.shred is None, "the shred did not run in the window"
+    assert keys.repo.chat(chat).state == "deleted"  # type: ignore[union-attr]
+    assert redis.wrapped(chat, 1) is None, "a wrapped DEK of the shredded chat is in Redis"
+    assert redis.current_version(chat) is None
