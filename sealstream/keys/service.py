@@ -253,9 +253,7 @@ class KeyService:
                 self.redis.forget_chat(row.chat_id)  # raises if Redis is down: the caller retries
             else:
                 self.redis.forget_versions(row.chat_id, [row.dek_version])
-            raise KeyDestroyed(
-                f"DEK version {row.dek_version} of chat {row.chat_id} was destroyed"
-            )
+            raise KeyDestroyed(f"DEK version {row.dek_version} of chat {row.chat_id} was destroyed")
 
     def key(self, chat_id: uuid.UUID, version: int, _timed: bool = True) -> ChatKey:
         """The DEK of a given version, e.g. to open an old message."""
