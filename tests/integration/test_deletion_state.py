@@ -21,7 +21,7 @@ from indexer.logic import index_batch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, first_id_at, id_time
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.crypto import ChatKey
@@ -302,3 +302,45 @@ def test_no_wrapped_dek_of_a_shredded_chat_is_left_in_redis(
     assert keys.repo.chat(chat).state == "deleted"  # type: ignore[union-attr]
     assert redis.wrapped(chat, 1) is None, "a wrapped DEK of the shredded chat is in Redis"
     assert redis.current_version(chat) is None
+
+
+def test_two_concurrent_chat_deletions_count_each_document_once(
+    stores: tuple[MessageStore, SearchIndex],
+) -> None:
+    """Two deletions of one chat at once (two admins, a retried request): the receipts count what
+    each really removed, so together they count every document exactly once. Each pass used to
+    count every hit it asked to delete, including those the other had deleted meanwhile."""
+    import threading
+
+    _, index = stores
+    chat = uuid.uuid4()
+    ids = SnowflakeIds(33)
+    total = 3000
+    index.index_many(
+        [
+            IndexedMessage(ids.next_id(), chat, "t", "alice", datetime.now(UTC), f"twice {i}")
+            for i in range(total)
+        ]
+    )
+    index.refresh()
+    assert index.count(chat) == total
+    start = threading.Barrier(2)
+    counts: list[int] = []
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        start.wait()
+        try:
+            counts.append(index.delete_chat(chat))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=delete) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    index.refresh()
+    assert index.count(chat) == 0
+    assert sum(counts) == total, f"receipts counted {counts} for {total} documents"
