@@ -344,3 +344,43 @@ def test_two_concurrent_chat_deletions_count_each_document_once(
     index.refresh()
     assert index.count(chat) == 0
     assert sum(counts) == total, f"receipts counted {counts} for {total} documents"
+
+
+def keyless(batch: list[RawRecord]) -> list[RawRecord]:
+    """The same records re-published without a Kafka key (a replay tool, a console producer)."""
+    return [RawRecord(r.topic, r.partition, r.offset, None, r.value) for r in batch]
+
+
+def test_records_without_a_key_are_checked_too(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """The record schema accepts a record with no Kafka key (the chat id is in the value), so
+    the deletion check must find its chat from the value: it used to look only at the key, so a
+    keyless replay of a shredded chat's records was indexed again and expired records were
+    written."""
+    store, index = stores
+    shredded = uuid.uuid4()
+    keys.create_chat(shredded, ("alice",))
+    ids = SnowflakeIds(34)
+    batch = records(shredded, [ids.next_id() for _ in range(3)], "keylessreplay")
+    # Not indexed before the shred (the indexer lagging): a keyless replay is then the first write.
+    assert encrypt_and_store(batch, keys, store, keys.repo) == []
+    delete_chat(keys, index, store, shredded, "test")
+
+    assert encrypt_and_store(keyless(batch), keys, store, keys.repo) == []
+    assert index_batch(keyless(batch), index, keys.repo) == []
+    index.refresh()
+    assert index.search_chat(shredded, "keylessreplay") == []
+    assert index.count(shredded) == 0
+
+    expiring = uuid.uuid4()
+    keys.create_chat(expiring, ("alice",))
+    keys.repo.set_retention(1, chat_id=expiring)
+    now = datetime.now(UTC)
+    old_id = first_id_at(int((now - timedelta(days=2)).timestamp() * 1000)) | (1001 << 12)
+    old = keyless(records(expiring, [old_id], "keylessexpired"))
+    assert encrypt_and_store(old, keys, store, keys.repo) == []
+    assert index_batch(old, index, keys.repo) == []
+    index.refresh()
+    assert store.get(expiring, old_id) is None
+    assert index.search_chat(expiring, "keylessexpired") == []
