@@ -19,6 +19,7 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
+from schemas.events import decode_record
 from schemas.ids import id_millis
 from sealstream.streaming import RawRecord
 
@@ -78,7 +79,13 @@ def deletion_check(
     chat_ids: set[uuid.UUID] = set()
     for record in records:
         if not record.key:
-            continue  # no key: the record is dead-lettered when it is decoded
+            # The record schema accepts a record without a key (the chat id is in the value), so
+            # its chat must be checked too: take it from the value (a keyless replay of a deleted
+            # chat's records would be written otherwise).
+            decoded = decode_record(record.value, None)
+            if not isinstance(decoded, str):
+                chat_ids.add(decoded.chat_id)
+            continue  # else invalid: dead-lettered when it is decoded
         try:
             chat_ids.add(uuid.UUID(record.key.decode("ascii")))
         except (ValueError, UnicodeDecodeError):

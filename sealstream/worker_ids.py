@@ -38,7 +38,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
-from schemas.ids import EPOCH_MS, SEQUENCE_BITS, SnowflakeIds
+from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS, SnowflakeIds
 from sealstream.adapters.postgres import Database, LeaseHolder, WorkerLeaseRepository
 from sealstream.errors import WorkerIdConflict, WorkerIdUnavailable
 from sealstream.settings import Settings, WorkerLeaseSettings
@@ -124,11 +124,26 @@ class LeasedIds(SnowflakeIds):
             grant = self._grant
             if grant is None or self._monotonic() >= grant.deadline:
                 raise WorkerIdUnavailable("no valid worker-id lease; message ids cannot be made")
-            message_id = self._next_locked()
+            now = self._clock() - EPOCH_MS
+            if now > self._last_ms:
+                self._last_ms, self._sequence = now, 0
+            else:
+                # The same millisecond, or the clock stepped back: go on from the last stamp.
+                # A full millisecond moves on to the next one at once instead of waiting for the
+                # clock (which, after a step back, would hang every caller on the lock for as
+                # long as the step); the fence below bounds how far ahead that can go.
+                self._sequence = (self._sequence + 1) & _SEQUENCE_MASK
+                if self._sequence == 0:
+                    self._last_ms += 1
             if self._last_ms + EPOCH_MS > grant.ceiling_ms:
-                # Only if the wall clock jumped forward: this id is dropped, never handed out.
+                # The wall clock jumped forward (or ids ran ahead of a stepped-back clock up to
+                # the fence): this id is dropped, never handed out.
                 raise WorkerIdUnavailable("the clock passed the worker-id lease's fence")
-            return message_id
+            return (
+                (self._last_ms << (WORKER_BITS + SEQUENCE_BITS))
+                | (grant.worker_id << SEQUENCE_BITS)
+                | self._sequence
+            )
 
     def grant(self, worker_id: int, deadline: float, ceiling_ms: int, floor_ms: int) -> None:
         """Make ids as `worker_id` until `deadline` (monotonic), stamped above `floor_ms` (the
@@ -147,6 +162,9 @@ class LeasedIds(SnowflakeIds):
         with self._lock:
             if self._grant is None or self._grant.worker_id != worker_id:
                 return False
+            # The fence in Postgres only grows (`greatest`), so a renewal sent with a clock that
+            # stepped back keeps the higher fence already recorded: ids may go on up to it.
+            ceiling_ms = max(ceiling_ms, self._grant.ceiling_ms)
             self._grant = _Grant(worker_id, deadline, ceiling_ms)
             return True
 

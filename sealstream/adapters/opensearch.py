@@ -274,8 +274,27 @@ class SearchIndex:
             if not hits:
                 return deleted
             actions = [{"_op_type": "delete", "_index": self.index, "_id": h["_id"]} for h in hits]
-            self._run(lambda a=actions: helpers.bulk(self._client, a, raise_on_error=False))
-            deleted += sum(1 for h in hits if not h.get("_source", {}).get("deleted"))
+            _, errors = self._run(
+                lambda a=actions: helpers.bulk(
+                    self._client, a, raise_on_error=False, stats_only=False
+                )
+            )
+            # Count only what this call removed: a concurrent deletion of the same chat answers
+            # 404 for the documents it got first. Any other refusal stops here (retriable; the
+            # deletion is idempotent) instead of searching for the same documents forever.
+            missing: set[str] = set()
+            for error in errors:
+                item = next(iter(error.values()))
+                if item.get("status") != 404:
+                    raise StoreUnavailable(
+                        f"{len(errors)} index deletions refused (status {item.get('status')})"
+                    )
+                missing.add(str(item.get("_id")))
+            deleted += sum(
+                1
+                for h in hits
+                if h["_id"] not in missing and not h.get("_source", {}).get("deleted")
+            )
 
     def refresh(self) -> None:
         self._run(lambda: self._client.indices.refresh(index=self.index))

@@ -249,6 +249,18 @@ class KeyService:
                 self.redis.set_current_version(row.chat_id, row.dek_version)
         except StoreUnavailable:
             log.warning("redis unavailable, DEK pointer not shared")
+            return
+        # The row was read before this write: a shred (or retention) that destroyed the version
+        # in between has already cleared Redis, so the write above would keep a wrapped DEK of a
+        # deleted chat there for the cache TTL. Look again after writing and take it back; a
+        # destruction committing after this look clears Redis itself. One read per cache fill.
+        fresh = self.repo.dek(row.chat_id, row.dek_version)
+        if fresh is None or fresh.encrypted_dek is None:
+            if row.state == "active" or fresh is None:
+                self.redis.forget_chat(row.chat_id)  # raises if Redis is down: the caller retries
+            else:
+                self.redis.forget_versions(row.chat_id, [row.dek_version])
+            raise KeyDestroyed(f"DEK version {row.dek_version} of chat {row.chat_id} was destroyed")
 
     def key(self, chat_id: uuid.UUID, version: int, _timed: bool = True) -> ChatKey:
         """The DEK of a given version, e.g. to open an old message."""

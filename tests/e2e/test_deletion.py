@@ -287,3 +287,55 @@ def test_retention_uses_the_id_clock_whatever_sent_at_says(
     row = store.get(uuid.UUID(chat), recent.message_id)
     assert row is not None
     assert abs((row.created_at - (now - timedelta(hours=1))).total_seconds()) < 1
+
+
+def test_chat_deleted_while_the_indexer_is_down(
+    admin: Pipeline, store: MessageStore, index: SearchIndex
+) -> None:
+    """The indexer is down when a chat is deleted: the receipt says the sweep did not complete,
+    nothing of the chat is indexed when the indexer comes back (it reads the chat's state), and
+    running the deletion again, once the indexer caught up, completes it."""
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    admin.start(
+        "admin",
+        key="admin-short-sweep",
+        env={"SEALSTREAM_ADMIN__PORT": str(port), "SEALSTREAM_DELETION__SWEEP_SECONDS": "5"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    admin.wait_http(url)
+
+    def delete(chat: str) -> dict[str, Any]:
+        response = httpx.delete(
+            f"{url}/v1/chats/{chat}",
+            params={"reason": "indexer down"},
+            headers=admin.admin_token(),
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    try:
+        chat = create_chat(admin, "alice", ["bob"])
+        word = f"indexerdown{uuid.uuid4().hex[:8]}"
+        admin.signal("indexer", signal.SIGTERM)
+        ids = post_batch(admin, "alice", chat, [f"{word} {i}" for i in range(30)])
+        first = delete(chat)
+        assert first["sweep_completed"] is False, first
+        assert first["index_documents_deleted"] == 0
+
+        admin.start("indexer")
+        wait_until(lambda: workers_caught_up(admin), timeout=300, what="indexer caught up")
+        assert indexed(index, chat, word) == []
+        assert index.count(uuid.UUID(chat)) == 0
+        assert rows_with_envelope(store, chat, ids) == []
+
+        again = delete(chat)
+        assert again["sweep_completed"] is True, again
+        assert again["dek_versions_destroyed"] == []
+        assert again["index_documents_deleted"] == 0
+    finally:
+        if "indexer" not in admin.procs:
+            admin.start("indexer")
+        admin.signal("admin-short-sweep", signal.SIGTERM)

@@ -21,7 +21,7 @@ from indexer.logic import index_batch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, first_id_at, id_time
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.crypto import ChatKey
@@ -240,3 +240,147 @@ def test_records_past_retention_are_not_written(
     index.refresh()
     assert store.get(chat, old_id) is None and store.get(chat, new_id) is not None
     assert index.search_chat(chat, "expired") == [new_id]
+
+
+class ShreddedWhileReading(ChatKeyRepository):
+    """A worker's repository whose DEK read is answered just before the chat is shredded by
+    another process (the admin API): the read returns the wrapped DEK, the shred then commits and
+    clears Redis, and only after that does the worker go on with what it read."""
+
+    def __init__(self, database: Database, shred: object) -> None:
+        super().__init__(database)
+        self.shred = shred
+
+    def _then_shred(self) -> None:
+        shred, self.shred = self.shred, None
+        if shred is not None:
+            shred()  # type: ignore[operator]
+
+    def active_dek(self, chat_id: uuid.UUID):  # type: ignore[no-untyped-def]
+        row = super().active_dek(chat_id)
+        self._then_shred()
+        return row
+
+    def dek(self, chat_id: uuid.UUID, version: int):  # type: ignore[no-untyped-def]
+        row = super().dek(chat_id, version)
+        self._then_shred()
+        return row
+
+
+@pytest.mark.parametrize("lookup", ["current_key", "key"])
+def test_no_wrapped_dek_of_a_shredded_chat_is_left_in_redis(
+    keys: KeyService,
+    race_settings: Settings,
+    database: Database,
+    kms: object,
+    lookup: str,
+) -> None:
+    """A process (encryptor or reader) filling Redis from a DEK row it read just before the shred
+    must not leave that wrapped DEK in Redis after the shred: docs/security.md promises that once
+    a chat is deleted no wrapped DEK of it exists in Postgres or Redis."""
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    redis = RedisKeyCache(race_settings.redis)
+    redis.forget_chat(chat)  # a cold cache: the worker reads the DEK from Postgres
+    repo = ShreddedWhileReading(database, lambda: keys.delete_chat(chat, "race"))
+    worker = KeyService(
+        repo,
+        kms,  # type: ignore[arg-type]
+        RedisKeyCache(race_settings.redis),
+        race_settings.keys,
+        race_settings.vault.default_key,
+        actor="racing-worker",
+    )
+    try:
+        if lookup == "current_key":
+            worker.current_key(chat)
+        else:
+            worker.key(chat, 1)
+    except Exception:  # noqa: BLE001, S110 - refusing the key is fine; leaving it in Redis is not
+        pass
+    assert repo.shred is None, "the shred did not run in the window"
+    assert keys.repo.chat(chat).state == "deleted"  # type: ignore[union-attr]
+    assert redis.wrapped(chat, 1) is None, "a wrapped DEK of the shredded chat is in Redis"
+    assert redis.current_version(chat) is None
+
+
+def test_two_concurrent_chat_deletions_count_each_document_once(
+    stores: tuple[MessageStore, SearchIndex],
+) -> None:
+    """Two deletions of one chat at once (two admins, a retried request): the receipts count what
+    each really removed, so together they count every document exactly once. Each pass used to
+    count every hit it asked to delete, including those the other had deleted meanwhile."""
+    import threading
+
+    _, index = stores
+    chat = uuid.uuid4()
+    ids = SnowflakeIds(33)
+    total = 3000
+    index.index_many(
+        [
+            IndexedMessage(ids.next_id(), chat, "t", "alice", datetime.now(UTC), f"twice {i}")
+            for i in range(total)
+        ]
+    )
+    index.refresh()
+    assert index.count(chat) == total
+    start = threading.Barrier(2)
+    counts: list[int] = []
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        start.wait()
+        try:
+            counts.append(index.delete_chat(chat))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=delete) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    index.refresh()
+    assert index.count(chat) == 0
+    assert sum(counts) == total, f"receipts counted {counts} for {total} documents"
+
+
+def keyless(batch: list[RawRecord]) -> list[RawRecord]:
+    """The same records re-published without a Kafka key (a replay tool, a console producer)."""
+    return [RawRecord(r.topic, r.partition, r.offset, None, r.value) for r in batch]
+
+
+def test_records_without_a_key_are_checked_too(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """The record schema accepts a record with no Kafka key (the chat id is in the value), so
+    the deletion check must find its chat from the value: it used to look only at the key, so a
+    keyless replay of a shredded chat's records was indexed again and expired records were
+    written."""
+    store, index = stores
+    shredded = uuid.uuid4()
+    keys.create_chat(shredded, ("alice",))
+    ids = SnowflakeIds(34)
+    batch = records(shredded, [ids.next_id() for _ in range(3)], "keylessreplay")
+    # Not indexed before the shred (the indexer lagging): a keyless replay is then the first write.
+    assert encrypt_and_store(batch, keys, store, keys.repo) == []
+    delete_chat(keys, index, store, shredded, "test")
+
+    assert encrypt_and_store(keyless(batch), keys, store, keys.repo) == []
+    assert index_batch(keyless(batch), index, keys.repo) == []
+    index.refresh()
+    assert index.search_chat(shredded, "keylessreplay") == []
+    assert index.count(shredded) == 0
+
+    expiring = uuid.uuid4()
+    keys.create_chat(expiring, ("alice",))
+    keys.repo.set_retention(1, chat_id=expiring)
+    now = datetime.now(UTC)
+    old_id = first_id_at(int((now - timedelta(days=2)).timestamp() * 1000)) | (1001 << 12)
+    old = keyless(records(expiring, [old_id], "keylessexpired"))
+    assert encrypt_and_store(old, keys, store, keys.repo) == []
+    assert index_batch(old, index, keys.repo) == []
+    index.refresh()
+    assert store.get(expiring, old_id) is None
+    assert index.search_chat(expiring, "keylessexpired") == []

@@ -369,3 +369,47 @@ def test_direct_producers_lease_their_own_ids(
         assert all(repo.holder_of(w) is None for w in held)
     finally:
         publisher.close()
+
+
+def test_a_clock_stepped_back_neither_hangs_nor_stops_ids(
+    leases: Callable[..., WorkerIdLease], database: Database
+) -> None:
+    """The host's clock steps back an hour (an operator, a VM restored, NTP stepping): the
+    generator keeps its ids unique and increasing without waiting for the clock to catch up. It
+    used to spin, holding its lock, once a millisecond's 4,096 sequence numbers were used (every
+    post hung, and the renewal thread, blocked on the lock, let the lease lapse), and after the
+    next renewal it refused every id until the clock was back (503 for an hour)."""
+    wall = [int(time.time() * 1000)]
+    lease = leases(
+        WorkerLeaseSettings(ttl_seconds=30, renew_seconds=10, margin_seconds=5),
+        clock_ms=lambda: wall[0],
+    )
+    lease.acquire()
+    before = [lease.ids.next_id() for _ in range(10)]
+    stepped_from = wall[0]
+    wall[0] -= 3_600_000  # stepped back one hour, and it stays there for the test
+
+    made: list[int] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            made.extend(lease.ids.next_id() for _ in range(10_000))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=make, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    hung = worker.is_alive()
+    if hung:
+        wall[0] = stepped_from + 1  # let the old code's spin end so teardown can run
+        worker.join(timeout=60)
+    assert not hung, f"next_id hung after {len(made)} ids with the clock stepped back"
+    assert errors == []
+    assert len(set(made)) == 10_000 and made == sorted(made) and made[0] > max(before)
+
+    # A renewal with the clock still back: ids go on (the fence recorded in Postgres only grows).
+    assert lease.renew_once()
+    more = [lease.ids.next_id() for _ in range(10)]
+    assert more[0] > made[-1] and len(set(more)) == 10
