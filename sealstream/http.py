@@ -287,6 +287,7 @@ _STATUS_TEXT = {
     "401": "Missing, invalid or expired bearer token",
     "403": "Not allowed: not a participant of the chat, another tenant, or not an admin",
     "404": "No such chat, message, tenant or job",
+    "408": "Request head or body not complete in time (HttpLimits.head/body_timeout_seconds)",
     "410": "The chat was deleted",
     "413": "Request body over the listener's limit (HttpLimits.max_body_bytes)",
     "422": "Invalid request; `field` names the offending field and `message` the rule",
@@ -309,7 +310,7 @@ def _openapi_with_errors(app: FastAPI) -> dict[str, Any]:
     admin = app.title.endswith("admin")
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
-            codes = {"401", "422", "431", "500", "503"}
+            codes = {"401", "408", "422", "431", "500", "503"}
             if admin:
                 codes.add("403")
             if "{" in path:

@@ -344,6 +344,89 @@ def test_connections_beyond_the_limit_get_503(pipeline: Pipeline) -> None:
         pipeline.signal("ingest-2-connections", signal.SIGTERM)
 
 
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (or 60 s of silence: then what came)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:  # socket.timeout: the server neither answered nor closed
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _ws_handshake(extra: bytes, path: bytes = b"/v1/ws") -> bytes:
+    return (
+        b"GET %s HTTP/1.1\r\nHost: s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"%s\r\n" % (path, extra)
+    )
+
+
+@pytest.mark.parametrize("shape", ["long header", "many headers", "long url"])
+def test_websocket_handshake_under_the_head_limit_is_answered(
+    pipeline: Pipeline, shape: str
+) -> None:
+    # Under the 16 KiB head limit, but past the WebSocket library's own per-line (8 KiB) and
+    # header-count (128) limits: the handshake used to get no answer and stay open for ever.
+    if shape == "long header":
+        request = _ws_handshake(b"X-Big: " + b"a" * 9000 + b"\r\n")
+    elif shape == "many headers":
+        request = _ws_handshake(b"".join(b"X-%d: a\r\n" % i for i in range(140)))
+    else:
+        request = _ws_handshake(b"", path=b"/v1/ws?token=" + b"a" * 9000)
+    assert len(request) < pipeline.settings.ingest.limits.max_header_bytes
+    parts = urlsplit(pipeline.ingest_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+        sock.sendall(request)
+        data = _answer(sock)
+    assert data.startswith(b"HTTP/1.1 431 "), data[:80]
+    body = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "header_too_large"
+
+
+def test_slow_or_silent_clients_get_408_and_free_their_connection(pipeline: Pipeline) -> None:
+    # Two connections allowed: a client that never finishes its head (or body) must not hold
+    # them for ever, or every other client gets 503 (slowloris).
+    port = free_port()
+    limits = {"max_connections": 2, "head_timeout_seconds": 2, "body_timeout_seconds": 2}
+    pipeline.start(
+        "ingest",
+        key="ingest-2-slow",
+        env={"SEALSTREAM_INGEST__PORT": str(port), "SEALSTREAM_INGEST__LIMITS": json.dumps(limits)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pipeline.wait_http(url)
+        slow = {
+            "silent": b"",
+            "partial head": b"GET /healthz HTTP/1.1\r\nHost: s\r\nX-Slow: a",
+            "partial body": b"POST /v1/chats HTTP/1.1\r\nHost: s\r\nContent-Length: 100\r\n\r\n{",
+        }
+        for what, sent in slow.items():
+            held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2)]
+            try:
+                for sock in held:
+                    sock.sendall(sent)
+                answers = [_answer(sock) for sock in held]
+            finally:
+                for sock in held:
+                    sock.close()
+            for data in answers:
+                assert data.startswith(b"HTTP/1.1 408 "), (what, data[:80])
+                body = json.loads(data.partition(b"\r\n\r\n")[2])
+                assert body["error"]["code"] == "request_timeout"
+        request = b"GET /healthz HTTP/1.1\r\nHost: s\r\n\r\n"
+        deadline = time.monotonic() + 60
+        while _exchange(url, [request])[0] != 200:
+            assert time.monotonic() < deadline, "still refused after the slow clients were cut"
+            time.sleep(0.2)
+    finally:
+        pipeline.signal("ingest-2-slow", signal.SIGTERM)
+
+
 # --- no token in any log (runs last in this module) ---------------------------------------------
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+")
