@@ -333,6 +333,28 @@ def test_oversized_bodies_get_413_with_or_without_content_length(admin: Pipeline
         assert json.loads(body)["error"]["code"] == "payload_too_large"
 
 
+def test_openapi_lists_the_statuses_each_route_really_answers(admin: Pipeline) -> None:
+    # The body limit answers 413 on every method (GET included), so every operation lists it;
+    # 410 (a deleted chat) is not listed for job and tenant routes, which never answer it.
+    chat = create_chat(admin, "alice", ["bob"])
+    reader = f"{admin.reader_url}/v1/chats/{chat}/messages"
+    limit = admin.settings.reader.limits.max_body_bytes
+    oversized = b"GET %s HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer %s\r\n" % (
+        urlsplit(reader).path.encode(),
+        _token(admin, "alice").encode(),
+    )
+    status, _, _ = _exchange(reader, [oversized + b"Content-Length: %d\r\n\r\n" % (limit + 1)])
+    assert status == 413
+    for url in _services(admin):
+        spec = httpx.get(f"{url}/openapi.json", timeout=60).json()
+        for path, operations in spec["paths"].items():
+            for method, operation in operations.items():
+                codes = set(operation["responses"])
+                assert "413" in codes, (url, method, path)
+                if "/jobs" in path or "/tenants" in path:
+                    assert "410" not in codes, (url, method, path)
+
+
 def test_oversized_websocket_message_closes_1009(pipeline: Pipeline) -> None:
     token = _token(pipeline, "alice")
     limit = 256 * 1024  # above the default frame limit (128 KiB)
