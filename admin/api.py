@@ -2,7 +2,9 @@
 `admin` role). Quick operations answer at once; long ones start a background job (202) whose
 progress and result are read from `/v1/jobs/{job_id}`.
 
-Every operation is recorded in the key audit trail with the operator's user id as the actor.
+Every change to a chat's keys is recorded in the key audit trail with the operator's user id as
+the actor. Tenant registration, a tenant's master-key name and retention settings are not yet
+(key_audit rows are per chat; `test_tenant_key_and_retention_changes_are_audited`, xfail).
 No response carries key material: DEK versions are described by number, state and master key.
 """
 

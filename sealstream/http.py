@@ -287,6 +287,7 @@ _STATUS_TEXT = {
     "401": "Missing, invalid or expired bearer token",
     "403": "Not allowed: not a participant of the chat, another tenant, or not an admin",
     "404": "No such chat, message, tenant or job",
+    "408": "Request head or body not complete in time (HttpLimits.head/body_timeout_seconds)",
     "410": "The chat was deleted",
     "413": "Request body over the listener's limit (HttpLimits.max_body_bytes)",
     "422": "Invalid request; `field` names the offending field and `message` the rule",
@@ -308,14 +309,15 @@ def _openapi_with_errors(app: FastAPI) -> dict[str, Any]:
     schemas["Error"] = _ERROR_SCHEMA
     admin = app.title.endswith("admin")
     for path, operations in schema.get("paths", {}).items():
-        for method, operation in operations.items():
-            codes = {"401", "422", "431", "500", "503"}
+        for operation in operations.values():
+            # 413: the body limit answers on every method, GET included.
+            codes = {"401", "408", "413", "422", "431", "500", "503"}
             if admin:
                 codes.add("403")
             if "{" in path:
-                codes |= {"403", "404", "410"}
-            if method in ("post", "put", "patch", "delete"):
-                codes.add("413")
+                codes |= {"403", "404"}
+            if "{chat_id}" in path:  # a deleted chat; jobs and tenants are never "gone"
+                codes.add("410")
             responses = operation.setdefault("responses", {})
             for code in sorted(codes | {c for c in responses if c[0] in "45"}):
                 described = responses.get(code, {}).get("description")

@@ -1,5 +1,6 @@
 """What an HTTP listener accepts before refusing: request-head size (431), body size (413), open
-connections (503) and WebSocket message size (1009), from `HttpLimits` (docs/security.md).
+connections (503), WebSocket message size (1009) and the time a request head or body may take
+(408, against slowloris), from `HttpLimits` (docs/security.md).
 
 uvicorn's own knobs do not give these answers: its parsers accept request heads of any size
 (httptools) or answer 400 (h11), and its concurrency limit answers a plain-text 503. So the head
@@ -13,6 +14,7 @@ with 1009).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -20,6 +22,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets.http11 import MAX_LINE_LENGTH as WS_MAX_LINE
+from websockets.http11 import MAX_NUM_HEADERS as WS_MAX_HEADERS
 
 from sealstream.settings import HttpLimits
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {400: b"Bad Request", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 _REASONS[503] = b"Service Unavailable"
+_REASONS[408] = b"Request Timeout"
 
 
 def _refusal(status: int, code: str, message: str, retry_after: bool = False) -> bytes:
@@ -52,12 +57,25 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
 
     head_limit = limits.max_header_bytes
     connection_limit = limits.max_connections
+    head_seconds = limits.head_timeout_seconds
+    body_seconds = limits.body_timeout_seconds
 
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0  # bytes of the current request head seen by the parser callbacks
         _raw_head_bytes = 0  # bytes received while the current head is incomplete
         _in_head = True
         _refusal: bytes | None = None
+        # The one pending read deadline (head or body); None while a response is being written
+        # or the connection idles between requests (uvicorn's keep-alive timeout covers that).
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm(head_seconds, "request head")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
@@ -75,6 +93,8 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
         def on_message_begin(self) -> None:
             self._head_bytes = 0
             self._in_head = True
+            if self._deadline is None:  # a keep-alive connection's next request
+                self._arm(head_seconds, "request head")
             super().on_message_begin()
 
         def on_url(self, url: bytes) -> None:
@@ -88,6 +108,7 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._raw_head_bytes = 0
+            self._arm(body_seconds, "request body")
             if len(self.connections) > connection_limit:
                 log.warning("connection limit reached", extra={"limit": connection_limit})
                 self._refusal = _refusal(
@@ -97,9 +118,32 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
                     retry_after=True,
                 )
                 raise _Refused
+            if self.parser.should_upgrade() and self._should_upgrade():
+                self._check_handshake()
             super().on_headers_complete()
 
+        def _check_handshake(self) -> None:
+            # The WebSocket library re-parses the handshake with its own, smaller limits; a
+            # request past them used to get no answer at all (uvicorn drops the library's 431
+            # and leaves the connection open), so refuse it here with the JSON answer.
+            method = self.parser.get_method()
+            request_line = len(method) + len(self.url) + len(b"  HTTP/1.1\r\n")
+            longest = max([request_line, *(len(n) + len(v) + 4 for n, v in self.headers)])
+            if len(self.headers) > WS_MAX_HEADERS or longest > WS_MAX_LINE:
+                self._refusal = _refusal(
+                    431,
+                    "header_too_large",
+                    f"WebSocket handshake: at most {WS_MAX_HEADERS} headers and "
+                    f"{WS_MAX_LINE} bytes per line (request line included)",
+                )
+                raise _Refused
+
+        def handle_websocket_upgrade(self) -> None:
+            self._disarm()  # the socket's own rules (auth frame wait, token expiry) apply now
+            super().handle_websocket_upgrade()
+
         def on_message_complete(self) -> None:
+            self._disarm()
             super().on_message_complete()
             self._in_head = True
             self._raw_head_bytes = 0
@@ -109,6 +153,26 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
             if self._head_bytes > head_limit:
                 self._refusal = _refusal(431, "header_too_large", self._head_message())
                 raise _Refused
+
+        def _arm(self, seconds: float, what: str) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._timed_out, seconds, what)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _timed_out(self, seconds: float, what: str) -> None:
+            # A client that trickles (or never sends) its request must not hold a connection,
+            # and with it a share of `max_connections`, for ever (slowloris).
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or not self.cycle.response_started:
+                message = f"{what} not received within {seconds:g} s"
+                self.transport.write(_refusal(408, "request_timeout", message))
+            self.transport.close()
 
         def _head_message(self) -> str:
             return f"request line and headers exceed {head_limit} bytes"

@@ -225,7 +225,10 @@ class HttpLimits(BaseModel):
     Answers: a request head (request line and headers) over `max_header_bytes` gets 431; a body
     over `max_body_bytes` (by Content-Length or counted as it streams in, chunked or not) gets
     413; a WebSocket message over `max_ws_frame_bytes` closes the socket with 1009; a connection
-    beyond `max_connections` open at once gets 503 (with Retry-After) and is closed.
+    beyond `max_connections` open at once gets 503 (with Retry-After) and is closed; a request
+    head not complete within `head_timeout_seconds` of connecting (or of the request's first
+    byte), or a body not complete within `body_timeout_seconds` after its head, gets 408 and the
+    connection is closed.
     """
 
     model_config = {"frozen": True}
@@ -235,6 +238,10 @@ class HttpLimits(BaseModel):
     # A message frame holds at most 16 KiB of text, which JSON escaping may grow a few times.
     max_ws_frame_bytes: int = Field(default=128 * 1024, ge=1024)
     max_connections: int = Field(default=1000, ge=1)
+    # A request head (or, once the head is in, its body) not complete within these seconds of
+    # the connection opening / the request starting gets 408 and the connection is closed.
+    head_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class HttpSettings(BaseModel):
