@@ -228,18 +228,20 @@ def test_postgres_claims_hold_the_first_message_and_refuse_another_text(database
     def fingerprint(text: str) -> bytes:
         return fingerprints.of(text, "client-id-42")
 
-    chat, sender, at = uuid.uuid4(), "ivy", datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    # Long enough that random bytes (hashes) never contain it by chance: a 2-byte text did.
+    TEXT = "hello from the claims test"
+    chat, sender, at = uuid.uuid4(), "ivy-the-sender", datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     later = at + timedelta(seconds=5)
 
-    [first] = claims.claim(chat, sender, [Claim("client-id-42", 1001, fingerprint("hi"), at)])
+    [first] = claims.claim(chat, sender, [Claim("client-id-42", 1001, fingerprint(TEXT), at)])
     assert first == Granted("client-id-42", 1001, at, earlier=False, acknowledged=False)
-    [retry] = claims.claim(chat, sender, [Claim("client-id-42", 1002, fingerprint("hi"), later)])
+    [retry] = claims.claim(chat, sender, [Claim("client-id-42", 1002, fingerprint(TEXT), later)])
     assert retry == Granted("client-id-42", 1001, at, earlier=True, acknowledged=False)
     claims.acknowledge(chat, sender, [retry])
-    [known] = claims.claim(chat, sender, [Claim("client-id-42", 1003, fingerprint("hi"), later)])
+    [known] = claims.claim(chat, sender, [Claim("client-id-42", 1003, fingerprint(TEXT), later)])
     assert known.message_id == 1001 and known.acknowledged
     # The same id from another sender, or in another chat, is another message.
-    [other] = claims.claim(chat, "jo", [Claim("client-id-42", 1004, fingerprint("hi"), at)])
+    [other] = claims.claim(chat, "jo", [Claim("client-id-42", 1004, fingerprint(TEXT), at)])
     assert other.message_id == 1004 and not other.earlier
 
     with pytest.raises(ClaimConflict) as conflict:
@@ -259,8 +261,9 @@ def test_postgres_claims_hold_the_first_message_and_refuse_another_text(database
         rows = conn.execute("SELECT * FROM message_claims").fetchall()
     for row in rows:  # ids and text stay out of the table: a hash key and a keyed fingerprint
         stored = b"".join(bytes(row[c]) for c in ("claim_key", "fingerprint"))
-        assert b"client-id-42" not in stored and b"ivy" not in stored and b"hi" not in stored
-        assert bytes(row["fingerprint"]) != hashlib.sha256(b"hi").digest()
+        assert b"client-id-42" not in stored and b"ivy-the-sender" not in stored
+        assert TEXT.encode() not in stored
+        assert bytes(row["fingerprint"]) != hashlib.sha256(TEXT.encode()).digest()
 
     assert claims.purge(now=datetime.now(UTC) + timedelta(hours=23)) == 0
     assert claims.purge(now=datetime.now(UTC) + timedelta(hours=25)) >= 3
