@@ -3,8 +3,8 @@
 progress and result are read from `/v1/jobs/{job_id}`.
 
 Every change to a chat's keys is recorded in the key audit trail with the operator's user id as
-the actor. Tenant registration, a tenant's master-key name and retention settings are not yet
-(key_audit rows are per chat; `test_tenant_key_and_retention_changes_are_audited`, xfail).
+the actor, in the same transaction as the change; so are a tenant's master-key name
+(`tenant_key_set`) and retention settings (`retention_set`), which decide when keys are destroyed.
 No response carries key material: DEK versions are described by number, state and master key.
 """
 
@@ -417,7 +417,7 @@ def create_app(
     ) -> dict[str, Any]:
         if ctx.keys.repo.tenant_key_name(tenant_id) is None:
             raise ApiError(404, "not_found", f"no tenant {tenant_id!r}", "path.tenant_id")
-        ctx.keys.repo.set_retention(body.days, tenant_id=tenant_id)
+        ctx.keys.set_retention(body.days, tenant_id=tenant_id)
         return {"tenant_id": tenant_id, "retention_days": body.days}
 
     @app.put(
@@ -427,7 +427,7 @@ def create_app(
     )
     def chat_retention(admin: CurrentAdmin, chat_id: ChatId, body: RetentionIn) -> dict[str, Any]:
         existing_chat(chat_id)
-        ctx.keys.repo.set_retention(body.days, chat_id=chat_id)
+        ctx.keys.set_retention(body.days, chat_id=chat_id)
         return {"chat_id": str(chat_id), "retention_days": body.days}
 
     @app.post(

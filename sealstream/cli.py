@@ -310,7 +310,7 @@ def keys_retention(
             if not (tenant or chat):
                 console.print("[red]--days needs --tenant or --chat[/red]")
                 raise typer.Exit(2)
-            keys.repo.set_retention(days, tenant, _chat_id(chat) if chat else None)
+            keys.set_retention(days, tenant, _chat_id(chat) if chat else None)
         with Progress(console=console) as bar:
             task = bar.add_task("applying retention", total=None)
             report = apply_retention(

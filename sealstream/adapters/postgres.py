@@ -301,15 +301,23 @@ class ChatKeyRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def upsert_tenant(self, tenant_id: str, kms_key_name: str, region: str | None = None) -> None:
-        """Store a tenant's master key and the region of its KMS (None: the default KMS)."""
-        with self.db.connection() as conn:
+    def upsert_tenant(
+        self,
+        tenant_id: str,
+        kms_key_name: str,
+        region: str | None = None,
+        audit: AuditRecord | None = None,
+    ) -> None:
+        """Store a tenant's master key and the region of its KMS (None: the default KMS), with
+        `audit` (action `tenant_key_set`) in the same transaction."""
+        with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO tenants (tenant_id, kms_key_name, kms_address) VALUES (%s, %s, %s)"
                 " ON CONFLICT (tenant_id) DO UPDATE SET kms_key_name = EXCLUDED.kms_key_name,"
                 " kms_address = EXCLUDED.kms_address",
                 (tenant_id, kms_key_name, region),
             )
+            _audit(conn, audit, None, None)
 
     def tenant(self, tenant_id: str) -> TenantRow | None:
         with self.db.connection() as conn:
@@ -585,10 +593,16 @@ class ChatKeyRepository:
         return [(r["chat_id"], r["dek_version"], r["messages_sealed"]) for r in rows]
 
     def set_retention(
-        self, days: int | None, tenant_id: str | None = None, chat_id: uuid.UUID | None = None
+        self,
+        days: int | None,
+        tenant_id: str | None = None,
+        chat_id: uuid.UUID | None = None,
+        audit: AuditRecord | None = None,
     ) -> None:
-        """Set (or clear, with None) the retention of a tenant or of one chat."""
-        with self.db.connection() as conn:
+        """Set (or clear, with None) the retention of a tenant or of one chat, with `audit`
+        (action `retention_set`) in the same transaction: retention decides when DEK versions
+        are destroyed."""
+        with self.db.transaction() as conn:
             if chat_id is not None:
                 conn.execute(
                     "UPDATE chats SET retention_days = %s WHERE chat_id = %s", (days, chat_id)
@@ -597,6 +611,7 @@ class ChatKeyRepository:
                 conn.execute(
                     "UPDATE tenants SET retention_days = %s WHERE tenant_id = %s", (days, tenant_id)
                 )
+            _audit(conn, audit, chat_id, None)
 
     def chats_with_retention(self) -> list[tuple[uuid.UUID, int, datetime]]:
         """Active chats with a retention period (the chat's own, else its tenant's)."""

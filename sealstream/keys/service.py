@@ -149,7 +149,28 @@ class KeyService:
                     "a master key between KMS clusters is not supported"
                 )
         self.kms_for(region, tenant_id).ensure_key(kms_key_name)
-        self.repo.upsert_tenant(tenant_id, kms_key_name, region)
+        self.repo.upsert_tenant(
+            tenant_id,
+            kms_key_name,
+            region,
+            AuditRecord(
+                self.actor,
+                "tenant_key_set",
+                f"tenant {tenant_id}: master key {kms_key_name}, region {region or 'default'}",
+            ),
+        )
+
+    def set_retention(
+        self, days: int | None, tenant_id: str | None = None, chat_id: uuid.UUID | None = None
+    ) -> None:
+        """Set (or clear, with None) a tenant's or one chat's retention period, audited."""
+        scope = f"chat {chat_id}" if chat_id is not None else f"tenant {tenant_id}"
+        self.repo.set_retention(
+            days,
+            tenant_id,
+            chat_id,
+            AuditRecord(self.actor, "retention_set", f"{scope}: {days} days"),
+        )
 
     def kms_for(self, region: str | None, tenant_id: str) -> Kms:
         """The KMS holding the master keys of `region` (None: the default one)."""

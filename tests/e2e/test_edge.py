@@ -127,12 +127,6 @@ def test_participant_ids_postgres_cannot_hold_are_refused(pipeline: Pipeline) ->
         assert answer.json()["error"]["field"] == "participants.0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (review-edge): tenant master-key and retention changes write no "
-    "key_audit row, though the admin API says every operation is audited; key_audit rows "
-    "are per chat, so a fix needs a tenant-level audit record (a migration)",
-)
 def test_tenant_key_and_retention_changes_are_audited(admin: Pipeline) -> None:
     # Which master key wraps a tenant's DEKs, and after how many days its keys are destroyed,
     # are key-lifecycle decisions: the admin API's description says each is audited.
