@@ -89,11 +89,18 @@ def describe(error: ValidationError) -> str:
 
 
 def decode_record(value: bytes, key: bytes | None) -> MessageRecord | str:
-    """Parse a record from the message topic; on failure return the reason (for the DLQ)."""
+    """Parse a record from the message topic; on failure return the reason (for the DLQ).
+
+    The key is part of the contract: a record without one is refused like one whose key does not
+    match, since the workers read each batch's deletion state by key (sealstream.deletion_state)
+    and a keyless record would slip past it into a deleted or expired chat.
+    """
     try:
         message = MessageRecord.model_validate_json(value)
     except ValidationError as exc:
         return f"invalid record: {describe(exc)}"
-    if key is not None and key != message.key():
+    if key is None:
+        return "record has no key; the key must be chat_id (per-chat ordering, deletion checks)"
+    if key != message.key():
         return "record key does not match chat_id (breaks per-chat ordering)"
     return message

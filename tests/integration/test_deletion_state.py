@@ -240,3 +240,45 @@ def test_records_past_retention_are_not_written(
     index.refresh()
     assert store.get(chat, old_id) is None and store.get(chat, new_id) is not None
     assert index.search_chat(chat, "expired") == [new_id]
+
+
+class NothingInFlight:
+    def position(self) -> dict[int, int]:
+        return {}
+
+    def passed(self, position: dict[int, int]) -> bool:
+        return True
+
+
+def test_records_without_a_key_never_bypass_the_deletion_check(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """The deletion check reads chat states by record key. A direct producer's record without a
+    key (valid JSON, the right chat_id) must not slip past it into a shredded or expired chat:
+    it is dead-lettered, as a key that does not match chat_id is, by both stages."""
+    store, index = stores
+    shredded, expiring = uuid.uuid4(), uuid.uuid4()
+    keys.create_chat(shredded, ("alice",))
+    keys.create_chat(expiring, ("alice",))
+    keys.repo.set_retention(1, chat_id=expiring)
+    delete_chat(keys, index, store, shredded, "keyless", NothingInFlight(), sweep_seconds=30)
+    old_id = first_id_at(int((datetime.now(UTC) - timedelta(days=2)).timestamp() * 1000))
+    batch = [
+        RawRecord(r.topic, r.partition, offset, None, r.value)
+        for offset, r in enumerate(
+            records(shredded, [SnowflakeIds(34).next_id()], "keyless")
+            + records(expiring, [old_id | (7 << 12)], "keyless")
+        )
+    ]
+
+    outcomes = [
+        encrypt_and_store(batch, keys, store, keys.repo),
+        index_batch(batch, index, keys.repo),
+    ]
+    index.refresh()
+    assert index.search_chat(shredded, "keyless") == []
+    assert index.search_chat(expiring, "keyless") == []
+    assert store.get(expiring, old_id | (7 << 12)) is None
+    for rejected in outcomes:
+        assert [r.record.offset for r in rejected] == [0, 1]
+        assert all("key" in r.reason and "keyless" not in r.reason for r in rejected)
