@@ -282,3 +282,28 @@ def test_records_without_a_key_never_bypass_the_deletion_check(
     for rejected in outcomes:
         assert [r.record.offset for r in rejected] == [0, 1]
         assert all("key" in r.reason and "keyless" not in r.reason for r in rejected)
+
+
+def test_a_record_of_an_unknown_chat_is_dead_lettered_by_both_stages(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """A direct producer's record for a chat that does not exist: the encryptor has no key and
+    dead-letters it; the indexer must not index its words (no chat deletion or retention would
+    ever remove them), it dead-letters it too."""
+    store, index = stores
+    known, unknown = uuid.uuid4(), uuid.uuid4()
+    keys.create_chat(known, ("alice",))
+    ids = SnowflakeIds(35)
+    batch = records(unknown, [ids.next_id()], "orphan") + records(known, [ids.next_id()], "orphan")
+    batch = [RawRecord(r.topic, r.partition, i, r.key, r.value) for i, r in enumerate(batch)]
+
+    stored = encrypt_and_store(batch, keys, store, keys.repo)
+    indexed = index_batch(batch, index, keys.repo)
+
+    index.refresh()
+    assert index.search_chat(unknown, "orphan") == []
+    assert len(index.search_chat(known, "orphan")) == 1
+    for rejected in (stored, indexed):
+        assert [(r.record.offset, f"unknown chat {unknown}") for r in rejected] == [
+            (0, r.reason) for r in rejected
+        ]
