@@ -26,8 +26,8 @@ from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.kafka import Publisher
 from sealstream.services import settings_env, spawn
-from sealstream.wiring import key_service
 from sealstream.settings import EncryptorHttp, IndexerHttp, Settings
+from sealstream.wiring import key_service
 from tests.e2e.conftest import free_port
 from tests.integration.conftest import KafkaTopics
 
@@ -134,8 +134,14 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
     http = EncryptorHttp(port=free_port())
     cut_port = free_port()
     forwarder = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.tcp_cut", str(cut_port)]
-        + [settings.cassandra.hosts[0], str(settings.cassandra.port)]
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.tcp_cut",
+            str(cut_port),
+            settings.cassandra.hosts[0],
+            str(settings.cassandra.port),
+        ]
     )
     worker = settings.model_copy(
         update={
