@@ -9,6 +9,7 @@ import json
 import uuid
 from typing import Any
 
+import httpx
 from confluent_kafka import Producer
 from opensearchpy import OpenSearch
 
@@ -156,3 +157,34 @@ def test_direct_records_end_stored_or_dead_lettered_and_leak_no_text(pipeline: P
             hits = [str(p) for p, d in files.items() if phrase.encode() in d]
             assert not hits, f"{phrase[:40]!r} in {hits}"
     assert uuid.UUID(chat)
+
+
+def test_odd_search_queries_never_get_a_server_error(pipeline: Pipeline) -> None:
+    chat = create_chat(pipeline, "quinn", ["rita"])
+    [posted] = post_batch(pipeline, "quinn", chat, ["Ça va? 東京 สวัสดี zqfindx"])
+    wait_until(lambda: search(pipeline, "rita", chat, "zqfindx").json()["messages"], what="indexed")
+    queries = [
+        "?!...,;",
+        "東京",
+        "สวัสดี",
+        "ÇA VA",
+        "c\u0327a",  # NFD of "ça"
+        " ".join(f"w{i}" for i in range(100)),
+        "y" * 256,
+        "漢字" * 128,
+        "\x00",
+        "\u202e\u200f",
+        "👨\u200d👩\u200d👧",
+    ]
+    statuses = {q[:20]: search(pipeline, "rita", chat, q).status_code for q in queries}
+    assert all(code < 500 for code in statuses.values()), statuses
+    assert [
+        m["message_id"] for m in search(pipeline, "rita", chat, "c\u0327a").json()["messages"]
+    ] == [posted]
+    # Not valid UTF-8 once percent-decoded (a lone surrogate's bytes): refused, not a 500.
+    raw = httpx.get(
+        f"{pipeline.reader_url}/v1/chats/{chat}/search?q=%ED%A0%80",
+        headers=pipeline.token("rita"),
+        timeout=30,
+    )
+    assert raw.status_code < 500, raw.text
