@@ -8,6 +8,7 @@ partition. The message id is assigned before publishing, so every later step is 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -80,11 +81,22 @@ def export_json_schema() -> dict[str, object]:
     return schema
 
 
+_QUOTED = re.compile(r"`[^`]*`")
+
+
 def describe(error: ValidationError) -> str:
-    """Field and rule of each problem, never the input value (it may be message text)."""
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in error.errors()
-    ]
+    """Field and rule of each problem, never the input value (it may be message text).
+
+    Only our own field names are repeated: an unexpected field is "(unexpected field)", since a
+    producer's field names are input too (text where a name goes). Parts of the input a parser
+    quotes in its message (pydantic quotes a character of a bad UUID in backticks) are elided.
+    """
+    parts = []
+    for e in error.errors():
+        loc = ".".join(
+            str(p) if p in MessageRecord.model_fields else "(unexpected field)" for p in e["loc"]
+        )
+        parts.append(f"{loc or 'record'}: {_QUOTED.sub('`…`', e['msg'])}")
     return "; ".join(parts)[:500]
 
 

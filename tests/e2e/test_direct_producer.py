@@ -72,6 +72,7 @@ def test_direct_records_end_stored_or_dead_lettered_and_leak_no_text(pipeline: P
         json.dumps(record("zqbad4x", secret)).replace(secret, secret + " \\ud800"),
         json.dumps(record("zqbad5x", secret, schema_version=2)),
         json.dumps(record("zqbad6x", secret, padding="p" * 900_000)),
+        json.dumps({**record("zqbad9x", "x"), secret: 1}),  # text where a field name goes
     ]
     bad: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]] = [
         (key, v.encode(), None) for v in bad_texts
