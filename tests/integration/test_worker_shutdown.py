@@ -47,8 +47,16 @@ def retries(url: str, stage: str = "indexer") -> float:
 
 
 def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
-    settings: Settings, kafka_topic_factory: KafkaTopics, tmp_path: Path
+    settings: Settings,
+    kafka_topic_factory: KafkaTopics,
+    tmp_path: Path,
+    database: object,
+    kms: Any,
 ) -> None:
+    kms.ensure_key(settings.vault.default_key)
+    chat = uuid.uuid4()
+    with key_service(settings, database) as keys:  # type: ignore[arg-type]
+        keys.create_chat(chat, ("alice",))  # a known chat: the indexer dead-letters the others
     topics = kafka_topic_factory("shutdown")
     group = f"shutdown-indexer-{uuid.uuid4().hex[:12]}"
     http = IndexerHttp(port=free_port())
@@ -65,7 +73,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     try:
         publisher = Publisher(topics, client_id="shutdown-test")
-        ids, chat = SnowflakeIds(71), uuid.uuid4()
+        ids = SnowflakeIds(71)
         records = [
             MessageRecord(
                 message_id=ids.next_id(),
