@@ -3,7 +3,8 @@
 A record the schema refuses, and a document the index refuses for itself, are dead-lettered with
 the reason; anything the sink raises fails the whole batch so the runtime retries it. The text is
 handed to the index adapter, which sends only its tokens (sealstream/tokens.py).
-Records of a deleted chat, or past their chat's retention, are skipped (sealstream.deletion_state).
+Records of a deleted chat, or past their chat's retention, are skipped (sealstream.deletion_state);
+a record of a chat Postgres does not know is dead-lettered, as the encryptor does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def index_batch(
         decoded = decode_record(record.value, record.key)
         if isinstance(decoded, str):
             rejected.append(Rejected(record, decoded))
+            continue
+        if deletion.unknown(decoded.chat_id):
+            # The encryptor dead-letters it (no key); its words must not outlive it in the index,
+            # where no chat deletion or retention would ever find them.
+            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
             continue
         if deletion.refuses(decoded.chat_id, decoded.message_id):
             continue

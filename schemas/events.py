@@ -8,6 +8,7 @@ partition. The message id is assigned before publishing, so every later step is 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -80,20 +81,38 @@ def export_json_schema() -> dict[str, object]:
     return schema
 
 
+_QUOTED = re.compile(r"`[^`]*`")
+
+
 def describe(error: ValidationError) -> str:
-    """Field and rule of each problem, never the input value (it may be message text)."""
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in error.errors()
-    ]
+    """Field and rule of each problem, never the input value (it may be message text).
+
+    Only our own field names are repeated: an unexpected field is "(unexpected field)", since a
+    producer's field names are input too (text where a name goes). Parts of the input a parser
+    quotes in its message (pydantic quotes a character of a bad UUID in backticks) are elided.
+    """
+    parts = []
+    for e in error.errors():
+        loc = ".".join(
+            str(p) if p in MessageRecord.model_fields else "(unexpected field)" for p in e["loc"]
+        )
+        parts.append(f"{loc or 'record'}: {_QUOTED.sub('`…`', e['msg'])}")
     return "; ".join(parts)[:500]
 
 
 def decode_record(value: bytes, key: bytes | None) -> MessageRecord | str:
-    """Parse a record from the message topic; on failure return the reason (for the DLQ)."""
+    """Parse a record from the message topic; on failure return the reason (for the DLQ).
+
+    The key is part of the contract: a record without one is refused like one whose key does not
+    match, since the workers read each batch's deletion state by key (sealstream.deletion_state)
+    and a keyless record would slip past it into a deleted or expired chat.
+    """
     try:
         message = MessageRecord.model_validate_json(value)
     except ValidationError as exc:
         return f"invalid record: {describe(exc)}"
-    if key is not None and key != message.key():
+    if key is None:
+        return "record has no key; the key must be chat_id (per-chat ordering, deletion checks)"
+    if key != message.key():
         return "record key does not match chat_id (breaks per-chat ordering)"
     return message

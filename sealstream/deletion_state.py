@@ -46,11 +46,21 @@ class DeletionCheck:
     """One batch's answer: which of its records must not be written."""
 
     def __init__(
-        self, stage: str, states: dict[uuid.UUID, tuple[str, int | None]], now: datetime
+        self,
+        stage: str,
+        states: dict[uuid.UUID, tuple[str, int | None]],
+        now: datetime,
+        looked_up: bool = False,
     ) -> None:
         self.stage = stage
         self._states = states
         self._now_ms = int(now.timestamp() * 1000)
+        self._looked_up = looked_up
+
+    def unknown(self, chat_id: uuid.UUID) -> bool:
+        """True if the chat states were read and `chat_id` is not among the known chats: its
+        record can never be stored (the encryptor finds no key), so it is a dead letter."""
+        return self._looked_up and chat_id not in self._states
 
     def refuses(self, chat_id: uuid.UUID, message_id: int) -> bool:
         """True (and counted) if the record must not be written. An unknown chat is not refused
@@ -91,4 +101,4 @@ def deletion_check(
         except (ValueError, UnicodeDecodeError):
             continue  # a malformed key: the record is dead-lettered when it is decoded
     found = states.chat_states(chat_ids) if states is not None and chat_ids else {}
-    return DeletionCheck(stage, found, datetime.now(UTC))
+    return DeletionCheck(stage, found, datetime.now(UTC), looked_up=states is not None)

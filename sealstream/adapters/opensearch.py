@@ -200,8 +200,9 @@ class SearchIndex:
             lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
         )
         # A version conflict (the document exists: a redelivery, or a deleted message's
-        # tombstone) is success: the record was already handled.
+        # tombstone) is success: the record was already handled, if by the same chat.
         items = [next(iter(e.values())) for e in errors]
+        conflicts = [item for item in items if item.get("status") == _CONFLICT]
         items = [item for item in items if item.get("status") != _CONFLICT]
         busy = [item.get("status") for item in items if _item_can_heal(item)]
         if busy:
@@ -209,6 +210,30 @@ class SearchIndex:
         return [
             RefusedDocument(int(item["_id"]), _refusal(item.get("status"), item.get("error", {})))
             for item in items
+        ] + self._taken_by_other_chats(messages, conflicts)
+
+    def _taken_by_other_chats(
+        self, messages: list[IndexedMessage], conflicts: list[dict[str, Any]]
+    ) -> list[RefusedDocument]:
+        """Of the conflicting documents, those whose id another chat's document holds.
+
+        Documents are keyed by message id alone: a record reusing another chat's message id (a
+        producer not leasing its worker id, or a forged record) conflicts like a redelivery, but
+        was never indexed; it is refused (dead-lettered), not counted as done."""
+        if not conflicts:
+            return []
+        chats = {str(m.message_id): str(m.chat_id) for m in messages}
+        ids = sorted({str(item["_id"]) for item in conflicts})
+        found = self._run(
+            lambda: self._client.mget(index=self.index, body={"ids": ids}, _source=["chat_id"])
+        )
+        return [
+            RefusedDocument(
+                int(doc["_id"]),
+                "the search index holds this message id for another chat (ids must be unique)",
+            )
+            for doc in found["docs"]
+            if doc.get("found") and doc["_source"].get("chat_id") != chats.get(doc["_id"])
         ]
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
@@ -237,7 +262,16 @@ class SearchIndex:
 
     def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
         """Replace a message's document by its tombstone (idempotent; works before the message
-        was ever indexed too: the indexer's later write then conflicts)."""
+        was ever indexed too: the indexer's later write then conflicts). A document of another
+        chat under the same id (ids reused across chats) is left alone: it is not this message.
+        """
+        existing = self._run(
+            lambda: self._client.get(
+                index=self.index, id=str(message_id), _source=["chat_id"], ignore=404
+            )
+        )
+        if existing.get("found") and existing["_source"].get("chat_id") != str(chat_id):
+            return
         try:
             self._run(
                 lambda: self._client.index(

@@ -346,41 +346,68 @@ def test_two_concurrent_chat_deletions_count_each_document_once(
     assert sum(counts) == total, f"receipts counted {counts} for {total} documents"
 
 
-def keyless(batch: list[RawRecord]) -> list[RawRecord]:
-    """The same records re-published without a Kafka key (a replay tool, a console producer)."""
-    return [RawRecord(r.topic, r.partition, r.offset, None, r.value) for r in batch]
+class NothingInFlight:
+    def position(self) -> dict[int, int]:
+        return {}
+
+    def passed(self, position: dict[int, int]) -> bool:
+        return True
 
 
-def test_records_without_a_key_are_checked_too(
+def test_records_without_a_key_never_bypass_the_deletion_check(
     keys: KeyService, stores: tuple[MessageStore, SearchIndex]
 ) -> None:
-    """The record schema accepts a record with no Kafka key (the chat id is in the value), so
-    the deletion check must find its chat from the value: it used to look only at the key, so a
-    keyless replay of a shredded chat's records was indexed again and expired records were
-    written."""
+    """The deletion check reads chat states by record key. A direct producer's record without a
+    key (valid JSON, the right chat_id) must not slip past it into a shredded or expired chat:
+    it is dead-lettered, as a key that does not match chat_id is, by both stages."""
     store, index = stores
-    shredded = uuid.uuid4()
+    shredded, expiring = uuid.uuid4(), uuid.uuid4()
     keys.create_chat(shredded, ("alice",))
-    ids = SnowflakeIds(34)
-    batch = records(shredded, [ids.next_id() for _ in range(3)], "keylessreplay")
-    # Not indexed before the shred (the indexer lagging): a keyless replay is then the first write.
-    assert encrypt_and_store(batch, keys, store, keys.repo) == []
-    delete_chat(keys, index, store, shredded, "test")
-
-    assert encrypt_and_store(keyless(batch), keys, store, keys.repo) == []
-    assert index_batch(keyless(batch), index, keys.repo) == []
-    index.refresh()
-    assert index.search_chat(shredded, "keylessreplay") == []
-    assert index.count(shredded) == 0
-
-    expiring = uuid.uuid4()
     keys.create_chat(expiring, ("alice",))
     keys.repo.set_retention(1, chat_id=expiring)
-    now = datetime.now(UTC)
-    old_id = first_id_at(int((now - timedelta(days=2)).timestamp() * 1000)) | (1001 << 12)
-    old = keyless(records(expiring, [old_id], "keylessexpired"))
-    assert encrypt_and_store(old, keys, store, keys.repo) == []
-    assert index_batch(old, index, keys.repo) == []
+    delete_chat(keys, index, store, shredded, "keyless", NothingInFlight(), sweep_seconds=30)
+    old_id = first_id_at(int((datetime.now(UTC) - timedelta(days=2)).timestamp() * 1000))
+    batch = [
+        RawRecord(r.topic, r.partition, offset, None, r.value)
+        for offset, r in enumerate(
+            records(shredded, [SnowflakeIds(34).next_id()], "keyless")
+            + records(expiring, [old_id | (7 << 12)], "keyless")
+        )
+    ]
+
+    outcomes = [
+        encrypt_and_store(batch, keys, store, keys.repo),
+        index_batch(batch, index, keys.repo),
+    ]
     index.refresh()
-    assert store.get(expiring, old_id) is None
-    assert index.search_chat(expiring, "keylessexpired") == []
+    assert index.search_chat(shredded, "keyless") == []
+    assert index.search_chat(expiring, "keyless") == []
+    assert store.get(expiring, old_id | (7 << 12)) is None
+    for rejected in outcomes:
+        assert [r.record.offset for r in rejected] == [0, 1]
+        assert all("key" in r.reason and "keyless" not in r.reason for r in rejected)
+
+
+def test_a_record_of_an_unknown_chat_is_dead_lettered_by_both_stages(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """A direct producer's record for a chat that does not exist: the encryptor has no key and
+    dead-letters it; the indexer must not index its words (no chat deletion or retention would
+    ever remove them), it dead-letters it too."""
+    store, index = stores
+    known, unknown = uuid.uuid4(), uuid.uuid4()
+    keys.create_chat(known, ("alice",))
+    ids = SnowflakeIds(35)
+    batch = records(unknown, [ids.next_id()], "orphan") + records(known, [ids.next_id()], "orphan")
+    batch = [RawRecord(r.topic, r.partition, i, r.key, r.value) for i, r in enumerate(batch)]
+
+    stored = encrypt_and_store(batch, keys, store, keys.repo)
+    indexed = index_batch(batch, index, keys.repo)
+
+    index.refresh()
+    assert index.search_chat(unknown, "orphan") == []
+    assert len(index.search_chat(known, "orphan")) == 1
+    for rejected in (stored, indexed):
+        assert [(r.record.offset, f"unknown chat {unknown}") for r in rejected] == [
+            (0, r.reason) for r in rejected
+        ]

@@ -46,11 +46,16 @@ def record_json(**overrides: object) -> bytes:
     return json.dumps(fields).encode()
 
 
+def keyed(value: bytes) -> tuple[bytes, bytes]:
+    """A record value with the key its producer must give it (the chat id)."""
+    return value, str(json.loads(value)["chat_id"]).encode()
+
+
 # --- schema: times ---------------------------------------------------------------------------
 
 
 def test_sent_at_is_normalised_to_utc() -> None:
-    decoded = decode_record(record_json(sent_at="2026-03-01T12:00:00+18:00"), None)
+    decoded = decode_record(*keyed(record_json(sent_at="2026-03-01T12:00:00+18:00")))
     assert isinstance(decoded, MessageRecord)
     assert decoded.sent_at == datetime(2026, 2, 28, 18, 0, tzinfo=UTC)
     assert decoded.sent_at.utcoffset() == timedelta(0)
@@ -132,7 +137,13 @@ class RefusingIndex:
 
 
 def raw_records(values: list[bytes]) -> list[RawRecord]:
-    return [RawRecord("t", 0, offset, None, value) for offset, value in enumerate(values)]
+    def key(value: bytes) -> bytes | None:
+        try:
+            return str(json.loads(value)["chat_id"]).encode()  # the key producers must set
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    return [RawRecord("t", 0, offset, key(value), value) for offset, value in enumerate(values)]
 
 
 def test_indexer_dead_letters_refused_documents_and_bad_records() -> None:
@@ -265,5 +276,5 @@ def test_dead_letter_publishing_ends_with_stopped_when_stopping() -> None:
 
 def test_far_offsets_round_trip_only_within_java_limits() -> None:
     at = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-18)))
-    ok = decode_record(record_json(sent_at=at.isoformat()), None)
+    ok = decode_record(*keyed(record_json(sent_at=at.isoformat())))
     assert isinstance(ok, MessageRecord) and ok.sent_at == at

@@ -83,6 +83,7 @@ def test_size_limit_counts_utf8_bytes() -> None:
 def test_key_mismatch_and_garbage_go_to_dead_letters() -> None:
     good = record()
     assert "key does not match" in str(decode_record(good.value(), b"other"))
+    assert "no key" in str(decode_record(good.value(), None))
     assert "invalid record" in str(decode_record(b"\xff\xfe not json", None))
 
 
