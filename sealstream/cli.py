@@ -481,6 +481,7 @@ def drill(
     table = Table(
         "drill",
         "acked",
+        "deleted",
         "lost",
         "dup",
         "resurrected",
@@ -500,6 +501,7 @@ def drill(
         table.add_row(
             r.name,
             str(r.acknowledged),
+            str(r.deleted),
             str(len(r.lost)),
             str(r.duplicated),
             str(len(r.resurrected)),
@@ -514,7 +516,7 @@ def drill(
             "not drained" if r.drain_seconds is None else f"{r.drain_seconds:.1f}",
             "[green]pass[/green]" if not r.failures else "[red]" + "; ".join(r.failures) + "[/red]",
         )
-    console.print(table)
+    Console(width=max(console.width, 200)).print(table)
     for r in results:
         for label, items in (("lost", r.lost), ("resurrected", r.resurrected)):
             if items:
