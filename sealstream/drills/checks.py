@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,23 @@ from sealstream.settings import Settings
 
 _POLL_SECONDS = 0.5
 _PAGE = 100  # the reader's largest history page
+# A service may answer 503 for a moment after a server's return (e.g. a pooled connection that
+# died with Postgres is found broken once); a client retries, and so does the verdict.
+RETRY_SECONDS = 60.0
+
+
+def retrying(call: Callable[[], httpx.Response], seconds: float = RETRY_SECONDS) -> httpx.Response:
+    """`call()` again while it answers 503 or fails to connect, for up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            response = call()
+            if response.status_code != 503 or time.monotonic() > deadline:
+                return response
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -123,12 +141,9 @@ class Verifier:
         """The chat's whole history through the reader API, newest first."""
         messages: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": _PAGE}
+        url = f"{self.reader_url}/v1/chats/{chat_id}/messages"
         while True:
-            response = self.http.get(
-                f"{self.reader_url}/v1/chats/{chat_id}/messages",
-                params=params,
-                headers=self.headers,
-            )
+            response = retrying(lambda: self.http.get(url, params=params, headers=self.headers))
             response.raise_for_status()
             body = response.json()
             messages.extend(body["messages"])
@@ -173,10 +188,8 @@ class Verifier:
             where = []
             if d.message_id in in_history:
                 where.append("history")
-            one = self.http.get(
-                f"{self.reader_url}/v1/chats/{d.chat_id}/messages/{d.message_id}",
-                headers=self.headers,
-            )
+            url = f"{self.reader_url}/v1/chats/{d.chat_id}/messages/{d.message_id}"
+            one = retrying(lambda: self.http.get(url, headers=self.headers))  # noqa: B023
             if one.status_code != 404:
                 where.append(f"message {one.status_code}")
             row = self.store.get(uuid.UUID(d.chat_id), int(d.message_id))

@@ -26,7 +26,7 @@ import httpx
 
 from sealstream.auth import ADMIN_ROLE, mint_token
 from sealstream.bench.pipeline_bench import _free_port, drop_namespace, isolated
-from sealstream.drills.checks import Deleted, Verdict, Verifier
+from sealstream.drills.checks import Deleted, Verdict, Verifier, retrying
 from sealstream.drills.faults import SERVER_MODES, Fault, KillService, ServerOutage
 from sealstream.drills.fleet import GATEWAYS, Fleet
 from sealstream.drills.load import CONNECTION_ERROR, TIMEOUT, Posted, SteadyLoad
@@ -251,7 +251,9 @@ class DrillSession:
                 f"/messages/{message.message_id}"
             )
             try:
-                response = httpx.delete(url, headers=self.admin_headers, timeout=30)
+                response = retrying(
+                    lambda: httpx.delete(url, headers=self.admin_headers, timeout=30)  # noqa: B023
+                )
             except httpx.HTTPError as exc:
                 result.errors.append(f"delete {message.message_id}: {type(exc).__name__}")
                 continue
