@@ -66,6 +66,7 @@ class Verifier:
     """Polls the stores for progress and asks the reader for the verdict."""
 
     def __init__(self, settings: Settings, reader_url: str, reader_token: str) -> None:
+        self.settings = settings
         self.store = MessageStore(settings.cassandra)
         self.index = SearchIndex(settings.opensearch)
         self.reader_url = reader_url
@@ -83,6 +84,15 @@ class Verifier:
         if not self._connected:
             self.store.connect()
             self._connected = True
+
+    def _reconnect(self) -> None:
+        """Drop the Cassandra session: after an outage the driver may wait minutes (exponential
+        reconnection backoff) before trying the node again, and the drill must measure the
+        services, not its own driver."""
+        if self._connected:
+            self.store.close()
+            self._connected = False
+        self.store = MessageStore(self.settings.cassandra)
 
     # --- progress, straight from the stores ----------------------------------------------
 
@@ -116,7 +126,7 @@ class Verifier:
                     if int(str(message.message_id)) in found:
                         del pending[id(message)]
             except SealstreamError:
-                pass  # a store still coming back: poll again
+                self._reconnect()  # a store still coming back: poll again on a fresh session
             now = time.monotonic()
             if not pending:
                 return now - since, []
@@ -133,6 +143,7 @@ class Verifier:
             self._connect()
             return self._live_row(message)
         except SealstreamError:
+            self._reconnect()
             return False
 
     # --- the verdict, through the reader --------------------------------------------------
@@ -152,6 +163,7 @@ class Verifier:
             params["before"] = body["next_cursor"]
 
     def verdict(self, posted: list[Posted], deleted: list[Deleted]) -> Verdict:
+        self._reconnect()  # a session opened before the fault may still be backing off
         self._connect()
         deleted_ids = {d.message_id for d in deleted}
         stored: dict[str, list[str]] = defaultdict(list)  # text -> ids it is stored under

@@ -175,9 +175,11 @@ class DrillSession:
             log(f"{name}: {fault.target} back after {result.restart_seconds:.1f} s start-up")
             backlog = [m for m in load.snapshot() if m.first_sent < back_at]
             drain: dict[str, float | None] = {}
+            # Its own verifier (own connections): it polls while this thread deletes messages.
+            drain_verifier = Verifier(self.settings, self.fleet.urls["reader"], reader_token)
             drain_thread = threading.Thread(
                 target=lambda: drain.update(
-                    seconds=verifier.wait_processed(
+                    seconds=drain_verifier.wait_processed(
                         backlog, deleted_ids, back_at, cfg.after_seconds + cfg.drain_timeout
                     )[0]
                 ),
@@ -189,6 +191,7 @@ class DrillSession:
             time.sleep(cfg.after_seconds / 2)
             load.stop()
             drain_thread.join()
+            drain_verifier.close()
             result.drain_seconds = drain.get("seconds")
             # Settle: everything acknowledged written and searchable (redeliveries included:
             # a partition is processed in order), then the verdict.
