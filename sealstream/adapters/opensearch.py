@@ -134,19 +134,6 @@ class SearchIndex:
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]
 
-    def searchable_ids(self, message_ids: list[int]) -> set[int]:
-        """Which of these messages have a document that search sees now (after a refresh, so
-        not the real-time `get`): what "searchable" means to a reader."""
-        if not message_ids:
-            return set()
-        body = {
-            "size": len(message_ids),
-            "_source": False,
-            "query": {"ids": {"values": [str(i) for i in message_ids]}},
-        }
-        result = self._run(lambda: self._client.search(index=self.index, body=body))
-        return {int(hit["_id"]) for hit in result["hits"]["hits"]}
-
     def delete_message(self, message_id: int) -> None:
         try:
             self._run(lambda: self._client.delete(index=self.index, id=str(message_id)))
@@ -184,6 +171,19 @@ class SearchIndex:
     def count(self, chat_id: uuid.UUID | None = None) -> int:
         body = {"query": {"term": {"chat_id": str(chat_id)}}} if chat_id else None
         return int(self._run(lambda: self._client.count(index=self.index, body=body))["count"])
+
+    def searchable_ids(self, message_ids: list[int]) -> set[int]:
+        """Which of these messages have a document that search sees now (after a refresh, so
+        not the real-time `get`): what "searchable" means to a reader."""
+        if not message_ids:
+            return set()
+        body = {
+            "size": len(message_ids),
+            "_source": False,
+            "query": {"ids": {"values": [str(i) for i in message_ids]}},
+        }
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        return {int(hit["_id"]) for hit in result["hits"]["hits"]}
 
     def all_sources(self) -> list[dict[str, Any]]:
         """Every stored `_source` (the leak-scan tests check that none holds message text)."""
