@@ -175,15 +175,13 @@ class SearchIndex:
     def searchable_ids(self, message_ids: list[int]) -> set[int]:
         """Which of these messages have a document that search sees now (after a refresh, so
         not the real-time `get`): what "searchable" means to a reader."""
-        if not message_ids:
-            return set()
-        body = {
-            "size": len(message_ids),
-            "_source": False,
-            "query": {"ids": {"values": [str(i) for i in message_ids]}},
-        }
-        result = self._run(lambda: self._client.search(index=self.index, body=body))
-        return {int(hit["_id"]) for hit in result["hits"]["hits"]}
+        found: set[int] = set()
+        for start in range(0, len(message_ids), 1000):  # well under max_result_window
+            chunk = [str(i) for i in message_ids[start : start + 1000]]
+            body = {"size": len(chunk), "_source": False, "query": {"ids": {"values": chunk}}}
+            result = self._run(lambda b=body: self._client.search(index=self.index, body=b))
+            found.update(int(hit["_id"]) for hit in result["hits"]["hits"])
+        return found
 
     def all_sources(self) -> list[dict[str, Any]]:
         """Every stored `_source` (the leak-scan tests check that none holds message text)."""

@@ -72,7 +72,9 @@ def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
             "redis": RedisSettings(url=base.redis.url, key_prefix=f"sealstream-{prefix}:{run}:"),
             # A copy, so a token file or KMS clusters configured for another stack carry over.
             "vault": base.vault.model_copy(update={"default_key": f"{prefix}-{run}"}),
-            "opensearch": OpenSearchSettings(url=base.opensearch.url, index_prefix=f"{prefix}-{run}"),
+            "opensearch": OpenSearchSettings(
+                url=base.opensearch.url, index_prefix=f"{prefix}-{run}"
+            ),
             "ingest": HttpSettings(port=_free_port()),
             "reader": HttpSettings(port=_free_port()),
             "encryptor_http": HttpSettings(port=_free_port()),
