@@ -138,13 +138,18 @@ class Verifier:
         row = self.store.get(uuid.UUID(message.chat_id), int(str(message.message_id)))
         return row is not None and row.deleted_at is None
 
-    def is_written(self, message: Posted) -> bool:
+    def in_place(self, messages: list[Posted]) -> list[Posted]:
+        """Those of `messages` that are written (a live row) and searchable, in the same order:
+        a message that fully exists, so that deleting it and finding it again is a resurrection
+        (not a late write of something never there)."""
         try:
             self._connect()
-            return self._live_row(message)
+            written = [m for m in messages if self._live_row(m)]
+            found = self.index.searchable_ids([int(str(m.message_id)) for m in written])
         except SealstreamError:
             self._reconnect()
-            return False
+            return []
+        return [m for m in written if int(str(m.message_id)) in found]
 
     # --- the verdict, through the reader --------------------------------------------------
 

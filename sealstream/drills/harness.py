@@ -239,18 +239,13 @@ class DrillSession:
         deleted_ids: set[str],
         result: DrillResult,
     ) -> None:
-        """Delete the newest acknowledged messages that are already written (their offsets are
-        the likeliest to be redelivered after a crash), through the admin API."""
+        """Delete, through the admin API, the newest acknowledged messages that are already
+        written and indexed (their offsets are the likeliest to be redelivered after a crash)."""
         candidates = [
             m for m in reversed(load.snapshot()) if m.message_id and m.message_id not in deleted_ids
         ]
-        picked: list[Posted] = []
-        for message in candidates[: self.config.deletions * 10]:
-            if len(picked) == self.config.deletions:
-                break
-            if verifier.is_written(message):
-                picked.append(message)
-        for message in picked:
+        picked = verifier.in_place(candidates[: self.config.deletions * 30])
+        for message in picked[: self.config.deletions]:
             url = (
                 f"{self.fleet.urls['admin']}/v1/chats/{message.chat_id}"
                 f"/messages/{message.message_id}"
