@@ -467,6 +467,83 @@ def bench(
         console.print(table)
 
 
+@app.command("drill")
+def drill(
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run only these drills (repeatable); default: all nine."),
+    ] = None,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="Outage of each process or server, in seconds")
+    ] = 30.0,
+    mode: Annotated[
+        str, typer.Option(help="stop-* drills: kill (SIGKILL, a crash) or term (graceful stop)")
+    ] = "kill",
+    rate: Annotated[float, typer.Option(help="Steady load, messages/s over all clients")] = 20.0,
+    clients: Annotated[int, typer.Option(help="Client threads (one chat each)")] = 4,
+) -> None:
+    """Fault drills on the local stack: steady load while each service is SIGKILLed and each
+    server stopped, then lost / duplicated / resurrected counts (docs/operations.md)."""
+    from sealstream.drills.harness import ALL_DRILLS, DEFAULT_DRILLS, DrillConfig
+    from sealstream.drills.harness import run as run_drills
+
+    names = list(only or DEFAULT_DRILLS)
+    unknown = [n for n in names if n not in ALL_DRILLS]
+    if unknown or mode not in ("kill", "term"):
+        console.print(
+            f"[red]unknown drill {', '.join(unknown)} or mode {mode!r}[/red]; drills: "
+            f"{', '.join(ALL_DRILLS)}; modes: kill, term"
+        )
+        raise typer.Exit(2)
+    config = DrillConfig(outage_seconds=seconds, server_mode=mode, rate=rate, clients=clients)
+    results = run_drills(names, config, log=console.print)
+    table = Table(
+        "drill",
+        "acked",
+        "deleted",
+        "lost",
+        "dup",
+        "resurrected",
+        "unindexed",
+        "gave up",
+        "answers while down",
+        "max s",
+        "500s",
+        "hangs",
+        "503 no Retry-After",
+        "back s",
+        "drain s",
+        "verdict",
+        title=f"fault drills ({seconds:.0f} s outages, servers: {mode}, {rate:.0f} msg/s)",
+    )
+    for r in results:
+        table.add_row(
+            r.name,
+            str(r.acknowledged),
+            str(r.deleted),
+            str(len(r.lost)),
+            str(r.duplicated),
+            str(len(r.resurrected)),
+            str(len(r.unindexed)),
+            str(r.gave_up),
+            " ".join(f"{k}:{v}" for k, v in sorted(r.answers_down.items())) or "-",
+            f"{r.max_seconds_down:.1f}",
+            str(r.http_500),
+            str(r.hangs),
+            str(r.no_retry_after),
+            "-" if r.restart_seconds is None else f"{r.restart_seconds:.1f}",
+            "not drained" if r.drain_seconds is None else f"{r.drain_seconds:.1f}",
+            "[green]pass[/green]" if not r.failures else "[red]" + "; ".join(r.failures) + "[/red]",
+        )
+    Console(width=max(console.width, 200)).print(table)
+    for r in results:
+        for label, items in (("lost", r.lost), ("resurrected", r.resurrected)):
+            if items:
+                console.print(f"{r.name} {label}: {', '.join(items[:10])}")
+    if any(r.failures for r in results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

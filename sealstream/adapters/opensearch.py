@@ -341,6 +341,17 @@ class SearchIndex:
         body = {"query": {"bool": live}}
         return int(self._run(lambda: self._client.count(index=self.index, body=body))["count"])
 
+    def searchable_ids(self, message_ids: list[int]) -> set[int]:
+        """Which of these messages have a document that search sees now (after a refresh, so
+        not the real-time `get`): what "searchable" means to a reader."""
+        found: set[int] = set()
+        for start in range(0, len(message_ids), 1000):  # well under max_result_window
+            chunk = [str(i) for i in message_ids[start : start + 1000]]
+            body = {"size": len(chunk), "_source": False, "query": {"ids": {"values": chunk}}}
+            result = self._run(lambda b=body: self._client.search(index=self.index, body=b))
+            found.update(int(hit["_id"]) for hit in result["hits"]["hits"])
+        return found
+
     def all_sources(self) -> list[dict[str, Any]]:
         """Every stored `_source` (the leak-scan tests check that none holds message text)."""
         result = self._run(

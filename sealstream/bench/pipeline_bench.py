@@ -40,7 +40,6 @@ from sealstream.settings import (
     RedisSettings,
     Settings,
     StackSettings,
-    VaultSettings,
 )
 from sealstream.stack.runner import group_cpu_seconds
 
@@ -51,32 +50,36 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def isolated(base: Settings, run: str) -> Settings:
+def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
+    """`base` with its own topics, groups, keyspace, schema, Redis prefix, Transit key and
+    index named after `prefix` and `run`, and free ports for the services."""
     return base.model_copy(
         update={
             "kafka": KafkaSettings(
                 bootstrap=base.kafka.bootstrap,
-                messages_topic=f"bench.{run}.messages",
-                dead_letter_topic=f"bench.{run}.dlq",
-                encryptor_group=f"bench-{run}-enc",
-                indexer_group=f"bench-{run}-idx",
+                messages_topic=f"{prefix}.{run}.messages",
+                dead_letter_topic=f"{prefix}.{run}.dlq",
+                encryptor_group=f"{prefix}-{run}-enc",
+                indexer_group=f"{prefix}-{run}-idx",
                 partitions=base.kafka.partitions,
             ),
             "cassandra": CassandraSettings(
-                hosts=base.cassandra.hosts, port=base.cassandra.port, keyspace=f"bench_{run}"
+                hosts=base.cassandra.hosts, port=base.cassandra.port, keyspace=f"{prefix}_{run}"
             ),
             "postgres": PostgresSettings(
-                host=base.postgres.host, port=base.postgres.port, schema_name=f"bench_{run}"
+                host=base.postgres.host, port=base.postgres.port, schema_name=f"{prefix}_{run}"
             ),
-            "redis": RedisSettings(url=base.redis.url, key_prefix=f"sealstream-bench:{run}:"),
-            "vault": VaultSettings(
-                address=base.vault.address, token=base.vault.token, default_key=f"bench-{run}"
+            "redis": RedisSettings(url=base.redis.url, key_prefix=f"sealstream-{prefix}:{run}:"),
+            # A copy, so a token file or KMS clusters configured for another stack carry over.
+            "vault": base.vault.model_copy(update={"default_key": f"{prefix}-{run}"}),
+            "opensearch": OpenSearchSettings(
+                url=base.opensearch.url, index_prefix=f"{prefix}-{run}"
             ),
-            "opensearch": OpenSearchSettings(url=base.opensearch.url, index_prefix=f"bench-{run}"),
             "ingest": HttpSettings(port=_free_port()),
             "reader": HttpSettings(port=_free_port()),
             "encryptor_http": HttpSettings(port=_free_port()),
             "indexer_http": HttpSettings(port=_free_port()),
+            "admin": HttpSettings(port=_free_port()),
         }
     )
 
@@ -137,7 +140,7 @@ def run(
         with _services(cfg) as urls:
             return _measure(cfg, urls, messages, chats, batch, warmup)
     finally:
-        _cleanup(cfg)
+        drop_namespace(cfg)
 
 
 def _measure(
@@ -380,7 +383,8 @@ def _latency_at(
     return via_reader, written, acked
 
 
-def _cleanup(cfg: Settings) -> None:
+def drop_namespace(cfg: Settings) -> None:
+    """Remove what `isolated` settings created: keyspace, index, topics, schema, Transit key."""
     store = MessageStore(cfg.cassandra)
     store.connect()
     store.drop_keyspace()
