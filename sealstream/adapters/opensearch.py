@@ -343,11 +343,19 @@ class SearchIndex:
 
     def searchable_ids(self, message_ids: list[int]) -> set[int]:
         """Which of these messages have a document that search sees now (after a refresh, so
-        not the real-time `get`): what "searchable" means to a reader."""
+        not the real-time `get`) and that is not a deletion tombstone: what "searchable" means
+        to a reader."""
         found: set[int] = set()
         for start in range(0, len(message_ids), 1000):  # well under max_result_window
             chunk = [str(i) for i in message_ids[start : start + 1000]]
-            body = {"size": len(chunk), "_source": False, "query": {"ids": {"values": chunk}}}
+            # A deleted message's tombstone document is not searchable: it holds no tokens.
+            query = {
+                "bool": {
+                    "filter": [{"ids": {"values": chunk}}],
+                    "must_not": [{"term": {"deleted": True}}],
+                }
+            }
+            body = {"size": len(chunk), "_source": False, "query": query}
             result = self._run(lambda b=body: self._client.search(index=self.index, body=b))
             found.update(int(hit["_id"]) for hit in result["hits"]["hits"])
         return found
