@@ -71,19 +71,13 @@ def require_port(name: str, host: str, port: int) -> None:
 @pytest.fixture(scope="session")
 def database(settings: Settings) -> Iterator[object]:
     from sealstream.adapters.postgres import Database
-    from sealstream.errors import StoreUnavailable
 
     require_port("postgres", settings.postgres.host, settings.postgres.port)
     db = Database(settings.postgres)
     db.open()
     db.migrate()
     yield db
-    try:
-        db.drop_schema()
-    except StoreUnavailable:
-        # The fault drills (run last) restarted Postgres: the pool's idle connection died with
-        # it, and the pool replaced it once it failed. Once more on a fresh connection.
-        db.drop_schema()
+    db.drop_schema()
     db.close()
 
 

@@ -119,6 +119,7 @@ class Database:
             configure=self._configure if deadline is not None else None,
             timeout=deadline if deadline is not None else 30.0,
         )
+        self._max_size = max_size
         self._watchdog = _Watchdog() if deadline is not None else None
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
@@ -142,23 +143,49 @@ class Database:
         if self._watchdog is not None:
             self._watchdog.stop()
 
+    def _checkout(self) -> psycopg.Connection[Any]:
+        """A pooled connection that answered an empty query just now.
+
+        A Postgres restart, a failover or `pg_terminate_backend` closes every connection the
+        pool holds; unchecked, each would fail the next use made of it. A dead one is handed
+        back (the pool discards it and opens a new one) and the next is tried at once: the
+        pool's own `check=` waits a back-off of a second or more between two dead connections,
+        longer than the gateway's deadline.
+        """
+        timeout = self.deadline if self.deadline is not None else 30.0
+        give_up = time.monotonic() + timeout
+        for _ in range(self._max_size + 1):
+            conn = self._pool.getconn(timeout=max(0.001, give_up - time.monotonic()))
+            try:
+                ConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                self._pool.putconn(conn)
+                continue
+            return conn
+        raise psycopg.OperationalError("no pooled connection answered")
+
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Row]]:
         try:
-            with self._pool.connection() as conn:
-                if self._watchdog is None or self.deadline is None:
-                    yield cast("psycopg.Connection[Row]", conn)
-                    return
-                severed = threading.Event()
-                try:
-                    with self._watchdog.guard(conn, self.deadline + _WATCHDOG_GRACE, severed):
+            conn = self._checkout()
+            try:
+                with conn:  # commits, or rolls back on an error; the pool keeps it open
+                    if self._watchdog is None or self.deadline is None:
                         yield cast("psycopg.Connection[Row]", conn)
-                finally:
-                    # Severed while its holder was not waiting on it (descheduled, or between
-                    # two statements), the use may have ended without an error: close it so
-                    # that the pool never hands out a connection whose socket is shut.
-                    if severed.is_set():
-                        conn.close()
+                        return
+                    severed = threading.Event()
+                    try:
+                        with self._watchdog.guard(conn, self.deadline + _WATCHDOG_GRACE, severed):
+                            yield cast("psycopg.Connection[Row]", conn)
+                    finally:
+                        # Severed while its holder was not waiting on it (descheduled, or
+                        # between two statements), the use may have ended without an error:
+                        # close it so that the pool never hands out a connection whose socket
+                        # is shut.
+                        if severed.is_set():
+                            conn.close()
+            finally:
+                self._pool.putconn(conn)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"Postgres unavailable: {type(exc).__name__}") from None
 
