@@ -218,8 +218,8 @@ class MessageTopic(faust.Topic):
         return {**super()._clone_args(), "refusals": self.refusals}
 
     async def declare(self) -> None:
-        """Never create the message topic: a Faust-made one would keep plaintext for Faust's
-        default retention (a week) instead of Sealstream's."""
+        """Never create the message topic: a Faust-made one would keep plaintext for the
+        broker's default retention (7 days unless configured) instead of Sealstream's."""
 
     async def on_key_decode_error(self, exc: Exception, message: Message) -> None:
         self.refusals.add(_reason(exc), message)

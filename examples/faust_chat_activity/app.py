@@ -194,10 +194,19 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
         .relative_to(id_time)  # type: ignore[attr-defined]  # on WindowWrapper, not its T
     )
     sink = app.topic(
-        own.sink_topic, key_type=str, value_type=ChatWindowActivity, partitions=kafka.partitions
+        own.sink_topic,
+        key_type=str,
+        value_type=ChatWindowActivity,
+        partitions=kafka.partitions,
+        # Counts per chat id: kept no longer than the messages they come from (docs/faust.md,
+        # "Deletions").
+        retention=kafka.retention_ms / 1000,
     )
 
     async def count_activity(messages: StreamT[MessageEvent]) -> None:
+        # Faust declares only the topics it reads; without this the broker would auto-create
+        # the sink on the first send, with its own partition count and retention.
+        await sink.maybe_declare()
         async for message in messages:
             chat = str(message.chat_id)
             before: ChatWindow = activity[chat].value()

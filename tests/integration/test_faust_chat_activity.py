@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -21,9 +22,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 from fastapi.testclient import TestClient
 
 from examples.faust_chat_activity.app import (
@@ -221,14 +223,18 @@ def test_chat_activity_windows_equal_what_was_produced(
     assert expected_messages == len(produced) == 20
 
     group = kafka_group("faust-activity")  # the app id is the consumer group: fresh each run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        web_port = probe.getsockname()[1]
     own = ChatActivitySettings(
         group=group,
         window_seconds=WINDOW_SECONDS,
         sink_topic=f"{group}.activity",
-        web_enabled=False,
+        web_port=web_port,
         data_dir=str(tmp_path / "faust"),
     )
     built = build_app(ActivityAppSettings(kafka=kafka, chat_activity=own))
+    view: dict[str, Any] = {}
 
     async def main() -> None:
         # A Faust service in this event loop rather than a Worker (which owns the loop and
@@ -242,26 +248,47 @@ def test_chat_activity_windows_equal_what_was_produced(
                 if counted >= expected_messages and built.refusals.total >= 5:
                     break
                 await asyncio.sleep(0.2)
+            async with httpx.AsyncClient(timeout=30) as http:
+                answer = await http.get(f"http://127.0.0.1:{web_port}/chat-activity/{chat_a}/")
+                assert answer.status_code == 200, answer.text
+                view.update(answer.json())
         finally:
             await built.app.stop()  # leaves the group, so the kafka_group fixture can delete it
 
     caplog.set_level(logging.INFO)
     try:
         asyncio.run(main())
-        sink = read_sink(kafka.bootstrap, own.sink_topic, kafka_group("faust-activity-sink"))
+        sink = read_sink(kafka.bootstrap, own.sink_topic, f"check-{uuid.uuid4()}")
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        sink_partitions = len(
+            admin.list_topics(own.sink_topic, timeout=10).topics[own.sink_topic].partitions
+        )
+        resource = ConfigResource(ResourceType.TOPIC, own.sink_topic)
+        sink_config = admin.describe_configs([resource])[resource].result(30)
     finally:
         admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
         made = [t for t in admin.list_topics(timeout=10).topics if t.startswith(group)]
         delete_topics(kafka, made)
 
     assert computed(built) == expected
-    assert built.refusals.by_reason == {
+    refused = {
         "invalid record: sender_id: String should have at least 1 character": 1,
         NO_KEY: 1,
         KEY_MISMATCH: 1,
         NO_VALUE: 1,
         "invalid record: record: Invalid JSON: expected value at line 1 column 1": 1,
     }
+    assert built.refusals.by_reason == refused
+
+    # The web view: one chat's windows and the refusals, as the table holds them.
+    assert view["refused"] == refused
+    assert {
+        (w["chat_id"], datetime.fromisoformat(w["window_start"])): (
+            w["messages"],
+            w["distinct_senders"],
+        )
+        for w in view["windows"]
+    } == {w: counts for w, counts in expected.items() if w[0] == chat_a}
 
     # The sink: per (chat, window) the newest record is the window's figure; counts only.
     newest: dict[Window, tuple[int, int]] = {}
@@ -281,4 +308,9 @@ def test_chat_activity_windows_equal_what_was_produced(
         )
         newest[value["chat_id"], start] = (value["messages"], value["distinct_senders"])
     assert newest == expected
+    # Made by the app with the message topic's layout and retention, not auto-created.
+    assert sink_partitions == kafka.partitions
+    assert sink_config["retention.ms"].value == str(kafka.retention_ms)
     assert marker not in caplog.text, "message text reached a log line"
+    # Faust's default for an undecodable record crashes the agent (its supervisor restarts it).
+    assert "Crashed" not in caplog.text, "a refused record crashed the agent"
