@@ -54,8 +54,8 @@ def gateway(settings: Settings, database: object) -> Iterator[tuple[TestClient, 
 
     kafka = settings.kafka.model_copy(
         update={
-            "messages_topic": f"{settings.kafka.messages_topic}.faust",
-            "dead_letter_topic": f"{settings.kafka.dead_letter_topic}.faust",
+            "messages_topic": f"{settings.kafka.messages_topic}.faust-activity",
+            "dead_letter_topic": f"{settings.kafka.dead_letter_topic}.faust-activity",
         }
     )
     gateway_settings = settings.model_copy(update={"kafka": kafka})
