@@ -177,15 +177,14 @@ def test_chat_activity_windows_equal_what_was_produced(
     old_ms = (int(time.time()) - 120) * 1000
     ids = SnowflakeIds(1000, clock_ms=lambda: old_ms)
 
-    def direct(chat: str, sender: str, text: str, message_id: int | None = None) -> MessageRecord:
-        record = MessageRecord(
-            message_id=message_id or ids.next_id(),
+    def direct(chat: str, sender: str, text: str) -> MessageRecord:
+        return MessageRecord(
+            message_id=ids.next_id(),
             chat_id=uuid.UUID(chat),
             sender_id=sender,
             text=f"{marker} {text}",
             sent_at=datetime.now(UTC) - timedelta(days=3),  # not the window clock
         )
-        return record
 
     post("alice", chat_a, 3)
     post("bob", chat_a, 2)
