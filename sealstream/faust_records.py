@@ -1,0 +1,241 @@
+"""The message topic for Faust apps of downstream consumers: the record, its codec, its topic.
+
+Owns `MessageEvent` (a `faust.Record` with the fields and types of `schemas.events.MessageRecord`),
+the codec `sealstream.message.v1` that turns the topic's JSON values into it (validated by that
+same pydantic model, so a Faust app accepts exactly what the encryptor and indexer accept), and
+`MessageTopic`, a `faust.Topic` that skips and counts the records the schema refuses instead of
+crashing the agent. Usage and the choices behind it: docs/faust.md.
+
+Shapes: the record key is the chat id, UTF-8 of its canonical text (36 bytes); the value is UTF-8
+JSON (`MessageRecord.value()`); the gateway sets no headers. Nothing here ever puts message text
+into a log line, an exception or a `repr`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from datetime import datetime
+from typing import Any, Optional
+
+import faust
+from faust.exceptions import KeyDecodeError, ValueDecodeError
+from faust.serializers import codecs
+from faust.types import AppT, Message
+from pydantic import ValidationError
+
+from schemas.events import SCHEMA_VERSION, MessageRecord, describe
+from schemas.ids import id_millis
+from sealstream.errors import InvalidMessage
+
+log = logging.getLogger(__name__)
+
+CODEC_NAME = "sealstream.message.v1"
+"""Faust codec name of the message topic's values (schema version 1)."""
+
+# The same reasons, word for word, as `schemas.events.decode_record` gives the workers' dead
+# letters (a unit test keeps them in step), so one refused record reads the same everywhere.
+NO_KEY = "record has no key; the key must be chat_id (per-chat ordering, deletion checks)"
+KEY_MISMATCH = "record key does not match chat_id (breaks per-chat ordering)"
+NO_VALUE = "record has no value (the message topic has no tombstones or deletion records)"
+
+
+class InvalidMessageRecord(InvalidMessage, ValueError):
+    """A value of the message topic that schema v1 refuses. `reason` names each field and rule
+    (`describe` in schemas/events.py), never the input value: it may be message text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid record: {reason}")
+        self.reason = reason
+
+
+class MessageEvent(
+    faust.Record,
+    serializer=CODEC_NAME,
+    include_metadata=False,  # dumps() writes the topic's own JSON, without Faust's `__faust` key
+    isodates=True,
+):
+    """One chat message of the message topic, as a Faust record (schema version 1).
+
+    Field names and types are those of `schemas.events.MessageRecord`; built by the codec from a
+    value that model accepted, so `sent_at` is an aware datetime in UTC, `chat_id` a UUID, the
+    text 1..16384 bytes of UTF-8 with a non-blank character, ids 1..128 characters.
+    """
+
+    message_id: int
+    chat_id: uuid.UUID
+    sender_id: str
+    text: str
+    sent_at: datetime
+    schema_version: int = SCHEMA_VERSION
+    tenant_id: str = "default"
+    # typing.Optional, not `str | None`: Faust's field parser does not read the `|` union.
+    client_message_id: Optional[str] = None  # noqa: UP045
+
+    @classmethod
+    def from_record(cls, record: MessageRecord) -> MessageEvent:
+        """The Faust record of a validated pydantic record (same values, no copy of checks)."""
+        return cls(
+            message_id=record.message_id,
+            chat_id=record.chat_id,
+            sender_id=record.sender_id,
+            text=record.text,
+            sent_at=record.sent_at,
+            schema_version=record.schema_version,
+            tenant_id=record.tenant_id,
+            client_message_id=record.client_message_id,
+        )
+
+    @property
+    def id_time(self) -> float:
+        """When the gateway made the message id, in Unix seconds (the pipeline's one clock:
+        retention and deletion use it too; `sent_at` is the producer's, kept as metadata)."""
+        return id_millis(self.message_id) / 1000
+
+    def __repr__(self) -> str:
+        # Faust's own repr lists every field, the text too; events end up in log lines.
+        return (
+            f"<MessageEvent: message_id={self.message_id} chat_id={self.chat_id} "
+            f"sender_id={self.sender_id!r} text=<{len(self.text)} chars>>"
+        )
+
+
+class MessageRecordCodec(codecs.Codec):
+    """Codec `sealstream.message.v1`: topic JSON (bytes) <-> `MessageEvent`.
+
+    `loads` validates with `MessageRecord` (schemas/events.py) and raises `InvalidMessageRecord`
+    naming field and rule; `dumps` accepts a `MessageEvent` or its mapping, validates it the same
+    way and writes what the gateway writes (`MessageRecord.value()`).
+    """
+
+    def _loads(self, s: bytes) -> MessageEvent:
+        try:
+            record = MessageRecord.model_validate_json(s)
+        except ValidationError as exc:
+            reason = describe(exc)
+        else:
+            return MessageEvent.from_record(record)
+        # Raised outside the `except` block: the pydantic error (which quotes the input, hence
+        # possibly text) must not ride along as `__context__` into Faust's logs.
+        raise InvalidMessageRecord(reason)
+
+    def _dumps(self, obj: Any) -> bytes:
+        data = obj.asdict() if isinstance(obj, MessageEvent) else obj
+        try:
+            record = MessageRecord.model_validate(data)
+        except ValidationError as exc:
+            reason = describe(exc)
+        else:
+            return record.value()
+        raise InvalidMessageRecord(reason)
+
+
+codecs.register(CODEC_NAME, MessageRecordCodec())
+
+
+def key_refusal(key: bytes | None, chat_id: uuid.UUID) -> str | None:
+    """Why a record with this key and this value's chat id is refused, or None if it is not.
+
+    Same rules as the workers (`decode_record`): the key must be the chat id, which is what keeps
+    one chat's records in order on one partition (and one chat's table rows in one partition).
+    """
+    if key is None:
+        return NO_KEY
+    if key != str(chat_id).encode():
+        return KEY_MISMATCH
+    return None
+
+
+class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, MessageEvent value
+    """Key bytes + `MessageEvent` value, refusing what the workers refuse: no value (a tombstone),
+    a value schema v1 refuses, no key, a key that is not the value's chat id."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            key_type=bytes,
+            value_type=MessageEvent,
+            key_serializer="raw",
+            value_serializer=CODEC_NAME,
+        )
+
+    def loads_value(
+        self,
+        app: AppT,
+        message: Message,
+        *,
+        loads: Any = None,
+        serializer: Any = None,
+    ) -> Any:
+        if message.value is None:
+            raise ValueDecodeError(NO_VALUE)
+        event = super().loads_value(app, message, loads=loads, serializer=serializer)
+        refusal = key_refusal(message.key, event.chat_id)
+        if refusal is not None:
+            raise ValueDecodeError(refusal)
+        return event
+
+
+class RefusedRecords:
+    """Records of the message topic a Faust app skipped because the schema refuses them.
+
+    Counts by reason (`by_reason`, `total`) and logs each one's topic, partition, offset and
+    reason (never its key or value). The records are not copied anywhere: the pipeline's own
+    workers refuse the same records and dead-letter them to the Sealstream dead-letter topic, and
+    each one stays readable at its offset until the message topic's retention ends.
+    """
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def add(self, reason: str, message: Message) -> None:
+        self.by_reason[reason] += 1
+        log.warning(
+            "skipped a record the message schema refuses: %s (topic %s, partition %s, offset %s)",
+            reason,
+            message.topic,
+            message.partition,
+            message.offset,
+        )
+
+
+class MessageTopic(faust.Topic):
+    """The message topic, read-only: decoded by `MessageSchema`; a refused record is skipped and
+    counted in `refusals` (its offset is acknowledged, so the app moves on) instead of being
+    thrown into the agent, where Faust's default would crash it. Never declared (created) by the
+    app: the topic belongs to Sealstream (`sealstream migrate` sets its retention)."""
+
+    def __init__(self, *args: Any, refusals: RefusedRecords | None = None, **kwargs: Any) -> None:
+        self.refusals = refusals if refusals is not None else RefusedRecords()
+        super().__init__(*args, **kwargs)
+
+    def _clone_args(self) -> Any:
+        # Agents iterate a clone of the topic: it must count into the same `refusals`.
+        return {**super()._clone_args(), "refusals": self.refusals}
+
+    async def declare(self) -> None:
+        """Never create the message topic: a Faust-made one would keep plaintext for the
+        broker's default retention (7 days unless configured) instead of Sealstream's."""
+
+    async def on_key_decode_error(self, exc: Exception, message: Message) -> None:
+        self.refusals.add(_reason(exc), message)
+
+    async def on_value_decode_error(self, exc: Exception, message: Message) -> None:
+        self.refusals.add(_reason(exc), message)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KeyDecodeError | ValueDecodeError):
+        return str(exc)[:600]
+    return type(exc).__name__  # not ours: its text could quote the input
+
+
+def message_topic(
+    app: faust.App, name: str, refusals: RefusedRecords | None = None
+) -> MessageTopic:
+    """The Sealstream message topic `name` (setting `SEALSTREAM_KAFKA__MESSAGES_TOPIC`) for `app`."""
+    return MessageTopic(app, topics=[name], schema=MessageSchema(), refusals=refusals)
