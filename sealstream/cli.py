@@ -461,7 +461,8 @@ def bench(
         str | None, typer.Option(help="throughput: encryptor process counts, e.g. 1,2,3")
     ] = None,
     plots_dir: Annotated[
-        Path | None, typer.Option(help="throughput: where the PNG plots go [docs/img]")
+        Path | None,
+        typer.Option(help="throughput: where the PNG plots go (default docs/img; none with --quick)"),
     ] = None,
     plots: Annotated[bool, typer.Option(help="throughput: write the PNG plots")] = True,
 ) -> None:
@@ -489,8 +490,10 @@ def bench(
         from sealstream.bench import throughput_bench
 
         config = throughput_bench.QUICK if quick else throughput_bench.ThroughputConfig()
+        # A quick run's plots would replace the real ones in docs/img: only where asked.
+        wanted = plots and (plots_dir is not None or not quick)
         changes: dict[str, object] = {
-            "plots_dir": (plots_dir or REPO_ROOT / "docs" / "img") if plots else None
+            "plots_dir": (plots_dir or REPO_ROOT / "docs" / "img") if wanted else None
         }
         if seconds is not None:
             changes["seconds"] = changes["sweep_seconds"] = seconds
