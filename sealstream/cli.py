@@ -462,7 +462,9 @@ def bench(
     ] = None,
     plots_dir: Annotated[
         Path | None,
-        typer.Option(help="throughput: where the PNG plots go (default docs/img; none with --quick)"),
+        typer.Option(
+            help="throughput: where the PNG plots go (default docs/img; none with --quick)"
+        ),
     ] = None,
     plots: Annotated[bool, typer.Option(help="throughput: write the PNG plots")] = True,
 ) -> None:
