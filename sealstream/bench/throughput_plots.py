@@ -20,6 +20,7 @@ def write_plots(points: list[SweepPoint], sustained: float, out_dir: Path) -> li
 
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(points, key=lambda p: p.offered)
@@ -50,6 +51,8 @@ def write_plots(points: list[SweepPoint], sustained: float, out_dir: Path) -> li
         ax.plot(offered, values, style, label=label)
     ax.axhline(200, color="red", linestyle=":", label="target p99 written 200 ms")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # 200, not 2 x 10^2
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("offered load, messages/s (single-message WebSocket clients)")
     ax.set_ylabel("latency, ms (log scale)")
     ax.set_title("Sealstream latency against offered load")

@@ -1,5 +1,6 @@
 """The throughput bench's pieces without I/O: the plaintext baseline writer's batch, the load
-generator's refusal of non-local targets, and the bench's configuration checks."""
+generator's refusal of non-local targets, the bench's configuration checks, and the report built
+from measured phases (figures beside their baselines, plots)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,23 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from schemas.events import MessageRecord
 from sealstream.adapters.cassandra import RefusedRow, StoredMessage
-from sealstream.bench.load_generator import batch_load, websocket_load
+from sealstream.bench.load_generator import LoadResult, batch_load, websocket_load
 from sealstream.bench.plaintext_baseline import write_plain
-from sealstream.bench.throughput_bench import QUICK, ThroughputConfig
+from sealstream.bench.throughput_bench import (
+    QUICK,
+    Phase,
+    SweepPoint,
+    ThroughputConfig,
+    ThroughputReport,
+    _fill,
+)
+from sealstream.bench.throughput_plots import LATENCY_PNG, THROUGHPUT_PNG, write_plots
 from sealstream.streaming import RawRecord
 
 
@@ -92,3 +102,35 @@ def test_config_refuses_out_of_range_values(change: dict[str, object]) -> None:
 def test_quick_mode_is_the_smallest_run() -> None:
     assert QUICK.seconds <= ThroughputConfig().seconds
     assert QUICK.gateways == (1,) and QUICK.encryptors == (1,)
+
+
+def _phase(rate: float, roles: dict[str, float]) -> Phase:
+    load = LoadResult(acked=int(rate * 10), started=0.0, ended=10.0, cpu_seconds=1.0)
+    return Phase(load, rate, rate, roles, 1.5)
+
+
+def test_report_puts_each_figure_beside_its_baseline_and_plots_the_sweep(tmp_path: Path) -> None:
+    sealed = {"encryptor": 0.2, "indexer": 0.2, "gateway": 0.3}
+    plain = {"plain-writer": 0.15, "plain-indexer": 0.2, "gateway": 0.3}
+    report = ThroughputReport(
+        sweep=[SweepPoint(r, r, 10, 20, 30, 40, 100, int(r * 5), 0) for r in (500.0, 1000.0)]
+    )
+    config = ThroughputConfig(gateways=(1, 2), encryptors=(1, 2))
+
+    _fill(
+        report,
+        config,
+        {1: _phase(1000, sealed), 2: _phase(800, sealed)},
+        1,
+        {1: _phase(2000, sealed), 2: _phase(2500, sealed)},
+        _phase(1250, plain),
+        _phase(2500, plain),
+    )
+
+    figures = report.figures
+    assert figures["ratio_batch"] == 2000 / 2500 and figures["ratio_ws"] == 1000 / 1250
+    assert figures["cpu_ratio_batch"] == pytest.approx(0.35 / 0.4)
+    assert figures["half_rate_written_p99_ms"] == 40
+    assert any("plaintext pipeline: 1,250 msg/s" in row.baseline for row in report.rows)
+    paths = write_plots(report.sweep, 1000.0, tmp_path)
+    assert sorted(p.name for p in paths) == sorted([LATENCY_PNG, THROUGHPUT_PNG])
