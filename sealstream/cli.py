@@ -429,12 +429,44 @@ def demo(
         raise typer.Exit(1) from None
 
 
+def _counts(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        console.print(f"[red]{what}: comma-separated whole numbers, e.g. 1,2,3[/red]")
+        raise typer.Exit(2) from None
+
+
 @app.command("bench")
 def bench(
     which: Annotated[
         str,
-        typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | durability | all"),
+        typer.Argument(
+            help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | all"
+        ),
     ] = "all",
+    quick: Annotated[
+        bool, typer.Option(help="throughput: the smallest run (~2 min), options below override")
+    ] = False,
+    seconds: Annotated[
+        float | None, typer.Option(help="throughput: seconds of load per sustained phase")
+    ] = None,
+    clients: Annotated[
+        int | None, typer.Option(help="throughput: WebSocket clients, one message in flight each")
+    ] = None,
+    gateways: Annotated[
+        str | None, typer.Option(help="throughput: gateway process counts to try, e.g. 1,2")
+    ] = None,
+    encryptors: Annotated[
+        str | None, typer.Option(help="throughput: encryptor process counts, e.g. 1,2,3")
+    ] = None,
+    plots_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="throughput: where the PNG plots go (default docs/img; none with --quick)"
+        ),
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="throughput: write the PNG plots")] = True,
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
@@ -454,6 +486,31 @@ def bench(
         "lifecycle": lifecycle_bench.run,
         "durability": durability_bench.run,
     }
+    if which == "throughput" or which == "all":
+        from dataclasses import replace
+
+        from sealstream.bench import throughput_bench
+
+        config = throughput_bench.QUICK if quick else throughput_bench.ThroughputConfig()
+        # A quick run's plots would replace the real ones in docs/img: only where asked.
+        wanted = plots and (plots_dir is not None or not quick)
+        changes: dict[str, object] = {
+            "plots_dir": (plots_dir or REPO_ROOT / "docs" / "img") if wanted else None
+        }
+        if seconds is not None:
+            changes["seconds"] = changes["sweep_seconds"] = seconds
+        if clients is not None:
+            changes["clients"] = clients
+        if gateways is not None:
+            changes["gateways"] = _counts(gateways, "--gateways")
+        if encryptors is not None:
+            changes["encryptors"] = _counts(encryptors, "--encryptors")
+        try:
+            throughput_config = replace(config, **changes)  # type: ignore[arg-type]
+        except ValueError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
+        suites["throughput"] = lambda: _throughput(throughput_config)
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:
         if name not in suites:
@@ -461,10 +518,57 @@ def bench(
             raise typer.Exit(2)
         console.rule(f"bench {name}")
         figures = suites[name]()
+        if name == "throughput":
+            continue  # printed its own tables
         table = Table("figure", "value")
         for key, value in figures.items():
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
         console.print(table)
+
+
+def _throughput(config: object) -> Mapping[str, float | str]:
+    """Run the throughput bench and print its tables; returns the flat figures."""
+    from sealstream.bench import throughput_bench
+
+    assert isinstance(config, throughput_bench.ThroughputConfig)
+    report = throughput_bench.run(config, log=console.print)
+    wide = Console(width=max(console.width, 180))
+    table = Table("figure", "Sealstream", "baseline (same run)", "target", title="throughput")
+    for row in report.rows:
+        table.add_row(row.figure, row.value, row.baseline, row.target)
+    wide.print(table)
+    sweep = Table(
+        "offered msg/s",
+        "achieved msg/s",
+        "post->ack p50 ms",
+        "p99 ms",
+        "post->written p50 ms",
+        "p99 ms",
+        "written samples",
+        "errors",
+        title="offered-load sweep (WebSocket, one message in flight per client)",
+    )
+    for p in report.sweep:
+        sweep.add_row(
+            f"{p.offered:,.0f}",
+            f"{p.achieved:,.0f}",
+            f"{p.ack_p50_ms:.1f}",
+            f"{p.ack_p99_ms:.1f}",
+            f"{p.written_p50_ms:.1f}",
+            f"{p.written_p99_ms:.1f}",
+            str(p.samples),
+            str(p.errors),
+        )
+    wide.print(sweep)
+    figures = Table("figure", "value", title="every figure")
+    for key, value in report.figures.items():
+        figures.add_row(key, f"{value:,.3f}")
+    wide.print(figures)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for path in report.plots:
+        console.print(f"plot written: {path}")
+    return report.figures
 
 
 @app.command("drill")
