@@ -366,10 +366,12 @@ class ConsumerRuntime:
         first_at = time.monotonic() if self._collecting else None
         while not self.stop.is_set():
             if first_at is None:
-                timeout = POLL_S
+                # poll() returns at the first record; consume() would wait for a full batch.
+                message = consumer.poll(POLL_S)
+                messages = [message] if message is not None else []
             else:
                 timeout = max(0.0, first_at + self.max_wait - time.monotonic())
-            messages = consumer.consume(self.max_size - len(self._collecting), timeout)
+                messages = consumer.consume(self.max_size - len(self._collecting), timeout)
             self._accept(messages, self._collecting)  # callbacks may have dropped some meanwhile
             if self._collecting and first_at is None:
                 first_at = time.monotonic()

@@ -1,6 +1,7 @@
 """The consumer stages' rules, without servers: what the schema refuses and normalises, how a
 sink's per-item refusals become dead letters, how retry loops end on a stop signal, how the
-dead-letter writer handles a letter the topic refuses, and what text becomes as search tokens."""
+dead-letter writer handles a letter the topic refuses, how the runtime finishes or abandons the
+batch in hand when a partition moves, and what text becomes as search tokens."""
 
 from __future__ import annotations
 
