@@ -310,7 +310,8 @@ class ConsumerRuntime:
         self._in_flight: tuple[Batch, BatchThread] | None = None
         self._paused = False
         self._joined = False
-        self._committed: dict[Partition, int] = {}
+        self._committed: dict[Partition, int] = {}  # as far as this worker knows (lag gauge)
+        self._uncommitted: dict[Partition, int] = {}  # handled, commit refused: retried
         self._lag_at = 0.0
 
     # -- readiness and lag -------------------------------------------------------------------
@@ -373,6 +374,8 @@ class ConsumerRuntime:
                 timeout = max(0.0, first_at + self.max_wait - time.monotonic())
                 messages = consumer.consume(self.max_size - len(self._collecting), timeout)
             self._accept(messages, self._collecting)  # callbacks may have dropped some meanwhile
+            if self._uncommitted:
+                self._flush_commits(consumer)
             if self._collecting and first_at is None:
                 first_at = time.monotonic()
             self._report_lag(consumer)
@@ -462,6 +465,8 @@ class ConsumerRuntime:
                 message = consumer.poll(POLL_S)
                 if message is not None:  # fetched before the pause took effect: keep it
                     self._accept([message], self._carry)
+                if self._uncommitted:
+                    self._flush_commits(consumer)
                 self._report_lag(consumer)
         finally:
             self._paused = False
@@ -469,35 +474,44 @@ class ConsumerRuntime:
                 consumer.resume(consumer.assignment())
 
     def _commit(self, consumer: Consumer, batch: Batch) -> None:
-        """Commit the batch's next offsets; retried while the error is retriable.
-
-        A commit refused for good (the partitions were lost meanwhile) leaves the records to be
-        redelivered to their new owner, which the idempotent sinks absorb.
-        """
-        offsets = batch.next_offsets()
+        """Commit the next offsets of a handled batch (its live partitions), synchronously."""
         batch.committed = True
-        if not offsets:
+        for tp in batch.next_offsets():
+            key = (tp.topic, tp.partition)
+            self._uncommitted[key] = max(self._uncommitted.get(key, 0), tp.offset)
+        self._flush_commits(consumer)
+
+    def _flush_commits(self, consumer: Consumer, only: set[Partition] | None = None) -> None:
+        """Commit the handled offsets not committed yet (all, or those of `only`).
+
+        A commit the broker refuses mid-rebalance (ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS) or
+        while it is unreachable keeps its offsets here; they are committed again after the next
+        poll, or in the revocation callback before the partition moves (the worker still owns it
+        there). Only a lost partition drops them: its records are then redelivered to the new
+        owner, which the idempotent sinks absorb.
+        """
+        keys = [k for k in self._uncommitted if only is None or k in only]
+        if not keys:
             return
-        delay = 0.1
-        while True:
-            try:
-                for tp in consumer.commit(offsets=offsets, asynchronous=False) or []:
-                    if tp.error is not None:
-                        raise KafkaException(tp.error)
-                for tp in offsets:
-                    self._committed[(tp.topic, tp.partition)] = tp.offset
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                retriable = isinstance(error, KafkaError) and error.retriable()
-                name = error.name() if isinstance(error, KafkaError) else str(error)
-                log.warning(
-                    "commit failed" + (", retrying" if retriable else "; records redelivered"),
-                    extra={"stage": self.stage, "error": name},
-                )
-                if not retriable or self.stop.wait(delay):
-                    return
-                delay = min(delay * 2, 5.0)
+        offsets = [TopicPartition(t, p, self._uncommitted[(t, p)]) for t, p in keys]
+        try:
+            results = consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as exc:
+            error = exc.args[0]
+            name = error.name() if isinstance(error, KafkaError) else type(error).__name__
+            log.warning(
+                "commit refused, kept for the next poll", extra={"stage": self.stage, "error": name}
+            )
+            return
+        failed = {(tp.topic, tp.partition) for tp in results if tp.error is not None}
+        for key in keys:
+            if key not in failed:
+                self._committed[key] = self._uncommitted.pop(key)
+        if failed:
+            log.warning(
+                "commit refused for some partitions, kept for the next poll",
+                extra={"stage": self.stage, "partitions": sorted(p for _, p in failed)},
+            )
 
     # -- rebalance callbacks (run inside consume()/poll() on the main thread) -----------------
 
@@ -524,8 +538,6 @@ class ConsumerRuntime:
         REBALANCES.labels(self.stage, "lost" if lost else "revoked").inc(len(partitions))
         for pending in (self._collecting, self._carry):
             pending[:] = [r for r in pending if (r.topic, r.partition) not in gone]
-        for key in gone:
-            self._committed.pop(key, None)
         if self._in_flight is not None:
             batch, work = self._in_flight
             if not batch.committed and batch.partitions() & gone:
@@ -536,6 +548,15 @@ class ConsumerRuntime:
                 else:
                     dropped = batch.abandon(gone)
                     REBALANCES.labels(self.stage, "abandoned_records").inc(dropped)
+        if not lost:
+            self._flush_commits(consumer, only=gone)  # a last chance while still the owner
+        for key in gone:
+            self._committed.pop(key, None)
+            if self._uncommitted.pop(key, None) is not None:
+                log.warning(
+                    "handled records left uncommitted: redelivered to the new owner",
+                    extra={"stage": self.stage, "partition": key[1]},
+                )
         log.info(
             "partitions lost" if lost else "partitions revoked",
             extra={"stage": self.stage, "partitions": sorted(p for _, p in gone)},

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from encryptor.logic import encrypt_and_store
 from indexer.logic import index_batch
@@ -287,11 +287,15 @@ def test_dead_letter_publishing_ends_with_stopped_when_stopping() -> None:
 class FakeConsumer:
     """Records what the runtime commits; the real broker is in tests/e2e/test_rebalance.py."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse: int = 0) -> None:
         self.commits: list[list[tuple[int, int]]] = []
+        self.refuse = refuse  # commits refused as during a rebalance
 
     def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
         assert asynchronous is False  # the offsets of a handled batch are committed synchronously
+        if self.refuse:
+            self.refuse -= 1
+            raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION))
         self.commits.append([(tp.partition, tp.offset) for tp in offsets])
         return offsets
 
@@ -341,6 +345,18 @@ def test_a_revoked_partitions_finished_batch_is_committed_before_it_moves() -> N
     runtime._release(consumer, [TopicPartition("t", 0)], lost=False)  # type: ignore[arg-type]
     assert consumer.commits == [[(0, 3), (1, 8)]]
     assert batch.committed and not batch.abandoned
+
+
+def test_a_commit_refused_mid_rebalance_is_made_before_the_partition_moves() -> None:
+    runtime = runtime_with(lambda records: [], Topic(max_bytes=100))
+    consumer = FakeConsumer(refuse=1)
+    batch = Batch(records_on({0: [4], 1: [2]}))
+    runtime._commit(consumer, batch)  # type: ignore[arg-type]
+    assert consumer.commits == []  # refused (ILLEGAL_GENERATION): kept, not forgotten
+    runtime._release(consumer, [TopicPartition("t", 1)], lost=False)  # type: ignore[arg-type]
+    assert consumer.commits == [[(1, 3)]]  # the revoked one, while this worker still owns it
+    runtime._flush_commits(consumer)  # type: ignore[arg-type]  # after the next poll
+    assert consumer.commits == [[(1, 3)], [(0, 5)]]
 
 
 def test_a_held_batch_abandons_a_revoked_partition_uncommitted_and_retries_the_rest() -> None:
