@@ -575,7 +575,9 @@ def run_worker(
 ) -> None:
     """Run a consumer worker until SIGTERM/SIGINT: dead-letter publisher, runtime, health endpoint.
 
-    Must be called from the main thread (it installs the signal handlers).
+    Called from the main thread (a worker process) it installs the SIGTERM/SIGINT handlers that
+    stop it; to run a runtime in another thread, build a `ConsumerRuntime` with a `stop` event of
+    your own instead.
     """
     publisher = Publisher(settings.kafka, client_id=f"{stage}-dlq")
     stack.callback(publisher.close)
@@ -596,8 +598,9 @@ def run_worker(
         log.info("stopping", extra={"stage": stage, "signal": signal.Signals(signum).name})
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     endpoint = serve(http, ready=runtime.ready)
     stack.callback(endpoint.shutdown)
     runtime.run()
