@@ -78,6 +78,26 @@ class KafkaSettings(BaseModel):
     # production runs 3 brokers with replication_factor 3 and min_insync_replicas 2.
     replication_factor: int = Field(default=1, ge=1)
     min_insync_replicas: int = Field(default=1, ge=1)
+    # The workers' consumer group membership (sealstream.streaming, docs/operations.md "Consumer
+    # runtime"). A crashed worker's partitions move to the others after session_timeout_ms.
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=2_000, ge=100)
+    # A member that does not poll for this long is removed from the group. The runtime keeps
+    # polling (partitions paused) while a batch is held by retries, so only a stuck worker hits it.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    # How long a revocation waits for the batch in hand to finish (then commits it) before it
+    # abandons that partition's records uncommitted to the new owner. Below max_poll_interval_ms.
+    revoke_wait_ms: int = Field(default=5_000, ge=0)
+
+    @model_validator(mode="after")
+    def _check_group_timings(self) -> KafkaSettings:
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ValueError("kafka.max_poll_interval_ms must be >= kafka.session_timeout_ms")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be < kafka.session_timeout_ms")
+        if self.revoke_wait_ms >= self.max_poll_interval_ms:
+            raise ValueError("kafka.revoke_wait_ms must be < kafka.max_poll_interval_ms")
+        return self
 
 
 ConsistencyName = Literal[

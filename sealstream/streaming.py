@@ -1,42 +1,50 @@
-"""The consumer runtime shared by the encryptor and the indexer: a Faust agent that processes the
-message topic in batches and commits an offset only after its batch was durably handled.
+"""The consumer runtime shared by the encryptor and the indexer: batches read from the message topic
+with confluent-kafka's batch API, an offset committed only after its batch was durably handled.
 
-Why not `stream.take_events()`: it acks the buffered events in a `finally`, that is also when the
-processing raised or the task was cancelled at shutdown, which would commit offsets of records that
-were never written. Here the agent reads with `noack()`, hands events to a `Batcher`, and acks them
-only after `process` returned, so a crash or SIGKILL at any point leads to redelivery (and the
+Commit rule: a batch is read with `Consumer.consume(max_size, timeout)` (full, or its oldest record
+`max_wait` old), handed to `process` in a worker thread, its dead letters published, and only then
+the next offset of each of its partitions is committed, synchronously and explicitly (never auto-
+commit, never `enable.auto.offset.store`). A crash or SIGKILL at any point leads to redelivery (the
 stages are idempotent by message id), never to loss.
 
 `process` receives raw records and returns the dead letters among them: records that fail the
 schema, and records a sink refused one by one (a bulk item error, a row the database refuses).
 Anything `process` raises is a failure of the batch as a whole and is retried with backoff,
-holding the batch: the stream is paused, nothing is skipped. Dead letters go to the dead-letter
-topic with the reason; one the topic refuses (too large) is replaced by a letter without the value.
+holding the batch: nothing is skipped. Dead letters go to the dead-letter topic with the reason;
+one the topic refuses (too large) is replaced by a letter without the value.
+
+Held batches: after `HOLD_AFTER_S` the main thread pauses every assigned partition and keeps
+calling `poll()` until the batch is done, so a worker held by a sink that is down stays in its
+group however long the hold lasts (`max.poll.interval.ms` counts from the last poll) and serves
+rebalance callbacks meanwhile; records it is handed while paused are kept for the next batch.
+
+Rebalances (cooperative-sticky, so only the partitions that move stop): on revocation, records of
+the revoked partitions not yet handed to `process` are dropped uncommitted (the new owner reads
+them from the committed offset); a batch in flight over them is waited for up to
+`kafka.revoke_wait_ms` and committed if it finished, else those partitions' records are abandoned:
+never committed, never dead-lettered by this worker, and left out of its next retries. A lost
+assignment (session expired) abandons at once, since committing is no longer allowed. Either way a
+moving partition's records are handled by exactly one owner from the last committed offset.
 
 Shutdown: SIGTERM sets a stop signal that every retry loop checks, so a worker whose sink is down
-stops within its grace period; the batch in hand is then left unacked and is redelivered.
+stops within its grace period; the batch in hand is then left uncommitted and is redelivered.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import tempfile
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import Any
 
-import faust
-from faust.types import EventT, StreamT
-from faust.worker import Worker
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from sealstream.adapters.kafka import DeadLetter, Publisher, RecordRefused, dead_letter_headers
-from sealstream.observability import configure_logging
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -57,6 +65,17 @@ BATCH_SECONDS = Histogram(
 )
 RETRIES = Counter("sealstream_consumer_retries", "Batches retried after a failure", ["stage"])
 LAG = Gauge("sealstream_consumer_lag", "Records behind the end of the partition", ["stage"])
+REBALANCES = Counter(
+    "sealstream_consumer_rebalances",
+    "Partitions assigned, revoked or lost, and records of the batch in hand abandoned",
+    ["stage", "event"],
+)
+
+# A batch not done after this long is held: the partitions are paused and polling goes on.
+HOLD_AFTER_S = 1.0
+# How long one poll() waits while holding or idle: bounds how late a stop signal is noticed.
+POLL_S = 0.2
+LAG_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,6 @@ class Rejected:
 
 
 Process = Callable[[Sequence[RawRecord]], list[Rejected]]
-T = TypeVar("T")
 
 
 class Stopped(Exception):
@@ -117,115 +135,6 @@ def run_until_done(
                 break
             delay = min(delay * 2, 5.0)
     raise Stopped()
-
-
-async def in_daemon_thread(fn: Callable[[], T]) -> T:
-    """Run blocking `fn` off the event loop in a daemon thread.
-
-    Not `asyncio.to_thread`: its pool threads are joined when the interpreter exits, so a sink
-    call hanging at SIGTERM would keep the worker alive. Abandoning such a call is safe because
-    nothing is acked until it returned: its batch is redelivered.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: T | BaseException) -> None:
-        if future.done():  # the waiting task was cancelled (worker stopping)
-            return
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-    def target() -> None:
-        outcome: T | BaseException
-        try:
-            outcome = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            outcome = exc
-        try:
-            loop.call_soon_threadsafe(settle, outcome)
-        except RuntimeError:
-            pass  # the event loop is closed: the worker has stopped, nothing waits for this
-
-    threading.Thread(target=target, name="sealstream-batch", daemon=True).start()
-    return await future
-
-
-class Batcher:
-    """Collects events from the agent; flushes when full or when the oldest is `max_wait` old."""
-
-    def __init__(
-        self,
-        stage: str,
-        process: Process,
-        dead_letters: DeadLetterWriter,
-        max_size: int,
-        max_wait: float,
-        stop: threading.Event,
-    ) -> None:
-        self.stage = stage
-        self.process = process
-        self.dead_letters = dead_letters
-        self.stop = stop
-        self.max_size = max_size
-        self.max_wait = max_wait
-        self._events: list[EventT[Any]] = []
-        self._first_at = 0.0
-        self._lock = asyncio.Lock()
-        self.stream: StreamT[Any] | None = None
-
-    async def add(self, stream: StreamT[Any], event: EventT[Any]) -> None:
-        self.stream = stream
-        if not self._events:
-            self._first_at = time.monotonic()
-        self._events.append(event)
-        if len(self._events) >= self.max_size:
-            await self.flush()
-
-    async def flush_if_due(self) -> None:
-        if self._events and time.monotonic() - self._first_at >= self.max_wait:
-            await self.flush()
-
-    async def flush(self) -> None:
-        async with self._lock:
-            if not self._events or self.stream is None:
-                return
-            events, self._events = self._events, []
-            started = time.perf_counter()
-            records = [_raw(e) for e in events]
-            try:
-                rejected = await in_daemon_thread(
-                    lambda: run_until_done(self.stage, self.process, records, self.stop)
-                )
-                if rejected:
-                    await in_daemon_thread(
-                        lambda: self.dead_letters.write(self.stage, rejected, self.stop)
-                    )
-            except Stopped:
-                log.info(
-                    "stopping: batch left unacked for redelivery",
-                    extra={"stage": self.stage, "records": len(records)},
-                )
-                return
-            # Only now is every record of the batch written (or dead-lettered): ack = may commit.
-            for event in events:
-                await self.stream.ack(event)
-            RECORDS.labels(self.stage, "ok").inc(len(records) - len(rejected))
-            RECORDS.labels(self.stage, "dead_letter").inc(len(rejected))
-            BATCH_SIZE.labels(self.stage).observe(len(records))
-            BATCH_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
-
-
-def _raw(event: EventT[Any]) -> RawRecord:
-    message = event.message
-    return RawRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value if isinstance(message.value, bytes) else bytes(message.value or b""),
-    )
 
 
 class DeadLetterWriter:
@@ -285,101 +194,373 @@ class DeadLetterWriter:
         return publish
 
 
-def _faust_datadir(group_id: str) -> Path:
-    """A state folder per consumer group outside the working directory (Faust needs it to exist)."""
-    path = Path(tempfile.gettempdir()) / "sealstream-faust" / group_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+Partition = tuple[str, int]
 
 
-def build_app(
-    stage: str,
-    kafka: KafkaSettings,
-    group_id: str,
-    process: Process,
-    dead_letters: DeadLetterWriter,
-    max_size: int = 500,
-    max_wait: float = 0.05,
-    stop: threading.Event | None = None,
-) -> tuple[faust.App, Batcher]:
-    """A Faust app with one agent over the message topic in consumer group `group_id`.
+@dataclass
+class Batch:
+    """The records handed to `process`, minus those of partitions abandoned by a revocation.
 
-    `stop` is set when the app begins to stop (SIGTERM), which ends the retry loops.
+    Shared by the main thread (rebalance callbacks abandon partitions) and the batch thread
+    (each retry processes what is still live), hence the lock.
     """
-    stop = stop if stop is not None else threading.Event()
-    app = faust.App(
-        group_id,
-        broker=f"kafka://{kafka.bootstrap}",
-        store="memory://",
-        # Faust writes a small state folder per app; keep it out of the working directory.
-        datadir=str(_faust_datadir(group_id)),
-        web_enabled=False,
-        topic_disable_leader=True,
-        topic_allow_declare=False,  # topics are created by `sealstream migrate`, not by workers
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=0.5,
-        # A crashed worker's partitions move to the survivors after ~10 s instead of Faust's 60 s.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=2.0,
-        stream_buffer_maxsize=max_size * 4,
-        # Stopping does not wait for the batch in hand to be acked: with a sink down it never
-        # would be. Unacked records are redelivered to the next owner of the partition.
-        stream_wait_empty=False,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    topic = app.topic(kafka.messages_topic, key_type=bytes, value_type=bytes)
-    batcher = Batcher(stage, process, dead_letters, max_size, max_wait, stop)
 
-    def end_retries(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        stop.set()  # sent as the app begins to stop (SIGTERM), before its agents are cancelled
+    records: list[RawRecord]
+    abandoned: set[Partition] = field(default_factory=set)
+    committed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    app.on_before_shutdown.connect(end_retries)
+    def live(self) -> list[RawRecord]:
+        with self._lock:
+            if not self.abandoned:
+                return self.records
+            return [r for r in self.records if (r.topic, r.partition) not in self.abandoned]
 
-    async def agent(stream: StreamT[Any]) -> None:
-        manual: Any = cast(Any, stream).noack()
-        async for event in manual.events():
-            await batcher.add(manual, event)
+    def partitions(self) -> set[Partition]:
+        return {(r.topic, r.partition) for r in self.records}
 
-    app.agent(topic, name=f"{stage}-agent")(agent)
+    def abandon(self, partitions: set[Partition]) -> int:
+        """Leave these partitions' records to their new owner; returns how many were dropped."""
+        with self._lock:
+            fresh = (partitions & self.partitions()) - self.abandoned
+            self.abandoned |= fresh
+        return sum(1 for r in self.records if (r.topic, r.partition) in fresh)
 
-    @app.task  # type: ignore[untyped-decorator]
-    async def flush_due() -> None:
-        # A plain task, not app.timer: a flush may outlast the interval, which a timer warns about.
-        while True:
-            await asyncio.sleep(max_wait / 2)
-            await batcher.flush_if_due()
-
-    @app.task  # type: ignore[untyped-decorator]
-    async def json_logs() -> None:
-        # Faust's Worker installs its own log handlers at start-up; put ours back.
-        configure_logging(stage)
-
-    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
-    async def report_lag() -> None:
-        LAG.labels(stage).set(_lag(app))
-
-    return app, batcher
+    def next_offsets(self) -> list[TopicPartition]:
+        """The offset to commit per live partition: one past the last record handled."""
+        last: dict[Partition, int] = {}
+        for r in self.live():
+            key = (r.topic, r.partition)
+            last[key] = max(last.get(key, -1), r.offset)
+        return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
 
 
-def _lag(app: faust.App) -> float:
-    """Sum over assigned partitions of (highwater - committed): the consumer lag metric."""
-    try:
-        consumer: Any = app.consumer
-        total = 0
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            committed = consumer._committed_offset.get(tp) or 0
-            if high is not None:
-                total += max(0, high - committed)
-        return float(total)
-    except Exception:  # noqa: BLE001 - a metric must never break the worker
-        return 0.0
+class BatchThread:
+    """Runs the handling of one batch in a daemon thread.
+
+    A daemon thread, so a sink call hanging at SIGTERM does not keep the worker alive; abandoning
+    such a call is safe because nothing is committed until it returned: its batch is redelivered.
+    """
+
+    def __init__(self, fn: Callable[[], int]) -> None:
+        self.done = threading.Event()
+        self.result = 0
+        self.error: BaseException | None = None
+        self._fn = fn
+        threading.Thread(target=self._run, name="sealstream-batch", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.done.is_set() and self.error is None
 
 
-def is_ready(app: faust.App) -> bool:
-    """Joined its consumer group (has an assignment, possibly empty) and not rebalancing."""
-    return getattr(app, "_assignment", None) is not None and not app.rebalancing
+def consumer_config(kafka: KafkaSettings, group_id: str, client_id: str) -> dict[str, Any]:
+    """The librdkafka configuration of a worker's consumer (see the module docstring)."""
+    return {
+        "bootstrap.servers": kafka.bootstrap,
+        "group.id": group_id,
+        "client.id": client_id,
+        "auto.offset.reset": "earliest",
+        # Offsets are committed by the runtime, explicitly, after the batch was handled.
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # Only the partitions that move stop during a rebalance; the others keep flowing.
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": kafka.session_timeout_ms,
+        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+        "max.poll.interval.ms": kafka.max_poll_interval_ms,
+        # Bounded prefetch per partition (librdkafka's default is 64 MiB per partition).
+        "queued.max.messages.kbytes": 16384,
+    }
+
+
+class ConsumerRuntime:
+    """Reads the message topic in batches in consumer group `group_id` until `stop` is set."""
+
+    def __init__(
+        self,
+        stage: str,
+        kafka: KafkaSettings,
+        group_id: str,
+        process: Process,
+        dead_letters: DeadLetterWriter,
+        max_size: int = 500,
+        max_wait: float = 0.05,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.stage = stage
+        self.kafka = kafka
+        self.group_id = group_id
+        self.process = process
+        self.dead_letters = dead_letters
+        self.max_size = max_size
+        self.max_wait = max_wait
+        self.stop = stop if stop is not None else threading.Event()
+        self._consumer: Consumer | None = None
+        self._collecting: list[RawRecord] = []  # read, not yet handed to `process`
+        self._carry: list[RawRecord] = []  # handed out by poll() while a batch was held
+        self._in_flight: tuple[Batch, BatchThread] | None = None
+        self._paused = False
+        self._joined = False
+        self._committed: dict[Partition, int] = {}  # as far as this worker knows (lag gauge)
+        self._uncommitted: dict[Partition, int] = {}  # handled, commit refused: retried
+        self._lag_at = 0.0
+
+    # -- readiness and lag -------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Joined its consumer group (received an assignment, possibly empty) and not stopping."""
+        return self._joined and not self.stop.is_set()
+
+    def _report_lag(self, consumer: Consumer) -> None:
+        """Sum over assigned partitions of (high watermark - committed offset), every 5 s."""
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        try:
+            assigned = consumer.assignment()
+            unknown = [tp for tp in assigned if (tp.topic, tp.partition) not in self._committed]
+            if unknown:
+                for tp in consumer.committed(unknown, timeout=1.0):
+                    self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
+            total = 0
+            for tp in assigned:
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0:
+                    total += max(0, high - self._committed.get((tp.topic, tp.partition), 0))
+            LAG.labels(self.stage).set(float(total))
+        except Exception as exc:  # noqa: BLE001 - a metric must never break the worker
+            log.debug("lag not reported", extra={"stage": self.stage, "error": type(exc).__name__})
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        consumer = Consumer(consumer_config(self.kafka, self.group_id, f"{self.stage}-worker"))
+        self._consumer = consumer
+        consumer.subscribe(
+            [self.kafka.messages_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        try:
+            while not self.stop.is_set():
+                records = self._collect(consumer)
+                if records:
+                    self._handle(consumer, records)
+        finally:
+            self.stop.set()  # a revocation during close must not wait for a batch
+            consumer.close()  # leaves the group: the partitions move at once
+
+    def _collect(self, consumer: Consumer) -> list[RawRecord]:
+        """Up to `max_size` records, returned once full or once the oldest is `max_wait` old."""
+        self._collecting, self._carry = self._carry, []
+        first_at = time.monotonic() if self._collecting else None
+        while not self.stop.is_set():
+            if first_at is None:
+                # poll() returns at the first record; consume() would wait for a full batch.
+                message = consumer.poll(POLL_S)
+                messages = [message] if message is not None else []
+            else:
+                timeout = max(0.0, first_at + self.max_wait - time.monotonic())
+                messages = consumer.consume(self.max_size - len(self._collecting), timeout)
+            self._accept(messages, self._collecting)  # callbacks may have dropped some meanwhile
+            if self._uncommitted:
+                self._flush_commits(consumer)
+            if self._collecting and first_at is None:
+                first_at = time.monotonic()
+            self._report_lag(consumer)
+            if len(self._collecting) >= self.max_size or (
+                first_at is not None and time.monotonic() - first_at >= self.max_wait
+            ):
+                break
+        batch, self._collecting = self._collecting, []
+        return batch if not self.stop.is_set() else []
+
+    def _accept(self, messages: list[Message], into: list[RawRecord]) -> None:
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)
+                # Transient (broker down, max.poll.interval exceeded: then on_lost follows).
+                log.warning("consumer error", extra={"stage": self.stage, "error": error.name()})
+                continue
+            value = m.value()
+            into.append(
+                RawRecord(
+                    m.topic() or "", m.partition() or 0, m.offset() or 0, m.key(), value or b""
+                )
+            )
+
+    def _handle(self, consumer: Consumer, records: list[RawRecord]) -> None:
+        started = time.perf_counter()
+        batch = Batch(records)
+        work = BatchThread(lambda: self._work(batch))
+        self._in_flight = (batch, work)
+        try:
+            if not work.done.wait(HOLD_AFTER_S):
+                self._hold(consumer, batch, work)
+        finally:
+            self._in_flight = None
+        if not work.done.is_set() or isinstance(work.error, Stopped):
+            if self.stop.is_set():
+                log.info(
+                    "stopping: batch left uncommitted for redelivery",
+                    extra={"stage": self.stage, "records": len(records)},
+                )
+            else:
+                log.info(
+                    "batch abandoned to the partitions' new owners",
+                    extra={"stage": self.stage, "records": len(records)},
+                )
+            return
+        if work.error is not None:
+            raise work.error  # not a batch failure (those are retried): a bug, stop the worker
+        if not batch.committed:
+            self._commit(consumer, batch)
+        handled = len(batch.live())
+        RECORDS.labels(self.stage, "ok").inc(handled - work.result)
+        RECORDS.labels(self.stage, "dead_letter").inc(work.result)
+        BATCH_SIZE.labels(self.stage).observe(handled)
+        BATCH_SECONDS.labels(self.stage).observe(time.perf_counter() - started)
+
+    def _work(self, batch: Batch) -> int:
+        """In the batch thread: process (with retries) and dead-letter; returns the dead letters.
+
+        Each attempt processes the records still live, so a partition abandoned by a revocation
+        while the batch is held is left out of later attempts and of the dead letters.
+        """
+
+        def attempt(_: Sequence[RawRecord]) -> list[Rejected]:
+            live = batch.live()
+            return self.process(live) if live else []
+
+        rejected = run_until_done(self.stage, attempt, batch.records, self.stop)
+        if batch.abandoned:
+            rejected = [
+                r for r in rejected if (r.record.topic, r.record.partition) not in batch.abandoned
+            ]
+        if rejected:
+            self.dead_letters.write(self.stage, rejected, self.stop)
+        return len(rejected)
+
+    def _hold(self, consumer: Consumer, batch: Batch, work: BatchThread) -> None:
+        """Keep the membership while the batch is retried: pause every partition and poll."""
+        assigned = consumer.assignment()
+        consumer.pause(assigned)
+        self._paused = True
+        log.info("batch held: partitions paused", extra={"stage": self.stage})
+        try:
+            while not work.done.is_set() and not self.stop.is_set() and batch.live():
+                message = consumer.poll(POLL_S)
+                if message is not None:  # fetched before the pause took effect: keep it
+                    self._accept([message], self._carry)
+                if self._uncommitted:
+                    self._flush_commits(consumer)
+                self._report_lag(consumer)
+        finally:
+            self._paused = False
+            if not self.stop.is_set():
+                consumer.resume(consumer.assignment())
+
+    def _commit(self, consumer: Consumer, batch: Batch) -> None:
+        """Commit the next offsets of a handled batch (its live partitions), synchronously."""
+        batch.committed = True
+        for tp in batch.next_offsets():
+            key = (tp.topic, tp.partition)
+            self._uncommitted[key] = max(self._uncommitted.get(key, 0), tp.offset)
+        self._flush_commits(consumer)
+
+    def _flush_commits(self, consumer: Consumer, only: set[Partition] | None = None) -> None:
+        """Commit the handled offsets not committed yet (all, or those of `only`).
+
+        A commit the broker refuses mid-rebalance (ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS) or
+        while it is unreachable keeps its offsets here; they are committed again after the next
+        poll, or in the revocation callback before the partition moves (the worker still owns it
+        there). Only a lost partition drops them: its records are then redelivered to the new
+        owner, which the idempotent sinks absorb.
+        """
+        keys = [k for k in self._uncommitted if only is None or k in only]
+        if not keys:
+            return
+        offsets = [TopicPartition(t, p, self._uncommitted[(t, p)]) for t, p in keys]
+        try:
+            results = consumer.commit(offsets=offsets, asynchronous=False) or []
+        except KafkaException as exc:
+            error = exc.args[0]
+            name = error.name() if isinstance(error, KafkaError) else type(error).__name__
+            log.warning(
+                "commit refused, kept for the next poll", extra={"stage": self.stage, "error": name}
+            )
+            return
+        failed = {(tp.topic, tp.partition) for tp in results if tp.error is not None}
+        for key in keys:
+            if key not in failed:
+                self._committed[key] = self._uncommitted.pop(key)
+        if failed:
+            log.warning(
+                "commit refused for some partitions, kept for the next poll",
+                extra={"stage": self.stage, "partitions": sorted(p for _, p in failed)},
+            )
+
+    # -- rebalance callbacks (run inside consume()/poll() on the main thread) -----------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._joined = True
+        REBALANCES.labels(self.stage, "assigned").inc(len(partitions))
+        log.info(
+            "partitions assigned",
+            extra={"stage": self.stage, "partitions": sorted(tp.partition for tp in partitions)},
+        )
+        if self._paused and partitions:  # holding a batch: the new ones wait too
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(consumer, partitions, lost=False)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(consumer, partitions, lost=True)
+
+    def _release(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:
+        """Finish (commit) or abandon what this worker holds of partitions it no longer owns."""
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        REBALANCES.labels(self.stage, "lost" if lost else "revoked").inc(len(partitions))
+        for pending in (self._collecting, self._carry):
+            pending[:] = [r for r in pending if (r.topic, r.partition) not in gone]
+        if self._in_flight is not None:
+            batch, work = self._in_flight
+            if not batch.committed and batch.partitions() & gone:
+                if not lost and not self.stop.is_set():
+                    work.done.wait(self.kafka.revoke_wait_ms / 1000)
+                if not lost and work.succeeded:
+                    self._commit(consumer, batch)  # still the owner until this callback returns
+                else:
+                    dropped = batch.abandon(gone)
+                    REBALANCES.labels(self.stage, "abandoned_records").inc(dropped)
+        if not lost:
+            self._flush_commits(consumer, only=gone)  # a last chance while still the owner
+        for key in gone:
+            self._committed.pop(key, None)
+            if self._uncommitted.pop(key, None) is not None:
+                log.warning(
+                    "handled records left uncommitted: redelivered to the new owner",
+                    extra={"stage": self.stage, "partition": key[1]},
+                )
+        log.info(
+            "partitions lost" if lost else "partitions revoked",
+            extra={"stage": self.stage, "partitions": sorted(p for _, p in gone)},
+        )
 
 
 def run_worker(
@@ -392,12 +573,17 @@ def run_worker(
     max_size: int = 500,
     max_wait: float = 0.05,
 ) -> None:
-    """Run a consumer worker until SIGTERM: dead-letter publisher, Faust app, health endpoint."""
+    """Run a consumer worker until SIGTERM/SIGINT: dead-letter publisher, runtime, health endpoint.
+
+    Called from the main thread (a worker process) it installs the SIGTERM/SIGINT handlers that
+    stop it; to run a runtime in another thread, build a `ConsumerRuntime` with a `stop` event of
+    your own instead.
+    """
     publisher = Publisher(settings.kafka, client_id=f"{stage}-dlq")
     stack.callback(publisher.close)
     stop = threading.Event()
     stack.callback(stop.set)  # whatever ends the worker also ends a retry loop still running
-    app, _ = build_app(
+    runtime = ConsumerRuntime(
         stage,
         settings.kafka,
         group_id,
@@ -407,10 +593,14 @@ def run_worker(
         max_wait=max_wait,
         stop=stop,
     )
-    endpoint = serve(http, ready=lambda: is_ready(app))
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"stage": stage, "signal": signal.Signals(signum).name})
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    endpoint = serve(http, ready=runtime.ready)
     stack.callback(endpoint.shutdown)
-    worker = Worker(app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
-    try:
-        worker.execute_from_commandline()
-    except SystemExit:
-        pass  # Faust exits this way after a graceful stop; the ExitStack closes the rest
+    runtime.run()

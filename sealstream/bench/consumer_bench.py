@@ -1,11 +1,13 @@
 """Consumer-runtime benchmark: what reading the message topic costs per record, before any work.
 
-The encryptor and the indexer are Faust agents (`sealstream.streaming`). This measures that
-runtime with a `process` that does nothing, against the same records read by a bare
-confluent-kafka (librdkafka) consumer in batches with a synchronous commit per batch, the cheapest
-way Python can read Kafka. Each consumer runs as its own process over the same 30,000 records of
-an isolated topic; the figure is its CPU time per record. It tells how much of the two workers'
-CPU per message is the runtime itself (docs/benchmarks.md).
+The encryptor and the indexer run on `sealstream.streaming` (confluent-kafka batches, a batch
+thread, explicit synchronous commits). This measures that runtime, as a worker process with a
+`process` that does nothing, against the same records read by a bare confluent-kafka
+(librdkafka) consumer in batches with a synchronous commit per batch, the cheapest way Python can
+read Kafka. Each consumer runs as its own process over the same 30,000 records of an isolated
+topic; the figure is its CPU time per record (the process's user + system time, so it holds on a
+loaded machine where throughput does not). It tells how much of the two workers' CPU per message
+is the runtime itself (docs/benchmarks.md).
 
     sealstream bench consumer
 """
@@ -54,9 +56,9 @@ def _publish(settings: Settings, count: int) -> None:
         publisher.close()
 
 
-def _faust_worker() -> None:
-    """Child process: the workers' Faust runtime with a process that does nothing (the child of
-    `_faust_figures`, started as `python -m sealstream.bench.consumer_bench faust`)."""
+def _runtime_worker() -> None:
+    """Child process: the workers' runtime with a process that does nothing (the child of
+    `_runtime_figures`, started as `python -m sealstream.bench.consumer_bench runtime`)."""
     from sealstream.observability import configure_logging
     from sealstream.streaming import run_worker
 
@@ -88,7 +90,7 @@ def _confluent_consumer(count: int) -> None:
     while seen < count:
         batch = consumer.consume(500, 0.1)
         if batch:
-            if not seen:  # joined the group: from here on, as for the Faust worker
+            if not seen:  # joined the group: from here on, as for the runtime worker
                 cpu_started, wall_started = time.process_time(), time.perf_counter()
             seen += len(batch)
             _ = [(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in batch]
@@ -97,12 +99,12 @@ def _confluent_consumer(count: int) -> None:
     consumer.close()
 
 
-def _faust_figures(env: dict[str, str], settings: Settings, count: int) -> dict[str, float]:
+def _runtime_figures(env: dict[str, str], settings: Settings, count: int) -> dict[str, float]:
     import httpx
 
     url = f"http://127.0.0.1:{settings.encryptor_http.port}"
     child = subprocess.Popen(
-        [sys.executable, "-m", "sealstream.bench.consumer_bench", "faust"],
+        [sys.executable, "-m", "sealstream.bench.consumer_bench", "runtime"],
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -125,8 +127,8 @@ def _faust_figures(env: dict[str, str], settings: Settings, count: int) -> dict[
     finally:
         stop([child])
     return {
-        "faust_cpu_ms_per_record": 1000 * (cpu1 - cpu0) / count,
-        "faust_records_per_s": count / (t1 - t0),
+        "runtime_cpu_ms_per_record": 1000 * (cpu1 - cpu0) / count,
+        "runtime_records_per_s": count / (t1 - t0),
     }
 
 
@@ -153,7 +155,7 @@ def run(count: int = 30_000, settings: Settings | None = None) -> dict[str, floa
         _publish(cfg, count)
         env = {**os.environ, **settings_env(cfg)}
         figures = {"records": float(count)}
-        figures |= _faust_figures(env, cfg, count)
+        figures |= _runtime_figures(env, cfg, count)
         figures |= _confluent_figures(env, count)
         return figures
     finally:
@@ -161,8 +163,8 @@ def run(count: int = 30_000, settings: Settings | None = None) -> dict[str, floa
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["faust"]:
-        _faust_worker()
+    if sys.argv[1:2] == ["runtime"]:
+        _runtime_worker()
     elif sys.argv[1:2] == ["confluent"]:
         _confluent_consumer(int(sys.argv[2]))
     else:

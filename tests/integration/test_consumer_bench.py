@@ -13,8 +13,8 @@ def test_consumer_bench_reads_every_record_with_both_runtimes(settings: Settings
     figures = consumer_bench.run(count=2_000, settings=settings)
     assert figures["records"] == 2_000
     for name in (
-        "faust_cpu_ms_per_record",
-        "faust_records_per_s",
+        "runtime_cpu_ms_per_record",
+        "runtime_records_per_s",
         "confluent_cpu_ms_per_record",
         "confluent_records_per_s",
     ):

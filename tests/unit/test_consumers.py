@@ -1,6 +1,7 @@
 """The consumer stages' rules, without servers: what the schema refuses and normalises, how a
 sink's per-item refusals become dead letters, how retry loops end on a stop signal, how the
-dead-letter writer handles a letter the topic refuses, and what text becomes as search tokens."""
+dead-letter writer handles a letter the topic refuses, how the runtime finishes or abandons the
+batch in hand when a partition moves, and what text becomes as search tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from encryptor.logic import encrypt_and_store
 from indexer.logic import index_batch
@@ -21,11 +23,16 @@ from sealstream.adapters.kafka import Headers, RecordRefused
 from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
 from sealstream.crypto import ChatKey
 from sealstream.errors import StoreUnavailable
+from sealstream.settings import KafkaSettings
 from sealstream.streaming import (
+    Batch,
+    BatchThread,
+    ConsumerRuntime,
     DeadLetterWriter,
     RawRecord,
     Rejected,
     Stopped,
+    consumer_config,
     run_until_done,
 )
 from sealstream.tokens import MAX_TOKEN_CHARS, analyzer, unicode_words
@@ -272,6 +279,126 @@ def test_dead_letter_publishing_ends_with_stopped_when_stopping() -> None:
     writer = DeadLetterWriter(Topic(max_bytes=100, failures=10**6), "dlq")  # type: ignore[arg-type]
     with pytest.raises(Stopped):
         writer.write("indexer", [Rejected(RawRecord("t", 0, 0, None, b"x"), "bad")], stop)
+
+
+# --- the runtime's rebalance rules: finish or abandon the batch in hand -----------------------
+
+
+class FakeConsumer:
+    """Records what the runtime commits; the real broker is in tests/e2e/test_rebalance.py."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.commits: list[list[tuple[int, int]]] = []
+        self.refuse = refuse  # commits refused as during a rebalance
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        assert asynchronous is False  # the offsets of a handled batch are committed synchronously
+        if self.refuse:
+            self.refuse -= 1
+            raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION))
+        self.commits.append([(tp.partition, tp.offset) for tp in offsets])
+        return offsets
+
+
+def runtime_with(process: object, topic: Topic, revoke_wait_ms: int = 5000) -> ConsumerRuntime:
+    kafka = KafkaSettings(revoke_wait_ms=revoke_wait_ms)
+    writer = DeadLetterWriter(topic, "dlq")  # type: ignore[arg-type]
+    return ConsumerRuntime("t", kafka, "g", process, writer)  # type: ignore[arg-type]
+
+
+def records_on(partitions: dict[int, list[int]]) -> list[RawRecord]:
+    return [
+        RawRecord("t", p, o, b"k", b"v%d" % o) for p, offsets in partitions.items() for o in offsets
+    ]
+
+
+def test_the_consumer_never_auto_commits_and_shares_partitions_cooperatively() -> None:
+    config = consumer_config(KafkaSettings(max_poll_interval_ms=20_000), "g", "c")
+    assert config["enable.auto.commit"] is False
+    assert config["enable.auto.offset.store"] is False
+    assert config["partition.assignment.strategy"] == "cooperative-sticky"
+    assert config["max.poll.interval.ms"] == 20_000
+
+
+def test_group_timings_librdkafka_would_refuse_are_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="max_poll_interval_ms"):
+        KafkaSettings(session_timeout_ms=10_000, max_poll_interval_ms=5_000)
+    with pytest.raises(ValueError, match="revoke_wait_ms"):
+        KafkaSettings(max_poll_interval_ms=10_000, revoke_wait_ms=10_000)
+
+
+def test_a_batch_commits_one_past_the_last_record_of_each_partition_it_still_owns() -> None:
+    batch = Batch(records_on({0: [5, 6, 7], 1: [3], 2: [10, 11]}))
+    assert [(tp.partition, tp.offset) for tp in batch.next_offsets()] == [(0, 8), (1, 4), (2, 12)]
+    assert batch.abandon({("t", 1), ("t", 9)}) == 1
+    assert [(tp.partition, tp.offset) for tp in batch.next_offsets()] == [(0, 8), (2, 12)]
+    assert {r.partition for r in batch.live()} == {0, 2}
+
+
+def test_a_revoked_partitions_finished_batch_is_committed_before_it_moves() -> None:
+    runtime = runtime_with(lambda records: [], Topic(max_bytes=100))
+    batch = Batch(records_on({0: [1, 2], 1: [7]}))
+    work = BatchThread(lambda: runtime._work(batch))
+    assert work.done.wait(10)
+    runtime._in_flight = (batch, work)
+    consumer = FakeConsumer()
+    runtime._release(consumer, [TopicPartition("t", 0)], lost=False)  # type: ignore[arg-type]
+    assert consumer.commits == [[(0, 3), (1, 8)]]
+    assert batch.committed and not batch.abandoned
+
+
+def test_a_commit_refused_mid_rebalance_is_made_before_the_partition_moves() -> None:
+    runtime = runtime_with(lambda records: [], Topic(max_bytes=100))
+    consumer = FakeConsumer(refuse=1)
+    batch = Batch(records_on({0: [4], 1: [2]}))
+    runtime._commit(consumer, batch)  # type: ignore[arg-type]
+    assert consumer.commits == []  # refused (ILLEGAL_GENERATION): kept, not forgotten
+    runtime._release(consumer, [TopicPartition("t", 1)], lost=False)  # type: ignore[arg-type]
+    assert consumer.commits == [[(1, 3)]]  # the revoked one, while this worker still owns it
+    runtime._flush_commits(consumer)  # type: ignore[arg-type]  # after the next poll
+    assert consumer.commits == [[(1, 3)], [(0, 5)]]
+
+
+def test_a_held_batch_abandons_a_revoked_partition_uncommitted_and_retries_the_rest() -> None:
+    down = threading.Event()
+    down.set()
+    seen: list[list[int]] = []
+
+    def process(records: Sequence[RawRecord]) -> list[Rejected]:
+        seen.append(sorted({r.partition for r in records}))
+        if down.is_set():
+            raise StoreUnavailable("down")
+        return [Rejected(r, "bad") for r in records if r.offset == 7 or r.offset == 1]
+
+    topic = Topic(max_bytes=100)
+    runtime = runtime_with(process, topic, revoke_wait_ms=200)
+    batch = Batch(records_on({0: [1, 2], 1: [7]}))
+    work = BatchThread(lambda: runtime._work(batch))
+    runtime._in_flight = (batch, work)
+    runtime._collecting = records_on({1: [8], 2: [4]})  # read, not yet handed to `process`
+    consumer = FakeConsumer()
+    runtime._release(consumer, [TopicPartition("t", 1)], lost=False)  # type: ignore[arg-type]
+    assert consumer.commits == []  # still held after revoke_wait: nothing of it committed
+    assert batch.abandoned == {("t", 1)}
+    assert [(r.partition, r.offset) for r in runtime._collecting] == [(2, 4)]
+    down.clear()  # the sink is back: the retry handles partition 0 only
+    assert work.done.wait(30) and work.error is None
+    assert seen[0] == [0, 1] and seen[-1] == [0]
+    # Only partition 0's bad record is dead-lettered: partition 1's new owner letters its own.
+    assert [h["dlq.offset"] for _, _, h in topic.letters] == [b"1"]
+    assert [(tp.partition, tp.offset) for tp in batch.next_offsets()] == [(0, 3)]
+
+
+def test_a_lost_partition_is_abandoned_at_once_even_when_its_batch_finished() -> None:
+    runtime = runtime_with(lambda records: [], Topic(max_bytes=100))
+    batch = Batch(records_on({0: [1], 3: [9]}))
+    work = BatchThread(lambda: runtime._work(batch))
+    assert work.done.wait(10)
+    runtime._in_flight = (batch, work)
+    consumer = FakeConsumer()
+    runtime._release(consumer, [TopicPartition("t", 3)], lost=True)  # type: ignore[arg-type]
+    assert consumer.commits == []  # another member may own it already: no commit allowed
+    assert [(tp.partition, tp.offset) for tp in batch.next_offsets()] == [(0, 2)]
 
 
 def test_far_offsets_round_trip_only_within_java_limits() -> None:
