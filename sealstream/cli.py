@@ -433,7 +433,9 @@ def demo(
 def bench(
     which: Annotated[
         str,
-        typer.Argument(help="crypto | keys | pipeline | consumer | lifecycle | durability | all"),
+        typer.Argument(
+            help="crypto | keys | pipeline | consumer | lifecycle | durability | gateway | all"
+        ),
     ] = "all",
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
@@ -441,6 +443,7 @@ def bench(
         consumer_bench,
         crypto_bench,
         durability_bench,
+        gateway_bench,
         keys_bench,
         lifecycle_bench,
         pipeline_bench,
@@ -453,6 +456,7 @@ def bench(
         "consumer": consumer_bench.run,
         "lifecycle": lifecycle_bench.run,
         "durability": durability_bench.run,
+        "gateway": gateway_bench.run,
     }
     chosen = list(suites) if which == "all" else [which]
     for name in chosen:
