@@ -29,11 +29,13 @@ import secrets
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from dataclasses import dataclass, field
 
 import httpx
 import websockets
+from websockets.typing import Subprotocol
 
 from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.adapters.postgres import ChatKeyRepository, Database
@@ -79,7 +81,7 @@ class _Window:
             self.latencies.append(time.perf_counter() - started)
 
 
-Client = Callable[[_Window, Callable[[], bool]], Awaitable[None]]
+Client = Callable[[_Window, Callable[[], bool]], Coroutine[Any, Any, None]]
 
 
 async def _measure(
@@ -149,9 +151,10 @@ def _ws_client(url: str, token: str, chat: str, client_ids: bool, tag: str) -> C
     """A WebSocket client sending one frame at a time and awaiting its ack (post -> ack)."""
 
     async def run(window: _Window, stopping: Callable[[], bool]) -> None:
+        offered = [Subprotocol("bearer"), Subprotocol(token)]
         async with websockets.connect(
-            url, subprotocols=["bearer", token], max_queue=None, compression=None
-        ) as socket:  # type: ignore[list-item]
+            url, subprotocols=offered, max_queue=None, compression=None
+        ) as socket:
             n = 0
             while not stopping():
                 n += 1
