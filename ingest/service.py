@@ -271,9 +271,13 @@ class IngestService:
                 await self._in_thread(self._acknowledge, chat_id, user, plan.claimed)
             except StoreUnavailable:  # published already: the answer is still 202
                 log.warning("idempotency claims not marked acknowledged in time")
-        _NEW.inc(len(plan.records) - plan.republished)
-        _REPUBLISHED.inc(plan.republished)
-        _DUPLICATE.inc(len(plan.accepted) - len(plan.records))
+        # Only what moved: each `inc` takes the metric's lock.
+        if len(plan.records) > plan.republished:
+            _NEW.inc(len(plan.records) - plan.republished)
+        if plan.republished:
+            _REPUBLISHED.inc(plan.republished)
+        if len(plan.accepted) > len(plan.records):
+            _DUPLICATE.inc(len(plan.accepted) - len(plan.records))
         BATCH_SIZE.observe(len(items))
         return plan.accepted
 
