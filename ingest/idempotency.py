@@ -3,7 +3,8 @@
 One row per (chat, sender, client message id), keyed by sha256 of the three (ids may contain
 any character; none is stored, though a guessed triple can be confirmed). The row holds the
 message id given to the first request, a keyed fingerprint of its text bound to the claim, its
-`sent_at` and whether Kafka acknowledged it. The claims of a request are one transaction. A
+`sent_at` and whether Kafka acknowledged it. The claims of a request are one transaction, shared
+with the requests arriving at the same time (`GroupCommit`), each keeping its own rules. A
 claim is written before publishing and is never released: whatever crashed or timed out, a
 retry finds the message id and re-publishes the same record under it (the sinks store by id),
 so at most one message exists per client message id. No message text is stored here.
