@@ -18,6 +18,9 @@ ms per request):
 * `ws16`, `ws200`: 16 / 200 WebSocket clients, each sending one frame and awaiting its ack
   before the next (post -> ack latency).
 * `ws200_cid`: 200 clients whose frames carry a fresh `client_message_id` each.
+
+Each phase also splits the gateway's CPU by thread: `loop` (the main thread), `kafka` (librdkafka's
+threads) and `other` (worker threads, the Kafka poll thread, lease renewal).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import websockets
@@ -56,6 +59,25 @@ def _pid_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU of the process's threads by kind: `loop` (the main thread: event loop and request
+    handling), `kafka` (librdkafka's own threads, `rdk:*`), `other` (worker threads, Kafka
+    poll thread, lease renewal, ...)."""
+    kinds = {"loop": 0.0, "kafka": 0.0, "other": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as stat:
+                raw = stat.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kind = "loop" if tid == str(pid) else "kafka" if name.startswith("rdk:") else "other"
+        kinds[kind] += seconds
+    return kinds
 
 
 def _machine_busy() -> tuple[float, float]:
@@ -95,6 +117,7 @@ async def _measure(
     for task in tasks:
         if task.done() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+    threads0 = _thread_cpu_seconds(pid)
     gateway0, load0, (busy0, total0) = _pid_cpu_seconds(pid), time.process_time(), _machine_busy()
     started = time.perf_counter()
     window.open = True
@@ -102,6 +125,7 @@ async def _measure(
     window.open = False
     elapsed = time.perf_counter() - started
     gateway1, load1, (busy1, total1) = _pid_cpu_seconds(pid), time.process_time(), _machine_busy()
+    threads1 = _thread_cpu_seconds(pid)
     stopping = True
     await asyncio.gather(*tasks)
     done = max(1, window.done)
@@ -112,6 +136,11 @@ async def _measure(
         "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
         "gateway_cpu_ms": 1000 * (gateway1 - gateway0) / done,
         "gateway_cores": (gateway1 - gateway0) / elapsed,
+        # Where the gateway's CPU went (ms per request): see _thread_cpu_seconds.
+        **{
+            f"gateway_{kind}_cpu_ms": 1000 * (threads1[kind] - threads0[kind]) / done
+            for kind in threads0
+        },
         "loadgen_cpu_ms": 1000 * (load1 - load0) / done,
         "loadgen_cores": (load1 - load0) / elapsed,
         # Cores busy on the whole machine (of os.cpu_count()): the gateway, this process,
