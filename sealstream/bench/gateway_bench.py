@@ -17,6 +17,9 @@ ms per request):
 * `post_cid`: the same with a fresh `client_message_id` each (an idempotency claim each).
 * `ws16`, `ws200`: 16 / 200 WebSocket clients, each sending one frame and awaiting its ack
   before the next (post -> ack latency).
+* `ws200_at2000`: 200 clients offering 2,000 messages/s in all (one frame every 0.1 s each,
+  still one at a time): with clients sending as fast as acks come, Little's law ties p50 to the
+  throughput (200 clients / 4,000 per s = 50 ms), so the latency target is read at this load.
 * `ws200_cid`: 200 clients whose frames carry a fresh `client_message_id` each.
 
 Each phase also splits the gateway's CPU by thread: `loop` (the main thread), `kafka` (librdkafka's
@@ -176,16 +179,24 @@ def _http_client(host: str, port: int, request: Callable[[int], bytes], expect: 
     return run
 
 
-def _ws_client(url: str, token: str, chat: str, client_ids: bool, tag: str) -> Client:
-    """A WebSocket client sending one frame at a time and awaiting its ack (post -> ack)."""
+def _ws_client(
+    url: str, token: str, chat: str, client_ids: bool, tag: str, interval: float | None = None
+) -> Client:
+    """A WebSocket client sending one frame at a time and awaiting its ack (post -> ack): as
+    fast as the acks come, or one frame every `interval` seconds (from a random phase) while
+    the acks keep up with that."""
 
     async def run(window: _Window, stopping: Callable[[], bool]) -> None:
+        next_at = time.perf_counter() + (interval or 0) * secrets.randbelow(1000) / 1000
         offered = [Subprotocol("bearer"), Subprotocol(token)]
         async with websockets.connect(
             url, subprotocols=offered, max_queue=None, compression=None
         ) as socket:
             n = 0
             while not stopping():
+                if interval is not None:
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    next_at += interval
                 n += 1
                 frame: dict[str, str] = {"chat_id": chat, "text": f"message {n} from {tag}"}
                 if client_ids:
@@ -294,6 +305,11 @@ async def _phases(cfg: Settings, pid: int, seconds: float, warmup: float) -> dic
         "ws16": [_ws_client(ws_url, token, chats[i % CHATS], False, f"w{i}") for i in range(16)],
         "ws200": [
             _ws_client(ws_url, token, chats[i % CHATS], False, f"W{i}") for i in range(WS_CLIENTS)
+        ],
+        # The target's load: 200 clients, 2,000 messages/s offered (one every 0.1 s each).
+        "ws200_at2000": [
+            _ws_client(ws_url, token, chats[i % CHATS], False, f"R{i}", WS_CLIENTS / 2000)
+            for i in range(WS_CLIENTS)
         ],
         "ws200_cid": [
             _ws_client(ws_url, token, chats[i % CHATS], True, f"{run_tag}-s{i}")
