@@ -95,13 +95,23 @@ class GroupCommit(Generic[_In, _Out]):
     all of them. A caller returns as soon as the round holding its work ended: it never runs a
     round for later callers. `run(works)` returns one outcome per work, an exception to raise in
     that caller or its result; an exception raised by `run` ends the whole round's callers.
+
+    A caller still queued after `wait_seconds` (a round hanging on a hung database) leaves the
+    queue with `late()` raised, as it would have timed out waiting for a pooled connection: a
+    queue behind a hung round must not hold every worker thread for one deadline per round.
     """
 
     def __init__(
-        self, run: Callable[[list[_In]], list[_Out | BaseException]], max_round: int
+        self,
+        run: Callable[[list[_In]], list[_Out | BaseException]],
+        max_round: int,
+        wait_seconds: float | None = None,
+        late: Callable[[], BaseException] = lambda: TimeoutError("not run in time"),
     ) -> None:
         self._run = run
         self.max_round = max_round
+        self.wait_seconds = wait_seconds
+        self._late = late
         self._lock = threading.Lock()
         self._queue: list[_Waiting[_In, _Out]] = []
         self._busy = False
@@ -113,7 +123,13 @@ class GroupCommit(Generic[_In, _Out]):
             lead = not self._busy
             self._busy = True
         if not lead:
-            # Bounded: the round in progress ends within the database's deadline.
+            if not waiting.done.wait(self.wait_seconds):
+                with self._lock:
+                    if not waiting.lead and waiting in self._queue:
+                        self._queue.remove(waiting)
+                        raise self._late()
+            # Taken into a round (or made to lead the next): that round ends within the
+            # database's deadline.
             waiting.done.wait()
             lead = waiting.lead
         if lead:
@@ -154,13 +170,17 @@ class PostgresClaims:
         self.window_seconds = window_hours * 3600
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
+
         # Concurrent posts (HTTP requests, WebSocket frames) share a transaction: each Postgres
         # use costs a pool checkout, a liveness check, BEGIN and COMMIT, more than the claim.
+        def late() -> BaseException:
+            return StoreUnavailable("Postgres unavailable: no round of claims in time")
+
         self._claims: GroupCommit[_ClaimWork, list[Granted]] = GroupCommit(
-            self._claim_all, ROUND_REQUESTS
+            self._claim_all, ROUND_REQUESTS, database.deadline, late
         )
         self._acknowledgements: GroupCommit[list[bytes], None] = GroupCommit(
-            self._acknowledge_all, ROUND_REQUESTS
+            self._acknowledge_all, ROUND_REQUESTS, database.deadline, late
         )
 
     def claim(self, chat_id: uuid.UUID, sender: str, claims: Sequence[Claim]) -> list[Granted]:

@@ -64,3 +64,33 @@ def test_a_failing_round_fails_its_callers_and_the_next_round_runs() -> None:
     with pytest.raises(ConnectionError):
         group.submit(1)
     assert group.submit(2) == 2
+
+
+def test_callers_queued_behind_a_hung_round_give_up_after_their_wait() -> None:
+    release = threading.Event()
+
+    def run(works: list[int]) -> list[int | BaseException]:
+        release.wait(10)  # the first round hangs, as on a hung database
+        return list(works)
+
+    group: GroupCommit[int, int] = GroupCommit(
+        run, max_round=4, wait_seconds=0.2, late=lambda: ConnectionError("late")
+    )
+    first = threading.Thread(target=group.submit, args=(1,))
+    first.start()
+    time.sleep(0.1)  # the first caller leads the hung round
+    outcomes: list[object] = []
+
+    def queued() -> None:
+        try:
+            outcomes.append(group.submit(2))
+        except ConnectionError as late:
+            outcomes.append(late)
+
+    waiter = threading.Thread(target=queued)
+    waiter.start()
+    waiter.join(5)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], ConnectionError)
+    release.set()
+    first.join(5)
+    assert group.submit(3) == 3  # the queue it left is not stuck
