@@ -18,11 +18,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect, status
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.datastructures import URLPath
+from starlette.routing import BaseRoute, Match
+from starlette.types import Message, Receive, Scope, Send
 
 from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService, NewMessage
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
-from sealstream.auth import AuthError, Principal, verify_principal
+from sealstream.auth import AuthError, Principal, VerifiedTokens
 from sealstream.errors import SealstreamError
 from sealstream.http import ApiError, CurrentPrincipal, CurrentUser, error_body, install
 from sealstream.settings import Settings
@@ -150,13 +155,16 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut, "description": _ERRORS[code]} for code in codes}
 
 
-def _out(chat_id: uuid.UUID, item: Accepted) -> AcceptedOut:
-    return AcceptedOut(
-        message_id=str(item.message_id),
-        chat_id=chat_id,
-        client_message_id=item.client_message_id,
-        duplicate=item.duplicate,
-    )
+def _out(chat_id: uuid.UUID, item: Accepted) -> dict[str, Any]:
+    """An `AcceptedOut` as its JSON object. The routes answer with a `JSONResponse` of these
+    rather than a model: FastAPI would validate and serialize a returned model once more
+    (docs/benchmarks.md, "Gateway")."""
+    return {
+        "message_id": str(item.message_id),
+        "chat_id": str(chat_id),
+        "client_message_id": item.client_message_id,
+        "duplicate": item.duplicate,
+    }
 
 
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
@@ -212,12 +220,16 @@ def create_app(
         summary="Post one message",
         responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
-    async def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> AcceptedOut:
+    async def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> JSONResponse:
         """Answers once Kafka acknowledged the message."""
         [accepted] = await service.post(
             user, chat_id, [NewMessage(body.text, body.client_message_id)], batch=False
         )
-        return _out(chat_id, accepted)
+        return JSONResponse(_out(chat_id, accepted), status_code=202)
+
+    # Before the route above, which stays for what the fast path leaves to it (and the OpenAPI).
+    [single] = [r for r in app.routes if isinstance(r, APIRoute) and r.endpoint is post_message]
+    app.router.routes.insert(app.router.routes.index(single), SinglePost(single, service))
 
     @app.post(
         "/v1/chats/{chat_id}/messages:batch",
@@ -227,11 +239,11 @@ def create_app(
         summary=f"Post up to {MAX_BATCH} messages",
         responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
-    async def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> BatchOut:
+    async def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> JSONResponse:
         """All or nothing: answers once Kafka acknowledged every message, in request order."""
         items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
         accepted = await service.post(user, chat_id, items, batch=True)
-        return BatchOut(accepted=[_out(chat_id, a) for a in accepted])
+        return JSONResponse({"accepted": [_out(chat_id, a) for a in accepted]}, status_code=202)
 
     @app.websocket("/v1/ws")
     async def websocket(socket: WebSocket) -> None:
@@ -240,7 +252,7 @@ def create_app(
         offered = socket.scope.get("subprotocols") or []
         await socket.accept(subprotocol=_BEARER if _BEARER in offered else None)
         try:
-            principal = await _socket_principal(socket, settings)
+            principal = await _socket_principal(socket, app.state.verified_tokens)
             if principal is None:
                 return
             user = principal.user_id
@@ -256,6 +268,92 @@ def create_app(
     return app
 
 
+_CHAT_ID: TypeAdapter[uuid.UUID] = TypeAdapter(uuid.UUID)  # what FastAPI checks `ChatId` with
+_JSON = b"application/json"
+
+
+class SinglePost(BaseRoute):
+    """`POST /v1/chats/{chat_id}/messages` without FastAPI's per-request machinery (dependency
+    solving, request and response models) when the request is plainly valid: a bearer token
+    verified before, `Content-Type: application/json`, a well-formed chat id and a body that
+    `MessageIn` accepts. The same checks, by the same validators, then the same service call
+    and answer. Anything else (a missing or bad token, another content type, a malformed body)
+    is handed, body included, to the FastAPI route behind it, so every refusal is the one that
+    route gives. Errors of the service call go to the app's exception handlers as the route's
+    would (docs/benchmarks.md, "Gateway")."""
+
+    def __init__(self, route: APIRoute, service: IngestService) -> None:
+        self.route = route
+        self.service = service
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return self.route.matches(scope)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        return self.route.url_path_for(name, **path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await self.route.handle(scope, receive, send)
+            return
+        token, content_type = None, None
+        for name, value in scope["headers"]:  # the first of each, as Starlette's `get`
+            if name == b"authorization" and token is None:
+                token = value
+            elif name == b"content-type" and content_type is None:
+                content_type = value
+        received: list[Message] = []
+        while True:  # BodyLimit counts these bytes and refuses (413) past its limit
+            received.append(await receive())
+            if received[-1]["type"] != "http.request" or not received[-1].get("more_body"):
+                break
+        body = b"".join(m.get("body", b"") for m in received)
+        principal = self._principal(scope, token)
+        if (
+            principal is None
+            or content_type != _JSON
+            or not body
+            or received[-1]["type"] != "http.request"
+        ):
+            await self.route.handle(scope, _replay(received, receive), send)
+            return
+        try:
+            chat_id = _CHAT_ID.validate_python(scope["path_params"]["chat_id"])
+            message_in = MessageIn.model_validate_json(body)
+        except ValidationError:
+            await self.route.handle(scope, _replay(received, receive), send)
+            return
+        [accepted] = await self.service.post(
+            principal.user_id,
+            chat_id,
+            [NewMessage(message_in.text, message_in.client_message_id)],
+            batch=False,
+        )
+        await JSONResponse(_out(chat_id, accepted), status_code=202)(scope, receive, send)
+
+    @staticmethod
+    def _principal(scope: Scope, header: bytes | None) -> Principal | None:
+        """The principal of a well-formed `Bearer` header with a valid token, else None."""
+        if header is None or header[:7] != b"Bearer " or header[7:8] == b" ":
+            return None
+        tokens: VerifiedTokens = scope["app"].state.verified_tokens
+        try:
+            return tokens.principal(header[7:].decode("latin-1").strip())
+        except AuthError:
+            return None
+
+
+def _replay(received: list[Message], receive: Receive) -> Receive:
+    """`receive` for a route after the request was read: the messages read, as they came,
+    then the connection's own."""
+    pending = list(received)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 def _handshake_token(socket: WebSocket) -> str | None:
     """The token of the handshake: subprotocol, Authorization header or (discouraged) query."""
     offered = socket.scope.get("subprotocols") or []
@@ -267,7 +365,7 @@ def _handshake_token(socket: WebSocket) -> str | None:
     return socket.query_params.get("token")
 
 
-async def _socket_principal(socket: WebSocket, settings: Settings) -> Principal | None:
+async def _socket_principal(socket: WebSocket, tokens: VerifiedTokens) -> Principal | None:
     """Who the accepted socket speaks for; None once it was closed with 1008 for a missing,
     invalid or expired token (then nothing else is read from it)."""
     token = _handshake_token(socket)
@@ -285,7 +383,7 @@ async def _socket_principal(socket: WebSocket, settings: Settings) -> Principal 
             await socket.close(code=_POLICY, reason="authentication required")
             return None
     try:
-        principal = verify_principal(settings.auth, token or "")
+        principal = tokens.principal(token or "")
     except AuthError as err:
         reason = "token expired" if "expired" in str(err) else "invalid token"
         await socket.close(code=_POLICY, reason=reason)
@@ -312,7 +410,9 @@ async def _receive_until_expiry(
     try:
         if remaining is not None and remaining <= 0:
             raise TimeoutError
-        return await asyncio.wait_for(socket.receive(), remaining)
+        # `asyncio.timeout`, not `wait_for`: wait_for wraps each receive in a task of its own.
+        async with asyncio.timeout(remaining):
+            return await socket.receive()
     except TimeoutError:
         await socket.close(code=_POLICY, reason="token expired")
         return None
@@ -333,11 +433,24 @@ def _frame_error(code: str, message: str, field: str | None = None) -> dict[str,
     return {"ok": False, **error_body(code, message, field)}
 
 
+def _parse_frame(raw: str) -> WsFrame:
+    """The frame as a `WsFrame`; `ValidationError` or `ValueError` (malformed JSON) otherwise.
+
+    pydantic's own JSON parser first (one pass, a quarter of the cost of `json.loads` and a
+    validation of its result); a frame it refuses is parsed again the old way, so a refusal
+    answers exactly as before (a lone surrogate, which it calls malformed JSON, is a `text`
+    error there)."""
+    try:
+        return WsFrame.model_validate_json(raw)
+    except ValidationError:
+        return WsFrame.model_validate(json.loads(raw))
+
+
 async def _handle_frame(service: IngestService, user: str, raw: str | None) -> dict[str, Any]:
     if raw is None:
         return _frame_error("invalid_request", "frame: binary frame is not UTF-8", "frame")
     try:
-        frame = WsFrame.model_validate(json.loads(raw))
+        frame = _parse_frame(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "frame"
@@ -359,10 +472,4 @@ async def _handle_frame(service: IngestService, user: str, raw: str | None) -> d
     except Exception as err:  # a bug must not end the socket for every later frame
         log.exception("websocket frame failed", extra={"error": type(err).__name__})
         return _frame_error("internal", "internal error")
-    return {
-        "ok": True,
-        "message_id": str(accepted.message_id),
-        "chat_id": str(frame.chat_id),
-        "client_message_id": accepted.client_message_id,
-        "duplicate": accepted.duplicate,
-    }
+    return {"ok": True, **_out(frame.chat_id, accepted)}

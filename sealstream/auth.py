@@ -8,6 +8,7 @@ without one may create chats in the default tenant only).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jwt
@@ -99,3 +100,44 @@ def verify_principal(settings: AuthSettings, token: str) -> Principal:
         )
     exp = claims["exp"]
     return Principal(user, frozenset(roles), tenant, float(exp) if exp is not None else None)
+
+
+class VerifiedTokens:
+    """`verify_principal` with a small bounded cache of tokens already verified, keyed by the
+    whole token (so a token with other claims, or signed otherwise, is another entry).
+
+    A busy client sends the same token with every request; verifying it again costs an HMAC,
+    a JSON decode and the claim checks each time. A cached principal is handed out only
+    while its `exp` has not passed (the same rule as PyJWT's: expired once `now >= exp`),
+    then dropped and refused as expired. Only valid tokens are cached: a bad token is verified,
+    and refused, every time. The cache lives in the process that verified the token, beside the
+    secret it was verified with; `AuthSettings` are fixed per process, so a token cannot outlive
+    a change of secret or issuer in it.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.max_entries = max_entries
+        self._clock = clock
+        self._principals: dict[str, Principal] = {}
+
+    def principal(self, token: str) -> Principal:
+        """Who `token` speaks for; `AuthError` as `verify_principal` when it is not valid."""
+        principal = self._principals.get(token)
+        if principal is not None:
+            # `exp` is required, so every cached principal has one; PyJWT reads it as an int.
+            if principal.expires_at is not None and self._clock() < int(principal.expires_at):
+                return principal
+            self._principals.pop(token, None)
+            raise AuthError("token expired")
+        principal = verify_principal(self.settings, token)
+        if len(self._principals) >= self.max_entries:
+            # Oldest first (insertion order): a flood of fresh tokens cannot grow the cache.
+            self._principals.pop(next(iter(self._principals)), None)
+        self._principals[token] = principal
+        return principal

@@ -442,7 +442,8 @@ def bench(
     which: Annotated[
         str,
         typer.Argument(
-            help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | all"
+            help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
+            "gateway | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -473,6 +474,7 @@ def bench(
         consumer_bench,
         crypto_bench,
         durability_bench,
+        gateway_bench,
         keys_bench,
         lifecycle_bench,
         pipeline_bench,
@@ -485,6 +487,7 @@ def bench(
         "consumer": consumer_bench.run,
         "lifecycle": lifecycle_bench.run,
         "durability": durability_bench.run,
+        "gateway": gateway_bench.run,
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace

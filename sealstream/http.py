@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sealstream.auth import ADMIN_ROLE, AuthError, Principal, verify_principal
+from sealstream.auth import ADMIN_ROLE, AuthError, Principal, VerifiedTokens
 from sealstream.errors import (
     DecryptionError,
     InvalidMessage,
@@ -81,9 +81,9 @@ async def current_principal(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "unauthenticated", "missing bearer token (Authorization: Bearer ...)")
-    settings: AuthSettings = request.app.state.auth_settings
+    tokens: VerifiedTokens = request.app.state.verified_tokens
     try:
-        return verify_principal(settings, credentials.credentials)
+        return tokens.principal(credentials.credentials)
     except AuthError as err:
         raise ApiError(401, "unauthenticated", str(err)) from None
 
@@ -182,6 +182,8 @@ def install(
 ) -> None:
     """Add error handlers, request metrics, /healthz, /readyz and /metrics to a service app."""
     app.state.auth_settings = auth
+    # Verified tokens are cached until their `exp` (sealstream.auth.VerifiedTokens).
+    app.state.verified_tokens = VerifiedTokens(auth)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -242,38 +242,53 @@ class Publisher:
         `timeout` seconds: then the outcome is unknown, since librdkafka keeps trying in the
         background until `delivery.timeout.ms`.
         """
+        if not items:
+            return []
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Delivery]] = [loop.create_future() for _ in items]
+        # One future for the whole request, resolved from the poll thread by the last
+        # acknowledgement (or the first failure): one wake-up of the loop per request instead of
+        # a future, a thread-safe call and a gather per record.
+        done: asyncio.Future[list[Delivery]] = loop.create_future()
+        results: list[Delivery | None] = [None] * len(items)
+        pending = [len(items)]
+        lock = threading.Lock()  # callbacks may run on the poll thread and in `close`'s flush
 
-        def callback_for(future: asyncio.Future[Delivery]) -> OnDelivery:
-            def done(err: KafkaError | None, msg: Message) -> None:
+        def callback_for(index: int) -> OnDelivery:
+            def on_delivery(err: KafkaError | None, msg: Message) -> None:
                 try:
                     if err is not None:
-                        error: BaseException = StoreUnavailable(
-                            f"Kafka did not acknowledge: {err.name()}"
-                        )
-                        loop.call_soon_threadsafe(_fail, future, error)
-                    else:
-                        delivery = Delivery(
-                            msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
-                        )
-                        loop.call_soon_threadsafe(_succeed, future, delivery)
+                        error = StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                        loop.call_soon_threadsafe(_fail, done, error)
+                        return
+                    results[index] = Delivery(
+                        msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
+                    )
+                    with lock:
+                        pending[0] -= 1
+                        last = pending[0] == 0
+                    if last:
+                        loop.call_soon_threadsafe(_succeed, done, results)
                 except RuntimeError:  # the loop is closed: nobody waits for this any more
                     pass
 
-            return done
+            return on_delivery
 
-        for (key, value), future in zip(items, futures, strict=True):
+        for index, (key, value) in enumerate(items):
             # With a deadline a full local queue fails at once rather than block the loop.
             self._produce(
-                topic, key, value, headers, callback_for(future), wait_for_room=timeout is None
+                topic, key, value, headers, callback_for(index), wait_for_room=timeout is None
             )
-        try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
-        except TimeoutError:
-            raise StoreUnavailable(
+        expiry = None
+        if timeout is not None:
+            late = StoreUnavailable(
                 f"Kafka did not acknowledge within {timeout:.1f}s (outcome unknown)"
-            ) from None
+            )
+            expiry = loop.call_later(timeout, _fail, done, late)
+        try:
+            return await done
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     def publish(
         self,
@@ -323,12 +338,12 @@ class Publisher:
         self._poller.join(timeout=2)
 
 
-def _succeed(future: asyncio.Future[Delivery], value: Delivery) -> None:
+def _succeed(future: asyncio.Future[list[Delivery]], value: Sequence[Delivery | None]) -> None:
     if not future.done():
-        future.set_result(value)
+        future.set_result([d for d in value if d is not None])
 
 
-def _fail(future: asyncio.Future[Delivery], error: BaseException) -> None:
+def _fail(future: asyncio.Future[list[Delivery]], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -417,3 +418,43 @@ def test_chat_cache_serves_repeats_but_not_unknown_chats() -> None:
     assert chats.get(unknown) is None
     directory.create(unknown, ("bob",), None)
     assert chats.get(unknown) is not None  # a new chat accepts posts at once
+
+
+class ThreadRecordingIds(SnowflakeIds):
+    """Ids that remember on which thread each was made."""
+
+    def __init__(self) -> None:
+        super().__init__(7)
+        self.threads: list[int] = []
+
+    def next_id(self) -> int:
+        self.threads.append(threading.get_ident())
+        return super().next_id()
+
+
+def test_posts_served_from_the_chat_cache_keep_every_rule_without_a_worker_thread() -> None:
+    directory, publisher, claims = FakeChats(), FakePublisher(), FakeClaims()
+    chats = CachedChats(directory, ttl_seconds=60)
+    ids = ThreadRecordingIds()
+    fingerprints = TextFingerprints(b"unit-test fingerprint secret")
+    service = Sync(
+        IngestService(chats, publisher, ids, claims, fingerprints, topic="m", clock=lambda: NOW)
+    )
+    chat = service.create_chat("alice", ["bob"]).chat_id  # cached by its creation
+    gets = directory.gets
+    [accepted] = service.post("bob", chat, [NewMessage("from the cache")])
+    assert not accepted.duplicate and publisher.decoded()[0].sender_id == "bob"
+    # No Postgres work: served by the cache, the id made on the event loop's own thread.
+    assert directory.gets == gets and ids.threads == [threading.get_ident()]
+    assert (error_of(service.post, "mallory", chat, [NewMessage("x")]).status) == 403
+    assert error_of(service.post, "bob", chat, [NewMessage(" ")]).code == "invalid_message"
+    # A client id is claimed in a worker thread, as before.
+    service.post("bob", chat, [NewMessage("claimed", "c1")])
+    assert ids.threads[-1] != threading.get_ident() and len(claims.rows) == 1
+    # A deletion announced to this process: the next post reads the row again, then the cache.
+    directory.rows[chat] = replace(directory.rows[chat], state="deleted")
+    chats.forget(chat)
+    for _ in range(2):
+        err = error_of(service.post, "bob", chat, [NewMessage("after deletion")])
+        assert (err.status, err.code) == (410, "gone")
+    assert directory.gets == gets + 1 and len(publisher.records) == 2
