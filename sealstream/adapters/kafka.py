@@ -176,12 +176,6 @@ class Delivery:
     offset: int
 
 
-# A request's outcome for its event loop: its future, then the deliveries or the error.
-_Outcome = tuple[
-    asyncio.Future[list[Delivery]], Sequence[Delivery | None] | None, BaseException | None
-]
-
-
 class Publisher:
     """An idempotent, acks=all producer with a background poll thread.
 
@@ -205,41 +199,13 @@ class Publisher:
                 "delivery.timeout.ms": 30000,
             }
         )
-        # Outcomes for asyncio callers, gathered while librdkafka serves delivery reports and
-        # handed to each event loop in one thread-safe call per poll (see `_hand_over`).
-        self._handover_lock = threading.Lock()
-        self._handover: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._serve(0.05)
-
-    def _serve(self, timeout: float) -> None:
-        """Serve delivery reports (librdkafka's poll), then hand their outcomes to the loops."""
-        self._producer.poll(timeout)
-        self._hand_over()
-
-    def _defer(self, loop: asyncio.AbstractEventLoop, outcome: _Outcome) -> None:
-        """Queue an outcome for `loop`; called from delivery reports (any thread)."""
-        with self._handover_lock:
-            self._handover.setdefault(loop, []).append(outcome)
-
-    def _hand_over(self) -> None:
-        """One `call_soon_threadsafe` per loop for every outcome queued since the last call:
-        one wake-up of a loop per poll batch of acknowledgements instead of one per request
-        (docs/benchmarks.md, "Gateway"). Outcomes keep the order of their delivery reports."""
-        if not self._handover:  # read without the lock: a late outcome goes with the next poll
-            return
-        with self._handover_lock:
-            handover, self._handover = self._handover, {}
-        for loop, outcomes in handover.items():
-            try:
-                loop.call_soon_threadsafe(_settle, outcomes)
-            except RuntimeError:  # the loop is closed: nobody waits for these any more
-                pass
+            self._producer.poll(0.05)
 
     def _produce(
         self,
@@ -259,7 +225,7 @@ class Publisher:
             except BufferError:
                 if not wait_for_room:  # an event loop must not block: the caller retries
                     raise StoreUnavailable("Kafka's local queue is full") from None
-                self._serve(0.05)  # local queue full: wait for deliveries to drain
+                self._producer.poll(0.05)  # local queue full: wait for deliveries to drain
             except KafkaException as exc:  # refused before sending, e.g. over message.max.bytes
                 raise _delivery_error(exc.args[0]) from None
 
@@ -280,8 +246,8 @@ class Publisher:
             return []
         loop = asyncio.get_running_loop()
         # One future for the whole request, resolved from the poll thread by the last
-        # acknowledgement (or the first failure), handed to the loop with the other outcomes of
-        # the same poll (`_hand_over`): no future, thread-safe call and gather per record.
+        # acknowledgement (or the first failure): one wake-up of the loop per request instead of
+        # a future, a thread-safe call and a gather per record.
         done: asyncio.Future[list[Delivery]] = loop.create_future()
         results: list[Delivery | None] = [None] * len(items)
         pending = [len(items)]
@@ -289,18 +255,21 @@ class Publisher:
 
         def callback_for(index: int) -> OnDelivery:
             def on_delivery(err: KafkaError | None, msg: Message) -> None:
-                if err is not None:
-                    error = StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
-                    self._defer(loop, (done, None, error))
-                    return
-                results[index] = Delivery(
-                    msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
-                )
-                with lock:
-                    pending[0] -= 1
-                    last = pending[0] == 0
-                if last:
-                    self._defer(loop, (done, results, None))
+                try:
+                    if err is not None:
+                        error = StoreUnavailable(f"Kafka did not acknowledge: {err.name()}")
+                        loop.call_soon_threadsafe(_fail, done, error)
+                        return
+                    results[index] = Delivery(
+                        msg.topic() or topic, msg.partition() or 0, msg.offset() or 0
+                    )
+                    with lock:
+                        pending[0] -= 1
+                        last = pending[0] == 0
+                    if last:
+                        loop.call_soon_threadsafe(_succeed, done, results)
+                except RuntimeError:  # the loop is closed: nobody waits for this any more
+                    pass
 
             return on_delivery
 
@@ -365,18 +334,8 @@ class Publisher:
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.flush(timeout)
-        self._hand_over()  # reports served by the flush
         self._stop.set()
         self._poller.join(timeout=2)
-
-
-def _settle(outcomes: list[_Outcome]) -> None:
-    """On the loop: resolve each request's future (one that timed out already stays as is)."""
-    for future, deliveries, error in outcomes:
-        if error is not None:
-            _fail(future, error)
-        elif deliveries is not None:
-            _succeed(future, deliveries)
 
 
 def _succeed(future: asyncio.Future[list[Delivery]], value: Sequence[Delivery | None]) -> None:
