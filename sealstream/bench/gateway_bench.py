@@ -64,11 +64,11 @@ def _pid_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def _thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU of the process's threads by kind: `loop` (the main thread: event loop and request
-    handling), `kafka` (librdkafka's own threads, `rdk:*`), `other` (worker threads, Kafka
-    poll thread, lease renewal, ...)."""
-    kinds = {"loop": 0.0, "kafka": 0.0, "other": 0.0}
+def _thread_cpu_seconds(pid: int) -> dict[str, tuple[str, float]]:
+    """CPU seconds of each live thread of the process, by thread id: (kind, seconds). Kinds:
+    `loop` (the main thread: event loop and request handling), `kafka` (librdkafka's own
+    threads, `rdk:*`), `other` (worker threads, Kafka poll thread, lease renewal, ...)."""
+    threads: dict[str, tuple[str, float]] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as stat:
@@ -79,8 +79,23 @@ def _thread_cpu_seconds(pid: int) -> dict[str, float]:
         fields = raw.rsplit(")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         kind = "loop" if tid == str(pid) else "kafka" if name.startswith("rdk:") else "other"
-        kinds[kind] += seconds
-    return kinds
+        threads[tid] = (kind, seconds)
+    return threads
+
+
+def _cpu_by_kind(
+    before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], total: float
+) -> dict[str, float]:
+    """CPU seconds by kind between two `_thread_cpu_seconds` samples of a process whose CPU
+    grew by `total` meanwhile. Each thread alive at the end counts from its first sample (a
+    thread started meanwhile from zero); `other` is the rest of `total`, which also holds what
+    threads that ended meanwhile (idle worker threads do) used. Summing each sample by kind
+    and subtracting instead made `other` negative when a worker thread ended in the window."""
+    kinds = {"loop": 0.0, "kafka": 0.0}
+    for tid, (kind, seconds) in after.items():
+        if kind in kinds:
+            kinds[kind] += seconds - before.get(tid, (kind, 0.0))[1]
+    return {**kinds, "other": max(0.0, total - kinds["loop"] - kinds["kafka"])}
 
 
 def _machine_busy() -> tuple[float, float]:
@@ -120,15 +135,16 @@ async def _measure(
     for task in tasks:
         if task.done() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-    threads0 = _thread_cpu_seconds(pid)
-    gateway0, load0, (busy0, total0) = _pid_cpu_seconds(pid), time.process_time(), _machine_busy()
+    threads0, gateway0 = _thread_cpu_seconds(pid), _pid_cpu_seconds(pid)
+    load0, (busy0, total0) = time.process_time(), _machine_busy()
     started = time.perf_counter()
     window.open = True
     await asyncio.sleep(seconds)
     window.open = False
     elapsed = time.perf_counter() - started
-    gateway1, load1, (busy1, total1) = _pid_cpu_seconds(pid), time.process_time(), _machine_busy()
-    threads1 = _thread_cpu_seconds(pid)
+    load1, (busy1, total1) = time.process_time(), _machine_busy()
+    threads1, gateway1 = _thread_cpu_seconds(pid), _pid_cpu_seconds(pid)
+    by_kind = _cpu_by_kind(threads0, threads1, gateway1 - gateway0)
     stopping = True
     await asyncio.gather(*tasks)
     done = max(1, window.done)
@@ -140,10 +156,7 @@ async def _measure(
         "gateway_cpu_ms": 1000 * (gateway1 - gateway0) / done,
         "gateway_cores": (gateway1 - gateway0) / elapsed,
         # Where the gateway's CPU went (ms per request): see _thread_cpu_seconds.
-        **{
-            f"gateway_{kind}_cpu_ms": 1000 * (threads1[kind] - threads0[kind]) / done
-            for kind in threads0
-        },
+        **{f"gateway_{kind}_cpu_ms": 1000 * seconds / done for kind, seconds in by_kind.items()},
         "loadgen_cpu_ms": 1000 * (load1 - load0) / done,
         "loadgen_cores": (load1 - load0) / elapsed,
         # Cores busy on the whole machine (of os.cpu_count()): the gateway, this process,
