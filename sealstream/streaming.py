@@ -350,7 +350,11 @@ class ConsumerRuntime:
         return self._joined and not self.stop.is_set()
 
     def _report_lag(self, consumer: Consumer) -> None:
-        """Sum over assigned partitions of (high watermark - committed offset), every 5 s."""
+        """Sum over assigned partitions of (high watermark - committed offset), every 5 s.
+
+        While a batch is held the watermarks are asked of the broker (up to 1 s per partition,
+        the first failure ends the round), since paused partitions are not fetched.
+        """
         now = time.monotonic()
         if now - self._lag_at < LAG_EVERY_S:
             return
@@ -363,9 +367,16 @@ class ConsumerRuntime:
                     self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
             total = 0
             for tp in assigned:
-                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if self._paused:
+                    # A paused partition is not fetched, so its cached watermarks stay where the
+                    # pause left them: while a batch is held (when the lag grows), ask the broker.
+                    low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                else:
+                    low, high = consumer.get_watermark_offsets(tp, cached=True)
                 if high >= 0:
-                    total += max(0, high - self._committed.get((tp.topic, tp.partition), 0))
+                    # Records below the low watermark (expired) are behind nobody.
+                    start = max(self._committed.get((tp.topic, tp.partition), 0), low)
+                    total += max(0, high - start)
             LAG.labels(self.stage).set(float(total))
         except Exception as exc:  # noqa: BLE001 - a metric must never break the worker
             log.debug("lag not reported", extra={"stage": self.stage, "error": type(exc).__name__})
@@ -567,9 +578,15 @@ class ConsumerRuntime:
             "partitions assigned",
             extra={"stage": self.stage, "partitions": sorted(tp.partition for tp in partitions)},
         )
-        if self._paused and partitions:  # holding a batch: the new ones wait too
+        if partitions:
             consumer.incremental_assign(partitions)
-            consumer.pause(partitions)
+            # librdkafka keeps a partition's pause flag across unassign and re-assign: one
+            # revoked while this worker held a batch would come back paused for good. So each
+            # assigned partition is set as the runtime wants it: paused while a batch is held.
+            if self._paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(consumer, partitions, lost=False)

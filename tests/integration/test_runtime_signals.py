@@ -1,5 +1,6 @@
-"""What the consumer runtime tells an operator, on the real broker: the lag gauge while a batch is
-held (the moment the lag grows), and readiness of a worker the group gives no partition.
+"""The consumer runtime on the real broker: the lag gauge while a batch is held (the moment the
+lag grows), readiness of a worker the group gives no partition, and a partition revoked while
+its worker held a batch (paused) that comes back to that worker later.
 
 The runtimes run in threads of the test process with a stage function of the test's own (the
 sink is the thing held, not the thing verified); the broker, group and commits are real.
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics
@@ -58,10 +60,12 @@ class Running:
         assert not self.thread.is_alive(), "the runtime did not stop"
 
 
-def _wait_for(what: str, condition: object, seconds: float = 120) -> None:
+def _wait_for(
+    what: str, condition: object, seconds: float = 120, on_timeout: object = lambda: ""
+) -> None:
     deadline = time.monotonic() + seconds
     while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, f"{what} {on_timeout()}"  # type: ignore[operator]
         time.sleep(0.25)
 
 
@@ -88,6 +92,7 @@ def test_the_lag_gauge_counts_records_that_arrive_while_a_batch_is_held(
         _wait_for(
             "the lag gauge did not count the records that arrived while the batch was held",
             lambda: (_gauge("sealstream_consumer_lag", stage) or 0) >= 66,
+            on_timeout=lambda: f"lag gauge {_gauge('sealstream_consumer_lag', stage)}",
         )
         sink_up.set()
         _wait_for("not every record was handled after the hold", lambda: len(handled) == 66)
@@ -133,3 +138,66 @@ def test_a_worker_the_group_gives_no_partition_is_ready(one_partition_topic: Kaf
         if second is not None:
             second.close()
         first.close()
+
+
+def test_a_partition_revoked_while_its_worker_held_a_batch_is_consumed_when_it_comes_back(
+    kafka_topic_factory: KafkaTopics,
+) -> None:
+    """librdkafka keeps a partition's pause flag across unassign and re-assign: a partition
+    revoked from a worker holding a batch (all its partitions paused) must not come back to it
+    paused for good once the hold is over."""
+    kafka = kafka_topic_factory(f"back-{uuid.uuid4().hex[:8]}").model_copy(
+        update={"revoke_wait_ms": 500}
+    )
+    group = f"back-{uuid.uuid4().hex[:12]}"
+    a_up = threading.Event()
+    handled: dict[str, set[tuple[int, int]]] = {"a": set(), "b": set()}
+
+    def handler(name: str, up: threading.Event | None) -> object:
+        def process(records: Sequence[RawRecord]) -> list[Rejected]:
+            if up is not None and not up.is_set():
+                raise StoreUnavailable("sink down")
+            handled[name].update((r.partition, r.offset) for r in records)
+            return []
+
+        return process
+
+    a = Running(f"back-a-{uuid.uuid4().hex[:6]}", kafka, group, handler("a", a_up))
+    b: Running | None = None
+    try:
+        _wait_for("worker a never joined", a.runtime.ready)
+        _publish(kafka, 60, "first")
+        _wait_for("worker a never held its batch", lambda: a.runtime._paused)
+        b = Running(f"back-b-{uuid.uuid4().hex[:6]}", kafka, group, handler("b", None))
+        # Cooperative: some of a's partitions move to b while a holds its batch (paused).
+        _wait_for("no partition moved to b", lambda: bool(b and b.runtime._owned))
+        moved = {p for _, p in b.runtime._owned}
+        a_up.set()
+        _wait_for("a's hold did not end", lambda: not a.runtime._paused)
+        b.close()  # b leaves: its partitions go back to a, which holds nothing now
+        b = None
+        _wait_for(
+            "the partitions did not come back to a",
+            lambda: moved <= {p for _, p in a.runtime._owned},
+        )
+        before = {name: set(seen) for name, seen in handled.items()}
+        _publish(kafka, 60, "after the partitions came back")
+        consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group})
+        try:
+            partitions = [TopicPartition(kafka.messages_topic, p) for p in range(kafka.partitions)]
+            ends = {
+                tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions
+            }
+            wanted = {(p, o) for p, end in ends.items() for o in range(end)}
+            _wait_for(
+                "records of the partitions that came back were never handled",
+                lambda: wanted <= handled["a"] | handled["b"],
+                on_timeout=lambda: sorted({p for p, _ in wanted - handled["a"] - handled["b"]}),
+            )
+            assert handled["a"] - before["a"], "a handled nothing after the partitions came back"
+        finally:
+            consumer.close()
+    finally:
+        if b is not None:
+            b.close()
+        a.close()

@@ -515,6 +515,15 @@ class ScriptedConsumer(FakeConsumer):
             callback()  # type: ignore[operator]
         return messages
 
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        pass
+
     def poll(self, timeout: float) -> FetchedMessage | None:
         messages = self._next(timeout)
         return messages[0] if messages else None
