@@ -24,7 +24,10 @@ them from the committed offset); a batch in flight over them is waited for up to
 `kafka.revoke_wait_ms` and committed if it finished, else those partitions' records are abandoned:
 never committed, never dead-lettered by this worker, and left out of its next retries. A lost
 assignment (session expired) abandons at once, since committing is no longer allowed. Either way a
-moving partition's records are handled by exactly one owner from the last committed offset.
+moving partition's records are handled by exactly one owner from the last committed offset:
+records a poll returns for a partition this worker does not own (taken before a revocation the
+same call ran) are dropped, and every assigned partition is explicitly paused (while holding) or
+resumed, since librdkafka keeps a pause flag across unassign and re-assign.
 
 Shutdown: SIGTERM sets a stop signal that every retry loop checks, so a worker whose sink is down
 stops within its grace period; the batch in hand is then left uncommitted and is redelivered.
