@@ -24,7 +24,10 @@ them from the committed offset); a batch in flight over them is waited for up to
 `kafka.revoke_wait_ms` and committed if it finished, else those partitions' records are abandoned:
 never committed, never dead-lettered by this worker, and left out of its next retries. A lost
 assignment (session expired) abandons at once, since committing is no longer allowed. Either way a
-moving partition's records are handled by exactly one owner from the last committed offset.
+moving partition's records are handled by exactly one owner from the last committed offset:
+records a poll returns for a partition this worker does not own (taken before a revocation the
+same call ran) are dropped, and every assigned partition is explicitly paused (while holding) or
+resumed, since librdkafka keeps a pause flag across unassign and re-assign.
 
 Shutdown: SIGTERM sets a stop signal that every retry loop checks, so a worker whose sink is down
 stops within its grace period; the batch in hand is then left uncommitted and is redelivered.
@@ -152,8 +155,23 @@ class DeadLetterWriter:
         self.publisher = publisher
         self.topic = topic
 
-    def write(self, stage: str, rejected: Sequence[Rejected], stop: threading.Event) -> None:
+    def write(
+        self,
+        stage: str,
+        rejected: Sequence[Rejected],
+        stop: threading.Event,
+        owned: Callable[[RawRecord], bool] = lambda record: True,
+    ) -> int:
+        """Publish each letter, retrying until `stop`; returns how many were published.
+
+        A letter whose record is no longer `owned` (its partition moved to another worker
+        meanwhile, which letters the record itself) is left out, also between the retries of a
+        publish. Raises `Stopped` when `stop` is set before every letter was published.
+        """
+        published = 0
         for item in rejected:
+            if not owned(item.record):
+                continue
             letter = DeadLetter(
                 stage=stage,
                 reason=item.reason,
@@ -170,12 +188,19 @@ class DeadLetterWriter:
                     "offset": letter.offset,
                 },
             )
-            run_until_done(stage, self._publisher_for(letter), [item.record], stop)
+            sent = run_until_done(stage, self._publisher_for(letter, owned), [item.record], stop)
+            published += len(sent)
+        return published
 
-    def _publisher_for(self, letter: DeadLetter) -> Process:
+    def _publisher_for(self, letter: DeadLetter, owned: Callable[[RawRecord], bool]) -> Process:
         def publish(records: Sequence[RawRecord]) -> list[Rejected]:
+            """Returns the letters published (as `Rejected`, for counting)."""
             headers = dead_letter_headers(letter)
+            sent: list[Rejected] = []
             for r in records:
+                if not owned(r):
+                    continue
+                sent.append(Rejected(r, letter.reason))
                 try:
                     self.publisher.publish(self.topic, [(r.key or b"", r.value)], headers=headers)
                 except RecordRefused as exc:
@@ -189,7 +214,7 @@ class DeadLetterWriter:
                         [(r.key or b"", None)],
                         headers=[*headers, ("dlq.value", omitted.encode())],
                     )
-            return []
+            return sent
 
         return publish
 
@@ -218,6 +243,11 @@ class Batch:
 
     def partitions(self) -> set[Partition]:
         return {(r.topic, r.partition) for r in self.records}
+
+    def owns(self, record: RawRecord) -> bool:
+        """Whether `record`'s partition is still this batch's to handle (not abandoned)."""
+        with self._lock:
+            return (record.topic, record.partition) not in self.abandoned
 
     def abandon(self, partitions: set[Partition]) -> int:
         """Leave these partitions' records to their new owner; returns how many were dropped."""
@@ -310,6 +340,8 @@ class ConsumerRuntime:
         self._in_flight: tuple[Batch, BatchThread] | None = None
         self._paused = False
         self._joined = False
+        # The partitions the group gave this worker, as its rebalance callbacks saw them.
+        self._owned: set[Partition] = set()
         self._committed: dict[Partition, int] = {}  # as far as this worker knows (lag gauge)
         self._uncommitted: dict[Partition, int] = {}  # handled, commit refused: retried
         self._lag_at = 0.0
@@ -321,7 +353,11 @@ class ConsumerRuntime:
         return self._joined and not self.stop.is_set()
 
     def _report_lag(self, consumer: Consumer) -> None:
-        """Sum over assigned partitions of (high watermark - committed offset), every 5 s."""
+        """Sum over assigned partitions of (high watermark - committed offset), every 5 s.
+
+        While a batch is held the watermarks are asked of the broker (up to 1 s per partition,
+        the first failure ends the round), since paused partitions are not fetched.
+        """
         now = time.monotonic()
         if now - self._lag_at < LAG_EVERY_S:
             return
@@ -334,9 +370,16 @@ class ConsumerRuntime:
                     self._committed[(tp.topic, tp.partition)] = max(tp.offset, 0)
             total = 0
             for tp in assigned:
-                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if self._paused:
+                    # A paused partition is not fetched, so its cached watermarks stay where the
+                    # pause left them: while a batch is held (when the lag grows), ask the broker.
+                    low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                else:
+                    low, high = consumer.get_watermark_offsets(tp, cached=True)
                 if high >= 0:
-                    total += max(0, high - self._committed.get((tp.topic, tp.partition), 0))
+                    # Records below the low watermark (expired) are behind nobody.
+                    start = max(self._committed.get((tp.topic, tp.partition), 0), low)
+                    total += max(0, high - start)
             LAG.labels(self.stage).set(float(total))
         except Exception as exc:  # noqa: BLE001 - a metric must never break the worker
             log.debug("lag not reported", extra={"stage": self.stage, "error": type(exc).__name__})
@@ -387,6 +430,11 @@ class ConsumerRuntime:
         return batch if not self.stop.is_set() else []
 
     def _accept(self, messages: list[Message], into: list[RawRecord]) -> None:
+        """Append the records of `messages` to `into`, leaving out those of partitions this
+        worker no longer owns: `consume()` can return, after the revocation callback it ran,
+        records it had taken from the revoked partitions before (librdkafka purges them only if
+        the same call reaches the partition's barrier); handing them to `process` would commit a
+        partition another member owns and dead-letter its records twice."""
         for m in messages:
             error = m.error()
             if error is not None:
@@ -394,6 +442,8 @@ class ConsumerRuntime:
                     raise KafkaException(error)
                 # Transient (broker down, max.poll.interval exceeded: then on_lost follows).
                 log.warning("consumer error", extra={"stage": self.stage, "error": error.name()})
+                continue
+            if (m.topic() or "", m.partition() or 0) not in self._owned:
                 continue
             value = m.value()
             into.append(
@@ -446,13 +496,12 @@ class ConsumerRuntime:
             return self.process(live) if live else []
 
         rejected = run_until_done(self.stage, attempt, batch.records, self.stop)
-        if batch.abandoned:
-            rejected = [
-                r for r in rejected if (r.record.topic, r.record.partition) not in batch.abandoned
-            ]
-        if rejected:
-            self.dead_letters.write(self.stage, rejected, self.stop)
-        return len(rejected)
+        rejected = [r for r in rejected if batch.owns(r.record)]
+        if not rejected:
+            return 0
+        # A partition may be abandoned while its letters are published (the topic is down): its
+        # new owner letters those records, so they are left out here.
+        return self.dead_letters.write(self.stage, rejected, self.stop, owned=batch.owns)
 
     def _hold(self, consumer: Consumer, batch: Batch, work: BatchThread) -> None:
         """Keep the membership while the batch is retried: pause every partition and poll."""
@@ -515,16 +564,32 @@ class ConsumerRuntime:
 
     # -- rebalance callbacks (run inside consume()/poll() on the main thread) -----------------
 
+    def _wait_unless_stopping(self, work: BatchThread, seconds: float) -> None:
+        """Wait up to `seconds` for `work`, but no longer once the worker is stopping (SIGTERM
+        during a revocation must not wait out `revoke_wait_ms`)."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or work.done.wait(min(left, POLL_S)):
+                return
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._joined = True
+        self._owned |= {(tp.topic, tp.partition) for tp in partitions}
         REBALANCES.labels(self.stage, "assigned").inc(len(partitions))
         log.info(
             "partitions assigned",
             extra={"stage": self.stage, "partitions": sorted(tp.partition for tp in partitions)},
         )
-        if self._paused and partitions:  # holding a batch: the new ones wait too
+        if partitions:
             consumer.incremental_assign(partitions)
-            consumer.pause(partitions)
+            # librdkafka keeps a partition's pause flag across unassign and re-assign: one
+            # revoked while this worker held a batch would come back paused for good. So each
+            # assigned partition is set as the runtime wants it: paused while a batch is held.
+            if self._paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(consumer, partitions, lost=False)
@@ -535,14 +600,15 @@ class ConsumerRuntime:
     def _release(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:
         """Finish (commit) or abandon what this worker holds of partitions it no longer owns."""
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._owned -= gone
         REBALANCES.labels(self.stage, "lost" if lost else "revoked").inc(len(partitions))
         for pending in (self._collecting, self._carry):
             pending[:] = [r for r in pending if (r.topic, r.partition) not in gone]
         if self._in_flight is not None:
             batch, work = self._in_flight
             if not batch.committed and batch.partitions() & gone:
-                if not lost and not self.stop.is_set():
-                    work.done.wait(self.kafka.revoke_wait_ms / 1000)
+                if not lost:
+                    self._wait_unless_stopping(work, self.kafka.revoke_wait_ms / 1000)
                 if not lost and work.succeeded:
                     self._commit(consumer, batch)  # still the owner until this callback returns
                 else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
@@ -405,3 +406,149 @@ def test_far_offsets_round_trip_only_within_java_limits() -> None:
     at = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-18)))
     ok = decode_record(*keyed(record_json(sent_at=at.isoformat())))
     assert isinstance(ok, MessageRecord) and ok.sent_at == at
+
+
+class WatchedDone(threading.Event):
+    """A batch thread's `done` event that says when someone began waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited.set()
+        return super().wait(timeout)
+
+
+def test_a_stop_during_a_revocation_ends_the_wait_for_the_batch_in_hand() -> None:
+    hung = threading.Event()  # a sink call that does not return
+
+    def process(records: Sequence[RawRecord]) -> list[Rejected]:
+        hung.wait()
+        return []
+
+    kafka = KafkaSettings(max_poll_interval_ms=3_600_000, revoke_wait_ms=3_000_000)
+    writer = DeadLetterWriter(Topic(max_bytes=100), "dlq")  # type: ignore[arg-type]
+    runtime = ConsumerRuntime("t", kafka, "g", process, writer)
+    batch = Batch(records_on({0: [1, 2]}))
+    work = BatchThread(lambda: runtime._work(batch))
+    work.done = WatchedDone()  # the thread is inside `process`: it sets `done` only later
+    runtime._in_flight = (batch, work)
+    consumer = FakeConsumer()
+    revoking = threading.Thread(
+        target=runtime._release, args=(consumer, [TopicPartition("t", 0)], False), daemon=True
+    )
+    try:
+        revoking.start()
+        assert work.done.waited.wait(30), "the revocation never waited for the batch"
+        runtime.stop.set()  # SIGTERM while the revocation waits
+        revoking.join(60)  # far below revoke_wait_ms (50 minutes)
+        assert not revoking.is_alive(), "the revocation waited out revoke_wait_ms after a stop"
+        assert consumer.commits == [] and batch.abandoned == {("t", 0)}
+    finally:
+        hung.set()
+
+
+def test_letters_of_a_partition_abandoned_while_the_topic_is_down_go_to_its_new_owner() -> None:
+    down_for = 10**6
+    topic = Topic(max_bytes=100, failures=down_for)
+    runtime = runtime_with(
+        lambda records: [Rejected(r, "bad") for r in records], topic, revoke_wait_ms=100
+    )
+    batch = Batch(records_on({1: [7], 0: [1]}))  # partition 1's letter is retried first
+    work = BatchThread(lambda: runtime._work(batch))
+    runtime._in_flight = (batch, work)
+    deadline = time.monotonic() + 30
+    while topic.failures > down_for - 2:  # the letter of partition 1 was retried at least once
+        assert time.monotonic() < deadline and not work.done.is_set()
+        time.sleep(0.05)
+    consumer = FakeConsumer()
+    runtime._release(consumer, [TopicPartition("t", 1)], lost=False)  # type: ignore[arg-type]
+    assert batch.abandoned == {("t", 1)} and consumer.commits == []
+    topic.failures = 0  # the dead-letter topic is back
+    assert work.done.wait(60) and work.error is None
+    # Partition 1 moved while its letter waited: its new owner letters it, not this worker.
+    assert [h["dlq.partition"] for _, _, h in topic.letters] == [b"0"]
+    assert work.result == 1
+    assert [(tp.partition, tp.offset) for tp in batch.next_offsets()] == [(0, 2)]
+
+
+class FetchedMessage:
+    """A confluent-kafka `Message` as `poll()`/`consume()` hand it out."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"v%d" % self._offset
+
+
+class ScriptedConsumer(FakeConsumer):
+    """Each `poll()`/`consume()` call runs the next step: rebalance callbacks to run inside the
+    call (as librdkafka runs them), then the messages the call returns."""
+
+    def __init__(self, steps: list[tuple[list[object], list[FetchedMessage]]]) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def _next(self, timeout: float) -> list[FetchedMessage]:
+        if not self.steps:
+            time.sleep(timeout)
+            return []
+        callbacks, messages = self.steps.pop(0)
+        for callback in callbacks:
+            callback()  # type: ignore[operator]
+        return messages
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        pass
+
+    def poll(self, timeout: float) -> FetchedMessage | None:
+        messages = self._next(timeout)
+        return messages[0] if messages else None
+
+    def consume(self, num_messages: int, timeout: float) -> list[FetchedMessage]:
+        return self._next(timeout)[:num_messages]
+
+
+def test_records_a_consume_call_returns_after_revoking_their_partition_are_not_handled() -> None:
+    runtime = runtime_with(lambda records: [], Topic(max_bytes=100))
+    runtime.max_wait = 0.5
+    consumer = ScriptedConsumer([])
+
+    def assign() -> None:
+        runtime._on_assign(consumer, [TopicPartition("t", 0), TopicPartition("t", 1)])  # type: ignore[arg-type]
+
+    def revoke_0() -> None:
+        runtime._on_revoke(consumer, [TopicPartition("t", 0)])  # type: ignore[arg-type]
+
+    consumer.steps = [
+        ([assign], [FetchedMessage(1, 4)]),
+        # Partition 0 is revoked inside this call, which still returns one of its records,
+        # taken from the queue before the callback ran.
+        ([revoke_0], [FetchedMessage(0, 11), FetchedMessage(1, 5)]),
+    ]
+    batch = runtime._collect(consumer)  # type: ignore[arg-type]
+    assert [(r.partition, r.offset) for r in batch] == [(1, 4), (1, 5)]
+    assert [(tp.partition, tp.offset) for tp in Batch(batch).next_offsets()] == [(1, 6)]
