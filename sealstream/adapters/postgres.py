@@ -157,12 +157,22 @@ class Database:
         for _ in range(self._max_size + 1):
             conn = self._pool.getconn(timeout=max(0.001, give_up - time.monotonic()))
             try:
-                ConnectionPool.check_connection(conn)
+                if self._watchdog is None:
+                    ConnectionPool.check_connection(conn)
+                else:
+                    # The check is a round trip like any other: on a hung server it would wait
+                    # forever, so it runs under the watchdog for the time left.
+                    severed = threading.Event()
+                    left = max(0.001, give_up - time.monotonic())
+                    with self._watchdog.guard(conn, left + _WATCHDOG_GRACE, severed):
+                        ConnectionPool.check_connection(conn)
             except psycopg.Error:
                 self._pool.putconn(conn)
+                if time.monotonic() >= give_up:
+                    break
                 continue
             return conn
-        raise psycopg.OperationalError("no pooled connection answered")
+        raise psycopg.OperationalError("no pooled connection answered in time")
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Row]]:

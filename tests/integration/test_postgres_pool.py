@@ -5,8 +5,13 @@ saw `AdminShutdown` from an idle pool long after Postgres was back)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 from sealstream.adapters.postgres import Database
+from sealstream.errors import StoreUnavailable
 from sealstream.settings import Settings
+from tests.tcp_proxy import proxy
 
 
 def _terminate_backends(other: Database, application_pids: list[int]) -> None:
@@ -35,3 +40,46 @@ def test_pool_replaces_connections_the_server_closed(settings: Settings) -> None
         finally:
             pool.close()
             admin.close()
+
+
+def test_checking_a_pooled_connection_on_a_hung_server_keeps_the_deadline(
+    settings: Settings,
+) -> None:
+    """The liveness check of a pooled connection is a round trip too: on a hung server (the
+    process stopped, the network black-holed: bytes accepted, nothing answered) it must end
+    within the deadline like any other use, with `StoreUnavailable`, not wait forever."""
+    deadline = 2.0
+    with proxy(settings.postgres.host, settings.postgres.port) as postgres:
+        db = Database(
+            settings.postgres.model_copy(update={"port": postgres.port}),
+            max_size=2,
+            deadline=deadline,
+        )
+        db.open()
+        try:
+            with db.connection() as conn:  # an idle pooled connection from now on
+                conn.execute("SELECT 1")
+            postgres.pause()
+            outcome: list[object] = []
+
+            def use() -> None:
+                started = time.monotonic()
+                try:
+                    with db.connection() as conn:
+                        conn.execute("SELECT 1")
+                    outcome.append("answered")
+                except StoreUnavailable as exc:
+                    outcome.append((exc, time.monotonic() - started))
+
+            worker = threading.Thread(target=use, daemon=True)
+            worker.start()
+            worker.join(30)  # far beyond the bound: a hang, not a slow answer
+            assert not worker.is_alive(), "a use of the pool hung on a hung Postgres"
+            assert len(outcome) == 1 and isinstance(outcome[0], tuple), outcome
+            _, seconds = outcome[0]
+            # The deadline for the check and the deadline (plus the watchdog's grace) for the
+            # statement; generous for a loaded machine, far below "forever".
+            assert seconds < 3 * deadline + 2
+        finally:
+            postgres.forward()
+            db.close()
