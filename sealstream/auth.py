@@ -7,6 +7,7 @@ without one may create chats in the default tenant only).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,9 @@ class VerifiedTokens:
         self.max_entries = max_entries
         self._clock = clock
         self._principals: dict[str, Principal] = {}
+        # Sync routes verify in the thread pool: the eviction's `next(iter(...))` must not see
+        # another thread's insert (RuntimeError: dictionary changed size during iteration).
+        self._lock = threading.Lock()
 
     def principal(self, token: str) -> Principal:
         """Who `token` speaks for; `AuthError` as `verify_principal` when it is not valid."""
@@ -136,8 +140,9 @@ class VerifiedTokens:
             self._principals.pop(token, None)
             raise AuthError("token expired")
         principal = verify_principal(self.settings, token)
-        if len(self._principals) >= self.max_entries:
-            # Oldest first (insertion order): a flood of fresh tokens cannot grow the cache.
-            self._principals.pop(next(iter(self._principals)), None)
-        self._principals[token] = principal
+        with self._lock:
+            if len(self._principals) >= self.max_entries:
+                # Oldest first (insertion order): a flood of fresh tokens cannot grow the cache.
+                self._principals.pop(next(iter(self._principals)), None)
+            self._principals[token] = principal
         return principal

@@ -82,3 +82,28 @@ def test_invalid_tokens_are_refused_every_time_and_the_cache_is_bounded() -> Non
     assert len(tokens._principals) == 3
     # Evicted tokens are verified again, and still valid.
     assert tokens.principal(issued[0]).user_id == "user0"
+
+
+def test_threads_filling_a_full_cache_at_once_all_get_their_principal() -> None:
+    """Sync routes verify tokens in the thread pool: evictions racing inserts must not raise."""
+    import threading
+
+    settings = AuthSettings()
+    cache = VerifiedTokens(settings, max_entries=8)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(300):
+                token = mint_token(settings, f"u{n}-{i}", 60)
+                assert cache.principal(token).user_id == f"u{n}-{i}"
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(cache._principals) <= 8
