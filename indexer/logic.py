@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from schemas.events import decode_record
 from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
-from sealstream.deletion_state import ChatStates, deletion_check
+from sealstream.deletion_state import ChatStates, admitted_records
 from sealstream.streaming import RawRecord, Rejected
 
 
@@ -25,33 +24,19 @@ class DocumentSink(Protocol):
 def index_batch(
     records: Sequence[RawRecord], sink: DocumentSink, states: ChatStates | None = None
 ) -> list[Rejected]:
-    deletion = deletion_check("indexer", records, states)
-    documents: list[IndexedMessage] = []
-    rejected: list[Rejected] = []
-    source: dict[int, RawRecord] = {}
-    for record in records:
-        decoded = decode_record(record.value, record.key)
-        if isinstance(decoded, str):
-            rejected.append(Rejected(record, decoded))
-            continue
-        if deletion.unknown(decoded.chat_id):
-            # The encryptor dead-letters it (no key); its words must not outlive it in the index,
-            # where no chat deletion or retention would ever find them.
-            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
-            continue
-        if deletion.refuses(decoded.chat_id, decoded.message_id):
-            continue
-        source[decoded.message_id] = record
-        documents.append(
-            IndexedMessage(
-                message_id=decoded.message_id,
-                chat_id=decoded.chat_id,
-                tenant_id=decoded.tenant_id,
-                sender_id=decoded.sender_id,
-                sent_at=decoded.sent_at,
-                text=decoded.text,
-            )
+    admitted, rejected = admitted_records("indexer", records, states)
+    source = {decoded.message_id: record for record, decoded in admitted}
+    documents = [
+        IndexedMessage(
+            message_id=decoded.message_id,
+            chat_id=decoded.chat_id,
+            tenant_id=decoded.tenant_id,
+            sender_id=decoded.sender_id,
+            sent_at=decoded.sent_at,
+            text=decoded.text,
         )
+        for _, decoded in admitted
+    ]
     # Document id = message id at external version 1: a redelivered record conflicts (done), and a
     # deleted message's tombstone (a higher version) is never overwritten.
     for refused in sink.index_many(documents):

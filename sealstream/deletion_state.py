@@ -19,9 +19,9 @@ from typing import Protocol
 
 from prometheus_client import Counter
 
-from schemas.events import decode_record
+from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_millis
-from sealstream.streaming import RawRecord
+from sealstream.streaming import RawRecord, Rejected
 
 SKIPPED = Counter(
     "sealstream_records_skipped_total",
@@ -102,3 +102,26 @@ def deletion_check(
             continue  # a malformed key: the record is dead-lettered when it is decoded
     found = states.chat_states(chat_ids) if states is not None and chat_ids else {}
     return DeletionCheck(stage, found, datetime.now(UTC), looked_up=states is not None)
+
+
+def admitted_records(
+    stage: str, records: Sequence[RawRecord], states: ChatStates | None
+) -> tuple[list[tuple[RawRecord, MessageRecord]], list[Rejected]]:
+    """A batch decoded and checked against its chats' deletion state, for a stage that writes
+    every record of a known chat (the indexer; the bench's plaintext writer): returns the
+    records to write with their decoded values, and the dead letters (schema refusals, unknown
+    chats). Records of deleted chats or past retention are in neither (skipped, counted)."""
+    deletion = deletion_check(stage, records, states)
+    admitted: list[tuple[RawRecord, MessageRecord]] = []
+    rejected: list[Rejected] = []
+    for record in records:
+        decoded = decode_record(record.value, record.key)
+        if isinstance(decoded, str):
+            rejected.append(Rejected(record, decoded))
+        elif deletion.unknown(decoded.chat_id):
+            # The encryptor dead-letters it (no key); a record of it written elsewhere would
+            # never be found by a chat deletion or retention.
+            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
+        elif not deletion.refuses(decoded.chat_id, decoded.message_id):
+            admitted.append((record, decoded))
+    return admitted, rejected

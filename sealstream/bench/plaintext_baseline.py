@@ -28,12 +28,11 @@ from contextlib import ExitStack
 
 from encryptor.logic import MessageSink
 from indexer.logic import index_batch
-from schemas.events import decode_record
 from schemas.ids import id_time
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
-from sealstream.deletion_state import ChatStates, deletion_check
+from sealstream.deletion_state import ChatStates, admitted_records
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected, run_worker
@@ -45,31 +44,19 @@ def write_plain(
     records: Sequence[RawRecord], store: MessageSink, states: ChatStates | None
 ) -> list[Rejected]:
     """The encryptor's batch without its key lookup, its crypto and its DEK usage count."""
-    deletion = deletion_check("plain-writer", records, states)
-    rows: list[StoredMessage] = []
-    source: dict[int, RawRecord] = {}
-    rejected: list[Rejected] = []
-    for record in records:
-        decoded = decode_record(record.value, record.key)
-        if isinstance(decoded, str):
-            rejected.append(Rejected(record, decoded))
-            continue
-        if deletion.unknown(decoded.chat_id):
-            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
-            continue
-        if deletion.refuses(decoded.chat_id, decoded.message_id):
-            continue
-        source[decoded.message_id] = record
-        rows.append(
-            StoredMessage(
-                chat_id=decoded.chat_id,
-                message_id=decoded.message_id,
-                sender_id=decoded.sender_id,
-                dek_version=PLAIN_DEK_VERSION,
-                envelope=decoded.text.encode("utf-8"),
-                created_at=id_time(decoded.message_id),
-            )
+    admitted, rejected = admitted_records("plain-writer", records, states)
+    source = {decoded.message_id: record for record, decoded in admitted}
+    rows = [
+        StoredMessage(
+            chat_id=decoded.chat_id,
+            message_id=decoded.message_id,
+            sender_id=decoded.sender_id,
+            dek_version=PLAIN_DEK_VERSION,
+            envelope=decoded.text.encode("utf-8"),
+            created_at=id_time(decoded.message_id),
         )
+        for _, decoded in admitted
+    ]
     refused = store.write_many(rows)
     return rejected + [Rejected(source[r.message_id], r.reason) for r in refused]
 
