@@ -6,7 +6,9 @@ thread, explicit synchronous commits). This measures that runtime, as a worker p
 (librdkafka) consumer in batches with a synchronous commit per batch, the cheapest way Python can
 read Kafka. Each consumer runs as its own process over the same 30,000 records of an isolated
 topic; the figure is its CPU time per record (the process's user + system time, so it holds on a
-loaded machine where throughput does not). It tells how much of the two workers' CPU per message
+loaded machine where throughput does not). Each window opens before the consumer can see a record:
+the runtime worker joins the group on an empty topic and the records are published only then; the
+bare consumer starts its clock when the partitions are assigned, before its first fetch. It tells how much of the two workers' CPU per message
 is the runtime itself (docs/benchmarks.md).
 
     sealstream bench consumer
@@ -84,18 +86,22 @@ def _confluent_consumer(count: int) -> None:
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([settings.kafka.messages_topic])
+    started: list[float] = []
+
+    def on_assign(_consumer: object, _partitions: object) -> None:
+        # Joined the group, nothing fetched yet: from here on, as for the runtime worker.
+        if not started:
+            started.extend((time.process_time(), time.perf_counter()))
+
+    consumer.subscribe([settings.kafka.messages_topic], on_assign=on_assign)
     seen = 0
-    cpu_started = wall_started = 0.0
     while seen < count:
         batch = consumer.consume(500, 0.1)
         if batch:
-            if not seen:  # joined the group: from here on, as for the runtime worker
-                cpu_started, wall_started = time.process_time(), time.perf_counter()
             seen += len(batch)
             _ = [(m.topic(), m.partition(), m.offset(), m.key(), m.value()) for m in batch]
             consumer.commit(asynchronous=False)
-    print(f"{time.process_time() - cpu_started} {time.perf_counter() - wall_started}")
+    print(f"{time.process_time() - started[0]} {time.perf_counter() - started[1]}")
     consumer.close()
 
 
@@ -119,9 +125,11 @@ def _runtime_figures(env: dict[str, str], settings: Settings, count: int) -> dic
         return total
 
     try:
-        # Ready = joined the group; from then on every record is read by this process.
+        # Ready = joined the group on an empty topic: every record published from here on is read
+        # by this process inside the window (published before, it could be read before cpu0).
         wait_for(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "ready")
         cpu0, t0 = group_cpu_seconds(child.pid), time.perf_counter()
+        _publish(settings, count)
         wait_for(lambda: handled() >= count, 300, "all records handled", interval=0.1)
         cpu1, t1 = group_cpu_seconds(child.pid), time.perf_counter()
     finally:
@@ -152,7 +160,6 @@ def run(count: int = 30_000, settings: Settings | None = None) -> dict[str, floa
     cfg = isolated(settings or Settings(), secrets.token_hex(3))
     ensure_topics(cfg.kafka)
     try:
-        _publish(cfg, count)
         env = {**os.environ, **settings_env(cfg)}
         figures = {"records": float(count)}
         figures |= _runtime_figures(env, cfg, count)
