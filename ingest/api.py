@@ -378,9 +378,22 @@ async def _socket_principal(socket: WebSocket, tokens: VerifiedTokens) -> Princi
             return None
         if first["type"] == "websocket.disconnect":
             return None
-        token = _auth_frame_token(_frame_text(first))
+        token, extra = _auth_frame(_frame_text(first))
         if token is None:
             await socket.close(code=_POLICY, reason="authentication required")
+            return None
+        if extra:
+            # A message riding on the auth frame would otherwise be dropped without a word:
+            # refuse the frame, name what does not belong, and nothing is published.
+            await socket.send_json(
+                _frame_error(
+                    "invalid_request",
+                    "frame: the auth frame holds only `auth`; send messages after the "
+                    f"authenticated answer (unexpected: {', '.join(extra)})",
+                    "frame",
+                )
+            )
+            await socket.close(code=_POLICY, reason="auth frame holds only auth")
             return None
     try:
         principal = tokens.principal(token or "")
@@ -393,13 +406,17 @@ async def _socket_principal(socket: WebSocket, tokens: VerifiedTokens) -> Princi
     return principal
 
 
-def _auth_frame_token(raw: str | None) -> str | None:
+def _auth_frame(raw: str | None) -> tuple[str | None, list[str]]:
+    """The token of a first frame `{"auth": "<jwt>"}` (None if it is not one), and the names
+    of any other fields it carries (at most 5, each cut to 40 characters), sorted."""
     try:
         frame = json.loads(raw or "")
     except (ValueError, RecursionError):
-        return None
+        return None, []
     token = frame.get("auth") if isinstance(frame, dict) else None
-    return token if isinstance(token, str) and token else None
+    if not (isinstance(token, str) and token):
+        return None, []
+    return token, sorted(str(name)[:40] for name in frame if name != "auth")[:5]
 
 
 async def _receive_until_expiry(

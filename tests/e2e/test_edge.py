@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from sealstream.auth import mint_token
 from tests.e2e.conftest import Pipeline, free_port
-from tests.e2e.test_pipeline import create_chat
+from tests.e2e.test_pipeline import create_chat, history, wait_until
 
 NUL_REASON = "rotate \x00 now"
 # Every token this module hands a service; none of them may appear in a log.
@@ -217,6 +217,28 @@ def test_token_in_a_first_auth_frame(pipeline: Pipeline) -> None:
         assert json.loads(ws.recv(timeout=60)) == {"ok": True, "authenticated": True}
         ws.send(_frame(chat))
         assert json.loads(ws.recv(timeout=60))["ok"] is True
+
+
+def test_an_auth_frame_carrying_a_message_is_refused_not_dropped(pipeline: Pipeline) -> None:
+    """A message riding on the auth frame used to be ignored (the client got "authenticated" and
+    no word about its message); now the frame is refused by name and nothing is published."""
+    chat = create_chat(pipeline, "alice", ["bob"])
+    riding = {"auth": _token(pipeline, "alice"), **json.loads(_frame(chat, "riding along"))}
+    with connect(_ws_url(pipeline), open_timeout=30) as ws:
+        ws.send(json.dumps(riding))
+        answer = json.loads(ws.recv(timeout=60))
+        assert answer["ok"] is False and answer["error"]["field"] == "frame", answer
+        assert "chat_id" in answer["error"]["message"] and "text" in answer["error"]["message"]
+        closed = _closed(ws)
+    assert closed.rcvd is not None and closed.rcvd.code == 1008
+    # Only the next, proper message reaches the chat (one partition per chat: in order).
+    with connect(_ws_url(pipeline), open_timeout=30) as ws:
+        ws.send(json.dumps({"auth": _token(pipeline, "alice")}))
+        assert json.loads(ws.recv(timeout=60)) == {"ok": True, "authenticated": True}
+        ws.send(_frame(chat, "sent properly"))
+        assert json.loads(ws.recv(timeout=60))["ok"] is True
+    wait_until(lambda: len(history(pipeline, "bob", chat)) >= 1, what="the proper message")
+    assert [m["text"] for m in history(pipeline, "bob", chat)] == ["sent properly"]
 
 
 def test_query_token_still_works(pipeline: Pipeline) -> None:
