@@ -1,6 +1,7 @@
 """Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
 
-Permanent problems (bad schema, unknown chat, a row Cassandra refuses) reject one record; anything
+Permanent problems (bad schema, unknown chat, a tenant other than the chat's, a row Cassandra
+refuses) reject one record; anything
 else raised fails the whole batch so the runtime retries it (see sealstream.streaming). Records of
 a deleted chat, or past their chat's retention, are skipped, not dead-lettered
 (sealstream.deletion_state).
@@ -60,6 +61,9 @@ def seal_batch(
         decoded = decode(record)
         if isinstance(decoded, Rejected):
             rejected.append(decoded)
+            continue
+        if reason := deletion.wrong_tenant(decoded):
+            rejected.append(Rejected(record, reason))
             continue
         if deletion.refuses(decoded.chat_id, decoded.message_id):
             continue

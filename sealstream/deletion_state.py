@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from prometheus_client import Counter
 
@@ -34,12 +34,18 @@ CHAT_DELETED = "chat_deleted"
 PAST_RETENTION = "past_retention"
 
 
-class ChatStates(Protocol):
-    """(state, retention days or None) of each known chat among `chat_ids`."""
+class ChatState(NamedTuple):
+    """What a worker needs to know of a chat before writing one of its records."""
 
-    def chat_states(
-        self, chat_ids: Collection[uuid.UUID]
-    ) -> dict[uuid.UUID, tuple[str, int | None]]: ...
+    state: str  # 'active' | 'deleted'
+    retention_days: int | None  # the chat's own, else its tenant's; None = kept for ever
+    tenant_id: str  # the chat's tenant: a record claiming another one is refused
+
+
+class ChatStates(Protocol):
+    """The `ChatState` of each known chat among `chat_ids`."""
+
+    def chat_states(self, chat_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, ChatState]: ...
 
 
 class DeletionCheck:
@@ -48,7 +54,7 @@ class DeletionCheck:
     def __init__(
         self,
         stage: str,
-        states: dict[uuid.UUID, tuple[str, int | None]],
+        states: dict[uuid.UUID, ChatState],
         now: datetime,
         looked_up: bool = False,
     ) -> None:
@@ -62,13 +68,23 @@ class DeletionCheck:
         record can never be stored (the encryptor finds no key), so it is a dead letter."""
         return self._looked_up and chat_id not in self._states
 
+    def wrong_tenant(self, record: MessageRecord) -> str | None:
+        """The dead-letter reason if `record` names a tenant other than its chat's (only a
+        direct producer can send one: the gateway takes the tenant from the chat). Every store
+        files the message under its chat's tenant (the search index keys a blind-index tenant's
+        words with that tenant's key), so such a record is refused, not silently re-filed."""
+        state = self._states.get(record.chat_id)
+        if state is None or state.tenant_id == record.tenant_id:
+            return None
+        return "tenant_id: not the tenant of this chat"
+
     def refuses(self, chat_id: uuid.UUID, message_id: int) -> bool:
         """True (and counted) if the record must not be written. An unknown chat is not refused
         here: the encryptor dead-letters it when it finds no key."""
         state = self._states.get(chat_id)
         if state is None:
             return False
-        status, days = state
+        status, days, _ = state
         if status == "deleted":
             self.skip(CHAT_DELETED)
             return True
@@ -122,6 +138,8 @@ def admitted_records(
             # The encryptor dead-letters it (no key); a record of it written elsewhere would
             # never be found by a chat deletion or retention.
             rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
+        elif reason := deletion.wrong_tenant(decoded):
+            rejected.append(Rejected(record, reason))
         elif not deletion.refuses(decoded.chat_id, decoded.message_id):
             admitted.append((record, decoded))
     return admitted, rejected

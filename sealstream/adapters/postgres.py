@@ -24,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from sealstream.deletion_state import ChatState
 from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
 from sealstream.settings import PostgresSettings
 
@@ -662,20 +663,19 @@ class ChatKeyRepository:
             ).fetchall()
         return [(r["chat_id"], int(r["days"]), r["created_at"]) for r in rows]
 
-    def chat_states(
-        self, chat_ids: Collection[uuid.UUID]
-    ) -> dict[uuid.UUID, tuple[str, int | None]]:
-        """(state, retention days: the chat's own, else its tenant's) of each known chat, in one
-        query (the workers' deletion check, once per batch)."""
+    def chat_states(self, chat_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, ChatState]:
+        """`ChatState` (state, retention days: the chat's own, else its tenant's; tenant) of
+        each known chat, in one query (the workers' deletion check, once per batch)."""
         if not chat_ids:
             return {}
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT c.chat_id, c.state, coalesce(c.retention_days, t.retention_days) AS days"
+                "SELECT c.chat_id, c.state, c.tenant_id,"
+                " coalesce(c.retention_days, t.retention_days) AS days"
                 " FROM chats c JOIN tenants t USING (tenant_id) WHERE c.chat_id = ANY(%s)",
                 (list(chat_ids),),
             ).fetchall()
-        return {r["chat_id"]: (r["state"], r["days"]) for r in rows}
+        return {r["chat_id"]: ChatState(r["state"], r["days"], r["tenant_id"]) for r in rows}
 
     def destroy_versions_retired_before(
         self,

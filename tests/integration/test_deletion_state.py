@@ -25,6 +25,7 @@ from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.crypto import ChatKey
+from sealstream.deletion_state import ChatState
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import delete_chat, delete_message, reencrypt_chat
 from sealstream.settings import Settings
@@ -99,12 +100,10 @@ def skipped_count(stage: str, reason: str) -> float:
 class StatesReadEarlier:
     """What Postgres answered before the chat was shredded (a batch that read just before it)."""
 
-    def __init__(self, answer: dict[uuid.UUID, tuple[str, int | None]]) -> None:
+    def __init__(self, answer: dict[uuid.UUID, ChatState]) -> None:
         self.answer = answer
 
-    def chat_states(
-        self, chat_ids: Collection[uuid.UUID]
-    ) -> dict[uuid.UUID, tuple[str, int | None]]:
+    def chat_states(self, chat_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, ChatState]:
         return {c: s for c, s in self.answer.items() if c in chat_ids}
 
 
@@ -411,3 +410,32 @@ def test_a_record_of_an_unknown_chat_is_dead_lettered_by_both_stages(
         assert [(r.record.offset, f"unknown chat {unknown}") for r in rejected] == [
             (0, r.reason) for r in rejected
         ]
+
+
+def test_a_record_naming_another_tenant_is_dead_lettered_by_both_workers(
+    keys: KeyService, stores: tuple[MessageStore, SearchIndex]
+) -> None:
+    """Only a direct producer can send a record whose tenant_id is not its chat's. Written as
+    it came, the index would file the words under the wrong tenant (and with a blind index,
+    under the wrong tenant's key, or none): both workers refuse it with the reason instead."""
+    store, index = stores
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))  # tenant "default"
+    ids = SnowflakeIds(33)
+    good, forged = records(chat, [ids.next_id(), ids.next_id()], "tenantcheck")
+    claim = MessageRecord.model_validate_json(forged.value).model_copy(
+        update={"tenant_id": "other"}
+    )
+    forged = RawRecord("t", 0, 1, claim.key(), claim.value())
+
+    for rejected in (
+        encrypt_and_store([good, forged], keys, store, keys.repo),
+        index_batch([good, forged], index, keys.repo),
+    ):
+        assert [(r.record.offset, r.reason) for r in rejected] == [
+            (1, "tenant_id: not the tenant of this chat")
+        ]
+    index.refresh()
+    good_id = MessageRecord.model_validate_json(good.value).message_id
+    assert store.get(chat, good_id) is not None and store.get(chat, claim.message_id) is None
+    assert index.searchable_ids([good_id, claim.message_id]) == {good_id}

@@ -25,6 +25,7 @@ from sealstream.bench.throughput_bench import (
     _fill,
 )
 from sealstream.bench.throughput_plots import LATENCY_PNG, THROUGHPUT_PNG, write_plots
+from sealstream.deletion_state import ChatState
 from sealstream.streaming import RawRecord
 
 
@@ -41,10 +42,8 @@ class _States:
     def __init__(self, known: dict[uuid.UUID, str]) -> None:
         self.known = known
 
-    def chat_states(
-        self, chat_ids: Collection[uuid.UUID]
-    ) -> dict[uuid.UUID, tuple[str, int | None]]:
-        return {c: (self.known[c], None) for c in chat_ids if c in self.known}
+    def chat_states(self, chat_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, ChatState]:
+        return {c: ChatState(self.known[c], None, "default") for c in chat_ids if c in self.known}
 
 
 def _record(chat: uuid.UUID, message_id: int, text: str, offset: int) -> RawRecord:
