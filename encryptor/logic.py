@@ -1,7 +1,7 @@
 """Turn a batch of raw message records into sealed Cassandra rows (plain functions, no I/O setup).
 
-Permanent problems (bad schema, unknown chat, a tenant other than the chat's, a row Cassandra
-refuses) reject one record; anything
+Permanent problems (bad schema, unknown chat, a tenant other than the chat's, a key the KMS
+refuses for good, a row Cassandra refuses) reject one record; anything
 else raised fails the whole batch so the runtime retries it (see sealstream.streaming). Records of
 a deleted chat, or past their chat's retention, are skipped, not dead-lettered
 (sealstream.deletion_state).
@@ -22,7 +22,7 @@ from schemas.ids import id_time
 from sealstream.adapters.cassandra import RefusedRow, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, deletion_check
-from sealstream.errors import KeyDestroyed, KeyNotFound
+from sealstream.errors import KeyDestroyed, KeyNotFound, KmsKeyUnusable
 from sealstream.streaming import RawRecord, Rejected
 
 
@@ -57,6 +57,7 @@ def seal_batch(
     source: dict[int, RawRecord] = {}
     rejected: list[Rejected] = []
     lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
+    unusable: dict[uuid.UUID, str] = {}  # chats whose key the KMS refused, asked once per batch
     for record in records:
         decoded = decode(record)
         if isinstance(decoded, Rejected):
@@ -66,6 +67,9 @@ def seal_batch(
             rejected.append(Rejected(record, reason))
             continue
         if deletion.refuses(decoded.chat_id, decoded.message_id):
+            continue
+        if decoded.chat_id in unusable:
+            rejected.append(Rejected(record, unusable[decoded.chat_id]))
             continue
         started = time.perf_counter()
         try:
@@ -77,6 +81,15 @@ def seal_batch(
             continue
         except KeyNotFound:
             rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
+            continue
+        except KmsKeyUnusable:
+            # One tenant's master key gone, or one wrapped DEK corrupt: the other chats of the
+            # batch are sealed; these records wait on the dead-letter topic (no KMS detail in
+            # the reason: it goes into a Kafka header).
+            unusable[decoded.chat_id] = (
+                "the KMS refused this chat's key (master key missing or wrapped DEK invalid)"
+            )
+            rejected.append(Rejected(record, unusable[decoded.chat_id]))
             continue
         looked_up = time.perf_counter()
         envelope = seal(

@@ -42,6 +42,15 @@ class KmsError(SealstreamError):
     """The KMS refused a request for a permanent reason (auth, permission, bad ciphertext)."""
 
 
+class KmsKeyUnusable(KmsError):
+    """The KMS refused one master key or one wrapped DEK for good (Transit answers 400: the
+    master key does not exist, or the wrapped DEK does not authenticate under it and its
+    context). Only records that need that key fail; other chats' keys still work, so a consumer
+    dead-letters those records instead of holding the stage. A refusal of the whole KMS (token,
+    policy, missing mount) stays a plain `KmsError`: every record would fail alike, so the stage
+    holds and retries until an operator fixes it."""
+
+
 class KmsUnavailable(SealstreamError):
     """The KMS could not be reached or kept failing after retries; try again later."""
 

@@ -23,7 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from sealstream.errors import KmsError, KmsUnavailable
+from sealstream.errors import KmsError, KmsKeyUnusable, KmsUnavailable
 from sealstream.keys.ports import DataKey
 from sealstream.metrics import KMS_CALLS
 from sealstream.settings import VaultSettings
@@ -81,8 +81,10 @@ class TransitKms:
                 f"(needs transit {op} on mount '{self._mount}')"
             ) from None
         except hvac.exceptions.InvalidRequest as exc:
-            # Transit says "message authentication failed" when the context does not match.
-            raise KmsError(f"KMS rejected {op}: {_first_error(exc)}") from None
+            # Transit answers 400 about the key or ciphertext named in the request ("encryption
+            # key not found", "message authentication failed" when the context does not match,
+            # "invalid ciphertext"): that one key is unusable, the KMS itself works.
+            raise KmsKeyUnusable(f"KMS rejected {op}: {_first_error(exc)}") from None
         except hvac.exceptions.InvalidPath:
             raise KmsError(f"KMS has no such key or mount for {op}") from None
         except hvac.exceptions.VaultError as exc:
