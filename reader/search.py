@@ -237,7 +237,8 @@ class MessageSearch:
             max_id=options.max_id,
             sort=options.sort,
             after=options.after,
-            size=options.limit,
+            # One hit more than a page: tells whether another page exists (it is not opened).
+            size=options.limit + 1,
         )
         found: list[FoundMessage] = []
         dropped = 0
@@ -249,7 +250,7 @@ class MessageSearch:
             dropped += consumed - len(kept)
             if consumed:
                 last = page.hits[consumed - 1].key
-            if page.exhausted and consumed == len(page.hits):
+            if page.exhausted and consumed == len(page.hits):  # nothing after these
                 return SearchPage(found, None, more_chats, len(chats), dropped)
             if len(found) >= options.limit:
                 # A full page; hits of this index page not yet looked at come first next time.
@@ -263,25 +264,26 @@ class MessageSearch:
         self, query: ParsedQuery, hits: list[SearchHit], room: int
     ) -> tuple[list[FoundMessage], int]:
         """Open hits in order until `room` matching messages are kept; returns them and how
-        many hits were consumed (looked at, kept or dropped)."""
-        opened: list[tuple[int, ReadMessage]] = []
-        for position, hit in enumerate(hits):
-            row = self.messages.get(hit.chat_id, hit.message_id)
-            if row is None or row.deleted_at is not None:
-                continue  # the index lags behind deletions; the store is the truth
-            try:
-                message = self.open_row(row)
-            except KeyDestroyed:
-                continue  # this message's key was shredded (retention or deletion): it is gone
-            opened.append((position, message))
-        token_lists = self.analyzer.analyze([m.text for _, m in opened]) if opened else []
+        many hits were consumed (looked at: kept or dropped). Opens no more hits than the page
+        can still take, a batch at a time (one analysis call per batch)."""
         kept: list[FoundMessage] = []
-        consumed = len(hits)
-        for (position, message), tokens in zip(opened, token_lists, strict=True):
-            if not text_matches(query, tokens):
-                continue
-            kept.append(FoundMessage(message, highlights(query, tokens)))
-            if len(kept) == room:
-                consumed = position + 1
-                break
+        consumed = 0
+        while consumed < len(hits) and len(kept) < room:
+            batch = hits[consumed : consumed + room - len(kept)]
+            consumed += len(batch)
+            opened = [m for m in (self._open_hit(hit) for hit in batch) if m is not None]
+            token_lists = self.analyzer.analyze([m.text for m in opened]) if opened else []
+            for message, tokens in zip(opened, token_lists, strict=True):
+                if text_matches(query, tokens):
+                    kept.append(FoundMessage(message, highlights(query, tokens)))
         return kept, consumed
+
+    def _open_hit(self, hit: SearchHit) -> ReadMessage | None:
+        """The hit's message decrypted, or None when the store says it is gone."""
+        row = self.messages.get(hit.chat_id, hit.message_id)
+        if row is None or row.deleted_at is not None:
+            return None  # the index lags behind deletions; the store is the truth
+        try:
+            return self.open_row(row)
+        except KeyDestroyed:
+            return None  # this message's key was shredded (retention or deletion): it is gone
