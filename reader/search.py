@@ -119,6 +119,9 @@ def _id_at(moment: datetime) -> int:
 
 @dataclass(frozen=True)
 class CheckedOptions:
+    """`SearchOptions` once checked: the time range as message-id bounds ([min_id, max_id)),
+    the cursor decoded."""
+
     limit: int
     chat_ids: list[uuid.UUID] | None
     sender_id: str | None
@@ -143,7 +146,7 @@ def check_options(options: SearchOptions) -> CheckedOptions:
         raise _invalid("query.limit", f"must be between 1 and {SEARCH_LIMIT_MAX}")
     chat_ids = None if options.chat_ids is None else list(dict.fromkeys(options.chat_ids))
     if chat_ids is not None and not 1 <= len(chat_ids) <= MAX_CHAT_FILTER:
-        raise _invalid("query.chat_id", f"at most {MAX_CHAT_FILTER} chat ids")
+        raise _invalid("query.chat_id", f"1 to {MAX_CHAT_FILTER} chat ids")
     sender = options.sender_id
     if sender is not None and not (
         1 <= len(sender) <= MAX_SENDER_CHARS and storable_text(sender) and sender.strip()
