@@ -168,7 +168,8 @@ def create_app(
         version="1",
         description=(
             "History, single messages and search of a chat or of all the caller's chats, "
-            'decrypted on demand for participants. Errors are {"error": {"code", "message", "field"?}}.'
+            "decrypted on demand for participants. "
+            'Errors are {"error": {"code", "message", "field"?}}.'
         ),
         openapi_tags=[{"name": TAG, "description": "Reading a chat's messages"}],
     )

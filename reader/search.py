@@ -195,7 +195,8 @@ class SearchPage:
     next_cursor: str | None
     more_chats: bool = False  # the user has more chats than one search covers (newest searched)
     chats_searched: int = 0
-    hits_dropped: int = field(default=0, compare=False)  # after decryption (metrics, tests)
+    hits_dropped: int = field(default=0, compare=False)  # hits looked at but not returned
+    decrypted: int = field(default=0, compare=False)  # envelopes opened for this page
 
 
 class MessageSearch:
@@ -245,48 +246,50 @@ class MessageSearch:
         )
         found: list[FoundMessage] = []
         dropped = 0
+        decrypted = 0
         last: SortKey | None = options.after
         for _ in range(MAX_INDEX_ROUNDS):
             page = self.index.search_messages(request)
-            kept, consumed = self._keep(query, page.hits, options.limit - len(found))
+            kept, consumed, opened = self._keep(query, page.hits, options.limit - len(found))
+            decrypted += opened
             found.extend(kept)
             dropped += consumed - len(kept)
             if consumed:
                 last = page.hits[consumed - 1].key
             if page.exhausted and consumed == len(page.hits):  # nothing after these
-                return SearchPage(found, None, more_chats, len(chats), dropped)
+                return SearchPage(found, None, more_chats, len(chats), dropped, decrypted)
             if len(found) >= options.limit:
                 # A full page; hits of this index page not yet looked at come first next time.
                 break
             request = replace(request, after=last)
         # A full page, or out of rounds (a short page): resume after the last hit looked at.
         cursor = None if last is None else encode_search_cursor(options.sort, last)
-        return SearchPage(found, cursor, more_chats, len(chats), dropped)
+        return SearchPage(found, cursor, more_chats, len(chats), dropped, decrypted)
 
     def _keep(
         self, query: ParsedQuery, hits: list[SearchHit], room: int
-    ) -> tuple[list[FoundMessage], int]:
-        """Open hits in order until `room` matching messages are kept; returns them and how
-        many hits were consumed (looked at: kept or dropped). Opens no more hits than the page
-        can still take, a batch at a time (one analysis call per batch)."""
+    ) -> tuple[list[FoundMessage], int, int]:
+        """Open hits in order until `room` matching messages are kept; returns them, how many
+        hits were consumed (looked at: kept or dropped) and how many envelopes were opened.
+        Opens no more hits than the page can still take, a batch at a time (one analysis call
+        per batch). Shared by concurrent requests: no state on `self`."""
         kept: list[FoundMessage] = []
-        consumed = 0
+        consumed = opened = 0
         while consumed < len(hits) and len(kept) < room:
             batch = hits[consumed : consumed + room - len(kept)]
             consumed += len(batch)
-            opened = [m for m in (self._open_hit(hit) for hit in batch) if m is not None]
-            token_lists = self.analyzer.analyze([m.text for m in opened]) if opened else []
-            for message, tokens in zip(opened, token_lists, strict=True):
+            messages: list[ReadMessage] = []
+            for hit in batch:
+                row = self.messages.get(hit.chat_id, hit.message_id)
+                if row is None or row.deleted_at is not None:
+                    continue  # the index lags behind deletions; the store is the truth
+                opened += 1
+                try:
+                    messages.append(self.open_row(row))
+                except KeyDestroyed:
+                    continue  # its key was shredded (retention or deletion): the message is gone
+            token_lists = self.analyzer.analyze([m.text for m in messages]) if messages else []
+            for message, tokens in zip(messages, token_lists, strict=True):
                 if text_matches(query, tokens):
                     kept.append(FoundMessage(message, highlights(query, tokens)))
-        return kept, consumed
-
-    def _open_hit(self, hit: SearchHit) -> ReadMessage | None:
-        """The hit's message decrypted, or None when the store says it is gone."""
-        row = self.messages.get(hit.chat_id, hit.message_id)
-        if row is None or row.deleted_at is not None:
-            return None  # the index lags behind deletions; the store is the truth
-        try:
-            return self.open_row(row)
-        except KeyDestroyed:
-            return None  # this message's key was shredded (retention or deletion): it is gone
+        return kept, consumed, opened

@@ -311,7 +311,7 @@ class ReaderService:
         if not chats:  # removed (or deleted) since the cached row was read
             raise ApiError(403, "forbidden", "you are not a participant of this chat")
         page = self.finder.run(user, q, checked, chats)
-        DECRYPTS_PER_REQUEST.labels("search").observe(len(page.found))
+        DECRYPTS_PER_REQUEST.labels("search").observe(page.decrypted)
         return page
 
     def search_all(self, user: str, q: str, options: SearchOptions | None = None) -> SearchPage:
@@ -321,5 +321,5 @@ class ReaderService:
         checked = check_options(options or SearchOptions())
         q = check_query(q)
         page = self.finder.run(user, q, checked)
-        DECRYPTS_PER_REQUEST.labels("search_all").observe(len(page.found))
+        DECRYPTS_PER_REQUEST.labels("search_all").observe(page.decrypted)
         return page
