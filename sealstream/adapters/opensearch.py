@@ -52,6 +52,17 @@ class IndexedMessage:
     text: str  # analysed into tokens by `index_many`; never sent
 
 
+@dataclass(frozen=True)
+class RefusedDocument:
+    """A document OpenSearch refused for itself (a bulk item error a retry will not fix)."""
+
+    message_id: int
+    reason: str  # status, error type and field name only: OpenSearch's own text quotes values
+
+
+# --- search queries (owned by `xsearch`, SEARCH_CONTRACT.md) ---------------------------------
+
+
 # MERGE(icu): `icu` defines TextToken too (SEARCH_CONTRACT.md, same fields); keep theirs.
 @dataclass(frozen=True)
 class TextToken:
@@ -62,17 +73,6 @@ class TextToken:
     start: int  # code-point offsets into the analysed text: text[start:end] is the word as written
     end: int
     position: int  # 0, 1, 2 ... word position in the text (for phrase checks)
-
-
-@dataclass(frozen=True)
-class RefusedDocument:
-    """A document OpenSearch refused for itself (a bulk item error a retry will not fix)."""
-
-    message_id: int
-    reason: str  # status, error type and field name only: OpenSearch's own text quotes values
-
-
-# --- search queries (owned by `xsearch`, SEARCH_CONTRACT.md) ---------------------------------
 
 
 @dataclass(frozen=True)
@@ -316,11 +316,25 @@ class SearchIndex:
         """Ids of the chat's messages holding every token of `query`, newest first.
 
         The query is analysed like the texts were; a query without any token matches nothing.
-        (The reader searches through `search_messages`; this stays for the tools and tests.)
         """
-        words = [WordMatch(any_of=[term], exact=[term]) for term in self.analyze(query)]
-        request = SearchRequest(chat_ids=[chat_id], words=words, size=limit)
-        return [hit.message_id for hit in self.search_messages(request).hits]
+        terms = self.analyze(query)
+        if not terms:
+            return []
+        body = {
+            "size": limit,
+            "_source": False,
+            "query": {
+                "bool": {
+                    "filter": [
+                        {"term": {"chat_id": str(chat_id)}},
+                        *({"term": {"tokens": term}} for term in terms),
+                    ]
+                }
+            },
+            "sort": [{"message_id": "desc"}],
+        }
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        return [int(hit["_id"]) for hit in result["hits"]["hits"]]
 
     def search_messages(self, request: SearchRequest) -> SearchHits:
         """One page of the messages of `request.chat_ids` matching every word, in the order of
