@@ -244,13 +244,16 @@ class MessageSearch:
             # One hit more than a page: tells whether another page exists (it is not opened).
             size=options.limit + 1,
         )
+        allowed = {c.chat_id for c in chats}
         found: list[FoundMessage] = []
         dropped = 0
         decrypted = 0
         last: SortKey | None = options.after
         for _ in range(MAX_INDEX_ROUNDS):
             page = self.index.search_messages(request)
-            kept, consumed, opened = self._keep(query, page.hits, options.limit - len(found))
+            kept, consumed, opened = self._keep(
+                query, page.hits, options.limit - len(found), allowed
+            )
             decrypted += opened
             found.extend(kept)
             dropped += consumed - len(kept)
@@ -267,7 +270,7 @@ class MessageSearch:
         return SearchPage(found, cursor, more_chats, len(chats), dropped, decrypted)
 
     def _keep(
-        self, query: ParsedQuery, hits: list[SearchHit], room: int
+        self, query: ParsedQuery, hits: list[SearchHit], room: int, allowed: set[uuid.UUID]
     ) -> tuple[list[FoundMessage], int, int]:
         """Open hits in order until `room` matching messages are kept; returns them, how many
         hits were consumed (looked at: kept or dropped) and how many envelopes were opened.
@@ -280,6 +283,8 @@ class MessageSearch:
             consumed += len(batch)
             messages: list[ReadMessage] = []
             for hit in batch:
+                if hit.chat_id not in allowed:
+                    continue  # the index filtered on these chats already; checked again here
                 row = self.messages.get(hit.chat_id, hit.message_id)
                 if row is None or row.deleted_at is not None:
                     continue  # the index lags behind deletions; the store is the truth

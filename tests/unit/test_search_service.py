@@ -21,7 +21,7 @@ from reader.search import (
     encode_search_cursor,
 )
 from schemas.ids import id_millis
-from sealstream.adapters.opensearch import SortKey, TextToken, WordMatch
+from sealstream.adapters.opensearch import SearchHits, SearchRequest, SortKey, TextToken, WordMatch
 from sealstream.analysis_standin import analyze_one
 from sealstream.http import ApiError
 from sealstream.tokens import unicode_words
@@ -381,3 +381,19 @@ def test_more_chats_than_one_search_covers_is_flagged(
     page = world.service.search_all("alice", "egret")
     assert page.more_chats and page.chats_searched == 2
     assert {f.message.chat_id for f in page.found} == set(newer)
+
+
+def test_hits_of_chats_outside_the_membership_are_dropped_even_if_the_index_returns_them(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine, theirs = world.chat(), world.chat(("carol",))
+    world.post(theirs, "tapir secret")
+    world.post(mine, "tapir mine")
+    search = world.search.search_messages
+
+    def ignoring_the_chat_filter(request: SearchRequest) -> SearchHits:
+        return search(replace(request, chat_ids=[mine, theirs]))
+
+    monkeypatch.setattr(world.search, "search_messages", ignoring_the_chat_filter)
+    page = world.service.search_all("alice", "tapir")
+    assert texts(page) == ["tapir mine"] and page.decrypted == 1
