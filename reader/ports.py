@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Protocol
 
 from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.opensearch import SearchHits, SearchRequest, TextToken, WordMatch
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
 
@@ -14,7 +15,17 @@ from sealstream.crypto import ChatKey
 class ChatDirectory(Protocol):
     """Chat metadata (participants, state, creation time); None for an unknown chat."""
 
-    def get(self, chat_id: uuid.UUID) -> ChatRow | None: ...
+    def get(self, chat_id: uuid.UUID) -> ChatRow | None:
+        """One chat; may be cached briefly (`CachedChatDirectory`)."""
+        ...
+
+    def member_chats(
+        self, user_id: str, limit: int, chat_ids: Collection[uuid.UUID] | None = None
+    ) -> list[ChatRow]:
+        """The not-deleted chats `user_id` belongs to now, newest first, at most `limit`, only
+        those of `chat_ids` when given (`ChatKeyRepository.member_chats`). Never cached: search
+        re-reads membership on every request and page."""
+        ...
 
 
 class MessageSource(Protocol):
@@ -36,6 +47,25 @@ class KeySource(Protocol):
 
 
 class SearchPort(Protocol):
-    """Ids of a chat's messages matching a query, best first (`SearchIndex`)."""
+    """One page of message ids matching a query, in sort order (`SearchIndex`)."""
 
-    def search_chat(self, chat_id: uuid.UUID, query: str, limit: int) -> list[int]: ...
+    def search_messages(self, request: SearchRequest) -> SearchHits: ...
+
+
+class TextAnalyzer(Protocol):
+    """Words of texts with their offsets and positions, as the index's analyzer sees them
+    (`SearchIndex.analyze`; used for queries and for the decrypted texts about to be returned)."""
+
+    def analyze(self, texts: list[str]) -> list[list[TextToken]]: ...
+
+
+class QueryTerms(Protocol):
+    """How one query word becomes index terms for the chats of one tenant.
+
+    The plain implementation (`reader.query.PlainQueryTerms`) uses the words themselves; the
+    blind index plugs in here with keyed terms under each live index key of the tenant."""
+
+    def word_match(self, tenant_id: str, token: TextToken, prefix: bool) -> WordMatch:
+        """The match for `token` in `tenant_id`'s documents; `prefix` asks for a prefix match
+        (the word being typed), which an implementation may decline (blind: no prefix)."""
+        ...

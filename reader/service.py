@@ -14,13 +14,30 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from prometheus_client import Counter, Histogram
 
-from reader.ports import ChatDirectory, KeySource, MessageSource, SearchPort
+from reader.messages import ReadMessage
+from reader.ports import (
+    ChatDirectory,
+    KeySource,
+    MessageSource,
+    QueryTerms,
+    SearchPort,
+    TextAnalyzer,
+)
+from reader.query import PlainQueryTerms
+from reader.search import (
+    SEARCH_LIMIT_DEFAULT,
+    MessageSearch,
+    SearchOptions,
+    SearchPage,
+    check_options,
+    check_query,
+)
 from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
@@ -34,9 +51,6 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_ID = 2**63 - 1  # Cassandra bigint; Snowflake ids are 63-bit
 HISTORY_LIMIT_MAX = 100
 HISTORY_LIMIT_DEFAULT = 50
-SEARCH_LIMIT_MAX = 50
-SEARCH_LIMIT_DEFAULT = 20
-QUERY_MAX_CHARS = 256
 # First history page: start just above "now + skew" so a gateway whose clock runs a little ahead
 # still has its newest messages on page one. Costs at most one extra (empty) bucket read.
 DEFAULT_CLOCK_SKEW_MS = 10 * 60 * 1000
@@ -55,17 +69,6 @@ DECRYPTS_PER_REQUEST = Histogram(
 INTEGRITY_FAILURES = Counter(
     "sealstream_reader_integrity_failures", "Stored envelopes that failed to open"
 )
-
-
-@dataclass(frozen=True)
-class ReadMessage:
-    """One decrypted message as the API returns it (the DEK version stays internal)."""
-
-    message_id: str  # decimal: 64-bit ids exceed JavaScript's safe integers
-    chat_id: uuid.UUID
-    sender_id: str
-    text: str
-    sent_at: datetime
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,10 @@ class CachedChatDirectory:
         lookup: Callable[[uuid.UUID], ChatRow | None],
         ttl_seconds: float = 2.0,
         max_entries: int = 10_000,
+        members: Callable[[str, int, Collection[uuid.UUID] | None], list[ChatRow]] | None = None,
     ) -> None:
         self._lookup = lookup
+        self._members = members
         self._cache: TtlCache[uuid.UUID, ChatRow] = TtlCache(max_entries, ttl_seconds)
 
     def forget(self, chat_id: uuid.UUID) -> None:
@@ -145,6 +150,14 @@ class CachedChatDirectory:
         if chat is not None:
             self._cache.put(chat_id, chat)
         return chat
+
+    def member_chats(
+        self, user_id: str, limit: int, chat_ids: Collection[uuid.UUID] | None = None
+    ) -> list[ChatRow]:
+        """Straight from `members` (Postgres), never cached: a removal takes effect at once."""
+        if self._members is None:
+            raise TypeError("this directory was built without a membership lookup")
+        return self._members(user_id, limit, chat_ids)
 
 
 # --- the service -----------------------------------------------------------------------------
@@ -170,13 +183,22 @@ class ReaderService:
         search_index: SearchPort,
         clock_ms: Callable[[], int] | None = None,
         clock_skew_ms: int = DEFAULT_CLOCK_SKEW_MS,
+        *,
+        analyzer: TextAnalyzer,
+        query_terms: QueryTerms | None = None,
     ) -> None:
+        """`analyzer` analyses queries and the texts about to be returned (the index's own,
+        `SearchIndex.analyze`); `query_terms` turns query words into index terms per tenant
+        (plain words by default; the blind index plugs in its keyed terms here)."""
         self.chats = chats
         self.messages = messages
         self.keys = keys
         self.search_index = search_index
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.clock_skew_ms = clock_skew_ms
+        self.finder = MessageSearch(
+            chats, messages, search_index, analyzer, query_terms or PlainQueryTerms(), self._open
+        )
 
     # --- access ----------------------------------------------------------------------------------
 
@@ -269,23 +291,35 @@ class ReaderService:
         return Page(messages=messages, next_cursor=cursor)
 
     def search(
-        self, user: str, chat_id: uuid.UUID, q: str, limit: int = SEARCH_LIMIT_DEFAULT
-    ) -> list[ReadMessage]:
-        """Messages of the chat holding every word of `q`, in the index's order (newest first)."""
-        _check_limit(limit, SEARCH_LIMIT_MAX)
-        if not 1 <= len(q) <= QUERY_MAX_CHARS or not q.strip():
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"query.q: must be 1 to {QUERY_MAX_CHARS} characters, not only spaces",
-                "query.q",
-            )
+        self,
+        user: str,
+        chat_id: uuid.UUID,
+        q: str,
+        limit: int = SEARCH_LIMIT_DEFAULT,
+        options: SearchOptions | None = None,
+    ) -> SearchPage:
+        """Messages of one chat holding every word of `q` (reader.search); the same search as
+        `search_all`, with the chat's own answers: 404 unknown, 410 deleted, 403 not a member.
+
+        Membership is read afresh (uncached) like `search_all`'s, so both stop at once for a
+        user removed from the chat. `options.chat_ids` is ignored (the path names the chat).
+        """
+        checked = check_options(replace(options or SearchOptions(), limit=limit, chat_ids=None))
+        q = check_query(q)
         self._chat_for(user, chat_id)
-        found: list[ReadMessage] = []
-        for message_id in self.search_index.search_chat(chat_id, q, limit):
-            row = self.messages.get(chat_id, message_id)
-            if row is None or row.deleted_at is not None:
-                continue  # the index lags behind deletions; the store is the truth
-            found.append(self._open(row))
-        DECRYPTS_PER_REQUEST.labels("search").observe(len(found))
-        return found
+        chats = self.finder.member_chats(user, [chat_id])
+        if not chats:  # removed (or deleted) since the cached row was read
+            raise ApiError(403, "forbidden", "you are not a participant of this chat")
+        page = self.finder.run(user, q, checked, chats)
+        DECRYPTS_PER_REQUEST.labels("search").observe(page.decrypted)
+        return page
+
+    def search_all(self, user: str, q: str, options: SearchOptions | None = None) -> SearchPage:
+        """Messages of every chat `user` belongs to now holding every word of `q` (filters,
+        sort and paging in `options`, reader.search). Chats the user is not in, deleted chats and
+        unknown ids in `options.chat_ids` contribute nothing (no error: nothing to learn)."""
+        checked = check_options(options or SearchOptions())
+        q = check_query(q)
+        page = self.finder.run(user, q, checked)
+        DECRYPTS_PER_REQUEST.labels("search_all").observe(page.decrypted)
+        return page

@@ -12,7 +12,8 @@ from reader.api import create_app
 from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.adapters.postgres import Database
+from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.analysis_standin import StandInAnalyzer
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -43,13 +44,17 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         _ensure_keyspace(store)
         index = SearchIndex(settings.opensearch)
         stack.callback(index.close)
-        chats = CachedChatDirectory(keys.chat)
+        chats = CachedChatDirectory(keys.chat, members=ChatKeyRepository(database).member_chats)
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = ReaderService(
             chats=chats,
             messages=store,
             keys=keys,
             search_index=index,
+            # MERGE(icu): `analyzer=index` (SearchIndex.analyze); the stand-in goes away.
+            analyzer=StandInAnalyzer(),
+            # MERGE(blind): the keyed `QueryTerms` of the blind index replaces the default
+            # plain one here (`query_terms=...`).
         )
         app = create_app(
             service, settings, readiness(lambda: stores_reachable(database, store, index))

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from opensearchpy import OpenSearch, helpers
 from opensearchpy.exceptions import (
@@ -58,6 +58,82 @@ class RefusedDocument:
 
     message_id: int
     reason: str  # status, error type and field name only: OpenSearch's own text quotes values
+
+
+# --- search queries (owned by `xsearch`, SEARCH_CONTRACT.md) ---------------------------------
+
+
+# MERGE(icu): `icu` defines TextToken too (SEARCH_CONTRACT.md, same fields); keep theirs.
+@dataclass(frozen=True)
+class TextToken:
+    """One word of a text as the index's analyzer sees it."""
+
+    term: str  # the word normalised: NFKC + case folding
+    folded: str  # `term` accent-folded; == term when nothing to fold
+    start: int  # code-point offsets into the analysed text: text[start:end] is the word as written
+    end: int
+    position: int  # 0, 1, 2 ... word position in the text (for phrase checks)
+
+
+@dataclass(frozen=True)
+class WordMatch:
+    """One query word. A document matches the word when its `tokens` holds any of `any_of`
+    (or, with `prefix`, any token starting with it); `exact` terms only raise the score."""
+
+    any_of: list[str]
+    exact: list[str]
+    prefix: str | None = None
+
+
+SearchSort = Literal["newest", "relevance"]
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """Where a page ended: the last hit's sort values (`score` is 0.0 for "newest")."""
+
+    score: float
+    message_id: int
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One page of a search. `chat_ids` are the chats the caller may read (the reader reads
+    them from Postgres per request; at most `MAX_SEARCH_CHATS`); `min_id` is inclusive and
+    `max_id` exclusive (a time range, as message ids order by time); `size` hits at most."""
+
+    chat_ids: list[uuid.UUID]
+    words: list[WordMatch]
+    sender_id: str | None = None
+    min_id: int | None = None
+    max_id: int | None = None
+    sort: SearchSort = "newest"
+    after: SortKey | None = None
+    size: int = 20
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    message_id: int
+    chat_id: uuid.UUID
+    score: float  # the count of exactly matched words for "relevance"; 0.0 for "newest"
+
+    @property
+    def key(self) -> SortKey:
+        return SortKey(self.score, self.message_id)
+
+
+@dataclass(frozen=True)
+class SearchHits:
+    """Hits in sort order; `exhausted` when the index holds no further hit after these."""
+
+    hits: list[SearchHit]
+    exhausted: bool
+
+
+#: The most chats one search filters on: a `terms` query of this many chat ids stays far below
+#: OpenSearch's `index.max_terms_count` (65,536) and a ~400 KB request body.
+MAX_SEARCH_CHATS = 10_000
 
 
 _FIELDS = ("message_id", "chat_id", "tenant_id", "sender_id", "sent_at", "tokens")
@@ -259,6 +335,69 @@ class SearchIndex:
         }
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]
+
+    def search_messages(self, request: SearchRequest) -> SearchHits:
+        """One page of the messages of `request.chat_ids` matching every word, in the order of
+        `request.sort`, after `request.after` (OpenSearch's `search_after`).
+
+        Deletion tombstones never match. Nothing to match (no word or no chat) is an empty,
+        exhausted page without a request. Raises StoreUnavailable (retriable) / SearchRejected.
+        """
+        if not request.words or not request.chat_ids:
+            return SearchHits(hits=[], exhausted=True)
+        filters: list[dict[str, Any]] = [
+            {"terms": {"chat_id": sorted({str(c) for c in request.chat_ids})}}
+        ]
+        if request.sender_id is not None:
+            filters.append({"term": {"sender_id": request.sender_id}})
+        id_range: dict[str, int] = {}
+        if request.min_id is not None:
+            id_range["gte"] = request.min_id
+        if request.max_id is not None:
+            id_range["lt"] = request.max_id
+        if id_range:
+            filters.append({"range": {"message_id": id_range}})
+        for word in request.words:
+            either: list[dict[str, Any]] = [{"terms": {"tokens": list(word.any_of)}}]
+            if word.prefix:
+                either.append({"prefix": {"tokens": word.prefix}})
+            filters.append({"bool": {"should": either, "minimum_should_match": 1}})
+        query: dict[str, Any] = {"filter": filters, "must_not": [{"term": {"deleted": True}}]}
+        if request.sort == "relevance":
+            # Filters do not score; each word matched by one of its exact terms adds 1, so the
+            # score is the count of exactly matched words (whole numbers: stable for paging).
+            query["should"] = [
+                {"constant_score": {"filter": {"terms": {"tokens": list(w.exact)}}, "boost": 1}}
+                for w in request.words
+                if w.exact
+            ]
+            sort: list[dict[str, str]] = [{"_score": "desc"}, {"message_id": "desc"}]
+        else:
+            sort = [{"message_id": "desc"}]
+        body: dict[str, Any] = {
+            "size": request.size,
+            "_source": ["chat_id"],
+            "track_total_hits": False,
+            "query": {"bool": query},
+            "sort": sort,
+        }
+        if request.after is not None:
+            after = request.after
+            body["search_after"] = (
+                [after.score, after.message_id]
+                if request.sort == "relevance"
+                else [after.message_id]
+            )
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        hits = [
+            SearchHit(
+                message_id=int(hit["_id"]),
+                chat_id=uuid.UUID(hit["_source"]["chat_id"]),
+                score=float(hit["sort"][0]) if request.sort == "relevance" else 0.0,
+            )
+            for hit in result["hits"]["hits"]
+        ]
+        return SearchHits(hits=hits, exhausted=len(hits) < request.size)
 
     def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
         """Replace a message's document by its tombstone (idempotent; works before the message

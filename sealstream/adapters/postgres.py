@@ -677,6 +677,28 @@ class ChatKeyRepository:
             ).fetchall()
         return {r["chat_id"]: ChatState(r["state"], r["days"], r["tenant_id"]) for r in rows}
 
+    def member_chats(
+        self, user_id: str, limit: int, chat_ids: Collection[uuid.UUID] | None = None
+    ) -> list[ChatRow]:
+        """The chats `user_id` belongs to now (its id is in `participants`) that are not deleted,
+        newest first, at most `limit`; only those of `chat_ids` when given (unknown ids, and
+        chats the user is not in, are simply absent). Answered by the GIN index on participants
+        (schemas/postgres/009_participants_index.sql); read per search, never cached, so a user
+        removed from a chat stops finding it at once."""
+        sql = (
+            "SELECT chat_id, tenant_id, participants, state, created_at, updated_at FROM chats"
+            " WHERE participants @> ARRAY[%s]::text[] AND state <> 'deleted'"
+        )
+        params: list[Any] = [user_id]
+        if chat_ids is not None:
+            sql += " AND chat_id = ANY(%s)"
+            params.append(list(chat_ids))
+        sql += " ORDER BY created_at DESC, chat_id LIMIT %s"
+        params.append(limit)
+        with self.db.connection() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_chat(r) for r in rows]
+
     def destroy_versions_retired_before(
         self,
         chat_id: uuid.UUID,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -20,7 +20,9 @@ from reader.service import (
 )
 from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.opensearch import SearchHit, SearchHits, SearchRequest, WordMatch
 from sealstream.adapters.postgres import ChatRow
+from sealstream.analysis_standin import StandInAnalyzer, analyze_one
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
 from sealstream.http import ApiError
@@ -32,10 +34,26 @@ class FakeChats:
     def __init__(self) -> None:
         self.rows: dict[uuid.UUID, ChatRow] = {}
         self.lookups = 0
+        self.member_lookups = 0
 
     def get(self, chat_id: uuid.UUID) -> ChatRow | None:
         self.lookups += 1
         return self.rows.get(chat_id)
+
+    def member_chats(
+        self, user_id: str, limit: int, chat_ids: Collection[uuid.UUID] | None = None
+    ) -> list[ChatRow]:
+        """Same contract as ChatKeyRepository.member_chats: not deleted, newest first."""
+        self.member_lookups += 1
+        rows = [
+            r
+            for r in self.rows.values()
+            if user_id in r.participants
+            and r.state != "deleted"
+            and (chat_ids is None or r.chat_id in chat_ids)
+        ]
+        rows.sort(key=lambda r: (-r.created_at.timestamp(), str(r.chat_id)))
+        return rows[:limit]
 
 
 class FakeMessages:
@@ -91,13 +109,48 @@ class FakeKeys:
 
 
 class FakeSearch:
-    def __init__(self) -> None:
-        self.hits: list[int] = []
-        self.calls: list[tuple[uuid.UUID, str, int]] = []
+    """Same contract as SearchIndex.search_messages over documents of index terms (each word's
+    `term` and `folded`, as the indexer stores them); `docs` may hold stale documents (rows the
+    store no longer has), as the real index does until it catches up."""
 
-    def search_chat(self, chat_id: uuid.UUID, query: str, limit: int) -> list[int]:
-        self.calls.append((chat_id, query, limit))
-        return self.hits[:limit]
+    def __init__(self) -> None:
+        self.docs: dict[int, tuple[uuid.UUID, str, set[str]]] = {}
+        self.requests: list[SearchRequest] = []
+
+    def add(self, chat_id: uuid.UUID, message_id: int, sender: str, text: str) -> None:
+        terms = {form for t in analyze_one(text) for form in (t.term, t.folded)}
+        self.docs[message_id] = (chat_id, sender, terms)
+
+    def search_messages(self, request: SearchRequest) -> SearchHits:
+        self.requests.append(request)
+
+        def holds(terms: set[str], word: WordMatch) -> bool:
+            return bool(terms & set(word.any_of)) or bool(
+                word.prefix and any(t.startswith(word.prefix) for t in terms)
+            )
+
+        hits = []
+        for message_id, (chat, sender, terms) in self.docs.items():
+            if chat not in request.chat_ids or not all(holds(terms, w) for w in request.words):
+                continue
+            if request.sender_id is not None and sender != request.sender_id:
+                continue
+            if request.min_id is not None and message_id < request.min_id:
+                continue
+            if request.max_id is not None and message_id >= request.max_id:
+                continue
+            score = (
+                float(sum(1 for w in request.words if terms & set(w.exact)))
+                if request.sort == "relevance"
+                else 0.0
+            )
+            hits.append(SearchHit(message_id, chat, score))
+        hits.sort(key=lambda h: (-h.score, -h.message_id))
+        if request.after is not None:
+            after = (-request.after.score, -request.after.message_id)
+            hits = [h for h in hits if (-h.score, -h.message_id) > after]
+        page = hits[: request.size]
+        return SearchHits(page, exhausted=len(page) < request.size)
 
 
 class World:
@@ -111,7 +164,12 @@ class World:
         self.clock = NOW_MS - 30 * 24 * 3600 * 1000  # messages are made over the past 30 days
         self.ids = SnowflakeIds(3, clock_ms=lambda: self.clock)
         self.service = ReaderService(
-            self.chats, self.messages, self.keys, self.search, clock_ms=lambda: NOW_MS
+            self.chats,
+            self.messages,
+            self.keys,
+            self.search,
+            clock_ms=lambda: NOW_MS,
+            analyzer=StandInAnalyzer(),
         )
 
     def chat(
@@ -125,7 +183,15 @@ class World:
         self.keys.new_version(chat_id)
         return chat_id
 
-    def post(self, chat_id: uuid.UUID, text: str, sender: str = "alice", step_ms: int = 1) -> int:
+    def post(
+        self,
+        chat_id: uuid.UUID,
+        text: str,
+        sender: str = "alice",
+        step_ms: int = 1,
+        indexed: bool = True,
+    ) -> int:
+        """Seal `text` into the store and (like the indexer) its terms into the index."""
         self.clock += step_ms
         message_id = self.ids.next_id()
         version = max(v for c, v in self.keys.keys if c == chat_id)
@@ -140,6 +206,8 @@ class World:
                 created_at=datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
             )
         )
+        if indexed:
+            self.search.add(chat_id, message_id, sender, text)
         return message_id
 
     def tamper(self, chat_id: uuid.UUID, message_id: int, position: int = -5) -> None:
@@ -190,7 +258,6 @@ def test_access_rules_are_checked_before_any_message_is_touched(
 ) -> None:
     chat = world.chat(participants, state)
     message_id = world.post(chat, "secret")
-    world.search.hits = [message_id]
     world.messages.touched = 0
     calls: list[Callable[[], object]] = [
         lambda: world.service.message(user, chat, message_id),
@@ -203,7 +270,7 @@ def test_access_rules_are_checked_before_any_message_is_touched(
         assert api_error(excinfo)[:2] == (status, code)
         assert "secret" not in excinfo.value.message
     assert world.messages.touched == 0
-    assert world.search.calls == []
+    assert world.search.requests == []
 
 
 def test_unknown_chat_is_404(world: World) -> None:
@@ -342,21 +409,26 @@ def test_history_limit_is_1_to_100(world: World, limit: int) -> None:
 # --- search ------------------------------------------------------------------------------------
 
 
-def test_search_returns_decrypted_messages_in_search_order_skipping_gone_rows(
+def test_search_returns_decrypted_messages_newest_first_skipping_gone_rows(
     world: World,
 ) -> None:
     chat = world.chat()
     ids = [world.post(chat, f"lantern number {i} — ünï") for i in range(5)]
-    world.delete(chat, ids[1])
-    world.search.hits = [ids[3], ids[1], 987654321, ids[0], ids[4]]
-    found = world.service.search("bob", chat, "lantern", 10)
-    assert [m.message_id for m in found] == [str(ids[3]), str(ids[0]), str(ids[4])]
-    assert [m.text for m in found] == [
-        "lantern number 3 — ünï",
-        "lantern number 0 — ünï",
-        "lantern number 4 — ünï",
+    world.delete(chat, ids[1])  # the index still has it
+    world.search.add(chat, 987654321, "alice", "lantern of a row the store never had")
+    page = world.service.search("bob", chat, "lantern", 10)
+    assert [m.message.message_id for m in page.found] == [
+        str(i) for i in (ids[4], ids[3], ids[2], ids[0])
     ]
-    assert world.search.calls == [(chat, "lantern", 10)]
+    assert [m.message.text for m in page.found] == [
+        "lantern number 4 — ünï",
+        "lantern number 3 — ünï",
+        "lantern number 2 — ünï",
+        "lantern number 0 — ünï",
+    ]
+    assert page.next_cursor is None
+    [request] = world.search.requests
+    assert request.chat_ids == [chat] and request.size == 11  # one more: is there a next page?
 
 
 @pytest.mark.parametrize(
@@ -373,11 +445,11 @@ def test_search_validates_q_and_limit(world: World, q: str, limit: int, field: s
     with pytest.raises(ApiError) as excinfo:
         world.service.search("alice", world.chat(), q, limit)
     assert api_error(excinfo) == (422, "invalid_request", field)
-    assert world.search.calls == []
+    assert world.search.requests == []
 
 
 def test_search_accepts_256_characters(world: World) -> None:
-    assert world.service.search("alice", world.chat(), "y" * 256, 50) == []
+    assert world.service.search("alice", world.chat(), "y" * 256, 50).found == []
 
 
 # --- integrity and key versions ----------------------------------------------------------------
@@ -390,7 +462,6 @@ def test_tampered_envelope_raises_decryption_error_without_text(
     chat = world.chat()
     message_id = world.post(chat, "meet at the old mill at noon")
     world.tamper(chat, message_id, position)
-    world.search.hits = [message_id]
     caplog.set_level(logging.DEBUG)
     for call in (
         lambda: world.service.message("alice", chat, message_id),
