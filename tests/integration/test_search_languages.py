@@ -1,0 +1,228 @@
+"""Search recall in many languages and scripts, on the real OpenSearch (its ICU analysis).
+
+Messages go in the way the indexer takes them (raw Kafka record values through
+`indexer.logic.index_batch`: one `_analyze` pass, then the index terms) and come back through
+`SearchIndex.search_chat`, one fresh chat per case. Each case names the queries a user expects to
+find the message with, and the queries that must not find it (another word, a fragment of a word
+where ICU segments words). docs/search.md, "Languages", lists what each script gets.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import uuid
+
+import pytest
+
+from indexer.logic import index_batch
+from schemas.ids import SnowflakeIds
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.streaming import RawRecord
+
+IDS = SnowflakeIds(7)
+
+
+def index_texts(index: SearchIndex, texts: list[str]) -> tuple[uuid.UUID, list[int]]:
+    """Index `texts` (oldest first) into a fresh chat through the indexer's logic."""
+    chat = uuid.uuid4()
+    ids = [IDS.next_id() for _ in texts]
+    records = [
+        RawRecord(
+            "t",
+            0,
+            n,
+            str(chat).encode(),
+            json.dumps(
+                {
+                    "message_id": message_id,
+                    "chat_id": str(chat),
+                    "sender_id": "alice",
+                    "text": text,
+                    "sent_at": "2026-12-01T10:00:00+00:00",
+                }
+            ).encode(),
+        )
+        for n, (message_id, text) in enumerate(zip(ids, texts, strict=True))
+    ]
+    assert index_batch(records, index) == []
+    index.refresh()
+    return chat, ids
+
+
+# (case, message, queries that find it, queries that must not)
+LANGUAGES = [
+    (
+        "english",
+        "The quick brown fox jumps over the lazy dog",
+        ["lazy dog", "QUICK Fox", "the DOG"],
+        ["cat", "lazy cat"],
+    ),
+    (
+        "french accents",
+        "Le café est très bon à Paris",
+        ["café", "cafe", "tres bon", "TRÈS", "paris"],
+        ["thé", "cafes"],
+    ),
+    (
+        "spanish accents",
+        "¿Dónde está la estación de tren?",
+        ["donde esta", "estación", "ESTACION", "tren"],
+        ["avión"],
+    ),
+    (
+        "german sharp s",
+        "Die Straße ist sehr groß",
+        ["Straße", "strasse", "STRASSE", "gross", "groß"],
+        ["weg"],
+    ),
+    (
+        "russian",
+        "Москва — столица России, я купил ёлку",
+        ["москва", "МОСКВА столица", "России", "елку", "ЁЛКУ"],
+        ["Петербург"],
+    ),
+    (
+        "greek final sigma",
+        "Ο Σωκράτης ήταν σοφός",
+        ["σοφός", "ΣΟΦΟΣ", "σοφος", "Σωκρατης"],
+        ["Πλάτων"],
+    ),
+    (
+        "arabic",
+        "مرحبا بكم في القاهرة",
+        ["القاهرة", "مرحبا", "مَرْحَبًا"],  # the last one written with its vowel marks
+        ["بيروت"],
+    ),
+    (
+        "hebrew",
+        "שלום עולם, מה שלומך?",
+        ["עולם", "שלום", "שָׁלוֹם"],  # the last one with niqqud
+        ["ירושלים"],
+    ),
+    (
+        "hindi",
+        "मैं दिल्ली में रहता हूँ",
+        ["दिल्ली", "रहता"],
+        ["मुंबई"],
+    ),
+    (
+        # "I like to eat fried rice very much": no spaces; "eat" is found inside the run, and
+        # "vegetable" (ผัก), made of letters of the text, is not.
+        "thai",
+        "ผมชอบกินข้าวผัดมาก",
+        ["กิน", "ข้าวผัด", "ชอบ"],
+        ["ผัก", "ปลา"],
+    ),
+    (
+        "lao",  # "I love the country of Laos"
+        "ຂ້ອຍຮັກປະເທດລາວ",
+        ["ປະເທດ", "ລາວ"],
+        ["ໄທ"],
+    ),
+    (
+        "khmer",  # "I love Cambodia"
+        "ខ្ញុំស្រឡាញ់ប្រទេសកម្ពុជា",
+        ["កម្ពុជា", "ប្រទេស"],
+        ["ថៃ"],
+    ),
+    (
+        "myanmar",  # "I live in Yangon"
+        "ကျွန်တော် ရန်ကုန်မှာ နေတယ်",
+        ["ရန်ကုန်"],
+        ["မန္တလေး"],
+    ),
+    (
+        # Whole words are found; "京烤" (the end of Beijing + the start of roast) is not.
+        "chinese",
+        "我喜欢吃北京烤鸭",
+        ["北京", "烤鸭", "喜欢"],
+        ["京烤", "上海"],
+    ),
+    (
+        # "I live in Tokyo-to": 東京 is found; 京都 (Kyoto), written inside 東京都, is not.
+        "japanese",
+        "東京都に住んでいます",
+        ["東京", "住んで"],
+        ["京都", "大阪"],
+    ),
+    (
+        # Hangul words are space-separated; particles stay on the word (no morphology).
+        "korean",
+        "서울에서 친구를 만났어요",
+        ["서울에서", "친구를", "서울"],  # "서울" as the last word typed: a prefix
+        ["부산", "서울 "],  # "서울 " is complete (ends in a space): no word "서울" alone
+    ),
+    (
+        "vietnamese",
+        "Tôi yêu Việt Nam và Đà Nẵng",
+        ["Việt Nam", "viet nam", "da nang", "ĐÀ NẴNG", "yêu"],
+        ["Hà Nội"],
+    ),
+    (
+        "mixed scripts and emoji",
+        "Meeting at 東京 tomorrow 🎉 très bien! Привет",
+        ["tomorrow 🎉", "東京 meeting", "tres bien", "привет", "🎉"],
+        ["🎂", "東京 cancelled"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "hits", "misses"),
+    [case[1:] for case in LANGUAGES],
+    ids=[case[0] for case in LANGUAGES],
+)
+def test_words_are_found_in_every_script(
+    search_index: SearchIndex, text: str, hits: list[str], misses: list[str]
+) -> None:
+    chat, ids = index_texts(search_index, [text, "an unrelated message about nothing"])
+    for query in hits:
+        assert search_index.search_chat(chat, query) == [ids[0]], f"{query!r} should find it"
+    for query in misses:
+        assert search_index.search_chat(chat, query) == [], f"{query!r} should not find it"
+
+
+def test_unicode_forms_meet_nfc_nfd_and_fullwidth(search_index: SearchIndex) -> None:
+    nfc = unicodedata.normalize("NFC", "Rendez-vous au café de la gare")
+    nfd = unicodedata.normalize("NFD", "Un thé glacé à emporter")
+    assert nfc != unicodedata.normalize("NFD", nfc) and nfd != unicodedata.normalize("NFC", nfd)
+    chat, ids = index_texts(search_index, [nfc, nfd, "Ｐａｒｉｓ ＴＯＫＹＯ", "London"])
+    assert search_index.search_chat(chat, unicodedata.normalize("NFD", "café")) == [ids[0]]
+    assert search_index.search_chat(chat, unicodedata.normalize("NFC", "glacé")) == [ids[1]]
+    assert search_index.search_chat(chat, "paris tokyo") == [ids[2]]
+    assert search_index.search_chat(chat, "ｌｏｎｄｏｎ") == [ids[3]]
+    assert search_index.search_chat(chat, "ｂｅｒｌｉｎ") == []
+
+
+def test_accents_match_both_ways_and_exact_ranks_first(search_index: SearchIndex) -> None:
+    # The accented message is the older one: only the exact match can put it first.
+    chat, ids = index_texts(
+        search_index, ["Le café est ouvert", "Le cafe est ouvert", "Le bar est ouvert"]
+    )
+    accented, plain, _ = ids
+    assert search_index.search_chat(chat, "café ouvert") == [accented, plain]
+    assert search_index.search_chat(chat, unicodedata.normalize("NFD", "CAFÉ")) == [
+        accented,
+        plain,
+    ]
+    # Without accents both match (newest first): a message written "café" also holds "cafe",
+    # so an unaccented query cannot tell the two apart (docs/search.md, "Analysis").
+    assert search_index.search_chat(chat, "cafe") == [plain, accented]
+
+
+def test_prefix_of_the_last_word_only(search_index: SearchIndex) -> None:
+    chat, ids = index_texts(
+        search_index, ["a happy quokka smiles", "the quokkas sleep", "quiet day"]
+    )
+    happy, sleepy, _ = ids
+    assert search_index.search_chat(chat, "quok") == [sleepy, happy]
+    assert search_index.search_chat(chat, "happy quok") == [happy]
+    assert search_index.search_chat(chat, "Quokk") == [sleepy, happy]
+    # A complete last word (query ends in a space or a quote) is matched whole, not as a prefix.
+    assert search_index.search_chat(chat, "quok ") == []
+    assert search_index.search_chat(chat, '"quok"') == []
+    # Only the last word is a prefix.
+    assert search_index.search_chat(chat, "quok happy") == []
+    # A word typed in full ranks above words it only begins, though older.
+    assert search_index.search_chat(chat, "quokka") == [happy, sleepy]
