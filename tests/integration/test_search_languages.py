@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001 - text in other scripts (and fullwidth Latin) is what these tests are about
 """Search recall in many languages and scripts, on the real OpenSearch (its ICU analysis).
 
 Messages go in the way the indexer takes them (raw Kafka record values through
