@@ -93,8 +93,10 @@ def split_analyzed(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> li
         if first_position < 0:
             first_position = position
         if last is not None and last.position == position - first_position:
-            # The folded form of the word before (same position): it replaces `folded`.
-            words[-1] = TextToken(last.term, item["token"], last.start, last.end, last.position)
+            # The folded form of the word before (same position): it replaces `folded`, unless
+            # folding left nothing (a word of marks only, e.g. a tatweel): then the word stays.
+            folded = item["token"] or last.term
+            words[-1] = TextToken(last.term, folded, last.start, last.end, last.position)
             last = None  # a third token at one position would be another word: never merged
             continue
         local_start = start - start_of_text

@@ -292,7 +292,7 @@ class SearchIndex:
         finally:
             self._run(
                 lambda: self._client.indices.open(
-                    index=self.index, wait_for_active_shards="all", timeout="120s"
+                    index=self.index, wait_for_active_shards="all", request_timeout=120
                 )
             )
 

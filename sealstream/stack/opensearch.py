@@ -28,6 +28,7 @@ from opensearchpy.exceptions import OpenSearchException
 from sealstream.stack.base import Server, StackError
 
 MAIN_CLASS = "SealstreamNode"
+ICU_PLUGIN = "SealstreamIcuPlugin"  # how the node lists the classpath plugin (its class name)
 CLUSTER_NAME = "sealstream-local"
 NODE_NAME = "sealstream"
 _POM_VERSION = re.compile(r"<opensearch\.version>\s*([^<\s]+)\s*</opensearch\.version>")
@@ -217,6 +218,7 @@ class OpenSearchServer(Server):
         try:
             health: dict[str, Any] = client.cluster.health()
             info: dict[str, Any] = client.info()
+            plugins: dict[str, Any] = client.nodes.info(metric="plugins")
         except OpenSearchException as exc:
             raise StackError(f"OpenSearch at {self.url} does not answer: {exc}") from exc
         finally:
@@ -225,4 +227,15 @@ class OpenSearchServer(Server):
         if status not in ("green", "yellow"):
             raise StackError(f"OpenSearch at {self.url} answers but its cluster is {status}")
         number = info.get("version", {}).get("number") or self.version()
+        names = {
+            plugin.get("name")
+            for node in plugins.get("nodes", {}).values()
+            for plugin in node.get("plugins", [])
+        }
+        if not names & {ICU_PLUGIN, "analysis-icu"}:
+            # A node started before the plugin was added (`stack up` leaves a running node be).
+            return (
+                f"OpenSearch {number}, WITHOUT ICU analysis: restart it with `sealstream stack "
+                "down --only opensearch` then `sealstream stack up --only opensearch`"
+            )
         return f"OpenSearch {number}"

@@ -13,13 +13,19 @@ from __future__ import annotations
 import json
 import unicodedata
 import uuid
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from indexer.logic import index_batch
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, SearchRejected
+from sealstream.errors import StoreUnavailable
+from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
+
+REPO = Path(__file__).resolve().parents[2]
 
 IDS = SnowflakeIds(7)
 
@@ -227,3 +233,57 @@ def test_prefix_of_the_last_word_only(search_index: SearchIndex) -> None:
     assert search_index.search_chat(chat, "quok happy") == []
     # A word typed in full ranks above words it only begins, though older.
     assert search_index.search_chat(chat, "quokka") == [happy, sleepy]
+
+
+def test_migrate_gives_an_existing_index_its_analyzers(smoke_settings: Settings) -> None:
+    """An index made before ICU analysis (no analyzers, no `index_key_version`) gets them in
+    place: analysis settings are static, so `migrate` closes and reopens the index. While it is
+    closed the indexer's calls are retriable (StoreUnavailable), never dead letters."""
+    cfg = smoke_settings.opensearch.model_copy(
+        update={"index_prefix": f"{smoke_settings.opensearch.index_prefix}-pre-icu"}
+    )
+    index = SearchIndex(cfg)
+    body = json.loads((REPO / "schemas/opensearch/messages.json").read_text())
+    del body["settings"]["analysis"], body["settings"]["analyze.max_token_count"]
+    del body["mappings"]["properties"]["index_key_version"]
+    index.drop()
+    index._client.indices.create(index=index.index, body=body)
+    try:
+        chat = uuid.uuid4()
+        sent = datetime.now(UTC)
+        assert (
+            index.index_many([IndexedMessage(1, chat, "default", "alice", sent, ["hello"])]) == []
+        )
+        with pytest.raises(SearchRejected):
+            index.analyze(["no analyzer yet"])
+        index._client.indices.close(index=index.index)
+        with pytest.raises(StoreUnavailable):
+            index.index_many([IndexedMessage(2, chat, "default", "alice", sent, ["closed"])])
+        with pytest.raises(StoreUnavailable):
+            index.analyze(["closed for a moment"])
+        index._client.indices.open(index=index.index, wait_for_active_shards="all")
+
+        index.migrate()
+        index.migrate()  # idempotent: nothing left to change
+        assert [(t.term, t.folded) for t in index.analyze(["Grüße"])[0]] == [("grüsse", "grusse")]
+        mapping = index._client.indices.get_mapping(index=index.index)[index.index]["mappings"]
+        assert mapping["properties"]["index_key_version"] == {"type": "integer"}
+        settings = index._client.indices.get_settings(index=index.index, flat_settings=True)
+        assert settings[index.index]["settings"]["index.analyze.max_token_count"] == "100000"
+        index.refresh()
+        assert index.search_chat(chat, "hello") == [1]  # documents indexed before stay found
+    finally:
+        index.drop()
+        index.close()
+
+
+def test_edge_words_long_empty_folded_and_emoji_sequences(search_index: SearchIndex) -> None:
+    long_word = "ﷺ" * 5000  # one word; NFKC makes it 90,000 characters
+    texts = [long_word, "ـ", "family 👨‍👩‍👧 thumbs 👍🏽", "x" * 300 + " tail"]
+    tokens = search_index.analyze(texts)
+    assert all(len(t.term) <= 255 and t.folded for text in tokens for t in text)
+    chat, ids = index_texts(search_index, texts)  # none refused (terms stay under Lucene's limit)
+    assert search_index.search_chat(chat, "ـ") == [ids[1]]
+    assert search_index.search_chat(chat, "👨‍👩‍👧") == [ids[2]]
+    assert search_index.search_chat(chat, "👍🏽 family") == [ids[2]]
+    assert search_index.search_chat(chat, "x" * 300) == [ids[3]]  # cut the same way as indexed
