@@ -42,6 +42,44 @@ def document_terms(tokens: Sequence[TextToken]) -> list[str]:
     return sorted(found)
 
 
+def utf16_length(text: str) -> int:
+    """How many UTF-16 code units `text` is (what Java's offsets count)."""
+    if text.isascii() or max(text) < _ASTRAL:
+        return len(text)
+    return len(text) + sum(1 for char in text if char >= _ASTRAL)
+
+
+def split_terms(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """`document_terms` of each text straight from an `_analyze` answer that holds only `token`
+    and `start_offset` (the indexer's path: it needs no offsets or positions, and parsing half
+    the fields halves its CPU per message). Equal to `document_terms` of `split_analyzed`: every
+    token is a term or a folded form, and an empty folded form (which `split_analyzed` replaces
+    by the term) is dropped. ValueError like `split_analyzed`."""
+    found: list[set[str]] = [set() for _ in texts]
+    if not tokens:
+        return [[] for _ in texts]
+    ends: list[int] = []
+    base = 0
+    for text in texts:
+        length = utf16_length(text)
+        ends.append(base + length)
+        base += length + OFFSET_GAP
+    which = 0
+    end = ends[0]
+    current = found[0]
+    for item in tokens:
+        if item["start_offset"] > end:
+            while item["start_offset"] > ends[which]:
+                which += 1
+                if which == len(texts):
+                    raise ValueError("an _analyze token lies beyond the texts sent")
+            end, current = ends[which], found[which]
+        current.add(item["token"])
+    for terms in found:
+        terms.discard("")
+    return [sorted(terms) for terms in found]
+
+
 def utf16_units(text: str) -> list[int] | None:
     """Code-point offset of each UTF-16 unit of `text` (and of its end), or None when the two
     agree (no character outside the Basic Multilingual Plane: the common case, checked in C)."""

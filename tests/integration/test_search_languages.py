@@ -20,7 +20,12 @@ import pytest
 
 from indexer.logic import index_batch
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, SearchRejected
+from sealstream.adapters.opensearch import (
+    IndexedMessage,
+    SearchIndex,
+    SearchRejected,
+    document_terms,
+)
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
@@ -287,3 +292,12 @@ def test_edge_words_long_empty_folded_and_emoji_sequences(search_index: SearchIn
     assert search_index.search_chat(chat, "👨‍👩‍👧") == [ids[2]]
     assert search_index.search_chat(chat, "👍🏽 family") == [ids[2]]
     assert search_index.search_chat(chat, "x" * 300) == [ids[3]]  # cut the same way as indexed
+
+
+def test_the_indexers_terms_are_document_terms_of_analyze(search_index: SearchIndex) -> None:
+    """`analyze_terms` (the indexer's one-pass path) gives what `analyze` + `document_terms`
+    give, for every sentence of this file in one batch."""
+    texts = [case[1] for case in LANGUAGES] + ["", "ـ", "x" * 300, "a😀b 👨‍👩‍👧"]
+    expected = [document_terms(tokens) for tokens in search_index.analyze(texts)]
+    assert search_index.analyze_terms(texts) == expected
+    assert all(expected[: len(LANGUAGES)])

@@ -36,7 +36,6 @@ from sealstream.streaming import (
     consumer_config,
     run_until_done,
 )
-from sealstream.tokens import TextToken
 
 IDS = SnowflakeIds(5)
 
@@ -96,13 +95,10 @@ class RefusingIndex:
         self.indexed: list[IndexedMessage] = []
         self.failures = failures
 
-    def analyze(self, texts: list[str]) -> list[list[TextToken]]:
+    def analyze_terms(self, texts: list[str]) -> list[list[str]]:
         """A stand-in for OpenSearch's analysis (tests/integration/test_search_languages.py
         covers the real one): words split at spaces, lowercased."""
-        return [
-            [TextToken(w.lower(), w.lower(), 0, 0, n) for n, w in enumerate(t.split())]
-            for t in texts
-        ]
+        return [sorted({w.lower() for w in t.split()}) for t in texts]
 
     def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
         if self.failures:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from sealstream.tokens import TextToken, document_terms, split_analyzed, utf16_units
+from sealstream.tokens import (
+    TextToken,
+    document_terms,
+    split_analyzed,
+    split_terms,
+    utf16_units,
+)
 
 
 def token(text: str, start: int, end: int, position: int) -> dict[str, object]:
@@ -64,3 +70,26 @@ def test_a_word_folding_cannot_empty_keeps_its_term() -> None:
     split = split_analyzed(["ـ"], [token("ـ", 0, 1, 0), token("", 0, 1, 0)])
     assert split == [[TextToken("ـ", "ـ", 0, 1, 0)]]
     assert document_terms(split[0]) == ["ـ"]
+
+
+def test_split_terms_is_document_terms_of_split_analyzed() -> None:
+    texts = ["Café 😀 ok", "", "ـ", "naïve café"]
+    answer = [
+        token("café", 0, 4, 0),
+        token("cafe", 0, 4, 0),
+        token("😀", 5, 7, 1),
+        token("ok", 8, 10, 2),
+        token("ـ", 12, 13, 203),
+        token("", 12, 13, 203),
+        token("naïve", 14, 19, 304),
+        token("naive", 14, 19, 304),
+        token("café", 20, 24, 305),
+        token("cafe", 20, 24, 305),
+    ]
+    short = [{"token": t["token"], "start_offset": t["start_offset"]} for t in answer]
+    expected = [document_terms(tokens) for tokens in split_analyzed(texts, answer)]
+    assert split_terms(texts, short) == expected
+    assert expected == [["cafe", "café", "ok", "😀"], [], ["ـ"], ["cafe", "café", "naive", "naïve"]]
+    assert split_terms(["a"], []) == [[]]
+    with pytest.raises(ValueError, match="beyond the texts"):
+        split_terms(["ab"], [{"token": "zz", "start_offset": 5}])
