@@ -149,13 +149,13 @@ LANGUAGES = [
         "chinese",
         "我喜欢吃北京烤鸭",
         ["北京", "烤鸭", "喜欢"],
-        ["京烤", "上海"],
+        ["京烤", "鸭", "上海"],
     ),
     (
         # "I live in Tokyo-to": 東京 is found; 京都 (Kyoto), written inside 東京都, is not.
         "japanese",
-        "東京都に住んでいます",
-        ["東京", "住んで"],
+        "東京都に住んでいます ｶﾀｶﾅ",
+        ["東京", "住んで", "カタカナ"],  # half-width katakana written, full-width typed
         ["京都", "大阪"],
     ),
     (

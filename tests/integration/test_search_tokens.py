@@ -9,6 +9,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,6 +63,15 @@ def wire(search_index: SearchIndex) -> Iterator[list[tuple[str, bytes]]]:
         del connection.perform_request
 
 
+def node_logs(client: OpenSearch) -> dict[Path, bytes]:
+    """Every log file of the (local) node: `path.logs` and the local stack's `server.log`."""
+    [node] = client.nodes.info(node_id="_local", metric="settings")["nodes"].values()
+    paths = node["settings"]["path"]
+    files = [p for p in Path(paths["logs"]).rglob("*") if p.is_file()]
+    files += [p for p in [Path(paths["home"]) / "server.log"] if p.is_file()]
+    return {p: p.read_bytes() for p in files}
+
+
 def test_indexer_sends_tokens_not_text(search_index: SearchIndex) -> None:
     chat = uuid.uuid4()
     search_index.index_many(
@@ -91,7 +101,8 @@ def test_indexer_sends_tokens_not_text(search_index: SearchIndex) -> None:
 def test_only_analyze_requests_carry_text(
     search_index: SearchIndex, wire: list[tuple[str, bytes]]
 ) -> None:
-    texts = ["the walrus hums softly tonight", "Ünïcödé grüße aus 東京 🚀 — ok"]
+    marker = uuid.uuid4().hex[:8]  # this run's texts, so a log line of another run cannot count
+    texts = [f"the walrus{marker} hums softly tonight", f"Ünïcödé grüße{marker} aus 東京 🚀 — ok"]
     chat = uuid.uuid4()
     assert index_batch(records(chat, texts), search_index) == []
     analyze = [body for path, body in wire if path.endswith("/_analyze")]
@@ -105,7 +116,13 @@ def test_only_analyze_requests_carry_text(
                 assert needle.encode() not in body, f"{needle!r} sent to {path}"
                 assert json.dumps(needle).encode() not in body, f"{needle!r} sent to {path}"
     bulk = b"".join(body for path, body in others if path.endswith("/_bulk"))
-    assert b"walrus" in bulk and "東京".encode() in bulk  # the terms went, one by one
+    assert f"walrus{marker}".encode() in bulk and "東京".encode() in bulk  # terms, one by one
+    # Nor did the node log what it analysed: its log folder and the stack's server.log.
+    logs = node_logs(search_index._client)
+    assert logs, "no OpenSearch log file found: is the node on this machine?"
+    for text in texts:
+        for needle in phrases(text):
+            assert not [str(p) for p, data in logs.items() if needle.encode() in data], needle
 
 
 def test_index_files_hold_tokens_but_no_text(search_index: SearchIndex) -> None:
