@@ -413,7 +413,7 @@ class SearchIndex:
 
         The query is analysed like the texts were. A word matches a message holding its
         accent-folded form (every message holds the folded form of each of its words), so `cafe`
-        finds `café` and `café` finds `cafe`; the last word also matches as a prefix unless the
+        finds `café` and `café` finds `cafe`, or the word as written (`term`); the last word also matches as a prefix unless the
         query ends in a space or a quote (search-as-you-type). Messages holding the words as
         written (`term`) rank first, then whole words before prefixes, newest first among equals.
         A query without any word matches nothing. Plain (not blind) tenants only.
@@ -426,7 +426,10 @@ class SearchIndex:
         matches: list[dict[str, Any]] = []
         scores: list[dict[str, Any]] = []
         for word in words:
-            either: list[dict[str, Any]] = [{"term": {"tokens": word.folded}}]
+            # `folded` finds every message indexed with ICU analysis (each holds the folded form
+            # of each word); `term` also finds those indexed before it, which hold only the words
+            # as written (docs/search.md, "Analysis": an existing index).
+            either: list[dict[str, Any]] = [{"terms": {"tokens": sorted({word.folded, word.term})}}]
             if prefix and word is last:
                 either.append({"prefix": {"tokens": word.folded}})
             matches.append({"bool": {"should": either, "minimum_should_match": 1}})
