@@ -303,3 +303,31 @@ def test_the_indexers_terms_are_document_terms_of_analyze(search_index: SearchIn
     expected = [document_terms(tokens) for tokens in search_index.analyze(texts)]
     assert search_index.analyze_terms(texts) == expected
     assert all(expected[: len(LANGUAGES)])
+
+
+def test_the_icu_components_take_the_official_plugins_parameters(search_index: SearchIndex) -> None:
+    """`icu_normalizer` (char and token filter: `name`, `mode`), `icu_folding`
+    (`unicode_set_filter`) and `icu_tokenizer` as the official analysis-icu plugin names them, so
+    an index mapping written for it works here (and the other way round)."""
+
+    def words(body: dict[str, object]) -> list[str]:
+        answer = search_index._client.indices.analyze(body=body)
+        return [t["token"] for t in answer["tokens"]]
+
+    decompose = {"type": "icu_normalizer", "name": "nfc", "mode": "decompose"}
+    assert words({"tokenizer": "keyword", "char_filter": [decompose], "text": "é"}) == ["e\u0301"]
+    assert words({"tokenizer": "keyword", "char_filter": ["icu_normalizer"], "text": "ＡＢ"}) == [
+        "ab"
+    ]
+    nfc = {"type": "icu_normalizer", "name": "nfc"}
+    assert words({"tokenizer": "icu_tokenizer", "filter": [nfc], "text": "ＡＢ Straße"}) == [
+        "ＡＢ",
+        "Straße",
+    ]
+    keep = {"type": "icu_folding", "unicode_set_filter": "[^åäöÅÄÖ]"}
+    assert words({"tokenizer": "icu_tokenizer", "filter": [keep], "text": "Å för café"}) == [
+        "Å",
+        "för",
+        "cafe",
+    ]
+    assert words({"tokenizer": "icu_tokenizer", "filter": ["icu_folding"], "text": "Å"}) == ["a"]
