@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -133,3 +134,23 @@ def text_message(
     index's `_analyze` API into index terms (the text itself is not in the document)."""
     tokens = document_terms(index.analyze([text])[0])
     return IndexedMessage(message_id, chat_id, tenant_id, sender_id, sent_at, tokens)
+
+
+@pytest.fixture
+def wire(search_index: SearchIndex) -> Iterator[list[tuple[str, bytes]]]:
+    """Every request (path, body bytes as sent) the adapter's HTTP connections send."""
+    sent: list[tuple[str, bytes]] = []
+    patched = []
+    for connection in search_index._client.transport.connection_pool.connections:
+        original = connection.perform_request
+
+        def spy(method: str, url: str, *args: Any, _send: Any = original, **kwargs: Any) -> Any:
+            body = kwargs.get("body", args[1] if len(args) > 1 else None)
+            sent.append((url, body or b""))
+            return _send(method, url, *args, **kwargs)
+
+        connection.perform_request = spy
+        patched.append(connection)
+    yield sent
+    for connection in patched:
+        del connection.perform_request

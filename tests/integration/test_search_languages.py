@@ -21,6 +21,7 @@ import pytest
 from indexer.logic import index_batch
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.opensearch import (
+    ANALYZE_CHARS,
     IndexedMessage,
     SearchIndex,
     SearchRejected,
@@ -331,3 +332,21 @@ def test_the_icu_components_take_the_official_plugins_parameters(search_index: S
         "cafe",
     ]
     assert words({"tokenizer": "icu_tokenizer", "filter": ["icu_folding"], "text": "Å"}) == ["a"]
+
+
+def test_large_batches_are_cut_into_requests_and_split_back(
+    search_index: SearchIndex, wire: list[tuple[str, bytes]]
+) -> None:
+    """A batch over ANALYZE_CHARS characters goes in several `_analyze` requests, a full one over
+    the default limit of 10,000 tokens (the index allows 100,000), and every text gets its own
+    words back."""
+    texts = [f"é{n} " * 700 + f"end{n}" for n in range(40)]  # 40 x ~2,800 chars, ~700 words each
+    assert sum(map(len, texts)) > ANALYZE_CHARS
+    terms = search_index.analyze_terms(texts)
+    requests = [json.loads(body)["text"] for path, body in wire if path.endswith("/_analyze")]
+    assert len(requests) >= 2 and [t for request in requests for t in request] == texts
+    assert all(sum(map(len, request)) <= ANALYZE_CHARS for request in requests)
+    # Each word gives two tokens (é0 and e0): the first request is well over the default limit.
+    assert sum(t.count(" ") for t in requests[0]) * 2 > 10_000
+    for n, found in enumerate(terms):
+        assert found == sorted({f"é{n}", f"e{n}", f"end{n}"}), n

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import pytest
 from opensearchpy import OpenSearch
 
 from indexer.logic import index_batch
@@ -41,26 +38,6 @@ def records(chat: uuid.UUID, texts: list[str]) -> list[RawRecord]:
         RawRecord("t", 0, n, str(chat).encode(), json.dumps(value).encode())
         for n, value in enumerate(values)
     ]
-
-
-@pytest.fixture
-def wire(search_index: SearchIndex) -> Iterator[list[tuple[str, bytes]]]:
-    """Every request (path, body bytes as sent) the adapter's HTTP connections send."""
-    sent: list[tuple[str, bytes]] = []
-    patched = []
-    for connection in search_index._client.transport.connection_pool.connections:
-        original = connection.perform_request
-
-        def spy(method: str, url: str, *args: Any, _send: Any = original, **kwargs: Any) -> Any:
-            body = kwargs.get("body", args[1] if len(args) > 1 else None)
-            sent.append((url, body or b""))
-            return _send(method, url, *args, **kwargs)
-
-        connection.perform_request = spy
-        patched.append(connection)
-    yield sent
-    for connection in patched:
-        del connection.perform_request
 
 
 def node_logs(client: OpenSearch) -> dict[Path, bytes]:
