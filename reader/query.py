@@ -91,11 +91,15 @@ class PlainQueryTerms:
     """Query terms of a tenant without a blind index: the word itself (SEARCH_CONTRACT.md).
 
     A document holds every token's `term` and `folded` form, so matching on `folded` is accent
-    insensitive and `exact` (the `term`) ranks messages that hold the word as typed first."""
+    insensitive and `exact` (the `term`) ranks messages that hold the word as typed first. The
+    `term` matches too: a document indexed before ICU analysis (migrated in place, not yet
+    re-indexed) holds only the NFKC-casefolded words, no folded forms."""
 
     def word_match(self, tenant_id: str, token: TextToken, prefix: bool) -> WordMatch:
         return WordMatch(
-            any_of=[token.folded], exact=[token.term], prefix=token.folded if prefix else None
+            any_of=_distinct([token.folded, token.term]),
+            exact=[token.term],
+            prefix=token.folded if prefix else None,
         )
 
 

@@ -13,7 +13,6 @@ from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
-from sealstream.analysis_standin import StandInAnalyzer
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -51,8 +50,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             messages=store,
             keys=keys,
             search_index=index,
-            # MERGE(icu): `analyzer=index` (SearchIndex.analyze); the stand-in goes away.
-            analyzer=StandInAnalyzer(),
+            analyzer=index,
             # MERGE(blind): the keyed `QueryTerms` of the blind index replaces the default
             # plain one here (`query_terms=...`).
         )

@@ -204,9 +204,6 @@ class OpenSearchSettings(BaseModel):
 
     url: str = f"http://127.0.0.1:{OPENSEARCH_PORT}"
     index_prefix: str = "sealstream"
-    # How message text becomes search tokens (sealstream/tokens.py); the indexer and the reader
-    # must agree, and an index has to be rebuilt when it changes.
-    analyzer: str = "unicode-words-v1"
 
 
 class KeyCacheSettings(BaseModel):

@@ -1,112 +1,147 @@
 """Search tokens of a message: what the search index holds instead of the text.
 
-An analyzer turns text into the *unordered set* of its normalised words: Unicode NFKC, then
-casefold, then split into words; duplicates are dropped and the rest sorted, so neither word order
-nor repetitions nor punctuation survive (docs/security.md, "What a leak of one store reveals").
-The indexer analyses each message in-process and sends only the tokens to OpenSearch; the reader
-analyses a query with the same analyzer, and a message matches when it holds every query token.
+The words of a text come from OpenSearch's ICU analysis (the index's `message_words` analyzer,
+schemas/opensearch/messages.json; docs/search.md, "Analysis"): the adapter sends a batch of texts
+to `_analyze` and this module turns the answer into one list of `TextToken` per text (pure code,
+no I/O). A message's index terms are `document_terms` of its tokens: the *unordered set* of its
+normalised and accent-folded words, so neither word order, repetitions nor punctuation reach the
+index (docs/security.md, "What the search index holds").
 
-Analyzers are chosen by name (`SEALSTREAM_OPENSEARCH__ANALYZER`) so another one (e.g. ICU word
-breaking) can be added later; an index must be rebuilt when its analyzer changes.
+`_analyze` reports the tokens of all the texts of one request as one stream: offsets are Java UTF-16
+code units counted across the texts (each text after the previous one's length + 1) and positions
+continue across texts; `split_analyzed` undoes both.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
-Analyzer = Callable[[str], list[str]]
-
-MAX_TOKEN_CHARS = 255
-"""Longer words are cut into pieces of this many characters (as OpenSearch's standard tokenizer
-does): a keyword term must stay well under Lucene's 32,766-byte limit."""
-
-# Scripts written without spaces between words: every character is a token of its own (with the
-# combining marks that follow it), as OpenSearch's standard tokenizer does for Han and Hiragana.
-# Katakana, Thai, Lao, Khmer and Myanmar runs are kept whole by that tokenizer; here they are split
-# into characters too, so that a word inside a run is still found. Ranges of code points.
-_SINGLE_CHARACTER_SCRIPTS = (
-    (0x0E00, 0x0EFF),  # Thai, Lao
-    (0x1000, 0x109F),  # Myanmar
-    (0x1780, 0x17FF),  # Khmer
-    (0x2E80, 0x2FDF),  # CJK radicals, Kangxi radicals
-    (0x3005, 0x3007),  # ideographic iteration mark, closing mark, number zero
-    (0x3021, 0x3029),  # Hangzhou numerals
-    (0x3038, 0x303B),
-    (0x3040, 0x30FF),  # Hiragana, Katakana
-    (0x31F0, 0x31FF),  # Katakana phonetic extensions
-    (0x3400, 0x4DBF),  # CJK extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0x16FE0, 0x16FFF),  # ideographic symbols
-    (0x1B000, 0x1B16F),  # Kana supplement, extended
-    (0x20000, 0x323AF),  # CJK extensions B-H, compatibility supplement
-)
+# `_analyze` adds this many UTF-16 units between consecutive texts of one request (Lucene's
+# Analyzer.getOffsetGap, 1 for a custom analyzer).
+OFFSET_GAP = 1
+_ASTRAL = "\U00010000"
 
 
-def _single_character(code: int) -> bool:
-    return any(low <= code <= high for low, high in _SINGLE_CHARACTER_SCRIPTS)
+@dataclass(frozen=True, slots=True)
+class TextToken:
+    """One word of a text as the index's analyzer sees it."""
+
+    term: str  # the word normalised: NFKC + case folding (icu_normalizer nfkc_cf)
+    folded: str  # `term` accent-folded (icu_folding); == term when nothing to fold
+    start: int  # code-point offsets into the analysed text: text[start:end] is the word as written
+    end: int
+    position: int  # 0, 1, 2 ... word position in the text (for phrase checks)
 
 
-class _Classes(dict[int, str]):
-    """Code point -> class letter, for `str.translate`: "w" letter or digit (categories L*, N*),
-    "m" combining mark (M*), "s" a character of the scripts above, " " anything else.
-    Computed on first sight and kept (up to a bound, so odd input cannot grow it without end)."""
-
-    LIMIT = 65_536
-
-    def __missing__(self, code: int) -> str:
-        major = unicodedata.category(chr(code))[0]
-        if major == "M":
-            found = "m"
-        elif _single_character(code):
-            found = "s"
-        else:
-            found = "w" if major in "LN" else " "
-        if len(self) < self.LIMIT:
-            self[code] = found
-        return found
-
-
-_CLASSES = _Classes()
-# A token: one single-script character with its marks, or a run of letters/digits and marks.
-_TOKEN_CLASSES = re.compile(r"sm*|w[wm]*")
-_ASCII_WORD = re.compile(r"[a-z0-9]+")
-
-
-def unicode_words(text: str) -> list[str]:
-    """Analyzer "unicode-words-v1": sorted distinct NFKC-casefolded words of `text`.
-
-    A word is a run of letters and digits (with the combining marks inside it); any other
-    character separates words, so "e-mail" gives "e" and "mail" and "don't" gives "don" and "t".
-    Characters of the scripts above are single-character tokens. Words longer than
-    MAX_TOKEN_CHARS are cut into pieces of that length.
-    """
-    normalised = unicodedata.normalize("NFKC", text).casefold()
-    if normalised.isascii():
-        words = _ASCII_WORD.findall(normalised)
-    else:
-        classes = normalised.translate(_CLASSES)  # one class letter per character
-        words = [normalised[m.start() : m.end()] for m in _TOKEN_CLASSES.finditer(classes)]
-    found = {
-        word[start : start + MAX_TOKEN_CHARS]
-        for word in words
-        for start in range(0, len(word), MAX_TOKEN_CHARS)
-    }
+def document_terms(tokens: Sequence[TextToken]) -> list[str]:
+    """A message's index terms: the sorted distinct union of every `term` and every `folded`."""
+    found = {token.term for token in tokens}
+    found.update(token.folded for token in tokens)
     return sorted(found)
 
 
-ANALYZERS: dict[str, Analyzer] = {"unicode-words-v1": unicode_words}
-DEFAULT_ANALYZER = "unicode-words-v1"
+def utf16_length(text: str) -> int:
+    """How many UTF-16 code units `text` is (what Java's offsets count)."""
+    if text.isascii() or max(text) < _ASTRAL:
+        return len(text)
+    return len(text) + sum(1 for char in text if char >= _ASTRAL)
 
 
-def analyzer(name: str) -> Analyzer:
-    """The analyzer called `name`; ValueError naming the known ones otherwise."""
-    try:
-        return ANALYZERS[name]
-    except KeyError:
-        known = ", ".join(sorted(ANALYZERS))
-        raise ValueError(
-            f"opensearch.analyzer: unknown analyzer {name!r} (known: {known})"
-        ) from None
+def split_terms(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """`document_terms` of each text straight from an `_analyze` answer that holds only `token`
+    and `start_offset` (the indexer's path: it needs no offsets or positions, and parsing half
+    the fields halves its CPU per message). Equal to `document_terms` of `split_analyzed`: every
+    token is a term or a folded form, and an empty folded form (which `split_analyzed` replaces
+    by the term) is dropped. ValueError like `split_analyzed`."""
+    found: list[set[str]] = [set() for _ in texts]
+    if not tokens:
+        return [[] for _ in texts]
+    ends: list[int] = []
+    base = 0
+    for text in texts:
+        length = utf16_length(text)
+        ends.append(base + length)
+        base += length + OFFSET_GAP
+    which = 0
+    end = ends[0]
+    current = found[0]
+    for item in tokens:
+        if item["start_offset"] > end:
+            while item["start_offset"] > ends[which]:
+                which += 1
+                if which == len(texts):
+                    raise ValueError("an _analyze token lies beyond the texts sent")
+            end, current = ends[which], found[which]
+        current.add(item["token"])
+    for terms in found:
+        terms.discard("")
+    return [sorted(terms) for terms in found]
+
+
+def utf16_units(text: str) -> list[int] | None:
+    """Code-point offset of each UTF-16 unit of `text` (and of its end), or None when the two
+    agree (no character outside the Basic Multilingual Plane: the common case, checked in C)."""
+    if text.isascii() or max(text) < _ASTRAL:
+        return None
+    table: list[int] = []
+    for index, char in enumerate(text):
+        table.append(index)
+        if char >= _ASTRAL:  # a surrogate pair: its second unit is still this code point
+            table.append(index)
+    table.append(len(text))
+    return table
+
+
+def split_analyzed(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> list[list[TextToken]]:
+    """The tokens of one `_analyze` answer for `texts`, as one list of `TextToken` per text.
+
+    `tokens`: the answer's `tokens` array, in stream order, each with `token`, `start_offset`,
+    `end_offset` (UTF-16, across texts) and `position`. The analyzer emits each word's `term`
+    first and, at the same position, its folded form only when that differs (`multiplexer` with
+    `preserve_original`, duplicates removed). ValueError if an offset lies outside the texts
+    (the analyzer's offsets are not what this module expects).
+    """
+    result: list[list[TextToken]] = [[] for _ in texts]
+    if not tokens:
+        return result
+    tables = [utf16_units(text) for text in texts]
+    ends: list[int] = []  # each text's end in the request's UTF-16 offsets
+    base = 0
+    for text, table in zip(texts, tables, strict=True):
+        length = len(text) if table is None else len(table) - 1
+        ends.append(base + length)
+        base += length + OFFSET_GAP
+    which = 0
+    start_of_text = 0
+    first_position = -1
+    words: list[TextToken] = result[0]
+    table = tables[0]
+    last: TextToken | None = None
+    for item in tokens:
+        start = item["start_offset"]
+        while start > ends[which]:  # a token of a later text (texts without tokens skipped)
+            start_of_text = ends[which] + OFFSET_GAP
+            which += 1
+            if which == len(texts):
+                raise ValueError("an _analyze token lies beyond the texts sent")
+            words, table, first_position, last = result[which], tables[which], -1, None
+        position = item["position"]
+        if first_position < 0:
+            first_position = position
+        if last is not None and last.position == position - first_position:
+            # The folded form of the word before (same position): it replaces `folded`, unless
+            # folding left nothing (a word of marks only, e.g. a tatweel): then the word stays.
+            folded = item["token"] or last.term
+            words[-1] = TextToken(last.term, folded, last.start, last.end, last.position)
+            last = None  # a third token at one position would be another word: never merged
+            continue
+        local_start = start - start_of_text
+        local_end = item["end_offset"] - start_of_text
+        if table is not None:
+            local_start, local_end = table[local_start], table[local_end]
+        term = item["token"]
+        last = TextToken(term, term, local_start, local_end, position - first_position)
+        words.append(last)
+    return result

@@ -2,10 +2,13 @@
 
 OpenSearch 2.19 runs from Maven Central jars (``stack/opensearch/pom.xml``, no tarball download).
 The distribution's launcher only loads plugins from directories, so ``SealstreamNode.java`` (in
-the same folder) starts a ``Node`` subclass with the Netty4 HTTP/transport plugin and the
-analysis-common plugin on the classpath, as OpenSearch's own test framework does. This module
-compiles that launcher (only when it or the classpath changed), writes ``log4j2.properties``,
-builds the ``java`` command line, and probes the node with a real REST request.
+the same folder) starts a ``Node`` subclass with the Netty4 HTTP/transport plugin, the
+analysis-common plugin and ``SealstreamIcuPlugin.java`` (ICU analysis from Lucene's
+lucene-analysis-icu, under the official analysis-icu plugin's names) on the classpath, as
+OpenSearch's own test framework does. This module compiles those sources (only when one of them or
+the classpath changed, so `stack up` on an existing data folder picks up a new plugin), writes
+``log4j2.properties``, builds the ``java`` command line, and probes the node with a real REST
+request.
 
 Without the security plugin there is no TLS or authentication: the node binds to loopback only.
 """
@@ -25,6 +28,7 @@ from opensearchpy.exceptions import OpenSearchException
 from sealstream.stack.base import Server, StackError
 
 MAIN_CLASS = "SealstreamNode"
+ICU_PLUGIN = "SealstreamIcuPlugin"  # how the node lists the classpath plugin (its class name)
 CLUSTER_NAME = "sealstream-local"
 NODE_NAME = "sealstream"
 _POM_VERSION = re.compile(r"<opensearch\.version>\s*([^<\s]+)\s*</opensearch\.version>")
@@ -62,7 +66,8 @@ JVM_FLAGS = [
 
 
 class OpenSearchServer(Server):
-    """OpenSearch 2.19 as a single-node cluster (Netty4 HTTP, analysis-common), no security."""
+    """OpenSearch 2.19 as a single-node cluster (Netty4 HTTP, analysis-common, ICU analysis), no
+    security."""
 
     name: ClassVar[str] = "opensearch"
 
@@ -81,6 +86,11 @@ class OpenSearchServer(Server):
     @property
     def source(self) -> Path:
         return self.ctx.repo_root / "stack" / self.name / f"{MAIN_CLASS}.java"
+
+    @property
+    def sources(self) -> list[Path]:
+        """Every Java source of the node: the launcher and the plugins it loads (same folder)."""
+        return sorted(self.source.parent.glob("*.java"))
 
     @property
     def classes_dir(self) -> Path:
@@ -108,20 +118,24 @@ class OpenSearchServer(Server):
 
     def install(self) -> None:
         classpath = self.classpath()  # resolves the pom into ~/.m2 once, then cached
-        source = self.source.read_bytes()
-        # The stamp covers the classpath too: a new OpenSearch version needs a recompile.
-        digest = hashlib.sha256(source + b"\0" + classpath.encode()).hexdigest()
+        sources = self.sources
+        # The stamp covers every source (by name and content) and the classpath: a new plugin
+        # source, or a new OpenSearch version, needs a recompile.
+        hashed = hashlib.sha256()
+        for path in sources:
+            hashed.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        digest = hashlib.sha256(hashed.digest() + classpath.encode()).hexdigest()
         stamp = self.data / "classes.sha256"
         compiled = self.classes_dir / f"{MAIN_CLASS}.class"
         if compiled.exists() and stamp.exists() and stamp.read_text().strip() == digest:
             return
         shutil.rmtree(self.classes_dir, ignore_errors=True)
         self.classes_dir.mkdir(parents=True)
-        cmd = [self._javac(), "-cp", classpath, "-d", str(self.classes_dir), str(self.source)]
+        cmd = [self._javac(), "-cp", classpath, "-d", str(self.classes_dir), *map(str, sources)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
-            raise StackError(f"compiling {self.source} failed:\n{tail}")
+            raise StackError(f"compiling {self.source.parent}/*.java failed:\n{tail}")
         stamp.write_text(digest + "\n")
 
     def _javac(self) -> str:
@@ -204,6 +218,7 @@ class OpenSearchServer(Server):
         try:
             health: dict[str, Any] = client.cluster.health()
             info: dict[str, Any] = client.info()
+            plugins: dict[str, Any] = client.nodes.info(metric="plugins")
         except OpenSearchException as exc:
             raise StackError(f"OpenSearch at {self.url} does not answer: {exc}") from exc
         finally:
@@ -212,4 +227,15 @@ class OpenSearchServer(Server):
         if status not in ("green", "yellow"):
             raise StackError(f"OpenSearch at {self.url} answers but its cluster is {status}")
         number = info.get("version", {}).get("number") or self.version()
+        names = {
+            plugin.get("name")
+            for node in plugins.get("nodes", {}).values()
+            for plugin in node.get("plugins", [])
+        }
+        if not names & {ICU_PLUGIN, "analysis-icu"}:
+            # A node started before the plugin was added (`stack up` leaves a running node be).
+            return (
+                f"OpenSearch {number}, WITHOUT ICU analysis: restart it with `sealstream stack "
+                "down --only opensearch` then `sealstream stack up --only opensearch`"
+            )
         return f"OpenSearch {number}"

@@ -29,9 +29,12 @@ import org.opensearch.transport.Netty4Plugin;
 
 public final class SealstreamNode extends Node {
 
-    /** Netty4Plugin: real HTTP + transport layers; CommonAnalysisPlugin: the standard filters. */
+    /**
+     * Netty4Plugin: real HTTP + transport layers; CommonAnalysisPlugin: the standard filters;
+     * SealstreamIcuPlugin (same folder): ICU analysis under the official analysis-icu names.
+     */
     static final List<Class<? extends Plugin>> PLUGINS =
-        List.of(Netty4Plugin.class, CommonAnalysisPlugin.class);
+        List.of(Netty4Plugin.class, CommonAnalysisPlugin.class, SealstreamIcuPlugin.class);
 
     private SealstreamNode(Environment environment, Collection<Class<? extends Plugin>> plugins) {
         // true = refuse private index settings in requests, as Node(Environment) and MockNode do.

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import delete_topics, ensure_topics
-from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, document_terms
 from sealstream.settings import KafkaSettings, Settings
 from tests.conftest import require_port
 
@@ -117,3 +119,38 @@ def kafka_group(settings: Settings) -> Iterator[NewGroup]:
         admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap})
         for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
             future.result(20)
+
+
+def text_message(
+    index: SearchIndex,
+    message_id: int,
+    chat_id: uuid.UUID,
+    tenant_id: str,
+    sender_id: str,
+    sent_at: datetime,
+    text: str,
+) -> IndexedMessage:
+    """The document the indexer makes of a message (a plain tenant's): its text analysed by the
+    index's `_analyze` API into index terms (the text itself is not in the document)."""
+    tokens = document_terms(index.analyze([text])[0])
+    return IndexedMessage(message_id, chat_id, tenant_id, sender_id, sent_at, tokens)
+
+
+@pytest.fixture
+def wire(search_index: SearchIndex) -> Iterator[list[tuple[str, bytes]]]:
+    """Every request (path, body bytes as sent) the adapter's HTTP connections send."""
+    sent: list[tuple[str, bytes]] = []
+    patched = []
+    for connection in search_index._client.transport.connection_pool.connections:
+        original = connection.perform_request
+
+        def spy(method: str, url: str, *args: Any, _send: Any = original, **kwargs: Any) -> Any:
+            body = kwargs.get("body", args[1] if len(args) > 1 else None)
+            sent.append((url, body or b""))
+            return _send(method, url, *args, **kwargs)
+
+        connection.perform_request = spy
+        patched.append(connection)
+    yield sent
+    for connection in patched:
+        del connection.perform_request

@@ -21,7 +21,7 @@ from indexer.logic import index_batch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, first_id_at, id_time
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.crypto import ChatKey
@@ -30,6 +30,7 @@ from sealstream.keys.service import KeyService
 from sealstream.lifecycle import delete_chat, delete_message, reencrypt_chat
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
+from tests.integration.conftest import text_message
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,7 @@ def test_two_concurrent_chat_deletions_count_each_document_once(
     total = 3000
     index.index_many(
         [
-            IndexedMessage(ids.next_id(), chat, "t", "alice", datetime.now(UTC), f"twice {i}")
+            text_message(index, ids.next_id(), chat, "t", "alice", datetime.now(UTC), f"twice {i}")
             for i in range(total)
         ]
     )

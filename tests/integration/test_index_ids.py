@@ -8,7 +8,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import SearchIndex
+from tests.integration.conftest import text_message
 
 
 def test_a_message_id_reused_by_another_chat_is_refused_and_deletes_nothing(
@@ -16,11 +17,11 @@ def test_a_message_id_reused_by_another_chat_is_refused_and_deletes_nothing(
 ) -> None:
     first, second = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
-    original = IndexedMessage(9001, first, "default", "alice", now, "alpha original")
+    original = text_message(search_index, 9001, first, "default", "alice", now, "alpha original")
     assert search_index.index_many([original]) == []
 
     refused = search_index.index_many(
-        [IndexedMessage(9001, second, "default", "mallory", now, "beta impostor")]
+        [text_message(search_index, 9001, second, "default", "mallory", now, "beta impostor")]
     )
 
     assert [r.message_id for r in refused] == [9001]

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from reader.wiring import build as build_reader
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.auth import mint_token
@@ -23,6 +23,7 @@ from sealstream.errors import KeyDestroyed, KmsError
 from sealstream.keys.service import KeyService, kms_context
 from sealstream.lifecycle import delete_chat
 from sealstream.settings import Settings
+from tests.integration.conftest import text_message
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_deleted_chat_is_shredded_everywhere(
                 )
             )
             docs.append(
-                IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)
+                text_message(index, message_id, chat, "default", "alice", datetime.now(UTC), text)
             )
         store.write_many(rows)
         index.index_many(docs)
@@ -234,7 +235,7 @@ def test_deleted_message_is_hidden_and_unindexed(
                 ]
             )
             index.index_many(
-                [IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)]
+                [text_message(index, message_id, chat, "default", "alice", datetime.now(UTC), text)]
             )
         index.refresh()
         assert delete_message(store, index, chat, gone)
@@ -346,7 +347,7 @@ def test_retention_removes_expired_messages_and_unused_dek_versions(
         store.write_many(old_rows + new_rows)
         index.index_many(
             [
-                IndexedMessage(r.message_id, chat, "default", "alice", r.created_at, "word")
+                text_message(index, r.message_id, chat, "default", "alice", r.created_at, "word")
                 for r in old_rows + new_rows
             ]
         )

@@ -16,11 +16,12 @@ from indexer.logic import index_batch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.keys.service import KeyService
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
 from sealstream.wiring import key_service
+from tests.integration.conftest import text_message
 
 
 def raw(record: MessageRecord, offset: int, **replace: Any) -> RawRecord:
@@ -48,9 +49,11 @@ def test_index_refuses_one_document_and_indexes_the_others(search_index: SearchI
     far_east = datetime.now(timezone(timedelta(hours=20)))  # Python takes it, Java does not
     refused = search_index.index_many(
         [
-            IndexedMessage(201, chat, "default", "alice", now, "first of three"),
-            IndexedMessage(202, chat, "default", "alice", far_east, "secret words here"),
-            IndexedMessage(203, chat, "default", "alice", now, "third of three"),
+            text_message(search_index, 201, chat, "default", "alice", now, "first of three"),
+            text_message(
+                search_index, 202, chat, "default", "alice", far_east, "secret words here"
+            ),
+            text_message(search_index, 203, chat, "default", "alice", now, "third of three"),
         ]
     )
     assert [r.message_id for r in refused] == [202]

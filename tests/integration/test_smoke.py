@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 from schemas.ids import SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.kafka import Publisher
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache, WrappedDek
 from sealstream.adapters.vault import TransitKms
@@ -32,7 +32,7 @@ from sealstream.errors import KmsError
 from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
-from tests.integration.conftest import KafkaTopics, NewGroup
+from tests.integration.conftest import KafkaTopics, NewGroup, text_message
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -217,9 +217,9 @@ def test_opensearch_index_search_and_no_text_in_source(search_index: SearchIndex
     sent = datetime.now(UTC)
     search_index.index_many(
         [
-            IndexedMessage(101, chat, "default", "alice", sent, "the quick brown fox"),
-            IndexedMessage(102, chat, "default", "bob", sent, "a lazy dog sleeps"),
-            IndexedMessage(103, other_chat, "default", "carol", sent, "brown bread"),
+            text_message(search_index, 101, chat, "default", "alice", sent, "the quick brown fox"),
+            text_message(search_index, 102, chat, "default", "bob", sent, "a lazy dog sleeps"),
+            text_message(search_index, 103, other_chat, "default", "carol", sent, "brown bread"),
         ]
     )
     search_index.refresh()

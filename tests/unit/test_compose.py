@@ -322,6 +322,19 @@ def test_images_are_the_releases_the_local_stack_runs(service: str, image: str) 
     assert tag == version or version.startswith(f"{tag}."), f"{service}: {tag} vs {version}"
 
 
+def test_opensearch_has_the_analysis_icu_plugin_like_the_local_stack() -> None:
+    """The index's analyzers name icu_tokenizer/icu_normalizer/icu_folding: the container
+    installs the official plugin before the image's own entrypoint starts the node."""
+    script = " ".join(SERVICES["opensearch"]["entrypoint"])
+    install = script.index("opensearch-plugin install --batch analysis-icu")
+    assert script.index("exec ./opensearch-docker-entrypoint.sh opensearch") > install
+    analysis = json.loads((REPO / "schemas/opensearch/messages.json").read_text())
+    assert "icu_tokenizer" in json.dumps(analysis["settings"]["analysis"])
+    plugin = (REPO / "stack/opensearch/SealstreamIcuPlugin.java").read_text()
+    for name in ("icu_tokenizer", "icu_normalizer", "icu_folding"):
+        assert f'"{name}"' in plugin
+
+
 # --- durability ---------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The consumer stages' rules, without servers: what the schema refuses and normalises, how a
 sink's per-item refusals become dead letters, how retry loops end on a stop signal, how the
 dead-letter writer handles a letter the topic refuses, how the runtime finishes or abandons the
-batch in hand when a partition moves, and what text becomes as search tokens."""
+batch in hand when a partition moves."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ from sealstream.streaming import (
     consumer_config,
     run_until_done,
 )
-from sealstream.tokens import MAX_TOKEN_CHARS, analyzer, unicode_words
 
 IDS = SnowflakeIds(5)
 
@@ -87,42 +86,6 @@ def test_times_no_sink_can_store_are_refused_naming_the_field(sent_at: str, rule
     assert "secret" not in reason
 
 
-# --- tokens ----------------------------------------------------------------------------------
-
-
-def test_tokens_are_the_sorted_distinct_normalised_words() -> None:
-    assert unicode_words(
-        "The cat saw THE other cat. \uff23\uff41\uff54!"
-    )  # fullwidth "Cat" == ["cat", "other", "saw", "the"]
-    assert unicode_words("Straße café e-mail don't 3.14") == [
-        "14",
-        "3",
-        "café",
-        "don",
-        "e",
-        "mail",
-        "strasse",
-        "t",
-    ]
-    assert unicode_words("...   — 🚀 ✓") == []
-
-
-def test_scripts_without_spaces_give_one_token_per_character() -> None:
-    assert unicode_words("世界世界") == ["世", "界"]
-    assert unicode_words("カタカナとひらがな") == sorted(set("カタカナとひらがな"))
-    assert unicode_words("abc東京def") == ["abc", "def", "京", "東"]
-    # A Thai consonant keeps the vowel mark written on it.
-    assert unicode_words("สวัสดี") == sorted({"ส", "วั", "ดี"})
-
-
-def test_long_words_are_cut_and_unknown_analyzers_named() -> None:
-    tokens = unicode_words("a" * (MAX_TOKEN_CHARS + 10) + " b" * 3)
-    assert tokens == ["a" * 10, "a" * MAX_TOKEN_CHARS, "b"]
-    assert analyzer("unicode-words-v1") is unicode_words
-    with pytest.raises(ValueError, match=r"opensearch\.analyzer"):
-        analyzer("icu")
-
-
 # --- stages: a sink's per-item refusals are dead letters -------------------------------------
 
 
@@ -131,6 +94,11 @@ class RefusingIndex:
         self.refuse = refuse
         self.indexed: list[IndexedMessage] = []
         self.failures = failures
+
+    def analyze_terms(self, texts: list[str]) -> list[list[str]]:
+        """A stand-in for OpenSearch's analysis (tests/integration/test_search_languages.py
+        covers the real one): words split at spaces, lowercased."""
+        return [sorted({w.lower() for w in t.split()}) for t in texts]
 
     def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
         if self.failures:

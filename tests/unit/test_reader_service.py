@@ -22,10 +22,10 @@ from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.opensearch import SearchHit, SearchHits, SearchRequest, WordMatch
 from sealstream.adapters.postgres import ChatRow
-from sealstream.analysis_standin import StandInAnalyzer, analyze_one
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
 from sealstream.http import ApiError
+from tests.fake_analysis import StandInAnalyzer, analyze_one
 
 NOW_MS = EPOCH_MS + 40 * 24 * 3600 * 1000  # 40 days after the id epoch: a few buckets in
 
