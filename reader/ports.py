@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.opensearch import TextToken
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
+from sealstream.keys.index_keys import KeyedWord
 
 
 class ChatDirectory(Protocol):
@@ -39,3 +41,18 @@ class SearchPort(Protocol):
     """Ids of a chat's messages matching a query, best first (`SearchIndex`)."""
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int) -> list[int]: ...
+
+    def analyze(self, texts: list[str]) -> list[list[TextToken]]: ...
+
+    def search_chat_terms(
+        self, chat_id: uuid.UUID, words: list[list[str]], limit: int
+    ) -> list[int]:
+        """Messages holding, for every word, any of its terms (the blind index's queries)."""
+        ...
+
+
+class QueryTerms(Protocol):
+    """A query word as a blind-index tenant's keyed terms (`IndexKeys.query_word`); None for a
+    plain tenant."""
+
+    def query_word(self, tenant_id: str, term: str, folded: str) -> KeyedWord | None: ...

@@ -20,7 +20,7 @@ from datetime import datetime
 
 from prometheus_client import Counter, Histogram
 
-from reader.ports import ChatDirectory, KeySource, MessageSource, SearchPort
+from reader.ports import ChatDirectory, KeySource, MessageSource, QueryTerms, SearchPort
 from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
@@ -170,7 +170,9 @@ class ReaderService:
         search_index: SearchPort,
         clock_ms: Callable[[], int] | None = None,
         clock_skew_ms: int = DEFAULT_CLOCK_SKEW_MS,
+        query_terms: QueryTerms | None = None,
     ) -> None:
+        self.query_terms = query_terms  # the blind index's hook (None: every tenant is plain)
         self.chats = chats
         self.messages = messages
         self.keys = keys
@@ -280,12 +282,24 @@ class ReaderService:
                 f"query.q: must be 1 to {QUERY_MAX_CHARS} characters, not only spaces",
                 "query.q",
             )
-        self._chat_for(user, chat_id)
+        chat = self._chat_for(user, chat_id)
         found: list[ReadMessage] = []
-        for message_id in self.search_index.search_chat(chat_id, q, limit):
+        for message_id in self._search_ids(chat, q, limit):
             row = self.messages.get(chat_id, message_id)
             if row is None or row.deleted_at is not None:
                 continue  # the index lags behind deletions; the store is the truth
             found.append(self._open(row))
         DECRYPTS_PER_REQUEST.labels("search").observe(len(found))
         return found
+
+    def _search_ids(self, chat: ChatRow, q: str, limit: int) -> list[int]:
+        """The index's answer; for a blind-index tenant, every query word becomes its keyed
+        terms under each live index key (accent-folded form to match, `exact` unused here)."""
+        if self.query_terms is not None:
+            [tokens] = self.search_index.analyze([q])
+            words = [self.query_terms.query_word(chat.tenant_id, t.term, t.folded) for t in tokens]
+            if tokens and all(w is not None for w in words):
+                return self.search_index.search_chat_terms(
+                    chat.chat_id, [w.any_of for w in words if w is not None], limit
+                )
+        return self.search_index.search_chat(chat.chat_id, q, limit)

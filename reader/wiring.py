@@ -16,7 +16,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.wiring import key_service, stores_reachable
+from sealstream.wiring import index_keys, key_service, stores_reachable
 
 SERVICE = "reader"
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             messages=store,
             keys=keys,
             search_index=index,
+            query_terms=index_keys(settings, database, actor=SERVICE),
         )
         app = create_app(
             service, settings, readiness(lambda: stores_reachable(database, store, index))

@@ -42,14 +42,41 @@ DELETION_VERSION = 1 << 62
 _CONFLICT = 409
 
 
+# --- STAND-IN until the `icu` branch merges (SEARCH_CONTRACT.md): `TextToken`, `analyze` and
+# `document_terms` with the contract's names and shapes, built on sealstream.tokens (term ==
+# folded == the word; positions in sorted order). The lead takes `icu`'s versions at merge.
+
+
+@dataclass(frozen=True)
+class TextToken:
+    """One word of a text as the index's analyzer sees it (stand-in: term == folded)."""
+
+    term: str
+    folded: str
+    start: int
+    end: int
+    position: int
+
+
+def document_terms(tokens: list[TextToken]) -> list[str]:
+    """Index terms of a message: sorted distinct union of every `term` and `folded`."""
+    return sorted({t.term for t in tokens} | {t.folded for t in tokens})
+
+
+# --- end of the stand-in ------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class IndexedMessage:
+    """What the indexer hands to `index_many`: ids and the final index terms, no text."""
+
     message_id: int
     chat_id: uuid.UUID
     tenant_id: str
     sender_id: str
     sent_at: datetime
-    text: str  # analysed into tokens by `index_many`; never sent
+    tokens: list[str]  # the final index terms, sorted and distinct (keyed for a blind tenant)
+    index_key_version: int | None = None  # the blind index key version; None = plain tokens
 
 
 @dataclass(frozen=True)
@@ -60,7 +87,15 @@ class RefusedDocument:
     reason: str  # status, error type and field name only: OpenSearch's own text quotes values
 
 
-_FIELDS = ("message_id", "chat_id", "tenant_id", "sender_id", "sent_at", "tokens")
+_FIELDS = (
+    "message_id",
+    "chat_id",
+    "tenant_id",
+    "sender_id",
+    "sent_at",
+    "tokens",
+    "index_key_version",
+)
 _FIELD_IN_REASON = re.compile(r"field \[([A-Za-z_]+)\]")
 
 
@@ -72,6 +107,27 @@ def _refusal(status: object, error: dict[str, Any]) -> str:
     }
     named = f", field {', '.join(sorted(fields))}" if fields else ""
     return f"the search index refused the document (HTTP {status}, {error_type}{named})"
+
+
+def reindex_version(index_key_version: int) -> int:
+    """External version of a document re-indexed under `index_key_version`: above the indexer's
+    `MESSAGE_VERSION` and any earlier re-index (older key versions), far below the tombstone's
+    `DELETION_VERSION`, so a deletion still wins over every re-index."""
+    return MESSAGE_VERSION + index_key_version
+
+
+def _document(m: IndexedMessage) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "message_id": m.message_id,
+        "chat_id": str(m.chat_id),
+        "tenant_id": m.tenant_id,
+        "sender_id": m.sender_id,
+        "sent_at": m.sent_at.isoformat(),
+        "tokens": m.tokens,
+    }
+    if m.index_key_version is not None:
+        source["index_key_version"] = m.index_key_version
+    return source
 
 
 class SearchRejected(SealstreamError):
@@ -114,7 +170,7 @@ class SearchIndex:
     def __init__(self, settings: OpenSearchSettings) -> None:
         self.settings = settings
         self.index = f"{settings.index_prefix}-messages"
-        self.analyze = analyzer(settings.analyzer)
+        self._analyzer = analyzer(settings.analyzer)
         self._client = OpenSearch(
             hosts=[settings.url], timeout=30, max_retries=0, retry_on_timeout=False
         )
@@ -130,6 +186,13 @@ class SearchIndex:
             # Status and error type only: OpenSearch's reason text can quote a field's value,
             # i.e. message text, and callers log what they catch.
             raise SearchRejected(exc.status_code, str(exc.error)[:100]) from None
+
+    def analyze(self, texts: list[str]) -> list[list[TextToken]]:
+        """One list of tokens per text, in text order. STAND-IN (see `TextToken`): analyses in
+        this process with sealstream.tokens; `icu`'s version calls the index's `_analyze`."""
+        return [
+            [TextToken(w, w, 0, 0, n) for n, w in enumerate(self._analyzer(text))] for text in texts
+        ]
 
     def ping(self) -> str:
         info = self._run(self._client.info)
@@ -159,40 +222,39 @@ class SearchIndex:
                 f"index {self.index} has the mapping of an older version (a text field, no "
                 "tokens): delete it and run migrate again, then re-index (docs/security.md)"
             )
-        if "deleted" not in properties:  # an index made before message tombstones
-            deleted = {"deleted": body["mappings"]["properties"]["deleted"]}
+        added = [f for f in ("deleted", "index_key_version") if f not in properties]
+        if added:  # an index made before message tombstones / the blind index
+            fields = {f: body["mappings"]["properties"][f] for f in added}
             self._run(
                 lambda: self._client.indices.put_mapping(
-                    index=self.index, body={"properties": deleted}
+                    index=self.index, body={"properties": fields}
                 )
             )
         update = {f"index.{key}": body["settings"][key] for key in DURABLE_SETTINGS}
         self._run(lambda: self._client.indices.put_settings(index=self.index, body=update))
 
-    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
+    def index_many(
+        self, messages: list[IndexedMessage], version: int = MESSAGE_VERSION
+    ) -> list[RefusedDocument]:
         """Bulk index; returns the documents OpenSearch refused one by one (permanent).
 
         Raises `StoreUnavailable` when the request as a whole failed (node unreachable, overload)
         or when any item failed with a status that can heal (429, 502-504): the caller retries
-        the whole set, which is idempotent by `_id`.
+        the whole set, which is idempotent by `_id`. `version`: the external version written
+        (the indexer's `MESSAGE_VERSION`; the blind re-index writes `reindex_version(v)`).
         """
         if not messages:
             return []
+        if not MESSAGE_VERSION <= version < DELETION_VERSION:
+            raise ValueError(f"version must be in [{MESSAGE_VERSION}, {DELETION_VERSION})")
         actions = [
             {
                 "_op_type": "index",
                 "_index": self.index,
                 "_id": str(m.message_id),
-                "version": MESSAGE_VERSION,
+                "version": version,
                 "version_type": "external",
-                "_source": {
-                    "message_id": m.message_id,
-                    "chat_id": str(m.chat_id),
-                    "tenant_id": m.tenant_id,
-                    "sender_id": m.sender_id,
-                    "sent_at": m.sent_at.isoformat(),
-                    "tokens": self.analyze(m.text),
-                },
+                "_source": _document(m),
             }
             for m in messages
         ]
@@ -241,8 +303,17 @@ class SearchIndex:
 
         The query is analysed like the texts were; a query without any token matches nothing.
         """
-        terms = self.analyze(query)
-        if not terms:
+        [tokens] = self.analyze([query])
+        return self.search_chat_terms(chat_id, [[t.folded] for t in tokens], limit)
+
+    def search_chat_terms(
+        self, chat_id: uuid.UUID, words: list[list[str]], limit: int = 20
+    ) -> list[int]:
+        """Ids of the chat's messages that, for every word, hold any of its terms; newest first.
+
+        The blind index's reader hook: each word is its keyed terms under every live key version
+        (sealstream/keys/index_keys.py). No words matches nothing."""
+        if not words or not all(words):
             return []
         body = {
             "size": limit,
@@ -251,7 +322,7 @@ class SearchIndex:
                 "bool": {
                     "filter": [
                         {"term": {"chat_id": str(chat_id)}},
-                        *({"term": {"tokens": term}} for term in terms),
+                        *({"terms": {"tokens": sorted(set(terms))}} for terms in words),
                     ]
                 }
             },
@@ -259,6 +330,33 @@ class SearchIndex:
         }
         result = self._run(lambda: self._client.search(index=self.index, body=body))
         return [int(hit["_id"]) for hit in result["hits"]["hits"]]
+
+    def stale_documents(
+        self, tenant_id: str, index_key_version: int, limit: int = 500
+    ) -> list[tuple[uuid.UUID, int]]:
+        """(chat id, message id) of the tenant's message documents not keyed with
+        `index_key_version` (plain ones included), deletion tombstones excepted: what a
+        blind re-index has still to re-key."""
+        self.refresh()
+        body = {
+            "size": limit,
+            "_source": ["chat_id"],
+            "query": {
+                "bool": {
+                    "filter": [{"term": {"tenant_id": tenant_id}}],
+                    "must_not": [
+                        {"term": {"deleted": True}},
+                        {"term": {"index_key_version": index_key_version}},
+                    ],
+                }
+            },
+            "sort": [{"message_id": "asc"}],
+        }
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        return [
+            (uuid.UUID(hit["_source"]["chat_id"]), int(hit["_id"]))
+            for hit in result["hits"]["hits"]
+        ]
 
     def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
         """Replace a message's document by its tombstone (idempotent; works before the message

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, document_terms
 from sealstream.adapters.postgres import Database
 from sealstream.adapters.vault import TransitKms
 from sealstream.bench.keys_bench import _delete_redis_prefix, _percentile
@@ -171,7 +171,11 @@ def _shred(
         text = f"benchmark message {i} lorem ipsum dolor sit amet"
         envelope = seal(text.encode(), key, MessageContext(chat, message_id))
         rows.append(StoredMessage(chat, message_id, "alice", key.version, envelope, now))
-        docs.append(IndexedMessage(message_id, chat, tenant, "alice", now, text))
+        docs.append(
+            IndexedMessage(
+                message_id, chat, tenant, "alice", now, document_terms(index.analyze([text])[0])
+            )
+        )
     started = time.perf_counter()
     store.write_many(rows)
     written = time.perf_counter()

@@ -29,6 +29,7 @@ from sealstream.keys.service import KeyService
 from sealstream.lifecycle import delete_chat, delete_message, reencrypt_chat
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
+from tests.search_terms import plain_terms
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +319,9 @@ def test_two_concurrent_chat_deletions_count_each_document_once(
     total = 3000
     index.index_many(
         [
-            IndexedMessage(ids.next_id(), chat, "t", "alice", datetime.now(UTC), f"twice {i}")
+            IndexedMessage(
+                ids.next_id(), chat, "t", "alice", datetime.now(UTC), plain_terms(f"twice {i}")
+            )
             for i in range(total)
         ]
     )

@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
+from tests.search_terms import plain_terms
 
 
 def test_a_message_id_reused_by_another_chat_is_refused_and_deletes_nothing(
@@ -16,11 +17,11 @@ def test_a_message_id_reused_by_another_chat_is_refused_and_deletes_nothing(
 ) -> None:
     first, second = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
-    original = IndexedMessage(9001, first, "default", "alice", now, "alpha original")
+    original = IndexedMessage(9001, first, "default", "alice", now, plain_terms("alpha original"))
     assert search_index.index_many([original]) == []
 
     refused = search_index.index_many(
-        [IndexedMessage(9001, second, "default", "mallory", now, "beta impostor")]
+        [IndexedMessage(9001, second, "default", "mallory", now, plain_terms("beta impostor"))]
     )
 
     assert [r.message_id for r in refused] == [9001]

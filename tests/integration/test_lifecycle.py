@@ -23,6 +23,7 @@ from sealstream.errors import KeyDestroyed, KmsError
 from sealstream.keys.service import KeyService, kms_context
 from sealstream.lifecycle import delete_chat
 from sealstream.settings import Settings
+from tests.search_terms import plain_terms
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,9 @@ def test_deleted_chat_is_shredded_everywhere(
                 )
             )
             docs.append(
-                IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)
+                IndexedMessage(
+                    message_id, chat, "default", "alice", datetime.now(UTC), plain_terms(text)
+                )
             )
         store.write_many(rows)
         index.index_many(docs)
@@ -234,7 +237,11 @@ def test_deleted_message_is_hidden_and_unindexed(
                 ]
             )
             index.index_many(
-                [IndexedMessage(message_id, chat, "default", "alice", datetime.now(UTC), text)]
+                [
+                    IndexedMessage(
+                        message_id, chat, "default", "alice", datetime.now(UTC), plain_terms(text)
+                    )
+                ]
             )
         index.refresh()
         assert delete_message(store, index, chat, gone)
@@ -346,7 +353,9 @@ def test_retention_removes_expired_messages_and_unused_dek_versions(
         store.write_many(old_rows + new_rows)
         index.index_many(
             [
-                IndexedMessage(r.message_id, chat, "default", "alice", r.created_at, "word")
+                IndexedMessage(
+                    r.message_id, chat, "default", "alice", r.created_at, plain_terms("word")
+                )
                 for r in old_rows + new_rows
             ]
         )

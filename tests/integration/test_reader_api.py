@@ -26,6 +26,7 @@ from sealstream.keys.service import KeyService
 from sealstream.settings import AuthSettings, CassandraSettings, OpenSearchSettings, Settings
 from sealstream.wiring import key_service
 from tests.conftest import require_port
+from tests.search_terms import plain_terms
 
 NON_ASCII = "café 世界 🚀 ✓ — ünïcödé"
 
@@ -118,7 +119,9 @@ class Seeder:
             sent_at = datetime.fromtimestamp(id_millis(message_id) / 1000, UTC)
             envelope = seal(text.encode("utf-8"), key, MessageContext(chat_id, message_id))
             rows.append(StoredMessage(chat_id, message_id, sender, key.version, envelope, sent_at))
-            documents.append(IndexedMessage(message_id, chat_id, "default", sender, sent_at, text))
+            documents.append(
+                IndexedMessage(message_id, chat_id, "default", sender, sent_at, plain_terms(text))
+            )
         self.store.write_many(rows)
         self.index.index_many(documents)
         self.index.refresh()

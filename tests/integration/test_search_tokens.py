@@ -10,12 +10,17 @@ from opensearchpy import OpenSearch
 
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from tests.conftest import index_folder, phrases
+from tests.search_terms import plain_terms
 
 
 def test_indexer_sends_tokens_not_text(search_index: SearchIndex) -> None:
     chat = uuid.uuid4()
     search_index.index_many(
-        [IndexedMessage(301, chat, "default", "alice", datetime.now(UTC), "Zebra ate the ZEBRA")]
+        [
+            IndexedMessage(
+                301, chat, "default", "alice", datetime.now(UTC), plain_terms("Zebra ate the ZEBRA")
+            )
+        ]
     )
     search_index.refresh()
     mapping = search_index._client.indices.get_mapping(index=search_index.index)
@@ -33,7 +38,7 @@ def test_index_files_hold_tokens_but_no_text(search_index: SearchIndex) -> None:
     texts = [f"meet me by the quince{n}tree at dawn — ünïcödé 東京 {n}" for n in range(5)]
     search_index.index_many(
         [
-            IndexedMessage(400 + n, chat, "default", "alice", datetime.now(UTC), text)
+            IndexedMessage(400 + n, chat, "default", "alice", datetime.now(UTC), plain_terms(text))
             for n, text in enumerate(texts)
         ]
     )

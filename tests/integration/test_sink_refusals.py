@@ -21,6 +21,7 @@ from sealstream.keys.service import KeyService
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
 from sealstream.wiring import key_service
+from tests.search_terms import plain_terms
 
 
 def raw(record: MessageRecord, offset: int, **replace: Any) -> RawRecord:
@@ -48,9 +49,11 @@ def test_index_refuses_one_document_and_indexes_the_others(search_index: SearchI
     far_east = datetime.now(timezone(timedelta(hours=20)))  # Python takes it, Java does not
     refused = search_index.index_many(
         [
-            IndexedMessage(201, chat, "default", "alice", now, "first of three"),
-            IndexedMessage(202, chat, "default", "alice", far_east, "secret words here"),
-            IndexedMessage(203, chat, "default", "alice", now, "third of three"),
+            IndexedMessage(201, chat, "default", "alice", now, plain_terms("first of three")),
+            IndexedMessage(
+                202, chat, "default", "alice", far_east, plain_terms("secret words here")
+            ),
+            IndexedMessage(203, chat, "default", "alice", now, plain_terms("third of three")),
         ]
     )
     assert [r.message_id for r in refused] == [202]

@@ -33,6 +33,7 @@ from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
 from tests.integration.conftest import KafkaTopics, NewGroup
+from tests.search_terms import plain_terms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -217,9 +218,9 @@ def test_opensearch_index_search_and_no_text_in_source(search_index: SearchIndex
     sent = datetime.now(UTC)
     search_index.index_many(
         [
-            IndexedMessage(101, chat, "default", "alice", sent, "the quick brown fox"),
-            IndexedMessage(102, chat, "default", "bob", sent, "a lazy dog sleeps"),
-            IndexedMessage(103, other_chat, "default", "carol", sent, "brown bread"),
+            IndexedMessage(101, chat, "default", "alice", sent, plain_terms("the quick brown fox")),
+            IndexedMessage(102, chat, "default", "bob", sent, plain_terms("a lazy dog sleeps")),
+            IndexedMessage(103, other_chat, "default", "carol", sent, plain_terms("brown bread")),
         ]
     )
     search_index.refresh()

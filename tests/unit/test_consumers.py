@@ -21,7 +21,7 @@ from schemas.events import MessageRecord, decode_record
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import RefusedRow, StoredMessage
 from sealstream.adapters.kafka import Headers, RecordRefused
-from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
+from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument, TextToken
 from sealstream.crypto import ChatKey
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import KafkaSettings
@@ -131,6 +131,9 @@ class RefusingIndex:
         self.refuse = refuse
         self.indexed: list[IndexedMessage] = []
         self.failures = failures
+
+    def analyze(self, texts: list[str]) -> list[list[TextToken]]:
+        return [[TextToken(w, w, 0, 0, n) for n, w in enumerate(text.split())] for text in texts]
 
     def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
         if self.failures:
