@@ -58,9 +58,10 @@ def _run_reindex(tenant: str) -> None:
         f"tenant {tenant}: re-index under index key v{report.target_version} {state}: "
         f"{report.chats} chats, {report.messages} messages, {report.swept} swept, "
         f"{report.orphans_removed} orphan documents removed, index key versions destroyed "
-        f"{report.index_key_versions_destroyed or 'none'} ({report.seconds:.1f}s)"
+        f"{report.index_key_versions_destroyed or 'none'}, overwritten versions purged from the "
+        f"data folder: {report.history_purged} ({report.seconds:.1f}s)"
     )
-    if not report.completed:
+    if not (report.completed and report.history_purged):
         raise typer.Exit(1)
 
 

@@ -16,7 +16,12 @@ Steps, each resumable (progress in Postgres, `search_reindex`):
    target (written by an indexer still on the old key, or of chats made meanwhile) and each is
    re-keyed from its row;
 3. in one transaction with its audit row: destroy the older key versions (wrapped key erased),
-   set the tenant's blind index 'on', mark the job done.
+   set the tenant's blind index 'on', mark the job done;
+4. purge the overwritten versions from the data folder: OpenSearch keeps each old document
+   (plain words, or tokens of the old key) as a soft delete, in segments and translog, until
+   its shard's retention lease moves past it (~30 s); then a flush and an expunge-deletes
+   merge drop them (`SearchIndex.purge_history`). Without this a leak of the data folder
+   taken soon after turning the blind index on would still show the words indexed before.
 One process at a time per tenant (a Postgres advisory lock held by the job's connection).
 """
 
@@ -63,6 +68,7 @@ class ReindexReport:
     swept: int
     orphans_removed: int
     index_key_versions_destroyed: list[int]
+    history_purged: bool  # False: old versions may still be in the data folder; run it again
     seconds: float
 
 
@@ -76,6 +82,7 @@ def reindex_tenant(
     progress: Progress | None = None,
     orphan_age: timedelta = timedelta(hours=1),
     sweep_rounds: int = 30,
+    purge_seconds: float = 300.0,
 ) -> ReindexReport:
     """Run (or resume) the tenant's re-index to completion; see the module docstring.
 
@@ -89,8 +96,10 @@ def reindex_tenant(
             raise ReindexBusy(f"tenant '{tenant_id}' is being re-indexed by another process")
         job = repo.reindex_job(tenant_id)
         if job is None or job.state == "done":
+            # Done before: only the purge may be left (a run that stopped while waiting for it).
             version = job.target_version if job else 0
-            return ReindexReport(tenant_id, version, True, 0, 0, 0, 0, [], 0.0)
+            purged = _purge(index, index.history_point(), purge_seconds, progress)
+            return ReindexReport(tenant_id, version, True, 0, 0, 0, 0, [], purged, 0.0)
         target = job.target_version
         key = index_keys.key(tenant_id, target)
         writer = _Writer(keys, store, index, key, batch_size)
@@ -126,6 +135,7 @@ def reindex_tenant(
                 tenant_id, target, AuditRecord(index_keys.actor, "index_key_destroyed", reason)
             )
             index_keys.forget(tenant_id)
+        purged = complete and _purge(index, index.history_point(), purge_seconds, progress)
         return ReindexReport(
             tenant_id,
             target,
@@ -135,8 +145,21 @@ def reindex_tenant(
             swept,
             orphans,
             destroyed,
+            purged,
             time.monotonic() - started,
         )
+
+
+def _purge(index: SearchIndex, point: int, seconds: float, progress: Progress | None) -> bool:
+    """`purge_history(point)`, waiting up to `seconds` for the retention leases to move."""
+    deadline = time.monotonic() + seconds
+    while not index.purge_history(point):
+        if time.monotonic() >= deadline:
+            return False
+        if progress is not None:
+            progress(phase="purge", waiting_for_retention_lease=True)
+        time.sleep(2.0)
+    return True
 
 
 def _sweep(

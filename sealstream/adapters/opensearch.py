@@ -358,6 +358,44 @@ class SearchIndex:
             for hit in result["hits"]["hits"]
         ]
 
+    def history_point(self) -> int:
+        """The highest sequence number written to any shard so far (`purge_history`'s mark)."""
+        stats = self._run(lambda: self._client.indices.stats(index=self.index, level="shards"))
+        shards = stats["indices"][self.index]["shards"].values()
+        return max(int(copy["seq_no"]["max_seq_no"]) for copies in shards for copy in copies)
+
+    def purge_history(self, point: int) -> bool:
+        """Drop from the data folder every document version overwritten up to sequence number
+        `point`: flush (the translog of those writes is trimmed) and expunge deleted documents
+        from every segment holding any (`expunge_deletes_allowed` 0). Lucene keeps the old
+        versions (the words of a re-indexed plain document, in the terms and in
+        `_recovery_source`) as soft deletes while a shard's retention lease still covers
+        them; the lease moves up every ~30 s. Returns False, doing nothing, until every
+        lease retains only what came after `point`: call again later."""
+        stats = self._run(lambda: self._client.indices.stats(index=self.index, level="shards"))
+        shards = stats["indices"][self.index]["shards"].values()
+        floors = [
+            int(lease["retaining_seq_no"])
+            for copies in shards
+            for copy in copies
+            for lease in copy.get("retention_leases", {}).get("leases", [])
+        ]
+        if floors and min(floors) <= point:
+            return False
+        self._run(
+            lambda: self._client.indices.put_settings(
+                index=self.index, body={"index.merge.policy.expunge_deletes_allowed": 0}
+            )
+        )
+        self._run(lambda: self._client.indices.flush(index=self.index, params={"force": "true"}))
+        self._run(
+            lambda: self._client.indices.forcemerge(
+                index=self.index, params={"only_expunge_deletes": "true"}
+            )
+        )
+        self._run(lambda: self._client.indices.flush(index=self.index, params={"force": "true"}))
+        return True
+
     def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
         """Replace a message's document by its tombstone (idempotent; works before the message
         was ever indexed too: the indexer's later write then conflicts). A document of another
