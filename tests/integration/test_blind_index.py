@@ -519,6 +519,7 @@ def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
             except ReindexBusy:  # until Postgres has ended the killed job's session
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
+        print(f"\nresumed re-index: {report}")  # the figure docs/search.md quotes
         assert report.completed and report.target_version == new_version
         assert report.chats == total_chats - mid.chats_done  # resumed, not started over
         assert report.index_key_versions_destroyed == [old.version]
