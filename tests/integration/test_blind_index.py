@@ -533,3 +533,25 @@ def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
         IndexKeys(repo, ChatKeyRepository(database), blind.kms).key(tenant, old.version)
     actions = [e.action for e in ChatKeyRepository(database).audit_entries(None, 1000)]
     assert "index_key_rotated" in actions and "index_key_destroyed" in actions
+
+
+def test_migrate_adds_the_key_version_field_to_an_index_made_before(settings: Settings) -> None:
+    import json
+    from importlib import resources
+
+    older = SearchIndex(
+        settings.opensearch.model_copy(
+            update={"index_prefix": f"{settings.opensearch.index_prefix}-preblind"}
+        )
+    )
+    body = json.loads(resources.files("schemas").joinpath("opensearch/messages.json").read_text())
+    del body["mappings"]["properties"]["index_key_version"]
+    try:
+        older._client.indices.create(index=older.index, body=body)
+        older.migrate()
+        mapping = older._client.indices.get_mapping(index=older.index)
+        properties = mapping[older.index]["mappings"]["properties"]
+        assert properties["index_key_version"] == {"type": "integer"}
+    finally:
+        older.drop()
+        older.close()
