@@ -179,10 +179,19 @@ def _sweep(
     second per round) and reports the job incomplete after `rounds` rounds."""
     swept = orphans = 0
     waiting = 0
+    previous: set[tuple[uuid.UUID, int]] = set()
     while True:
         stale = index.stale_documents(tenant_id, target)
         if not stale:
             return swept, orphans, True
+        if set(stale) == previous:
+            # Nothing moved since the last round (messages not stored yet, or documents the
+            # index refuses): wait a second per round, then leave it to a later run.
+            waiting += 1
+            if waiting >= rounds:
+                return swept, orphans, False
+            time.sleep(1.0)
+        previous = set(stale)
         rows: list[StoredMessage] = []
         young = 0
         for chat_id, message_id in stale:
@@ -197,11 +206,6 @@ def _sweep(
         swept += writer.rows(rows)
         if progress is not None:
             progress(phase="sweep", swept=swept, waiting_for_store=young)
-        if young and not rows:
-            waiting += 1
-            if waiting >= rounds:
-                return swept, orphans, False
-            time.sleep(1.0)
 
 
 class _Writer:

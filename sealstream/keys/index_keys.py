@@ -60,11 +60,6 @@ class TenantIndex:
     live: tuple[int, ...]
     rows: tuple[IndexKeyRow, ...] = ()
 
-    @property
-    def plain_documents(self) -> bool:
-        """Whether the tenant may still have documents holding plain words."""
-        return self.mode != "on"
-
 
 @dataclass(frozen=True)
 class KeyedWord:
@@ -193,7 +188,7 @@ class IndexKeys:
         keys = [self.key(tenant_id, v) for v in state.live]
         any_of = [keyed_term(k, folded) for k in keys]
         exact = [keyed_term(k, term) for k in keys]
-        if state.plain_documents and state.mode == "enabling":
+        if state.mode == "enabling":
             any_of.append(folded)
             exact.append(term)
         return KeyedWord(any_of=sorted(set(any_of)), exact=sorted(set(exact)))
