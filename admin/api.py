@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from admin.jobs import Job, JobRunner
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.adapters.postgres import ChatRow
+from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
 from sealstream.errors import KmsError
 from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
 from sealstream.http import message_id as parse_message_id
+from sealstream.keys.index_keys import IndexKeys
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import (
     WorkerProgress,
@@ -37,6 +38,7 @@ from sealstream.lifecycle import (
     rotate_due,
     rotate_master_key,
 )
+from sealstream.search_reindex import reindex_tenant
 from sealstream.settings import Settings
 from sealstream.text_rules import MAX_REASON, TEXT_PATTERN, Reason, Utf8
 
@@ -56,6 +58,7 @@ class AdminContext:
     store: MessageStore
     index: SearchIndex
     workers: WorkerProgress | None = None  # for chat deletion's sweep (None: no sweep)
+    index_keys: IndexKeys | None = None  # the blind index's keys (None: its routes answer 404)
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -137,6 +140,34 @@ class ReencryptIn(_Request):
 
 class RetentionIn(_Request):
     days: int | None = Field(ge=1, le=36_500, description="Retention in days; null: forever")
+
+
+class BlindIndexIn(_Request):
+    reason: Reason = Field(default="on demand", description="Recorded in the audit trail")
+
+
+class IndexKeyVersionOut(BaseModel):
+    key_version: int
+    state: str = Field(description="active | retiring | destroyed")
+    created_at: datetime
+
+
+class ReindexOut(BaseModel):
+    target_version: int
+    state: str = Field(description="pending | running | done")
+    chats_done: int
+    messages_done: int
+    swept: int = Field(description="Documents re-keyed by the final sweep")
+    requested_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class BlindIndexOut(BaseModel):
+    tenant_id: str
+    mode: str = Field(description="off | enabling (re-index of plain documents running) | on")
+    versions: list[IndexKeyVersionOut] = Field(description="Index-key versions, newest first")
+    reindex: ReindexOut | None
 
 
 class ShredReceiptOut(BaseModel):
@@ -364,6 +395,95 @@ def create_app(
             return _report(report)
 
         return _job(jobs.submit("reencrypt", admin, run))
+
+    # --- blind index ---------------------------------------------------------------------------
+
+    def blind_keys(admin: str, tenant_id: str) -> IndexKeys:
+        if ctx.index_keys is None:
+            raise ApiError(404, "not_found", "the blind index is not configured here")
+        if ctx.keys.repo.tenant_key_name(tenant_id) is None:
+            raise ApiError(404, "not_found", f"no tenant {tenant_id!r}", "path.tenant_id")
+        return ctx.index_keys.as_actor(f"admin:{admin}")
+
+    def reindex_job(admin: str, index_keys: IndexKeys, tenant_id: str) -> JobOut:
+        keys = keys_for(admin)
+
+        def run(progress: Callable[..., None]) -> dict[str, Any]:
+            return _report(
+                reindex_tenant(index_keys, keys, ctx.store, ctx.index, tenant_id, progress=progress)
+            )
+
+        return _job(jobs.submit("search-reindex", admin, run))
+
+    def key_change(admin: str, tenant_id: str, reason: str, enable: bool) -> JobOut:
+        index_keys = blind_keys(admin, tenant_id)
+        try:
+            if enable:
+                index_keys.enable(tenant_id, reason)
+            else:
+                index_keys.rotate(tenant_id, reason)
+        except IndexKeyConflict as exc:
+            raise ApiError(409, "conflict", str(exc), "path.tenant_id") from None
+        return reindex_job(admin, index_keys, tenant_id)
+
+    @app.post(
+        "/v1/tenants/{tenant_id}/blind-index",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Turn the blind index on for a tenant: index key v1, then re-index its messages",
+    )
+    def blind_index_on(
+        admin: CurrentAdmin, tenant_id: TenantId, body: BlindIndexIn | None = None
+    ) -> JobOut:
+        return key_change(admin, tenant_id, (body or BlindIndexIn()).reason, enable=True)
+
+    @app.post(
+        "/v1/tenants/{tenant_id}/index-key/rotate",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Rotate a blind-index tenant's index key and re-index it (old key destroyed after)",
+    )
+    def index_key_rotate(
+        admin: CurrentAdmin, tenant_id: TenantId, body: BlindIndexIn | None = None
+    ) -> JobOut:
+        return key_change(admin, tenant_id, (body or BlindIndexIn()).reason, enable=False)
+
+    @app.post(
+        "/v1/tenants/{tenant_id}/blind-index/reindex",
+        response_model=JobOut,
+        status_code=202,
+        tags=[TAG_KEYS],
+        summary="Resume a tenant's unfinished re-index (after a restart or a failure)",
+    )
+    def blind_index_reindex(admin: CurrentAdmin, tenant_id: TenantId) -> JobOut:
+        return reindex_job(admin, blind_keys(admin, tenant_id), tenant_id)
+
+    @app.get(
+        "/v1/tenants/{tenant_id}/blind-index",
+        response_model=BlindIndexOut,
+        tags=[TAG_KEYS],
+        summary="A tenant's blind-index mode, index-key versions and re-index progress",
+    )
+    def blind_index_state(admin: CurrentAdmin, tenant_id: TenantId) -> BlindIndexOut:
+        index_keys = blind_keys(admin, tenant_id)
+        job = index_keys.repo.reindex_job(tenant_id)
+        return BlindIndexOut(
+            tenant_id=tenant_id,
+            mode=index_keys.repo.mode(tenant_id) or "off",
+            versions=[
+                IndexKeyVersionOut(
+                    key_version=r.key_version, state=r.state, created_at=r.created_at
+                )
+                for r in index_keys.repo.keys(tenant_id)
+            ],
+            reindex=None
+            if job is None
+            else ReindexOut(
+                **{k: v for k, v in asdict(job).items() if k in ReindexOut.model_fields}
+            ),
+        )
 
     # --- deletion and retention ----------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.wiring import key_service, message_stores, stores_reachable
+from sealstream.wiring import index_keys, key_service, message_stores, stores_reachable
 
 SERVICE = "admin"
 
@@ -33,7 +33,13 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 
         ready = readiness(lambda: stores_reachable(database, store, index))
         app = create_app(
-            AdminContext(keys, store, index, ConsumerGroupsProgress(settings.kafka)),
+            AdminContext(
+                keys,
+                store,
+                index,
+                ConsumerGroupsProgress(settings.kafka),
+                index_keys(settings, database, actor=SERVICE),
+            ),
             jobs,
             settings,
             ready,

@@ -11,6 +11,7 @@ from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected, run_worker
+from sealstream.wiring import index_keys
 
 STAGE = "indexer"
 
@@ -25,9 +26,11 @@ def run(settings: Settings) -> None:
         database.open()
         stack.callback(database.close)
         chats = ChatKeyRepository(database)
+        # Blind-index tenants: their terms are keyed (index keys unwrapped in memory only).
+        keys = index_keys(settings, database, actor=STAGE)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            return index_batch(records, index, chats)
+            return index_batch(records, index, chats, keys)
 
         # Bigger, slower batches than the encryptor: OpenSearch prefers fewer, larger bulks.
         run_worker(

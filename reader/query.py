@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from reader.ports import QueryTerms
 from sealstream.adapters.opensearch import TextToken, WordMatch
+from sealstream.keys.index_keys import KeyedWord
 
 QUOTE = '"'
 
@@ -101,6 +103,30 @@ class PlainQueryTerms:
             exact=[token.term],
             prefix=token.folded if prefix else None,
         )
+
+
+class KeyedWords(Protocol):
+    """A blind-index tenant's keyed terms of one query word (`IndexKeys.query_word`)."""
+
+    def query_word(self, tenant_id: str, term: str, folded: str) -> KeyedWord | None:
+        """None for a plain tenant."""
+        ...
+
+
+class TenantQueryTerms:
+    """Query terms per tenant: the plain words (`PlainQueryTerms`) for a plain tenant, the
+    keyed terms under every live index key for a blind-index tenant. Keyed terms match whole
+    words only: HMACs of words have no prefixes in common, so there is no prefix match."""
+
+    def __init__(self, keys: KeyedWords) -> None:
+        self.keys = keys
+        self.plain = PlainQueryTerms()
+
+    def word_match(self, tenant_id: str, token: TextToken, prefix: bool) -> WordMatch:
+        keyed = self.keys.query_word(tenant_id, token.term, token.folded)
+        if keyed is None:
+            return self.plain.word_match(tenant_id, token, prefix)
+        return WordMatch(any_of=keyed.any_of, exact=keyed.exact)
 
 
 def _distinct(values: Sequence[str]) -> list[str]:

@@ -9,6 +9,7 @@ from contextlib import ExitStack
 from fastapi import FastAPI
 
 from reader.api import create_app
+from reader.query import TenantQueryTerms
 from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
@@ -16,7 +17,7 @@ from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
-from sealstream.wiring import key_service, stores_reachable
+from sealstream.wiring import index_keys, key_service, stores_reachable
 
 SERVICE = "reader"
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             keys=keys,
             search_index=index,
             analyzer=index,
-            # MERGE(blind): the keyed `QueryTerms` of the blind index replaces the default
-            # plain one here (`query_terms=...`).
+            # Plain words for plain tenants, keyed terms for blind-index tenants.
+            query_terms=TenantQueryTerms(index_keys(settings, database, actor=SERVICE)),
         )
         app = create_app(
             service, settings, readiness(lambda: stores_reachable(database, store, index))

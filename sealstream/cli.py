@@ -651,6 +651,15 @@ def drill(
         raise typer.Exit(1)
 
 
+def _add_search() -> None:
+    from sealstream.search_cli import search_app
+
+    app.add_typer(search_app, name="search")
+
+
+_add_search()
+
+
 def main() -> None:
     app()
 

@@ -18,6 +18,7 @@ Summary of v1 (see docs/format.md for the normative text)::
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 import struct
@@ -37,9 +38,11 @@ __all__ = [
     "MAX_DEK_VERSION",
     "MAX_PLAINTEXT_BYTES",
     "ChatKey",
+    "IndexKey",
     "MessageContext",
     "MessageTooLarge",
     "envelope_dek_version",
+    "keyed_term",
     "open_envelope",
     "seal",
 ]
@@ -269,3 +272,69 @@ class TextFingerprints:
         return hmac.new(
             self._key, len(bound).to_bytes(4, "big") + bound + text.encode("utf-8"), "sha256"
         ).digest()
+
+
+# --- blind index tokens (docs/format.md, "Blind index tokens") ---------------------------------
+
+INDEX_KEY_LEN = 32
+INDEX_TOKEN_BYTES = 16
+"""HMAC-SHA256 output kept per token: 128 bits (docs/format.md explains the length)."""
+
+_INDEX_TERM_LABEL = b"sealstream/index-term/v1"
+_INDEX_TERM_HEADER = struct.Struct(">H")  # tenant id length (UTF-8 bytes)
+_INDEX_TERM_VERSION = struct.Struct(">I")
+
+
+@dataclass(frozen=True, repr=False)
+class IndexKey:
+    """One version of a tenant's blind-index key: 32 random bytes from the KMS, memory only.
+
+    Like :class:`ChatKey`, its repr never shows the key bytes."""
+
+    tenant_id: str
+    version: int
+    material: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tenant_id, str) or not 1 <= len(self.tenant_id.encode()) <= 255:
+            raise ValueError("IndexKey.tenant_id must be 1 to 255 UTF-8 bytes")
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise TypeError("IndexKey.version must be an int")
+        if not 1 <= self.version <= MAX_DEK_VERSION:
+            raise ValueError(f"IndexKey.version must be between 1 and {MAX_DEK_VERSION}")
+        if not _is_bytes_like(self.material):
+            raise TypeError("IndexKey.material must be bytes")
+        if len(self.material) != INDEX_KEY_LEN:
+            raise ValueError(f"IndexKey.material must be exactly {INDEX_KEY_LEN} bytes")
+        object.__setattr__(self, "material", bytes(self.material))
+        tenant = self.tenant_id.encode("utf-8")
+        # The message prefix binds the label, the tenant and the key version (fixed per key).
+        prefix = (
+            _INDEX_TERM_LABEL
+            + _INDEX_TERM_HEADER.pack(len(tenant))
+            + tenant
+            + _INDEX_TERM_VERSION.pack(self.version)
+        )
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexKey(tenant_id={self.tenant_id!r}, version={self.version}, material=<redacted>)"
+        )
+
+    __str__ = __repr__
+
+
+def keyed_term(key: IndexKey, term: str) -> str:
+    """The blind-index token of one index term: what OpenSearch holds instead of the word.
+
+    ``base64url(HMAC-SHA256(key, "sealstream/index-term/v1" || len(tenant) (2, BE) || tenant ||
+    key version (4, BE) || term (UTF-8))[:16])`` without padding: 22 ASCII characters. The term
+    must already be normalised (NFKC + case folding, accent folding for the folded form): equal
+    words give equal tokens only under the same tenant and key version.
+    """
+    if not isinstance(term, str):
+        raise TypeError("term must be a str")
+    prefix: bytes = object.__getattribute__(key, "_prefix")
+    mac = hmac.new(key.material, prefix + term.encode("utf-8"), "sha256").digest()
+    return base64.urlsafe_b64encode(mac[:INDEX_TOKEN_BYTES]).rstrip(b"=").decode("ascii")

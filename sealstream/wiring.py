@@ -9,6 +9,7 @@ from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
+from sealstream.keys.index_keys import IndexKeys
 from sealstream.keys.router import KmsRouter
 from sealstream.keys.service import KeyService
 from sealstream.settings import Settings
@@ -67,3 +68,20 @@ def stores_reachable(database: Database, store: MessageStore, index: SearchIndex
         conn.execute("SELECT 1")
     store.session.execute("SELECT release_version FROM system.local")
     index.ping()
+
+
+def index_keys(settings: Settings, database: Database, actor: str = "sealstream") -> IndexKeys:
+    """The blind index's per-tenant keys on Postgres + Transit (no Redis: plaintext index keys
+    stay in this process, wrapped ones in Postgres). Change of a tenant's keys reach it within
+    `keys.pointer_ttl_seconds`."""
+    from sealstream.adapters.postgres import IndexKeyRepository
+
+    chats = ChatKeyRepository(database)
+    return IndexKeys(
+        repo=IndexKeyRepository(database),
+        chats=chats,
+        kms=KmsRouter(settings.vault, chats.tenants_with_key),
+        ttl_seconds=settings.keys.pointer_ttl_seconds,
+        key_ttl_seconds=settings.keys.ttl_seconds,
+        actor=actor,
+    )

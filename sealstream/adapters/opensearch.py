@@ -16,6 +16,7 @@ above any version the indexer writes, so no redelivery or replay can index its w
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class IndexedMessage:
     tenant_id: str
     sender_id: str
     sent_at: datetime
-    tokens: list[str]  # the final index terms, sorted and distinct (`document_terms`)
+    tokens: list[str]  # the final index terms, sorted and distinct (keyed for a blind tenant)
     index_key_version: int | None = None  # the blind index key version; None = plain tokens
 
 
@@ -153,6 +154,27 @@ def _refusal(status: object, error: dict[str, Any]) -> str:
     return f"the search index refused the document (HTTP {status}, {error_type}{named})"
 
 
+def reindex_version(index_key_version: int) -> int:
+    """External version of a document re-indexed under `index_key_version`: above the indexer's
+    `MESSAGE_VERSION` and any earlier re-index (older key versions), far below the tombstone's
+    `DELETION_VERSION`, so a deletion still wins over every re-index."""
+    return MESSAGE_VERSION + index_key_version
+
+
+def _document(m: IndexedMessage) -> dict[str, Any]:
+    source: dict[str, Any] = {
+        "message_id": m.message_id,
+        "chat_id": str(m.chat_id),
+        "tenant_id": m.tenant_id,
+        "sender_id": m.sender_id,
+        "sent_at": m.sent_at.isoformat(),
+        "tokens": m.tokens,
+    }
+    if m.index_key_version is not None:
+        source["index_key_version"] = m.index_key_version
+    return source
+
+
 class SearchRejected(SealstreamError):
     """OpenSearch refused a request for a reason a retry will not fix."""
 
@@ -246,8 +268,22 @@ def _boost(query: dict[str, Any], boost: float) -> dict[str, Any]:
 _QUOTES = frozenset("\"'\u201c\u201d\u2018\u2019\u00ab\u00bb\u300c\u300d")
 
 
+def _quiet_client_logs() -> None:
+    """Keep request bodies out of every log, whatever the logging configuration.
+
+    opensearch-py logs each request and response body on the `opensearch` logger at DEBUG and
+    as curl commands on `opensearchpy.trace` at INFO; an `_analyze` body is message text, a bulk
+    body a message's words. Both loggers are held at WARNING (failures only, which name the
+    URL and status, never a body), so a process run at DEBUG does not write text to its log."""
+    for name in ("opensearch", "opensearchpy.trace"):
+        library = logging.getLogger(name)
+        if library.level < logging.WARNING:  # NOTSET (0) too: it would follow the root's level
+            library.setLevel(logging.WARNING)
+
+
 class SearchIndex:
     def __init__(self, settings: OpenSearchSettings) -> None:
+        _quiet_client_logs()
         self.settings = settings
         self.index = f"{settings.index_prefix}-messages"
         self._client = OpenSearch(
@@ -401,35 +437,28 @@ class SearchIndex:
             result.extend(split_terms(chunk, answer.get("tokens", [])))
         return result
 
-    def index_many(self, messages: list[IndexedMessage]) -> list[RefusedDocument]:
+    def index_many(
+        self, messages: list[IndexedMessage], version: int = MESSAGE_VERSION
+    ) -> list[RefusedDocument]:
         """Bulk index; returns the documents OpenSearch refused one by one (permanent).
 
         Raises `StoreUnavailable` when the request as a whole failed (node unreachable, overload)
         or when any item failed with a status that can heal (429, 502-504): the caller retries
-        the whole set, which is idempotent by `_id`.
+        the whole set, which is idempotent by `_id`. `version`: the external version written
+        (the indexer's `MESSAGE_VERSION`; the blind re-index writes `reindex_version(v)`).
         """
         if not messages:
             return []
+        if not MESSAGE_VERSION <= version < DELETION_VERSION:
+            raise ValueError(f"version must be in [{MESSAGE_VERSION}, {DELETION_VERSION})")
         actions = [
             {
                 "_op_type": "index",
                 "_index": self.index,
                 "_id": str(m.message_id),
-                "version": MESSAGE_VERSION,
+                "version": version,
                 "version_type": "external",
-                "_source": {
-                    "message_id": m.message_id,
-                    "chat_id": str(m.chat_id),
-                    "tenant_id": m.tenant_id,
-                    "sender_id": m.sender_id,
-                    "sent_at": m.sent_at.isoformat(),
-                    "tokens": m.tokens,
-                    **(
-                        {}
-                        if m.index_key_version is None
-                        else {"index_key_version": m.index_key_version}
-                    ),
-                },
+                "_source": _document(m),
             }
             for m in messages
         ]
@@ -578,6 +607,71 @@ class SearchIndex:
             for hit in result["hits"]["hits"]
         ]
         return SearchHits(hits=hits, exhausted=len(hits) < request.size)
+
+    def stale_documents(
+        self, tenant_id: str, index_key_version: int, limit: int = 500
+    ) -> list[tuple[uuid.UUID, int]]:
+        """(chat id, message id) of the tenant's message documents not keyed with
+        `index_key_version` (plain ones included), deletion tombstones excepted: what a
+        blind re-index has still to re-key."""
+        self.refresh()
+        body = {
+            "size": limit,
+            "_source": ["chat_id"],
+            "query": {
+                "bool": {
+                    "filter": [{"term": {"tenant_id": tenant_id}}],
+                    "must_not": [
+                        {"term": {"deleted": True}},
+                        {"term": {"index_key_version": index_key_version}},
+                    ],
+                }
+            },
+            "sort": [{"message_id": "asc"}],
+        }
+        result = self._run(lambda: self._client.search(index=self.index, body=body))
+        return [
+            (uuid.UUID(hit["_source"]["chat_id"]), int(hit["_id"]))
+            for hit in result["hits"]["hits"]
+        ]
+
+    def history_point(self) -> int:
+        """The highest sequence number written to any shard so far (`purge_history`'s mark)."""
+        stats = self._run(lambda: self._client.indices.stats(index=self.index, level="shards"))
+        shards = stats["indices"][self.index]["shards"].values()
+        return max(int(copy["seq_no"]["max_seq_no"]) for copies in shards for copy in copies)
+
+    def purge_history(self, point: int) -> bool:
+        """Drop from the data folder every document version overwritten up to sequence number
+        `point`: flush (the translog of those writes is trimmed) and expunge deleted documents
+        from every segment holding any (`expunge_deletes_allowed` 0). Lucene keeps the old
+        versions (the words of a re-indexed plain document, in the terms and in
+        `_recovery_source`) as soft deletes while a shard's retention lease still covers
+        them; the lease moves up every ~30 s. Returns False, doing nothing, until every
+        lease retains only what came after `point`: call again later."""
+        stats = self._run(lambda: self._client.indices.stats(index=self.index, level="shards"))
+        shards = stats["indices"][self.index]["shards"].values()
+        floors = [
+            int(lease["retaining_seq_no"])
+            for copies in shards
+            for copy in copies
+            for lease in copy.get("retention_leases", {}).get("leases", [])
+        ]
+        if floors and min(floors) <= point:
+            return False
+        self._run(
+            lambda: self._client.indices.put_settings(
+                index=self.index, body={"index.merge.policy.expunge_deletes_allowed": 0}
+            )
+        )
+        self._run(lambda: self._client.indices.flush(index=self.index, params={"force": "true"}))
+        self._run(
+            lambda: self._client.indices.forcemerge(
+                index=self.index, params={"only_expunge_deletes": "true"}
+            )
+        )
+        self._run(lambda: self._client.indices.flush(index=self.index, params={"force": "true"}))
+        return True
 
     def delete_message(self, chat_id: uuid.UUID, message_id: int) -> None:
         """Replace a message's document by its tombstone (idempotent; works before the message

@@ -7,6 +7,7 @@ psycopg errors are translated at this boundary: connection trouble becomes the r
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
@@ -25,7 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from sealstream.deletion_state import ChatState
-from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
+from sealstream.errors import KeyDestroyed, KeyNotFound, SealstreamError, StoreUnavailable
 from sealstream.settings import PostgresSettings
 
 Row = dict[str, Any]
@@ -872,3 +873,229 @@ class WorkerLeaseRepository:
         return LeaseHolder(
             row["worker_id"], row["host"], row["pid"], row["service"], row["seconds_left"]
         )
+
+
+# --- blind index keys and re-index progress (schemas/postgres/008_blind_index.sql) ------------
+
+
+@dataclass(frozen=True)
+class IndexKeyRow:
+    """One version of a tenant's blind-index key as stored: wrapped only (None once destroyed)."""
+
+    tenant_id: str
+    key_version: int
+    wrapped_key: str | None
+    kms_key_name: str
+    state: str  # active | retiring | destroyed
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ReindexJob:
+    """Progress of a tenant's re-index under its newest index key (`search_reindex` row)."""
+
+    tenant_id: str
+    target_version: int
+    state: str  # pending | running | done
+    after_chat: uuid.UUID | None
+    chats_done: int
+    messages_done: int
+    swept: int
+    requested_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class IndexKeyConflict(SealstreamError):
+    """The tenant's blind-index state does not allow the change (already on, re-index running)."""
+
+
+class IndexKeyRepository:
+    """The `tenant_index_keys` and `search_reindex` tables, and the tenants' `blind_index` mode."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def mode(self, tenant_id: str) -> str | None:
+        """'off' | 'enabling' | 'on'; None for an unknown tenant."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT blind_index FROM tenants WHERE tenant_id = %s", (tenant_id,)
+            ).fetchone()
+        return None if row is None else str(row["blind_index"])
+
+    def keys(self, tenant_id: str) -> list[IndexKeyRow]:
+        """Every version of the tenant's index key, newest first."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT tenant_id, key_version, wrapped_key, kms_key_name, state, created_at"
+                " FROM tenant_index_keys WHERE tenant_id = %s ORDER BY key_version DESC",
+                (tenant_id,),
+            ).fetchall()
+        return [IndexKeyRow(**r) for r in rows]
+
+    def chat_tenants(self, chat_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The tenant of each known chat among `chat_ids` (a chat never changes tenant)."""
+        if not chat_ids:
+            return {}
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT chat_id, tenant_id FROM chats WHERE chat_id = ANY(%s)", (list(chat_ids),)
+            ).fetchall()
+        return {r["chat_id"]: str(r["tenant_id"]) for r in rows}
+
+    def add_key(
+        self,
+        tenant_id: str,
+        wrapped_key: str,
+        kms_key_name: str,
+        new_version: int,
+        enable: bool,
+        audit: AuditRecord,
+    ) -> None:
+        """Store `new_version` as the tenant's active index key (the previous active one becomes
+        'retiring'), switch the tenant to 'enabling' when `enable`, and (re)start its re-index
+        row, all with `audit` in one transaction. Raises `IndexKeyConflict` when `enable` and
+        the blind index is on already, when rotating a tenant whose blind index is off, while a
+        re-index is unfinished, or when another process made `new_version` first."""
+        with self.db.transaction() as conn:
+            tenant = conn.execute(
+                "SELECT blind_index FROM tenants WHERE tenant_id = %s FOR UPDATE", (tenant_id,)
+            ).fetchone()
+            if tenant is None:
+                raise KeyNotFound(f"unknown tenant '{tenant_id}'")
+            mode = tenant["blind_index"]
+            if enable and mode != "off":
+                raise IndexKeyConflict(f"tenant '{tenant_id}': the blind index is {mode} already")
+            if not enable and mode == "off":
+                raise IndexKeyConflict(f"tenant '{tenant_id}': the blind index is off")
+            job = conn.execute(
+                "SELECT state FROM search_reindex WHERE tenant_id = %s", (tenant_id,)
+            ).fetchone()
+            if job is not None and job["state"] != "done":
+                raise IndexKeyConflict(
+                    f"tenant '{tenant_id}': a re-index is unfinished; finish it first "
+                    f"(`sealstream search reindex --tenant {tenant_id}`)"
+                )
+            newest = conn.execute(
+                "SELECT max(key_version) AS v FROM tenant_index_keys WHERE tenant_id = %s",
+                (tenant_id,),
+            ).fetchone()
+            if ((newest or {}).get("v") or 0) + 1 != new_version:
+                raise IndexKeyConflict(f"tenant '{tenant_id}': index key changed meanwhile")
+            conn.execute(
+                "UPDATE tenant_index_keys SET state = 'retiring', retired_at = now()"
+                " WHERE tenant_id = %s AND state = 'active'",
+                (tenant_id,),
+            )
+            conn.execute(
+                "INSERT INTO tenant_index_keys"
+                " (tenant_id, key_version, wrapped_key, kms_key_name, state)"
+                " VALUES (%s, %s, %s, %s, 'active')",
+                (tenant_id, new_version, wrapped_key, kms_key_name),
+            )
+            if enable:
+                conn.execute(
+                    "UPDATE tenants SET blind_index = 'enabling' WHERE tenant_id = %s",
+                    (tenant_id,),
+                )
+            conn.execute(
+                "INSERT INTO search_reindex (tenant_id, target_version, state) "
+                " VALUES (%s, %s, 'pending') ON CONFLICT (tenant_id) DO UPDATE SET"
+                " target_version = excluded.target_version, state = 'pending', after_chat = NULL,"
+                " chats_done = 0, messages_done = 0, swept = 0, requested_at = now(),"
+                " updated_at = now(), finished_at = NULL",
+                (tenant_id, new_version),
+            )
+            _audit(conn, audit, None, new_version)
+
+    def reindex_job(self, tenant_id: str) -> ReindexJob | None:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT * FROM search_reindex WHERE tenant_id = %s", (tenant_id,)
+            ).fetchone()
+        return None if row is None else ReindexJob(**row)
+
+    def reindex_jobs(self) -> list[ReindexJob]:
+        with self.db.connection() as conn:
+            rows = conn.execute("SELECT * FROM search_reindex ORDER BY tenant_id").fetchall()
+        return [ReindexJob(**r) for r in rows]
+
+    def tenant_chats(
+        self, tenant_id: str, after: uuid.UUID | None, limit: int
+    ) -> list[tuple[uuid.UUID, datetime]]:
+        """Active chats of a tenant in chat-id order after `after`: (chat id, created at)."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT chat_id, created_at FROM chats WHERE tenant_id = %s AND state = 'active'"
+                " AND (%s::uuid IS NULL OR chat_id > %s::uuid) ORDER BY chat_id LIMIT %s",
+                (tenant_id, after, after, limit),
+            ).fetchall()
+        return [(r["chat_id"], r["created_at"]) for r in rows]
+
+    def record_progress(
+        self,
+        tenant_id: str,
+        target_version: int,
+        after_chat: uuid.UUID | None,
+        chats: int,
+        messages: int,
+        swept: int,
+    ) -> bool:
+        """Save how far the re-index got; False if the row no longer targets this version."""
+        with self.db.connection() as conn:
+            changed = conn.execute(
+                "UPDATE search_reindex SET state = 'running', after_chat = %s,"
+                " chats_done = chats_done + %s, messages_done = messages_done + %s,"
+                " swept = swept + %s, updated_at = now()"
+                " WHERE tenant_id = %s AND target_version = %s AND state <> 'done'",
+                (after_chat, chats, messages, swept, tenant_id, target_version),
+            ).rowcount
+        return changed == 1
+
+    def finish_reindex(self, tenant_id: str, target_version: int, audit: AuditRecord) -> list[int]:
+        """Destroy every index-key version below the target (wrapped key erased), turn the blind
+        index 'on' and mark the re-index done, with `audit`, in one transaction. Returns the
+        versions destroyed."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                "SELECT 1 FROM tenants WHERE tenant_id = %s FOR UPDATE", (tenant_id,)
+            ).fetchone()
+            done = conn.execute(
+                "UPDATE search_reindex SET state = 'done', finished_at = now(), updated_at = now()"
+                " WHERE tenant_id = %s AND target_version = %s AND state <> 'done'",
+                (tenant_id, target_version),
+            ).rowcount
+            if done == 0:
+                return []
+            rows = conn.execute(
+                "UPDATE tenant_index_keys SET state = 'destroyed', wrapped_key = NULL,"
+                " destroyed_at = now() WHERE tenant_id = %s AND key_version < %s"
+                " AND state <> 'destroyed' RETURNING key_version",
+                (tenant_id, target_version),
+            ).fetchall()
+            conn.execute("UPDATE tenants SET blind_index = 'on' WHERE tenant_id = %s", (tenant_id,))
+            destroyed = sorted(int(r["key_version"]) for r in rows)
+            record = AuditRecord(
+                audit.actor,
+                audit.action,
+                f"{audit.reason} (index key versions destroyed: {destroyed or 'none'})",
+            )
+            _audit(conn, record, None, target_version)
+        return destroyed
+
+    @contextmanager
+    def reindex_lock(self, tenant_id: str) -> Iterator[bool]:
+        """Hold the tenant's re-index lock (a session advisory lock on a connection kept for
+        the whole job) if no other process does; yields whether it was taken. A process that
+        dies loses its connection and with it the lock, so a restarted job can go on at once."""
+        name = f"{self.db.settings.schema_name}:search-reindex:{tenant_id}".encode()
+        lock_id = int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s) AS taken", (lock_id,)).fetchone()
+            taken = bool(row and row["taken"])
+            try:
+                yield taken
+            finally:
+                if taken:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
