@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.adapters.postgres import Database
@@ -169,7 +169,8 @@ def _shred(
         message_id = ids.next_id()
         now = datetime.now(UTC)
         text = f"benchmark message {i} lorem ipsum dolor sit amet"
-        envelope = seal(text.encode(), key, MessageContext(chat, message_id))
+        context = MessageContext(chat, message_id, "alice", 1, id_millis(message_id))
+        envelope = seal(text.encode(), key, context)
         rows.append(StoredMessage(chat, message_id, "alice", key.version, envelope, now))
         docs.append(IndexedMessage(message_id, chat, tenant, "alice", now, text))
     started = time.perf_counter()
