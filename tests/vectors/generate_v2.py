@@ -120,7 +120,7 @@ def _cases() -> list[dict[str, Any]]:
         _case(
             "arabic-rtl",
             "right-to-left Arabic with an RLM mark",
-            "\u200fمرحبا بالعالم!".encode(),
+            "\u200fمرحبا بالعالم!".encode(),  # noqa: RUF001 - on purpose
         ),
         _case("not-utf8", "bytes that are not valid UTF-8 (utf8 field is null)", b"\xff\xfe\xc3("),
         _case(
