@@ -21,9 +21,10 @@ from reader.service import (
 from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
-from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.crypto import ChatKey
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
 from sealstream.http import ApiError
+from tests.sealed_rows import sealed_row
 
 NOW_MS = EPOCH_MS + 40 * 24 * 3600 * 1000  # 40 days after the id epoch: a few buckets in
 
@@ -131,13 +132,13 @@ class World:
         version = max(v for c, v in self.keys.keys if c == chat_id)
         key = self.keys.keys[(chat_id, version)]
         self.messages.add(
-            StoredMessage(
-                chat_id=chat_id,
-                message_id=message_id,
-                sender_id=sender,
-                dek_version=version,
-                envelope=seal(text.encode(), key, MessageContext(chat_id, message_id)),
-                created_at=datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
+            sealed_row(
+                chat_id,
+                message_id,
+                sender,
+                key,
+                text,
+                datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
             )
         )
         return message_id
