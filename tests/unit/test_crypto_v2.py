@@ -9,6 +9,7 @@ DEK version, and both directions of a format downgrade.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
 import json
@@ -35,6 +36,7 @@ from sealstream.crypto import (
     seal,
 )
 from sealstream.errors import DecryptionError
+from sealstream.keys.service import kms_context
 from tests.unit.test_crypto import ref_gcm_encrypt, ref_hkdf_sha256
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors"
@@ -429,3 +431,16 @@ def test_context_encoding_is_the_documented_struct() -> None:
     ctx = crypto._context_bytes_v2(key, context)
     assert ctx == struct.pack(">16sQIIQH", CHAT_1.bytes, context.message_id, 7, 5, T0, 3) + b"bob"
     assert len(ctx) == 42 + 3
+
+
+def test_dek_context_in_format_md_is_what_the_key_service_sends() -> None:
+    """docs/format.md §11 gives the Transit context byte for byte; it must be kms_context's."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text(encoding="utf-8")
+    context = kms_context(uuid.UUID("0f8e6b2a-3c1d-4e5f-8a7b-9c0d1e2f3a4b"), 1)
+    assert len(context) == 38 and context.startswith(b"sealstream/dek/v1:")
+    assert context.hex() in doc
+    assert base64.b64encode(context).decode() in doc
+    # The version and chat are the only variable parts, in that layout.
+    assert (
+        kms_context(CHAT_2, 2**31 - 1) == b"sealstream/dek/v1:" + CHAT_2.bytes + b"\x7f\xff\xff\xff"
+    )
