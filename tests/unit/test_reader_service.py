@@ -427,6 +427,29 @@ def test_envelope_naming_a_version_the_chat_never_had_is_an_integrity_error(
         world.service.message("alice", chat, message_id)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sender_id": "mallory"},  # a row moved to another sender (envelope v2 binds it)
+        {"revision": 2},
+        {"created_at": datetime(2026, 1, 2, tzinfo=UTC)},
+        {"sender_id": ""},  # values no envelope can bind: not a genuine row either
+        {"sender_id": "x" * 2000},
+        {"revision": 0},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_row_columns_the_envelope_does_not_bind_are_an_integrity_error(
+    world: World, change: dict[str, object]
+) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "who said it", sender="alice")
+    assert world.service.message("bob", chat, message_id).sender_id == "alice"
+    world.messages.add(replace(world.messages.rows[(chat, message_id)], **change))
+    with pytest.raises(DecryptionError):
+        world.service.message("bob", chat, message_id)
+
+
 def test_destroyed_key_version_is_gone(world: World) -> None:
     chat = world.chat()
     message_id = world.post(chat, "shredded")
