@@ -248,7 +248,7 @@ def _seal_with(
     ctx = _context_bytes_v2(key, context)
     # Sender, revision and creation time go into the derivation as well as the AAD, so the
     # commitment is to the whole context: an envelope names one sender, revision and time, and a
-    # copy moved to another one fails before any AES work (docs/format.md, v2 rationale).
+    # copy moved to another one fails before any AES work (docs/format.md §10.2).
     message_key, commitment = _derive(key, salt, ctx, _INFO_LABEL_V2)
     header = _HEADER.pack(FORMAT_V2, key.version, salt, nonce, commitment)
     return header + AESGCM(message_key).encrypt(nonce, plaintext, _AAD_PREFIX_V2 + ctx)
