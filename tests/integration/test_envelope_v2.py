@@ -255,3 +255,33 @@ def test_reencryption_upgrades_v1_rows_under_an_old_dek_version_too(
     assert row is not None and row.dek_version == old.dek_version + 1
     assert crypto.envelope_format(row.envelope) == crypto.FORMAT_V2
     assert read(client, as_user("bob"), chat, old.message_id).json()["text"] == "before rotation"
+
+
+def test_migrate_adds_the_revision_column_to_an_older_keyspace(env_settings: Settings) -> None:
+    """A keyspace made before v2 (no `revision` column) gets it from `migrate`, twice harmless."""
+    settings = CassandraSettings(
+        hosts=env_settings.cassandra.hosts,
+        port=env_settings.cassandra.port,
+        keyspace=f"{env_settings.cassandra.keyspace}_old",
+    )
+    store = MessageStore(settings)
+    store.connect()
+    try:
+        store.migrate()
+        store.session.execute(f"ALTER TABLE {settings.keyspace}.messages DROP revision")
+
+        def columns() -> set[str]:
+            rows = store.session.execute(
+                "SELECT column_name FROM system_schema.columns"
+                " WHERE keyspace_name = %s AND table_name = 'messages'",
+                (settings.keyspace,),
+            )
+            return {row.column_name for row in rows}
+
+        assert "revision" not in columns()
+        store.migrate()
+        store.migrate()
+        assert "revision" in columns()
+    finally:
+        store.drop_keyspace()
+        store.close()
