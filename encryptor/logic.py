@@ -18,7 +18,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from schemas.events import MessageRecord, decode_record
-from schemas.ids import id_time
+from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import RefusedRow, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, deletion_check
@@ -92,8 +92,18 @@ def seal_batch(
             rejected.append(Rejected(record, unusable[decoded.chat_id]))
             continue
         looked_up = time.perf_counter()
+        # Envelope v2 binds the sender, the revision (1: as first sent) and the creation time
+        # from the id's clock, the same values the row stores, so none can be changed alone.
         envelope = seal(
-            decoded.text.encode("utf-8"), key, MessageContext(decoded.chat_id, decoded.message_id)
+            decoded.text.encode("utf-8"),
+            key,
+            MessageContext(
+                decoded.chat_id,
+                decoded.message_id,
+                decoded.sender_id,
+                1,
+                id_millis(decoded.message_id),
+            ),
         )
         lookup_seconds += looked_up - started
         crypto_seconds += time.perf_counter() - looked_up

@@ -41,7 +41,7 @@ from reader.search import (
 from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
-from sealstream.crypto import MessageContext, envelope_dek_version, open_envelope
+from sealstream.crypto import envelope_dek_version, open_envelope
 from sealstream.errors import DecryptionError, KeyNotFound
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
@@ -241,7 +241,13 @@ class ReaderService:
             # The chat exists (checked) but never had this version: the row is not genuine.
             raise DecryptionError() from None
         # KeyDestroyed propagates: the HTTP layer answers 410 (crypto-shredded).
-        plaintext = open_envelope(row.envelope, key, MessageContext(row.chat_id, row.message_id))
+        try:
+            # The row's chat, id, sender, revision and time: the envelope must be bound to these
+            # (v2; v1 binds the ids only and opens as revision 1), so a rewritten column fails.
+            context = row.context()
+        except (TypeError, ValueError):
+            raise DecryptionError() from None  # a column no envelope can bind: not genuine
+        plaintext = open_envelope(row.envelope, key, context)
         try:
             text = plaintext.decode("utf-8")
         except UnicodeDecodeError:

@@ -204,7 +204,8 @@ def keys_reencrypt(
         bool, typer.Option(help="then destroy old DEK versions no message uses any more")
     ] = True,
 ) -> None:
-    """Re-encrypt a chat's history to its newest DEK version (resumable, idempotent)."""
+    """Re-encrypt a chat's history to its newest DEK version and envelope format v2 (resumable,
+    idempotent)."""
     from rich.progress import Progress
 
     from sealstream.lifecycle import reencrypt_chat

@@ -31,7 +31,7 @@ from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import AuditRecord
 from sealstream.adapters.redis import WrappedDek
 from sealstream.adapters.vault import TransitKms
-from sealstream.crypto import MessageContext, open_envelope, seal
+from sealstream.crypto import FORMAT_VERSION, envelope_format, open_envelope, seal
 from sealstream.errors import KeyNotFound
 from sealstream.keys.service import KeyService, kms_context
 
@@ -342,12 +342,16 @@ def reencrypt_chat(
     batch_size: int = 100,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReencryptReport:
-    """Re-seal every message of a chat still under an older DEK version with the active one.
+    """Re-seal every message of a chat still under an older DEK version, or still in an older
+    envelope format (v1), with the active version in the current format (v2).
 
+    The v1 -> v2 upgrade binds what the row holds when the job runs (sender, revision, creation
+    time): v1 never bound them, so the job cannot tell a sender rewritten before the upgrade.
     Each row is replaced in place by a conditional write (same message id, new envelope and
-    version), so readers see either the old or the new envelope, never a missing message, and a
-    message deleted meanwhile stays deleted. Idempotent and resumable: rows already at the
-    active version are skipped, so an interrupted job is finished by running it again.
+    version, only if the row still holds the envelope that was opened), so readers see either the
+    old or the new envelope, never a missing message, and a message deleted or changed meanwhile
+    is left alone. Idempotent and resumable: rows already at the active version and format are
+    skipped, so an interrupted job is finished by running it again.
 
     With `retire`, the old versions are then destroyed, provided no row still uses them and they
     were retired long enough before the scan began that no encryptor can still be writing with
@@ -375,9 +379,9 @@ def reencrypt_chat(
 
     for row in store.scan_chat(chat_id, *_chat_span(chat.created_at)):
         examined += 1
-        if row.dek_version >= target.version:
+        if row.dek_version >= target.version and envelope_format(row.envelope) == FORMAT_VERSION:
             continue
-        context = MessageContext(chat_id, row.message_id)
+        context = row.context()  # opened and re-sealed for the same sender, revision and time
         plaintext = open_envelope(row.envelope, keys.key(chat_id, row.dek_version), context)
         pending.append((row, target.version, seal(plaintext, target, context)))
         if len(pending) >= batch_size:

@@ -43,7 +43,7 @@ from sealstream.adapters.opensearch import (
     reindex_version,
 )
 from sealstream.adapters.postgres import AuditRecord
-from sealstream.crypto import IndexKey, MessageContext, open_envelope
+from sealstream.crypto import IndexKey, open_envelope
 from sealstream.errors import DecryptionError, KeyDestroyed, SealstreamError
 from sealstream.keys.index_keys import IndexKeys, keyed_terms
 from sealstream.keys.service import KeyService
@@ -247,10 +247,8 @@ class _Writer:
         for row in rows:
             try:
                 key = self.keys.key(row.chat_id, row.dek_version)
-                text = open_envelope(
-                    row.envelope, key, MessageContext(row.chat_id, row.message_id)
-                ).decode("utf-8")
-            except (KeyDestroyed, DecryptionError, UnicodeDecodeError):
+                text = open_envelope(row.envelope, key, row.context()).decode("utf-8")
+            except (KeyDestroyed, DecryptionError, UnicodeDecodeError, ValueError, TypeError):
                 # Shredded or expired meanwhile, or not genuine: nothing readable to index.
                 log.warning(
                     "re-index skipped a message that does not open",

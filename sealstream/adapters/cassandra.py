@@ -18,7 +18,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -42,6 +42,7 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from schemas.ids import bucket_at, bucket_of
+from sealstream.crypto import MessageContext
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import CassandraSettings
 
@@ -87,6 +88,24 @@ class StoredMessage:
     created_at: datetime
     edited_at: datetime | None = None
     deleted_at: datetime | None = None
+    revision: int = 1  # which revision of the message the envelope holds (1 = as first sent)
+
+    def context(self) -> MessageContext:
+        """What this row says its envelope is bound to (docs/format.md, envelope v2): chat,
+        message id, sender, revision and creation time (Unix ms, exact). An envelope opened
+        with it fails unless the row's columns are the ones it was sealed for. Raises
+        `ValueError` / `TypeError` for a value no envelope can bind (e.g. an empty sender)."""
+        return MessageContext(
+            chat_id=self.chat_id,
+            message_id=self.message_id,
+            sender_id=self.sender_id,
+            revision=self.revision,
+            created_at_ms=(self.created_at - _UNIX_EPOCH) // _MILLISECOND,
+        )
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def _row(row: Any) -> StoredMessage:
@@ -99,6 +118,8 @@ def _row(row: Any) -> StoredMessage:
         created_at=row.created_at.replace(tzinfo=UTC),
         edited_at=row.edited_at.replace(tzinfo=UTC) if row.edited_at else None,
         deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
+        # Rows written before the revision column (schemas/cassandra/002) are revision 1.
+        revision=1 if row.revision is None else row.revision,
     )
 
 
@@ -156,20 +177,28 @@ class MessageStore:
             self._session = None
 
     def migrate(self) -> None:
-        text = resources.files("schemas").joinpath("cassandra/001_messages.cql").read_text()
-        text = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
-        for statement in text.format(
-            keyspace=self.keyspace, replication=self.settings.replication
-        ).split(";"):
-            if statement.strip():
-                self._run(lambda s=statement: self.session.execute(s, timeout=60))
+        """Apply every schemas/cassandra/*.cql file in name order; each statement is idempotent
+        (IF NOT EXISTS), so running it again, or on an older keyspace, only adds what is new."""
+        files = sorted(
+            (f for f in resources.files("schemas").joinpath("cassandra").iterdir()),
+            key=lambda f: f.name,
+        )
+        for file in files:
+            if not file.name.endswith(".cql"):
+                continue
+            text = "\n".join(line.split("--", 1)[0] for line in file.read_text().splitlines())
+            for statement in text.format(
+                keyspace=self.keyspace, replication=self.settings.replication
+            ).split(";"):
+                if statement.strip():
+                    self._run(lambda s=statement: self.session.execute(s, timeout=60))
         self._prepare()
 
     def _prepare(self) -> None:
         ks = self.keyspace
         queries = {
             "insert": f"INSERT INTO {ks}.messages (chat_id, bucket, message_id, sender_id,"
-            " dek_version, envelope, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " dek_version, envelope, created_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             "get": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id = ?",
             "page": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
@@ -181,11 +210,12 @@ class MessageStore:
             " SET deleted_at = ?, envelope = null"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
             "scan": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?",
-            # Re-encryption: a lightweight transaction, so a row deleted or re-encrypted by
-            # someone else meanwhile is left alone rather than resurrected or overwritten.
+            # Re-encryption: a lightweight transaction, so a row deleted, re-encrypted or given
+            # another envelope by someone else meanwhile is left alone rather than resurrected or
+            # overwritten (the envelope itself is compared: a v1 -> v2 upgrade keeps the version).
             "reseal": f"UPDATE {ks}.messages SET envelope = ?, dek_version = ?"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?"
-            " IF dek_version = ? AND deleted_at = null",
+            " IF dek_version = ? AND envelope = ? AND deleted_at = null",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))
@@ -267,6 +297,7 @@ class MessageStore:
             m.dek_version,
             m.envelope,
             m.created_at,
+            m.revision,
         )
 
     @staticmethod
@@ -360,10 +391,18 @@ class MessageStore:
 
     def reseal_many(self, updates: Sequence[tuple[StoredMessage, int, bytes]]) -> int:
         """Replace (row, new DEK version, new envelope) where the row still has its old version
-        and is not deleted; returns how many rows changed."""
+        and envelope and is not deleted; returns how many rows changed."""
         statement = self._stmt("reseal")
         params = [
-            (envelope, version, m.chat_id, bucket_of(m.message_id), m.message_id, m.dek_version)
+            (
+                envelope,
+                version,
+                m.chat_id,
+                bucket_of(m.message_id),
+                m.message_id,
+                m.dek_version,
+                m.envelope,
+            )
             for m, version, envelope in updates
         ]
         results = self._run(

@@ -53,7 +53,13 @@ def run(seconds: float = 2.0, size: int = 200) -> dict[str, float]:
     if seconds <= 0:
         raise ValueError("seconds must be positive")
     key = ChatKey(version=1, material=os.urandom(32))
-    context = MessageContext(chat_id=uuid.uuid4(), message_id=(1 << 62) + 12345)
+    context = MessageContext(
+        chat_id=uuid.uuid4(),
+        message_id=(1 << 62) + 12345,
+        sender_id="user-000123",
+        revision=1,
+        created_at_ms=1_767_225_600_123,
+    )
     plaintext = os.urandom(size)
     envelope = seal(plaintext, key, context)
     if open_envelope(envelope, key, context) != plaintext:

@@ -36,6 +36,7 @@ UNWRAP_CALLS = 1000  # direct Transit decrypts timed for the KMS latency figures
 MIN_READ_SAMPLES = 1000  # Redis / Postgres reads are repeated over the chats up to this count
 _PLAINTEXTS = 64  # distinct random plaintexts cycled through (no per-message urandom in the loop)
 _PARTICIPANTS = ("alice", "bob")
+_CREATED_MS = 1_767_225_600_000  # creation time bound into every benchmark envelope (v2)
 T = TypeVar("T")
 
 
@@ -173,7 +174,7 @@ def _measure(
             key = service.current_key(chat)
             if stats.kms_unwraps != unwraps:  # this lookup missed the in-process cache
                 cold_lookups += time.perf_counter() - looking
-            context = MessageContext(chat, i)
+            context = MessageContext(chat, i, "bench-user", 1, _CREATED_MS)
             sealing = time.perf_counter()
             envelopes.append(seal(plaintexts[i % _PLAINTEXTS], key, context))
             crypto += time.perf_counter() - sealing
@@ -199,7 +200,8 @@ def _measure(
         for i, envelope in enumerate(envelopes):
             chat = chat_ids[i % chats]
             key = service.key(chat, envelope_dek_version(envelope))
-            if open_envelope(envelope, key, MessageContext(chat, i)) != plaintexts[i % _PLAINTEXTS]:
+            context = MessageContext(chat, i, "bench-user", 1, _CREATED_MS)
+            if open_envelope(envelope, key, context) != plaintexts[i % _PLAINTEXTS]:
                 raise RuntimeError(f"message {i} did not round-trip")
         elapsed = time.perf_counter() - started
         out["open_seconds"] = elapsed

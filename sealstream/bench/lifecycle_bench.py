@@ -32,7 +32,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, document_terms
 from sealstream.adapters.postgres import Database
@@ -171,7 +171,8 @@ def _shred(
         message_id = ids.next_id()
         now = datetime.now(UTC)
         text = f"benchmark message {i} lorem ipsum dolor sit amet"
-        envelope = seal(text.encode(), key, MessageContext(chat, message_id))
+        context = MessageContext(chat, message_id, "alice", 1, id_millis(message_id))
+        envelope = seal(text.encode(), key, context)
         rows.append(StoredMessage(chat, message_id, "alice", key.version, envelope, now))
         texts.append(text)
         docs.append(IndexedMessage(message_id, chat, tenant, "alice", now, []))

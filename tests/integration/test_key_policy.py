@@ -14,16 +14,17 @@ import pytest
 from encryptor.logic import encrypt_and_store
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.adapters.vault import TransitKms
-from sealstream.crypto import MessageContext, open_envelope, seal
+from sealstream.crypto import open_envelope
 from sealstream.errors import KeyDestroyed
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import reencrypt_chat, rotate_due
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord
+from tests.sealed_rows import sealed_row
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +167,7 @@ def _write(
         message_id = ids.next_id()
         text = f"v{key.version} message {i} {uuid.uuid4().hex}"
         sent.append((message_id, text))
-        envelope = seal(text.encode(), key, MessageContext(chat, message_id))
-        rows.append(
-            StoredMessage(chat, message_id, "alice", key.version, envelope, datetime.now(UTC))
-        )
+        rows.append(sealed_row(chat, message_id, "alice", key, text, datetime.now(UTC)))
     store.write_many(rows)
     return sent
 
@@ -179,9 +177,7 @@ def _read_all(keys: KeyService, store: MessageStore, chat: uuid.UUID) -> dict[in
     out = {}
     for row in store.history(chat, 2**63 - 1, int(time.time() * 1000) - 3_600_000, 10_000):
         key = keys.key(chat, row.dek_version)
-        out[row.message_id] = open_envelope(
-            row.envelope, key, MessageContext(chat, row.message_id)
-        ).decode()
+        out[row.message_id] = open_envelope(row.envelope, key, row.context()).decode()
     return out
 
 

@@ -18,6 +18,10 @@ from sealstream.keys.service import KeyService, kms_context
 from sealstream.settings import Settings, VaultSettings
 
 
+def _ctx(chat: uuid.UUID, message_id: int) -> MessageContext:
+    return MessageContext(chat, message_id, "alice", 1, 1_767_225_600_000)
+
+
 def make_service(settings: Settings, database: Database, kms: TransitKms) -> KeyService:
     service = KeyService(
         repo=ChatKeyRepository(database),
@@ -42,18 +46,18 @@ def test_message_round_trip_and_rotation_keeps_history(keys: KeyService) -> None
     keys.create_chat(chat, ("alice", "bob"))
     first = keys.current_key(chat)
     assert first.version == 1
-    old = seal(b"before rotation", first, MessageContext(chat, 1))
+    old = seal(b"before rotation", first, _ctx(chat, 1))
 
     assert keys.rotate(chat) == 2
     second = keys.current_key(chat)
     assert second.version == 2 and second.material != first.material
-    new = seal(b"after rotation", second, MessageContext(chat, 2))
+    new = seal(b"after rotation", second, _ctx(chat, 2))
 
     # Old messages open with their own version, new ones with the new version.
-    assert open_envelope(old, keys.key(chat, 1), MessageContext(chat, 1)) == b"before rotation"
-    assert open_envelope(new, keys.key(chat, 2), MessageContext(chat, 2)) == b"after rotation"
+    assert open_envelope(old, keys.key(chat, 1), _ctx(chat, 1)) == b"before rotation"
+    assert open_envelope(new, keys.key(chat, 2), _ctx(chat, 2)) == b"after rotation"
     with pytest.raises(DecryptionError):
-        open_envelope(old, second, MessageContext(chat, 1))
+        open_envelope(old, second, _ctx(chat, 1))
     states = [(d.dek_version, d.state) for d in keys.repo.deks(chat)]
     assert states == [(1, "retired"), (2, "active")]
 

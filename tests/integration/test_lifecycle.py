@@ -13,17 +13,17 @@ from fastapi.testclient import TestClient
 
 from reader.wiring import build as build_reader
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.auth import mint_token
-from sealstream.crypto import MessageContext, seal
 from sealstream.errors import KeyDestroyed, KmsError
 from sealstream.keys.service import KeyService, kms_context
 from sealstream.lifecycle import delete_chat
 from sealstream.settings import Settings
 from tests.integration.conftest import text_message
+from tests.sealed_rows import sealed_row
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +87,7 @@ def test_deleted_chat_is_shredded_everywhere(
             key = keys.current_key(chat)
             message_id = ids.next_id()
             text = f"secret plan number {i}"
-            rows.append(
-                StoredMessage(
-                    chat,
-                    message_id,
-                    "alice",
-                    key.version,
-                    seal(text.encode(), key, MessageContext(chat, message_id)),
-                    datetime.now(UTC),
-                )
-            )
+            rows.append(sealed_row(chat, message_id, "alice", key, text, datetime.now(UTC)))
             docs.append(
                 text_message(index, message_id, chat, "default", "alice", datetime.now(UTC), text)
             )
@@ -222,18 +213,7 @@ def test_deleted_message_is_hidden_and_unindexed(
         ids = SnowflakeIds(11)
         kept, gone = ids.next_id(), ids.next_id()
         for message_id, text in ((kept, "keep this one"), (gone, "remove this one")):
-            store.write_many(
-                [
-                    StoredMessage(
-                        chat,
-                        message_id,
-                        "alice",
-                        1,
-                        seal(text.encode(), key, MessageContext(chat, message_id)),
-                        datetime.now(UTC),
-                    )
-                ]
-            )
+            store.write_many([sealed_row(chat, message_id, "alice", key, text, datetime.now(UTC))])
             index.index_many(
                 [text_message(index, message_id, chat, "default", "alice", datetime.now(UTC), text)]
             )
@@ -314,14 +294,7 @@ def test_retention_removes_expired_messages_and_unused_dek_versions(
         for i in range(5):
             message_id = old_ids.next_id()
             old_rows.append(
-                StoredMessage(
-                    chat,
-                    message_id,
-                    "alice",
-                    1,
-                    seal(f"old {i}".encode(), old_key, MessageContext(chat, message_id)),
-                    now - timedelta(days=20),
-                )
+                sealed_row(chat, message_id, "alice", old_key, f"old {i}", now - timedelta(days=20))
             )
         keys.rotate(chat, "test")
         with database.connection() as conn:
@@ -334,16 +307,7 @@ def test_retention_removes_expired_messages_and_unused_dek_versions(
         new_rows = []
         for i in range(3):
             message_id = new_ids.next_id()
-            new_rows.append(
-                StoredMessage(
-                    chat,
-                    message_id,
-                    "alice",
-                    2,
-                    seal(f"new {i}".encode(), new_key, MessageContext(chat, message_id)),
-                    now,
-                )
-            )
+            new_rows.append(sealed_row(chat, message_id, "alice", new_key, f"new {i}", now))
         store.write_many(old_rows + new_rows)
         index.index_many(
             [

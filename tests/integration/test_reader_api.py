@@ -21,12 +21,12 @@ from schemas.ids import BUCKET_MS, SnowflakeIds, bucket_of, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.auth import mint_token
-from sealstream.crypto import MessageContext, seal
 from sealstream.keys.service import KeyService
 from sealstream.settings import AuthSettings, CassandraSettings, OpenSearchSettings, Settings
 from sealstream.wiring import key_service
 from tests.conftest import require_port
 from tests.integration.conftest import text_message
+from tests.sealed_rows import sealed_row
 
 NON_ASCII = "café 世界 🚀 ✓ — ünïcödé"
 
@@ -117,8 +117,7 @@ class Seeder:
         for text in texts:
             message_id = (ids or self.ids).next_id()
             sent_at = datetime.fromtimestamp(id_millis(message_id) / 1000, UTC)
-            envelope = seal(text.encode("utf-8"), key, MessageContext(chat_id, message_id))
-            rows.append(StoredMessage(chat_id, message_id, sender, key.version, envelope, sent_at))
+            rows.append(sealed_row(chat_id, message_id, sender, key, text, sent_at))
             documents.append(
                 text_message(self.index, message_id, chat_id, "default", sender, sent_at, text)
             )

@@ -250,4 +250,4 @@ def test_a_region_without_a_configured_cluster_fails_clearly(
 
 
 def _ctx(chat: uuid.UUID) -> MessageContext:
-    return MessageContext(chat, 42)
+    return MessageContext(chat, 42, "alice", 1, 0)

@@ -1,4 +1,8 @@
-"""Tests of sealstream.crypto, envelope format v1 (docs/format.md).
+"""Tests of sealstream.crypto, envelope format v1 (docs/format.md); v2 in test_crypto_v2.py.
+
+Since v2, `seal` writes v2 envelopes: the tests below that seal and tamper (bits, truncation,
+keys, ids) therefore exercise v2; the vectors, the reference implementation and the worked
+example are v1, sealed by the module's v1 core (`_seal_v1_with`), which production never calls.
 
 The vectors in tests/vectors/envelope_v1.json are checked twice: through the module, and through
 an independent implementation written here from the spec (stdlib HMAC for HKDF, GHASH and CTR in
@@ -53,7 +57,7 @@ def _key(version: int = 1, material: bytes | None = None) -> ChatKey:
 
 
 def _ctx(chat_id: uuid.UUID = CHAT_1, message_id: int = 7_000_000_000_000_001) -> MessageContext:
-    return MessageContext(chat_id=chat_id, message_id=message_id)
+    return MessageContext(chat_id, message_id, "alice", 1, 1_767_225_600_000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ def test_module_hkdf_equals_reference_and_cryptography_hkdf() -> None:
     """The module's HKDF choice is checked against a stdlib HMAC HKDF and cryptography's HKDF."""
     for i in range(200):
         key = ChatKey(version=1 + i * 10_000_019 % crypto.MAX_DEK_VERSION, material=os.urandom(32))
-        context = MessageContext(chat_id=uuid.uuid4(), message_id=int.from_bytes(os.urandom(8)))
+        context = _ctx(uuid.uuid4(), int.from_bytes(os.urandom(8)))
         salt = os.urandom(16)
         info = ref_info(context.chat_id, context.message_id, key.version)
         ctx = crypto._context_bytes(key, context)
@@ -255,9 +259,9 @@ def test_vector_file_is_what_the_generator_writes() -> None:
 def test_vector_module(v: dict[str, Any]) -> None:
     i = _vector_inputs(v)
     key = ChatKey(version=i["dek_version"], material=i["dek"])
-    context = MessageContext(chat_id=i["chat_id"], message_id=i["message_id"])
+    context = _ctx(i["chat_id"], i["message_id"])
     envelope = bytes.fromhex(v["envelope"])
-    assert crypto._seal_with(i["plaintext"], key, context, i["salt"], i["nonce"]) == envelope
+    assert crypto._seal_v1_with(i["plaintext"], key, context, i["salt"], i["nonce"]) == envelope
     assert open_envelope(envelope, key, context) == i["plaintext"]
     assert envelope_dek_version(envelope) == i["dek_version"]
     assert len(envelope) == len(i["plaintext"]) + 81
@@ -296,7 +300,7 @@ def test_vector_independent(v: dict[str, Any]) -> None:
 @pytest.mark.parametrize("v", INVALID, ids=[v["name"] for v in INVALID])
 def test_invalid_vectors_fail(v: dict[str, Any]) -> None:
     key = ChatKey(version=int(v["dek_version"]), material=bytes.fromhex(v["dek"]))
-    context = MessageContext(chat_id=uuid.UUID(v["chat_id"]), message_id=int(v["message_id"]))
+    context = _ctx(uuid.UUID(v["chat_id"]), int(v["message_id"]))
     with pytest.raises(DecryptionError):
         open_envelope(bytes.fromhex(v["envelope"]), key, context)
 
@@ -319,7 +323,7 @@ def test_round_trip(size: int) -> None:
     key, context, plaintext = _key(3), _ctx(), os.urandom(size)
     envelope = seal(plaintext, key, context)
     assert len(envelope) == size + crypto.ENVELOPE_OVERHEAD == size + 81
-    assert envelope[0] == 0x01
+    assert envelope[0] == 0x02 == crypto.FORMAT_VERSION  # seal writes v2
     assert envelope_dek_version(envelope) == 3
     assert open_envelope(envelope, key, context) == plaintext
 
@@ -491,7 +495,7 @@ def test_envelopes_moved_between_rows_fail() -> None:
         open_envelope(env_a, key, _ctx(CHAT_2, 1001))
 
 
-@pytest.mark.parametrize("byte", [0x00, 0x02, 0x10, 0xFF])
+@pytest.mark.parametrize("byte", [0x00, 0x03, 0x10, 0xFF])
 def test_unknown_format_version_fails(byte: int) -> None:
     key, context = _key(), _ctx()
     envelope = bytes([byte]) + seal(b"secret", key, context)[1:]
@@ -622,7 +626,8 @@ def test_decryption_errors_leak_nothing() -> None:
         lambda: open_envelope(envelope, _key(), context),
         lambda: open_envelope(envelope[:-1], key, context),
         lambda: open_envelope(envelope, key, _ctx(CHAT_2)),
-        lambda: open_envelope(b"\x02" + envelope[1:], key, context),
+        lambda: open_envelope(b"\x03" + envelope[1:], key, context),
+        lambda: open_envelope(b"\x01" + envelope[1:], key, context),  # v2 relabelled v1
         lambda: open_envelope(envelope, ChatKey(version=2, material=key.material), context),
         lambda: envelope_dek_version(b"junk"),
     ]
@@ -687,12 +692,12 @@ def test_chat_key_validation(version: Any, material: Any, error: type[Exception]
 )
 def test_message_context_validation(chat_id: Any, message_id: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
-        MessageContext(chat_id=chat_id, message_id=message_id)
+        _ctx(chat_id, message_id)
 
 
 def test_message_context_bounds_are_allowed() -> None:
-    MessageContext(chat_id=CHAT_1, message_id=0)
-    MessageContext(chat_id=CHAT_1, message_id=2**64 - 1)
+    _ctx(CHAT_1, 0)
+    _ctx(CHAT_1, 2**64 - 1)
     ChatKey(version=1, material=bytes(32))
     ChatKey(version=2**31 - 1, material=bytes(32))
 

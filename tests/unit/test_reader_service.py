@@ -22,10 +22,11 @@ from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.opensearch import SearchHit, SearchHits, SearchRequest, WordMatch
 from sealstream.adapters.postgres import ChatRow
-from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.crypto import ChatKey
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
 from sealstream.http import ApiError
 from tests.fake_analysis import StandInAnalyzer, analyze_one
+from tests.sealed_rows import sealed_row
 
 NOW_MS = EPOCH_MS + 40 * 24 * 3600 * 1000  # 40 days after the id epoch: a few buckets in
 
@@ -197,13 +198,13 @@ class World:
         version = max(v for c, v in self.keys.keys if c == chat_id)
         key = self.keys.keys[(chat_id, version)]
         self.messages.add(
-            StoredMessage(
-                chat_id=chat_id,
-                message_id=message_id,
-                sender_id=sender,
-                dek_version=version,
-                envelope=seal(text.encode(), key, MessageContext(chat_id, message_id)),
-                created_at=datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
+            sealed_row(
+                chat_id,
+                message_id,
+                sender,
+                key,
+                text,
+                datetime.fromtimestamp(id_millis(message_id) / 1000, UTC),
             )
         )
         if indexed:
@@ -495,6 +496,29 @@ def test_envelope_naming_a_version_the_chat_never_had_is_an_integrity_error(
     del world.keys.keys[(chat, 1)]
     with pytest.raises(DecryptionError):
         world.service.message("alice", chat, message_id)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sender_id": "mallory"},  # a row moved to another sender (envelope v2 binds it)
+        {"revision": 2},
+        {"created_at": datetime(2026, 1, 2, tzinfo=UTC)},
+        {"sender_id": ""},  # values no envelope can bind: not a genuine row either
+        {"sender_id": "x" * 2000},
+        {"revision": 0},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_row_columns_the_envelope_does_not_bind_are_an_integrity_error(
+    world: World, change: dict[str, object]
+) -> None:
+    chat = world.chat()
+    message_id = world.post(chat, "who said it", sender="alice")
+    assert world.service.message("bob", chat, message_id).sender_id == "alice"
+    world.messages.add(replace(world.messages.rows[(chat, message_id)], **change))
+    with pytest.raises(DecryptionError):
+        world.service.message("bob", chat, message_id)
 
 
 def test_destroyed_key_version_is_gone(world: World) -> None:

@@ -2,7 +2,7 @@
 
 Every input is fixed: keys, salts and nonces come from SHA-256 in counter mode over a label (see
 ``_det``), so re-running this script reproduces the file byte for byte. The envelopes are made by
-``sealstream.crypto._seal_with``; ``tests/unit/test_crypto.py`` then re-derives every vector with
+``sealstream.crypto._seal_v1_with``; ``tests/unit/test_crypto.py`` then re-derives every vector with
 an independent implementation (stdlib HMAC for HKDF, cryptography's low-level GCM cipher), so a
 bug in the module cannot make the file self-consistent nonsense.
 
@@ -243,10 +243,11 @@ def _utf8(data: bytes) -> str | None:
 
 def _vector(case: dict[str, Any]) -> dict[str, Any]:
     key = ChatKey(version=case["dek_version"], material=case["dek"])
-    context = MessageContext(chat_id=case["chat_id"], message_id=case["message_id"])
+    # v1 binds no sender, revision or time: any valid values give the same bytes.
+    context = MessageContext(case["chat_id"], case["message_id"], "-", 1, 0)
     ctx = crypto._CONTEXT.pack(context.chat_id.bytes, context.message_id, key.version)
     message_key, commitment = crypto._derive(key, case["salt"], ctx)
-    envelope = crypto._seal_with(case["plaintext"], key, context, case["salt"], case["nonce"])
+    envelope = crypto._seal_v1_with(case["plaintext"], key, context, case["salt"], case["nonce"])
     return {
         "name": case["name"],
         "description": case["description"],
