@@ -398,6 +398,13 @@ def create_app(
 
     # --- blind index ---------------------------------------------------------------------------
 
+    _KEY_CHANGE_CONFLICT: dict[int | str, dict[str, Any]] = {
+        409: {
+            "description": "The tenant's blind index is already in the asked state (on, or off "
+            "for a rotation), its last re-index is unfinished, or its key changed meanwhile"
+        }
+    }
+
     def blind_keys(admin: str, tenant_id: str) -> IndexKeys:
         if ctx.index_keys is None:
             raise ApiError(404, "not_found", "the blind index is not configured here")
@@ -429,6 +436,7 @@ def create_app(
     @app.post(
         "/v1/tenants/{tenant_id}/blind-index",
         response_model=JobOut,
+        responses=_KEY_CHANGE_CONFLICT,
         status_code=202,
         tags=[TAG_KEYS],
         summary="Turn the blind index on for a tenant: index key v1, then re-index its messages",
@@ -441,6 +449,7 @@ def create_app(
     @app.post(
         "/v1/tenants/{tenant_id}/index-key/rotate",
         response_model=JobOut,
+        responses=_KEY_CHANGE_CONFLICT,
         status_code=202,
         tags=[TAG_KEYS],
         summary="Rotate a blind-index tenant's index key and re-index it (old key destroyed after)",

@@ -444,7 +444,7 @@ def bench(
         str,
         typer.Argument(
             help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
-            "gateway | all"
+            "gateway | search | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -469,6 +469,9 @@ def bench(
         ),
     ] = None,
     plots: Annotated[bool, typer.Option(help="throughput: write the PNG plots")] = True,
+    messages: Annotated[
+        int, typer.Option(help="search: messages in each index (plain and blind)")
+    ] = 1_000_000,
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
@@ -479,6 +482,7 @@ def bench(
         keys_bench,
         lifecycle_bench,
         pipeline_bench,
+        search_bench,
     )
 
     suites: dict[str, Callable[[], Mapping[str, float | str]]] = {
@@ -489,6 +493,7 @@ def bench(
         "lifecycle": lifecycle_bench.run,
         "durability": durability_bench.run,
         "gateway": gateway_bench.run,
+        "search": lambda: search_bench.run(messages=messages, log=console.print),
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace

@@ -35,22 +35,25 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from reader.ports import QueryTerms
+from reader.query import PlainQueryTerms, TenantQueryTerms
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.opensearch import (
     IndexedMessage,
     SearchHits,
     SearchIndex,
     SearchRequest,
-    TextToken,
     WordMatch,
-    document_terms,
 )
 from sealstream.bench.pipeline_bench import _process_groups
 from sealstream.crypto import IndexKey, keyed_term
+from sealstream.keys.index_keys import KeyedWord
 from sealstream.settings import Settings
 from sealstream.stack.runner import group_cpu_seconds
+from sealstream.tokens import TextToken, document_terms
 
 VOCABULARY = 20_000
 TENANT = "bench-tenant"
@@ -189,7 +192,7 @@ def _timed(search: Callable[[], SearchHits], count: int) -> tuple[float, float, 
         started = time.perf_counter()
         found = search()
         samples.append((time.perf_counter() - started) * 1000)
-        hits += len(found.message_ids)
+        hits += len(found.hits)
     return _percentile(samples, 0.5), _percentile(samples, 0.99), hits / count
 
 
@@ -200,20 +203,20 @@ def _query_figures(
     vocab_tokens: list[list[TextToken]],
     zipf: Zipf,
     rng: random.Random,
-    keyed: Callable[[str], str] | None,
+    terms: QueryTerms,
     queries: int,
 ) -> dict[str, float]:
     def words() -> list[WordMatch]:
+        """One or two words as typed so far: the last one cut short, a prefix while typing
+        (the reader's rule: the query does not end in a space)."""
         drawn = [t for w in zipf.draw(rng.randint(1, 2)) for t in vocab_tokens[w]]
         matches = []
         for n, token in enumerate(drawn):
-            if keyed:
-                matches.append(WordMatch(any_of=[keyed(token.folded)], exact=[keyed(token.term)]))
-            else:
-                # Search-as-you-type: the last word typed so far, as a prefix.
-                last = n == len(drawn) - 1
-                prefix = token.folded[: max(2, len(token.folded) - 2)] if last else None
-                matches.append(WordMatch(any_of=[token.folded], exact=[token.term], prefix=prefix))
+            typing = n == len(drawn) - 1 and len(token.folded) > 3
+            if typing:
+                cut = token.folded[: len(token.folded) - 2]
+                token = replace(token, term=cut, folded=cut)
+            matches.append(terms.word_match(TENANT, token, typing))
         return matches
 
     figures: dict[str, float] = {}
@@ -223,7 +226,7 @@ def _query_figures(
     ):
         p50, p99, hits = _timed(
             lambda chats=chats: index.search_messages(  # type: ignore[misc]
-                SearchRequest(chat_ids=chats(), words=words(), limit=20)
+                SearchRequest(chat_ids=chats(), words=words(), size=20)
             ),
             queries,
         )
@@ -249,8 +252,7 @@ def _indexing_cost(
     for start in range(0, sample, 500):
         batch = texts[start : start + 500]
         documents = []
-        for text_tokens in index.analyze(batch):
-            terms = document_terms(text_tokens)
+        for terms in index.analyze_terms(batch):
             documents.append(
                 IndexedMessage(
                     message_id=ids.next_id(),
@@ -266,6 +268,16 @@ def _indexing_cost(
     cpu = time.process_time() - cpu0
     os_cpu = (group_cpu_seconds(opensearch) - os0) if opensearch else math.nan
     return 1000 * cpu / sample, 1000 * os_cpu / sample
+
+
+class _OneKey:
+    """`IndexKeys.query_word` for a tenant with one live index key (the bench's)."""
+
+    def __init__(self, key: IndexKey) -> None:
+        self.key = key
+
+    def query_word(self, tenant_id: str, term: str, folded: str) -> KeyedWord | None:
+        return KeyedWord(any_of=[keyed_term(self.key, folded)], exact=[keyed_term(self.key, term)])
 
 
 def run(
@@ -298,12 +310,16 @@ def run(
         user_chats = all_chats[: chats // 2]
         figures["user_chats"] = float(len(user_chats))
 
-        def keyed(term: str) -> str:
-            return keyed_term(key, term)
+        # Every vocabulary term keyed once (as the indexer keys each term of a message).
+        keyed_vocabulary = {t: keyed_term(key, t) for terms in vocab_terms for t in terms}
 
-        for name, index, key_fn, version in (
-            ("plain", plain, None, None),
-            ("blind", blind, keyed, key.version),
+        def keyed(term: str) -> str:
+            return keyed_vocabulary.get(term) or keyed_term(key, term)
+
+        blind_terms = TenantQueryTerms(_OneKey(key))
+        for name, index, key_fn, version, query_terms in (
+            ("plain", plain, None, None, PlainQueryTerms()),
+            ("blind", blind, keyed, key.version, blind_terms),
         ):
             log(f"loading {messages:,} messages into the {name} index")
             loaded, seconds = _load(
@@ -314,7 +330,7 @@ def run(
             figures[f"{name}_load_msgs_per_s"] = loaded / seconds
             log(f"querying the {name} index")
             figures |= _query_figures(
-                index, name, user_chats, vocab_tokens, zipf, rng, key_fn, queries
+                index, name, user_chats, vocab_tokens, zipf, rng, query_terms, queries
             )
             log(f"indexing cost, {name}")
             own, server = _indexing_cost(index, sample, key_fn, version)
