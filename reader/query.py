@@ -17,6 +17,7 @@ from typing import Protocol
 from reader.ports import QueryTerms
 from sealstream.adapters.opensearch import TextToken, WordMatch
 from sealstream.keys.index_keys import KeyedWord
+from sealstream.tokens import marked
 
 QUOTE = '"'
 
@@ -92,14 +93,16 @@ def parse_query(q: str, tokens: list[TextToken]) -> ParsedQuery:
 class PlainQueryTerms:
     """Query terms of a tenant without a blind index: the word itself (SEARCH_CONTRACT.md).
 
-    A document holds every token's `term` and `folded` form, so matching on `folded` is accent
-    insensitive and `exact` (the `term`) ranks messages that hold the word as typed first. The
-    `term` matches too: a document indexed before ICU analysis (migrated in place, not yet
-    re-indexed) holds only the NFKC-casefolded words, no folded forms."""
+    A message holds each word as written (`term`) and, when it differs, its accent-folded form
+    `marked` (sealstream.tokens.FOLDED_MARK). A query word matches a message holding its folded
+    form as written (`cafe` in the text) or marked (`café` in the text), or its own `term`; only
+    `exact` (the `term`) raises the score, so the spelling as typed ranks first both ways. The
+    unmarked folded form and the `term` also find documents indexed before ICU analysis (migrated
+    in place, not yet re-indexed), which hold only the words as written."""
 
     def word_match(self, tenant_id: str, token: TextToken, prefix: bool) -> WordMatch:
         return WordMatch(
-            any_of=_distinct([token.folded, token.term]),
+            any_of=_distinct([token.folded, marked(token.folded), token.term]),
             exact=[token.term],
             prefix=token.folded if prefix else None,
         )

@@ -35,10 +35,24 @@ class TextToken:
     position: int  # 0, 1, 2 ... word position in the text (for phrase checks)
 
 
+FOLDED_MARK = "~"
+"""Put before a word's accent-folded form in a message's index terms when it differs from the
+word as written (`café` is indexed as `café` and `~cafe`). A query for `cafe` then matches both
+`cafe` and `~cafe`, yet only a message that holds `cafe` as written matches its exact term, so
+exact spellings rank first in both directions (docs/search.md, "Analysis"). No analysed word
+starts with `~` (ICU word breaking never puts it in a token), and keyed terms never hold one."""
+
+
+def marked(folded: str) -> str:
+    """The index term of an accent-folded form that differs from its word (`FOLDED_MARK`)."""
+    return FOLDED_MARK + folded
+
+
 def document_terms(tokens: Sequence[TextToken]) -> list[str]:
-    """A message's index terms: the sorted distinct union of every `term` and every `folded`."""
+    """A message's index terms, sorted and distinct: every `term`, and every `folded` that
+    differs from its term, `marked`."""
     found = {token.term for token in tokens}
-    found.update(token.folded for token in tokens)
+    found.update(marked(token.folded) for token in tokens if token.folded != token.term)
     return sorted(found)
 
 
@@ -52,8 +66,9 @@ def utf16_length(text: str) -> int:
 def split_terms(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> list[list[str]]:
     """`document_terms` of each text straight from an `_analyze` answer that holds only `token`
     and `start_offset` (the indexer's path: it needs no offsets or positions, and parsing half
-    the fields halves its CPU per message). Equal to `document_terms` of `split_analyzed`: every
-    token is a term or a folded form, and an empty folded form (which `split_analyzed` replaces
+    the fields halves its CPU per message). Equal to `document_terms` of `split_analyzed`: a
+    token at the same offset as the one before is that word's folded form (the analyzer emits
+    it only when it differs), `marked`; an empty folded form (which `split_analyzed` replaces
     by the term) is dropped. ValueError like `split_analyzed`."""
     found: list[set[str]] = [set() for _ in texts]
     if not tokens:
@@ -67,14 +82,23 @@ def split_terms(texts: Sequence[str], tokens: Sequence[dict[str, Any]]) -> list[
     which = 0
     end = ends[0]
     current = found[0]
+    last_start, last_term = -1, ""  # a word's folded form follows it at the same offsets
     for item in tokens:
-        if item["start_offset"] > end:
-            while item["start_offset"] > ends[which]:
+        start = item["start_offset"]
+        if start > end:
+            while start > ends[which]:
                 which += 1
                 if which == len(texts):
                     raise ValueError("an _analyze token lies beyond the texts sent")
-            end, current = ends[which], found[which]
-        current.add(item["token"])
+            end, current, last_start = ends[which], found[which], -1
+        if start == last_start:
+            # Empty: folding left nothing, the word stands for itself (as in `split_analyzed`).
+            if item["token"] and item["token"] != last_term:
+                current.add(marked(item["token"]))
+            last_start = -1  # a third token at one offset would be another word
+        else:
+            current.add(item["token"])
+            last_start, last_term = start, item["token"]
     for terms in found:
         terms.discard("")
     return [sorted(terms) for terms in found]

@@ -37,7 +37,7 @@ from sealstream.errors import SealstreamError, StoreUnavailable
 from sealstream.settings import OpenSearchSettings
 from sealstream.tokens import TextToken as TextToken  # re-exported: the contract's home for it
 from sealstream.tokens import document_terms as document_terms
-from sealstream.tokens import split_analyzed, split_terms
+from sealstream.tokens import marked, split_analyzed, split_terms
 
 # External versions: every message document is written at version 1, a deleted message's tombstone
 # at 2^62 (OpenSearch accepts up to 2^63 - 1, measured). A write at a version not above the stored
@@ -74,7 +74,8 @@ class RefusedDocument:
 @dataclass(frozen=True)
 class WordMatch:
     """One query word. A document matches the word when its `tokens` holds any of `any_of`
-    (or, with `prefix`, any token starting with it); `exact` terms only raise the score."""
+    (or, with `prefix`, any token starting with it or with its `marked` form: a folded form
+    that differs from its word is indexed marked); `exact` terms only raise the score."""
 
     any_of: list[str]
     exact: list[str]
@@ -521,16 +522,19 @@ class SearchIndex:
         matches: list[dict[str, Any]] = []
         scores: list[dict[str, Any]] = []
         for word in words:
-            # `folded` finds every message indexed with ICU analysis (each holds the folded form
-            # of each word); `term` also finds those indexed before it, which hold only the words
-            # as written (docs/search.md, "Analysis": an existing index).
-            either: list[dict[str, Any]] = [{"terms": {"tokens": sorted({word.folded, word.term})}}]
+            # The folded form, as written or `marked`, finds every message indexed with ICU
+            # analysis; `term` also finds those indexed before it, which hold only the words as
+            # written (docs/search.md, "Analysis": an existing index).
+            folded = sorted({word.folded, marked(word.folded), word.term})
+            either: list[dict[str, Any]] = [{"terms": {"tokens": folded}}]
             if prefix and word is last:
                 either.append({"prefix": {"tokens": word.folded}})
+                either.append({"prefix": {"tokens": marked(word.folded)}})
             matches.append({"bool": {"should": either, "minimum_should_match": 1}})
             scores.append(_boost({"term": {"tokens": word.term}}, 2.0))
         if prefix:  # the last word typed in full ranks above a word it only begins
-            scores.append(_boost({"term": {"tokens": last.folded}}, 1.0))
+            whole = sorted({last.folded, marked(last.folded)})
+            scores.append(_boost({"terms": {"tokens": whole}}, 1.0))
         body = {
             "size": limit,
             "_source": False,
@@ -570,6 +574,7 @@ class SearchIndex:
             either: list[dict[str, Any]] = [{"terms": {"tokens": list(word.any_of)}}]
             if word.prefix:
                 either.append({"prefix": {"tokens": word.prefix}})
+                either.append({"prefix": {"tokens": marked(word.prefix)}})
             filters.append({"bool": {"should": either, "minimum_should_match": 1}})
         query: dict[str, Any] = {"filter": filters, "must_not": [{"term": {"deleted": True}}]}
         if request.sort == "relevance":

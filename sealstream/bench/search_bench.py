@@ -55,7 +55,7 @@ from sealstream.crypto import IndexKey, keyed_term
 from sealstream.keys.index_keys import KeyedWord
 from sealstream.settings import Settings
 from sealstream.stack.runner import group_cpu_seconds
-from sealstream.tokens import TextToken, document_terms
+from sealstream.tokens import TextToken, document_terms, marked
 
 VOCABULARY = 20_000
 TENANT = "bench-tenant"
@@ -291,7 +291,10 @@ class _OneKey:
         self.key = key
 
     def query_word(self, tenant_id: str, term: str, folded: str) -> KeyedWord | None:
-        return KeyedWord(any_of=[keyed_term(self.key, folded)], exact=[keyed_term(self.key, term)])
+        plain = sorted({folded, marked(folded), term})
+        return KeyedWord(
+            any_of=[keyed_term(self.key, w) for w in plain], exact=[keyed_term(self.key, term)]
+        )
 
 
 def run(

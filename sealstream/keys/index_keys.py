@@ -32,6 +32,7 @@ from sealstream.crypto import IndexKey, keyed_term
 from sealstream.errors import KeyDestroyed, KeyNotFound
 from sealstream.keys.cache import TtlCache
 from sealstream.keys.ports import Kms
+from sealstream.tokens import marked
 
 __all__ = ["IndexKey", "IndexKeys", "KeyedWord", "TenantIndex", "index_key_context"]
 
@@ -186,10 +187,13 @@ class IndexKeys:
         if not state.live:
             return None
         keys = [self.key(tenant_id, v) for v in state.live]
-        any_of = [keyed_term(k, folded) for k in keys]
+        # As for a plain tenant (reader.query.PlainQueryTerms): the folded form as written or
+        # `marked`, or the word itself, matches; the word itself ranks first.
+        plain = [folded, marked(folded), term]
+        any_of = [keyed_term(k, word) for k in keys for word in plain]
         exact = [keyed_term(k, term) for k in keys]
         if state.mode == "enabling":
-            any_of.append(folded)
+            any_of.extend(plain)
             exact.append(term)
         return KeyedWord(any_of=sorted(set(any_of)), exact=sorted(set(exact)))
 

@@ -306,10 +306,12 @@ def test_word_matches_follow_the_contract_and_union_tenants() -> None:
     query = parse_query(q, [token])
     assert word_matches(query, ["plain"], PlainQueryTerms()) == [
         # `term` too: documents indexed before ICU analysis hold no folded forms.
-        WordMatch(any_of=["cafe", "café"], exact=["café"], prefix="cafe")
+        WordMatch(any_of=["cafe", "~cafe", "café"], exact=["café"], prefix="cafe")
     ]
     assert word_matches(query, ["plain", "blind", "plain"], Keyed()) == [
-        WordMatch(any_of=["k:cafe", "cafe", "café"], exact=["k:café", "café"], prefix="cafe")
+        WordMatch(
+            any_of=["k:cafe", "cafe", "~cafe", "café"], exact=["k:café", "café"], prefix="cafe"
+        )
     ]
 
 
