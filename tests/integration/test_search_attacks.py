@@ -1,0 +1,67 @@
+"""Attacks on search (issue 12) that once worked, on the real Postgres, OpenSearch, Cassandra and
+OpenBao: each test here failed on the code before its fix (branch `break12`)."""
+
+from __future__ import annotations
+
+import string
+import uuid
+
+from fastapi.testclient import TestClient
+
+from reader.wiring import build as build_reader
+from sealstream.adapters.opensearch import SearchRequest, WordMatch
+from tests.integration.test_blind_index import (  # noqa: F401 (fixtures)
+    Blind,
+    blind,
+    blind_settings,
+    user,
+)
+
+# One word per letter and digit: whatever the first character of a keyed token, some word of
+# this text starts with it (a keyed token is base64url, its letters folded to lowercase here).
+EVERY_INITIAL = " ".join(f"{c}quux" for c in string.ascii_lowercase + string.digits)
+
+
+def _keyed_initials(blind: Blind, tenant: str, text: str) -> set[str]:
+    """First characters of the keyed tokens the indexer stored for `text`."""
+    tokens, version = blind.index_keys.document_tokens(tenant, blind.index.analyze_terms([text])[0])
+    assert version is not None
+    return {token[0] for token in tokens}
+
+
+def test_a_prefix_never_matches_keyed_tokens(blind: Blind, run_id: str) -> None:
+    """A prefix (search-as-you-type, plain tenants only) run against a blind tenant's keyed
+    tokens matched those whose base64url text happened to start with it: a blind message was
+    then found by a one-letter query that it does not answer by any other prefix, and every
+    such hit cost a decryption. The prefix must only meet plain words."""
+    tenant = f"blindpfx-{run_id}-{uuid.uuid4().hex[:6]}"
+    blind.keys.register_tenant(tenant, f"test-{run_id}-blind")
+    blind.index_keys.enable(tenant, "prefix test")
+    blind_chat = blind.chat(tenant)
+    plain_chat = blind.chat(blind.plain_tenant)
+    blind.post(blind_chat, [EVERY_INITIAL])
+    blind.post(plain_chat, ["nothing here to find"])
+    initials = _keyed_initials(blind, tenant, EVERY_INITIAL)
+    # The reader: bob is in a plain chat (which offers prefixes) and the blind chat.
+    app, close = build_reader(blind.settings)
+    try:
+        with TestClient(app) as reader:
+            for c in sorted(initials & set(string.ascii_lowercase + string.digits)):
+                response = reader.get(
+                    "/v1/search", params={"q": c, "limit": 50}, headers=user(blind.settings, "bob")
+                )
+                assert response.status_code == 200, response.text
+                texts = [m["text"] for m in response.json()["messages"]]
+                assert EVERY_INITIAL not in texts, f"a blind message found by the prefix {c!r}"
+            whole = reader.get(
+                "/v1/search", params={"q": "aquux "}, headers=user(blind.settings, "bob")
+            )
+            assert [m["text"] for m in whole.json()["messages"]] == [EVERY_INITIAL]
+    finally:
+        close()
+    # The adapter: a prefix alone never finds a keyed document.
+    for c in sorted(initials):
+        page = blind.index.search_messages(
+            SearchRequest(chat_ids=[blind_chat], words=[WordMatch([], [], prefix=c)], size=5)
+        )
+        assert page.hits == [], f"prefix {c!r} matched a keyed token"
