@@ -4,18 +4,20 @@ OpenBao: each test here failed on the code before its fix (branch `break12`)."""
 from __future__ import annotations
 
 import string
+import time
 import uuid
 
 from fastapi.testclient import TestClient
 
 from reader.wiring import build as build_reader
 from sealstream.adapters.opensearch import SearchRequest, WordMatch
-from tests.integration.test_blind_index import (  # noqa: F401 (fixtures)
-    Blind,
-    blind,
-    blind_settings,
-    user,
-)
+from sealstream.search_reindex import reindex_tenant
+from tests.integration import test_blind_index
+from tests.integration.test_blind_index import Blind, user
+
+# The blind-index module's fixtures: its tenants, stores and index keys.
+blind_settings = test_blind_index.blind_settings
+blind = test_blind_index.blind
 
 # One word per letter and digit: whatever the first character of a keyed token, some word of
 # this text starts with it (a keyed token is base64url, its letters folded to lowercase here).
@@ -65,3 +67,48 @@ def test_a_prefix_never_matches_keyed_tokens(blind: Blind, run_id: str) -> None:
             SearchRequest(chat_ids=[blind_chat], words=[WordMatch([], [], prefix=c)], size=5)
         )
         assert page.hits == [], f"prefix {c!r} matched a keyed token"
+
+
+def test_search_goes_on_when_a_cached_key_list_names_a_destroyed_key(
+    blind: Blind, run_id: str
+) -> None:
+    """A reader caches a tenant's live index-key versions (`keys.pointer_ttl_seconds`) apart
+    from the keys themselves (`keys.ttl_seconds`). When a rotation's re-index finished and
+    destroyed the old key while the cached list still named it and the old key had left the
+    key cache, the reader unwrapped a destroyed key: every search touching the tenant answered
+    `410 this chat was deleted` until the list expired."""
+    tenant = f"blindrot-{run_id}-{uuid.uuid4().hex[:6]}"
+    blind.keys.register_tenant(tenant, f"test-{run_id}-blind")
+    blind.index_keys.enable(tenant, "rotation test")
+    chat = blind.chat(tenant)
+    blind.post(chat, ["the numbat digs at dusk"])
+    assert reindex_tenant(
+        blind.index_keys, blind.keys, blind.store, blind.index, tenant, purge_seconds=0
+    ).completed
+    assert blind.index_keys.rotate(tenant, "rotation test") == 2
+    # A reader that keeps key lists for long and keys for a short while.
+    keys_settings = blind.settings.keys.model_copy(
+        update={"pointer_ttl_seconds": 600.0, "ttl_seconds": 1.0}
+    )
+    app, close = build_reader(blind.settings.model_copy(update={"keys": keys_settings}))
+    try:
+        with TestClient(app) as reader:
+
+            def numbat() -> tuple[int, list[str]]:
+                response = reader.get(
+                    f"/v1/chats/{chat}/search",
+                    params={"q": "numbat"},
+                    headers=user(blind.settings, "bob"),
+                )
+                texts = [m["text"] for m in response.json().get("messages", [])]
+                return response.status_code, texts
+
+            assert numbat() == (200, ["the numbat digs at dusk"])  # both versions live, cached
+            report = reindex_tenant(
+                blind.index_keys, blind.keys, blind.store, blind.index, tenant, purge_seconds=0
+            )
+            assert report.completed and report.index_key_versions_destroyed == [1]
+            time.sleep(1.5)  # the reader's copy of key 1 expires; its list still names it
+            assert numbat() == (200, ["the numbat digs at dusk"])
+    finally:
+        close()
