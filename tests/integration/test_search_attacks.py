@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi.testclient import TestClient
 
@@ -112,3 +113,47 @@ def test_search_goes_on_when_a_cached_key_list_names_a_destroyed_key(
             assert numbat() == (200, ["the numbat digs at dusk"])
     finally:
         close()
+
+
+def test_a_row_that_never_opens_does_not_hold_a_reindex_open_with_plain_words(
+    blind: Blind, run_id: str
+) -> None:
+    """Turning the blind index on re-keys every document from its row. A row that fails to
+    open (integrity check failed, key shredded) was skipped by the chat pass and again by every
+    sweep round: the job never completed, the tenant stayed `enabling` (rotation refused with
+    409) and the document kept its plain words in the index, which the blind index exists to
+    remove. Such a document must go, like one whose row is missing."""
+    tenant = f"blindbad-{run_id}-{uuid.uuid4().hex[:6]}"
+    blind.keys.register_tenant(tenant, f"test-{run_id}-blind")
+    chat = blind.chat(tenant)
+    good, bad = blind.post(chat, ["the quokka sleeps", "the dugong swims"])
+    row = blind.store.get(chat, bad)
+    assert row is not None
+    tampered = bytearray(row.envelope)
+    tampered[-1] ^= 1  # the GCM tag no longer matches
+    blind.store.write_many([replace(row, envelope=bytes(tampered))])
+    stored = blind.store.get(chat, bad)
+    assert stored is not None and stored.envelope == bytes(tampered)
+    blind.index_keys.enable(tenant, "unreadable row test")
+    report = reindex_tenant(
+        blind.index_keys,
+        blind.keys,
+        blind.store,
+        blind.index,
+        tenant,
+        sweep_rounds=3,
+        purge_seconds=0,
+    )
+    assert report.completed, report
+    assert blind.index_keys.repo.mode(tenant) == "on"
+    blind.index.refresh()
+    plain = blind.index.search_messages(
+        SearchRequest(chat_ids=[chat], words=[WordMatch(["dugong"], [])])
+    )
+    assert plain.hits == [], "the unreadable message's plain words are still indexed"
+    keyed = blind.index_keys.query_word(tenant, "quokka", "quokka")
+    assert keyed is not None
+    found = blind.index.search_messages(
+        SearchRequest(chat_ids=[chat], words=[WordMatch(keyed.any_of, keyed.exact)])
+    )
+    assert [h.message_id for h in found.hits] == [good]
