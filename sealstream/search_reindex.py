@@ -244,10 +244,6 @@ class _Writer:
                 done += self.rows(batch)
                 batch = []
         done += self.rows(batch)
-        chat = self.keys.chat(chat_id)
-        if chat is not None and chat.state == "deleted":
-            # Deleted while we were writing: take back what we may have written after its sweep.
-            self.index.delete_chat(chat_id)
         return done
 
     def rows(self, rows: list[StoredMessage], unreadable: list[StoredMessage] | None = None) -> int:
@@ -284,6 +280,13 @@ class _Writer:
             for (row, _), tokens in zip(opened, analysed, strict=True)
         ]
         refused = self.index.index_many(documents, version=self.version)
+        # A chat deleted while we were writing (its rows read before the deletion, its index
+        # documents cleared before our write): take back what we wrote. Every write path of the
+        # job (chat pass and sweep) comes through here.
+        for chat_id in sorted({row.chat_id for row, _ in opened}):
+            chat = self.keys.chat(chat_id)
+            if chat is not None and chat.state == "deleted":
+                self.index.delete_chat(chat_id)
         for item in refused:
             log.warning(
                 "re-index: the search index refused a document",

@@ -7,12 +7,27 @@ import string
 import time
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from fastapi.testclient import TestClient
 
+from encryptor.logic import encrypt_and_store
 from reader.wiring import build as build_reader
-from sealstream.adapters.opensearch import SearchRequest, WordMatch
+from schemas.events import MessageRecord
+from sealstream.adapters.opensearch import (
+    MESSAGE_VERSION,
+    IndexedMessage,
+    RefusedDocument,
+    SearchIndex,
+    SearchRequest,
+    WordMatch,
+)
+from sealstream.adapters.postgres import ChatKeyRepository
+from sealstream.keys.index_keys import keyed_terms
+from sealstream.keys.service import KeyService
+from sealstream.lifecycle import delete_chat
 from sealstream.search_reindex import reindex_tenant
+from sealstream.streaming import RawRecord
 from tests.integration import test_blind_index
 from tests.integration.test_blind_index import Blind, user
 
@@ -157,3 +172,102 @@ def test_a_row_that_never_opens_does_not_hold_a_reindex_open_with_plain_words(
         SearchRequest(chat_ids=[chat], words=[WordMatch(keyed.any_of, keyed.exact)])
     )
     assert [h.message_id for h in found.hits] == [good]
+
+
+class _DeletesTheChatBeforeAWrite(SearchIndex):
+    """The real index; once armed, deletes `chat` (the admin's `DELETE /v1/chats/{id}`, through
+    `lifecycle.delete_chat`) right before the next write of one of its documents: the moment
+    a concurrent deletion can fall between the re-index's read of a row and its write."""
+
+    def __init__(self, blind: Blind, chat: uuid.UUID) -> None:
+        super().__init__(blind.settings.opensearch)
+        self.blind = blind
+        self.chat = chat
+        self.armed = False
+        self.fired = False
+
+    def index_many(
+        self, messages: list[IndexedMessage], version: int = MESSAGE_VERSION
+    ) -> list[RefusedDocument]:
+        if self.armed and any(m.chat_id == self.chat for m in messages):
+            self.armed = False
+            b = self.blind
+            delete_chat(b.keys, b.index, b.store, self.chat, "deleted during the re-index")
+            self.fired = True
+        return super().index_many(messages, version)
+
+
+def test_a_chat_deleted_during_the_sweep_leaves_no_document(blind: Blind, run_id: str) -> None:
+    """The re-index's chat pass takes back what it wrote for a chat deleted meanwhile, but its
+    sweep did not: a stale document re-keyed from a row read before the chat's deletion was
+    written after the deletion had cleared the index, and stayed there (a deleted chat's
+    words, keyed). Deleted must stay deleted for every writer."""
+    tenant = f"blinddel-{run_id}-{uuid.uuid4().hex[:6]}"
+    blind.keys.register_tenant(tenant, f"test-{run_id}-blind")
+    chat = blind.chat(tenant)
+    blind.post(chat, ["the echidna waddles"])
+    blind.index_keys.enable(tenant, "deletion race test")
+    assert reindex_tenant(
+        blind.index_keys, blind.keys, blind.store, blind.index, tenant, purge_seconds=0
+    ).completed
+    # A rotation: the re-index writes at external version 3, above what a deletion leaves.
+    assert blind.index_keys.rotate(tenant, "deletion race test") == 2
+    chats = ChatKeyRepository(blind.database)
+    racing = _DeletesTheChatBeforeAWrite(blind, chat)
+    # The job's own key service, as in the admin or CLI process (not the deleting one).
+    job_keys = KeyService(
+        chats,
+        blind.kms,
+        None,
+        blind.settings.keys,
+        blind.settings.vault.default_key,
+        actor="reindex-test",
+    )
+
+    def progress(**counters: object) -> None:
+        if counters.get("phase") == "settling" and not racing.armed and not racing.fired:
+            # A document an indexer still on the old key wrote meanwhile: stale, so the sweep
+            # re-keys it from its row, and the chat goes just before that write.
+            record = MessageRecord(
+                message_id=blind.ids.next_id(),
+                chat_id=chat,
+                tenant_id=tenant,
+                sender_id="alice",
+                text="the echidna sleeps",
+                sent_at=datetime.now(UTC),
+            )
+            raw = [RawRecord("t", 0, 0, record.key(), record.value())]
+            assert encrypt_and_store(raw, blind.keys, blind.store, chats) == []
+            old = blind.index_keys.key(tenant, 1)
+            terms = blind.index.analyze_terms([record.text])[0]
+            stale = IndexedMessage(
+                record.message_id,
+                chat,
+                tenant,
+                "alice",
+                record.sent_at,
+                keyed_terms(old, terms),
+                index_key_version=1,
+            )
+            assert blind.index.index_many([stale]) == []
+            racing.armed = True
+
+    try:
+        report = reindex_tenant(
+            blind.index_keys,
+            job_keys,
+            blind.store,
+            racing,
+            tenant,
+            sweep_rounds=3,
+            purge_seconds=0,
+            progress=progress,
+        )
+    finally:
+        job_keys.close()
+        racing.close()
+    assert racing.fired, "the sweep wrote nothing for the chat: the race was not run"
+    assert report.completed, report
+    blind.index.refresh()
+    left = [s for s in blind.index.all_sources() if s.get("chat_id") == str(chat)]
+    assert left == [], f"{len(left)} document(s) of the deleted chat are back in the index"
