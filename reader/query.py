@@ -141,8 +141,8 @@ def word_matches(
 ) -> list[WordMatch]:
     """One `WordMatch` per query word, the union over the tenants of the searched chats (a
     user's chats can span tenants, some blind; keyed terms of different keys do not collide).
-    The prefix is the first tenant's that offers one: hits it lets through from other tenants
-    are dropped after decryption (`text_matches`)."""
+    The prefix is the first tenant's that offers one (a plain tenant's); the index applies it to
+    plain documents only, never to a blind tenant's keyed tokens (`SearchIndex.search_messages`)."""
     found: list[WordMatch] = []
     for word in query.words:
         per_tenant = [terms.word_match(t, word.token, word.prefix) for t in sorted(set(tenant_ids))]

@@ -174,7 +174,8 @@ def _sweep(
     """Re-key the tenant's documents the chat pass missed; (swept, orphans removed, complete).
 
     A document whose message is not in the store is an orphan: one older than `orphan_age`
-    (the encryptor refused its record: nobody can read it) is removed from the index; a younger
+    (the encryptor refused its record: nobody can read it) is removed from the index, as is one
+    whose row does not open (integrity check failed, key shredded); a younger
     one may be a message the encryptor has not written yet, so the sweep waits for it (one
     second per round) and reports the job incomplete after `rounds` rounds."""
     swept = orphans = 0
@@ -203,7 +204,14 @@ def _sweep(
                 orphans += 1
             else:
                 young += 1
-        swept += writer.rows(rows)
+        unreadable: list[StoredMessage] = []
+        swept += writer.rows(rows, unreadable)
+        for row in unreadable:
+            # Its row does not open (integrity check failed, key shredded): nobody can read it,
+            # so nobody can search it either. Left alone, its document would keep the words it
+            # was indexed with (plain, while turning on) and the job would never complete.
+            index.delete_message(row.chat_id, row.message_id)
+            orphans += 1
         if progress is not None:
             progress(phase="sweep", swept=swept, waiting_for_store=young)
 
@@ -236,13 +244,11 @@ class _Writer:
                 done += self.rows(batch)
                 batch = []
         done += self.rows(batch)
-        chat = self.keys.chat(chat_id)
-        if chat is not None and chat.state == "deleted":
-            # Deleted while we were writing: take back what we may have written after its sweep.
-            self.index.delete_chat(chat_id)
         return done
 
-    def rows(self, rows: list[StoredMessage]) -> int:
+    def rows(self, rows: list[StoredMessage], unreadable: list[StoredMessage] | None = None) -> int:
+        """Re-key `rows`; returns how many were written. Rows that do not open are skipped and
+        appended to `unreadable` when given."""
         opened: list[tuple[StoredMessage, str]] = []
         for row in rows:
             try:
@@ -254,6 +260,8 @@ class _Writer:
                     "re-index skipped a message that does not open",
                     extra={"chat_id": str(row.chat_id), "message_id": row.message_id},
                 )
+                if unreadable is not None:
+                    unreadable.append(row)
                 continue
             opened.append((row, text))
         if not opened:
@@ -272,6 +280,13 @@ class _Writer:
             for (row, _), tokens in zip(opened, analysed, strict=True)
         ]
         refused = self.index.index_many(documents, version=self.version)
+        # A chat deleted while we were writing (its rows read before the deletion, its index
+        # documents cleared before our write): take back what we wrote. Every write path of the
+        # job (chat pass and sweep) comes through here.
+        for chat_id in sorted({row.chat_id for row, _ in opened}):
+            chat = self.keys.chat(chat_id)
+            if chat is not None and chat.state == "deleted":
+                self.index.delete_chat(chat_id)
         for item in refused:
             log.warning(
                 "re-index: the search index refused a document",

@@ -265,6 +265,21 @@ def _boost(query: dict[str, Any], boost: float) -> dict[str, Any]:
     return {"constant_score": {"filter": query, "boost": boost}}
 
 
+def _plain_prefix(prefix: str) -> dict[str, Any]:
+    """A prefix match on plain words only. A blind-index document (one with `index_key_version`)
+    holds keyed tokens, base64url text whose beginnings mean nothing: a prefix would match them
+    by chance (`a` about one document in three), finding blind messages the prefix does not
+    stand for and costing the reader a decryption for each."""
+    either = [{"prefix": {"tokens": prefix}}, {"prefix": {"tokens": marked(prefix)}}]
+    return {
+        "bool": {
+            # The prefix of a word, or of a folded form indexed `marked` (sealstream.tokens).
+            "filter": [{"bool": {"should": either, "minimum_should_match": 1}}],
+            "must_not": [{"exists": {"field": "index_key_version"}}],
+        }
+    }
+
+
 # A query ending in one of these (or a space) has its last word complete: no prefix match.
 _QUOTES = frozenset("\"'\u201c\u201d\u2018\u2019\u00ab\u00bb\u300c\u300d")
 
@@ -528,8 +543,7 @@ class SearchIndex:
             folded = sorted({word.folded, marked(word.folded), word.term})
             either: list[dict[str, Any]] = [{"terms": {"tokens": folded}}]
             if prefix and word is last:
-                either.append({"prefix": {"tokens": word.folded}})
-                either.append({"prefix": {"tokens": marked(word.folded)}})
+                either.append(_plain_prefix(word.folded))
             matches.append({"bool": {"should": either, "minimum_should_match": 1}})
             scores.append(_boost({"term": {"tokens": word.term}}, 2.0))
         if prefix:  # the last word typed in full ranks above a word it only begins
@@ -573,8 +587,7 @@ class SearchIndex:
         for word in request.words:
             either: list[dict[str, Any]] = [{"terms": {"tokens": list(word.any_of)}}]
             if word.prefix:
-                either.append({"prefix": {"tokens": word.prefix}})
-                either.append({"prefix": {"tokens": marked(word.prefix)}})
+                either.append(_plain_prefix(word.prefix))
             filters.append({"bool": {"should": either, "minimum_should_match": 1}})
         query: dict[str, Any] = {"filter": filters, "must_not": [{"term": {"deleted": True}}]}
         if request.sort == "relevance":

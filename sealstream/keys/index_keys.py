@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sealstream.adapters.postgres import (
@@ -119,15 +119,27 @@ class IndexKeys:
         """The key new documents of the tenant are keyed with; None: a plain tenant.
 
         Raises `KmsUnavailable` (retriable) when the key must be unwrapped and the KMS is down."""
-        state = self.tenant(tenant_id)
-        if state.current is None:
-            return None
-        return self.key(tenant_id, state.current)
+        _, keys = self._fresh(tenant_id, lambda s: () if s.current is None else (s.current,))
+        return keys[0] if keys else None
 
     def live(self, tenant_id: str) -> list[IndexKey]:
         """Every version queries must use (active and retiring), newest first; [] when plain."""
+        return self._fresh(tenant_id, lambda s: s.live)[1]
+
+    def _fresh(
+        self, tenant_id: str, versions: Callable[[TenantIndex], Sequence[int]]
+    ) -> tuple[TenantIndex, list[IndexKey]]:
+        """The tenant's state and the keys of `versions(state)`. The cached state may be older
+        than the keys' states (`ttl_seconds` against `key_ttl_seconds`): when a version it names
+        was destroyed since (a finished re-index) and is no longer in memory, the state is read
+        again, once, instead of failing with `KeyDestroyed` (a reader would answer 410)."""
         state = self.tenant(tenant_id)
-        return [self.key(tenant_id, v) for v in state.live]
+        try:
+            return state, [self.key(tenant_id, v) for v in versions(state)]
+        except KeyDestroyed:
+            self._tenants.pop(tenant_id)
+            state = self.tenant(tenant_id)
+            return state, [self.key(tenant_id, v) for v in versions(state)]
 
     def key(self, tenant_id: str, version: int) -> IndexKey:
         """One version's key, unwrapped by the KMS on first use and then kept in memory."""
@@ -183,10 +195,9 @@ class IndexKeys:
         """One query word of a tenant as keyed terms under every live key version (None: a
         plain tenant). While the tenant is being switched on, the plain words are included
         too, since documents indexed before are re-indexed one by one."""
-        state = self.tenant(tenant_id)
-        if not state.live:
+        state, keys = self._fresh(tenant_id, lambda s: s.live)
+        if not keys:
             return None
-        keys = [self.key(tenant_id, v) for v in state.live]
         # As for a plain tenant (reader.query.PlainQueryTerms): the folded form as written or
         # `marked`, or the word itself, matches; the word itself ranks first.
         plain = [folded, marked(folded), term]
