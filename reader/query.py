@@ -16,6 +16,7 @@ from typing import Protocol
 
 from reader.ports import QueryTerms
 from sealstream.adapters.opensearch import TextToken, WordMatch
+from sealstream.errors import KeyDestroyed, KmsKeyUnusable
 from sealstream.keys.index_keys import KeyedWord
 from sealstream.tokens import marked
 
@@ -134,6 +135,30 @@ class TenantQueryTerms:
 
 def _distinct(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
+
+
+def searchable_tenants(
+    query: ParsedQuery, tenant_ids: Sequence[str], terms: QueryTerms
+) -> tuple[list[str], list[str]]:
+    """(tenants whose chats can be searched, tenants whose can not), each sorted.
+
+    A blind-index tenant whose index key the KMS refuses for good (its master key deleted, a
+    wrapped key invalid: `KmsKeyUnusable`) or whose keys were all destroyed has no query terms:
+    its chats are left out of the search rather than failing it, so one tenant's lost key does
+    not break every search of a user whose chats span tenants. Its messages could not be opened
+    either (its DEKs are wrapped by the same master key). A KMS outage (`KmsUnavailable`) still
+    raises: the answer is a 503 and the client retries."""
+    usable: list[str] = []
+    refused: list[str] = []
+    for tenant in sorted(set(tenant_ids)):
+        try:
+            for word in query.words:
+                terms.word_match(tenant, word.token, word.prefix)
+        except (KmsKeyUnusable, KeyDestroyed):
+            refused.append(tenant)
+        else:
+            usable.append(tenant)
+    return usable, refused
 
 
 def word_matches(

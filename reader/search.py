@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
 import struct
 import uuid
@@ -23,7 +24,14 @@ from datetime import datetime
 
 from reader.messages import ReadMessage
 from reader.ports import ChatDirectory, MessageSource, QueryTerms, SearchPort, TextAnalyzer
-from reader.query import ParsedQuery, highlights, parse_query, text_matches, word_matches
+from reader.query import (
+    ParsedQuery,
+    highlights,
+    parse_query,
+    searchable_tenants,
+    text_matches,
+    word_matches,
+)
 from schemas.ids import first_id_at
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.opensearch import (
@@ -39,6 +47,8 @@ from sealstream.http import ApiError
 from sealstream.text_rules import is_utf8, storable_text
 
 SEARCH_LIMIT_MAX = 50
+log = logging.getLogger(__name__)
+
 SEARCH_LIMIT_DEFAULT = 20
 QUERY_MAX_CHARS = 256
 MAX_CHAT_FILTER = 100  # `chat_id` values one request may name
@@ -233,6 +243,14 @@ class MessageSearch:
         query = parse_query(q, self.analyzer.analyze([q])[0])
         if query.empty or not chats:
             return SearchPage([], None, more_chats, len(chats))
+        usable, refused = searchable_tenants(query, [c.tenant_id for c in chats], self.terms)
+        if refused:
+            log.warning(
+                "tenants left out of a search: index key unusable", extra={"tenants": refused}
+            )
+            chats = [c for c in chats if c.tenant_id in set(usable)]
+            if not chats:
+                return SearchPage([], None, more_chats, 0)
         request = SearchRequest(
             chat_ids=[c.chat_id for c in chats],
             words=word_matches(query, [c.tenant_id for c in chats], self.terms),

@@ -20,10 +20,12 @@ from reader.search import (
     decode_search_cursor,
     encode_search_cursor,
 )
+from reader.service import ReaderService
 from schemas.ids import id_millis
 from sealstream.adapters.opensearch import SearchHits, SearchRequest, SortKey, TextToken, WordMatch
+from sealstream.errors import KmsKeyUnusable
 from sealstream.http import ApiError
-from tests.fake_analysis import analyze_one
+from tests.fake_analysis import StandInAnalyzer, analyze_one
 from tests.unit.test_reader_service import World, api_error
 
 
@@ -377,3 +379,34 @@ def test_hits_of_chats_outside_the_membership_are_dropped_even_if_the_index_retu
     monkeypatch.setattr(world.search, "search_messages", ignoring_the_chat_filter)
     page = world.service.search_all("alice", "tapir")
     assert texts(page) == ["tapir mine"] and page.decrypted == 1
+
+
+def test_a_tenant_whose_index_key_is_unusable_is_left_out_not_failing_the_search(
+    world: World,
+) -> None:
+    """A user's chats can span tenants; one blind tenant's master key deleted (its index key
+    no longer unwraps: KmsKeyUnusable) made every search of the user answer 500. Its chats are
+    left out; the others are searched."""
+
+    class OneTenantLost:
+        def word_match(self, tenant_id: str, token: TextToken, prefix: bool) -> WordMatch:
+            if tenant_id == "gone":
+                raise KmsKeyUnusable("KMS rejected decrypt: encryption key not found")
+            return PlainQueryTerms().word_match(tenant_id, token, prefix)
+
+    world.service = ReaderService(
+        world.chats,
+        world.messages,
+        world.keys,
+        world.search,
+        clock_ms=lambda: world.clock + 60_000,
+        analyzer=StandInAnalyzer(),
+        query_terms=OneTenantLost(),
+    )
+    kept, lost = world.chat(), world.chat()
+    world.chats.rows[lost] = replace(world.chats.rows[lost], tenant_id="gone")
+    world.post(kept, "wombat kept")
+    world.post(lost, "wombat lost")
+    assert texts(world.service.search_all("alice", "wombat")) == ["wombat kept"]
+    only_lost = world.service.search_all("alice", "wombat", SearchOptions(chat_ids=[lost]))
+    assert texts(only_lost) == []
