@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -154,3 +155,45 @@ def wire(search_index: SearchIndex) -> Iterator[list[tuple[str, bytes]]]:
     yield sent
     for connection in patched:
         del connection.perform_request
+
+
+def module_stores(settings: Settings, suffix: str) -> Settings:
+    """`settings` with a Cassandra keyspace and an OpenSearch index of one test module's own
+    (`<keyspace>_<suffix>`, `<prefix>-<suffix>`), so the module can drop them when it ends."""
+    require_port("cassandra", settings.cassandra.hosts[0], settings.cassandra.port)
+    require_port("opensearch", "127.0.0.1", int(settings.opensearch.url.rsplit(":", 1)[1]))
+    return settings.model_copy(
+        update={
+            "cassandra": settings.cassandra.model_copy(
+                update={"keyspace": f"{settings.cassandra.keyspace}_{suffix}"}
+            ),
+            "opensearch": settings.opensearch.model_copy(
+                update={"index_prefix": f"{settings.opensearch.index_prefix}-{suffix}"}
+            ),
+        }
+    )
+
+
+@contextmanager
+def fresh_store(settings: Settings) -> Iterator[MessageStore]:
+    """The message store of `settings`, migrated; its keyspace dropped at the end."""
+    store = MessageStore(settings.cassandra)
+    store.connect()
+    store.migrate()
+    try:
+        yield store
+    finally:
+        store.drop_keyspace()
+        store.close()
+
+
+@contextmanager
+def fresh_index(settings: Settings) -> Iterator[SearchIndex]:
+    """The search index of `settings`, migrated; dropped at the end."""
+    index = SearchIndex(settings.opensearch)
+    index.migrate()
+    try:
+        yield index
+    finally:
+        index.drop()
+        index.close()

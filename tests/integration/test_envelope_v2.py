@@ -28,49 +28,28 @@ from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import reencrypt_chat
-from sealstream.settings import CassandraSettings, OpenSearchSettings, Settings
+from sealstream.settings import CassandraSettings, Settings
 from sealstream.streaming import RawRecord
 from sealstream.wiring import key_service
-from tests.conftest import require_port
+from tests.integration.conftest import fresh_index, fresh_store, module_stores
 
 
 @pytest.fixture(scope="module")
 def env_settings(settings: Settings) -> Settings:
     """This run's settings with a keyspace and index of this module's own."""
-    require_port("cassandra", settings.cassandra.hosts[0], settings.cassandra.port)
-    require_port("opensearch", "127.0.0.1", int(settings.opensearch.url.rsplit(":", 1)[1]))
-    return settings.model_copy(
-        update={
-            "cassandra": CassandraSettings(
-                hosts=settings.cassandra.hosts,
-                port=settings.cassandra.port,
-                keyspace=f"{settings.cassandra.keyspace}_env2",
-            ),
-            "opensearch": OpenSearchSettings(
-                url=settings.opensearch.url,
-                index_prefix=f"{settings.opensearch.index_prefix}-env2",
-            ),
-        }
-    )
+    return module_stores(settings, "env2")
 
 
 @pytest.fixture(scope="module")
 def store(env_settings: Settings) -> Iterator[MessageStore]:
-    store = MessageStore(env_settings.cassandra)
-    store.connect()
-    store.migrate()
-    yield store
-    store.drop_keyspace()
-    store.close()
+    with fresh_store(env_settings) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")
 def index(env_settings: Settings) -> Iterator[SearchIndex]:
-    index = SearchIndex(env_settings.opensearch)
-    index.migrate()
-    yield index
-    index.drop()
-    index.close()
+    with fresh_index(env_settings) as index:
+        yield index
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex
 from sealstream.auth import mint_token
 from sealstream.keys.service import KeyService
-from sealstream.settings import AuthSettings, CassandraSettings, OpenSearchSettings, Settings
+from sealstream.settings import AuthSettings, Settings
 from sealstream.wiring import key_service
-from tests.conftest import require_port
-from tests.integration.conftest import text_message
+from tests.integration.conftest import fresh_index, fresh_store, module_stores, text_message
 from tests.sealed_rows import sealed_row
 
 NON_ASCII = "café 世界 🚀 ✓ — ünïcödé"
@@ -35,40 +34,19 @@ NON_ASCII = "café 世界 🚀 ✓ — ünïcödé"
 def reader_settings(settings: Settings) -> Settings:
     """This run's settings with a keyspace and index of this module's own (the e2e tier drops
     the run's shared ones while it tears down)."""
-    require_port("cassandra", settings.cassandra.hosts[0], settings.cassandra.port)
-    require_port("opensearch", "127.0.0.1", int(settings.opensearch.url.rsplit(":", 1)[1]))
-    return settings.model_copy(
-        update={
-            "cassandra": CassandraSettings(
-                hosts=settings.cassandra.hosts,
-                port=settings.cassandra.port,
-                keyspace=f"{settings.cassandra.keyspace}_reader",
-            ),
-            "opensearch": OpenSearchSettings(
-                url=settings.opensearch.url,
-                index_prefix=f"{settings.opensearch.index_prefix}-reader",
-            ),
-        }
-    )
+    return module_stores(settings, "reader")
 
 
 @pytest.fixture(scope="module")
 def store(reader_settings: Settings) -> Iterator[MessageStore]:
-    store = MessageStore(reader_settings.cassandra)
-    store.connect()
-    store.migrate()
-    yield store
-    store.drop_keyspace()
-    store.close()
+    with fresh_store(reader_settings) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")
 def index(reader_settings: Settings) -> Iterator[SearchIndex]:
-    index = SearchIndex(reader_settings.opensearch)
-    index.migrate()
-    yield index
-    index.drop()
-    index.close()
+    with fresh_index(reader_settings) as index:
+        yield index
 
 
 @pytest.fixture(scope="module")

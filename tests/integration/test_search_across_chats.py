@@ -24,9 +24,9 @@ from sealstream.adapters.opensearch import (
 )
 from sealstream.adapters.postgres import ChatKeyRepository
 from sealstream.keys.service import KeyService
-from sealstream.settings import CassandraSettings, OpenSearchSettings, Settings
+from sealstream.settings import Settings
 from sealstream.wiring import key_service
-from tests.conftest import require_port
+from tests.integration.conftest import fresh_index, fresh_store, module_stores
 from tests.integration.test_reader_api import Seeder, auth
 
 Headers = Callable[[str], dict[str, str]]
@@ -35,40 +35,19 @@ Headers = Callable[[str], dict[str, str]]
 @pytest.fixture(scope="module")
 def search_settings(settings: Settings) -> Settings:
     """This run's settings with a keyspace and index of this module's own."""
-    require_port("cassandra", settings.cassandra.hosts[0], settings.cassandra.port)
-    require_port("opensearch", "127.0.0.1", int(settings.opensearch.url.rsplit(":", 1)[1]))
-    return settings.model_copy(
-        update={
-            "cassandra": CassandraSettings(
-                hosts=settings.cassandra.hosts,
-                port=settings.cassandra.port,
-                keyspace=f"{settings.cassandra.keyspace}_xsearch",
-            ),
-            "opensearch": OpenSearchSettings(
-                url=settings.opensearch.url,
-                index_prefix=f"{settings.opensearch.index_prefix}-xsearch",
-            ),
-        }
-    )
+    return module_stores(settings, "xsearch")
 
 
 @pytest.fixture(scope="module")
 def store(search_settings: Settings) -> Iterator[MessageStore]:
-    store = MessageStore(search_settings.cassandra)
-    store.connect()
-    store.migrate()
-    yield store
-    store.drop_keyspace()
-    store.close()
+    with fresh_store(search_settings) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")
 def index(search_settings: Settings) -> Iterator[SearchIndex]:
-    index = SearchIndex(search_settings.opensearch)
-    index.migrate()
-    yield index
-    index.drop()
-    index.close()
+    with fresh_index(search_settings) as index:
+        yield index
 
 
 @pytest.fixture(scope="module")
