@@ -115,6 +115,20 @@ class MessageTooLarge(InvalidMessage, ValueError):
     """The plaintext is longer than :data:`MAX_PLAINTEXT_BYTES` (catchable as ValueError too)."""
 
 
+def _checked_key(kind: str, version: object, material: object, length: int) -> bytes:
+    """`material` as immutable bytes, after checking a key's version (1..MAX_DEK_VERSION) and
+    length. TypeError / ValueError naming `kind` and the field."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"{kind}.version must be an int")
+    if not 1 <= version <= MAX_DEK_VERSION:
+        raise ValueError(f"{kind}.version must be between 1 and {MAX_DEK_VERSION}")
+    if not isinstance(material, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{kind}.material must be bytes")
+    if len(material) != length:
+        raise ValueError(f"{kind}.material must be exactly {length} bytes")
+    return bytes(material)
+
+
 @dataclass(frozen=True, repr=False)
 class ChatKey:
     """One version of a chat's data-encryption key (DEK): 32 random bytes and its version number.
@@ -127,16 +141,10 @@ class ChatKey:
     material: bytes
 
     def __post_init__(self) -> None:
-        if isinstance(self.version, bool) or not isinstance(self.version, int):
-            raise TypeError("ChatKey.version must be an int")
-        if not 1 <= self.version <= MAX_DEK_VERSION:
-            raise ValueError(f"ChatKey.version must be between 1 and {MAX_DEK_VERSION}")
-        if not _is_bytes_like(self.material):
-            raise TypeError("ChatKey.material must be bytes")
-        if len(self.material) != DEK_LEN:
-            raise ValueError(f"ChatKey.material must be exactly {DEK_LEN} bytes")
-        # Freeze a private immutable copy so a caller mutating its bytearray cannot change the key.
-        object.__setattr__(self, "material", bytes(self.material))
+        # A private immutable copy, so a caller mutating its bytearray cannot change the key.
+        object.__setattr__(
+            self, "material", _checked_key("ChatKey", self.version, self.material, DEK_LEN)
+        )
 
     def __repr__(self) -> str:
         return f"ChatKey(version={self.version}, material=<redacted>)"
@@ -432,15 +440,11 @@ class IndexKey:
     def __post_init__(self) -> None:
         if not isinstance(self.tenant_id, str) or not 1 <= len(self.tenant_id.encode()) <= 255:
             raise ValueError("IndexKey.tenant_id must be 1 to 255 UTF-8 bytes")
-        if isinstance(self.version, bool) or not isinstance(self.version, int):
-            raise TypeError("IndexKey.version must be an int")
-        if not 1 <= self.version <= MAX_DEK_VERSION:
-            raise ValueError(f"IndexKey.version must be between 1 and {MAX_DEK_VERSION}")
-        if not _is_bytes_like(self.material):
-            raise TypeError("IndexKey.material must be bytes")
-        if len(self.material) != INDEX_KEY_LEN:
-            raise ValueError(f"IndexKey.material must be exactly {INDEX_KEY_LEN} bytes")
-        object.__setattr__(self, "material", bytes(self.material))
+        object.__setattr__(
+            self,
+            "material",
+            _checked_key("IndexKey", self.version, self.material, INDEX_KEY_LEN),
+        )
         tenant = self.tenant_id.encode("utf-8")
         # The message prefix binds the label, the tenant and the key version (fixed per key).
         prefix = (
