@@ -13,10 +13,12 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Counter
 
+from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import RefusedRow, StoredMessage
@@ -48,13 +50,21 @@ _CRYPTO = PHASE_SECONDS.labels("crypto")
 _STORE = PHASE_SECONDS.labels("store")
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a sealed row came from: its record, and the tenant it names (its chat's)."""
+
+    record: RawRecord
+    tenant_id: str
+
+
 def seal_batch(
     records: Sequence[RawRecord], keys: KeySource, states: ChatStates | None = None
-) -> tuple[list[StoredMessage], list[Rejected], dict[int, RawRecord]]:
-    """Sealed rows, rejected records, and the record each row came from (by message id)."""
+) -> tuple[list[StoredMessage], list[Rejected], dict[int, Source]]:
+    """Sealed rows, rejected records, and where each row came from (by message id)."""
     deletion = deletion_check("encryptor", records, states)
     stored: list[StoredMessage] = []
-    source: dict[int, RawRecord] = {}
+    source: dict[int, Source] = {}
     rejected: list[Rejected] = []
     lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
     unusable: dict[uuid.UUID, str] = {}  # chats whose key the KMS refused, asked once per batch
@@ -66,6 +76,10 @@ def seal_batch(
         if reason := deletion.wrong_tenant(decoded):
             rejected.append(Rejected(record, reason))
             continue
+        if decoded.kind != "post":
+            rejected.append(Rejected(record, f"kind: {decoded.kind} is not handled yet"))
+            continue
+        assert decoded.text is not None  # a post always has text (MessageRecord._fields_of_kind)
         if deletion.refuses(decoded.chat_id, decoded.message_id):
             continue
         if decoded.chat_id in unusable:
@@ -107,7 +121,7 @@ def seal_batch(
         )
         lookup_seconds += looked_up - started
         crypto_seconds += time.perf_counter() - looked_up
-        source[decoded.message_id] = record
+        source[decoded.message_id] = Source(record, decoded.tenant_id)
         stored.append(
             StoredMessage(
                 chat_id=decoded.chat_id,
@@ -124,13 +138,38 @@ def seal_batch(
     return stored, rejected, source
 
 
-def encrypt_and_store(
+def post_change(row: StoredMessage, tenant_id: str) -> ChangeEvent:
+    """The change event of a stored post (schemas/changes.py)."""
+    return ChangeEvent(
+        kind="post",
+        event_id=row.message_id,
+        chat_id=row.chat_id,
+        tenant_id=tenant_id,
+        message_id=row.message_id,
+        sender_id=row.sender_id,
+        revision=row.revision,
+        dek_version=row.dek_version,
+        envelope=row.envelope,
+        created_at=row.created_at,
+    )
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """What one batch came to: the dead letters, and the change events of what was stored, in
+    record order (published before the batch is committed: schemas/changes.py)."""
+
+    rejected: list[Rejected]
+    changes: list[ChangeEvent]
+
+
+def store_batch(
     records: Sequence[RawRecord],
     keys: KeySource,
     sink: MessageSink,
     states: ChatStates | None = None,
-) -> list[Rejected]:
-    """One batch: seal every valid record and write them all; return the rejected ones.
+) -> StoredBatch:
+    """One batch: seal every valid record and write them all.
 
     Once the rows are written, the messages sealed per DEK version are counted, which rotates
     a chat whose current version reached the rotation policy's message limit.
@@ -139,9 +178,20 @@ def encrypt_and_store(
     started = time.perf_counter()
     refused = sink.write_many(stored)
     _STORE.inc(time.perf_counter() - started)
-    rejected += [Rejected(source[r.message_id], r.reason) for r in refused]
+    rejected += [Rejected(source[r.message_id].record, r.reason) for r in refused]
     refused_ids = {r.message_id for r in refused}
     written_rows = [m for m in stored if m.message_id not in refused_ids]
     if written_rows:
         keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in written_rows)))
-    return rejected
+    changes = [post_change(m, source[m.message_id].tenant_id) for m in written_rows]
+    return StoredBatch(rejected, changes)
+
+
+def encrypt_and_store(
+    records: Sequence[RawRecord],
+    keys: KeySource,
+    sink: MessageSink,
+    states: ChatStates | None = None,
+) -> list[Rejected]:
+    """`store_batch` for callers that publish no change events: the dead letters only."""
+    return store_batch(records, keys, sink, states).rejected

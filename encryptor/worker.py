@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 
-from encryptor.logic import encrypt_and_store
+from encryptor.logic import store_batch
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import Publisher
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected, run_worker
@@ -23,8 +24,18 @@ def run(settings: Settings) -> None:
         store.connect()
         stack.callback(store.close)
 
+        changes = Publisher(settings.kafka, client_id=f"{STAGE}-changes")
+        stack.callback(changes.close)
+
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            return encrypt_and_store(records, keys, store, keys.repo)
+            stored = store_batch(records, keys, store, keys.repo)
+            # Before the batch is committed (schemas/changes.py): a failure here raises, and the
+            # runtime retries the whole batch; the rewrites are idempotent, the events are
+            # deduplicated by event id downstream.
+            changes.publish(
+                settings.kafka.changes_topic, [(c.key(), c.value()) for c in stored.changes]
+            )
+            return stored.rejected
 
         # Batches flushed after 50 ms at most: the encryptor is on the path from post to readable,
         # unlike the indexer. 20 ms gave no better latency under load and smaller, costlier

@@ -54,9 +54,16 @@ def index_batch(
     batch waits, nothing is dropped; a key the KMS refuses for good dead-letters the tenant's
     records of the batch."""
     admitted, rejected = admitted_records("indexer", records, states)
+    rejected += [
+        Rejected(record, f"kind: {decoded.kind} is not handled yet")
+        for record, decoded in admitted
+        if decoded.kind != "post"
+    ]
+    admitted = [(record, decoded) for record, decoded in admitted if decoded.kind == "post"]
     source = {decoded.message_id: record for record, decoded in admitted}
     # One `_analyze` pass for the whole batch (the adapter splits it into requests).
-    analysed = sink.analyze_terms([decoded.text for _, decoded in admitted]) if admitted else []
+    texts = [decoded.text or "" for _, decoded in admitted]  # posts: never None
+    analysed = sink.analyze_terms(texts) if admitted else []
     documents: list[IndexedMessage] = []
     unusable: set[str] = set()  # tenants whose index key the KMS refused, asked once per batch
     for (record, decoded), terms in zip(admitted, analysed, strict=True):

@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_TEXT_BYTES = 16 * 1024
@@ -25,17 +25,39 @@ MAX_UTC_OFFSET = timedelta(hours=18)
 """Largest UTC offset of `sent_at`: Java's time API, hence OpenSearch, refuses anything beyond."""
 
 
+MessageKind = Literal["post", "edit", "delete"]
+"""What a record asks for: a new message, a new revision of one (its sender's), or its deletion by
+its sender. All three are keyed by chat id, so one chat's changes keep their order."""
+
+
 class MessageRecord(BaseModel):
-    """One chat message as published to the message topic (plaintext: keep the topic short-lived)."""
+    """One change to a chat's messages as published to the message topic: a post, an edit or a
+    sender's deletion (plaintext: keep the topic short-lived).
+
+    `message_id` is always the message's own id. An edit or deletion also carries `event_id`, a
+    Snowflake id of the change itself from the same leased generator (so later changes have higher
+    ids); a post's event id is its message id. An edit carries the new text; a deletion none.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     schema_version: Literal[1] = SCHEMA_VERSION
+    kind: MessageKind = "post"
     message_id: int = Field(ge=1, lt=2**63, description="Time-ordered 64-bit id (Snowflake)")
+    event_id: int | None = Field(
+        default=None,
+        ge=1,
+        lt=2**63,
+        description="Edit/delete only: Snowflake id of the change, greater than message_id",
+    )
     chat_id: uuid.UUID
     tenant_id: str = Field(default="default", min_length=1, max_length=MAX_ID_LEN)
     sender_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    text: str = Field(min_length=1, description=f"At most {MAX_TEXT_BYTES} bytes of UTF-8")
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        description=f"Post and edit: at most {MAX_TEXT_BYTES} bytes of UTF-8; delete: absent",
+    )
     client_message_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
     sent_at: datetime = Field(
         description="RFC 3339 date-time with a UTC offset of at most +/-18:00; held in UTC"
@@ -43,7 +65,9 @@ class MessageRecord(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def _text_size(cls, value: str) -> str:
+    def _text_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.strip():
             raise ValueError("text must contain a non-blank character")
         size = len(value.encode("utf-8", errors="strict"))
@@ -66,6 +90,27 @@ class MessageRecord(BaseModel):
             return value.astimezone(UTC)
         except OverflowError:
             raise ValueError("is outside years 1 to 9999 once converted to UTC") from None
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> MessageRecord:
+        if self.kind == "delete":
+            if self.text is not None:
+                raise ValueError("text: a delete carries no text")
+        elif self.text is None:
+            raise ValueError(f"text: required for a {self.kind}")
+        if self.kind == "post":
+            if self.event_id not in (None, self.message_id):
+                raise ValueError("event_id: a post's event id is its message id (leave it out)")
+        elif self.event_id is None:
+            raise ValueError(f"event_id: required for a {self.kind}")
+        elif self.event_id <= self.message_id:
+            raise ValueError("event_id: must be greater than message_id (made after the message)")
+        return self
+
+    @property
+    def change_id(self) -> int:
+        """The id of this change: `event_id` for an edit or delete, the message id for a post."""
+        return self.event_id if self.event_id is not None else self.message_id
 
     def key(self) -> bytes:
         return str(self.chat_id).encode()

@@ -66,9 +66,11 @@ class MessageEvent(
     message_id: int
     chat_id: uuid.UUID
     sender_id: str
-    text: str
+    text: Optional[str]  # noqa: UP045  (None for a deletion)
     sent_at: datetime
     schema_version: int = SCHEMA_VERSION
+    kind: str = "post"  # "post", "edit" or "delete" (schemas.events.MessageKind)
+    event_id: Optional[int] = None  # noqa: UP045  (edit/delete: the change's own id)
     tenant_id: str = "default"
     # typing.Optional, not `str | None`: Faust's field parser does not read the `|` union.
     client_message_id: Optional[str] = None  # noqa: UP045
@@ -83,6 +85,8 @@ class MessageEvent(
             text=record.text,
             sent_at=record.sent_at,
             schema_version=record.schema_version,
+            kind=record.kind,
+            event_id=record.event_id,
             tenant_id=record.tenant_id,
             client_message_id=record.client_message_id,
         )
@@ -97,7 +101,7 @@ class MessageEvent(
         # Faust's own repr lists every field, the text too; events end up in log lines.
         return (
             f"<MessageEvent: message_id={self.message_id} chat_id={self.chat_id} "
-            f"sender_id={self.sender_id!r} text=<{len(self.text)} chars>>"
+            f"sender_id={self.sender_id!r} text=<{len(self.text or '')} chars>>"
         )
 
 

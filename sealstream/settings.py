@@ -69,6 +69,8 @@ class KafkaSettings(BaseModel):
     bootstrap: str = f"127.0.0.1:{KAFKA_PORT}"
     messages_topic: str = "sealstream.messages.v1"
     dead_letter_topic: str = "sealstream.messages.dlq.v1"
+    # What the encryptor stored (schemas/changes.py): ciphertext and ids only, read by delivery.
+    changes_topic: str = "sealstream.changes.v1"
     encryptor_group: str = "sealstream-encryptor"
     indexer_group: str = "sealstream-indexer"
     partitions: int = 6

@@ -89,6 +89,7 @@ class StoredMessage:
     edited_at: datetime | None = None
     deleted_at: datetime | None = None
     revision: int = 1  # which revision of the message the envelope holds (1 = as first sent)
+    last_event_id: int | None = None  # event id of the last edit applied (None: never edited)
 
     def context(self) -> MessageContext:
         """What this row says its envelope is bound to (docs/format.md, envelope v2): chat,
@@ -120,6 +121,7 @@ def _row(row: Any) -> StoredMessage:
         deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
         # Rows written before the revision column (schemas/cassandra/002) are revision 1.
         revision=1 if row.revision is None else row.revision,
+        last_event_id=row.last_event_id,
     )
 
 

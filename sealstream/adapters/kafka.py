@@ -66,6 +66,7 @@ def topic_configs(settings: KafkaSettings) -> dict[str, dict[str, str]]:
         settings.messages_topic: config(settings.retention_ms),
         # Poison records as they came: kept longer so an operator can look, bounded all the same.
         settings.dead_letter_topic: config(settings.retention_ms * 7),
+        settings.changes_topic: config(settings.retention_ms),
     }
 
 
@@ -103,7 +104,11 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
     configs = topic_configs(settings)
-    partitions = {settings.messages_topic: settings.partitions, settings.dead_letter_topic: 1}
+    partitions = {
+        settings.messages_topic: settings.partitions,
+        settings.dead_letter_topic: 1,
+        settings.changes_topic: settings.partitions,
+    }
     todo = [
         NewTopic(
             topic,

@@ -52,7 +52,7 @@ def write_plain(
             message_id=decoded.message_id,
             sender_id=decoded.sender_id,
             dek_version=PLAIN_DEK_VERSION,
-            envelope=decoded.text.encode("utf-8"),
+            envelope=(decoded.text or "").encode("utf-8"),  # the bench posts only
             created_at=id_time(decoded.message_id),
         )
         for _, decoded in admitted

@@ -61,10 +61,10 @@ def test_segments_roll_well_within_the_retention(retention_ms: int) -> None:
     assert segment <= HOUR_MS
 
 
-def test_both_topics_get_retention_durability_and_a_segment_roll() -> None:
+def test_every_topic_gets_retention_durability_and_a_segment_roll() -> None:
     kafka = KafkaSettings(min_insync_replicas=2, replication_factor=3)
     configs = topic_configs(kafka)
-    assert set(configs) == {kafka.messages_topic, kafka.dead_letter_topic}
+    assert set(configs) == {kafka.messages_topic, kafka.dead_letter_topic, kafka.changes_topic}
     for config in configs.values():
         assert int(config["segment.ms"]) <= int(config["retention.ms"])
         assert config["min.insync.replicas"] == "2"
