@@ -372,6 +372,15 @@ class DeletionSettings(BaseModel):
     sweep_seconds: float = Field(default=60.0, ge=0, le=3600)
 
 
+class EditSettings(BaseModel):
+    model_config = {"frozen": True}
+
+    # How long after posting a sender may edit or delete their own message (seconds, from the
+    # message id's time). The gateway refuses later changes (422) and the encryptor dead-letters
+    # them; live delivery's resume looks this far back for edits a client missed.
+    window_seconds: int = Field(default=48 * 3600, ge=60, le=30 * 24 * 3600)
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -400,6 +409,7 @@ class Settings(BaseSettings):
     worker_lease: WorkerLeaseSettings = Field(default_factory=WorkerLeaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     deletion: DeletionSettings = Field(default_factory=DeletionSettings)
+    edits: EditSettings = Field(default_factory=EditSettings)
     # "production" refuses the local-stack defaults (auth secret, no TLS) at start-up.
     environment: Literal["local", "production"] = "local"
 
