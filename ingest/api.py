@@ -8,16 +8,14 @@ safe integers). Nothing here logs or echoes message text.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect, status
+from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -32,13 +30,14 @@ from sealstream.errors import SealstreamError
 from sealstream.http import ApiError, CurrentPrincipal, CurrentUser, error_body, install
 from sealstream.settings import Settings
 from sealstream.text_rules import ID_PATTERN, Utf8
+from sealstream.websocket_auth import AUTH_FRAME_SECONDS, accept
+from sealstream.websocket_auth import frame_text as _frame_text
+from sealstream.websocket_auth import receive_until_expiry as _receive_until_expiry
+from sealstream.websocket_auth import socket_principal as _socket_principal
 
 log = logging.getLogger(__name__)
 
 CHATS, MESSAGES = "chats", "messages"
-_BEARER = "bearer"  # the WebSocket subprotocol that carries a token: `bearer, <jwt>`
-AUTH_FRAME_SECONDS = 10.0  # how long a socket without a handshake token may wait for `auth`
-_POLICY = status.WS_1008_POLICY_VIOLATION
 DESCRIPTION = f"""\
 Accepts chat messages and publishes them to Kafka for encryption at rest and indexing.
 
@@ -249,8 +248,7 @@ def create_app(
     async def websocket(socket: WebSocket) -> None:
         # Accept first, then refuse with 1008: a refusal before the handshake is an HTTP 403
         # that browsers cannot even read, while the close code and reason are documented.
-        offered = socket.scope.get("subprotocols") or []
-        await socket.accept(subprotocol=_BEARER if _BEARER in offered else None)
+        await accept(socket)
         try:
             principal = await _socket_principal(socket, app.state.verified_tokens)
             if principal is None:
@@ -352,98 +350,6 @@ def _replay(received: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
-
-
-def _handshake_token(socket: WebSocket) -> str | None:
-    """The token of the handshake: subprotocol, Authorization header or (discouraged) query."""
-    offered = socket.scope.get("subprotocols") or []
-    if _BEARER in offered and len(offered) > offered.index(_BEARER) + 1:
-        return str(offered[offered.index(_BEARER) + 1])
-    header = socket.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return socket.query_params.get("token")
-
-
-async def _socket_principal(socket: WebSocket, tokens: VerifiedTokens) -> Principal | None:
-    """Who the accepted socket speaks for; None once it was closed with 1008 for a missing,
-    invalid or expired token (then nothing else is read from it)."""
-    token = _handshake_token(socket)
-    from_frame = token is None
-    if from_frame:
-        try:
-            first = await asyncio.wait_for(socket.receive(), AUTH_FRAME_SECONDS)
-        except TimeoutError:
-            await socket.close(code=_POLICY, reason="authentication required")
-            return None
-        if first["type"] == "websocket.disconnect":
-            return None
-        token, extra = _auth_frame(_frame_text(first))
-        if token is None:
-            await socket.close(code=_POLICY, reason="authentication required")
-            return None
-        if extra:
-            # A message riding on the auth frame would otherwise be dropped without a word:
-            # refuse the frame, name what does not belong, and nothing is published.
-            await socket.send_json(
-                _frame_error(
-                    "invalid_request",
-                    "frame: the auth frame holds only `auth`; send messages after the "
-                    f"authenticated answer (unexpected: {', '.join(extra)})",
-                    "frame",
-                )
-            )
-            await socket.close(code=_POLICY, reason="auth frame holds only auth")
-            return None
-    try:
-        principal = tokens.principal(token or "")
-    except AuthError as err:
-        reason = "token expired" if "expired" in str(err) else "invalid token"
-        await socket.close(code=_POLICY, reason=reason)
-        return None
-    if from_frame:
-        await socket.send_json({"ok": True, "authenticated": True})
-    return principal
-
-
-def _auth_frame(raw: str | None) -> tuple[str | None, list[str]]:
-    """The token of a first frame `{"auth": "<jwt>"}` (None if it is not one), and the names
-    of any other fields it carries (at most 5, each cut to 40 characters), sorted."""
-    try:
-        frame = json.loads(raw or "")
-    except (ValueError, RecursionError):
-        return None, []
-    token = frame.get("auth") if isinstance(frame, dict) else None
-    if not (isinstance(token, str) and token):
-        return None, []
-    return token, sorted(str(name)[:40] for name in frame if name != "auth")[:5]
-
-
-async def _receive_until_expiry(
-    socket: WebSocket, principal: Principal
-) -> Mapping[str, Any] | None:
-    """The next message; None once the token expired and the socket was closed with 1008."""
-    remaining = None if principal.expires_at is None else principal.expires_at - time.time()
-    try:
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError
-        # `asyncio.timeout`, not `wait_for`: wait_for wraps each receive in a task of its own.
-        async with asyncio.timeout(remaining):
-            return await socket.receive()
-    except TimeoutError:
-        await socket.close(code=_POLICY, reason="token expired")
-        return None
-
-
-def _frame_text(message: Mapping[str, Any]) -> str | None:
-    """The frame as text; None for a binary frame that is not UTF-8."""
-    text = message.get("text")
-    if isinstance(text, str):
-        return text
-    try:
-        return bytes(message.get("bytes") or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def _frame_error(code: str, message: str, field: str | None = None) -> dict[str, Any]:

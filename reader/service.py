@@ -160,62 +160,22 @@ class CachedChatDirectory:
         return self._members(user_id, limit, chat_ids)
 
 
-# --- the service -----------------------------------------------------------------------------
+# --- opening envelopes ------------------------------------------------------------------------
 
 
-def _check_limit(limit: int, maximum: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
-        raise ApiError(
-            422, "invalid_request", f"query.limit: must be between 1 and {maximum}", "query.limit"
-        )
+class EnvelopeOpener:
+    """Opens stored rows with their chat's key, for every read path (reader and live delivery).
 
+    `open` checks that the row and its envelope agree on the DEK version and opens the envelope
+    with the row's own context (chat, id, sender, revision, time), so a rewritten column fails
+    like a flipped bit: `DecryptionError`, counted and logged by ids only. `KeyDestroyed`
+    (a shredded chat) propagates.
+    """
 
-def _millis(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-class ReaderService:
-    def __init__(
-        self,
-        chats: ChatDirectory,
-        messages: MessageSource,
-        keys: KeySource,
-        search_index: SearchPort,
-        clock_ms: Callable[[], int] | None = None,
-        clock_skew_ms: int = DEFAULT_CLOCK_SKEW_MS,
-        *,
-        analyzer: TextAnalyzer,
-        query_terms: QueryTerms | None = None,
-    ) -> None:
-        """`analyzer` analyses queries and the texts about to be returned (the index's own,
-        `SearchIndex.analyze`); `query_terms` turns query words into index terms per tenant
-        (plain words by default; the blind index plugs in its keyed terms here)."""
-        self.chats = chats
-        self.messages = messages
+    def __init__(self, keys: KeySource) -> None:
         self.keys = keys
-        self.search_index = search_index
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
-        self.clock_skew_ms = clock_skew_ms
-        self.finder = MessageSearch(
-            chats, messages, search_index, analyzer, query_terms or PlainQueryTerms(), self._open
-        )
 
-    # --- access ----------------------------------------------------------------------------------
-
-    def _chat_for(self, user: str, chat_id: uuid.UUID) -> ChatRow:
-        """The chat, if `user` may read it; checked before any message is touched."""
-        chat = self.chats.get(chat_id)
-        if chat is None:
-            raise ApiError(404, "not_found", "no such chat or message")
-        if chat.state == "deleted":
-            raise ApiError(410, "gone", "this chat was deleted")
-        if user not in chat.participants:
-            raise ApiError(403, "forbidden", "you are not a participant of this chat")
-        return chat
-
-    # --- decryption --------------------------------------------------------------------------
-
-    def _open(self, row: StoredMessage) -> ReadMessage:
+    def open(self, row: StoredMessage) -> ReadMessage:
         try:
             return self._open_row(row)
         except DecryptionError:
@@ -259,6 +219,61 @@ class ReaderService:
             text=text,
             sent_at=row.created_at,
         )
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def _check_limit(limit: int, maximum: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= maximum:
+        raise ApiError(
+            422, "invalid_request", f"query.limit: must be between 1 and {maximum}", "query.limit"
+        )
+
+
+def _millis(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class ReaderService:
+    def __init__(
+        self,
+        chats: ChatDirectory,
+        messages: MessageSource,
+        keys: KeySource,
+        search_index: SearchPort,
+        clock_ms: Callable[[], int] | None = None,
+        clock_skew_ms: int = DEFAULT_CLOCK_SKEW_MS,
+        *,
+        analyzer: TextAnalyzer,
+        query_terms: QueryTerms | None = None,
+    ) -> None:
+        """`analyzer` analyses queries and the texts about to be returned (the index's own,
+        `SearchIndex.analyze`); `query_terms` turns query words into index terms per tenant
+        (plain words by default; the blind index plugs in its keyed terms here)."""
+        self.chats = chats
+        self.messages = messages
+        self.keys = keys
+        self._open = EnvelopeOpener(keys).open
+        self.search_index = search_index
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.clock_skew_ms = clock_skew_ms
+        self.finder = MessageSearch(
+            chats, messages, search_index, analyzer, query_terms or PlainQueryTerms(), self._open
+        )
+
+    # --- access ----------------------------------------------------------------------------------
+
+    def _chat_for(self, user: str, chat_id: uuid.UUID) -> ChatRow:
+        """The chat, if `user` may read it; checked before any message is touched."""
+        chat = self.chats.get(chat_id)
+        if chat is None:
+            raise ApiError(404, "not_found", "no such chat or message")
+        if chat.state == "deleted":
+            raise ApiError(410, "gone", "this chat was deleted")
+        if user not in chat.participants:
+            raise ApiError(403, "forbidden", "you are not a participant of this chat")
+        return chat
 
     # --- queries -------------------------------------------------------------------------------
 

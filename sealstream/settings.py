@@ -35,6 +35,7 @@ READER_PORT = 8444
 ENCRYPTOR_PORT = 8445
 INDEXER_PORT = 8446
 ADMIN_PORT = 8447
+DELIVERY_PORT = 8448
 
 
 class StackSettings(BaseSettings):
@@ -304,6 +305,24 @@ class AdminHttp(HttpSettings):
     port: int = ADMIN_PORT
 
 
+class DeliveryHttp(HttpSettings):
+    """Live delivery (`sealstream run delivery`): where it listens and what it holds per client
+    (docs/operations.md, "Live delivery")."""
+
+    port: int = DELIVERY_PORT
+    # Most events a resume may replay before it answers `cursor_expired` (the client then
+    # refetches history from the reader): bounds the Cassandra read and the burst a reconnect
+    # costs.
+    max_resume_events: int = Field(default=1000, ge=1, le=100_000)
+    # Events waiting to be written to one slow client; past it the client is dropped
+    # (`error` `too_slow`, socket closed) rather than holding memory without bound.
+    max_queued_events: int = Field(default=1000, ge=10)
+    # Chats one WebSocket may follow at once.
+    max_subscriptions: int = Field(default=100, ge=1)
+    # SSE comment lines `: keep-alive` this often, so proxies keep an idle stream open.
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+
+
 class GatewaySettings(BaseModel):
     """How long the gateway waits for each dependency, and its idempotency window
     (docs/operations.md, "Deadlines and idempotency"). A dependency that does not answer in
@@ -403,6 +422,8 @@ class Settings(BaseSettings):
     indexer_http: IndexerHttp = Field(default_factory=IndexerHttp)
     # Key-lifecycle admin API (operators only: tokens with the admin role).
     admin: AdminHttp = Field(default_factory=AdminHttp)
+    # Live delivery of stored changes to subscribed clients (WebSocket and SSE).
+    delivery: DeliveryHttp = Field(default_factory=DeliveryHttp)
     # The worker bits of the Snowflake message ids this process makes. None (the default): lease
     # a free one from Postgres; a number: lease exactly that one (start-up fails if it is taken).
     worker_id: int | None = Field(default=None, ge=0, le=1023)
@@ -427,9 +448,9 @@ class Settings(BaseSettings):
                 raise ValueError("auth.secret is the local default; set SEALSTREAM_AUTH__SECRET")
             if len(self.auth.secret.get_secret_value()) < 32:
                 raise ValueError("auth.secret must be at least 32 characters")
-            if not (self.ingest.tls and self.reader.tls and self.admin.tls):
+            if not (self.ingest.tls and self.reader.tls and self.admin.tls and self.delivery.tls):
                 raise ValueError(
-                    "production needs TLS: set ingest/reader/admin tls_cert and tls_key"
+                    "production needs TLS: set ingest/reader/admin/delivery tls_cert and tls_key"
                 )
             if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
                 raise ValueError("postgres.password is the local default")

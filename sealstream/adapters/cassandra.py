@@ -212,6 +212,8 @@ class MessageStore:
             " SET deleted_at = ?, envelope = null"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
             "scan": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?",
+            "after": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
+            " AND message_id > ? ORDER BY message_id ASC",
             # Re-encryption: a lightweight transaction, so a row deleted, re-encrypted or given
             # another envelope by someone else meanwhile is left alone rather than resurrected or
             # overwritten (the envelope itself is compared: a v1 -> v2 upgrade keeps the version).
@@ -390,6 +392,18 @@ class MessageStore:
             for row in self._run(lambda s=statement: self.session.execute(s)):
                 if row.deleted_at is None:
                     yield _row(row)
+
+    def rows_after(
+        self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500
+    ) -> Iterator[StoredMessage]:
+        """Every row of a chat with a message id above `after_id`, deleted ones included (their
+        `deleted_at` set, no envelope), oldest first, up to the bucket of `until_ms` (Unix ms);
+        read-only (live delivery's resume, which also wants the rows' edits and deletions)."""
+        for bucket in range(bucket_of(after_id), bucket_at(until_ms) + 1):
+            statement = self._stmt("after").bind((chat_id, bucket, after_id))
+            statement.fetch_size = page_size
+            for row in self._run(lambda s=statement: self.session.execute(s)):
+                yield _row(row)
 
     def reseal_many(self, updates: Sequence[tuple[StoredMessage, int, bytes]]) -> int:
         """Replace (row, new DEK version, new envelope) where the row still has its old version

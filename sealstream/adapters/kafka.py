@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import (
+    OFFSET_END,
     Consumer,
     ConsumerGroupTopicPartitions,
     KafkaError,
@@ -424,3 +426,74 @@ class ConsumerGroupsProgress:
         except KafkaException as exc:
             raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
         return True
+
+
+class TopicTail:
+    """Every record of a topic from the moment `open()` returns, on every partition: `assign()`
+    at the end of each partition, no consumer group membership and no offsets committed.
+
+    For readers that must each see every record (live delivery processes), where a consumer
+    group would split the partitions between them. `group.id` is a fresh one per instance only
+    because librdkafka requires one; it is never joined (assign, not subscribe) nor committed.
+    """
+
+    def __init__(self, settings: KafkaSettings, topic: str, client_id: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": f"{client_id}-{uuid.uuid4().hex}",
+                "client.id": client_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "latest",
+                "fetch.wait.max.ms": 50,  # latency first: a delivered message waits for this
+            }
+        )
+
+    def open(self, timeout: float = 10.0) -> int:
+        """Assign every partition at its end; returns how many. `StoreUnavailable` when the
+        topic has no metadata (missing: run `sealstream migrate`) or Kafka does not answer."""
+        try:
+            metadata = self._consumer.list_topics(self.topic, timeout=timeout).topics[self.topic]
+        except KafkaException as exc:
+            raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+        if metadata.error is not None or not metadata.partitions:
+            raise StoreUnavailable(
+                f"Kafka: no topic {self.topic!r} ({metadata.error}); run `sealstream migrate`"
+            )
+        try:
+            # The end offset of each partition now (not OFFSET_END, which librdkafka resolves
+            # only at the first fetch): every record published after open() returns is seen.
+            ends = [
+                self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout)[1]
+                for p in sorted(metadata.partitions)
+            ]
+        except KafkaException as exc:
+            raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+        self._consumer.assign(
+            [
+                TopicPartition(self.topic, p, end if end >= 0 else OFFSET_END)
+                for p, end in zip(sorted(metadata.partitions), ends, strict=True)
+            ]
+        )
+        return len(metadata.partitions)
+
+    def poll(self, timeout: float, max_records: int = 500) -> list[bytes]:
+        """The values of the records that arrived (possibly none) within `timeout` seconds;
+        partition errors other than end-of-partition raise `StoreUnavailable`."""
+        values: list[bytes] = []
+        for msg in self._consumer.consume(max_records, timeout):
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise StoreUnavailable(f"Kafka: {error.name()}")
+            value = msg.value()
+            if value is not None:
+                values.append(value)
+        return values
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -8,13 +8,14 @@ psycopg errors are translated at this boundary: connection trouble becomes the r
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,10 @@ from sealstream.errors import KeyDestroyed, KeyNotFound, SealstreamError, StoreU
 from sealstream.settings import PostgresSettings
 
 Row = dict[str, Any]
+log = logging.getLogger(__name__)
+# NOTIFY channel of membership changes (payload: the chat id), sent in the transaction that adds
+# or removes a participant or deletes a chat: live delivery re-checks its subscribers at once.
+MEMBERSHIP_CHANNEL = "sealstream_membership"
 _MIGRATION_LOCK = 0x5EA15
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 
@@ -514,7 +519,37 @@ class ChatKeyRepository:
             ).fetchall()
             destroyed = sorted(int(r["dek_version"]) for r in rows)
             _audit(conn, audit, chat_id, max(destroyed, default=None), destroyed)
+            _notify_membership(conn, chat_id)
         return destroyed
+
+    def set_participant(
+        self, chat_id: uuid.UUID, user_id: str, present: bool, audit: AuditRecord
+    ) -> tuple[ChatRow, bool] | None:
+        """Add (`present`) or remove `user_id` from the chat's participants, with `audit`
+        (`participant_added` / `participant_removed`, the user named in `reason`) and a NOTIFY
+        on `MEMBERSHIP_CHANNEL`, all in one transaction. Returns the chat after the change and
+        whether anything changed (adding a participant twice changes nothing and records
+        nothing), or None for an unknown chat. A deleted chat is returned unchanged."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT * FROM chats WHERE chat_id = %s FOR UPDATE", (chat_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            chat = _chat(row)
+            members = list(chat.participants)
+            if chat.state == "deleted" or (user_id in members) == present:
+                return chat, False
+            members = [*members, user_id] if present else [m for m in members if m != user_id]
+            updated = conn.execute(
+                "UPDATE chats SET participants = %s, updated_at = now() WHERE chat_id = %s"
+                " RETURNING *",
+                (members, chat_id),
+            ).fetchone()
+            assert updated is not None
+            _audit(conn, audit, chat_id, None)
+            _notify_membership(conn, chat_id)
+        return _chat(updated), True
 
     def audit(
         self,
@@ -723,6 +758,69 @@ class ChatKeyRepository:
             if destroyed or audit_if_none:
                 _audit(conn, audit, chat_id, max(destroyed, default=None), destroyed)
         return destroyed
+
+
+def _notify_membership(conn: psycopg.Connection[Row], chat_id: uuid.UUID) -> None:
+    """Announce a membership change of `chat_id`; Postgres delivers it only if the caller's
+    transaction commits (and at once after the commit)."""
+    conn.execute("SELECT pg_notify(%s, %s)", (MEMBERSHIP_CHANNEL, str(chat_id)))
+
+
+class MembershipListener:
+    """LISTENs on `MEMBERSHIP_CHANNEL` on a connection of its own, in a daemon thread, and calls
+    `on_change(chat_id)` for each notification; `on_change(None)` after (re)connecting, since
+    notifications sent while it was not listening are lost (the caller re-checks everything).
+    Reconnects every `retry_seconds` while Postgres is away."""
+
+    def __init__(
+        self,
+        settings: PostgresSettings,
+        on_change: Callable[[uuid.UUID | None], None],
+        retry_seconds: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.on_change = on_change
+        self.retry_seconds = retry_seconds
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="membership-listener", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start listening; returns once the first LISTEN is in place (or after `timeout`)."""
+        self._thread.start()
+        self._listening.wait(timeout)
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self.settings.conninfo(), autocommit=True, connect_timeout=5
+                ) as conn:
+                    conn.execute(f"LISTEN {MEMBERSHIP_CHANNEL}")
+                    self._listening.set()
+                    if not first:
+                        self.on_change(None)
+                    first = False
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            try:
+                                chat_id = uuid.UUID(note.payload)
+                            except ValueError:
+                                continue
+                            self.on_change(chat_id)
+            except psycopg.Error as exc:
+                self._listening.clear()
+                log.warning("membership listener lost Postgres", extra={"error": type(exc).__name__})
+                self._stop.wait(self.retry_seconds)
 
 
 def _audit(
