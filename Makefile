@@ -19,7 +19,7 @@ install: $(STAMP)  ## Create .venv and install the project with its test extras
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy sealstream ingest encryptor indexer reader schemas admin examples
+	.venv/bin/mypy sealstream ingest encryptor indexer reader schemas admin delivery examples
 
 stack-up: $(STAMP)  ## Install (if missing) and start the six servers of the local stack
 	$(SEAL) stack up

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from admin.jobs import Job, JobRunner
+from schemas.events import MAX_ID_LEN
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
@@ -40,7 +41,7 @@ from sealstream.lifecycle import (
 )
 from sealstream.search_reindex import reindex_tenant
 from sealstream.settings import Settings
-from sealstream.text_rules import MAX_REASON, TEXT_PATTERN, Reason, Utf8
+from sealstream.text_rules import ID_PATTERN, MAX_REASON, TEXT_PATTERN, Reason, Utf8
 
 TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
@@ -222,6 +223,19 @@ def _report(report: object) -> dict[str, Any]:
 
 
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
+UserId = Annotated[
+    str,
+    Path(min_length=1, max_length=MAX_ID_LEN, pattern=ID_PATTERN, description="A user id"),
+    Utf8,
+]
+
+
+class ParticipantsOut(BaseModel):
+    chat_id: uuid.UUID
+    participants: list[str]
+    changed: bool = Field(description="False when the user already was (or was not) a member")
+
+
 TenantId = Annotated[str, Path(min_length=1, max_length=128, pattern=NAME_PATTERN)]
 
 
@@ -535,6 +549,39 @@ def create_app(
         if not found:
             raise ApiError(404, "not_found", f"no message {message_id} in chat {chat_id}")
         return MessageDeletedOut(chat_id=chat_id, message_id=message_id, deleted=True)
+
+    @app.put(
+        "/v1/chats/{chat_id}/participants/{user_id}",
+        response_model=ParticipantsOut,
+        tags=[TAG_DATA],
+        summary="Add a participant to a chat (audited; live delivery is told at once)",
+    )
+    def add_participant(admin: CurrentAdmin, chat_id: ChatId, user_id: UserId) -> ParticipantsOut:
+        return _participant(admin, chat_id, user_id, present=True)
+
+    @app.delete(
+        "/v1/chats/{chat_id}/participants/{user_id}",
+        response_model=ParticipantsOut,
+        tags=[TAG_DATA],
+        summary="Remove a participant from a chat (audited; their live streams end at once)",
+    )
+    def remove_participant(
+        admin: CurrentAdmin, chat_id: ChatId, user_id: UserId
+    ) -> ParticipantsOut:
+        return _participant(admin, chat_id, user_id, present=False)
+
+    def _participant(
+        admin: str, chat_id: uuid.UUID, user_id: str, present: bool
+    ) -> ParticipantsOut:
+        result = keys_for(admin).set_participant(chat_id, user_id, present)
+        if result is None:
+            raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
+        chat, changed = result
+        if chat.state == "deleted":
+            raise ApiError(410, "gone", "this chat was deleted", "path.chat_id")
+        return ParticipantsOut(
+            chat_id=chat_id, participants=list(chat.participants), changed=changed
+        )
 
     @app.put(
         "/v1/tenants/{tenant_id}/retention",

@@ -25,6 +25,11 @@ class ChatDirectory(Protocol):
         """
         ...
 
+    def leave(self, chat_id: uuid.UUID, user_id: str) -> ChatRow | None:
+        """Remove `user_id` from the chat's participants (audited, announced to live delivery);
+        the chat after it, None for an unknown chat."""
+        ...
+
 
 class RecordPublisher(Protocol):
     async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:

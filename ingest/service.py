@@ -160,6 +160,11 @@ class CachedChats:
         self._cache.put(chat_id, chat)
         return chat
 
+    def leave(self, chat_id: uuid.UUID, user_id: str) -> ChatRow | None:
+        chat = self.directory.leave(chat_id, user_id)
+        self._cache.pop(chat_id)  # this gateway refuses the leaver's next post at once
+        return chat
+
 
 class IngestService:
     def __init__(
@@ -239,6 +244,14 @@ class IngestService:
         if user not in chat.participants:
             raise ApiError(403, "not_participant", "you are not a participant of this chat")
         return chat
+
+    def leave(self, user: str, chat_id: uuid.UUID) -> ChatRow:
+        """Remove the caller from the chat: 404 unknown, 410 deleted, 403 not a participant.
+        Other gateways' and readers' chat caches see it within their TTL (2 s); live delivery
+        at once."""
+        chat = self._authorized(user, chat_id, self.chats.get(chat_id))
+        left = self.chats.leave(chat_id, user)
+        return left if left is not None else chat
 
     # --- messages ----------------------------------------------------------------------------
 

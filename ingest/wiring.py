@@ -45,6 +45,10 @@ class KeyServiceChats:
     ) -> ChatRow:
         return self.keys.create_chat(chat_id, participants, tenant_id)
 
+    def leave(self, chat_id: uuid.UUID, user_id: str) -> ChatRow | None:
+        result = self.keys.set_participant(chat_id, user_id, present=False, reason="left")
+        return None if result is None else result[0]
+
 
 class AckedPublisher:
     """`RecordPublisher` on the shared acks=all producer: awaits every acknowledgement for at

@@ -72,7 +72,7 @@ def stack_status(only: Only = None) -> None:
         raise typer.Exit(1)
 
 
-SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin")
+SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin", "delivery")
 keys_app = typer.Typer(
     help="Key lifecycle: rotation, deletion (crypto-shredding), audit.", no_args_is_help=True
 )
@@ -368,7 +368,7 @@ def migrate() -> None:
 @app.command("run")
 def run(
     service: Annotated[
-        str, typer.Argument(help="ingest | encryptor | indexer | reader | admin | all")
+        str, typer.Argument(help="ingest | encryptor | indexer | reader | admin | delivery | all")
     ],
     max_restarts: Annotated[
         int,
@@ -379,7 +379,7 @@ def run(
         float, typer.Option(help="all: seconds between SIGTERM and SIGKILL when stopping")
     ] = 30.0,
 ) -> None:
-    """Run one service in the foreground (or all five as supervised child processes)."""
+    """Run one service in the foreground (or all six as supervised child processes)."""
     from sealstream.services import RestartPolicy, run_all, run_service
     from sealstream.settings import Settings
 

@@ -56,11 +56,13 @@ def run_demo(
     logs = StackSettings().dir / "services"
     logs.mkdir(parents=True, exist_ok=True)
     try:
-        for name in ("ingest", "encryptor", "indexer", "reader"):
+        for name in ("ingest", "encryptor", "indexer", "reader", "delivery"):
             children.append(spawn(name, dict(os.environ), logs / f"{name}.log"))
         urls = service_urls(settings)
         wait_ready(urls, 90)
-        console.print(f"services   ingest, encryptor, indexer, reader: all ready (logs in {logs}/)")
+        console.print(
+            f"services   ingest, encryptor, indexer, reader, delivery: all ready (logs in {logs}/)"
+        )
         _traffic(settings, urls, chats, per_chat, console)
     finally:
         stop(children)

@@ -1,4 +1,4 @@
-"""Starting the services (the four of the pipeline and the admin API): one in the foreground, or
+"""Starting the services (the four of the pipeline, live delivery and the admin API): one in the foreground, or
 all of them as supervised child processes."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _ENTRYPOINTS = {
     "indexer": "indexer.worker:run",
     "reader": "reader.wiring:run",
     "admin": "admin.wiring:run",
+    "delivery": "delivery.wiring:run",
 }
 
 
@@ -201,6 +202,7 @@ def service_urls(settings: Settings) -> dict[str, str]:
             ("encryptor", settings.encryptor_http),
             ("indexer", settings.indexer_http),
             ("reader", settings.reader),
+            ("delivery", settings.delivery),
         )
     }
 

@@ -819,7 +819,9 @@ class MembershipListener:
                             self.on_change(chat_id)
             except psycopg.Error as exc:
                 self._listening.clear()
-                log.warning("membership listener lost Postgres", extra={"error": type(exc).__name__})
+                log.warning(
+                    "membership listener lost Postgres", extra={"error": type(exc).__name__}
+                )
                 self._stop.wait(self.retry_seconds)
 
 

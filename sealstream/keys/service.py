@@ -172,6 +172,17 @@ class KeyService:
             AuditRecord(self.actor, "retention_set", f"{scope}: {days} days"),
         )
 
+    def set_participant(
+        self, chat_id: uuid.UUID, user_id: str, present: bool, reason: str = "admin request"
+    ) -> tuple[ChatRow, bool] | None:
+        """Add (`present`) or remove one participant, audited (`participant_added` /
+        `participant_removed`) and announced to live delivery (NOTIFY), in one transaction.
+        Returns the chat after it and whether it changed; None for an unknown chat."""
+        action = "participant_added" if present else "participant_removed"
+        return self.repo.set_participant(
+            chat_id, user_id, present, AuditRecord(self.actor, action, f"user {user_id}: {reason}")
+        )
+
     def kms_for(self, region: str | None, tenant_id: str) -> Kms:
         """The KMS holding the master keys of `region` (None: the default one)."""
         if isinstance(self.kms, KmsRouter):

@@ -50,6 +50,7 @@ class Pipeline:
         self.ingest_url = f"http://127.0.0.1:{settings.ingest.port}"
         self.reader_url = f"http://127.0.0.1:{settings.reader.port}"
         self.admin_url = f"http://127.0.0.1:{settings.admin.port}"
+        self.delivery_url = f"http://127.0.0.1:{settings.delivery.port}"
 
     def start(self, name: str, key: str | None = None, env: dict[str, str] | None = None) -> None:
         log = self.log_dir / f"{key or name}.log"
@@ -88,7 +89,7 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def e2e_settings(settings: Settings) -> Settings:
-    from sealstream.settings import AdminHttp, HttpSettings, IngestHttp, ReaderHttp
+    from sealstream.settings import AdminHttp, DeliveryHttp, HttpSettings, IngestHttp, ReaderHttp
 
     return settings.model_copy(
         update={
@@ -97,6 +98,7 @@ def e2e_settings(settings: Settings) -> Settings:
             "encryptor_http": HttpSettings(port=free_port()),
             "indexer_http": HttpSettings(port=free_port()),
             "admin": AdminHttp(port=free_port()),
+            "delivery": DeliveryHttp(port=free_port()),
         }
     )
 
@@ -120,7 +122,11 @@ def migrated(e2e_settings: Settings) -> Iterator[Settings]:
     index.close()
     delete_topics(
         e2e_settings.kafka,
-        [e2e_settings.kafka.messages_topic, e2e_settings.kafka.dead_letter_topic],
+        [
+            e2e_settings.kafka.messages_topic,
+            e2e_settings.kafka.dead_letter_topic,
+            e2e_settings.kafka.changes_topic,
+        ],
     )
     # The run's consumer groups (the services are stopped by now); Kafka would keep them a week.
     groups = [e2e_settings.kafka.encryptor_group, e2e_settings.kafka.indexer_group]

@@ -1,0 +1,252 @@
+"""Live delivery's logic: who may follow a chat, turning change events into client frames, and
+resume from a cursor.
+
+Plain functions and one class over the ports (delivery.ports); the threads and sockets live in
+delivery.api and delivery.wiring. Envelopes are opened by the reader's own code path
+(`reader.service.EnvelopeOpener`, the row's context incl. revision); plaintext only ever sits in
+a frame on its way to a client: never logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from delivery.hub import Delivered, Hub
+from delivery.ports import ChangeRows, ChatLookup, RowOpener
+from schemas.changes import ChangeEvent
+from schemas.ids import first_id_at, id_millis
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.postgres import ChatRow
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, SealstreamError
+from sealstream.http import ApiError
+
+log = logging.getLogger(__name__)
+
+MAX_EVENT_ID = 2**63 - 1
+# Rows stamped up to this far in the future (a gateway clock ahead) are still read by resume.
+_CLOCK_SKEW_MS = 10 * 60 * 1000
+_FRAME_TYPE = {"post": "message", "edit": "edit", "delete": "delete"}
+
+
+class CursorExpired(ApiError):
+    """The cursor is older than the edit window, or more changes were missed than a resume
+    replays: the client refetches history from the reader, then subscribes without a cursor."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            409, "cursor_expired", f"cursor: {why}; refetch history from the reader", "cursor"
+        )
+
+
+def parse_cursor(raw: str | None, field: str) -> int | None:
+    """A resume cursor: the decimal event id of the last change the client got (None: live
+    only). 422 naming `field` for anything else."""
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or raw.startswith("0"):
+        raise ApiError(422, "invalid_request", f"{field}: not an event id", field)
+    value = int(raw)
+    if not 1 <= value <= MAX_EVENT_ID:
+        raise ApiError(422, "invalid_request", f"{field}: not an event id", field)
+    return value
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def change_frame(
+    kind: str,
+    event_id: int,
+    row: StoredMessage,
+    text: str | None,
+) -> Delivered:
+    """The client frame of one change (docs: README "Live delivery")."""
+    frame: dict[str, Any] = {
+        "type": _FRAME_TYPE[kind],
+        "chat_id": str(row.chat_id),
+        "event_id": str(event_id),
+        "message_id": str(row.message_id),
+        "sender_id": row.sender_id,
+        "revision": row.revision,
+        "created_at": _iso(row.created_at),
+        "edited_at": _iso(row.edited_at),
+    }
+    if kind == "delete":
+        frame["deleted_at"] = _iso(row.deleted_at)
+    else:
+        frame["text"] = text
+    return Delivered(row.chat_id, event_id, frame)
+
+
+class DeliveryService:
+    """`chat` reads a chat afresh from Postgres; `rows` the message store; `opener` opens
+    envelopes; `window_seconds` is the edit window (Settings.edits) and `max_resume_events` the
+    most changes one resume replays."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        chat: ChatLookup,
+        rows: ChangeRows,
+        opener: RowOpener,
+        window_seconds: int,
+        max_resume_events: int,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.hub = hub
+        self.chat = chat
+        self.rows = rows
+        self.opener = opener
+        self.window_ms = window_seconds * 1000
+        self.max_resume_events = max_resume_events
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+
+    # --- access ----------------------------------------------------------------------------
+
+    def authorize(self, user: str, chat_id: uuid.UUID) -> ChatRow:
+        """The chat if `user` may follow it now: 404 unknown, 410 deleted, 403 not a member."""
+        chat = self.chat(chat_id)
+        if chat is None:
+            raise ApiError(404, "not_found", "no such chat")
+        if chat.state == "deleted":
+            raise ApiError(410, "gone", "this chat was deleted")
+        if user not in chat.participants:
+            raise ApiError(403, "forbidden", "you are not a participant of this chat")
+        return chat
+
+    # --- live changes ----------------------------------------------------------------------
+
+    def on_records(self, values: list[bytes]) -> None:
+        """The change topic's records (follower thread): those of followed chats are opened
+        once here and handed to the hub on the loop."""
+        items: list[Delivered] = []
+        for value in values:
+            try:
+                event = ChangeEvent.model_validate_json(value)
+            except ValidationError:
+                log.error("change event refused by its schema; skipped")
+                continue
+            if not self.hub.has(event.chat_id):
+                continue
+            item = self.delivered(event)
+            if item is not None:
+                items.append(item)
+        self.hub.post(items)
+
+    def delivered(self, event: ChangeEvent) -> Delivered | None:
+        """The frame of a change event, its envelope opened; None when it cannot be (a shredded
+        chat, a failed integrity check: logged by ids)."""
+        row = StoredMessage(
+            chat_id=event.chat_id,
+            message_id=event.message_id,
+            sender_id=event.sender_id,
+            dek_version=event.dek_version or 0,
+            envelope=event.envelope or b"",
+            created_at=event.created_at,
+            edited_at=event.edited_at,
+            deleted_at=event.deleted_at,
+            revision=event.revision,
+        )
+        if event.kind == "delete":
+            return change_frame("delete", event.event_id, row, None)
+        return self._opened(event.kind, event.event_id, row)
+
+    def _opened(self, kind: str, event_id: int, row: StoredMessage) -> Delivered | None:
+        try:
+            text = self.opener.open(row).text
+        except (KeyDestroyed, KeyNotFound):
+            return None  # the chat was deleted meanwhile: nothing to deliver
+        except DecryptionError:
+            return None  # counted and logged (ids only) by the opener
+        except SealstreamError as exc:
+            log.warning(
+                "change not delivered: key unavailable",
+                extra={"chat_id": str(row.chat_id), "error": type(exc).__name__},
+            )
+            return None
+        return change_frame(kind, event_id, row, text)
+
+    # --- resume ----------------------------------------------------------------------------
+
+    def resume(self, chat_id: uuid.UUID, cursor: int) -> list[Delivered]:
+        """The changes of the chat after `cursor` (the last event id the client got), in event
+        order: posts with a larger message id (with their current text and revision), edits
+        (`last_event_id` above the cursor) and deletions (after the cursor's time) of messages
+        made within the edit window before the cursor. `CursorExpired` when the cursor is older
+        than the window or more than `max_resume_events` changes were missed.
+
+        A deletion's event id is the row's `last_event_id` when the worker recorded one above
+        the cursor, else the first id of its `deleted_at` millisecond (so a client may see a
+        deletion twice, live and on resume, under two ids; applying it twice is harmless).
+        """
+        now_ms = self._clock_ms()
+        cursor_ms = id_millis(cursor)
+        if cursor_ms < now_ms - self.window_ms:
+            raise CursorExpired("older than the edit window")
+        if cursor_ms > now_ms + _CLOCK_SKEW_MS:
+            raise ApiError(422, "invalid_request", "cursor: in the future", "cursor")
+        low = max(0, first_id_at(cursor_ms - self.window_ms) - 1)
+        items: list[Delivered] = []
+        for row in self.rows.rows_after(chat_id, low, now_ms + _CLOCK_SKEW_MS):
+            items.extend(self._missed(row, cursor, cursor_ms))
+            if len(items) > self.max_resume_events:
+                raise CursorExpired(f"more than {self.max_resume_events} changes missed")
+        items.sort(key=lambda item: item.event_id)
+        return items
+
+    def _missed(self, row: StoredMessage, cursor: int, cursor_ms: int) -> list[Delivered]:
+        if row.deleted_at is not None:
+            if row.message_id > cursor:
+                return []  # made and deleted while away: never seen, nothing to delete
+            deleted_ms = int(row.deleted_at.timestamp() * 1000)
+            if row.last_event_id is not None and row.last_event_id > cursor:
+                return [change_frame("delete", row.last_event_id, row, None)]
+            if deleted_ms > cursor_ms:
+                return [change_frame("delete", first_id_at(deleted_ms), row, None)]
+            return []
+        found: list[Delivered] = []
+        if row.message_id > cursor:
+            post = self._opened("post", row.message_id, row)
+            if post is not None:
+                found.append(post)
+        if row.last_event_id is not None and row.last_event_id > cursor:
+            edit = self._opened("edit", row.last_event_id, row)
+            if edit is not None:
+                found.append(edit)
+        return found
+
+    # --- membership --------------------------------------------------------------------------
+
+    def membership_changed(self, chat_id: uuid.UUID | None) -> None:
+        """From the membership listener's thread: read the chat (every followed chat for None)
+        and end, on the loop, the subscriptions of users no longer in it."""
+        loop = self.hub.loop
+        if loop is None:
+            return
+        for chat in [chat_id] if chat_id is not None else self.hub.chats():
+            if not self.hub.has(chat):
+                continue
+            try:
+                row = self.chat(chat)
+            except SealstreamError as exc:
+                log.warning("membership re-check failed", extra={"error": type(exc).__name__})
+                continue
+            loop.call_soon_threadsafe(self.apply_membership, chat, row)
+
+    def apply_membership(self, chat_id: uuid.UUID, chat: ChatRow | None) -> None:
+        """On the loop: end every subscription of `chat_id` whose user may no longer follow it,
+        sending `removed` (reason `removed`, or `chat_deleted`)."""
+        gone = chat is None or chat.state == "deleted"
+        for sub in self.hub.subscriptions(chat_id):
+            if gone or sub.user_id not in chat.participants:  # type: ignore[union-attr]
+                reason = "chat_deleted" if gone else "removed"
+                sub.end({"type": "removed", "chat_id": str(chat_id), "reason": reason})
+                self.hub.remove(sub)
