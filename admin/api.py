@@ -20,8 +20,9 @@ from fastapi import FastAPI, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from admin.jobs import Job, JobRunner
+from schemas.changes import ChangeEvent
 from schemas.events import MAX_ID_LEN
-from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
 from sealstream.errors import KmsError
@@ -60,6 +61,9 @@ class AdminContext:
     index: SearchIndex
     workers: WorkerProgress | None = None  # for chat deletion's sweep (None: no sweep)
     index_keys: IndexKeys | None = None  # the blind index's keys (None: its routes answer 404)
+    # Publishes a message deletion's change event for live delivery (None: not published).
+    changes: Callable[[ChangeEvent], None] | None = None
+    ids: Callable[[], int] | None = None  # event ids (the process's leased Snowflake generator)
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -544,8 +548,29 @@ def create_app(
     def remove_message(
         admin: CurrentAdmin, chat_id: ChatId, message_id: MessageIdPath
     ) -> MessageDeletedOut:
-        existing_chat(chat_id)
-        found = delete_message(ctx.store, ctx.index, chat_id, parse_message_id(message_id))
+        chat = existing_chat(chat_id)
+
+        def announce(row: StoredMessage, deleted_at: datetime) -> None:
+            if ctx.changes is None or ctx.ids is None:
+                return
+            ctx.changes(
+                ChangeEvent(
+                    kind="delete",
+                    event_id=ctx.ids(),
+                    chat_id=chat_id,
+                    tenant_id=chat.tenant_id,
+                    message_id=row.message_id,
+                    sender_id=row.sender_id,
+                    revision=row.revision,
+                    created_at=row.created_at,
+                    edited_at=row.edited_at,
+                    deleted_at=deleted_at,
+                )
+            )
+
+        found = delete_message(
+            ctx.store, ctx.index, chat_id, parse_message_id(message_id), announce
+        )
         if not found:
             raise ApiError(404, "not_found", f"no message {message_id} in chat {chat_id}")
         return MessageDeletedOut(chat_id=chat_id, message_id=message_id, deleted=True)

@@ -9,12 +9,14 @@ from fastapi import FastAPI
 
 from admin.api import AdminContext, create_app
 from admin.jobs import JobRunner
-from sealstream.adapters.kafka import ConsumerGroupsProgress
+from schemas.changes import ChangeEvent
+from sealstream.adapters.kafka import ConsumerGroupsProgress, Publisher
 from sealstream.adapters.postgres import Database
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.wiring import index_keys, key_service, message_stores, stores_reachable
+from sealstream.worker_ids import lease_worker_id
 
 SERVICE = "admin"
 
@@ -28,6 +30,14 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(database.close)
         keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
         store, index = stack.enter_context(message_stores(settings))
+        # Event ids of the deletions it announces come from a leased generator, like message ids.
+        ids = stack.enter_context(lease_worker_id(settings, SERVICE, database))
+        publisher = Publisher(settings.kafka, client_id=f"{SERVICE}-changes")
+        stack.callback(publisher.close)
+
+        def publish_change(event: ChangeEvent) -> None:
+            publisher.publish(settings.kafka.changes_topic, [(event.key(), event.value())])
+
         jobs = JobRunner()
         stack.callback(jobs.close)
 
@@ -39,6 +49,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
                 index,
                 ConsumerGroupsProgress(settings.kafka),
                 index_keys(settings, database, actor=SERVICE),
+                changes=publish_change,
+                ids=ids.next_id,
             ),
             jobs,
             settings,

@@ -210,19 +210,30 @@ def rotate_master_key(
 
 
 def delete_message(
-    store: MessageStore, index: SearchIndex, chat_id: uuid.UUID, message_id: int
+    store: MessageStore,
+    index: SearchIndex,
+    chat_id: uuid.UUID,
+    message_id: int,
+    announce: Callable[[StoredMessage, datetime], None] | None = None,
 ) -> bool:
     """Hide a message from reads at once, drop its envelope and replace its search document by a
     tombstone; both writes win over any later redelivery of the message's record. Returns False
     for a message not stored (unknown, or not yet written by the encryptor) or already deleted.
+
+    `announce(row, deleted_at)` is called after the deletion was written (the admin API publishes
+    a delete change event with it, for live delivery); its failure propagates (the deletion
+    stands; a client that missed the event finds it on resume by `deleted_at`).
     """
     row = store.get(chat_id, message_id)
     if row is None:
         return False
     found = row.deleted_at is None
+    when = datetime.now(UTC)
     if found:
-        store.mark_deleted(chat_id, message_id, datetime.now(UTC))
+        store.mark_deleted(chat_id, message_id, when)
     index.delete_message(chat_id, message_id)  # again if already deleted: finishes a failed call
+    if found and announce is not None:
+        announce(row, when)
     return found
 
 
