@@ -26,7 +26,7 @@ from sealstream.services import settings_env
 from sealstream.settings import HttpSettings, Settings
 from tests.e2e.conftest import free_port
 
-SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin")
+SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin", "delivery")
 GRACE = 30.0  # the supervisor's default grace period (RestartPolicy.grace_seconds)
 
 
@@ -88,6 +88,7 @@ def supervised(migrated: Settings, kafka_suffix: str) -> Iterator[Settings]:
             "encryptor_http": HttpSettings(port=free_port()),
             "indexer_http": HttpSettings(port=free_port()),
             "admin": HttpSettings(port=free_port()),
+            "delivery": HttpSettings(port=free_port()),
         }
     )
     ensure_topics(kafka)
@@ -107,6 +108,7 @@ def urls(settings: Settings) -> dict[str, str]:
         "indexer": settings.indexer_http.port,
         "reader": settings.reader.port,
         "admin": settings.admin.port,
+        "delivery": settings.delivery.port,
     }
     return {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
 
@@ -135,7 +137,7 @@ class RunAll:
                 and all(healthy(url) for url in self.urls.values())
             ),
             timeout,
-            "all five services to answer /healthz",
+            "all six services to answer /healthz",
         )
         return self.children()
 

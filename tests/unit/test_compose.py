@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 INFRASTRUCTURE = ("kafka", "cassandra", "opensearch", "postgres", "redis", "openbao")
-PROJECT_SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin")
+PROJECT_SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin", "delivery")
 PREFIX = "SEALSTREAM_"
 
 
@@ -208,6 +208,7 @@ def test_services_use_ports_the_servers_listen_on(
         ("encryptor", "encryptor_http"),
         ("indexer", "indexer_http"),
         ("admin", "admin"),
+        ("delivery", "delivery"),
     ],
 )
 def test_http_services_listen_on_all_interfaces_and_publish_their_port(
