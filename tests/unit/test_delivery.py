@@ -1,0 +1,215 @@
+"""Live delivery's logic with in-memory fakes of its ports and the real envelope crypto: resume
+from a cursor (posts, edits, deletions), the per-subscriber buffer and deduplication, membership
+re-checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+
+from delivery.hub import Delivered, Hub, Outbox, Subscription
+from delivery.service import CursorExpired, DeliveryService, parse_cursor
+from reader.service import EnvelopeOpener
+from schemas.changes import ChangeEvent
+from schemas.ids import EPOCH_MS, first_id_at, id_time
+from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.postgres import ChatRow
+from sealstream.crypto import ChatKey
+from sealstream.errors import KeyNotFound
+from sealstream.http import ApiError
+from tests.sealed_rows import sealed_row
+
+NOW_MS = EPOCH_MS + 40 * 24 * 3600 * 1000
+WINDOW_S = 48 * 3600
+CHAT = uuid.uuid4()
+KEY = ChatKey(version=1, material=os.urandom(32))
+
+
+def at(ms_before_now: int, seq: int = 0) -> int:
+    """An id made `ms_before_now` ms before NOW (sequence `seq`)."""
+    return first_id_at(NOW_MS - ms_before_now) + seq
+
+
+class Keys:
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey:
+        if chat_id != CHAT or version != KEY.version:
+            raise KeyNotFound("no such key")
+        return KEY
+
+
+class Rows:
+    def __init__(self, rows: list[StoredMessage]) -> None:
+        self.rows = rows
+
+    def rows_after(
+        self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500
+    ) -> Iterator[StoredMessage]:
+        yield from sorted(
+            (r for r in self.rows if r.chat_id == chat_id and r.message_id > after_id),
+            key=lambda r: r.message_id,
+        )
+
+
+def chat_row(participants: tuple[str, ...] = ("alice", "bob"), state: str = "active") -> ChatRow:
+    now = datetime.now(UTC)
+    return ChatRow(CHAT, "default", participants, state, now, now)
+
+
+def service(rows: list[StoredMessage], max_resume: int = 100) -> DeliveryService:
+    return DeliveryService(
+        hub=Hub(),
+        chat=lambda chat_id: chat_row() if chat_id == CHAT else None,
+        rows=Rows(rows),
+        opener=EnvelopeOpener(Keys()),
+        window_seconds=WINDOW_S,
+        max_resume_events=max_resume,
+        clock_ms=lambda: NOW_MS,
+    )
+
+
+def post(message_id: int, text: str) -> StoredMessage:
+    return sealed_row(CHAT, message_id, "alice", KEY, text)
+
+
+def edited(row: StoredMessage, event_id: int, text: str) -> StoredMessage:
+    newer = sealed_row(CHAT, row.message_id, row.sender_id, KEY, text, revision=row.revision + 1)
+    return replace(newer, last_event_id=event_id, edited_at=id_time(event_id))
+
+
+def deleted(row: StoredMessage, when_id: int) -> StoredMessage:
+    return replace(row, envelope=b"", deleted_at=id_time(when_id))
+
+
+def test_resume_sends_posts_edits_and_deletions_after_the_cursor_in_event_order() -> None:
+    old = post(at(3_600_000), "old, edited while away")  # an hour before the cursor
+    gone = post(at(3_000_000), "old, deleted while away")
+    quiet = post(at(2_000_000), "old, untouched")
+    cursor = at(1_000_000)
+    new = post(at(500_000), "new")
+    new_then_deleted = post(at(400_000), "made and deleted while away")
+    edit_id = at(300_000, seq=7)
+    rows = [
+        edited(old, edit_id, "old, new text"),
+        deleted(gone, at(200_000)),
+        quiet,
+        post(cursor, "the last one seen"),
+        new,
+        deleted(new_then_deleted, at(100_000)),
+    ]
+    frames = [item.frame for item in service(rows).resume(CHAT, cursor)]
+    assert [(f["type"], f["message_id"], f.get("text")) for f in frames] == [
+        ("message", str(new.message_id), "new"),
+        ("edit", str(old.message_id), "old, new text"),
+        ("delete", str(gone.message_id), None),
+    ]
+    assert [f["event_id"] for f in frames] == [
+        str(new.message_id),
+        str(edit_id),
+        str(first_id_at(NOW_MS - 200_000)),
+    ]
+    assert frames[1]["revision"] == 2 and frames[1]["edited_at"]
+    assert "text" not in frames[2] and frames[2]["deleted_at"]
+
+
+def test_edits_and_deletions_seen_before_the_cursor_are_not_sent_again() -> None:
+    old = post(at(3_600_000), "old")
+    edit_id = at(2_000_000)
+    rows = [edited(old, edit_id, "edited before"), deleted(post(at(3_000_000), "x"), at(1_500_000))]
+    assert service(rows).resume(CHAT, at(1_000_000)) == []
+
+
+def test_a_cursor_older_than_the_window_or_too_far_behind_is_expired() -> None:
+    with pytest.raises(CursorExpired) as expired:
+        service([]).resume(CHAT, at(WINDOW_S * 1000 + 1_000))
+    assert (expired.value.status, expired.value.code) == (409, "cursor_expired")
+    rows = [post(at(10_000, seq=i), f"m{i}") for i in range(5)]
+    with pytest.raises(CursorExpired):
+        service(rows, max_resume=4).resume(CHAT, at(20_000))
+    assert len(service(rows, max_resume=5).resume(CHAT, at(20_000))) == 5
+
+
+def test_cursors_are_decimal_event_ids() -> None:
+    assert parse_cursor(None, "cursor") is None
+    assert parse_cursor("42", "cursor") == 42
+    for bad in ("0", "-1", "01", "x", "9" * 19, "١٢"):
+        with pytest.raises(ApiError) as refused:
+            parse_cursor(bad, "cursor")
+        assert (refused.value.status, refused.value.field) == (422, "cursor")
+
+
+def test_a_live_change_event_is_opened_with_the_row_context() -> None:
+    row = post(at(1_000), "live text")
+    event = ChangeEvent(
+        kind="post",
+        event_id=row.message_id,
+        chat_id=CHAT,
+        tenant_id="default",
+        message_id=row.message_id,
+        sender_id="alice",
+        revision=1,
+        dek_version=1,
+        envelope=row.envelope,
+        created_at=row.created_at,
+    )
+    item = service([]).delivered(event)
+    assert item is not None and item.frame["text"] == "live text"
+    # A change whose envelope does not match its columns (here: another sender) is not sent.
+    assert service([]).delivered(event.model_copy(update={"sender_id": "mallory"})) is None
+
+
+def _item(event_id: int) -> Delivered:
+    return Delivered(CHAT, event_id, {"type": "message", "event_id": str(event_id)})
+
+
+def test_a_subscription_buffers_while_resuming_then_sends_each_event_once() -> None:
+    async def scenario() -> list[str]:
+        hub, outbox = Hub(), Outbox(limit=100)
+        sub = Subscription(CHAT, "bob", outbox)
+        hub.add(sub)
+        hub.dispatch(_item(5))  # live while the resume is being read: buffered
+        hub.dispatch(_item(6))
+        sub.replay([_item(4), _item(5)])  # the resume found 4 and 5 in the store
+        hub.dispatch(_item(6))  # redelivered (at-least-once): dropped
+        hub.dispatch(_item(7))
+        outbox.close()
+        frames = []
+        while (frame := outbox.queue.get_nowait()) is not None:
+            frames.append(frame["event_id"])
+        return frames
+
+    assert asyncio.run(scenario()) == ["4", "5", "6", "7"]
+
+
+def test_a_full_outbox_marks_the_client_too_slow() -> None:
+    async def scenario() -> bool:
+        outbox = Outbox(limit=10)
+        sub = Subscription(CHAT, "bob", outbox)
+        sub.replay([_item(i) for i in range(1, 20)])
+        return outbox.overflowed and outbox.closed
+
+    assert asyncio.run(scenario())
+
+
+def test_a_membership_change_ends_the_subscriptions_of_removed_users_only() -> None:
+    async def scenario() -> tuple[list[object], list[object]]:
+        svc = service([])
+        bob, carol = Outbox(10), Outbox(10)
+        for user, box in (("bob", bob), ("carol", carol)):
+            sub = Subscription(CHAT, user, box)
+            svc.hub.add(sub)
+            sub.replay([])
+        svc.apply_membership(CHAT, chat_row(("alice", "carol")))
+        svc.hub.dispatch(_item(9))
+        return [bob.queue.get_nowait() for _ in range(bob.queue.qsize())], [
+            carol.queue.get_nowait() for _ in range(carol.queue.qsize())
+        ]
+
+    bob, carol = asyncio.run(scenario())
+    assert bob == [{"type": "removed", "chat_id": str(CHAT), "reason": "removed"}]
+    assert carol == [{"type": "message", "event_id": "9"}]
