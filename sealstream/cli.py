@@ -444,7 +444,7 @@ def bench(
         str,
         typer.Argument(
             help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
-            "gateway | search | all"
+            "gateway | search | delivery | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -472,11 +472,18 @@ def bench(
     messages: Annotated[
         int, typer.Option(help="search: messages in each index (plain and blind)")
     ] = 1_000_000,
+    idle_clients: Annotated[
+        int, typer.Option(help="delivery: idle WebSocket clients on one delivery process")
+    ] = 2_000,
+    rate: Annotated[
+        float, typer.Option(help="delivery: messages/s posted (default: half the sustained rate)")
+    ] = 700.0,
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
         consumer_bench,
         crypto_bench,
+        delivery_bench,
         durability_bench,
         gateway_bench,
         keys_bench,
@@ -494,6 +501,7 @@ def bench(
         "durability": durability_bench.run,
         "gateway": gateway_bench.run,
         "search": lambda: search_bench.run(messages=messages, log=console.print),
+        "delivery": lambda: delivery_bench.run(clients=idle_clients, rate=rate, log=console.print),
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace
