@@ -484,7 +484,12 @@ class TopicTail:
         """The values of the records that arrived (possibly none) within `timeout` seconds;
         partition errors other than end-of-partition raise `StoreUnavailable`."""
         values: list[bytes] = []
-        for msg in self._consumer.consume(max_records, timeout):
+        # poll() returns as soon as one record is there; consume(n, t) would wait out `t` for n
+        # records, which is latency added to every live message.
+        first = self._consumer.poll(timeout)
+        if first is None:
+            return values
+        for msg in [first, *self._consumer.consume(max_records - 1, 0)]:
             error = msg.error()
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:

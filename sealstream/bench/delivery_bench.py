@@ -14,7 +14,8 @@ afterwards) on the real stack, and drives them from this process with asyncio `w
   subscribed to every hot chat on the same delivery process (the idle clients stay connected),
   notes when each message's `message` frame arrives. Latency = arrival - the moment the post
   was sent (both on this machine's monotonic clock); p50 / p99 / max over every message, and
-  how many arrived. The default rate (700 msg/s) is half the end-to-end WebSocket rate of
+  how many arrived. For where the time goes: post -> gateway ack (every message) and post ->
+  written to Cassandra (the encryptor's write timestamp, a sample of 500). The default rate (700 msg/s) is half the end-to-end WebSocket rate of
   docs/benchmarks.md ("Throughput": 1,337-1,603 msg/s sustained on this machine).
 """
 
@@ -27,6 +28,7 @@ import secrets
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,8 @@ async def _phases(
     # --- post -> delivery on another client ---
     receiver = await _subscribe(url, mint_token(cfg.auth, RECEIVER), hot)
     sent: dict[str, float] = {}
+    sent_wall: dict[str, float] = {}
+    acked: dict[str, tuple[float, str, str]] = {}  # text -> (monotonic, chat id, message id)
     arrived: dict[str, float] = {}
     total = max(1, int(rate * seconds))
 
@@ -224,13 +228,14 @@ async def _phases(
             open_timeout=60,
         ) as ws:
             mine = list(range(k, total, senders))
-            acks = asyncio.create_task(_drain(ws, len(mine)))
+            acks = asyncio.create_task(_drain(ws, [f"bench {n}" for n in mine], acked))
             interval = senders / rate
             t0 = time.monotonic() + k * interval / senders
             for i, n in enumerate(mine):
                 await asyncio.sleep(max(0.0, t0 + i * interval - time.monotonic()))
                 text = f"bench {n}"
                 sent[text] = time.monotonic()
+                sent_wall[text] = time.time()
                 await ws.send(json.dumps({"chat_id": hot[n % len(hot)], "text": text}))
             await acks
 
@@ -250,17 +255,46 @@ async def _phases(
         figures["post_to_delivery_p50_ms"] = _pct(latencies, 0.50)
         figures["post_to_delivery_p99_ms"] = _pct(latencies, 0.99)
         figures["post_to_delivery_max_ms"] = max(latencies)
+    to_ack = [(acked[t][0] - sent[t]) * 1000 for t in acked]
+    if to_ack:
+        figures["post_to_ack_p50_ms"] = _pct(to_ack, 0.50)
+        figures["post_to_ack_p99_ms"] = _pct(to_ack, 0.99)
+    written = await asyncio.to_thread(_written_ms, cfg, acked, sent_wall)
+    if written:
+        figures["post_to_written_p50_ms"] = _pct(written, 0.50)
+        figures["post_to_written_p99_ms"] = _pct(written, 0.99)
     figures["delivery_rss_end_mib"] = _rss_kib(pid) / 1024
     await receiver.close()
     await asyncio.gather(*(ws.close() for ws in sockets))
     return figures
 
 
-async def _drain(ws: Any, count: int) -> None:
-    for _ in range(count):
+async def _drain(ws: Any, texts: list[str], acked: dict[str, tuple[float, str, str]]) -> None:
+    """Read one sender's acks (they come in the order of its posts)."""
+    for text in texts:
         ack = json.loads(await ws.recv())
         if not ack.get("ok"):
             raise RuntimeError(f"post refused: {ack.get('error')}")
+        acked[text] = (time.monotonic(), ack["chat_id"], ack["message_id"])
+
+
+def _written_ms(
+    cfg: Settings, acked: dict[str, tuple[float, str, str]], sent_wall: dict[str, float]
+) -> list[float]:
+    """Post -> written to Cassandra (the encryptor's write timestamp, wall clock) for a sample of
+    at most 500 messages: where delivery's latency starts."""
+    store = MessageStore(cfg.cassandra)
+    store.connect()
+    try:
+        found = []
+        for text in sorted(acked)[:: max(1, len(acked) // 500)]:
+            _, chat_id, message_id = acked[text]
+            at = store.written_at(uuid.UUID(chat_id), int(message_id))
+            if at is not None:
+                found.append((at - sent_wall[text]) * 1000)
+        return found
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":
