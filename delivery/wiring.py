@@ -60,7 +60,7 @@ class ChangeFollower:
                 continue
             try:
                 self.handle(values)
-            except Exception as exc:  # one bad batch must not stop delivery; type only logged
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop delivery
                 log.error("change batch failed", extra={"error": type(exc).__name__})
 
 

@@ -17,7 +17,14 @@ from schemas.events import MAX_TEXT_BYTES, MessageRecord, decode_record, export_
 from schemas.ids import BUCKET_MS, EPOCH_MS, SnowflakeIds, bucket_at, bucket_of, id_millis
 from sealstream.auth import AuthError, Principal, mint_token, verify_principal, verify_token
 from sealstream.keys.cache import TtlCache
-from sealstream.settings import AdminHttp, AuthSettings, IngestHttp, ReaderHttp, Settings
+from sealstream.settings import (
+    AdminHttp,
+    AuthSettings,
+    DeliveryHttp,
+    IngestHttp,
+    ReaderHttp,
+    Settings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -227,7 +234,7 @@ def test_production_refuses_local_defaults() -> None:
     with pytest.raises(ValidationError, match=r"auth\.secret"):
         Settings(environment="production")
     tls = {"tls_cert": Path("c.pem"), "tls_key": Path("k.pem")}
-    with pytest.raises(ValidationError, match=r"admin tls_cert"):
+    with pytest.raises(ValidationError, match=r"delivery tls_cert"):
         Settings(
             environment="production",
             auth=AuthSettings(secret=SecretStr("p" * 40)),
@@ -235,6 +242,16 @@ def test_production_refuses_local_defaults() -> None:
             reader=ReaderHttp(**tls),
         )
     with pytest.raises(ValidationError, match=r"postgres\.password"):
+        Settings(
+            environment="production",
+            auth=AuthSettings(secret=SecretStr("p" * 40)),
+            ingest=IngestHttp(**tls),
+            reader=ReaderHttp(**tls),
+            admin=AdminHttp(**tls),
+            delivery=DeliveryHttp(**tls),
+        )
+    # Live delivery serves message text too: without its TLS, production refuses to start.
+    with pytest.raises(ValidationError, match=r"delivery tls_cert"):
         Settings(
             environment="production",
             auth=AuthSettings(secret=SecretStr("p" * 40)),
