@@ -248,6 +248,8 @@ def create_app(
             hub.remove(current)
         if frame.type == "unsubscribe":
             return {"type": "unsubscribed", "chat_id": str(chat_id)}
+        for ended in [c for c, s in subs.items() if s.ended]:  # removed since: not counted
+            del subs[ended]
         if len(subs) >= limits.max_subscriptions:
             return _error_frame(
                 "too_many_subscriptions",

@@ -147,7 +147,13 @@ class Hub:
         return chat_id in self._by_chat
 
     def chats(self) -> list[uuid.UUID]:
-        return list(self._by_chat)
+        """The followed chats (also from another thread: a copy taken again if the loop changed
+        the registry while it was being copied)."""
+        while True:
+            try:
+                return list(self._by_chat)
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
 
     def subscriptions(self, chat_id: uuid.UUID) -> list[Subscription]:
         return list(self._by_chat.get(chat_id, ()))
