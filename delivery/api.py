@@ -172,6 +172,9 @@ def create_app(
                 try:
                     frame = await asyncio.wait_for(outbox.queue.get(), wait)
                 except TimeoutError:
+                    left = seconds_left(principal)
+                    if left is not None and left <= 0:
+                        return  # the token expired: the client reconnects with a new one
                     yield b": keep-alive\n\n"
                     continue
                 if frame is None:

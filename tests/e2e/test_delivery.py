@@ -247,6 +247,38 @@ def test_sse_resumes_from_last_event_id_then_goes_live(live: tuple[Pipeline, lis
     assert live_event["data"]["text"] == "sse live"
 
 
+def test_an_sse_stream_ends_after_removed_and_when_its_token_expires(
+    live: tuple[Pipeline, list[str]],
+) -> None:
+    pipe, urls = live
+    chat = create_chat(pipe, "alice", ["dave", "erin"])
+    url = f"{urls[0]}/v1/chats/{chat}/events"
+    with httpx.stream("GET", url, headers=pipe.token("dave"), timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines) == ": subscribed"
+        removed = httpx.delete(
+            f"{pipe.admin_url}/v1/chats/{chat}/participants/dave",
+            headers=pipe.admin_token(),
+            timeout=30,
+        )
+        assert removed.status_code == 200
+        [event] = _sse_events(lines, 1)
+        assert event["event"] == "removed" and event["data"]["reason"] == "removed"
+        assert list(lines) == []  # the stream ended
+    token = mint_token(pipe.settings.auth, "erin", ttl_seconds=3)
+    started = time.monotonic()
+    with httpx.stream(
+        "GET", url, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        seen = []
+        for line in response.iter_lines():  # a keep-alive comment at least every 15 s
+            seen.append(line)
+            assert time.monotonic() - started < 40, "the stream outlived its token"
+    assert seen == [": subscribed", ""]
+
+
 def test_a_cursor_older_than_the_edit_window_is_expired(
     live: tuple[Pipeline, list[str]],
 ) -> None:
