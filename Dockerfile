@@ -15,6 +15,8 @@ COPY ingest ./ingest
 COPY encryptor ./encryptor
 COPY indexer ./indexer
 COPY reader ./reader
+COPY admin ./admin
+COPY delivery ./delivery
 
 # A regular (non-editable) install, then a check that every schema file the migrations read
 # (schemas/postgres/*.sql, schemas/cassandra/*.cql, schemas/opensearch/*.json) made it into the

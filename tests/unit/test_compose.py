@@ -353,3 +353,16 @@ def test_postgres_keeps_its_durable_defaults() -> None:
     spec = json.dumps(SERVICES["postgres"])
     for unsafe in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
         assert unsafe not in spec.replace(" ", "")
+
+
+def test_the_image_and_the_package_hold_every_service_module() -> None:
+    """Each service's top-level package is copied into the image and installed by pip (the
+    admin API's was once missing from the image: `run admin` failed only in the container)."""
+    from sealstream.services import _ENTRYPOINTS
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for name, entrypoint in _ENTRYPOINTS.items():
+        package = entrypoint.split(".", 1)[0]
+        assert f"COPY {package} ./{package}" in dockerfile, name
+        assert f'"{package}*"' in pyproject, name
