@@ -112,4 +112,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
 def run(settings: Settings) -> None:
     configure_logging(SERVICE)
     app, close = build(settings)
-    serve(app, settings.delivery, close)
+    # No per-message deflate: one socket carries many senders' messages through one compression
+    # context, so the compressed size of a frame would tell an attacker who posts into a chat
+    # whether their text matches another's (a CRIME-style oracle on the TLS record sizes). It also
+    # costs ~250 KiB of zlib state per connection (docs/benchmarks.md, "Live delivery").
+    serve(app, settings.delivery, close, ws_deflate=False)

@@ -345,8 +345,11 @@ def _closing_lifespan(
     return lifespan
 
 
-def serve(app: FastAPI, http: HttpSettings, close: Callable[[], None]) -> None:
-    """Run an app with uvicorn until SIGTERM/SIGINT, then close what the wiring opened."""
+def serve(
+    app: FastAPI, http: HttpSettings, close: Callable[[], None], ws_deflate: bool = True
+) -> None:
+    """Run an app with uvicorn until SIGTERM/SIGINT, then close what the wiring opened.
+    `ws_deflate=False` refuses WebSocket per-message compression (live delivery: see there)."""
     # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
     # (the `finally` covers start-up failures; closing twice is a no-op).
     app.router.lifespan_context = _closing_lifespan(close)
@@ -359,6 +362,7 @@ def serve(app: FastAPI, http: HttpSettings, close: Callable[[], None]) -> None:
             port=http.port,
             # Head (431) and connection (503) limits while parsing; messages (1009) by websockets.
             http=limited_protocol(http.limits),
+            ws_per_message_deflate=ws_deflate,
             ws_max_size=http.limits.max_ws_frame_bytes,
             # TLS only when both certificate and key are set (production requires it).
             ssl_certfile=str(http.tls_cert) if http.tls else None,
