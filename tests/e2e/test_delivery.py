@@ -99,6 +99,10 @@ def test_a_subscriber_gets_a_post_by_another_user(live: tuple[Pipeline, list[str
     pipe, urls = live
     chat = create_chat(pipe, "alice", ["bob"])
     with _ws(urls[0], pipe, "bob") as ws:
+        # The client offered permessage-deflate; delivery refuses it (a compression oracle
+        # across the senders sharing this socket: docs/security.md).
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
         assert _subscribe(ws, chat) == {"type": "subscribed", "chat_id": chat}
         message_id = _post(pipe, "alice", chat, "hello bob — café 🚀")
         [frame] = _changes(ws, 1)
