@@ -1,9 +1,8 @@
 """`sealstream demo`: the whole pipeline with demo traffic, ending in a short report.
 
 Starts the local stack if needed, applies the schemas, runs the pipeline services and live
-delivery as child processes,
-creates chats and posts messages over the gateway's HTTP API, then reads them back and searches
-them through the reader's API, and prints what happened. Everything it talks to is real.
+delivery as child processes, creates chats and posts messages over the gateway's HTTP API, then
+reads them back and searches them through the reader's API, and prints what happened. Everything it talks to is real.
 """
 
 from __future__ import annotations
