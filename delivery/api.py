@@ -93,6 +93,9 @@ def create_app(
     install(app, "delivery", settings.auth, ready)
     limits: DeliveryHttp = settings.delivery
     hub = service.hub
+    # A resume's replay is queued at once, before the writer runs: room for a whole one, plus
+    # `max_queued_events` of live backlog.
+    outbox_limit = limits.max_queued_events + limits.max_resume_events + 2
 
     @app.get(
         "/v1/chats/{chat_id}/events",
@@ -129,7 +132,7 @@ def create_app(
         token and `Last-Event-ID`)."""
         field = "header.Last-Event-ID" if last_event_id else "query.cursor"
         after = parse_cursor(last_event_id or cursor, field)
-        outbox = Outbox(limits.max_queued_events)
+        outbox = Outbox(outbox_limit)
         sub = Subscription(chat_id, principal.user_id, outbox)
         items = await _checked(sub, after)
         sub.replay(items)
@@ -192,7 +195,7 @@ def create_app(
     @app.websocket("/v1/stream")
     async def stream(socket: WebSocket) -> None:
         await accept(socket)
-        outbox = Outbox(limits.max_queued_events)
+        outbox = Outbox(outbox_limit)
         subs: dict[uuid.UUID, Subscription] = {}
         writer: asyncio.Task[None] | None = None
         try:
