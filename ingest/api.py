@@ -211,6 +211,19 @@ def create_app(
             chat_id=chat.chat_id, participants=list(chat.participants), created_at=chat.created_at
         )
 
+    @app.delete(
+        "/v1/chats/{chat_id}/participants/me",
+        status_code=204,
+        tags=[CHATS],
+        summary="Leave a chat",
+        responses=_errors(401, 403, 404, 410, 422, 503),
+    )
+    def leave_chat(chat_id: ChatId, user: CurrentUser) -> Response:
+        """Remove the caller from the chat's participants (audited). Their live streams of the
+        chat end at once; other gateways and readers refuse them within 2 s (chat cache)."""
+        service.leave(user, chat_id)
+        return Response(status_code=204)
+
     @app.post(
         "/v1/chats/{chat_id}/messages",
         status_code=202,
@@ -243,19 +256,6 @@ def create_app(
         items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
         accepted = await service.post(user, chat_id, items, batch=True)
         return JSONResponse({"accepted": [_out(chat_id, a) for a in accepted]}, status_code=202)
-
-    @app.delete(
-        "/v1/chats/{chat_id}/participants/me",
-        status_code=204,
-        tags=[CHATS],
-        summary="Leave a chat",
-        responses=_errors(401, 403, 404, 410, 422, 503),
-    )
-    def leave_chat(chat_id: ChatId, user: CurrentUser) -> Response:
-        """Remove the caller from the chat's participants (audited). Their live streams of the
-        chat end at once; other gateways and readers refuse them within 2 s (chat cache)."""
-        service.leave(user, chat_id)
-        return Response(status_code=204)
 
     @app.websocket("/v1/ws")
     async def websocket(socket: WebSocket) -> None:
