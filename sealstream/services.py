@@ -1,5 +1,5 @@
-"""Starting the services (the four of the pipeline, live delivery and the admin API): one in the foreground, or
-all of them as supervised child processes."""
+"""Starting the services (the four of the pipeline, live delivery and the admin API): one in the
+foreground, or all of them as supervised child processes."""
 
 from __future__ import annotations
 
