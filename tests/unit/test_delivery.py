@@ -213,3 +213,24 @@ def test_a_membership_change_ends_the_subscriptions_of_removed_users_only() -> N
     bob, carol = asyncio.run(scenario())
     assert bob == [{"type": "removed", "chat_id": str(CHAT), "reason": "removed"}]
     assert carol == [{"type": "message", "event_id": "9"}]
+
+
+def test_after_the_listener_reconnects_every_followed_chat_is_checked_again() -> None:
+    """`membership_changed(None)` (notifications may have been lost while Postgres was away)
+    re-reads every chat followed here, from the listener's thread."""
+    members = {"now": ("alice",)}
+
+    async def scenario() -> list[object]:
+        svc = service([])
+        svc.chat = lambda chat_id: chat_row(members["now"])
+        box = Outbox(10)
+        sub = Subscription(CHAT, "bob", box)
+        svc.hub.add(sub)
+        sub.replay([])
+        await asyncio.to_thread(svc.membership_changed, None)
+        await asyncio.sleep(0)  # the re-check's result is applied on the loop
+        return [box.queue.get_nowait() for _ in range(box.queue.qsize())]
+
+    assert asyncio.run(scenario()) == [
+        {"type": "removed", "chat_id": str(CHAT), "reason": "removed"}
+    ]
