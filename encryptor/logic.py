@@ -283,7 +283,7 @@ def _check_changes(
     changes: Sequence[PendingChange],
     rows: dict[tuple[uuid.UUID, int], RowForChange],
     keys: BatchKeys,
-    window_ms: int,
+    window_seconds: int,
     now_ms: int,
 ) -> _Applied:
     """Apply the rules to each change in record order, on the rows as the batch's earlier
@@ -318,14 +318,11 @@ def _check_changes(
             else:
                 CHANGES_SKIPPED.labels(m.kind, STALE).inc()
             continue
-        # The window is measured on the ids' clock (the change's id against the message's), not
-        # on this worker's: a change the gateway accepted in time is not refused for the lag it
-        # spent in Kafka, and a replay decides the same way as the first pass.
-        if id_millis(m.event_id) - id_millis(m.message_id) > window_ms:
+        if m.outside_edit_window(window_seconds):
             applied.rejected.append(
                 Rejected(
                     record,
-                    f"event_id: made more than {window_ms // 1000} s after the message"
+                    f"event_id: made more than {window_seconds} s after the message"
                     " (edit window passed)",
                 )
             )
@@ -420,7 +417,7 @@ def store_batch(
             sealed.changes,
             rows,
             sealed.keys,
-            edit_window_seconds * 1000,
+            edit_window_seconds,
             int(datetime.now(UTC).timestamp() * 1000),
         )
         rejected += applied.rejected
