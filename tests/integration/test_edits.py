@@ -21,7 +21,7 @@ from indexer.logic import index_batch
 from reader.wiring import build
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
-from schemas.ids import EPOCH_MS, SnowflakeIds, bucket_of, id_millis, id_time
+from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis, id_time
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
