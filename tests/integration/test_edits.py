@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ from sealstream.keys.service import KeyService
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected
 from sealstream.wiring import key_service
-from tests.integration.conftest import fresh_index, fresh_store, module_stores
+from tests.integration.conftest import fresh_index, fresh_store, module_stores, text_message
 
 WINDOW = 3600  # seconds: the edit window these tests run with
 
@@ -319,3 +320,35 @@ def test_post_and_edit_write_timestamps_order_by_id_time(
     assert change.event_id is not None and edited.envelope_written is not None
     assert edited.envelope_written >= id_millis(change.event_id) * 1000
     assert edited.envelope_written > posted.envelope_written
+
+
+def test_an_edited_document_is_replaced_by_a_rewrite_of_that_edit_but_never_an_older_one(
+    keys: KeyService, store: MessageStore, index: SearchIndex, chat
+) -> None:
+    """What the blind re-index relies on for an edited message (sealstream/search_reindex.py):
+    a rewrite at the row's `last_event_id` with `external_gte` replaces the document of that
+    edit (re-keyed words), one at an older edit's id does not, and the tombstone still wins."""
+    original = post(chat, "alice", "first words")
+    change = edit(original, "second words")
+    run(keys, store, index, original, change)
+    assert change.event_id is not None
+    document = index.current_documents([original.message_id])[original.message_id]
+    assert document.version == change.event_id and document.sender_id == "alice"
+
+    def rewrite(word: str, version: int) -> list[Any]:
+        written = text_message(
+            index, original.message_id, chat, "default", "alice", id_time(original.message_id), word
+        )
+        return index.index_many([replace(written, version=version)], version_type="external_gte")
+
+    assert rewrite("rekeyed", change.event_id) == []
+    index.refresh()
+    assert index.search_chat(chat, "rekeyed") == [original.message_id]
+    assert rewrite("older", change.event_id - 1) == []  # a conflict: done, nothing written
+    index.refresh()
+    assert index.search_chat(chat, "older") == []
+    assert index.search_chat(chat, "rekeyed") == [original.message_id]
+    run(keys, store, index, delete(original))
+    assert rewrite("resurrected", change.event_id) == []
+    index.refresh()
+    assert index.search_chat(chat, "resurrected") == []
