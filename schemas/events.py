@@ -99,12 +99,12 @@ class MessageRecord(BaseModel):
             if self.text is not None:
                 raise ValueError("text: a delete carries no text")
         elif self.text is None:
-            raise ValueError(f"text: required for a {self.kind}")
+            raise ValueError(f"text: required when kind is {self.kind}")
         if self.kind == "post":
             if self.event_id not in (None, self.message_id):
                 raise ValueError("event_id: a post's event id is its message id (leave it out)")
         elif self.event_id is None:
-            raise ValueError(f"event_id: required for a {self.kind}")
+            raise ValueError(f"event_id: required when kind is {self.kind}")
         elif self.event_id <= self.message_id:
             raise ValueError("event_id: must be greater than message_id (made after the message)")
         return self
