@@ -22,6 +22,7 @@ a newer text; a deletion writes the admin deletion's tombstone, which always win
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -80,8 +81,8 @@ def _refusal_of_change(
     # the index alone (the document's sender_id is the post's, never changed by an edit).
     if document.sender_id != message.sender_id:
         return "not_sender"
-    if message.outside_edit_window(window_seconds):
-        return "edit_window_passed"
+    if message.change_timing_problem(window_seconds, int(time.time() * 1000)):
+        return "timing"  # past the edit window or made in the future
     return None
 
 

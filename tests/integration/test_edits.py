@@ -253,6 +253,24 @@ def test_an_edit_past_the_window_is_dead_lettered(
     assert index.search_chat(chat, "rewritten") == []
 
 
+def test_an_edit_made_in_the_future_is_dead_lettered(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """An edit id ten minutes ahead (a producer's clock, or a forged id) would make every later
+    edit look stale: refused by the encryptor, ignored by the indexer."""
+    original = post(chat, "alice", "present tense")
+    run(keys, store, index, original)
+    ahead = edit(original, "future tense").model_copy(update={"event_id": _old_id(-600)})
+    rejected, events = run(keys, store, index, ahead)
+    assert len(rejected) == 1 and rejected[0].reason.startswith("event_id: made in the future")
+    assert events == []
+    assert read(client, "bob", as_user, chat, original.message_id).json()["revision"] == 1
+    assert index.search_chat(chat, "future") == []
+    # A later edit made now still applies.
+    rejected, _ = run(keys, store, index, edit(original, "past tense"))
+    assert rejected == [] and index.search_chat(chat, "past") == [original.message_id]
+
+
 def test_an_edit_of_a_deleted_message_is_skipped(
     client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
 ) -> None:
