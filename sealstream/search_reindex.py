@@ -5,7 +5,9 @@ key, after the blind index was turned on (documents hold plain words) or the key
 The texts come from Cassandra (opened with the chats' DEKs, in memory only), are analysed like
 the indexer does, keyed under the target version and written over the old document at external
 version `reindex_version(target)`: above the indexer's 1 and any earlier re-index, below the
-deletion tombstone's 2^62, so a message deleted meanwhile stays deleted. Search keeps working
+deletion tombstone's 2^62, so a message deleted meanwhile stays deleted. An edited message's
+document is at its last edit's event id (indexer/logic.py): it is written at the row's
+`last_event_id` with `external_gte`, replacing that edit's document but never a newer edit's. Search keeps working
 throughout: queries use every live key version (and plain words while turning on).
 
 Steps, each resumable (progress in Postgres, `search_reindex`):
