@@ -240,6 +240,10 @@ class MessageStore:
             # never wins over a later edit, written strictly above it (`edit`), nor over a
             # deletion (DELETION_TIMESTAMP). `stored_at` keeps the server's clock of the write
             # (benchmarks: post -> stored), since the write timestamp no longer tells it.
+            # A replay writes at the same timestamp as the first write, where Cassandra keeps the
+            # greater value of each cell: the envelope starts with its format byte and
+            # BE32(dek_version) (docs/format.md), so the envelope kept is one of the greater DEK
+            # version, as is the `dek_version` kept: the row stays consistent (both open).
             "insert": f"INSERT INTO {ks}.messages (chat_id, bucket, message_id, sender_id,"
             " dek_version, envelope, created_at, revision, stored_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, toTimestamp(now())) USING TIMESTAMP ?",
