@@ -378,3 +378,22 @@ def test_an_edited_document_is_replaced_by_a_rewrite_of_that_edit_but_never_an_o
     assert rewrite("resurrected", change.event_id) == []
     index.refresh()
     assert index.search_chat(chat, "resurrected") == []
+
+
+def test_a_post_replayed_after_a_key_rotation_leaves_a_row_that_opens(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """The replay writes at the first write's timestamp, where Cassandra keeps the greater value
+    of each cell: envelope and DEK version must still come from one write (both the greater)."""
+    original = post(chat, "alice", "sealed twice")
+    run(keys, store, index, original)
+    first = store.get(chat, original.message_id)
+    assert first is not None
+    new_version = keys.rotate(chat, "test")
+    assert keys.current_key(chat).version == new_version > first.dek_version
+    run(keys, store, index, original)
+    row = store.get(chat, original.message_id)
+    assert row is not None and row.dek_version == new_version  # the replay's cells won the tie
+    answer = read(client, "bob", as_user, chat, original.message_id)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] == "sealed twice"
