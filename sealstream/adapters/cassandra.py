@@ -1,7 +1,9 @@
 """Cassandra adapter: the primary message store of sealed envelopes.
 
 Rows hold the envelope (never plaintext) and the DEK version. Writes are idempotent by
-(chat, bucket, message id), so a redelivered record rewrites the same row. Driver errors that can
+(chat, bucket, message id), so a redelivered record rewrites the same row. A post is written at
+its id's time as write timestamp and an edit strictly above the row's (`RowForChange`), so a
+replayed post never overwrites a later edit (docs/operations.md, "Edits and sender deletion"). Driver errors that can
 heal (no host, timeouts, unavailable replicas) become the retriable `StoreUnavailable`.
 
 Every deletion (a message's marker, a chat's partitions, retention's ranges) is written with the
