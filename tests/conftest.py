@@ -41,6 +41,8 @@ def settings(run_id: str) -> Settings:
             bootstrap=base.kafka.bootstrap,
             messages_topic=f"t.{run_id}.messages",
             dead_letter_topic=f"t.{run_id}.dlq",
+            # The run's own change topic too: tests read it from offset 0 (a shared one only grows).
+            changes_topic=f"t.{run_id}.changes",
             # Groups of the run's own: in a shared group, other runs' workers would keep it from
             # being empty (offsets cannot be reset) and count as members.
             encryptor_group=f"t.{run_id}.encryptor",

@@ -120,7 +120,11 @@ def migrated(e2e_settings: Settings) -> Iterator[Settings]:
     index.close()
     delete_topics(
         e2e_settings.kafka,
-        [e2e_settings.kafka.messages_topic, e2e_settings.kafka.dead_letter_topic],
+        [
+            e2e_settings.kafka.messages_topic,
+            e2e_settings.kafka.dead_letter_topic,
+            e2e_settings.kafka.changes_topic,
+        ],
     )
     # The run's consumer groups (the services are stopped by now); Kafka would keep them a week.
     groups = [e2e_settings.kafka.encryptor_group, e2e_settings.kafka.indexer_group]
