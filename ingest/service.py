@@ -19,6 +19,7 @@ changed in between), so these checks are for a clear answer to the client, not t
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -417,7 +418,7 @@ class IngestService:
                 "edit_window_passed",
                 f"message_id: a message may be edited or deleted by its sender for "
                 f"{int(self.edit_window.total_seconds())} s after it was sent; this one was "
-                f"sent {int(age.total_seconds())} s ago",
+                f"sent {math.ceil(age.total_seconds())} s ago",
                 "message_id",
             )
 
