@@ -258,6 +258,8 @@ class ReaderService:
             sender_id=row.sender_id,
             text=text,
             sent_at=row.created_at,
+            revision=row.revision,
+            edited_at=row.edited_at,
         )
 
     # --- queries -------------------------------------------------------------------------------

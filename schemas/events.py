@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.ids import id_millis
+
 SCHEMA_VERSION: Literal[1] = 1
 MAX_TEXT_BYTES = 16 * 1024
 """Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
@@ -111,6 +113,15 @@ class MessageRecord(BaseModel):
     def change_id(self) -> int:
         """The id of this change: `event_id` for an edit or delete, the message id for a post."""
         return self.event_id if self.event_id is not None else self.message_id
+
+    def outside_edit_window(self, window_seconds: int) -> bool:
+        """True for an edit or deletion made more than `window_seconds` after its message, on
+        the ids' clock (event id's time minus message id's time): a change the gateway
+        accepted in time is not refused for the time it spent in Kafka, and every worker and
+        every replay decides alike. Always False for a post."""
+        if self.event_id is None:
+            return False
+        return id_millis(self.event_id) - id_millis(self.message_id) > window_seconds * 1000
 
     def key(self) -> bytes:
         return str(self.chat_id).encode()

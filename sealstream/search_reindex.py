@@ -276,10 +276,16 @@ class _Writer:
                 sent_at=row.created_at,
                 tokens=keyed_terms(self.key, document_terms(tokens)),
                 index_key_version=self.key.version,
+                version=row.last_event_id,
             )
             for (row, _), tokens in zip(opened, analysed, strict=True)
         ]
-        refused = self.index.index_many(documents, version=self.version)
+        # An edited message's document is at its last edit's event id (indexer/logic.py), above
+        # the re-index's version: it is written at that same version with `external_gte`, which
+        # replaces the document of that edit (same text, re-keyed) but never a newer edit's.
+        edited = [d for d in documents if d.version is not None]
+        refused = self.index.index_many([d for d in documents if d.version is None], self.version)
+        refused += self.index.index_many(edited, version_type="external_gte")
         # A chat deleted while we were writing (its rows read before the deletion, its index
         # documents cleared before our write): take back what we wrote. Every write path of the
         # job (chat pass and sweep) comes through here.
