@@ -137,6 +137,9 @@ def test_an_edit_and_a_deletion_each_publish_one_record(
     )
     assert (deleted.kind, deleted.message_id, deleted.event_id) == ("delete", message, delete_id)
     assert deleted.sender_id == "alice" and deleted.text is None
+    metrics = client.get("/metrics").text
+    assert 'sealstream_ingest_changes_total{kind="edit"}' in metrics
+    assert 'sealstream_ingest_changes_total{kind="delete"}' in metrics
 
 
 def test_changes_the_gateway_refuses_over_http(
