@@ -27,7 +27,7 @@ from sealstream.settings import Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import fresh_store, module_stores
 from tests.integration.test_ingest_api import auth, consume, new_chat
-from tests.tcp_proxy import free_port
+from tests.tcp_proxy import free_port, proxy
 
 WINDOW = timedelta(seconds=3600)  # the edit window of these gateways (Settings.edits)
 
@@ -341,3 +341,44 @@ def test_the_openapi_lists_the_changes_and_their_errors(client: TestClient) -> N
         assert responses["410"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/Error"
         }
+
+
+def test_a_hung_cassandra_costs_edits_a_503_within_the_deadline_and_posts_nothing(
+    client: TestClient, edit_settings: Settings, store: MessageStore
+) -> None:
+    settings = edit_settings
+    chat = new_chat(client, settings, "lou")
+    mine = posted(client, settings, store, chat, "lou")
+    url, lou = f"/v1/chats/{chat}/messages/{mine}", auth(settings, "lou")
+    cassandra = settings.cassandra
+    with proxy(cassandra.hosts[0], cassandra.port) as cut:
+        through = settings.model_copy(
+            update={"cassandra": cassandra.model_copy(update={"port": cut.port})}
+        )
+        with gateway(through) as gw:
+            assert gw.patch(url, json={"text": "one"}, headers=lou).status_code == 202
+            cut.pause()  # connected, then Cassandra answers nothing (a hung server)
+            started = time.monotonic()
+            hung = [gw.patch(url, json={"text": "two"}, headers=lou) for _ in range(3)]
+            took = time.monotonic() - started
+            print(f"\nthree edits with Cassandra hung: 503 each, {took:.2f} s in all")
+            assert [error(r) for r in hung] == [(503, "unavailable", None)] * 3
+            assert took < 3 * 6, took  # each within the 2 s deadline (loaded machine: slack)
+            post = gw.post(f"/v1/chats/{chat}/messages", json={"text": "x"}, headers=lou)
+            assert post.status_code == 202  # posts do not wait for Cassandra
+            cut.forward()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                healed = gw.patch(url, json={"text": "three"}, headers=lou)
+                if healed.status_code == 202:
+                    break
+                time.sleep(0.5)
+            assert healed.status_code == 202, healed.text
+
+    records = consume(settings, chat, 4, settle=1.0)
+    assert [(r.kind, r.text) for _, r, _ in records] == [
+        ("post", "as first sent"),
+        ("edit", "one"),
+        ("post", "x"),
+        ("edit", "three"),
+    ]
