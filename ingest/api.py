@@ -359,8 +359,8 @@ def create_app(
         chat_id: ChatId, message_id: MessageIdPath, user: CurrentUser
     ) -> JSONResponse:
         """Publish the message's deletion; answers once Kafka acknowledged it. Only the
-        sender, within the edit window; the reader then answers 410 for it, as after an
-        operator's deletion."""
+        sender, within the edit window; once the encryptor applied it the reader answers 404
+        for it and leaves it out of history and search, as after an operator's deletion."""
         change = await service.change(user, chat_id, parse_message_id(message_id))
         return JSONResponse(_change_out(chat_id, change), status_code=202)
 
