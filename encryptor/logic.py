@@ -49,7 +49,7 @@ class MessageSink(Protocol):
         self, messages: set[tuple[uuid.UUID, int]]
     ) -> dict[tuple[uuid.UUID, int], RowForChange]: ...
 
-    def write_edits(self, edits: Sequence[EditWrite]) -> list[RefusedRow]: ...
+    def write_edits(self, edits: Sequence[EditWrite]) -> dict[int, str]: ...
 
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None: ...
 
@@ -430,14 +430,11 @@ def store_batch(
             assert deleted.deleted_at is not None
             sink.mark_deleted(deleted.chat_id, deleted.message_id, deleted.deleted_at)
         store_seconds += time.perf_counter() - started
-        # A refused edit (Cassandra will not take the row) leaves the row as it was; any later
+        # A refused edit (Cassandra will not take the row) leaves the row as it was; a later
         # edit of the same message in this batch was sealed on top of it and still applies.
-        refused_at = Tally(r.message_id for r in refused_edits)
         for change, write, edited in applied.edits:
-            if refused_at[write.message_id]:
-                refused_at[write.message_id] -= 1
-                reason = next(r.reason for r in refused_edits if r.message_id == write.message_id)
-                rejected.append(Rejected(change.record, reason))
+            if write.event_id in refused_edits:
+                rejected.append(Rejected(change.record, refused_edits[write.event_id]))
                 continue
             usage[(write.chat_id, write.dek_version)] += 1
             events.append(

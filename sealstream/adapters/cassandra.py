@@ -414,14 +414,14 @@ class MessageStore:
                 found[pair] = RowForChange(_row(row), row.envelope_written)
         return found
 
-    def write_edits(self, edits: Sequence[EditWrite]) -> list[RefusedRow]:
+    def write_edits(self, edits: Sequence[EditWrite]) -> dict[int, str]:
         """Write edits concurrently (each at its own write timestamp, so several edits of one
-        message end with the highest whatever the order they land in); returns those Cassandra
-        refused for good (`RefusedRow.message_id`: the edited message). Raises
+        message end with the highest whatever the order they land in); returns the reasons of
+        those Cassandra refused for good, by event id (no value in a reason). Raises
         `StoreUnavailable` if any failed for a reason that can heal (the caller retries: the
         writes are idempotent)."""
         if not edits:
-            return []
+            return {}
         statement = self._stmt("edit")
         params = [
             (
@@ -446,11 +446,11 @@ class MessageStore:
                 execution_profile=_WRITE,
             )
         )
-        refused: list[RefusedRow] = []
+        refused: dict[int, str] = {}
         for (ok, result), e in zip(results, edits, strict=True):
             if not ok:
                 self._raise_unless_refused(result, len(edits))
-                refused.append(RefusedRow(e.message_id, _refusal(result)))
+                refused[e.event_id] = _refusal(result)
         return refused
 
     def history(
