@@ -7,6 +7,7 @@ No encryptor runs here: the tests write the message rows the encryptor would hav
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -292,12 +293,17 @@ def test_changes_over_the_websocket(
 
 
 def test_a_change_is_a_503_when_cassandra_or_kafka_does_not_answer(
-    client: TestClient, edit_settings: Settings, store: MessageStore
+    client: TestClient,
+    edit_settings: Settings,
+    store: MessageStore,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = edit_settings
     chat = new_chat(client, settings, "kim")
     mine = posted(client, settings, store, chat, "kim")
     url, kim = f"/v1/chats/{chat}/messages/{mine}", auth(settings, "kim")
+    secret_text = f"never-logged-{uuid.uuid4().hex}"
+    caplog.set_level(logging.DEBUG)
 
     # Nothing listens on these ports: Cassandra and Kafka are down for that gateway only.
     no_cassandra = settings.model_copy(
@@ -305,7 +311,7 @@ def test_a_change_is_a_503_when_cassandra_or_kafka_does_not_answer(
     )
     with gateway(no_cassandra) as cut:
         started = time.monotonic()
-        refused = cut.patch(url, json={"text": "new"}, headers=kim)
+        refused = cut.patch(url, json={"text": secret_text}, headers=kim)
         assert error(refused) == (503, "unavailable", None) and refused.headers["Retry-After"]
         assert time.monotonic() - started < 15  # the Cassandra deadline (2 s), not a hang
         assert cut.delete(url, headers=kim).status_code == 503
@@ -323,12 +329,14 @@ def test_a_change_is_a_503_when_cassandra_or_kafka_does_not_answer(
         }
     )
     with gateway(no_kafka) as cut:
-        refused = cut.patch(url, json={"text": "new"}, headers=kim)
+        refused = cut.patch(url, json={"text": secret_text}, headers=kim)
         assert error(refused) == (503, "unavailable", None) and refused.headers["Retry-After"]
         assert cut.delete(url, headers=kim).status_code == 503
 
     records = consume(settings, chat, 2, settle=2.0)
     assert [r.kind for _, r, _ in records] == ["post", "post"]  # no change was published
+    assert "unavailable" in caplog.text  # the failures were logged, the edit's text never
+    assert secret_text not in caplog.text
 
 
 def test_the_openapi_lists_the_changes_and_their_errors(client: TestClient) -> None:
