@@ -5,6 +5,12 @@ refuses for good, a row Cassandra refuses) reject one record; anything
 else raised fails the whole batch so the runtime retries it (see sealstream.streaming). Records of
 a deleted chat, or past their chat's retention, are skipped, not dead-lettered
 (sealstream.deletion_state).
+
+Edits and sender deletions (docs/operations.md, "Edits and sender deletion") are applied after
+the batch's posts are written, in record order, each checked against its message's row: it must
+exist (else dead letter), be the same sender's (else dead letter), be made inside the edit window
+(else dead letter) and not be deleted or already superseded (else skipped: a replay or a stale
+change is not an error).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Protocol
 
 from prometheus_client import Counter
@@ -21,10 +28,11 @@ from prometheus_client import Counter
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
-from sealstream.adapters.cassandra import RefusedRow, StoredMessage
+from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, seal
-from sealstream.deletion_state import CHAT_DELETED, ChatStates, deletion_check
+from sealstream.deletion_state import CHAT_DELETED, ChatStates, DeletionCheck, deletion_check
 from sealstream.errors import KeyDestroyed, KeyNotFound, KmsKeyUnusable
+from sealstream.settings import EditSettings
 from sealstream.streaming import RawRecord, Rejected
 
 
@@ -36,6 +44,14 @@ class KeySource(Protocol):
 
 class MessageSink(Protocol):
     def write_many(self, messages: Sequence[StoredMessage]) -> list[RefusedRow]: ...
+
+    def rows_for_change(
+        self, messages: set[tuple[uuid.UUID, int]]
+    ) -> dict[tuple[uuid.UUID, int], RowForChange]: ...
+
+    def write_edits(self, edits: Sequence[EditWrite]) -> dict[int, str]: ...
+
+    def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None: ...
 
 
 def decode(record: RawRecord) -> MessageRecord | Rejected:
@@ -49,6 +65,20 @@ _KEY_LOOKUP = PHASE_SECONDS.labels("key_lookup")
 _CRYPTO = PHASE_SECONDS.labels("crypto")
 _STORE = PHASE_SECONDS.labels("store")
 
+CHANGES_SKIPPED = Counter(
+    "sealstream_changes_skipped_total",
+    "Edits and sender deletions not applied, not dead-lettered: stale or replayed (an edit no "
+    "newer than the row's last), or of a deleted message",
+    ["kind", "reason"],
+)
+STALE = "stale"
+MESSAGE_DELETED = "message_deleted"
+
+_DEFAULT_WINDOW = EditSettings().window_seconds
+
+NO_SUCH_MESSAGE = "message_id: no such message in this chat"
+NOT_SENDER = "sender_id: not the sender of this message"
+
 
 @dataclass(frozen=True)
 class Source:
@@ -58,54 +88,94 @@ class Source:
     tenant_id: str
 
 
-def seal_batch(
-    records: Sequence[RawRecord], keys: KeySource, states: ChatStates | None = None
-) -> tuple[list[StoredMessage], list[Rejected], dict[int, Source]]:
-    """Sealed rows, rejected records, and where each row came from (by message id)."""
-    deletion = deletion_check("encryptor", records, states)
-    stored: list[StoredMessage] = []
-    source: dict[int, Source] = {}
-    rejected: list[Rejected] = []
-    lookup_seconds = crypto_seconds = 0.0  # summed here, published once per batch
-    unusable: dict[uuid.UUID, str] = {}  # chats whose key the KMS refused, asked once per batch
-    for record in records:
-        decoded = decode(record)
-        if isinstance(decoded, Rejected):
-            rejected.append(decoded)
-            continue
-        if reason := deletion.wrong_tenant(decoded):
-            rejected.append(Rejected(record, reason))
-            continue
-        if decoded.kind != "post":
-            rejected.append(Rejected(record, f"kind: {decoded.kind} is not handled yet"))
-            continue
-        assert decoded.text is not None  # a post always has text (MessageRecord._fields_of_kind)
-        if deletion.refuses(decoded.chat_id, decoded.message_id):
-            continue
-        if decoded.chat_id in unusable:
-            rejected.append(Rejected(record, unusable[decoded.chat_id]))
-            continue
+@dataclass(frozen=True)
+class PendingChange:
+    """An edit or sender deletion admitted by the batch's checks, applied after the posts."""
+
+    position: int  # in the batch: change events go out in record order
+    record: RawRecord
+    message: MessageRecord
+
+
+class BatchKeys:
+    """The chats' current keys as one batch looks them up (posts and edits alike): a chat whose
+    key the KMS refuses is asked once per batch, a shredded chat's records are skipped."""
+
+    def __init__(self, keys: KeySource, deletion: DeletionCheck) -> None:
+        self.keys = keys
+        self.deletion = deletion
+        self.unusable: dict[uuid.UUID, str] = {}
+        self.lookup_seconds = 0.0  # summed here, published once per batch
+
+    def current(self, record: RawRecord, message: MessageRecord) -> ChatKey | Rejected | None:
+        """The chat's current key; a dead letter for this record; or None: skip it (shredded)."""
+        if message.chat_id in self.unusable:
+            return Rejected(record, self.unusable[message.chat_id])
         started = time.perf_counter()
         try:
-            key = keys.current_key(decoded.chat_id)
+            return self.keys.current_key(message.chat_id)
         except KeyDestroyed:
             # Deleted after the state was read: skipped like the others. Not a dead letter, which
             # would keep the deleted chat's plaintext on the dead-letter topic for days.
-            deletion.skip(CHAT_DELETED)
-            continue
+            self.deletion.skip(CHAT_DELETED)
+            return None
         except KeyNotFound:
-            rejected.append(Rejected(record, f"unknown chat {decoded.chat_id}"))
-            continue
+            return Rejected(record, f"unknown chat {message.chat_id}")
         except KmsKeyUnusable:
             # One tenant's master key gone, or one wrapped DEK corrupt: the other chats of the
             # batch are sealed; these records wait on the dead-letter topic (no KMS detail in
             # the reason: it goes into a Kafka header).
-            unusable[decoded.chat_id] = (
+            self.unusable[message.chat_id] = (
                 "the KMS refused this chat's key (master key missing or wrapped DEK invalid)"
             )
-            rejected.append(Rejected(record, unusable[decoded.chat_id]))
+            return Rejected(record, self.unusable[message.chat_id])
+        finally:
+            self.lookup_seconds += time.perf_counter() - started
+
+
+@dataclass
+class SealedPosts:
+    """The posts of a batch sealed (not written yet), its dead letters so far, and its edits
+    and deletions still to apply."""
+
+    stored: list[StoredMessage]
+    rejected: list[Rejected]
+    source: dict[int, Source]  # by message id
+    position: dict[int, int]  # by message id
+    changes: list[PendingChange]
+    keys: BatchKeys
+
+
+def seal_batch(
+    records: Sequence[RawRecord], keys: KeySource, states: ChatStates | None = None
+) -> SealedPosts:
+    """Seal the batch's posts; check every record's schema, tenant and deletion state."""
+    deletion = deletion_check("encryptor", records, states)
+    batch_keys = BatchKeys(keys, deletion)
+    sealed = SealedPosts([], [], {}, {}, [], batch_keys)
+    crypto_seconds = 0.0
+    for position, record in enumerate(records):
+        decoded = decode(record)
+        if isinstance(decoded, Rejected):
+            sealed.rejected.append(decoded)
             continue
-        looked_up = time.perf_counter()
+        if reason := deletion.wrong_tenant(decoded):
+            sealed.rejected.append(Rejected(record, reason))
+            continue
+        # Edits and deletions too: one of a deleted chat or past retention is never applied.
+        if deletion.refuses(decoded.chat_id, decoded.message_id):
+            continue
+        if decoded.kind != "post":
+            sealed.changes.append(PendingChange(position, record, decoded))
+            continue
+        assert decoded.text is not None  # a post always has text (MessageRecord._fields_of_kind)
+        key = batch_keys.current(record, decoded)
+        if key is None:
+            continue
+        if isinstance(key, Rejected):
+            sealed.rejected.append(key)
+            continue
+        started = time.perf_counter()
         # Envelope v2 binds the sender, the revision (1: as first sent) and the creation time
         # from the id's clock, the same values the row stores, so none can be changed alone.
         envelope = seal(
@@ -119,10 +189,10 @@ def seal_batch(
                 id_millis(decoded.message_id),
             ),
         )
-        lookup_seconds += looked_up - started
-        crypto_seconds += time.perf_counter() - looked_up
-        source[decoded.message_id] = Source(record, decoded.tenant_id)
-        stored.append(
+        crypto_seconds += time.perf_counter() - started
+        sealed.source[decoded.message_id] = Source(record, decoded.tenant_id)
+        sealed.position[decoded.message_id] = position
+        sealed.stored.append(
             StoredMessage(
                 chat_id=decoded.chat_id,
                 message_id=decoded.message_id,
@@ -133,9 +203,8 @@ def seal_batch(
                 created_at=id_time(decoded.message_id),
             )
         )
-    _KEY_LOOKUP.inc(lookup_seconds)
     _CRYPTO.inc(crypto_seconds)
-    return stored, rejected, source
+    return sealed
 
 
 def post_change(row: StoredMessage, tenant_id: str) -> ChangeEvent:
@@ -154,6 +223,39 @@ def post_change(row: StoredMessage, tenant_id: str) -> ChangeEvent:
     )
 
 
+def edit_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
+    """The change event of an edit applied to `row` (the row as the edit left it)."""
+    return ChangeEvent(
+        kind="edit",
+        event_id=event_id,
+        chat_id=row.chat_id,
+        tenant_id=tenant_id,
+        message_id=row.message_id,
+        sender_id=row.sender_id,
+        revision=row.revision,
+        dek_version=row.dek_version,
+        envelope=row.envelope,
+        created_at=row.created_at,
+        edited_at=row.edited_at,
+    )
+
+
+def delete_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
+    """The change event of a sender's deletion of `row` (no envelope: it is gone)."""
+    return ChangeEvent(
+        kind="delete",
+        event_id=event_id,
+        chat_id=row.chat_id,
+        tenant_id=tenant_id,
+        message_id=row.message_id,
+        sender_id=row.sender_id,
+        revision=row.revision,
+        created_at=row.created_at,
+        edited_at=row.edited_at,
+        deleted_at=row.deleted_at,
+    )
+
+
 @dataclass(frozen=True)
 class StoredBatch:
     """What one batch came to: the dead letters, and the change events of what was stored, in
@@ -163,28 +265,182 @@ class StoredBatch:
     changes: list[ChangeEvent]
 
 
+@dataclass
+class _Applied:
+    """The edits and deletions of a batch once checked: what to write and what to publish."""
+
+    edits: list[tuple[PendingChange, EditWrite, StoredMessage]]
+    deletes: list[tuple[PendingChange, StoredMessage]]
+    events: list[tuple[int, ChangeEvent]]  # re-published changes (already applied)
+    rejected: list[Rejected]
+
+
+def _check_changes(
+    changes: Sequence[PendingChange],
+    rows: dict[tuple[uuid.UUID, int], RowForChange],
+    keys: BatchKeys,
+    window_seconds: int,
+    now_ms: int,
+) -> _Applied:
+    """Apply the rules to each change in record order, on the rows as the batch's earlier
+    changes left them (two edits of one message in a batch: the second seals revision r+2)."""
+    applied = _Applied([], [], [], [])
+    crypto_seconds = 0.0
+    for change in changes:
+        m, record = change.message, change.record
+        assert m.event_id is not None  # edits and deletions always carry one (MessageRecord)
+        pair = (m.chat_id, m.message_id)
+        current = rows.get(pair)
+        if current is None:
+            applied.rejected.append(Rejected(record, NO_SUCH_MESSAGE))
+            continue
+        row = current.row
+        if row.sender_id != m.sender_id:
+            applied.rejected.append(Rejected(record, NOT_SENDER))
+            continue
+        if row.deleted_at is not None:
+            if m.kind == "delete" and row.deleted_at == id_time(m.event_id):
+                # This deletion, already applied (a batch retried after a crash before its
+                # events went out): published again so delivery never misses it.
+                applied.events.append(
+                    (change.position, delete_change(row, m.event_id, m.tenant_id))
+                )
+            else:
+                CHANGES_SKIPPED.labels(m.kind, MESSAGE_DELETED).inc()
+            continue
+        if m.kind == "edit" and row.last_event_id is not None and m.event_id <= row.last_event_id:
+            if m.event_id == row.last_event_id:  # applied already: publish its event again
+                applied.events.append((change.position, edit_change(row, m.event_id, m.tenant_id)))
+            else:
+                CHANGES_SKIPPED.labels(m.kind, STALE).inc()
+            continue
+        if reason := m.change_timing_problem(window_seconds, now_ms):
+            applied.rejected.append(Rejected(record, reason))
+            continue
+        changed_at = id_time(m.event_id)
+        if m.kind == "delete":
+            deleted = replace(row, deleted_at=changed_at, envelope=b"")
+            rows[pair] = RowForChange(deleted, None)
+            applied.deletes.append((change, deleted))
+            continue
+        assert m.text is not None  # an edit always has text (MessageRecord._fields_of_kind)
+        key = keys.current(record, m)
+        if key is None:
+            continue
+        if isinstance(key, Rejected):
+            applied.rejected.append(key)
+            continue
+        started = time.perf_counter()
+        revision = row.revision + 1
+        # The row's own sender (checked equal above) and the message id's time: only the
+        # revision changes, so the new envelope opens with the edited row's context and an
+        # older revision's envelope written back into the row does not.
+        envelope = seal(
+            m.text.encode("utf-8"),
+            key,
+            MessageContext(
+                m.chat_id, m.message_id, row.sender_id, revision, id_millis(m.message_id)
+            ),
+        )
+        crypto_seconds += time.perf_counter() - started
+        write = EditWrite(
+            chat_id=m.chat_id,
+            message_id=m.message_id,
+            envelope=envelope,
+            dek_version=key.version,
+            revision=revision,
+            edited_at=changed_at,
+            event_id=m.event_id,
+            timestamp=current.edit_timestamp(m.event_id),
+        )
+        edited = replace(
+            row,
+            envelope=envelope,
+            dek_version=key.version,
+            revision=revision,
+            edited_at=changed_at,
+            last_event_id=m.event_id,
+        )
+        rows[pair] = RowForChange(edited, write.timestamp)
+        applied.edits.append((change, write, edited))
+    _CRYPTO.inc(crypto_seconds)
+    return applied
+
+
 def store_batch(
     records: Sequence[RawRecord],
     keys: KeySource,
     sink: MessageSink,
     states: ChatStates | None = None,
+    edit_window_seconds: int = _DEFAULT_WINDOW,
 ) -> StoredBatch:
-    """One batch: seal every valid record and write them all.
+    """One batch: seal every valid post and write them all, then apply the batch's edits and
+    sender deletions in record order (one row read per message changed).
 
-    Once the rows are written, the messages sealed per DEK version are counted, which rotates
-    a chat whose current version reached the rotation policy's message limit.
+    Once the rows are written, the messages sealed per DEK version (posts and edits) are
+    counted, which rotates a chat whose current version reached the rotation policy's message
+    limit. Raises `StoreUnavailable` / KMS outages (retriable: the whole batch is retried, and
+    every write in it is idempotent).
     """
-    stored, rejected, source = seal_batch(records, keys, states)
+    sealed = seal_batch(records, keys, states)
     started = time.perf_counter()
-    refused = sink.write_many(stored)
-    _STORE.inc(time.perf_counter() - started)
-    rejected += [Rejected(source[r.message_id].record, r.reason) for r in refused]
+    refused = sink.write_many(sealed.stored)
+    store_seconds = time.perf_counter() - started
+    rejected = sealed.rejected
+    rejected += [Rejected(sealed.source[r.message_id].record, r.reason) for r in refused]
     refused_ids = {r.message_id for r in refused}
-    written_rows = [m for m in stored if m.message_id not in refused_ids]
-    if written_rows:
-        keys.record_usage(dict(Tally((m.chat_id, m.dek_version) for m in written_rows)))
-    changes = [post_change(m, source[m.message_id].tenant_id) for m in written_rows]
-    return StoredBatch(rejected, changes)
+    written_rows = [m for m in sealed.stored if m.message_id not in refused_ids]
+    events = [
+        (sealed.position[m.message_id], post_change(m, sealed.source[m.message_id].tenant_id))
+        for m in written_rows
+    ]
+    usage = Tally((m.chat_id, m.dek_version) for m in written_rows)
+    if sealed.changes:
+        # After the posts: an edit of a message posted earlier in this batch finds its row.
+        rows = sink.rows_for_change(
+            {(c.message.chat_id, c.message.message_id) for c in sealed.changes}
+        )
+        applied = _check_changes(
+            sealed.changes,
+            rows,
+            sealed.keys,
+            edit_window_seconds,
+            int(datetime.now(UTC).timestamp() * 1000),
+        )
+        rejected += applied.rejected
+        events += applied.events
+        started = time.perf_counter()
+        refused_edits = sink.write_edits([write for _, write, _ in applied.edits])
+        for _, deleted in applied.deletes:
+            # The admin deletion's marker (envelope dropped at DELETION_TIMESTAMP: no replay of
+            # the post or of an edit brings it back), dated with the deletion's id time.
+            assert deleted.deleted_at is not None
+            sink.mark_deleted(deleted.chat_id, deleted.message_id, deleted.deleted_at)
+        store_seconds += time.perf_counter() - started
+        # A refused edit (Cassandra will not take the row) leaves the row as it was; a later
+        # edit of the same message in this batch was sealed on top of it and still applies.
+        for change, write, edited in applied.edits:
+            if write.event_id in refused_edits:
+                rejected.append(Rejected(change.record, refused_edits[write.event_id]))
+                continue
+            usage[(write.chat_id, write.dek_version)] += 1
+            events.append(
+                (change.position, edit_change(edited, write.event_id, change.message.tenant_id))
+            )
+        for change, deleted in applied.deletes:
+            assert change.message.event_id is not None
+            events.append(
+                (
+                    change.position,
+                    delete_change(deleted, change.message.event_id, change.message.tenant_id),
+                )
+            )
+    _STORE.inc(store_seconds)
+    _KEY_LOOKUP.inc(sealed.keys.lookup_seconds)
+    if usage:
+        keys.record_usage(dict(usage))
+    events.sort(key=lambda event: event[0])
+    return StoredBatch(rejected, [event for _, event in events])
 
 
 def encrypt_and_store(
@@ -192,6 +448,7 @@ def encrypt_and_store(
     keys: KeySource,
     sink: MessageSink,
     states: ChatStates | None = None,
+    edit_window_seconds: int = _DEFAULT_WINDOW,
 ) -> list[Rejected]:
     """`store_batch` for callers that publish no change events: the dead letters only."""
-    return store_batch(records, keys, sink, states).rejected
+    return store_batch(records, keys, sink, states, edit_window_seconds).rejected

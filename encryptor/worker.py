@@ -28,7 +28,7 @@ def run(settings: Settings) -> None:
         stack.callback(changes.close)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            stored = store_batch(records, keys, store, keys.repo)
+            stored = store_batch(records, keys, store, keys.repo, settings.edits.window_seconds)
             # Before the batch is committed (schemas/changes.py): a failure here raises, and the
             # runtime retries the whole batch; the rewrites are idempotent, the events are
             # deduplicated by event id downstream.

@@ -30,7 +30,7 @@ def run(settings: Settings) -> None:
         keys = index_keys(settings, database, actor=STAGE)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            return index_batch(records, index, chats, keys)
+            return index_batch(records, index, chats, keys, settings.edits.window_seconds)
 
         # Bigger, slower batches than the encryptor: OpenSearch prefers fewer, larger bulks.
         run_worker(

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
@@ -23,11 +23,26 @@ from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match
 from starlette.types import Message, Receive, Scope, Send
 
-from ingest.service import MAX_BATCH, MAX_PARTICIPANTS, Accepted, IngestService, NewMessage
+from ingest.service import (
+    MAX_BATCH,
+    MAX_PARTICIPANTS,
+    Accepted,
+    Change,
+    IngestService,
+    NewMessage,
+)
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
 from sealstream.auth import AuthError, Principal, VerifiedTokens
 from sealstream.errors import SealstreamError
-from sealstream.http import ApiError, CurrentPrincipal, CurrentUser, error_body, install
+from sealstream.http import (
+    ApiError,
+    CurrentPrincipal,
+    CurrentUser,
+    MessageIdPath,
+    error_body,
+    install,
+)
+from sealstream.http import message_id as parse_message_id
 from sealstream.settings import Settings
 from sealstream.text_rules import ID_PATTERN, Utf8
 from sealstream.websocket_auth import AUTH_FRAME_SECONDS, accept
@@ -53,15 +68,23 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
 * Text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank.
 * Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
   and never echo the input.
+* A sender edits (`PATCH .../messages/{{message_id}}`) or deletes (`DELETE`) their own message
+  within the edit window (48 h by default) after sending it; `202` carries the change's own
+  `event_id` once Kafka acknowledged it, and the encryptor applies it moments later. A message
+  posted moments ago may not be stored yet: `404 message_not_found`, retry shortly.
 
 **WebSocket** `GET /v1/ws`, authenticated by one of, best first: the subprotocol header
 `Sec-WebSocket-Protocol: bearer, <jwt>` (the server answers `bearer`, never the token), an
 `Authorization: Bearer <jwt>` header, a first frame `{{"auth": "<jwt>"}}` (answered
 `{{"ok": true, "authenticated": true}}`, within {AUTH_FRAME_SECONDS:g} s of opening), or, discouraged
-because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames
-`{{"chat_id", "text", "client_message_id"?}}`; each gets one reply, in order, after Kafka's ack:
-`{{"ok": true, "message_id", "chat_id", "client_message_id", "duplicate"}}` or
-`{{"ok": false, "error": {{"code", "message", "field"?}}}}`. A bad frame does not close the socket.
+because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames: a post
+`{{"chat_id", "text", "client_message_id"?}}` (`"type": "post"` optional), an edit
+`{{"type": "edit", "chat_id", "message_id", "text"}}` or a deletion
+`{{"type": "delete", "chat_id", "message_id"}}` (`message_id` a decimal string or a number). Each
+gets one reply, in order, after Kafka's ack: `{{"ok": true, "message_id", "chat_id",
+"client_message_id", "duplicate"}}` for a post, `{{"ok": true, "type", "chat_id", "message_id",
+"event_id"}}` for an edit or deletion, or `{{"ok": false, "error": {{"code", "message",
+"field"?}}}}` with the code the HTTP route would give. A bad frame does not close the socket.
 The handshake always completes (101); a missing, invalid or expired token then closes the socket
 with code 1008 and a reason (`invalid token`, `token expired`, `authentication required`), and
 the socket is closed with 1008 `token expired` when the token's `exp` passes. A message over the
@@ -123,10 +146,46 @@ class BatchOut(BaseModel):
     accepted: list[AcceptedOut] = Field(description="One entry per message, in request order")
 
 
+class EditIn(Strict):
+    text: str = Field(description=f"The new text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank")
+
+
+class ChangeOut(BaseModel):
+    chat_id: uuid.UUID
+    message_id: str = Field(description="Decimal 64-bit id of the message changed")
+    event_id: str = Field(
+        description="Decimal 64-bit id of this change, greater than message_id; later changes "
+        "have greater ids"
+    )
+
+
 class WsFrame(Strict):
+    """A post frame (the frame grammar's default: a frame without `type` is a post)."""
+
+    type: Literal["post"] | None = None
     chat_id: uuid.UUID
     text: str
     client_message_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LEN)
+
+
+# A message id in a frame: a number or its decimal string, as the replies give it.
+WsMessageId = Annotated[int, Field(ge=1, lt=2**63)]
+
+
+class WsEdit(Strict):
+    type: Literal["edit"]
+    chat_id: uuid.UUID
+    message_id: WsMessageId
+    text: str
+
+
+class WsDelete(Strict):
+    type: Literal["delete"]
+    chat_id: uuid.UUID
+    message_id: WsMessageId
+
+
+_CHANGE_FRAMES: dict[str, type[WsEdit] | type[WsDelete]] = {"edit": WsEdit, "delete": WsDelete}
 
 
 class ErrorDetail(BaseModel):
@@ -150,8 +209,26 @@ _ERRORS = {
 }
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut, "description": _ERRORS[code]} for code in codes}
+# What the statuses mean for an edit or a sender's deletion.
+_CHANGE_ERRORS = {
+    403: "`not_participant`: not a participant of the chat; `not_sender`: the message is "
+    "someone else's",
+    404: "`unknown_chat`: no such chat; `message_not_found`: no such message in the chat, or "
+    "posted moments ago and not stored yet (retry shortly)",
+    410: "`gone`: the chat was deleted; `message_deleted`: the message was deleted",
+    422: "Invalid request (`field` names it: `text`, `path.message_id`); "
+    "`edit_window_passed`: the message is older than the edit window",
+    503: "Postgres, Cassandra or Kafka did not answer within its deadline, or no worker-id "
+    "lease is held; retry after `Retry-After` seconds (an edit may then be applied twice, "
+    "as two revisions of the same text)",
+}
+
+
+def _errors(
+    *codes: int, described: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    texts = {**_ERRORS, **(described or {})}
+    return {code: {"model": ErrorOut, "description": texts[code]} for code in codes}
 
 
 def _out(chat_id: uuid.UUID, item: Accepted) -> dict[str, Any]:
@@ -163,6 +240,15 @@ def _out(chat_id: uuid.UUID, item: Accepted) -> dict[str, Any]:
         "chat_id": str(chat_id),
         "client_message_id": item.client_message_id,
         "duplicate": item.duplicate,
+    }
+
+
+def _change_out(chat_id: uuid.UUID, change: Change) -> dict[str, Any]:
+    """A `ChangeOut` as its JSON object (ids as decimal strings)."""
+    return {
+        "chat_id": str(chat_id),
+        "message_id": str(change.message_id),
+        "event_id": str(change.event_id),
     }
 
 
@@ -256,6 +342,39 @@ def create_app(
         items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
         accepted = await service.post(user, chat_id, items, batch=True)
         return JSONResponse({"accepted": [_out(chat_id, a) for a in accepted]}, status_code=202)
+
+    @app.patch(
+        "/v1/chats/{chat_id}/messages/{message_id}",
+        status_code=202,
+        response_model=ChangeOut,
+        tags=[MESSAGES],
+        summary="Edit one's own message",
+        responses=_errors(401, 403, 404, 410, 422, 503, described=_CHANGE_ERRORS),
+    )
+    async def edit_message(
+        chat_id: ChatId, message_id: MessageIdPath, body: EditIn, user: CurrentUser
+    ) -> JSONResponse:
+        """Publish the new text as the message's next revision; answers once Kafka
+        acknowledged it. Only the sender, within the edit window (`Settings.edits`)."""
+        change = await service.change(user, chat_id, parse_message_id(message_id), body.text)
+        return JSONResponse(_change_out(chat_id, change), status_code=202)
+
+    @app.delete(
+        "/v1/chats/{chat_id}/messages/{message_id}",
+        status_code=202,
+        response_model=ChangeOut,
+        tags=[MESSAGES],
+        summary="Delete one's own message",
+        responses=_errors(401, 403, 404, 410, 422, 503, described=_CHANGE_ERRORS),
+    )
+    async def delete_message(
+        chat_id: ChatId, message_id: MessageIdPath, user: CurrentUser
+    ) -> JSONResponse:
+        """Publish the message's deletion; answers once Kafka acknowledged it. Only the
+        sender, within the edit window; once the encryptor applied it the reader answers 404
+        for it and leaves it out of history and search, as after an operator's deletion."""
+        change = await service.change(user, chat_id, parse_message_id(message_id))
+        return JSONResponse(_change_out(chat_id, change), status_code=202)
 
     @app.websocket("/v1/ws")
     async def websocket(socket: WebSocket) -> None:
@@ -369,17 +488,28 @@ def _frame_error(code: str, message: str, field: str | None = None) -> dict[str,
     return {"ok": False, **error_body(code, message, field)}
 
 
-def _parse_frame(raw: str) -> WsFrame:
-    """The frame as a `WsFrame`; `ValidationError` or `ValueError` (malformed JSON) otherwise.
+class _UnknownFrameType(Exception):
+    """A frame whose `type` is none of post, edit, delete."""
 
-    pydantic's own JSON parser first (one pass, a quarter of the cost of `json.loads` and a
-    validation of its result); a frame it refuses is parsed again the old way, so a refusal
-    answers exactly as before (a lone surrogate, which it calls malformed JSON, is a `text`
-    error there)."""
+
+def _parse_frame(raw: str) -> WsFrame | WsEdit | WsDelete:
+    """The frame as a `WsFrame` (post), `WsEdit` or `WsDelete` by its `type` (absent: a post);
+    `ValidationError`, `_UnknownFrameType` or `ValueError` (malformed JSON) otherwise.
+
+    pydantic's own JSON parser first, as a post (one pass, a quarter of the cost of
+    `json.loads` and a validation of its result); a frame it refuses is parsed again the old
+    way, so a refusal answers exactly as before (a lone surrogate, which it calls malformed
+    JSON, is a `text` error there), and an edit or deletion is validated by its own model."""
     try:
         return WsFrame.model_validate_json(raw)
     except ValidationError:
-        return WsFrame.model_validate(json.loads(raw))
+        frame = json.loads(raw)
+    kind = frame.get("type") if isinstance(frame, dict) else None
+    if kind is None or kind == "post":
+        return WsFrame.model_validate(frame)
+    if not isinstance(kind, str) or kind not in _CHANGE_FRAMES:
+        raise _UnknownFrameType
+    return _CHANGE_FRAMES[kind].model_validate(frame)
 
 
 async def _handle_frame(service: IngestService, user: str, raw: str | None) -> dict[str, Any]:
@@ -391,12 +521,24 @@ async def _handle_frame(service: IngestService, user: str, raw: str | None) -> d
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "frame"
         return _frame_error("invalid_request", f"{field}: {err['msg']}", field)
+    except _UnknownFrameType:
+        return _frame_error(
+            "invalid_request", "type: must be post (or absent), edit or delete", "type"
+        )
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return _frame_error("invalid_request", "frame: malformed JSON", "frame")
     try:
-        [accepted] = await service.post(
-            user, frame.chat_id, [NewMessage(frame.text, frame.client_message_id)], batch=False
-        )
+        if isinstance(frame, WsFrame):
+            [accepted] = await service.post(
+                user,
+                frame.chat_id,
+                [NewMessage(frame.text, frame.client_message_id)],
+                batch=False,
+            )
+            return {"ok": True, **_out(frame.chat_id, accepted)}
+        text = frame.text if isinstance(frame, WsEdit) else None
+        change = await service.change(user, frame.chat_id, frame.message_id, text)
+        return {"ok": True, "type": change.kind, **_change_out(frame.chat_id, change)}
     except ApiError as err:
         return _frame_error(err.code, err.message, err.field)
     except SealstreamError as err:
@@ -408,4 +550,3 @@ async def _handle_frame(service: IngestService, user: str, raw: str | None) -> d
     except Exception as err:  # a bug must not end the socket for every later frame
         log.exception("websocket frame failed", extra={"error": type(err).__name__})
         return _frame_error("internal", "internal error")
-    return {"ok": True, **_out(frame.chat_id, accepted)}

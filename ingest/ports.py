@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 
 
@@ -28,6 +29,17 @@ class ChatDirectory(Protocol):
     def leave(self, chat_id: uuid.UUID, user_id: str) -> ChatRow | None:
         """Remove `user_id` from the chat's participants (audited, announced to live delivery);
         the chat after it, None for an unknown chat."""
+        ...
+
+
+class MessageLookup(Protocol):
+    """Read-only view of the message store (Cassandra): the gateway checks an edit or a
+    sender's deletion against the stored row, and never writes one (the encryptor does)."""
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        """The message's row, deletion marker included (`deleted_at` set); None when no row
+        exists (never posted, not written by the encryptor yet, or removed with its chat or by
+        retention). Blocking; raises `StoreUnavailable` when the store does not answer."""
         ...
 
 

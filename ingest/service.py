@@ -1,4 +1,5 @@
-"""The gateway's logic: who may post where, what a valid message is, ids, idempotency, publishing.
+"""The gateway's logic: who may post where, what a valid message is, ids, idempotency, publishing,
+and the checks of a sender's edit or deletion before it is published.
 
 Plain code over the ports in `ingest.ports`; the HTTP layer only turns requests into these calls.
 Errors meant for the client are `ApiError`s naming the field and the rule, never echoing input.
@@ -8,24 +9,39 @@ released: if Kafka does not acknowledge in time the outcome is unknown, the retr
 `StoreUnavailable` (-> 503) propagates, and the client's retry re-publishes the same record under
 the same message id (the sinks store by id), so one client message id is at most one message.
 Message text is never logged nor put in errors.
+
+An edit or a sender's deletion (`change`) is checked against the chat (Postgres) and the message's
+stored row (Cassandra, read-only), then published as one `MessageRecord` of kind edit/delete with a
+new event id; the encryptor checks it again against the row when it applies it (the row may have
+changed in between), so these checks are for a clear answer to the client, not the last word.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Literal, TypeVar
 
 import anyio
 from anyio import to_thread
 from prometheus_client import Counter, Histogram
 
-from ingest.ports import ChatDirectory, Claim, ClaimConflict, ClaimStore, Granted, RecordPublisher
+from ingest.ports import (
+    ChatDirectory,
+    Claim,
+    ClaimConflict,
+    ClaimStore,
+    Granted,
+    MessageLookup,
+    RecordPublisher,
+)
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES, MessageRecord
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, id_millis, id_time
+from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import KeyNotFound, StoreUnavailable
@@ -51,6 +67,11 @@ BATCH_SIZE = Histogram(
     "Messages per accepted post request",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
 )
+CHANGES = Counter(
+    "sealstream_ingest_changes",
+    "Edits and sender deletions the gateway published (kind: edit, delete)",
+    ["kind"],
+)
 _NEW = MESSAGES.labels("new")
 _DUPLICATE = MESSAGES.labels("duplicate")
 _REPUBLISHED = MESSAGES.labels("republished")
@@ -68,6 +89,22 @@ class Accepted:
     client_message_id: str | None
     # True: an earlier request's message, already acknowledged by Kafka; nothing was published.
     duplicate: bool
+
+
+ChangeKind = Literal["edit", "delete"]
+# Cassandra lookups get threads of their own: a hung Cassandra then holds at most this many
+# threads (each until the driver's request timeout), never the ones posts need for Postgres.
+CASSANDRA_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Change:
+    """An edit or a sender's deletion Kafka acknowledged: the message and the change's own id
+    (a Snowflake id greater than the message id; later changes have higher ids)."""
+
+    kind: ChangeKind
+    message_id: int
+    event_id: int
 
 
 @dataclass
@@ -177,10 +214,21 @@ class IngestService:
         topic: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         postgres_budget: float | None = None,
+        messages: MessageLookup | None = None,
+        edit_window: timedelta = timedelta(hours=48),
+        cassandra_budget: float | None = None,
     ) -> None:
         """`postgres_budget`: seconds a post may spend on its Postgres work, waiting for a
-        worker thread included (None: no bound); past it the post is a retriable 503."""
+        worker thread included (None: no bound); past it the post is a retriable 503.
+        `messages`: the stored rows edits and deletions are checked against (None: the
+        gateway refuses them with a 503); `edit_window`: how long after its id's time a
+        message may be changed by its sender (`Settings.edits.window_seconds`);
+        `cassandra_budget`: seconds for that row's read, as `postgres_budget`."""
         self.chats = chats
+        self.messages = messages
+        self.edit_window = edit_window
+        self.cassandra_budget = cassandra_budget
+        self._cassandra_threads = anyio.CapacityLimiter(CASSANDRA_THREADS)
         self.publisher = publisher
         self.ids = ids
         self.claims = claims
@@ -293,6 +341,99 @@ class IngestService:
             _DUPLICATE.inc(len(plan.accepted) - len(plan.records))
         BATCH_SIZE.observe(len(items))
         return plan.accepted
+
+    async def change(
+        self, user: str, chat_id: uuid.UUID, message_id: int, text: str | None = None
+    ) -> Change:
+        """Publish an edit (`text` given) or a deletion (`text` None) of `user`'s own message;
+        return once Kafka acknowledged it (acks=all).
+
+        `ApiError`s: 422 invalid text (as for posts: `text`); 404 `unknown_chat`, 410 `gone`,
+        403 `not_participant` (as for posts); 404 `message_not_found` (no row: never posted, or
+        not stored by the encryptor yet), 403 `not_sender`, 410 `message_deleted`, 422
+        `edit_window_passed` (older than `edit_window` by its id's time). `StoreUnavailable`
+        (-> 503) when Postgres, Cassandra or Kafka does not answer within its deadline. A retry
+        after a 503 may publish the change twice: an edit then makes one more revision of the
+        same text, a deletion is applied once.
+        """
+        kind: ChangeKind = "delete" if text is None else "edit"
+        if text is not None:
+            check_text(text, "text")
+        chat = self._cached_chat(chat_id, ())
+        if chat is None:
+            chat = await self._in_thread(self.authorize, user, chat_id)
+        else:
+            chat = self._authorized(user, chat_id, chat)
+        row = await self._stored(chat_id, message_id)
+        self._check_change(user, message_id, row)
+        event_id = self.ids.next_id()
+        if event_id <= message_id:
+            # The message's id came from a process whose clock is ahead of ours (ids are
+            # time-ordered); a change must sort after its message, so this one is not made.
+            log.warning(
+                "clock behind a message id",
+                extra={"ahead_ms": id_millis(message_id) - id_millis(event_id)},
+            )
+            raise StoreUnavailable("this gateway's clock is behind the message's id")
+        record = MessageRecord(
+            kind=kind,
+            message_id=message_id,
+            event_id=event_id,
+            chat_id=chat_id,
+            tenant_id=chat.tenant_id,
+            sender_id=user,
+            text=text,
+            sent_at=self._now(),
+        )
+        await self.publisher.publish(self.topic, [(record.key(), record.value())])
+        CHANGES.labels(kind).inc()
+        return Change(kind, message_id, event_id)
+
+    async def _stored(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        """The message's row, read in a thread of the Cassandra lookups' own, within the
+        Cassandra budget (the wait for a thread included)."""
+        if self.messages is None:
+            raise StoreUnavailable("this gateway has no message store for edits and deletions")
+        get = self.messages.get
+        limiter = self._cassandra_threads
+        if self.cassandra_budget is None:
+            return await to_thread.run_sync(get, chat_id, message_id, limiter=limiter)
+        try:
+            with anyio.fail_after(self.cassandra_budget):
+                return await to_thread.run_sync(
+                    get, chat_id, message_id, abandon_on_cancel=True, limiter=limiter
+                )
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Cassandra read not done within {self.cassandra_budget:.1f}s"
+            ) from None
+
+    def _check_change(self, user: str, message_id: int, row: StoredMessage | None) -> None:
+        """The stored row allows `user` to change the message now; `ApiError` otherwise."""
+        if row is None:
+            raise ApiError(
+                404,
+                "message_not_found",
+                f"message {message_id} is not stored in this chat: it does not exist, or it "
+                "was posted moments ago and is not stored yet (retry shortly)",
+                "message_id",
+            )
+        if row.sender_id != user:
+            raise ApiError(
+                403, "not_sender", "only the sender may edit or delete a message", "message_id"
+            )
+        if row.deleted_at is not None:
+            raise ApiError(410, "message_deleted", "this message was deleted", "message_id")
+        age = self._now() - id_time(message_id)
+        if age > self.edit_window:
+            raise ApiError(
+                422,
+                "edit_window_passed",
+                f"message_id: a message may be edited or deleted by its sender for "
+                f"{int(self.edit_window.total_seconds())} s after it was sent; this one was "
+                f"sent {math.ceil(age.total_seconds())} s ago",
+                "message_id",
+            )
 
     async def _in_thread(self, work: Callable[..., _T], *args: object) -> _T:
         """`work(*args)` (blocking Postgres work) in a worker thread, within the budget.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
+from datetime import timedelta
 
 from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
@@ -13,6 +15,7 @@ from fastapi import FastAPI
 from ingest.api import create_app
 from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
+from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import ChatRow, Database
 from sealstream.crypto import TextFingerprints
@@ -20,7 +23,7 @@ from sealstream.errors import StoreUnavailable, WorkerIdConflict
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
-from sealstream.settings import KafkaSettings, Settings
+from sealstream.settings import CassandraSettings, KafkaSettings, Settings
 from sealstream.wiring import key_service
 from sealstream.worker_ids import LeasedIds, lease_worker_id
 
@@ -62,12 +65,51 @@ class AckedPublisher:
         await self.publisher.publish_async(topic, items, timeout=self.deadline)
 
 
+class StoredMessages:
+    """`MessageLookup` on the Cassandra message store, read only.
+
+    It connects at its first use, not at start-up: posts never need Cassandra, so a Cassandra
+    outage must neither stop a gateway from starting nor fail its readiness; only edits and
+    deletions answer 503 until it is back. A failed connection is dropped and tried again by
+    the next lookup."""
+
+    def __init__(self, settings: CassandraSettings) -> None:
+        self.settings = settings
+        self._store: MessageStore | None = None
+        self._lock = threading.Lock()
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        return self._connected().get(chat_id, message_id)
+
+    def _connected(self) -> MessageStore:
+        with self._lock:
+            if self._store is None:
+                store = MessageStore(self.settings)
+                try:
+                    store.connect()
+                    if store.keyspace not in store.session.cluster.metadata.keyspaces:
+                        raise StoreUnavailable(
+                            f"Cassandra keyspace {store.keyspace} missing (run `sealstream migrate`)"
+                        )
+                except BaseException:
+                    store.close()
+                    raise
+                self._store = store
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+
 def _readiness(
     database: Database, kafka: KafkaSettings, ids: LeasedIds
 ) -> Callable[[], Awaitable[bool]]:
     """Ready when it holds a valid worker-id lease, Postgres answers and Kafka has the message
     topic. Redis is not checked: the gateway posts without it (a Redis outage must not take every
-    gateway out of service)."""
+    gateway out of service). Nor is Cassandra: only edits and deletions read it."""
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
 
     def check() -> None:
@@ -105,6 +147,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         claims = PostgresClaims(database, deadlines.idempotency_window_hours)
         claims.start_purging()
         stack.callback(claims.close)
+        messages = StoredMessages(settings.cassandra)
+        stack.callback(messages.close)
         chats = CachedChats(KeyServiceChats(keys))
         # A chat deleted by an operator refuses posts at once, not after the cache's TTL.
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
@@ -116,6 +160,9 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             fingerprints=TextFingerprints(deadlines.fingerprint_key(settings.auth)),
             topic=settings.kafka.messages_topic,
             postgres_budget=deadlines.postgres_deadline_seconds + POSTGRES_QUEUE_GRACE,
+            messages=messages,
+            edit_window=timedelta(seconds=settings.edits.window_seconds),
+            cassandra_budget=deadlines.cassandra_deadline_seconds,
         )
         app = create_app(service, settings, _readiness(database, settings.kafka, ids))
         app.state.worker_ids = ids

@@ -40,6 +40,12 @@ class MessageOut(BaseModel):
     sender_id: str
     text: str
     sent_at: datetime
+    revision: int = Field(
+        ge=1, description="1 as posted; raised by one for each edit its sender made"
+    )
+    edited_at: datetime | None = Field(
+        description="RFC 3339 time of the last edit (from its id's clock); null if never edited"
+    )
 
 
 class PageOut(BaseModel):
@@ -80,6 +86,8 @@ def _out(message: ReadMessage) -> MessageOut:
         sender_id=message.sender_id,
         text=message.text,
         sent_at=message.sent_at,
+        revision=message.revision,
+        edited_at=message.edited_at,
     )
 
 

@@ -16,3 +16,5 @@ class ReadMessage:
     sender_id: str
     text: str
     sent_at: datetime
+    revision: int = 1  # 1 as posted, +1 per edit (the envelope is bound to it)
+    edited_at: datetime | None = None  # the last edit's time; None if never edited

@@ -218,6 +218,8 @@ class EnvelopeOpener:
             sender_id=row.sender_id,
             text=text,
             sent_at=row.created_at,
+            revision=row.revision,
+            edited_at=row.edited_at,
         )
 
 

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.ids import id_millis
+
 SCHEMA_VERSION: Literal[1] = 1
 MAX_TEXT_BYTES = 16 * 1024
 """Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
@@ -24,6 +26,10 @@ MAX_ID_LEN = 128
 MAX_UTC_OFFSET = timedelta(hours=18)
 """Largest UTC offset of `sent_at`: Java's time API, hence OpenSearch, refuses anything beyond."""
 
+
+CHANGE_CLOCK_SKEW_MS = 5 * 60 * 1000
+"""How far ahead of a worker's clock an edit's or deletion's id may be (ids come from leased
+generators on synchronised clocks)."""
 
 MessageKind = Literal["post", "edit", "delete"]
 """What a record asks for: a new message, a new revision of one (its sender's), or its deletion by
@@ -97,12 +103,12 @@ class MessageRecord(BaseModel):
             if self.text is not None:
                 raise ValueError("text: a delete carries no text")
         elif self.text is None:
-            raise ValueError(f"text: required for a {self.kind}")
+            raise ValueError(f"text: required when kind is {self.kind}")
         if self.kind == "post":
             if self.event_id not in (None, self.message_id):
                 raise ValueError("event_id: a post's event id is its message id (leave it out)")
         elif self.event_id is None:
-            raise ValueError(f"event_id: required for a {self.kind}")
+            raise ValueError(f"event_id: required when kind is {self.kind}")
         elif self.event_id <= self.message_id:
             raise ValueError("event_id: must be greater than message_id (made after the message)")
         return self
@@ -111,6 +117,25 @@ class MessageRecord(BaseModel):
     def change_id(self) -> int:
         """The id of this change: `event_id` for an edit or delete, the message id for a post."""
         return self.event_id if self.event_id is not None else self.message_id
+
+    def change_timing_problem(self, window_seconds: int, now_ms: int) -> str | None:
+        """Why an edit or deletion cannot be applied for its timing (a dead-letter reason naming
+        the field), or None; always None for a post. Both workers apply the same rule:
+
+        - made more than `window_seconds` after its message, on the ids' clock (event id's time
+          minus message id's time): a change the gateway accepted in time is not refused for the
+          time it spent in Kafka, and every worker and replay decides alike;
+        - made more than `CHANGE_CLOCK_SKEW_MS` after `now_ms` (Unix ms, the worker's clock): an
+          id far ahead would make every later edit of the message look stale.
+        """
+        if self.event_id is None:
+            return None
+        made = id_millis(self.event_id)
+        if made - id_millis(self.message_id) > window_seconds * 1000:
+            return f"event_id: made more than {window_seconds} s after the message (edit window)"
+        if made > now_ms + CHANGE_CLOCK_SKEW_MS:
+            return "event_id: made in the future (more than the allowed clock skew ahead)"
+        return None
 
     def key(self) -> bytes:
         return str(self.chat_id).encode()

@@ -5,7 +5,9 @@ key, after the blind index was turned on (documents hold plain words) or the key
 The texts come from Cassandra (opened with the chats' DEKs, in memory only), are analysed like
 the indexer does, keyed under the target version and written over the old document at external
 version `reindex_version(target)`: above the indexer's 1 and any earlier re-index, below the
-deletion tombstone's 2^62, so a message deleted meanwhile stays deleted. Search keeps working
+deletion tombstone's 2^62, so a message deleted meanwhile stays deleted. An edited message's
+document is at its last edit's event id (indexer/logic.py): it is written at the row's
+`last_event_id` with `external_gte`, replacing that edit's document but never a newer edit's. Search keeps working
 throughout: queries use every live key version (and plain words while turning on).
 
 Steps, each resumable (progress in Postgres, `search_reindex`):
@@ -276,10 +278,16 @@ class _Writer:
                 sent_at=row.created_at,
                 tokens=keyed_terms(self.key, document_terms(tokens)),
                 index_key_version=self.key.version,
+                version=row.last_event_id,
             )
             for (row, _), tokens in zip(opened, analysed, strict=True)
         ]
-        refused = self.index.index_many(documents, version=self.version)
+        # An edited message's document is at its last edit's event id (indexer/logic.py), above
+        # the re-index's version: it is written at that same version with `external_gte`, which
+        # replaces the document of that edit (same text, re-keyed) but never a newer edit's.
+        edited = [d for d in documents if d.version is not None]
+        refused = self.index.index_many([d for d in documents if d.version is None], self.version)
+        refused += self.index.index_many(edited, version_type="external_gte")
         # A chat deleted while we were writing (its rows read before the deletion, its index
         # documents cleared before our write): take back what we wrote. Every write path of the
         # job (chat pass and sweep) comes through here.

@@ -338,6 +338,9 @@ class GatewaySettings(BaseModel):
     kafka_deadline_seconds: float = Field(default=5.0, gt=0)
     # Each Vault/OpenBao call of chat creation, retries included.
     kms_deadline_seconds: float = Field(default=3.0, gt=0)
+    # The read of a message's row before an edit or a sender's deletion (waiting for a thread
+    # and a first connection included); posts never read Cassandra.
+    cassandra_deadline_seconds: float = Field(default=2.0, gt=0)
     idempotency_window_hours: float = Field(default=24.0, gt=0)
     # Keys the fingerprints of message texts in the claim table (never a plain hash of a text,
     # which a Postgres leak would expose to a dictionary attack). Unset: derived from

@@ -208,6 +208,11 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
         # the sink on the first send, with its own partition count and retention.
         await sink.maybe_declare()
         async for message in messages:
+            if message.kind != "post":
+                # An edit or deletion is no new message (its message was counted when posted);
+                # counting it would also put it in the window of its message's id time, which
+                # may have closed long ago.
+                continue
             chat = str(message.chat_id)
             before: ChatWindow = activity[chat].value()
             after = add_message(before, message)

@@ -1,7 +1,9 @@
 """Cassandra adapter: the primary message store of sealed envelopes.
 
 Rows hold the envelope (never plaintext) and the DEK version. Writes are idempotent by
-(chat, bucket, message id), so a redelivered record rewrites the same row. Driver errors that can
+(chat, bucket, message id), so a redelivered record rewrites the same row. A post is written at
+its id's time as write timestamp and an edit strictly above the row's (`RowForChange`), so a
+replayed post never overwrites a later edit (docs/operations.md, "Edits and sender deletion"). Driver errors that can
 heal (no host, timeouts, unavailable replicas) become the retriable `StoreUnavailable`.
 
 Every deletion (a message's marker, a chat's partitions, retention's ranges) is written with the
@@ -16,7 +18,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -41,7 +43,7 @@ from cassandra.cluster import (
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from schemas.ids import bucket_at, bucket_of
+from schemas.ids import bucket_at, bucket_of, id_millis
 from sealstream.crypto import MessageContext
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import CassandraSettings
@@ -103,6 +105,43 @@ class StoredMessage:
             revision=self.revision,
             created_at_ms=(self.created_at - _UNIX_EPOCH) // _MILLISECOND,
         )
+
+
+_COLUMNS = (
+    "chat_id, message_id, sender_id, dek_version, envelope, created_at, edited_at, deleted_at,"
+    " revision, last_event_id"
+)
+
+
+@dataclass(frozen=True)
+class RowForChange:
+    """A stored row as an edit or a sender's deletion reads it: the row, and the write
+    timestamp (µs) of its envelope (None once deleted: the envelope is gone)."""
+
+    row: StoredMessage
+    envelope_written: int | None
+
+    def edit_timestamp(self, event_id: int) -> int:
+        """The write timestamp (µs) of an edit with id `event_id`: its id's time, or just above
+        the envelope's current one if that is later (a row written before posts were written at
+        their id's time, or re-encrypted since), so the edit always wins over what it read and
+        over any replay of the post, and loses to a deletion (DELETION_TIMESTAMP)."""
+        return max(id_millis(event_id) * 1000, (self.envelope_written or 0) + 1)
+
+
+@dataclass(frozen=True)
+class EditWrite:
+    """One edit to write: the row's new envelope, DEK version and revision, when it was edited
+    (the edit id's time) and the edit's id, at write timestamp `timestamp` (µs)."""
+
+    chat_id: uuid.UUID
+    message_id: int
+    envelope: bytes
+    dek_version: int
+    revision: int
+    edited_at: datetime
+    event_id: int
+    timestamp: int
 
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -199,10 +238,28 @@ class MessageStore:
     def _prepare(self) -> None:
         ks = self.keyspace
         queries = {
+            # Written at the message id's time (µs), not the writer's clock: a replayed post then
+            # never wins over a later edit, written strictly above it (`edit`), nor over a
+            # deletion (DELETION_TIMESTAMP). `stored_at` keeps the server's clock of the write
+            # (benchmarks: post -> stored), since the write timestamp no longer tells it.
+            # A replay writes at the same timestamp as the first write, where Cassandra keeps the
+            # greater value of each cell: the envelope starts with its format byte and
+            # BE32(dek_version) (docs/format.md), so the envelope kept is one of the greater DEK
+            # version, as is the `dek_version` kept: the row stays consistent (both open).
             "insert": f"INSERT INTO {ks}.messages (chat_id, bucket, message_id, sender_id,"
-            " dek_version, envelope, created_at, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " dek_version, envelope, created_at, revision, stored_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, toTimestamp(now())) USING TIMESTAMP ?",
             "get": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id = ?",
+            # A row as an edit or a sender's deletion needs it: with the write timestamp of its
+            # envelope, which the edit's write must exceed.
+            "get_for_change": f"SELECT {_COLUMNS}, WRITETIME(envelope) AS envelope_written"
+            f" FROM {ks}.messages WHERE chat_id = ? AND bucket = ? AND message_id = ?",
+            # An edit: the new revision's envelope, at a write timestamp above the row's
+            # (`RowForChange.edit_timestamp`), below DELETION_TIMESTAMP.
+            "edit": f"UPDATE {ks}.messages USING TIMESTAMP ?"
+            " SET envelope = ?, dek_version = ?, revision = ?, edited_at = ?, last_event_id = ?"
+            " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
             "page": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id < ? LIMIT ?",
             # Deleting a message keeps a marker row but drops its ciphertext.
@@ -302,6 +359,7 @@ class MessageStore:
             m.envelope,
             m.created_at,
             m.revision,
+            id_millis(m.message_id) * 1000,
         )
 
     @staticmethod
@@ -337,6 +395,72 @@ class MessageStore:
         )
         return None if row is None else _row(row)
 
+    def rows_for_change(
+        self, messages: Collection[tuple[uuid.UUID, int]]
+    ) -> dict[tuple[uuid.UUID, int], RowForChange]:
+        """The rows of (chat id, message id) pairs with their envelope's write timestamp, read
+        concurrently (one read each); a pair without a row is absent from the answer. Raises
+        `StoreUnavailable` (retriable)."""
+        if not messages:
+            return {}
+        pairs = list(messages)
+        statement = self._stmt("get_for_change")
+        results = self._run(
+            lambda: execute_concurrent(
+                self.session,
+                [(statement, (chat, bucket_of(message), message)) for chat, message in pairs],
+                concurrency=self.concurrency,
+                raise_on_first_error=True,
+            )
+        )
+        found: dict[tuple[uuid.UUID, int], RowForChange] = {}
+        for pair, (_, result) in zip(pairs, results, strict=True):
+            row = result.one()
+            # A row holding only a deletion marker (deleted before its post was ever stored)
+            # has no message to change: absent.
+            if row is not None and row.created_at is not None:
+                found[pair] = RowForChange(_row(row), row.envelope_written)
+        return found
+
+    def write_edits(self, edits: Sequence[EditWrite]) -> dict[int, str]:
+        """Write edits concurrently (each at its own write timestamp, so several edits of one
+        message end with the highest whatever the order they land in); returns the reasons of
+        those Cassandra refused for good, by event id (no value in a reason). Raises
+        `StoreUnavailable` if any failed for a reason that can heal (the caller retries: the
+        writes are idempotent)."""
+        if not edits:
+            return {}
+        statement = self._stmt("edit")
+        params = [
+            (
+                e.timestamp,
+                e.envelope,
+                e.dek_version,
+                e.revision,
+                e.edited_at,
+                e.event_id,
+                e.chat_id,
+                bucket_of(e.message_id),
+                e.message_id,
+            )
+            for e in edits
+        ]
+        results = self._run(
+            lambda: execute_concurrent(
+                self.session,
+                [(statement, p) for p in params],
+                concurrency=self.concurrency,
+                raise_on_first_error=False,
+                execution_profile=_WRITE,
+            )
+        )
+        refused: dict[int, str] = {}
+        for (ok, result), e in zip(results, edits, strict=True):
+            if not ok:
+                self._raise_unless_refused(result, len(edits))
+                refused[e.event_id] = _refusal(result)
+        return refused
+
     def history(
         self, chat_id: uuid.UUID, before_id: int, oldest_ms: int, limit: int
     ) -> Iterator[StoredMessage]:
@@ -371,16 +495,21 @@ class MessageStore:
                 cursor = before_id
 
     def written_at(self, chat_id: uuid.UUID, message_id: int) -> float | None:
-        """When a row's envelope was written (seconds since the epoch, from the write timestamp
-        the writer's driver attached), or None if there is no such row. For benchmarks."""
+        """When a row was stored (seconds since the epoch, Cassandra's clock at the post's
+        write: `stored_at`, ms precision), or None if there is no such row. For benchmarks.
+        Rows stored before that column existed give their envelope's write timestamp."""
         row = self._run(
             lambda: self.session.execute(
-                f"SELECT writetime(envelope) FROM {self.keyspace}.messages"
+                f"SELECT stored_at, writetime(envelope) FROM {self.keyspace}.messages"
                 " WHERE chat_id = %s AND bucket = %s AND message_id = %s",
                 (chat_id, bucket_of(message_id), message_id),
             ).one()
         )
-        return None if row is None or row[0] is None else row[0] / 1_000_000
+        if row is None:
+            return None
+        if row[0] is not None:
+            return float(row[0].replace(tzinfo=UTC).timestamp())
+        return None if row[1] is None else row[1] / 1_000_000
 
     def scan_chat(
         self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int, page_size: int = 500

@@ -8,7 +8,9 @@ and excluded from `_source`. OpenSearch's translog and recovery source do keep w
 which is why only terms are indexed (docs/security.md). The index answers "which messages hold all
 these words"; the reader decrypts them from Cassandra.
 Documents use the message id as `_id` and external version 1, so a redelivered record is refused
-with a version conflict, which means "already indexed" and counts as done. A deleted message's
+with a version conflict, which means "already indexed" and counts as done. An edit's document is
+written at its edit's event id as version (Snowflake ids grow with time, and stay below 2^62
+until 2060), so a replayed post or an older edit conflicts and never replaces a newer text. A deleted message's
 document is replaced by a tombstone (no tokens, `deleted: true`) at version `DELETION_VERSION`,
 above any version the indexer writes, so no redelivery or replay can index its words again.
 """
@@ -58,6 +60,21 @@ class IndexedMessage:
     sent_at: datetime
     tokens: list[str]  # the final index terms, sorted and distinct (keyed for a blind tenant)
     index_key_version: int | None = None  # the blind index key version; None = plain tokens
+    version: int | None = None  # external version of this document; None: `index_many`'s
+
+
+@dataclass(frozen=True)
+class IndexedDocument:
+    """What the index holds for a message id now (`current_documents`): enough to check an edit
+    or deletion against, never its terms. `deleted`: a deletion tombstone (no sender)."""
+
+    message_id: int
+    chat_id: str
+    sender_id: str | None
+    tenant_id: str | None
+    sent_at: str | None
+    deleted: bool
+    version: int
 
 
 @dataclass(frozen=True)
@@ -454,29 +471,35 @@ class SearchIndex:
         return result
 
     def index_many(
-        self, messages: list[IndexedMessage], version: int = MESSAGE_VERSION
+        self,
+        messages: list[IndexedMessage],
+        version: int = MESSAGE_VERSION,
+        version_type: Literal["external", "external_gte"] = "external",
     ) -> list[RefusedDocument]:
         """Bulk index; returns the documents OpenSearch refused one by one (permanent).
 
         Raises `StoreUnavailable` when the request as a whole failed (node unreachable, overload)
         or when any item failed with a status that can heal (429, 502-504): the caller retries
         the whole set, which is idempotent by `_id`. `version`: the external version written
-        (the indexer's `MESSAGE_VERSION`; the blind re-index writes `reindex_version(v)`).
+        unless a document names its own (the indexer's `MESSAGE_VERSION`, an edit's event id;
+        the blind re-index writes `reindex_version(v)`, or an edited row's last event id with
+        `external_gte`, which replaces the document of that same edit: re-keyed).
         """
         if not messages:
             return []
-        if not MESSAGE_VERSION <= version < DELETION_VERSION:
+        versions = [version if m.version is None else m.version for m in messages]
+        if not all(MESSAGE_VERSION <= v < DELETION_VERSION for v in versions):
             raise ValueError(f"version must be in [{MESSAGE_VERSION}, {DELETION_VERSION})")
         actions = [
             {
                 "_op_type": "index",
                 "_index": self.index,
                 "_id": str(m.message_id),
-                "version": version,
-                "version_type": "external",
+                "version": v,
+                "version_type": version_type,
                 "_source": _document(m),
             }
-            for m in messages
+            for m, v in zip(messages, versions, strict=True)
         ]
         _, errors = self._run(
             lambda: helpers.bulk(self._client, actions, raise_on_error=False, stats_only=False)
@@ -517,6 +540,33 @@ class SearchIndex:
             for doc in found["docs"]
             if doc.get("found") and doc["_source"].get("chat_id") != chats.get(doc["_id"])
         ]
+
+    def current_documents(self, message_ids: list[int]) -> dict[int, IndexedDocument]:
+        """The documents the index holds now under these ids (real-time `mget`, no refresh
+        needed), absent ones left out. Raises `StoreUnavailable` (retriable)."""
+        if not message_ids:
+            return {}
+        ids = sorted({str(i) for i in message_ids})
+        found = self._run(
+            lambda: self._client.mget(
+                index=self.index,
+                body={"ids": ids},
+                _source=["chat_id", "sender_id", "tenant_id", "sent_at", "deleted"],
+            )
+        )
+        return {
+            int(doc["_id"]): IndexedDocument(
+                message_id=int(doc["_id"]),
+                chat_id=str(doc["_source"].get("chat_id")),
+                sender_id=doc["_source"].get("sender_id"),
+                tenant_id=doc["_source"].get("tenant_id"),
+                sent_at=doc["_source"].get("sent_at"),
+                deleted=bool(doc["_source"].get("deleted")),
+                version=int(doc["_version"]),
+            )
+            for doc in found["docs"]
+            if doc.get("found")
+        }
 
     def search_chat(self, chat_id: uuid.UUID, query: str, limit: int = 20) -> list[int]:
         """Ids of the chat's messages matching every word of `query`, best first.

@@ -321,15 +321,15 @@ def _latency_at(
 ) -> tuple[list[float], list[float], list[float]]:
     """Post batches of `per_request` at `rate` messages/s and return three sets of latencies:
     post -> the last message of the request returned by the reader (for one request in
-    `reader_every`), post -> its row's write timestamp (every request), post -> the gateway's
+    `reader_every`), post -> its row's store time (every request), post -> the gateway's
     202 (every request). The first `settle` seconds at that rate are not measured: right after the
     sustained phase Cassandra flushes and compacts what it just took in.
 
     "Readable" is the reader's answer: its client polls every 10 ms once the 202 is in, which
     over-states each latency by up to 10 ms and loads the machine with the polls, so the figure is
-    conservative. The write timestamp (set by the encryptor's driver when it sends the write,
-    read back afterwards) costs nothing to measure but comes before the write has been applied:
-    it is a lower bound, reported beside.
+    conservative. The store time (`MessageStore.written_at`: Cassandra's clock as the
+    coordinator executes the write, read back afterwards) costs nothing to measure but comes
+    before the write is acknowledged: it is a lower bound, reported beside.
     """
     interval = per_request / rate
     posted: list[tuple[uuid.UUID, int, float]] = []

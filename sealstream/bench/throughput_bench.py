@@ -13,8 +13,8 @@ and drives them from one asyncio load generator in this process (`load_generator
 4. the same batched load with 2 and 3 encryptor processes (written rate and end-to-end rate);
 5. an offered-load sweep of single-message WebSocket traffic at fractions of the sustained rate
    of step 2: achieved rate, post -> ack and post -> written p50/p99. "Written" is the row's
-   Cassandra write time (`WRITETIME(envelope)`, µs, set by the encryptor's driver when it sends
-   the batch; same host clock as the load generator's send time): a lower bound of "readable"
+   Cassandra store time (`MessageStore.written_at`: the row's `stored_at`, Cassandra's clock in
+   ms as the coordinator executes the batch; same host clock as the load generator's send time): a lower bound of "readable"
    by the write's own round trip, and measured without polling the reader. The 0.5 point is
    the "p99 post -> readable at half the sustained rate" figure;
 6. the plaintext baseline (`plaintext_baseline`): the product workers are stopped, the gateways

@@ -103,7 +103,11 @@ def test_ingest_api_matches_its_description(
     ingest_api: schemathesis.BaseSchema, live: Pipeline
 ) -> None:
     token = mint_token(live.settings.auth, "fuzzer")
-    assert "POST /v1/chats" in fuzz(ingest_api, live.ingest_url, token)
+    assert {
+        "POST /v1/chats",
+        "PATCH /v1/chats/{chat_id}/messages/{message_id}",
+        "DELETE /v1/chats/{chat_id}/messages/{message_id}",
+    } <= set(fuzz(ingest_api, live.ingest_url, token))
 
 
 def test_reader_api_matches_its_description(

@@ -544,6 +544,56 @@ def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
     assert "index_key_rotated" in actions and "index_key_destroyed" in actions
 
 
+def test_a_rotation_reindex_rekeys_an_edited_message_and_completes(
+    blind: Blind, enabled: dict[str, object], database: Database
+) -> None:
+    """An edited message's document is at its edit's event id, above the re-index's version:
+    the re-index must still re-key it (else the sweep finds it stale for ever and the job never
+    completes) and must not bring the pre-edit words back."""
+    tenant = blind.blind_tenant
+    chat = blind.chat(tenant)
+    [message_id] = blind.post(chat, ["before the edit: albatross"])
+    edit = MessageRecord(
+        kind="edit",
+        message_id=message_id,
+        event_id=blind.ids.next_id(),
+        chat_id=chat,
+        tenant_id=tenant,
+        sender_id="alice",
+        text="after the edit: cormorant",
+        sent_at=datetime.now(UTC),
+    )
+    records = [RawRecord("t", 0, 0, edit.key(), edit.value())]
+    chats = ChatKeyRepository(database)
+    assert encrypt_and_store(records, blind.keys, blind.store, chats) == []
+    assert index_batch(records, blind.index, chats, blind.index_keys) == []
+    new_version = blind.index_keys.rotate(tenant, "rotation after an edit")
+
+    report = reindex_tenant(
+        blind.index_keys, blind.keys, blind.store, blind.index, tenant, purge_seconds=1.0
+    )
+    assert report.completed and report.target_version == new_version
+    assert blind.index.stale_documents(tenant, new_version) == []
+    document = blind.index.current_documents([message_id])[message_id]
+    assert document.version == edit.event_id  # that edit's document, re-keyed in place
+    key = blind.index_keys.current(tenant)
+    assert key is not None and key.version == new_version
+
+    def holding(word: str) -> int:
+        term = {"term": {"tokens": keyed_term(key, word)}}
+        query = {"bool": {"filter": [{"term": {"chat_id": str(chat)}}, term]}}
+        return int(
+            blind.index._client.count(index=blind.index.index, body={"query": query})["count"]
+        )
+
+    assert (holding("cormorant"), holding("albatross")) == (1, 0)
+    time.sleep(1.1)  # the reader's index-key list lives 1 s
+    app, close = build_reader(blind.settings)
+    with TestClient(app) as reader:
+        assert found(reader, blind.settings, chat, "cormorant") == ["after the edit: cormorant"]
+    close()
+
+
 def test_migrate_adds_the_key_version_field_to_an_index_made_before(settings: Settings) -> None:
     import json
     from importlib import resources

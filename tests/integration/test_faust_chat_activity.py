@@ -208,6 +208,19 @@ def test_chat_activity_windows_equal_what_was_produced(
         (chat_b.encode(), f"{marker} not JSON".encode()),
         (old[0].key(), old[0].value()),  # the same record again: counted once
     ]
+    # Edits and deletions are no new messages: not counted (their sender neither, which here
+    # is one the window has not seen: counted, it would show as a distinct sender).
+    for kind, text in (("edit", f"{marker} edited"), ("delete", None)):
+        change = MessageRecord(
+            kind=kind,
+            message_id=old[0].message_id,
+            event_id=ids.next_id(),
+            chat_id=old[0].chat_id,
+            sender_id="henry",
+            text=text,
+            sent_at=datetime.now(UTC),
+        )
+        records.append((change.key(), change.value()))
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "enable.idempotence": True})
     for key, value in records:
         producer.produce(kafka.messages_topic, key=key, value=value)

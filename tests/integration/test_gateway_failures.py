@@ -33,9 +33,11 @@ from tests.conftest import require_port
 from tests.integration.conftest import host_port
 from tests.tcp_proxy import TcpProxy, free_port, proxy
 
-# Generous bounds for "answered within its deadline" on a loaded 2-core machine: the deadlines
-# are 2 s (Postgres) and 5 s (Kafka); the old gateway took 30 s, 75 s or forever.
-POSTGRES_BOUND = 10.0
+# Bounds for "answered without waiting out the hung server": the deadlines are 2 s (Postgres) and
+# 5 s (Kafka); the old gateway took 30 s, 75 s or forever. Not speed checks: they sit well above
+# the deadlines because a 2-core machine under a concurrent load of 14 answered a 48-post burst's
+# slowest post in 11 s (10 s was the bound then), and still well below the old waits.
+POSTGRES_BOUND = 20.0
 KAFKA_BOUND = 20.0
 POSTS = 48
 

@@ -34,6 +34,7 @@ from sealstream.errors import StoreUnavailable
 from sealstream.services import settings_env, spawn, stop
 from sealstream.settings import HttpSettings, Settings
 from tests.integration.test_gateway_failures import (
+    POSTGRES_BOUND,
     Gateway,
     base,  # noqa: F401 - the module's topics, a fixture
     gateway,
@@ -42,8 +43,6 @@ from tests.integration.test_gateway_failures import (
     topic_ids,
 )
 from tests.tcp_proxy import free_port, proxy
-
-POSTGRES_BOUND = 10.0
 
 
 @pytest.fixture(scope="module")

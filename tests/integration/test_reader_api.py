@@ -152,6 +152,8 @@ def test_one_message_reads_back_exact(client: TestClient, seed: Seeder, as_user)
         "sender_id": "bob",
         "text": f"hello {NON_ASCII}",
         "sent_at": body["sent_at"],
+        "revision": 1,  # as posted: never edited
+        "edited_at": None,
     }
     sent_at = datetime.fromisoformat(body["sent_at"])
     assert int(sent_at.timestamp() * 1000) == id_millis(message_id)

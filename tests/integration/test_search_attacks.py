@@ -6,8 +6,8 @@ from __future__ import annotations
 import string
 import time
 import uuid
-from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi.testclient import TestClient
 
@@ -146,7 +146,8 @@ def test_a_row_that_never_opens_does_not_hold_a_reindex_open_with_plain_words(
     assert row is not None
     tampered = bytearray(row.envelope)
     tampered[-1] ^= 1  # the GCM tag no longer matches
-    blind.store.write_many([replace(row, envelope=bytes(tampered))])
+    # A direct write: the encryptor's own (at the post's write timestamp) would lose the tie.
+    blind.store.overwrite_envelope(chat, bad, bytes(tampered))
     stored = blind.store.get(chat, bad)
     assert stored is not None and stored.envelope == bytes(tampered)
     blind.index_keys.enable(tenant, "unreadable row test")
@@ -187,14 +188,17 @@ class _DeletesTheChatBeforeAWrite(SearchIndex):
         self.fired = False
 
     def index_many(
-        self, messages: list[IndexedMessage], version: int = MESSAGE_VERSION
+        self,
+        messages: list[IndexedMessage],
+        version: int = MESSAGE_VERSION,
+        version_type: Literal["external", "external_gte"] = "external",
     ) -> list[RefusedDocument]:
         if self.armed and any(m.chat_id == self.chat for m in messages):
             self.armed = False
             b = self.blind
             delete_chat(b.keys, b.index, b.store, self.chat, "deleted during the re-index")
             self.fired = True
-        return super().index_many(messages, version)
+        return super().index_many(messages, version, version_type)
 
 
 def test_a_chat_deleted_during_the_sweep_leaves_no_document(blind: Blind, run_id: str) -> None:

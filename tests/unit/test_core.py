@@ -13,6 +13,7 @@ import jwt
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from schemas.changes import ChangeEvent
 from schemas.events import MAX_TEXT_BYTES, MessageRecord, decode_record, export_json_schema
 from schemas.ids import BUCKET_MS, EPOCH_MS, SnowflakeIds, bucket_at, bucket_of, id_millis
 from sealstream.auth import AuthError, Principal, mint_token, verify_principal, verify_token
@@ -95,6 +96,49 @@ def test_key_mismatch_and_garbage_go_to_dead_letters() -> None:
 
 
 # --- message ids -------------------------------------------------------------------------------
+
+
+def test_edits_and_deletes_carry_their_own_later_event_id_and_only_an_edit_has_text() -> None:
+    ids = SnowflakeIds(1)
+    message_id, event_id = ids.next_id(), ids.next_id()
+    edit = record(kind="edit", message_id=message_id, event_id=event_id, text="new")
+    assert edit.change_id == event_id and record(message_id=message_id).change_id == message_id
+    delete = record(kind="delete", message_id=message_id, event_id=event_id, text=None)
+    assert MessageRecord.model_validate_json(delete.value()) == delete
+    refused = {
+        "text: required when kind is post": {"text": None},
+        "text: required when kind is edit": {"kind": "edit", "event_id": event_id, "text": None},
+        "text: a delete carries no text": {"kind": "delete", "event_id": event_id},
+        "event_id: required when kind is delete": {"kind": "delete", "text": None},
+        "event_id: must be greater than message_id": {"kind": "edit", "event_id": message_id},
+        "event_id: a post's event id is its message id": {"event_id": event_id},
+        "kind": {"kind": "undo"},
+    }
+    for reason, fields in refused.items():
+        result = decode_record(
+            json.dumps({**json.loads(record(message_id=message_id).value()), **fields}).encode(),
+            record(message_id=message_id).key(),
+        )
+        assert isinstance(result, str) and reason in result, (reason, result)
+        assert "hello" not in result
+
+
+def test_change_events_round_trip_with_the_envelope_as_base64() -> None:
+    event = ChangeEvent(
+        kind="post",
+        event_id=7,
+        chat_id=uuid.uuid4(),
+        tenant_id="acme",
+        message_id=7,
+        sender_id="alice",
+        revision=1,
+        dek_version=3,
+        envelope=bytes(range(256)),
+        created_at=datetime.now(UTC),
+    )
+    assert ChangeEvent.model_validate_json(event.value()) == event
+    assert event.key() == str(event.chat_id).encode()
+    assert isinstance(json.loads(event.value())["envelope"], str)
 
 
 def test_snowflake_ids_increase_and_encode_time_and_bucket() -> None:

@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -19,11 +19,13 @@ from ingest.service import (
     MAX_PARTICIPANTS,
     Accepted,
     CachedChats,
+    Change,
     IngestService,
     NewMessage,
 )
 from schemas.events import MAX_TEXT_BYTES, MessageRecord
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, first_id_at, id_time
+from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import KeyNotFound, StoreUnavailable
@@ -458,3 +460,107 @@ def test_posts_served_from_the_chat_cache_keep_every_rule_without_a_worker_threa
         err = error_of(service.post, "bob", chat, [NewMessage("after deletion")])
         assert (err.status, err.code) == (410, "gone")
     assert directory.gets == gets + 1 and len(publisher.records) == 2
+
+
+# --- edits and deletions by the sender ---------------------------------------------------------
+
+
+class FakeMessages:
+    """The message store's rows, read only (`MessageLookup`)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[uuid.UUID, int], StoredMessage] = {}
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        return self.rows.get((chat_id, message_id))
+
+    def add(self, chat_id: uuid.UUID, message_id: int, sender: str) -> int:
+        self.rows[(chat_id, message_id)] = StoredMessage(
+            chat_id, message_id, sender, 1, b"sealed", id_time(message_id)
+        )
+        return message_id
+
+
+def changes(now: datetime, ids: SnowflakeIds | None = None) -> tuple[Any, FakeMessages, Any]:
+    """A service with a one-hour edit window whose clock reads `now`."""
+    chats, publisher, messages = FakeChats(), FakePublisher(), FakeMessages()
+    service = IngestService(
+        chats,
+        publisher,
+        ids or SnowflakeIds(7),
+        FakeClaims(),
+        TextFingerprints(b"unit-test fingerprint secret"),
+        topic="messages",
+        clock=lambda: now,
+        messages=messages,
+        edit_window=timedelta(hours=1),
+    )
+    return Sync(service), messages, publisher
+
+
+def change(service: Sync, *args: Any) -> Change:
+    return asyncio.run(service.service.change(*args))
+
+
+def change_error(service: Sync, *args: Any) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        change(service, *args)
+    return caught.value
+
+
+def test_a_change_is_allowed_up_to_the_end_of_the_window_and_refused_after() -> None:
+    now = datetime.now(UTC).replace(microsecond=0)  # ids have milliseconds
+    service, messages, publisher = changes(now)
+    chat = service.create_chat("alice", ["bob"]).chat_id
+    sent = int(now.timestamp() * 1000) - 3600 * 1000  # exactly one window ago
+    at_edge = messages.add(chat, first_id_at(sent), "alice")
+    past = messages.add(chat, first_id_at(sent - 1), "alice")  # one millisecond more
+
+    done = change(service, "alice", chat, at_edge, "new text")
+    assert done.kind == "edit" and done.message_id == at_edge and done.event_id > at_edge
+    err = change_error(service, "alice", chat, past)
+    assert (err.status, err.code, err.field) == (422, "edit_window_passed", "message_id")
+    assert "for 3600 s" in err.message and "3601 s ago" in err.message
+    [record] = publisher.decoded()
+    assert (record.kind, record.event_id, record.text) == ("edit", done.event_id, "new text")
+
+
+def test_a_change_is_checked_in_order_chat_row_sender_deletion() -> None:
+    now = datetime.now(UTC)
+    service, messages, publisher = changes(now)
+    chat = service.create_chat("alice", ["bob"]).chat_id
+    mine = messages.add(chat, SnowflakeIds(3).next_id(), "alice")
+    # Someone else's deleted message: "not yours" comes before "deleted".
+    messages.rows[(chat, mine)] = replace(messages.rows[(chat, mine)], deleted_at=now)
+    assert change_error(service, "bob", chat, mine).code == "not_sender"
+    assert change_error(service, "alice", chat, mine).code == "message_deleted"
+    assert change_error(service, "carol", chat, mine).code == "not_participant"
+    assert change_error(service, "alice", chat, mine + 1).code == "message_not_found"
+    # Invalid text is refused before anything is read.
+    assert change_error(service, "carol", chat, mine, " ").field == "text"
+    assert publisher.records == []
+
+
+def test_a_change_is_a_retriable_error_without_a_store_or_with_a_clock_behind_the_message() -> None:
+    service = Sync(
+        IngestService(
+            FakeChats(),
+            FakePublisher(),
+            SnowflakeIds(7),
+            FakeClaims(),
+            TextFingerprints(b"unit-test fingerprint secret"),
+            topic="m",
+        )
+    )
+    chat = service.create_chat("alice", []).chat_id
+    with pytest.raises(StoreUnavailable):
+        change(service, "alice", chat, SnowflakeIds(3).next_id())
+
+    now = datetime.now(UTC)
+    late_clock = SnowflakeIds(7, clock_ms=lambda: int(now.timestamp() * 1000) - 60_000)
+    service, messages, publisher = changes(now, late_clock)
+    chat = service.create_chat("alice", []).chat_id
+    ahead = messages.add(chat, first_id_at(int(now.timestamp() * 1000)), "alice")
+    with pytest.raises(StoreUnavailable):  # its event id would sort before the message
+        change(service, "alice", chat, ahead)
+    assert publisher.records == []
