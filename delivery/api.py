@@ -171,7 +171,8 @@ def create_app(
                 remaining = seconds_left(principal)
                 if remaining is not None and remaining <= 0:
                     return
-                wait = keepalive if remaining is None else min(keepalive, remaining)
+                # A little past the expiry: the loop's clock and the wall clock of `exp` differ.
+                wait = keepalive if remaining is None else min(keepalive, remaining + 0.05)
                 try:
                     frame = await asyncio.wait_for(outbox.queue.get(), wait)
                 except TimeoutError:

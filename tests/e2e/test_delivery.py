@@ -298,7 +298,8 @@ def test_an_sse_stream_ends_after_removed_and_when_its_token_expires(
         for line in response.iter_lines():  # a keep-alive comment at least every 15 s
             seen.append(line)
             assert time.monotonic() - started < 40, "the stream outlived its token"
-    assert seen == [": subscribed", ""]
+    assert seen[:2] == [": subscribed", ""]
+    assert not [line for line in seen if line.startswith(("data:", "event:"))]
 
 
 def test_a_cursor_older_than_the_edit_window_is_expired(
@@ -363,3 +364,75 @@ def test_every_client_on_either_process_gets_every_message_of_its_chats(
             for f in frames:
                 got.setdefault(f["chat_id"], []).append(f["message_id"])
             assert got == sent
+
+
+# --- edits and sender deletions through the gateway (PATCH / DELETE of a message) ------------
+
+
+def _publish_change(pipe: Pipeline, kind: str, chat: str, message_id: str, text: str | None) -> int:
+    """An edit (PATCH) or a deletion (DELETE) by its sender through the gateway; its event id."""
+    url = f"{pipe.ingest_url}/v1/chats/{chat}/messages/{message_id}"
+    if kind == "edit":
+        answer = httpx.patch(url, json={"text": text}, headers=pipe.token("alice"), timeout=30)
+    else:
+        answer = httpx.delete(url, headers=pipe.token("alice"), timeout=30)
+    assert answer.status_code == 202, answer.text
+    return int(answer.json()["event_id"])
+
+
+def _reads(pipe: Pipeline, chat: str, message_id: str) -> httpx.Response:
+    return httpx.get(
+        f"{pipe.reader_url}/v1/chats/{chat}/messages/{message_id}",
+        headers=pipe.token("bob"),
+        timeout=30,
+    )
+
+
+def test_edits_and_deletions_reach_subscribers_live_and_on_resume(
+    live: tuple[Pipeline, list[str]],
+) -> None:
+    pipe, urls = live
+    chat = create_chat(pipe, "alice", ["bob"])
+    with _ws(urls[0], pipe, "bob") as ws:
+        _subscribe(ws, chat)
+        edited = _post(pipe, "alice", chat, "first text")
+        doomed = _post(pipe, "alice", chat, "deleted later")
+        _changes(ws, 2)
+        wait_until(_stored(pipe, "bob", chat, [edited, doomed]), what="posts stored")
+        edit_id = _publish_change(pipe, "edit", chat, edited, "second text")
+        [edit] = _changes(ws, 1)
+    assert (edit["type"], edit["message_id"], edit["event_id"]) == ("edit", edited, str(edit_id))
+    assert (edit["text"], edit["revision"]) == ("second text", 2)
+    assert edit["edited_at"] is not None
+    cursor = edit["event_id"]
+    # While away: a second edit, a deletion, a new post.
+    second_edit = _publish_change(pipe, "edit", chat, edited, "third text")
+    _publish_change(pipe, "delete", chat, doomed, None)
+    newer = _post(pipe, "alice", chat, "posted while away")
+    wait_until(
+        lambda: (
+            _reads(pipe, chat, edited).json().get("text") == "third text"
+            and _reads(pipe, chat, doomed).status_code == 404
+        ),
+        what="the edit and the deletion applied",
+    )
+    wait_until(_stored(pipe, "bob", chat, [newer]), what="the new post stored")
+    with _ws(urls[1], pipe, "bob") as ws:
+        _subscribe(ws, chat, cursor)
+        frames = _changes(ws, 3)
+        frames += _quiet(ws, 1.0)
+        doomed_later = _publish_change(pipe, "delete", chat, edited, None)
+        [live_delete] = _changes(ws, 1)
+    changes = [f for f in frames if f["type"] in CHANGE_TYPES]
+    assert [(f["type"], f["message_id"]) for f in changes] == [
+        ("edit", edited),
+        ("delete", doomed),
+        ("message", newer),
+    ]
+    assert changes[0]["event_id"] == str(second_edit)
+    assert (changes[0]["text"], changes[0]["revision"]) == ("third text", 3)
+    assert "text" not in changes[1] and changes[1]["deleted_at"]
+    ids = [int(f["event_id"]) for f in changes]
+    assert ids == sorted(ids) and ids[0] > int(cursor)
+    assert (live_delete["type"], live_delete["message_id"]) == ("delete", edited)
+    assert live_delete["event_id"] == str(doomed_later)
