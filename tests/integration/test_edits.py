@@ -28,6 +28,7 @@ from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
 from sealstream.keys.service import KeyService
+from sealstream.lifecycle import reencrypt_chat
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected
 from sealstream.wiring import key_service
@@ -397,3 +398,47 @@ def test_a_post_replayed_after_a_key_rotation_leaves_a_row_that_opens(
     answer = read(client, "bob", as_user, chat, original.message_id)
     assert answer.status_code == 200, answer.text
     assert answer.json()["text"] == "sealed twice"
+
+
+class _ResealBetweenReadAndWrite:
+    """The real store, with history re-encryption of one chat run after an edit's row has been
+    read and before the edit is written: the race between the admin job and the encryptor."""
+
+    def __init__(self, store: MessageStore, keys: KeyService, chat: uuid.UUID) -> None:
+        self.store, self.keys, self.chat = store, keys, chat
+        self.resealed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def rows_for_change(self, messages: Any) -> Any:
+        rows = self.store.rows_for_change(messages)
+        report = reencrypt_chat(self.keys, self.store, self.chat, retire=False)
+        self.resealed += report.rows_reencrypted
+        return rows
+
+    def rows_resealed(self) -> int:
+        return self.resealed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="race (lost write): an edit is written at its event id's time, below history "
+    "re-encryption's conditional write made between the edit's read and its write; the "
+    "re-sealed old revision's envelope shadows the edit's while the revision column is the "
+    "edit's: the message no longer opens (500) until a next edit",
+)
+def test_an_edit_racing_history_reencryption_still_opens_with_its_text(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    original = post(chat, "alice", "before the rotation")
+    run(keys, store, index, original)
+    keys.rotate(chat, "test: re-encryption racing an edit")
+    change = edit(original, "after the rotation")  # made (its id) before the job runs
+    racing = _ResealBetweenReadAndWrite(store, keys, chat)
+    time.sleep(0.01)  # the job's write lands after the edit's id time, as it would in Kafka lag
+    stored = store_batch([raw(change)], keys, racing, keys.repo, WINDOW)
+    assert stored.rejected == [] and racing.rows_resealed() == 1
+    answer = read(client, "bob", as_user, chat, original.message_id)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["text"], answer.json()["revision"]) == ("after the rotation", 2)
