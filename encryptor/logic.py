@@ -10,7 +10,8 @@ Edits and sender deletions (docs/operations.md, "Edits and sender deletion") are
 the batch's posts are written, in record order, each checked against its message's row: it must
 exist (else dead letter), be the same sender's (else dead letter), be made inside the edit window
 (else dead letter) and not be deleted or already superseded (else skipped: a replay or a stale
-change is not an error).
+change is not an error); an edit's row must also open with its own columns (else dead letter:
+a new revision is never sealed onto a tampered row).
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
-from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.crypto import ChatKey, MessageContext, open_envelope, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, DeletionCheck, deletion_check
-from sealstream.errors import KeyDestroyed, KeyNotFound, KmsKeyUnusable
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, KmsKeyUnusable
 from sealstream.settings import EditSettings
 from sealstream.streaming import RawRecord, Rejected
 
 
 class KeySource(Protocol):
     def current_key(self, chat_id: uuid.UUID) -> ChatKey: ...
+
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey: ...
 
     def record_usage(self, counts: dict[tuple[uuid.UUID, int], int]) -> list[uuid.UUID]: ...
 
@@ -78,6 +81,10 @@ _DEFAULT_WINDOW = EditSettings().window_seconds
 
 NO_SUCH_MESSAGE = "message_id: no such message in this chat"
 NOT_SENDER = "sender_id: not the sender of this message"
+# An edit never seals a new revision onto a row whose envelope does not open with its own
+# columns: the new envelope would bind what an attacker wrote there (e.g. another sender_id,
+# whom the gateway and the sender check would then take for the sender) and open again.
+STORED_ROW_TAMPERED = "message_id: the stored row failed its integrity check (not changed)"
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,23 @@ class BatchKeys:
                 "the KMS refused this chat's key (master key missing or wrapped DEK invalid)"
             )
             return Rejected(record, self.unusable[message.chat_id])
+        finally:
+            self.lookup_seconds += time.perf_counter() - started
+
+    def row_problem(self, message: MessageRecord, row: StoredMessage) -> str | None:
+        """Why the row's current envelope cannot take an edit (a dead-letter reason), or None:
+        it must open with the row's own columns (chat, message id, sender, revision, creation
+        time and DEK version: `row.context()`), as the reader opens it. Its DEK version gone,
+        unknown or refused by the KMS is a reason too; a KMS outage raises (the batch waits)."""
+        started = time.perf_counter()
+        try:
+            key = self.keys.key(message.chat_id, row.dek_version)
+            open_envelope(row.envelope, key, row.context())
+            return None
+        except KmsKeyUnusable:
+            return "the KMS refused the key of the message's stored revision"
+        except (DecryptionError, KeyDestroyed, KeyNotFound, ValueError, TypeError):
+            return STORED_ROW_TAMPERED
         finally:
             self.lookup_seconds += time.perf_counter() - started
 
@@ -329,6 +353,11 @@ def _check_changes(
             continue
         if isinstance(key, Rejected):
             applied.rejected.append(key)
+            continue
+        # The row as the previous change left it (an earlier edit of this batch: its envelope,
+        # sealed above, opens). A sender's deletion is not checked: it removes the row.
+        if problem := keys.row_problem(m, row):
+            applied.rejected.append(Rejected(record, problem))
             continue
         started = time.perf_counter()
         revision = row.revision + 1

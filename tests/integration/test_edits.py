@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from encryptor.logic import store_batch
+from encryptor.logic import STORED_ROW_TAMPERED, store_batch
 from indexer.logic import index_batch
 from reader.wiring import build
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
-from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis, id_time
+from schemas.ids import EPOCH_MS, SnowflakeIds, bucket_of, id_millis, id_time
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
@@ -442,3 +442,28 @@ def test_an_edit_racing_history_reencryption_still_opens_with_its_text(
     answer = read(client, "bob", as_user, chat, original.message_id)
     assert answer.status_code == 200, answer.text
     assert (answer.json()["text"], answer.json()["revision"]) == ("after the rotation", 2)
+
+
+def test_an_edit_never_launders_a_row_whose_sender_was_rewritten(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """An attacker with write access to Cassandra moves alice's message to mallory (the
+    `sender_id` column): the reader refuses the row. mallory then edits "her" message through
+    the gateway, which finds her the row's sender: the encryptor must not seal a new revision
+    bound to the forged sender (it would open, as mallory's, at alice's place in the history)."""
+    original = post(chat, "alice", "said by alice")
+    run(keys, store, index, original)
+    store.session.execute(
+        f"UPDATE {store.keyspace}.messages SET sender_id = 'mallory'"
+        " WHERE chat_id = %s AND bucket = %s AND message_id = %s",
+        (chat, bucket_of(original.message_id), original.message_id),
+    )
+    assert read(client, "bob", as_user, chat, original.message_id).status_code == 500
+
+    batch = [raw(edit(original, "said by mallory", sender="mallory"))]
+    stored = store_batch(batch, keys, store, keys.repo, WINDOW)
+    assert [r.reason for r in stored.rejected] == [STORED_ROW_TAMPERED]
+    assert stored.changes == []
+    answer = read(client, "bob", as_user, chat, original.message_id)
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "integrity_error"
+    assert "mallory" not in answer.text
