@@ -386,12 +386,14 @@ class MessageStore:
         return refused
 
     def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        """The message's row, or None: no row, or one holding only a deletion marker (no
+        message to show or change, as for `rows_for_change`)."""
         row = self._run(
             lambda: self.session.execute(
                 self._stmt("get"), (chat_id, bucket_of(message_id), message_id)
             ).one()
         )
-        return None if row is None else _row(row)
+        return None if row is None or row.created_at is None else _row(row)
 
     def rows_for_change(
         self, messages: Collection[tuple[uuid.UUID, int]]

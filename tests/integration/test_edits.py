@@ -467,3 +467,18 @@ def test_an_edit_never_launders_a_row_whose_sender_was_rewritten(
     answer = read(client, "bob", as_user, chat, original.message_id)
     assert answer.status_code == 500 and answer.json()["error"]["code"] == "integrity_error"
     assert "mallory" not in answer.text
+
+
+def test_a_row_holding_only_a_deletion_marker_reads_as_not_found(
+    client: TestClient, keys: KeyService, store: MessageStore, as_user, chat
+) -> None:
+    """A deletion marker without the message's columns (the shape `rows_for_change` already
+    treats as "no message": a marker written before the post, or the other cells removed by
+    someone with Cassandra access) is no message for `get` either: the reader answers 404, not
+    an unhandled 500 (and the gateway's edit check, which uses `get`, finds no message)."""
+    message_id = _IDS.next_id()
+    store.mark_deleted(chat, message_id, datetime.now(UTC))
+    assert store.rows_for_change({(chat, message_id)}) == {}
+    assert store.get(chat, message_id) is None
+    answer = read(client, "bob", as_user, chat, message_id)
+    assert answer.status_code == 404, answer.text
