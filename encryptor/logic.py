@@ -32,7 +32,13 @@ from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, open_envelope, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, DeletionCheck, deletion_check
-from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, KmsKeyUnusable
+from sealstream.errors import (
+    DecryptionError,
+    KeyDestroyed,
+    KeyNotFound,
+    KmsKeyUnusable,
+    StoreUnavailable,
+)
 from sealstream.settings import EditSettings
 from sealstream.streaming import RawRecord, Rejected
 
@@ -396,6 +402,42 @@ def _check_changes(
     return applied
 
 
+_SHADOW_ROUNDS = 3  # a history re-encryption job landing again between read and rewrite
+
+
+def _rewrite_shadowed_edits(
+    sink: MessageSink, writes: Sequence[EditWrite], refused: dict[int, str]
+) -> None:
+    """Write again, just above, each edit that a conditional write of history re-encryption
+    shadowed: one made between the edit's read of the row and its write lands at Cassandra's
+    clock, above the edit's timestamp (its id's time when the record waited in Kafka), and its
+    envelope (the previous revision, re-sealed) would win over the edit's while the revision
+    column stays the edit's: a row that opens no more. Read back, such a row holds this edit's
+    `last_event_id` (the job writes no such column) but another envelope. Raises
+    `StoreUnavailable` (retriable) if the job keeps landing in between."""
+    last = {(w.chat_id, w.message_id): w for w in writes if w.event_id not in refused}
+    for _ in range(_SHADOW_ROUNDS):
+        if not last:
+            return
+        rows = sink.rows_for_change(set(last))
+        again = []
+        for pair, write in last.items():
+            current = rows.get(pair)
+            if (
+                current is not None
+                and current.row.deleted_at is None
+                and current.row.last_event_id == write.event_id
+                and current.row.envelope != write.envelope
+                and current.envelope_written is not None
+            ):
+                again.append(replace(write, timestamp=current.envelope_written + 1))
+        if not again:
+            return
+        still = sink.write_edits(again)
+        last = {(w.chat_id, w.message_id): w for w in again if w.event_id not in still}
+    raise StoreUnavailable("an edited row kept being re-sealed by history re-encryption")
+
+
 def store_batch(
     records: Sequence[RawRecord],
     keys: KeySource,
@@ -440,6 +482,7 @@ def store_batch(
         events += applied.events
         started = time.perf_counter()
         refused_edits = sink.write_edits([write for _, write, _ in applied.edits])
+        _rewrite_shadowed_edits(sink, [w for _, w, _ in applied.edits], refused_edits)
         for _, deleted in applied.deletes:
             # The admin deletion's marker (envelope dropped at DELETION_TIMESTAMP: no replay of
             # the post or of an edit brings it back), dated with the deletion's id time.

@@ -421,16 +421,14 @@ class _ResealBetweenReadAndWrite:
         return self.resealed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="race (lost write): an edit is written at its event id's time, below history "
-    "re-encryption's conditional write made between the edit's read and its write; the "
-    "re-sealed old revision's envelope shadows the edit's while the revision column is the "
-    "edit's: the message no longer opens (500) until a next edit",
-)
 def test_an_edit_racing_history_reencryption_still_opens_with_its_text(
     client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
 ) -> None:
+    """History re-encryption's conditional write, made between the encryptor's read of an
+    edit's row and its write, lands at Cassandra's clock, above the edit's (its id's time):
+    before, its re-sealed revision 1 shadowed the edit's envelope while the revision column was
+    the edit's, and the message answered 500 until a next edit. The encryptor now reads the
+    edited rows back and writes such an edit again just above."""
     original = post(chat, "alice", "before the rotation")
     run(keys, store, index, original)
     keys.rotate(chat, "test: re-encryption racing an edit")
