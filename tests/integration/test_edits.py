@@ -480,3 +480,23 @@ def test_a_row_holding_only_a_deletion_marker_reads_as_not_found(
     assert store.get(chat, message_id) is None
     answer = read(client, "bob", as_user, chat, message_id)
     assert answer.status_code == 404, answer.text
+
+
+def test_reencryption_never_counts_a_row_it_did_not_change(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """A post whose id is ahead of Cassandra's clock (a producer's clock ten minutes fast) is
+    written at that id's time: history re-encryption's conditional write (Cassandra's clock)
+    lands below it. The job must not count such a row as re-sealed, since `left == 0` is what
+    lets it destroy the old DEK version the row still needs."""
+    ahead = post(chat, "alice", "from a fast clock", message_id=_old_id(-600))
+    assert run(keys, store, index, ahead)[0] == []
+    old_version = keys.current_key(chat).version
+    new_version = keys.rotate(chat, "test: re-encrypt a row written ahead")
+    report = reencrypt_chat(keys, store, chat, retire=False)
+    row = store.get(chat, ahead.message_id)
+    assert row is not None
+    resealed = row.dek_version == new_version
+    assert report.rows_reencrypted == (1 if resealed else 0), (row.dek_version, old_version)
+    answer = read(client, "bob", as_user, chat, ahead.message_id)
+    assert answer.status_code == 200 and answer.json()["text"] == "from a fast clock"
