@@ -400,6 +400,23 @@ def test_a_post_replayed_after_a_key_rotation_leaves_a_row_that_opens(
     assert answer.json()["text"] == "sealed twice"
 
 
+def test_changes_of_a_message_past_its_chat_retention_are_skipped(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """Retention (and a deleted chat) applies to edits and deletions as to posts: skipped, not
+    dead-lettered, nothing written (the row is the retention job's to delete)."""
+    original = post(chat, "alice", "kept for a while", message_id=_old_id(2 * 86400))
+    assert run(keys, store, index, original)[0] == []
+    keys.repo.set_retention(1, chat_id=chat)
+    rejected, events = run(
+        keys, store, index, edit(original, "edited after expiry"), delete(original)
+    )
+    assert (rejected, events) == ([], [])
+    row = store.get(chat, original.message_id)
+    assert row is not None and row.revision == 1 and row.deleted_at is None
+    assert index.search_chat(chat, "expiry") == []
+
+
 class _ResealBetweenReadAndWrite:
     """The real store, with history re-encryption of one chat run after an edit's row has been
     read and before the edit is written: the race between the admin job and the encryptor."""
