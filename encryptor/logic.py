@@ -10,7 +10,8 @@ Edits and sender deletions (docs/operations.md, "Edits and sender deletion") are
 the batch's posts are written, in record order, each checked against its message's row: it must
 exist (else dead letter), be the same sender's (else dead letter), be made inside the edit window
 (else dead letter) and not be deleted or already superseded (else skipped: a replay or a stale
-change is not an error).
+change is not an error); an edit's row must also open with its own columns (else dead letter:
+a new revision is never sealed onto a tampered row).
 """
 
 from __future__ import annotations
@@ -29,15 +30,23 @@ from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
-from sealstream.crypto import ChatKey, MessageContext, seal
+from sealstream.crypto import ChatKey, MessageContext, open_envelope, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, DeletionCheck, deletion_check
-from sealstream.errors import KeyDestroyed, KeyNotFound, KmsKeyUnusable
+from sealstream.errors import (
+    DecryptionError,
+    KeyDestroyed,
+    KeyNotFound,
+    KmsKeyUnusable,
+    StoreUnavailable,
+)
 from sealstream.settings import EditSettings
 from sealstream.streaming import RawRecord, Rejected
 
 
 class KeySource(Protocol):
     def current_key(self, chat_id: uuid.UUID) -> ChatKey: ...
+
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey: ...
 
     def record_usage(self, counts: dict[tuple[uuid.UUID, int], int]) -> list[uuid.UUID]: ...
 
@@ -78,6 +87,10 @@ _DEFAULT_WINDOW = EditSettings().window_seconds
 
 NO_SUCH_MESSAGE = "message_id: no such message in this chat"
 NOT_SENDER = "sender_id: not the sender of this message"
+# An edit never seals a new revision onto a row whose envelope does not open with its own
+# columns: the new envelope would bind what an attacker wrote there (e.g. another sender_id,
+# whom the gateway and the sender check would then take for the sender) and open again.
+STORED_ROW_TAMPERED = "message_id: the stored row failed its integrity check (not changed)"
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,23 @@ class BatchKeys:
                 "the KMS refused this chat's key (master key missing or wrapped DEK invalid)"
             )
             return Rejected(record, self.unusable[message.chat_id])
+        finally:
+            self.lookup_seconds += time.perf_counter() - started
+
+    def row_problem(self, message: MessageRecord, row: StoredMessage) -> str | None:
+        """Why the row's current envelope cannot take an edit (a dead-letter reason), or None:
+        it must open with the row's own columns (chat, message id, sender, revision, creation
+        time and DEK version: `row.context()`), as the reader opens it. Its DEK version gone,
+        unknown or refused by the KMS is a reason too; a KMS outage raises (the batch waits)."""
+        started = time.perf_counter()
+        try:
+            key = self.keys.key(message.chat_id, row.dek_version)
+            open_envelope(row.envelope, key, row.context())
+            return None
+        except KmsKeyUnusable:
+            return "the KMS refused the key of the message's stored revision"
+        except (DecryptionError, KeyDestroyed, KeyNotFound, ValueError, TypeError):
+            return STORED_ROW_TAMPERED
         finally:
             self.lookup_seconds += time.perf_counter() - started
 
@@ -330,6 +360,11 @@ def _check_changes(
         if isinstance(key, Rejected):
             applied.rejected.append(key)
             continue
+        # The row as the previous change left it (an earlier edit of this batch: its envelope,
+        # sealed above, opens). A sender's deletion is not checked: it removes the row.
+        if problem := keys.row_problem(m, row):
+            applied.rejected.append(Rejected(record, problem))
+            continue
         started = time.perf_counter()
         revision = row.revision + 1
         # The row's own sender (checked equal above) and the message id's time: only the
@@ -365,6 +400,42 @@ def _check_changes(
         applied.edits.append((change, write, edited))
     _CRYPTO.inc(crypto_seconds)
     return applied
+
+
+_SHADOW_ROUNDS = 3  # a history re-encryption job landing again between read and rewrite
+
+
+def _rewrite_shadowed_edits(
+    sink: MessageSink, writes: Sequence[EditWrite], refused: dict[int, str]
+) -> None:
+    """Write again, just above, each edit that a conditional write of history re-encryption
+    shadowed: one made between the edit's read of the row and its write lands at Cassandra's
+    clock, above the edit's timestamp (its id's time when the record waited in Kafka), and its
+    envelope (the previous revision, re-sealed) would win over the edit's while the revision
+    column stays the edit's: a row that opens no more. Read back, such a row holds this edit's
+    `last_event_id` (the job writes no such column) but another envelope. Raises
+    `StoreUnavailable` (retriable) if the job keeps landing in between."""
+    last = {(w.chat_id, w.message_id): w for w in writes if w.event_id not in refused}
+    for _ in range(_SHADOW_ROUNDS):
+        if not last:
+            return
+        rows = sink.rows_for_change(set(last))
+        again = []
+        for pair, write in last.items():
+            current = rows.get(pair)
+            if (
+                current is not None
+                and current.row.deleted_at is None
+                and current.row.last_event_id == write.event_id
+                and current.row.envelope != write.envelope
+                and current.envelope_written is not None
+            ):
+                again.append(replace(write, timestamp=current.envelope_written + 1))
+        if not again:
+            return
+        still = sink.write_edits(again)
+        last = {(w.chat_id, w.message_id): w for w in again if w.event_id not in still}
+    raise StoreUnavailable("an edited row kept being re-sealed by history re-encryption")
 
 
 def store_batch(
@@ -411,6 +482,7 @@ def store_batch(
         events += applied.events
         started = time.perf_counter()
         refused_edits = sink.write_edits([write for _, write, _ in applied.edits])
+        _rewrite_shadowed_edits(sink, [w for _, w, _ in applied.edits], refused_edits)
         for _, deleted in applied.deletes:
             # The admin deletion's marker (envelope dropped at DELETION_TIMESTAMP: no replay of
             # the post or of an edit brings it back), dated with the deletion's id time.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
@@ -18,7 +19,14 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 from starlette.datastructures import URLPath
 from starlette.routing import BaseRoute, Match
 from starlette.types import Message, Receive, Scope, Send
@@ -35,6 +43,7 @@ from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
 from sealstream.auth import AuthError, Principal, VerifiedTokens
 from sealstream.errors import SealstreamError
 from sealstream.http import (
+    MESSAGE_ID_PATTERN,
     ApiError,
     CurrentPrincipal,
     CurrentUser,
@@ -80,7 +89,7 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
 because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames: a post
 `{{"chat_id", "text", "client_message_id"?}}` (`"type": "post"` optional), an edit
 `{{"type": "edit", "chat_id", "message_id", "text"}}` or a deletion
-`{{"type": "delete", "chat_id", "message_id"}}` (`message_id` a decimal string or a number). Each
+`{{"type": "delete", "chat_id", "message_id"}}` (`message_id` an integer or its decimal string). Each
 gets one reply, in order, after Kafka's ack: `{{"ok": true, "message_id", "chat_id",
 "client_message_id", "duplicate"}}` for a post, `{{"ok": true, "type", "chat_id", "message_id",
 "event_id"}}` for an edit or deletion, or `{{"ok": false, "error": {{"code", "message",
@@ -168,8 +177,19 @@ class WsFrame(Strict):
     client_message_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LEN)
 
 
+def _integer_or_decimal(value: object) -> object:
+    """A frame's message id as sent: a JSON integer, or its decimal string in the path's
+    grammar. Without this, pydantic's lax int took `true` as 1, `1e3` as 1000, `"1_2"` as 12
+    and a float past 2^53 as the id it rounds to (another message's)."""
+    if isinstance(value, bool | float) or (
+        isinstance(value, str) and not re.fullmatch(MESSAGE_ID_PATTERN, value)
+    ):
+        raise ValueError("must be an integer or its decimal string (no sign, point or exponent)")
+    return value
+
+
 # A message id in a frame: a number or its decimal string, as the replies give it.
-WsMessageId = Annotated[int, Field(ge=1, lt=2**63)]
+WsMessageId = Annotated[int, BeforeValidator(_integer_or_decimal), Field(ge=1, lt=2**63)]
 
 
 class WsEdit(Strict):

@@ -107,10 +107,11 @@ CurrentAdmin = Annotated[str, Depends(current_admin)]
 # A message id in a URL: decimal, as the APIs return it (64-bit ids exceed JavaScript's integers).
 # The pattern stops below 2**63 - 1 (9.2e18) at 8999999999999999999 so that the description
 # refuses no id the API accepts, and vice versa (Snowflake ids stay below it for centuries).
+MESSAGE_ID_PATTERN = r"^([1-9][0-9]{0,17}|[1-8][0-9]{18})$"
 MessageIdPath = Annotated[
     str,
     Path(
-        pattern=r"^([1-9][0-9]{0,17}|[1-8][0-9]{18})$",
+        pattern=MESSAGE_ID_PATTERN,
         description="Decimal 64-bit message id",
     ),
 ]

@@ -260,6 +260,8 @@ class MessageStore:
             "edit": f"UPDATE {ks}.messages USING TIMESTAMP ?"
             " SET envelope = ?, dek_version = ?, revision = ?, edited_at = ?, last_event_id = ?"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
+            "envelope_of": f"SELECT envelope FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
+            " AND message_id = ?",
             "page": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id < ? LIMIT ?",
             # Deleting a message keeps a marker row but drops its ciphertext.
@@ -388,12 +390,14 @@ class MessageStore:
         return refused
 
     def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        """The message's row, or None: no row, or one holding only a deletion marker (no
+        message to show or change, as for `rows_for_change`)."""
         row = self._run(
             lambda: self.session.execute(
                 self._stmt("get"), (chat_id, bucket_of(message_id), message_id)
             ).one()
         )
-        return None if row is None else _row(row)
+        return None if row is None or row.created_at is None else _row(row)
 
     def rows_for_change(
         self, messages: Collection[tuple[uuid.UUID, int]]
@@ -526,17 +530,20 @@ class MessageStore:
         self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500
     ) -> Iterator[StoredMessage]:
         """Every row of a chat with a message id above `after_id`, deleted ones included (their
-        `deleted_at` set, no envelope), oldest first, up to the bucket of `until_ms` (Unix ms);
+        `deleted_at` set, no envelope; not a bare deletion marker), oldest first, up to the bucket of `until_ms` (Unix ms);
         read-only (live delivery's resume, which also wants the rows' edits and deletions)."""
         for bucket in range(bucket_of(after_id), bucket_at(until_ms) + 1):
             statement = self._stmt("after").bind((chat_id, bucket, after_id))
             statement.fetch_size = page_size
             for row in self._run(lambda s=statement: self.session.execute(s)):
+                if row.created_at is None:
+                    continue  # only a deletion marker (deleted before it was ever stored)
                 yield _row(row)
 
     def reseal_many(self, updates: Sequence[tuple[StoredMessage, int, bytes]]) -> int:
         """Replace (row, new DEK version, new envelope) where the row still has its old version
-        and envelope and is not deleted; returns how many rows changed."""
+        and envelope and is not deleted; returns how many rows changed: applied, and holding
+        the new envelope when read back (one read per applied row)."""
         statement = self._stmt("reseal")
         params = [
             (
@@ -559,7 +566,35 @@ class MessageStore:
                 execution_profile=_WRITE,
             )
         )
-        return sum(1 for ok, result in results if ok and result.one()[0])
+        applied = [
+            (m, envelope)
+            for (ok, result), (m, _, envelope) in zip(results, updates, strict=True)
+            if ok and result.one()[0]
+        ]
+        if not applied:
+            return 0
+        # A conditional write is timestamped with Cassandra's clock: below a row written at a
+        # later write timestamp (a post or an edit whose id's time is ahead of that clock) it
+        # is "applied" yet shadowed, and the row keeps its old envelope and DEK version. Only
+        # rows read back with the new envelope count, since the job destroys old versions
+        # when every row counted (a shadowed row is left for a later run).
+        envelope_of = self._stmt("envelope_of")
+        reads = self._run(
+            lambda: execute_concurrent(
+                self.session,
+                [
+                    (envelope_of, (m.chat_id, bucket_of(m.message_id), m.message_id))
+                    for m, _ in applied
+                ],
+                concurrency=16,
+                raise_on_first_error=True,
+            )
+        )
+        changed = 0
+        for (_, result), (_, envelope) in zip(reads, applied, strict=True):
+            row = result.one()
+            changed += row is not None and bytes(row.envelope or b"") == envelope
+        return changed
 
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None:
         self._run(

@@ -128,6 +128,8 @@ def test_rows_after_reads_every_row_above_an_id_oldest_first_across_buckets(
     ]
     assert store.write_many(rows) == []
     store.mark_deleted(chat, ids[3], datetime.now(UTC))
+    # A deletion of a message never stored leaves a bare marker (no created_at): not a row.
+    store.mark_deleted(chat, ids[4] + 1, datetime.now(UTC))
     found = list(store.rows_after(chat, ids[0], start_ms + 10 * 60_000, page_size=2))
     assert [r.message_id for r in found] == ids[1:]
     assert [r.deleted_at is not None for r in found] == [False, False, True, False]

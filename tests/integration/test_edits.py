@@ -18,16 +18,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from encryptor.logic import store_batch
+from encryptor.logic import STORED_ROW_TAMPERED, store_batch
 from indexer.logic import index_batch
 from reader.wiring import build
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
-from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis, id_time
+from schemas.ids import EPOCH_MS, SnowflakeIds, bucket_of, id_millis, id_time
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import mint_token
 from sealstream.keys.service import KeyService
+from sealstream.lifecycle import reencrypt_chat
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected
 from sealstream.wiring import key_service
@@ -414,3 +415,105 @@ def test_changes_of_a_message_past_its_chat_retention_are_skipped(
     row = store.get(chat, original.message_id)
     assert row is not None and row.revision == 1 and row.deleted_at is None
     assert index.search_chat(chat, "expiry") == []
+
+
+class _ResealBetweenReadAndWrite:
+    """The real store, with history re-encryption of one chat run after an edit's row has been
+    read and before the edit is written: the race between the admin job and the encryptor."""
+
+    def __init__(self, store: MessageStore, keys: KeyService, chat: uuid.UUID) -> None:
+        self.store, self.keys, self.chat = store, keys, chat
+        self.resealed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def rows_for_change(self, messages: Any) -> Any:
+        rows = self.store.rows_for_change(messages)
+        report = reencrypt_chat(self.keys, self.store, self.chat, retire=False)
+        self.resealed += report.rows_reencrypted
+        return rows
+
+    def rows_resealed(self) -> int:
+        return self.resealed
+
+
+def test_an_edit_racing_history_reencryption_still_opens_with_its_text(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """History re-encryption's conditional write, made between the encryptor's read of an
+    edit's row and its write, lands at Cassandra's clock, above the edit's (its id's time):
+    before, its re-sealed revision 1 shadowed the edit's envelope while the revision column was
+    the edit's, and the message answered 500 until a next edit. The encryptor now reads the
+    edited rows back and writes such an edit again just above."""
+    original = post(chat, "alice", "before the rotation")
+    run(keys, store, index, original)
+    keys.rotate(chat, "test: re-encryption racing an edit")
+    change = edit(original, "after the rotation")  # made (its id) before the job runs
+    racing = _ResealBetweenReadAndWrite(store, keys, chat)
+    time.sleep(0.01)  # the job's write lands after the edit's id time, as it would in Kafka lag
+    stored = store_batch([raw(change)], keys, racing, keys.repo, WINDOW)
+    assert stored.rejected == [] and racing.rows_resealed() == 1
+    answer = read(client, "bob", as_user, chat, original.message_id)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["text"], answer.json()["revision"]) == ("after the rotation", 2)
+
+
+def test_an_edit_never_launders_a_row_whose_sender_was_rewritten(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """An attacker with write access to Cassandra moves alice's message to mallory (the
+    `sender_id` column): the reader refuses the row. mallory then edits "her" message through
+    the gateway, which finds her the row's sender: the encryptor must not seal a new revision
+    bound to the forged sender (it would open, as mallory's, at alice's place in the history)."""
+    original = post(chat, "alice", "said by alice")
+    run(keys, store, index, original)
+    store.session.execute(
+        f"UPDATE {store.keyspace}.messages SET sender_id = 'mallory'"
+        " WHERE chat_id = %s AND bucket = %s AND message_id = %s",
+        (chat, bucket_of(original.message_id), original.message_id),
+    )
+    assert read(client, "bob", as_user, chat, original.message_id).status_code == 500
+
+    batch = [raw(edit(original, "said by mallory", sender="mallory"))]
+    stored = store_batch(batch, keys, store, keys.repo, WINDOW)
+    assert [r.reason for r in stored.rejected] == [STORED_ROW_TAMPERED]
+    assert stored.changes == []
+    answer = read(client, "bob", as_user, chat, original.message_id)
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "integrity_error"
+    assert "mallory" not in answer.text
+
+
+def test_a_row_holding_only_a_deletion_marker_reads_as_not_found(
+    client: TestClient, keys: KeyService, store: MessageStore, as_user, chat
+) -> None:
+    """A deletion marker without the message's columns (the shape `rows_for_change` already
+    treats as "no message": a marker written before the post, or the other cells removed by
+    someone with Cassandra access) is no message for `get` either: the reader answers 404, not
+    an unhandled 500 (and the gateway's edit check, which uses `get`, finds no message)."""
+    message_id = _IDS.next_id()
+    store.mark_deleted(chat, message_id, datetime.now(UTC))
+    assert store.rows_for_change({(chat, message_id)}) == {}
+    assert store.get(chat, message_id) is None
+    answer = read(client, "bob", as_user, chat, message_id)
+    assert answer.status_code == 404, answer.text
+
+
+def test_reencryption_never_counts_a_row_it_did_not_change(
+    client: TestClient, keys: KeyService, store: MessageStore, index: SearchIndex, as_user, chat
+) -> None:
+    """A post whose id is ahead of Cassandra's clock (a producer's clock ten minutes fast) is
+    written at that id's time: history re-encryption's conditional write (Cassandra's clock)
+    lands below it. The job must not count such a row as re-sealed, since `left == 0` is what
+    lets it destroy the old DEK version the row still needs."""
+    ahead = post(chat, "alice", "from a fast clock", message_id=_old_id(-600))
+    assert run(keys, store, index, ahead)[0] == []
+    old_version = keys.current_key(chat).version
+    new_version = keys.rotate(chat, "test: re-encrypt a row written ahead")
+    report = reencrypt_chat(keys, store, chat, retire=False)
+    row = store.get(chat, ahead.message_id)
+    assert row is not None
+    resealed = row.dek_version == new_version
+    assert report.rows_reencrypted == (1 if resealed else 0), (row.dek_version, old_version)
+    answer = read(client, "bob", as_user, chat, ahead.message_id)
+    assert answer.status_code == 200 and answer.json()["text"] == "from a fast clock"

@@ -390,3 +390,29 @@ def test_a_hung_cassandra_costs_edits_a_503_within_the_deadline_and_posts_nothin
         ("post", "x"),
         ("edit", "three"),
     ]
+
+
+def test_a_frame_message_id_of_another_type_is_refused_not_coerced(
+    client: TestClient, edit_settings: Settings, store: MessageStore
+) -> None:
+    """`true` is not message 1, `1e3` not message 1000, and a float past 2^53 is not the id it
+    rounds to: a frame's id is an integer or its decimal string as the replies give it (the
+    path's grammar), anything else a 422 naming `message_id`, with nothing published."""
+    settings = edit_settings
+    chat = new_chat(client, settings, "jo", "kim")
+    mine = posted(client, settings, store, chat, "jo")
+    with client.websocket_connect(f"/v1/ws?token={mint_token(settings.auth, 'jo')}") as ws:
+        for bad in (True, False, 1.0, 1e3, float(mine), "12.0", "1_2", "+12", " 12", "012", []):
+            for kind in ("edit", "delete"):
+                body: dict[str, object] = {"type": kind, "chat_id": chat, "message_id": bad}
+                ws.send_json(body | ({"text": "coerced"} if kind == "edit" else {}))
+                reply = ws.receive_json()
+                assert reply["ok"] is False, (bad, reply)
+                assert (reply["error"]["code"], reply["error"]["field"]) == (
+                    "invalid_request",
+                    "message_id",
+                ), bad
+        ws.send_json({"type": "edit", "chat_id": chat, "message_id": mine, "text": "a number"})
+        assert ws.receive_json()["ok"] is True
+    records = consume(settings, chat, 2, settle=2.0)
+    assert [(r.kind, r.message_id) for _, r, _ in records] == [("post", mine), ("edit", mine)]
