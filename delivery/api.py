@@ -134,7 +134,7 @@ def create_app(
         after = parse_cursor(last_event_id or cursor, field)
         outbox = Outbox(outbox_limit)
         sub = Subscription(chat_id, principal.user_id, outbox)
-        items = await _checked(sub, after)
+        items = await _checked(sub, after, field)
         sub.replay(items)
         return StreamingResponse(
             _sse(sub, outbox, principal, limits.sse_keepalive_seconds),
@@ -142,15 +142,17 @@ def create_app(
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    async def _checked(sub: Subscription, cursor: int | None) -> list[Delivered]:
+    async def _checked(
+        sub: Subscription, cursor: int | None, field: str = "cursor"
+    ) -> list[Delivered]:
         """Register `sub` (buffering), check membership, read the resume: the replay to send.
         Registered before the check and the read, so no change falls between them; a failure
-        (ApiError: 403/404/410/409/422) unregisters it."""
+        (ApiError: 403/404/410/409/422, naming `field` for the cursor) unregisters it."""
         hub.add(sub)
         try:
             await asyncio.to_thread(service.authorize, sub.user_id, sub.chat_id)
             items = (
-                await asyncio.to_thread(service.resume, sub.chat_id, cursor)
+                await asyncio.to_thread(service.resume, sub.chat_id, cursor, field)
                 if cursor is not None
                 else []
             )

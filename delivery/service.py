@@ -39,9 +39,9 @@ class CursorExpired(ApiError):
     """The cursor is older than the edit window, or more changes were missed than a resume
     replays: the client refetches history from the reader, then subscribes without a cursor."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, field: str = "cursor") -> None:
         super().__init__(
-            409, "cursor_expired", f"cursor: {why}; refetch history from the reader", "cursor"
+            409, "cursor_expired", f"{field}: {why}; refetch history from the reader", field
         )
 
 
@@ -176,12 +176,13 @@ class DeliveryService:
 
     # --- resume ----------------------------------------------------------------------------
 
-    def resume(self, chat_id: uuid.UUID, cursor: int) -> list[Delivered]:
+    def resume(self, chat_id: uuid.UUID, cursor: int, field: str = "cursor") -> list[Delivered]:
         """The changes of the chat after `cursor` (the last event id the client got), in event
         order: posts with a larger message id (with their current text and revision), edits
         (`last_event_id` above the cursor) and deletions (after the cursor's time) of messages
         made within the edit window before the cursor. `CursorExpired` when the cursor is older
-        than the window or more than `max_resume_events` changes were missed.
+        than the window or more than `max_resume_events` changes were missed; 422 for a cursor
+        from the future. Both name `field`, where the client sent the cursor.
 
         A deletion's event id is the row's `last_event_id` when the worker recorded one above
         the cursor, else the first id of its `deleted_at` millisecond (so a client may see a
@@ -190,15 +191,15 @@ class DeliveryService:
         now_ms = self._clock_ms()
         cursor_ms = id_millis(cursor)
         if cursor_ms < now_ms - self.window_ms:
-            raise CursorExpired("older than the edit window")
+            raise CursorExpired("older than the edit window", field)
         if cursor_ms > now_ms + _CLOCK_SKEW_MS:
-            raise ApiError(422, "invalid_request", "cursor: in the future", "cursor")
+            raise ApiError(422, "invalid_request", f"{field}: in the future", field)
         low = max(0, first_id_at(cursor_ms - self.window_ms) - 1)
         items: list[Delivered] = []
         for row in self.rows.rows_after(chat_id, low, now_ms + _CLOCK_SKEW_MS):
             items.extend(self._missed(row, cursor, cursor_ms))
             if len(items) > self.max_resume_events:
-                raise CursorExpired(f"more than {self.max_resume_events} changes missed")
+                raise CursorExpired(f"more than {self.max_resume_events} changes missed", field)
         items.sort(key=lambda item: item.event_id)
         return items
 

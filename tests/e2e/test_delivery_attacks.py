@@ -1,0 +1,284 @@
+"""Live delivery under attack and misuse (issue 15): hostile tokens and frames, malformed cursors,
+chat deletion and re-adding while subscribed, forged and poison records on the change topic, and
+no token or plaintext in delivery's log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from confluent_kafka import Producer
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from schemas.changes import ChangeEvent
+from sealstream.auth import mint_token
+from tests.e2e.conftest import Pipeline, free_port
+from tests.e2e.test_delivery import CHANGE_TYPES, _changes, _post, _quiet, _stored, _subscribe, _ws
+from tests.e2e.test_pipeline import create_chat, wait_until
+
+SECRET_TEXT = "attack-plaintext-7f3a"
+
+
+@pytest.fixture(scope="module")
+def hostile(pipeline: Pipeline) -> Iterator[tuple[Pipeline, str]]:
+    """The pipeline plus the admin API and one delivery process (its base URL)."""
+    port = free_port()
+    pipeline.start("admin")
+    pipeline.start("delivery", key="delivery-attacks", env={"SEALSTREAM_DELIVERY__PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pipeline.wait_http(pipeline.admin_url)
+        pipeline.wait_http(url)
+        yield pipeline, url
+    finally:
+        for key in ("admin", "delivery-attacks"):
+            if key in pipeline.procs:
+                pipeline.signal(key, signal.SIGTERM)
+
+
+def _ws_url(url: str) -> str:
+    return url.replace("http://", "ws://") + "/v1/stream"
+
+
+def _refused(url: str, token: str) -> tuple[int, str]:
+    with connect(_ws_url(url), additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+def test_bad_tokens_are_refused_on_both_streams(hostile: tuple[Pipeline, str]) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    good = mint_token(pipe.settings.auth, "bob")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    secret = pipe.settings.auth.secret.get_secret_value()
+    forged = jwt.encode(claims, "not-the-secret-not-the-secret-32b", algorithm="HS256")
+    alg_none = jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
+    expired = jwt.encode({**claims, "exp": int(time.time()) - 60}, secret, algorithm="HS256")
+    wrong_issuer = jwt.encode({**claims, "iss": "somebody-else"}, secret, algorithm="HS256")
+    for token in (forged, alg_none, expired, wrong_issuer, "", "garbage"):
+        if token:
+            assert _refused(url, token)[0] == 1008, token[:12]
+        sse = httpx.get(
+            f"{url}/v1/chats/{chat}/events",
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=30,
+        )
+        assert sse.status_code == 401, (token[:12], sse.status_code)
+
+
+def test_malformed_cursors_are_refused_and_the_socket_stays_usable(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    future = str((int(time.time() * 1000) + 3_600_000 - 1288834974657) << 22)
+    bad = ["-1", "0", "9223372036854775808", "99999999999999999999", "1.5", "1e9", " 1", "abc"]
+    with _ws(url, pipe, "bob") as ws:
+        for cursor in [*bad, future]:
+            answer = _subscribe(ws, chat, cursor)
+            assert answer["type"] == "error", (cursor, answer)
+            assert answer["error"]["field"] == "cursor", (cursor, answer)
+        ws.send(json.dumps({"type": "subscribe", "chat_id": chat, "cursor": 12345}))
+        answer = json.loads(ws.recv(timeout=30))
+        assert answer["type"] == "error" and answer["error"]["field"] == "cursor", answer
+        assert _subscribe(ws, chat) == {"type": "subscribed", "chat_id": chat}
+        message = _post(pipe, "alice", chat, "still works")
+        assert _changes(ws, 1)[0]["message_id"] == message
+    for cursor in [*bad, future]:
+        sse = httpx.get(
+            f"{url}/v1/chats/{chat}/events",
+            params={"cursor": cursor},
+            headers=pipe.token("bob"),
+            timeout=30,
+        )
+        assert sse.status_code == 422, (cursor, sse.status_code, sse.text)
+        assert sse.json()["error"]["field"] == "query.cursor", (cursor, sse.text)
+    # The error names where the cursor came from, also when it is refused after parsing.
+    sse = httpx.get(
+        f"{url}/v1/chats/{chat}/events",
+        headers={**pipe.token("bob"), "Last-Event-ID": future},
+        timeout=30,
+    )
+    assert sse.status_code == 422
+    assert sse.json()["error"]["field"] == "header.Last-Event-ID", sse.text
+
+
+def test_hostile_frames(hostile: tuple[Pipeline, str]) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    with _ws(url, pipe, "bob") as ws:
+        # The same chat twice: one subscription, each change once.
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        for raw in ["{", "[]", "null", '"x"', '{"type":"subscribe"}', "{}" * 1000]:
+            ws.send(raw)
+            answer = json.loads(ws.recv(timeout=30))
+            assert answer["type"] == "error" and answer["error"]["code"] == "invalid_request"
+        ws.send(b"\xff\xfe")
+        assert json.loads(ws.recv(timeout=30))["error"]["field"] == "frame"
+        # A burst of subscribe frames for chats that do not exist: answered, one by one.
+        burst = 300
+        started = time.monotonic()
+        for i in range(burst):
+            ws.send(
+                json.dumps({"type": "subscribe", "chat_id": f"00000000-0000-4000-8000-{i:012d}"})
+            )
+        answers = [json.loads(ws.recv(timeout=60)) for _ in range(burst)]
+        assert {a["error"]["code"] for a in answers} == {"not_found"}
+        assert time.monotonic() - started < 60
+        message = _post(pipe, "alice", chat, "once")
+        frames = _changes(ws, 1) + _quiet(ws, 1.0)
+        assert [f["message_id"] for f in frames if f["type"] in CHANGE_TYPES] == [message]
+    with _ws(url, pipe, "bob") as ws:
+        ws.send("x" * (pipe.settings.delivery.limits.max_ws_frame_bytes + 10))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_chat_deletion_while_subscribed_ends_both_streams_and_readding_works(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    with (
+        _ws(url, pipe, "bob") as ws,
+        httpx.stream(
+            "GET", f"{url}/v1/chats/{chat}/events", headers=pipe.token("alice"), timeout=60
+        ) as sse,
+    ):
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        lines = sse.iter_lines()
+        assert next(lines) == ": subscribed"
+        deleted = httpx.delete(
+            f"{pipe.admin_url}/v1/chats/{chat}", headers=pipe.admin_token(), timeout=30
+        )
+        assert deleted.status_code in (200, 204), deleted.text
+        assert json.loads(ws.recv(timeout=30)) == {
+            "type": "removed",
+            "chat_id": chat,
+            "reason": "chat_deleted",
+        }
+        rest = list(lines)
+        assert any('"chat_deleted"' in line for line in rest), rest
+        assert _subscribe(ws, chat)["error"]["code"] == "gone"
+    # Removed, re-added: follows the chat again.
+    other = create_chat(pipe, "alice", ["bob"])
+    participant = f"{pipe.admin_url}/v1/chats/{other}/participants/bob"
+    assert httpx.delete(participant, headers=pipe.admin_token(), timeout=30).status_code == 200
+    with _ws(url, pipe, "bob") as ws:
+        assert _subscribe(ws, other)["error"]["code"] == "forbidden"
+        assert httpx.put(participant, headers=pipe.admin_token(), timeout=30).status_code == 200
+        assert _subscribe(ws, other)["type"] == "subscribed"
+        message = _post(pipe, "alice", other, "welcome back")
+        assert _changes(ws, 1)[0]["message_id"] == message
+
+
+def _produce(pipe: Pipeline, chat: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": pipe.settings.kafka.bootstrap})
+    for value in values:
+        producer.produce(pipe.settings.kafka.changes_topic, key=chat.encode(), value=value)
+    assert producer.flush(30) == 0
+
+
+def test_forged_and_poison_change_records_neither_deliver_nor_stop_the_follower(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    elsewhere = create_chat(pipe, "alice", ["bob"])
+    with _ws(url, pipe, "bob") as ws:
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        assert _subscribe(ws, elsewhere)["type"] == "subscribed"
+        real = _post(pipe, "alice", elsewhere, SECRET_TEXT)
+        [frame] = _changes(ws, 1)
+        assert frame["text"] == SECRET_TEXT
+    wait_until(_stored(pipe, "bob", elsewhere, [real]), what="the post stored")
+    row = pipe_row(pipe, elsewhere, real)
+    base = ChangeEvent(
+        kind="post",
+        event_id=row.message_id,
+        chat_id=row.chat_id,
+        tenant_id="default",
+        message_id=row.message_id,
+        sender_id=row.sender_id,
+        revision=row.revision,
+        dek_version=row.dek_version,
+        envelope=row.envelope,
+        created_at=row.created_at,
+    )
+    moved = base.model_copy(update={"chat_id": __import__("uuid").UUID(chat)})
+    flipped = bytearray(row.envelope)
+    flipped[-1] ^= 1
+    bad_envelope = moved.model_copy(update={"envelope": bytes(flipped)})
+    garbage_envelope = moved.model_copy(update={"envelope": b"\x00" * 3, "dek_version": 1})
+    huge_version = moved.model_copy(update={"envelope": b"", "dek_version": 2**40})
+    poison = [
+        b"not json",
+        b"{}",
+        b"\xff\xfe",
+        b"[1,2,3]",
+        b'{"kind":"post"}',
+        moved.value(),
+        bad_envelope.value(),
+        garbage_envelope.value(),
+        huge_version.value(),
+        moved.model_copy(update={"sender_id": "mallory"}).value(),
+        moved.model_copy(update={"kind": "edit", "event_id": row.message_id + 5}).value(),
+    ]
+    with _ws(url, pipe, "bob") as ws:
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        _produce(pipe, chat, poison)
+        after = _post(pipe, "alice", chat, "after the poison")
+        frames = _changes(ws, 1) + _quiet(ws, 1.0)
+    assert [(f["type"], f.get("text")) for f in frames] == [("message", "after the poison")]
+    assert frames[0]["message_id"] == after
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    # Poison in the same batch as a genuine change: the genuine one is still delivered.
+    with _ws(url, pipe, "bob") as ws:
+        assert _subscribe(ws, elsewhere)["type"] == "subscribed"
+        genuine = base.model_copy(update={"event_id": base.event_id})
+        _produce(pipe, elsewhere, [*poison[:5], huge_version.value(), genuine.value()])
+        frames = _changes(ws, 1, timeout=30)
+    assert frames[0]["message_id"] == real
+
+
+def pipe_row(pipe: Pipeline, chat: str, message_id: str) -> Any:
+    import uuid
+
+    from sealstream.adapters.cassandra import MessageStore
+
+    store = MessageStore(pipe.settings.cassandra)
+    store.connect()
+    try:
+        return store.get(uuid.UUID(chat), int(message_id))
+    finally:
+        store.close()
+
+
+def test_delivery_log_holds_no_token_and_no_plaintext(hostile: tuple[Pipeline, str]) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    token = mint_token(pipe.settings.auth, "bob")
+    with connect(f"{_ws_url(url)}?token={token}") as ws:
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        _post(pipe, "alice", chat, SECRET_TEXT)
+        assert _changes(ws, 1)[0]["text"] == SECRET_TEXT
+    httpx.get(f"{url}/v1/chats/{chat}/events?token={token}", timeout=10)
+    time.sleep(0.5)
+    text = (pipe.log_dir / "delivery-attacks.log").read_text(errors="replace")
+    assert '"service": "delivery"' in text
+    assert token not in text and token.split(".")[2] not in text
+    assert SECRET_TEXT not in text
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert SECRET_TEXT not in metrics and token not in metrics
