@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -282,3 +284,99 @@ def test_delivery_log_holds_no_token_and_no_plaintext(hostile: tuple[Pipeline, s
     assert SECRET_TEXT not in text
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert SECRET_TEXT not in metrics and token not in metrics
+
+
+# --- slow consumers: a client that stops reading is dropped, not held ----------------------------
+
+_SLOW_ENV = {
+    "SEALSTREAM_DELIVERY__MAX_QUEUED_EVENTS": "10",
+    "SEALSTREAM_DELIVERY__MAX_RESUME_EVENTS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def slow(hostile: tuple[Pipeline, str]) -> Iterator[tuple[Pipeline, str]]:
+    """A delivery process holding at most 13 frames per client (10 + one resume + 2)."""
+    pipe, _ = hostile
+    port = free_port()
+    pipe.start(
+        "delivery", key="delivery-slow", env={**_SLOW_ENV, "SEALSTREAM_DELIVERY__PORT": str(port)}
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        pipe.wait_http(url)
+        yield pipe, url
+    finally:
+        if "delivery-slow" in pipe.procs:
+            pipe.signal("delivery-slow", signal.SIGTERM)
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _tiny_socket(url: str) -> socket.socket:
+    """A TCP connection to `url` with a receive buffer as small as the kernel allows."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    return sock
+
+
+def _flood_until_dropped(pipe: Pipeline, chat: str, url: str, before: float) -> None:
+    """Posts of 16 000 characters, 20 at a time, until delivery counted a client too slow (the
+    kernel's socket buffers take a few MB before the server's queue fills)."""
+    with ThreadPoolExecutor(4) as pool:
+        for round_ in range(20):
+            texts = [f"{round_:02d}{i:03d}" + "x" * 15_995 for i in range(20)]
+            list(pool.map(lambda text: _post(pipe, "alice", chat, text), texts))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if _metric(url, "sealstream_delivery_slow_clients_total") > before:
+                    return
+                time.sleep(0.5)
+    raise AssertionError("the slow client's queue never overflowed")
+
+
+def test_an_sse_client_that_stops_reading_is_dropped(slow: tuple[Pipeline, str]) -> None:
+    pipe, url = slow
+    chat = create_chat(pipe, "alice", ["bob"])
+    token = mint_token(pipe.settings.auth, "bob")
+    dropped = _metric(url, "sealstream_delivery_slow_clients_total")
+    with _tiny_socket(url) as sock:
+        sock.sendall(
+            f"GET /v1/chats/{chat}/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        wait_until(lambda: _metric(url, "sealstream_delivery_subscriptions") == 1, what="followed")
+        _flood_until_dropped(pipe, chat, url, dropped)
+        # Dropped: its subscription ends (the connection with it), not held until it reads.
+        wait_until(
+            lambda: _metric(url, "sealstream_delivery_subscriptions") == 0,
+            what="the slow SSE client dropped",
+            timeout=15,
+        )
+
+
+def test_a_websocket_client_that_stops_reading_is_dropped(slow: tuple[Pipeline, str]) -> None:
+    pipe, url = slow
+    chat = create_chat(pipe, "alice", ["bob"])
+    token = mint_token(pipe.settings.auth, "bob")
+    dropped = _metric(url, "sealstream_delivery_slow_clients_total")
+    sock = _tiny_socket(url)
+    with connect(
+        _ws_url(url),
+        sock=sock,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        max_queue=1,
+    ) as ws:
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        _flood_until_dropped(pipe, chat, url, dropped)
+        wait_until(
+            lambda: _metric(url, "sealstream_delivery_subscriptions") == 0,
+            what="the slow WebSocket client dropped",
+            timeout=15,
+        )
