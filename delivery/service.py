@@ -136,10 +136,52 @@ class DeliveryService:
                 continue
             if not self.hub.has(event.chat_id):
                 continue
+            if not self.genuine(event):
+                continue
             item = self.delivered(event)
             if item is not None:
                 items.append(item)
         self.hub.post(items)
+
+    def genuine(self, event: ChangeEvent) -> bool:
+        """Whether the event agrees with the message store. A post must carry its message id as
+        event id. An edit or a deletion is checked against its row (one read; they are rare): a
+        deletion carries no envelope, and an older revision's envelope still opens with that
+        revision, so a writer of the change topic could otherwise hide any message on every
+        client or roll its text back. An edit is pushed only while it is the row's last applied
+        one (a later edit's event follows); a deletion only if the row is marked deleted (or
+        gone). Refusals are logged by ids."""
+        if event.kind == "post":
+            ok = event.event_id == event.message_id and event.revision == 1
+        else:
+            try:
+                row = self.rows.get(event.chat_id, event.message_id)
+            except SealstreamError as exc:
+                log.warning(
+                    "change not delivered: message store unavailable",
+                    extra={"chat_id": str(event.chat_id), "error": type(exc).__name__},
+                )
+                return False
+            if event.kind == "delete":
+                ok = row is None or row.deleted_at is not None
+            else:
+                ok = (
+                    row is not None
+                    and row.deleted_at is None
+                    and row.last_event_id == event.event_id
+                    and row.revision == event.revision
+                )
+        if not ok:
+            log.warning(
+                "change event disagrees with the message store; not delivered",
+                extra={
+                    "chat_id": str(event.chat_id),
+                    "message_id": event.message_id,
+                    "event_id": event.event_id,
+                    "kind": event.kind,
+                },
+            )
+        return ok
 
     def delivered(self, event: ChangeEvent) -> Delivered | None:
         """The frame of a change event, its envelope opened; None when it cannot be (a shredded

@@ -22,7 +22,16 @@ from websockets.sync.client import connect
 from schemas.changes import ChangeEvent
 from sealstream.auth import mint_token
 from tests.e2e.conftest import Pipeline, free_port
-from tests.e2e.test_delivery import CHANGE_TYPES, _changes, _post, _quiet, _stored, _subscribe, _ws
+from tests.e2e.test_delivery import (
+    CHANGE_TYPES,
+    _changes,
+    _post,
+    _publish_change,
+    _quiet,
+    _stored,
+    _subscribe,
+    _ws,
+)
 from tests.e2e.test_pipeline import create_chat, wait_until
 
 SECRET_TEXT = "attack-plaintext-7f3a"
@@ -380,3 +389,43 @@ def test_a_websocket_client_that_stops_reading_is_dropped(slow: tuple[Pipeline, 
             what="the slow WebSocket client dropped",
             timeout=15,
         )
+
+
+def test_forged_deletions_and_replayed_old_revisions_on_the_change_topic_are_not_pushed(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    """A delete event carries no envelope, and an old revision's envelope still opens with its
+    own revision: a writer of the change topic could hide any message on every client, or roll
+    its text back. Delivery checks both against the row before pushing them."""
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    with _ws(url, pipe, "bob") as ws:
+        assert _subscribe(ws, chat)["type"] == "subscribed"
+        message = _post(pipe, "alice", chat, "first words")
+        _changes(ws, 1)
+        wait_until(_stored(pipe, "bob", chat, [message]), what="the post stored")
+        original = pipe_row(pipe, chat, message)
+        edit_id = _publish_change(pipe, "edit", chat, message, "second words")
+        [edit] = _changes(ws, 1)
+        assert edit["text"] == "second words"
+        wait_until(lambda: pipe_row(pipe, chat, message).revision == 2, what="edit stored")
+        event = ChangeEvent(
+            kind="edit",
+            event_id=edit_id + 1000,
+            chat_id=original.chat_id,
+            tenant_id="default",
+            message_id=original.message_id,
+            sender_id=original.sender_id,
+            revision=1,
+            dek_version=original.dek_version,
+            envelope=original.envelope,
+            created_at=original.created_at,
+            edited_at=original.created_at,
+        )
+        forged_delete = event.model_copy(
+            update={"kind": "delete", "event_id": edit_id + 2000, "envelope": None}
+        )
+        _produce(pipe, chat, [event.value(), forged_delete.value()])
+        later = _post(pipe, "alice", chat, "after the forgeries")
+        frames = _changes(ws, 1) + _quiet(ws, 1.0)
+    assert [(f["type"], f["message_id"]) for f in frames] == [("message", later)], frames

@@ -47,6 +47,11 @@ class Rows:
     def __init__(self, rows: list[StoredMessage]) -> None:
         self.rows = rows
 
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        return next(
+            (r for r in self.rows if (r.chat_id, r.message_id) == (chat_id, message_id)), None
+        )
+
     def rows_after(
         self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500
     ) -> Iterator[StoredMessage]:
