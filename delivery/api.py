@@ -234,8 +234,8 @@ def create_app(
                 head = f"id: {event_id}\n" if event_id else ""
                 data = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
                 yield f"{head}event: {frame['type']}\ndata: {data}\n\n".encode()
-                if frame["type"] == "removed":
-                    return
+                if frame["type"] in ("removed", "error"):
+                    return  # the subscription ended (removed, or could not be re-checked)
         finally:
             sub.end(None)
             hub.remove(sub)

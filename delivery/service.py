@@ -25,7 +25,7 @@ from schemas.ids import first_id_at, id_millis
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, SealstreamError
-from sealstream.http import ApiError
+from sealstream.http import ApiError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +280,24 @@ class DeliveryService:
             try:
                 row = self.chat(chat)
             except SealstreamError as exc:
+                # Fail closed: a participant removed by this very change must not stay
+                # subscribed because Postgres blinked; the clients subscribe again.
                 log.warning("membership re-check failed", extra={"error": type(exc).__name__})
+                loop.call_soon_threadsafe(self.end_unchecked, chat)
                 continue
             loop.call_soon_threadsafe(self.apply_membership, chat, row)
+
+    def end_unchecked(self, chat_id: uuid.UUID) -> None:
+        """On the loop: end every subscription of `chat_id` after a re-check that could not read
+        the chat, with an `error` frame `unavailable` (subscribe again: checked afresh)."""
+        frame = {
+            "type": "error",
+            "chat_id": str(chat_id),
+            **error_body("unavailable", "membership could not be re-checked; subscribe again"),
+        }
+        for sub in self.hub.subscriptions(chat_id):
+            sub.end(frame)
+            self.hub.remove(sub)
 
     def apply_membership(self, chat_id: uuid.UUID, chat: ChatRow | None) -> None:
         """On the loop: end every subscription of `chat_id` whose user may no longer follow it,

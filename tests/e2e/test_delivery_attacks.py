@@ -429,3 +429,28 @@ def test_forged_deletions_and_replayed_old_revisions_on_the_change_topic_are_not
         later = _post(pipe, "alice", chat, "after the forgeries")
         frames = _changes(ws, 1) + _quiet(ws, 1.0)
     assert [(f["type"], f["message_id"]) for f in frames] == [("message", later)], frames
+
+
+def test_a_resume_racing_live_posts_delivers_each_missed_and_live_post_once(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    pipe, url = hostile
+    chat = create_chat(pipe, "alice", ["bob"])
+    cursor = _post(pipe, "alice", chat, "the cursor")
+    wait_until(_stored(pipe, "bob", chat, [cursor]), what="the cursor's post stored")
+    sent: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        # Posts keep coming while the resume reads Cassandra and the live stream buffers.
+        flood = pool.submit(
+            lambda: [sent.append(_post(pipe, "alice", chat, f"r{i}")) for i in range(30)]
+        )
+        time.sleep(0.3)
+        with _ws(url, pipe, "bob") as ws:
+            assert _subscribe(ws, chat, cursor)["type"] == "subscribed"
+            flood.result(60)
+            wait_until(_stored(pipe, "bob", chat, sent[-1:]), what="the race's posts stored")
+            frames = _changes(ws, len(sent)) + _quiet(ws, 1.5)
+    got = [f["message_id"] for f in frames if f["type"] in CHANGE_TYPES]
+    assert sorted(got, key=int) == sorted(sent, key=int), (len(got), len(sent))
+    assert len(set(got)) == len(got)
+    assert got == sorted(got, key=int)
