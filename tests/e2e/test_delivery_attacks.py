@@ -454,3 +454,36 @@ def test_a_resume_racing_live_posts_delivers_each_missed_and_live_post_once(
     assert sorted(got, key=int) == sorted(sent, key=int), (len(got), len(sent))
     assert len(set(got)) == len(got)
     assert got == sorted(got, key=int)
+
+
+def test_a_delivery_process_killed_mid_stream_loses_nothing_for_a_client_that_resumes(
+    hostile: tuple[Pipeline, str],
+) -> None:
+    pipe, _ = hostile
+    port = free_port()
+    env = {"SEALSTREAM_DELIVERY__PORT": str(port)}
+    url = f"http://127.0.0.1:{port}"
+    chat = create_chat(pipe, "alice", ["bob"])
+    pipe.start("delivery", key="delivery-killed", env=env)
+    try:
+        pipe.wait_http(url)
+        with _ws(url, pipe, "bob") as ws:
+            assert _subscribe(ws, chat)["type"] == "subscribed"
+            first = _post(pipe, "alice", chat, "before the crash")
+            [seen] = _changes(ws, 1)
+            pipe.signal("delivery-killed", signal.SIGKILL)
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=30)
+        missed = [_post(pipe, "alice", chat, f"while down {i}") for i in range(3)]
+        wait_until(_stored(pipe, "bob", chat, missed), what="posts stored while down")
+        pipe.start("delivery", key="delivery-killed", env=env)
+        pipe.wait_http(url)
+        with _ws(url, pipe, "bob") as ws:
+            assert _subscribe(ws, chat, seen["event_id"])["type"] == "subscribed"
+            later = _post(pipe, "alice", chat, "after the restart")
+            frames = _changes(ws, 4) + _quiet(ws, 1.0)
+    finally:
+        if "delivery-killed" in pipe.procs:
+            pipe.signal("delivery-killed", signal.SIGTERM)
+    assert seen["message_id"] == first
+    assert [f["message_id"] for f in frames if f["type"] in CHANGE_TYPES] == [*missed, later]
