@@ -69,6 +69,46 @@ class SubscribeFrame(BaseModel):
     cursor: str | None = Field(default=None, max_length=19)
 
 
+class _DroppableStream(StreamingResponse):
+    """The SSE response, cut off when the client is dropped as too slow (`outbox.dropped`) or
+    its token expired `lifetime` seconds from now: `_sse` ends by itself in both cases, but not
+    while it is stuck writing to a client that stopped reading (the stream would then hold its
+    subscription, and queue changes made after the token's expiry, for as long as the TCP
+    connection lives). `cleanup` ends the subscription when the stream is cut off."""
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        outbox: Outbox,
+        lifetime: float | None,
+        cleanup: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self._outbox = outbox
+        self._lifetime = lifetime
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        streaming = asyncio.ensure_future(super().__call__(scope, receive, send))
+        dropped = asyncio.ensure_future(self._outbox.dropped.wait())
+        # A second past the expiry: `_sse` normally ends the stream itself at `exp`.
+        limit = None if self._lifetime is None else max(0.0, self._lifetime) + 1.0
+        try:
+            await asyncio.wait({streaming, dropped}, timeout=limit, return_when="FIRST_COMPLETED")
+        finally:
+            dropped.cancel()
+            if not streaming.done():
+                streaming.cancel()
+                self._cleanup()
+                log.info("event stream cut off", extra={"dropped": self._outbox.overflowed})
+        if streaming.done() and not streaming.cancelled():
+            streaming.result()  # re-raise what the stream raised (a disconnect, an error)
+
+
 def _error_frame(
     code: str, message: str, field: str | None = None, chat_id: uuid.UUID | None = None
 ) -> dict[str, Any]:
@@ -134,23 +174,30 @@ def create_app(
         after = parse_cursor(last_event_id or cursor, field)
         outbox = Outbox(outbox_limit)
         sub = Subscription(chat_id, principal.user_id, outbox)
-        items = await _checked(sub, after)
+        items = await _checked(sub, after, field)
         sub.replay(items)
-        return StreamingResponse(
+        return _DroppableStream(
             _sse(sub, outbox, principal, limits.sse_keepalive_seconds),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            outbox,
+            seconds_left(principal),
+            lambda: _unfollow(sub),
         )
 
-    async def _checked(sub: Subscription, cursor: int | None) -> list[Delivered]:
+    def _unfollow(sub: Subscription) -> None:
+        sub.end(None)
+        hub.remove(sub)
+
+    async def _checked(
+        sub: Subscription, cursor: int | None, field: str = "cursor"
+    ) -> list[Delivered]:
         """Register `sub` (buffering), check membership, read the resume: the replay to send.
         Registered before the check and the read, so no change falls between them; a failure
-        (ApiError: 403/404/410/409/422) unregisters it."""
+        (ApiError: 403/404/410/409/422, naming `field` for the cursor) unregisters it."""
         hub.add(sub)
         try:
             await asyncio.to_thread(service.authorize, sub.user_id, sub.chat_id)
             items = (
-                await asyncio.to_thread(service.resume, sub.chat_id, cursor)
+                await asyncio.to_thread(service.resume, sub.chat_id, cursor, field)
                 if cursor is not None
                 else []
             )
@@ -187,8 +234,8 @@ def create_app(
                 head = f"id: {event_id}\n" if event_id else ""
                 data = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
                 yield f"{head}event: {frame['type']}\ndata: {data}\n\n".encode()
-                if frame["type"] == "removed":
-                    return
+                if frame["type"] in ("removed", "error"):
+                    return  # the subscription ended (removed, or could not be re-checked)
         finally:
             sub.end(None)
             hub.remove(sub)

@@ -45,6 +45,9 @@ class Outbox:
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.overflowed = False
         self.closed = False
+        # Set on overflow: the connection is dropped even if its writer is stuck in a send (a
+        # client that stopped reading never lets the end mark be reached).
+        self.dropped = asyncio.Event()
 
     def put(self, frame: dict[str, Any]) -> None:
         if self.closed:
@@ -53,6 +56,7 @@ class Outbox:
             self.overflowed = True
             DROPPED_SLOW.inc()
             self.close()
+            self.dropped.set()
             return
         self.queue.put_nowait(frame)
 

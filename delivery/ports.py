@@ -18,7 +18,10 @@ class ChatLookup(Protocol):
 
 
 class ChangeRows(Protocol):
-    """Rows of the message store for resume (`MessageStore.rows_after`)."""
+    """Rows of the message store for resume (`MessageStore.rows_after`) and for checking an
+    edit or deletion against its row (`MessageStore.get`)."""
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None: ...
 
     def rows_after(
         self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500

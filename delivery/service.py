@@ -25,7 +25,7 @@ from schemas.ids import first_id_at, id_millis
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, SealstreamError
-from sealstream.http import ApiError
+from sealstream.http import ApiError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ class CursorExpired(ApiError):
     """The cursor is older than the edit window, or more changes were missed than a resume
     replays: the client refetches history from the reader, then subscribes without a cursor."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, field: str = "cursor") -> None:
         super().__init__(
-            409, "cursor_expired", f"cursor: {why}; refetch history from the reader", "cursor"
+            409, "cursor_expired", f"{field}: {why}; refetch history from the reader", field
         )
 
 
@@ -136,10 +136,52 @@ class DeliveryService:
                 continue
             if not self.hub.has(event.chat_id):
                 continue
+            if not self.genuine(event):
+                continue
             item = self.delivered(event)
             if item is not None:
                 items.append(item)
         self.hub.post(items)
+
+    def genuine(self, event: ChangeEvent) -> bool:
+        """Whether the event agrees with the message store. A post must carry its message id as
+        event id. An edit or a deletion is checked against its row (one read; they are rare): a
+        deletion carries no envelope, and an older revision's envelope still opens with that
+        revision, so a writer of the change topic could otherwise hide any message on every
+        client or roll its text back. An edit is pushed only while it is the row's last applied
+        one (a later edit's event follows); a deletion only if the row is marked deleted (or
+        gone). Refusals are logged by ids."""
+        if event.kind == "post":
+            ok = event.event_id == event.message_id and event.revision == 1
+        else:
+            try:
+                row = self.rows.get(event.chat_id, event.message_id)
+            except SealstreamError as exc:
+                log.warning(
+                    "change not delivered: message store unavailable",
+                    extra={"chat_id": str(event.chat_id), "error": type(exc).__name__},
+                )
+                return False
+            if event.kind == "delete":
+                ok = row is None or row.deleted_at is not None
+            else:
+                ok = (
+                    row is not None
+                    and row.deleted_at is None
+                    and row.last_event_id == event.event_id
+                    and row.revision == event.revision
+                )
+        if not ok:
+            log.warning(
+                "change event disagrees with the message store; not delivered",
+                extra={
+                    "chat_id": str(event.chat_id),
+                    "message_id": event.message_id,
+                    "event_id": event.event_id,
+                    "kind": event.kind,
+                },
+            )
+        return ok
 
     def delivered(self, event: ChangeEvent) -> Delivered | None:
         """The frame of a change event, its envelope opened; None when it cannot be (a shredded
@@ -176,12 +218,13 @@ class DeliveryService:
 
     # --- resume ----------------------------------------------------------------------------
 
-    def resume(self, chat_id: uuid.UUID, cursor: int) -> list[Delivered]:
+    def resume(self, chat_id: uuid.UUID, cursor: int, field: str = "cursor") -> list[Delivered]:
         """The changes of the chat after `cursor` (the last event id the client got), in event
         order: posts with a larger message id (with their current text and revision), edits
         (`last_event_id` above the cursor) and deletions (after the cursor's time) of messages
         made within the edit window before the cursor. `CursorExpired` when the cursor is older
-        than the window or more than `max_resume_events` changes were missed.
+        than the window or more than `max_resume_events` changes were missed; 422 for a cursor
+        from the future. Both name `field`, where the client sent the cursor.
 
         A deletion's event id is the row's `last_event_id` when the worker recorded one above
         the cursor, else the first id of its `deleted_at` millisecond (so a client may see a
@@ -190,15 +233,15 @@ class DeliveryService:
         now_ms = self._clock_ms()
         cursor_ms = id_millis(cursor)
         if cursor_ms < now_ms - self.window_ms:
-            raise CursorExpired("older than the edit window")
+            raise CursorExpired("older than the edit window", field)
         if cursor_ms > now_ms + _CLOCK_SKEW_MS:
-            raise ApiError(422, "invalid_request", "cursor: in the future", "cursor")
+            raise ApiError(422, "invalid_request", f"{field}: in the future", field)
         low = max(0, first_id_at(cursor_ms - self.window_ms) - 1)
         items: list[Delivered] = []
         for row in self.rows.rows_after(chat_id, low, now_ms + _CLOCK_SKEW_MS):
             items.extend(self._missed(row, cursor, cursor_ms))
             if len(items) > self.max_resume_events:
-                raise CursorExpired(f"more than {self.max_resume_events} changes missed")
+                raise CursorExpired(f"more than {self.max_resume_events} changes missed", field)
         items.sort(key=lambda item: item.event_id)
         return items
 
@@ -237,9 +280,24 @@ class DeliveryService:
             try:
                 row = self.chat(chat)
             except SealstreamError as exc:
+                # Fail closed: a participant removed by this very change must not stay
+                # subscribed because Postgres blinked; the clients subscribe again.
                 log.warning("membership re-check failed", extra={"error": type(exc).__name__})
+                loop.call_soon_threadsafe(self.end_unchecked, chat)
                 continue
             loop.call_soon_threadsafe(self.apply_membership, chat, row)
+
+    def end_unchecked(self, chat_id: uuid.UUID) -> None:
+        """On the loop: end every subscription of `chat_id` after a re-check that could not read
+        the chat, with an `error` frame `unavailable` (subscribe again: checked afresh)."""
+        frame = {
+            "type": "error",
+            "chat_id": str(chat_id),
+            **error_body("unavailable", "membership could not be re-checked; subscribe again"),
+        }
+        for sub in self.hub.subscriptions(chat_id):
+            sub.end(frame)
+            self.hub.remove(sub)
 
     def apply_membership(self, chat_id: uuid.UUID, chat: ChatRow | None) -> None:
         """On the loop: end every subscription of `chat_id` whose user may no longer follow it,

@@ -21,7 +21,7 @@ from schemas.ids import EPOCH_MS, first_id_at, id_time
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
-from sealstream.errors import KeyNotFound
+from sealstream.errors import KeyNotFound, StoreUnavailable
 from sealstream.http import ApiError
 from tests.sealed_rows import sealed_row
 
@@ -46,6 +46,11 @@ class Keys:
 class Rows:
     def __init__(self, rows: list[StoredMessage]) -> None:
         self.rows = rows
+
+    def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
+        return next(
+            (r for r in self.rows if (r.chat_id, r.message_id) == (chat_id, message_id)), None
+        )
 
     def rows_after(
         self, chat_id: uuid.UUID, after_id: int, until_ms: int, page_size: int = 500
@@ -234,3 +239,35 @@ def test_after_the_listener_reconnects_every_followed_chat_is_checked_again() ->
     assert asyncio.run(scenario()) == [
         {"type": "removed", "chat_id": str(CHAT), "reason": "removed"}
     ]
+
+
+def test_a_membership_re_check_that_fails_ends_the_chats_subscriptions() -> None:
+    """A re-check that cannot read the chat (Postgres away for a moment) must not leave a
+    possibly removed participant subscribed: the subscriptions end with `unavailable`, and
+    their clients subscribe again (checked afresh)."""
+
+    def unreachable(chat_id: uuid.UUID) -> ChatRow | None:
+        raise StoreUnavailable("postgres: connection refused")
+
+    async def scenario() -> tuple[list[object], bool]:
+        svc = service([])
+        svc.chat = unreachable
+        box = Outbox(10)
+        sub = Subscription(CHAT, "bob", box)
+        svc.hub.add(sub)
+        sub.replay([])
+        await asyncio.to_thread(svc.membership_changed, CHAT)
+        await asyncio.sleep(0)
+        return [box.queue.get_nowait() for _ in range(box.queue.qsize())], svc.hub.has(CHAT)
+
+    frames, still_followed = asyncio.run(scenario())
+    assert not still_followed
+    assert [f["error"]["code"] for f in frames if isinstance(f, dict)] == ["unavailable"]
+    assert frames[0] == {
+        "type": "error",
+        "chat_id": str(CHAT),
+        "error": {
+            "code": "unavailable",
+            "message": "membership could not be re-checked; subscribe again",
+        },
+    }
