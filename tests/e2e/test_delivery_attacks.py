@@ -490,13 +490,6 @@ def test_a_delivery_process_killed_mid_stream_loses_nothing_for_a_client_that_re
     assert [f["message_id"] for f in frames if f["type"] in CHANGE_TYPES] == [*missed, later]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a replayed post record after an edit: the encryptor's shadowed INSERT still publishes "
-    "a post change with the revision-1 envelope, and delivery pushes the old text as a new "
-    "message to subscribers that had not seen that event id (fix belongs in the encryptor: "
-    "publish the row as stored, or nothing, when the post was already there)",
-)
 def test_a_replayed_post_record_after_an_edit_does_not_push_the_old_text(
     hostile: tuple[Pipeline, str],
 ) -> None:

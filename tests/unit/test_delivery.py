@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import pytest
 
 from delivery.hub import Delivered, Hub, Outbox, Subscription
-from delivery.service import CursorExpired, DeliveryService, parse_cursor
+from delivery.service import FRESH_POST_MS, CursorExpired, DeliveryService, parse_cursor
 from reader.service import EnvelopeOpener
 from schemas.changes import ChangeEvent
 from schemas.ids import EPOCH_MS, first_id_at, id_time
@@ -166,6 +166,41 @@ def test_a_live_change_event_is_opened_with_the_row_context() -> None:
     assert item is not None and item.frame["text"] == "live text"
     # A change whose envelope does not match its columns (here: another sender) is not sent.
     assert service([]).delivered(event.model_copy(update={"sender_id": "mallory"})) is None
+
+
+def _post_event(row: StoredMessage) -> ChangeEvent:
+    return ChangeEvent(
+        kind="post",
+        event_id=row.message_id,
+        chat_id=CHAT,
+        tenant_id="default",
+        message_id=row.message_id,
+        sender_id=row.sender_id,
+        revision=1,
+        dek_version=1,
+        envelope=row.envelope,
+        created_at=row.created_at,
+    )
+
+
+def test_a_replayed_post_of_an_edited_or_deleted_message_is_not_pushed() -> None:
+    fresh = post(at(1_000), "as first posted")
+    now_edited = edited(fresh, at(500), "as edited")
+    delivery = service([now_edited])
+    # Fresh and never seen changed: pushed without a read of the row (live traffic).
+    assert delivery.genuine(_post_event(fresh))
+    # This process saw an edit of the message (in any chat): the post is checked against the row.
+    edit = _post_event(now_edited).model_copy(
+        update={"kind": "edit", "event_id": at(500), "revision": 2}
+    )
+    delivery.hub.has = lambda chat_id: False  # type: ignore[method-assign]  # not followed here
+    delivery.on_records([edit.value()])
+    assert not delivery.genuine(_post_event(fresh))
+    # Older than FRESH_POST_MS (this process may have started after the change): checked too.
+    old = post(at(FRESH_POST_MS + 1_000), "old")
+    assert service([old]).genuine(_post_event(old))
+    assert not service([deleted(old, at(10))]).genuine(_post_event(old))
+    assert not service([]).genuine(_post_event(old))  # marker-only or gone
 
 
 def _item(event_id: int) -> Delivered:
