@@ -25,7 +25,7 @@ from schemas.events import MAX_ID_LEN
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
-from sealstream.errors import KmsError
+from sealstream.errors import KmsError, MembershipRefused
 from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
 from sealstream.http import message_id as parse_message_id
 from sealstream.keys.index_keys import IndexKeys
@@ -580,6 +580,7 @@ def create_app(
         response_model=ParticipantsOut,
         tags=[TAG_DATA],
         summary="Add a participant to a chat (audited; live delivery is told at once)",
+        responses={409: {"description": "The chat has 1,000 participants already"}},
     )
     def add_participant(admin: CurrentAdmin, chat_id: ChatId, user_id: UserId) -> ParticipantsOut:
         return _participant(admin, chat_id, user_id, present=True)
@@ -589,6 +590,7 @@ def create_app(
         response_model=ParticipantsOut,
         tags=[TAG_DATA],
         summary="Remove a participant from a chat (audited; their live streams end at once)",
+        responses={409: {"description": "The chat's last participant (delete the chat instead)"}},
     )
     def remove_participant(
         admin: CurrentAdmin, chat_id: ChatId, user_id: UserId
@@ -598,7 +600,10 @@ def create_app(
     def _participant(
         admin: str, chat_id: uuid.UUID, user_id: str, present: bool
     ) -> ParticipantsOut:
-        result = keys_for(admin).set_participant(chat_id, user_id, present)
+        try:
+            result = keys_for(admin).set_participant(chat_id, user_id, present)
+        except MembershipRefused as exc:
+            raise ApiError(409, "conflict", str(exc), "path.user_id") from None
         if result is None:
             raise ApiError(404, "not_found", f"no chat {chat_id}", "path.chat_id")
         chat, changed = result

@@ -322,7 +322,7 @@ def create_app(
         status_code=204,
         tags=[CHATS],
         summary="Leave a chat",
-        responses=_errors(401, 403, 404, 410, 422, 503),
+        responses=_errors(401, 403, 404, 409, 410, 422, 503),
     )
     def leave_chat(chat_id: ChatId, user: CurrentUser) -> Response:
         """Remove the caller from the chat's participants (audited). Their live streams of the

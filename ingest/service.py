@@ -44,7 +44,7 @@ from schemas.ids import SnowflakeIds, id_millis, id_time
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import TextFingerprints
-from sealstream.errors import KeyNotFound, StoreUnavailable
+from sealstream.errors import KeyNotFound, MembershipRefused, StoreUnavailable
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
 
@@ -298,7 +298,10 @@ class IngestService:
         Other gateways' and readers' chat caches see it within their TTL (2 s); live delivery
         at once."""
         chat = self._authorized(user, chat_id, self.chats.get(chat_id))
-        left = self.chats.leave(chat_id, user)
+        try:
+            left = self.chats.leave(chat_id, user)
+        except MembershipRefused as exc:
+            raise ApiError(409, "last_participant", str(exc), "path.chat_id") from None
         return left if left is not None else chat
 
     # --- messages ----------------------------------------------------------------------------

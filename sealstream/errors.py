@@ -70,3 +70,8 @@ class WorkerIdUnavailable(StoreUnavailable):
 
 class WorkerIdConflict(SealstreamError):
     """The explicitly configured worker id (SEALSTREAM_WORKER_ID) is leased by a live process."""
+
+
+class MembershipRefused(SealstreamError):
+    """A participant change the chat cannot take: removing its last participant (delete the chat
+    instead) or adding one past the limit of 1,000 (the `chats` table's CHECK). Not retriable."""

@@ -27,7 +27,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from sealstream.deletion_state import ChatState
-from sealstream.errors import KeyDestroyed, KeyNotFound, SealstreamError, StoreUnavailable
+from sealstream.errors import (
+    KeyDestroyed,
+    KeyNotFound,
+    MembershipRefused,
+    SealstreamError,
+    StoreUnavailable,
+)
 from sealstream.settings import PostgresSettings
 
 Row = dict[str, Any]
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 # NOTIFY channel of membership changes (payload: the chat id), sent in the transaction that adds
 # or removes a participant or deletes a chat: live delivery re-checks its subscribers at once.
 MEMBERSHIP_CHANNEL = "sealstream_membership"
+MAX_CHAT_PARTICIPANTS = 1000  # the chats table's CHECK (schemas/postgres/001_keys.sql)
 _MIGRATION_LOCK = 0x5EA15
 _TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown)
 
@@ -541,6 +548,13 @@ class ChatKeyRepository:
             if chat.state == "deleted" or (user_id in members) == present:
                 return chat, False
             members = [*members, user_id] if present else [m for m in members if m != user_id]
+            # The table's CHECK (schemas/postgres/001): refused here by name, not as a 500.
+            if not members:
+                raise MembershipRefused(
+                    "the last participant cannot leave or be removed; delete the chat instead"
+                )
+            if len(members) > MAX_CHAT_PARTICIPANTS:
+                raise MembershipRefused(f"a chat has at most {MAX_CHAT_PARTICIPANTS} participants")
             updated = conn.execute(
                 "UPDATE chats SET participants = %s, updated_at = now() WHERE chat_id = %s"
                 " RETURNING *",

@@ -12,6 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     negative_data_rejection,
     positive_data_acceptance,
@@ -60,6 +61,20 @@ def admin_api(live: Pipeline) -> schemathesis.BaseSchema:
     return _schema(live.admin_url)
 
 
+def no_server_error_but_a_documented_503(_ctx: object, response: object, case: object) -> None:
+    """Any 5xx fails, except the services' documented `503 unavailable` with `Retry-After`: a
+    dependency slower than its deadline (README, "Errors"), which a loaded 2-core machine gives at
+    times (one suite run's first request did). A 500 or a 503 of another shape still fails."""
+    status = response.status_code  # type: ignore[attr-defined]
+    if status < 500:
+        return
+    if status == 503 and response.headers.get("Retry-After"):  # type: ignore[attr-defined]
+        body = response.json()  # type: ignore[attr-defined]
+        if body.get("error", {}).get("code") == "unavailable":
+            return
+    raise AssertionError(f"{case.operation.label} answered {status}")  # type: ignore[attr-defined]
+
+
 def fuzz(api: schemathesis.BaseSchema, base_url: str, token: str) -> list[str]:
     """Run every operation of `api` with generated requests (valid and invalid: positive and
     negative modes); return the labels of the operations exercised. Raises on the first failed
@@ -82,7 +97,12 @@ def fuzz(api: schemathesis.BaseSchema, base_url: str, token: str) -> list[str]:
                     # answer a documented 422 naming the field), and that every schema-violating
                     # request is refused (unknown query parameters are ignored, as HTTP APIs do,
                     # and the token added here restores a header a negative case removed).
-                    excluded_checks=[positive_data_acceptance, negative_data_rejection],
+                    excluded_checks=[
+                        positive_data_acceptance,
+                        negative_data_rejection,
+                        not_a_server_error,
+                    ],
+                    additional_checks=[no_server_error_but_a_documented_503],
                     timeout=60,
                 )
 

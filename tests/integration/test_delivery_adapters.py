@@ -17,6 +17,7 @@ from schemas.ids import BUCKET_MS, EPOCH_MS, first_id_at
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.kafka import Publisher, TopicTail, delete_topics, ensure_topics
 from sealstream.adapters.postgres import MembershipListener
+from sealstream.errors import MembershipRefused
 from sealstream.keys.service import KeyService
 from sealstream.settings import KafkaSettings, Settings
 from tests.integration.conftest import fresh_store, module_stores
@@ -134,3 +135,20 @@ def test_rows_after_reads_every_row_above_an_id_oldest_first_across_buckets(
     assert [r.message_id for r in found] == ids[1:]
     assert [r.deleted_at is not None for r in found] == [False, False, True, False]
     assert found[0] == replace(rows[1], created_at=found[0].created_at)
+
+
+def test_a_chat_never_loses_its_last_participant_nor_passes_the_limit(keys: KeyService) -> None:
+    # Found by the gateway's fuzzer: the sole participant leaving reached the table's CHECK and
+    # answered 500. Both bounds of the CHECK are refused by name, and nothing changes.
+    chat = uuid.uuid4()
+    keys.create_chat(chat, ("alice",))
+    with pytest.raises(MembershipRefused, match="last participant"):
+        keys.set_participant(chat, "alice", present=False)
+    full = uuid.uuid4()
+    keys.create_chat(full, tuple(f"user-{i}" for i in range(1000)))
+    with pytest.raises(MembershipRefused, match="at most 1000"):
+        keys.set_participant(full, "one-too-many", present=True)
+    assert keys.repo.chat(chat).participants == ("alice",)  # type: ignore[union-attr]
+    assert len(keys.repo.chat(full).participants) == 1000  # type: ignore[union-attr]
+    actions = [e.action for e in keys.repo.audit_entries(chat)]
+    assert "participant_removed" not in actions
