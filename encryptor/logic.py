@@ -27,7 +27,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from schemas.changes import ChangeEvent
-from schemas.events import MessageRecord, decode_record
+from schemas.events import MessageKind, MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
 from sealstream.crypto import ChatKey, MessageContext, open_envelope, seal
@@ -237,53 +237,38 @@ def seal_batch(
     return sealed
 
 
-def post_change(row: StoredMessage, tenant_id: str) -> ChangeEvent:
-    """The change event of a stored post (schemas/changes.py)."""
+def change_event(
+    kind: MessageKind, row: StoredMessage, event_id: int, tenant_id: str
+) -> ChangeEvent:
+    """The change event of `row` as the change left it (schemas/changes.py); a deletion carries
+    no envelope (it is gone)."""
+    sealed = kind != "delete"
     return ChangeEvent(
-        kind="post",
-        event_id=row.message_id,
-        chat_id=row.chat_id,
-        tenant_id=tenant_id,
-        message_id=row.message_id,
-        sender_id=row.sender_id,
-        revision=row.revision,
-        dek_version=row.dek_version,
-        envelope=row.envelope,
-        created_at=row.created_at,
-    )
-
-
-def edit_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
-    """The change event of an edit applied to `row` (the row as the edit left it)."""
-    return ChangeEvent(
-        kind="edit",
+        kind=kind,
         event_id=event_id,
         chat_id=row.chat_id,
         tenant_id=tenant_id,
         message_id=row.message_id,
         sender_id=row.sender_id,
         revision=row.revision,
-        dek_version=row.dek_version,
-        envelope=row.envelope,
-        created_at=row.created_at,
-        edited_at=row.edited_at,
-    )
-
-
-def delete_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
-    """The change event of a sender's deletion of `row` (no envelope: it is gone)."""
-    return ChangeEvent(
-        kind="delete",
-        event_id=event_id,
-        chat_id=row.chat_id,
-        tenant_id=tenant_id,
-        message_id=row.message_id,
-        sender_id=row.sender_id,
-        revision=row.revision,
+        dek_version=row.dek_version if sealed else None,
+        envelope=row.envelope if sealed else None,
         created_at=row.created_at,
         edited_at=row.edited_at,
         deleted_at=row.deleted_at,
     )
+
+
+def post_change(row: StoredMessage, tenant_id: str) -> ChangeEvent:
+    return change_event("post", row, row.message_id, tenant_id)
+
+
+def edit_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
+    return change_event("edit", row, event_id, tenant_id)
+
+
+def delete_change(row: StoredMessage, event_id: int, tenant_id: str) -> ChangeEvent:
+    return change_event("delete", row, event_id, tenant_id)
 
 
 @dataclass(frozen=True)
