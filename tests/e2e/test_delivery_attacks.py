@@ -338,9 +338,10 @@ def _tiny_socket(url: str) -> socket.socket:
 
 def _flood_until_dropped(pipe: Pipeline, chat: str, url: str, before: float) -> None:
     """Posts of 16 000 characters, 20 at a time, until delivery counted a client too slow (the
-    kernel's socket buffers take a few MB before the server's queue fills)."""
+    kernel's socket buffers take a few MB before the server's queue fills; on a loaded machine
+    the kernel grows the server's send buffer further, hence up to 60 rounds, about 19 MB)."""
     with ThreadPoolExecutor(4) as pool:
-        for round_ in range(20):
+        for round_ in range(60):
             texts = [f"{round_:02d}{i:03d}" + "x" * 15_995 for i in range(20)]
             list(pool.map(lambda text: _post(pipe, "alice", chat, text), texts))
             deadline = time.monotonic() + 5
@@ -382,6 +383,9 @@ def test_a_websocket_client_that_stops_reading_is_dropped(slow: tuple[Pipeline, 
         sock=sock,
         additional_headers={"Authorization": f"Bearer {token}"},
         max_queue=1,
+        # The client must not close the socket itself: its keepalive pong is never read while
+        # it stops reading, and under load its ping timed out before the server's queue filled.
+        ping_interval=None,
     ) as ws:
         assert _subscribe(ws, chat)["type"] == "subscribed"
         _flood_until_dropped(pipe, chat, url, dropped)
