@@ -391,3 +391,22 @@ def parse_coordinates(text: str) -> tuple[int, int]:
     if not sep or not partition.isdigit() or not offset.isdigit():
         raise ValueError(f"not dead-letter coordinates: {text[:40]!r} (give partition:offset)")
     return int(partition), int(offset)
+
+
+def as_json(info: DeadLetterInfo, replayed: ReplayRow | None = None) -> dict[str, object]:
+    """A letter's metadata as JSON (the CLI's `--json` and the admin API answer the same)."""
+    body: dict[str, object] = {
+        **{k: v for k, v in info.__dict__.items() if k != "at"},
+        "at": info.at.isoformat(),
+        "headers": list(info.headers),
+        "replayed": None,
+    }
+    if replayed is not None:
+        body["replayed"] = {
+            "times": replayed.replays,
+            "last_at": replayed.last_replayed_at.isoformat(),
+            "last_by": replayed.last_replayed_by,
+            "to_partition": replayed.replayed_partition,
+            "to_offset": replayed.replayed_offset,
+        }
+    return body
