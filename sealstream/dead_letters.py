@@ -183,7 +183,8 @@ class LetterPage:
 def list_letters(source: LetterSource, where: LetterFilter, limit: int = 100) -> LetterPage:
     """The first `limit` letters matching `where`, oldest first (per partition, in offset
     order), from `where.since` (found by time, not read) to the end of the topic now."""
-    since_ms = None if where.since is None else int(where.since.timestamp() * 1000)
+    # Not below 0: Kafka reads negative times as "latest" (-1) and "earliest" (-2).
+    since_ms = None if where.since is None else max(0, int(where.since.timestamp() * 1000))
     found: list[DeadLetterInfo] = []
     for letter in source.scan(since_ms):
         info = describe(letter)
