@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -38,7 +39,7 @@ class LetterSource(Protocol):
 
     topic: str
 
-    def scan(self, since_ms: int | None = None) -> Iterator[StoredLetter]: ...
+    def scan(self, since_ms: int | None = None) -> Generator[StoredLetter, None, None]: ...
 
     def read(self, partition: int, offset: int) -> StoredLetter | None: ...
 
@@ -186,14 +187,14 @@ def list_letters(source: LetterSource, where: LetterFilter, limit: int = 100) ->
     # Not below 0: Kafka reads negative times as "latest" (-1) and "earliest" (-2).
     since_ms = None if where.since is None else max(0, int(where.since.timestamp() * 1000))
     found: list[DeadLetterInfo] = []
-    for letter in source.scan(since_ms):
-        info = describe(letter)
-        if where.until is not None and info.at >= where.until:
-            continue
-        if where.matches(info):
-            if len(found) == limit:
-                return LetterPage(found, truncated=True)
-            found.append(info)
+    # Closed as soon as the page is full: the reader's assignment ends before its next use.
+    with closing(source.scan(since_ms)) as letters:
+        for letter in letters:
+            info = describe(letter)
+            if where.matches(info):
+                if len(found) == limit:
+                    return LetterPage(found, truncated=True)
+                found.append(info)
     return LetterPage(found, truncated=False)
 
 

@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import (
@@ -566,7 +566,7 @@ class DeadLetterReader:
         except KafkaException as exc:
             raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
 
-    def scan(self, since_ms: int | None = None) -> Iterator[StoredLetter]:
+    def scan(self, since_ms: int | None = None) -> Generator[StoredLetter, None, None]:
         """Every letter written at or after `since_ms` (epoch milliseconds; None: all), up to
         the end of each partition as it was when the scan began, partition by partition in
         offset order."""
@@ -585,7 +585,9 @@ class DeadLetterReader:
             return letter
         return None
 
-    def _read_range(self, partition: int, start: int, end: int) -> Iterator[StoredLetter]:
+    def _read_range(
+        self, partition: int, start: int, end: int
+    ) -> Generator[StoredLetter, None, None]:
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         deadline = time.monotonic() + self.timeout
         try:
