@@ -181,7 +181,12 @@ def dlq_show(
         ("reason", info.reason),
         ("origin", _origin(info)),
         ("chat (record key)", info.chat_id or f"not a chat id ({info.key_bytes} bytes)"),
-        ("value", _value_cell(info) + (f": {info.value_omitted}" if info.value_omitted else "")),
+        (
+            "value (never shown)",
+            f"none ({info.value_omitted or 'no value'})"
+            if info.value_bytes is None
+            else f"{info.value_bytes} bytes",
+        ),
         ("other headers (names)", ", ".join(info.headers) or "-"),
         ("replayable", "yes" if why_not is None else f"no: {why_not}"),
         (
