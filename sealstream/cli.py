@@ -1,4 +1,5 @@
-"""The `sealstream` command line: stack control, migrations, services, demo and benchmarks."""
+"""The `sealstream` command line: stack control, migrations, services, demo, benchmarks, and the
+operators' key, search and dead-letter commands."""
 
 from __future__ import annotations
 
@@ -672,6 +673,15 @@ def _add_search() -> None:
 
 
 _add_search()
+
+
+def _add_dead_letters() -> None:
+    from sealstream.dead_letters_cli import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
+
+_add_dead_letters()
 
 
 def main() -> None:

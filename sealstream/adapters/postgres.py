@@ -1213,3 +1213,105 @@ class IndexKeyRepository:
             finally:
                 if taken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+
+
+# --- dead-letter replays (schemas/postgres/011_dead_letter_replays.sql) ----------------------
+
+
+@dataclass(frozen=True)
+class ReplayRow:
+    """One dead letter's replays: where the last one landed, who made the first and the last."""
+
+    dlq_topic: str
+    dlq_partition: int
+    dlq_offset: int
+    origin_topic: str
+    replayed_partition: int
+    replayed_offset: int
+    first_replayed_at: datetime
+    first_replayed_by: str
+    last_replayed_at: datetime
+    last_replayed_by: str
+    replays: int
+
+
+@dataclass(frozen=True)
+class ReplayDone:
+    """A replay the broker acknowledged, to record (coordinates only: never a value)."""
+
+    dlq_topic: str
+    dlq_partition: int
+    dlq_offset: int
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    replayed_partition: int
+    replayed_offset: int
+    chat_id: uuid.UUID | None  # the record key, when it is a chat id (for the audit trail)
+
+
+class DeadLetterReplays:
+    """Which dead letters were replayed, by whom and when; each replay also audited in
+    `key_audit` (action `dead_letter_replayed`) in the same transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def replayed(
+        self, dlq_topic: str, coordinates: Collection[tuple[int, int]]
+    ) -> dict[tuple[int, int], ReplayRow]:
+        """The replay rows of these letters (partition, offset) of `dlq_topic`, by coordinates."""
+        if not coordinates:
+            return {}
+        partitions = [p for p, _ in coordinates]
+        offsets = [o for _, o in coordinates]
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT r.* FROM dead_letter_replays r"
+                " JOIN unnest(%s::integer[], %s::bigint[]) AS c(p, o)"
+                " ON r.dlq_partition = c.p AND r.dlq_offset = c.o WHERE r.dlq_topic = %s",
+                (partitions, offsets, dlq_topic),
+            ).fetchall()
+        return {
+            (r["dlq_partition"], r["dlq_offset"]): ReplayRow(
+                **{k: r[k] for k in ReplayRow.__dataclass_fields__}
+            )
+            for r in rows
+        }
+
+    def record(self, done: ReplayDone, actor: str) -> int:
+        """Record an acknowledged replay and audit it; returns how many times it was replayed."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO dead_letter_replays (dlq_topic, dlq_partition, dlq_offset,"
+                " origin_topic, origin_partition, origin_offset, replayed_partition,"
+                " replayed_offset, first_replayed_by, last_replayed_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET"
+                " replayed_partition = EXCLUDED.replayed_partition,"
+                " replayed_offset = EXCLUDED.replayed_offset,"
+                " last_replayed_at = now(), last_replayed_by = EXCLUDED.last_replayed_by,"
+                " replays = dead_letter_replays.replays + 1"
+                " RETURNING replays",
+                (
+                    done.dlq_topic,
+                    done.dlq_partition,
+                    done.dlq_offset,
+                    done.origin_topic,
+                    done.origin_partition,
+                    done.origin_offset,
+                    done.replayed_partition,
+                    done.replayed_offset,
+                    actor,
+                    actor,
+                ),
+            ).fetchone()
+            reason = (
+                f"dead letter {done.dlq_topic}/{done.dlq_partition}:{done.dlq_offset}"
+                f" (from {done.origin_topic}/{done.origin_partition}:{done.origin_offset})"
+                f" replayed to {done.origin_topic}/{done.replayed_partition}:"
+                f"{done.replayed_offset}"
+            )
+            _audit(conn, AuditRecord(actor, "dead_letter_replayed", reason), done.chat_id, None)
+        assert row is not None
+        return int(row["replays"])
