@@ -21,7 +21,7 @@ from sealstream.wiring import key_service, message_stores
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(help="Sealstream: server-side encrypted chat pipeline.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack of six real servers.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack of seven real servers.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console()
 
@@ -358,7 +358,8 @@ def keys_audit(
 
 @app.command("migrate")
 def migrate() -> None:
-    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas (idempotent)."""
+    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas and create the
+    attachments bucket (idempotent)."""
     from sealstream.migrate import migrate_all
     from sealstream.settings import Settings
 
@@ -682,6 +683,15 @@ def _add_dead_letters() -> None:
 
 
 _add_dead_letters()
+
+
+def _add_attachments() -> None:
+    from sealstream.attachments_cli import attachments_app
+
+    app.add_typer(attachments_app, name="attachments")
+
+
+_add_attachments()
 
 
 def main() -> None:
