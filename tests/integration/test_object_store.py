@@ -11,35 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import pytest
 
 from sealstream.adapters.object_store import ObjectNotFound, ObjectStore, ObjectStoreError
-from sealstream.settings import ObjectStoreSettings, Settings
-from tests.conftest import require_port
+from tests.integration.conftest import SCRATCH_PART_SIZE as PART
 
 MiB = 1024 * 1024
-PART = 5 * MiB
 
 
 @pytest.fixture(scope="module")
-def store(settings: Settings, run_id: str) -> Iterator[ObjectStore]:
-    endpoint = urlsplit(settings.object_store.endpoint)
-    require_port("s3proxy", endpoint.hostname or "127.0.0.1", endpoint.port or 80)
-    config = settings.object_store.model_copy(
-        update={"bucket": f"sealstream-test-{run_id}", "part_size_bytes": PART}
-    )
-    store = ObjectStore(ObjectStoreSettings.model_validate(config.model_dump()))
-    assert "created" in store.ensure_bucket()
-    yield store
-    client = store._client
-    store.abort_incomplete(timedelta(0), now=datetime.now(UTC) + timedelta(days=1))
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket):
-        for item in page.get("Contents", []):
-            client.delete_object(Bucket=store.bucket, Key=item["Key"])
-    client.delete_bucket(Bucket=store.bucket)
-    store.close()
+def store(scratch_object_store: ObjectStore) -> ObjectStore:
+    return scratch_object_store
 
 
 def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
