@@ -446,7 +446,7 @@ def bench(
         str,
         typer.Argument(
             help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
-            "gateway | search | delivery | all"
+            "gateway | search | delivery | attachments | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -483,6 +483,7 @@ def bench(
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
+        attachments_bench,
         consumer_bench,
         crypto_bench,
         delivery_bench,
@@ -504,6 +505,7 @@ def bench(
         "gateway": gateway_bench.run,
         "search": lambda: search_bench.run(messages=messages, log=console.print),
         "delivery": lambda: delivery_bench.run(clients=idle_clients, rate=rate, log=console.print),
+        "attachments": attachments_bench.run,
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace

@@ -304,13 +304,16 @@ def _encrypt_with(
             if not isinstance(chunk, bytes | bytearray | memoryview):
                 raise TypeError("encrypt_file: every chunk must be bytes")
             buffer += chunk
-            # A segment is sealed as "not last" only once a byte after it exists.
-            while len(buffer) > segment_size:
-                yield segments.seal(index, False, bytes(buffer[:segment_size]))
-                del buffer[:segment_size]
+            # A segment is sealed as "not last" only once a byte after it exists. The buffer is
+            # compacted once per chunk, not once per segment (each `del` moves what remains).
+            done = 0
+            while len(buffer) - done > segment_size:
+                yield segments.seal(index, False, bytes(buffer[done : done + segment_size]))
+                done += segment_size
                 index += 1
                 if index >= MAX_SEGMENTS:
                     raise ValueError("file too large for its segment size")
+            del buffer[:done]
         yield segments.seal(index, True, bytes(buffer))
 
     return generate()
@@ -428,10 +431,12 @@ def decrypt_file(key: ChatKey, ctx: FileContext, chunks: Iterable[bytes]) -> Ite
     index = 0
     while True:
         # Only once a byte beyond it has arrived is a full segment known not to be the last.
-        while len(buffer) > full:
-            yield opener.open_segment(index, False, bytes(buffer[:full]))
-            del buffer[:full]
+        done = 0
+        while len(buffer) - done > full:
+            yield opener.open_segment(index, False, bytes(buffer[done : done + full]))
+            done += full
             index += 1
+        del buffer[:done]  # once per chunk (see encrypt_file)
         more = next(iterator, None)
         if more is None:
             break

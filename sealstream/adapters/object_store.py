@@ -182,6 +182,14 @@ class ObjectStore:
             )
         return f"bucket {self.bucket} {'created' if created else 'exists'}; {lifecycle}"
 
+    def delete_empty_bucket(self) -> None:
+        """Delete the bucket, which must be empty (benchmarks and tests make buckets of their own;
+        S3 refuses with `BucketNotEmpty` otherwise)."""
+        try:
+            self._client.delete_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("DeleteBucket", exc) from None
+
     # -- put --------------------------------------------------------------------------------------
 
     def put(

@@ -224,5 +224,5 @@ def scratch_object_store(settings: Settings, run_id: str) -> Iterator[ObjectStor
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=objects.bucket):
         for item in page.get("Contents", []):
             client.delete_object(Bucket=objects.bucket, Key=item["Key"])
-    client.delete_bucket(Bucket=objects.bucket)
+    objects.delete_empty_bucket()
     objects.close()
