@@ -61,7 +61,8 @@ def sweep_uploads(
     table = Table("key", "upload id", "started (UTC)", "parts")
     for upload in chosen:
         table.add_row(upload.key, upload.upload_id, upload.started.isoformat(), str(upload.parts))
-    console.print(table)
+    # Wide enough that keys and upload ids are never wrapped (they are copied into S3 calls).
+    Console(width=max(console.width, 200)).print(table)
     verb = "would abort" if dry_run else "aborted"
     console.print(
         f"{verb} {len(chosen)} upload(s) started over {hours:g} h ago in {settings.bucket}"

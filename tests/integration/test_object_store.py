@@ -139,3 +139,34 @@ def test_the_sweep_aborts_only_uploads_older_than_the_threshold(store: ObjectSto
     assert [u.upload_id for u in aborted] == [upload["UploadId"]]
     assert store.incomplete_uploads(prefix="abandoned/") == []
     assert not {key for key in all_keys(store) if "abandoned/one" in key}
+
+
+def test_the_sweep_command_aborts_and_lists_what_it_aborted(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from sealstream.cli import app
+
+    client = store._client
+    upload = client.create_multipart_upload(Bucket=store.bucket, Key="cli/abandoned")
+    client.upload_part(
+        Bucket=store.bucket,
+        Key="cli/abandoned",
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"x" * 1024,
+    )
+    monkeypatch.setenv("SEALSTREAM_OBJECT_STORE__BUCKET", store.bucket)
+    runner = CliRunner()
+    kept = runner.invoke(app, ["attachments", "sweep-uploads", "--older-than-hours", "1"])
+    assert kept.exit_code == 0, kept.output
+    assert "aborted 0 upload(s)" in kept.output
+    listed = runner.invoke(
+        app, ["attachments", "sweep-uploads", "--older-than-hours", "0", "--dry-run"]
+    )
+    assert "would abort 1 upload(s)" in listed.output and store.incomplete_uploads(prefix="cli/")
+    swept = runner.invoke(app, ["attachments", "sweep-uploads", "--older-than-hours", "0"])
+    assert swept.exit_code == 0, swept.output
+    assert "aborted 1 upload(s)" in swept.output and upload["UploadId"] in swept.output
+    assert store.incomplete_uploads(prefix="cli/") == []
