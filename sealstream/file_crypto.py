@@ -352,30 +352,6 @@ class FileOpener:
             raise DecryptionError()
         return self._segments.open(index, last, ciphertext)
 
-    def decrypt_segments(
-        self, chunks: Iterable[bytes], *, first: int, segment_count: int
-    ) -> Iterator[bytes]:
-        """Decrypt ciphertext starting at segment `first` (the bytes from
-        `layout.segment_offset(first)` on, in chunks of any size) of a file of `segment_count`
-        segments; yields one plaintext piece per segment. Stops after the file's last segment;
-        `DecryptionError` if the bytes end early, run past the last segment, or fail a tag."""
-        full = self.layout.ciphertext_segment_size
-        buffer = bytearray()
-        index = first
-        for chunk in chunks:
-            buffer += chunk
-            while len(buffer) >= full and index < segment_count - 1:
-                yield self.open_segment(index, False, bytes(buffer[:full]))
-                del buffer[:full]
-                index += 1
-            if index == segment_count - 1 and len(buffer) > full:
-                raise DecryptionError()  # more bytes than the last segment can hold
-        if index < segment_count - 1:
-            if buffer:
-                raise DecryptionError()  # ended inside a segment that is not the last
-            return  # the caller asked for fewer segments than remain: a range read
-        yield self.open_segment(index, True, bytes(buffer))
-
     def decrypt_range(
         self, chunks: Iterable[bytes], span: SegmentSpan, plaintext_size: int
     ) -> Iterator[bytes]:
@@ -397,13 +373,15 @@ class FileOpener:
 
         for chunk in chunks:
             buffer += chunk
-            while len(buffer) >= full and index <= span.last:
+            done = 0
+            while len(buffer) - done >= full and index <= span.last:
                 last = index == count - 1
-                if last and len(buffer) > full:
-                    raise DecryptionError()
-                yield emit(self.open_segment(index, last, bytes(buffer[:full])))
-                del buffer[:full]
+                if last and len(buffer) - done > full:
+                    raise DecryptionError()  # bytes beyond the file's last segment
+                yield emit(self.open_segment(index, last, bytes(buffer[done : done + full])))
+                done += full
                 index += 1
+            del buffer[:done]  # once per chunk (see encrypt_file)
         if index <= span.last:
             if index != count - 1 or index != span.last:
                 raise DecryptionError()  # the bytes ended before the range did

@@ -276,8 +276,9 @@ class ObjectStore:
     # -- get, head, delete ------------------------------------------------------------------------
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
-        """Bytes `start` .. `start + length - 1` of the object (to its end when `length` is None),
-        as an iterator of chunks of at most `READ_CHUNK_BYTES` read as they are consumed.
+        """Bytes `start` .. `start + length - 1` of the object (to its end when `length` is None,
+        or when the object ends first: S3 answers a range running past the end with what there
+        is), as an iterator of chunks of at most `READ_CHUNK_BYTES` read as they are consumed.
 
         The request is made before this returns, so `ObjectNotFound` and an invalid range
         (`ObjectStoreError` code `InvalidRange`: `start` at or past the end) are raised here, not
