@@ -21,7 +21,7 @@ from sealstream.wiring import key_service, message_stores
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(help="Sealstream: server-side encrypted chat pipeline.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack of six real servers.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack of seven real servers.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console()
 
@@ -358,7 +358,8 @@ def keys_audit(
 
 @app.command("migrate")
 def migrate() -> None:
-    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas (idempotent)."""
+    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas and create the
+    attachments bucket (idempotent)."""
     from sealstream.migrate import migrate_all
     from sealstream.settings import Settings
 
@@ -445,7 +446,7 @@ def bench(
         str,
         typer.Argument(
             help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
-            "gateway | search | delivery | all"
+            "gateway | search | delivery | attachments | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -482,6 +483,7 @@ def bench(
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
+        attachments_bench,
         consumer_bench,
         crypto_bench,
         delivery_bench,
@@ -503,6 +505,7 @@ def bench(
         "gateway": gateway_bench.run,
         "search": lambda: search_bench.run(messages=messages, log=console.print),
         "delivery": lambda: delivery_bench.run(clients=idle_clients, rate=rate, log=console.print),
+        "attachments": attachments_bench.run,
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace
@@ -682,6 +685,15 @@ def _add_dead_letters() -> None:
 
 
 _add_dead_letters()
+
+
+def _add_attachments() -> None:
+    from sealstream.attachments_cli import attachments_app
+
+    app.add_typer(attachments_app, name="attachments")
+
+
+_add_attachments()
 
 
 def main() -> None:
