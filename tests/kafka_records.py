@@ -51,8 +51,9 @@ class SealingProducer:
 
     def produce_record(
         self, record: MessageRecord, on_delivery: Callable[..., None] | None = None
-    ) -> None:
-        self.produce(record.key(), record.value(), record.change_id, on_delivery=on_delivery)
+    ) -> bytes:
+        """Seal and send `record`; returns the sealed value as sent."""
+        return self.produce(record.key(), record.value(), record.change_id, on_delivery)
 
     def produce(
         self,
@@ -60,11 +61,13 @@ class SealingProducer:
         value: bytes,
         event_id: int,
         on_delivery: Callable[..., None] | None = None,
-    ) -> None:
+    ) -> bytes:
+        """Seal and send any value bound to `event_id`; returns the sealed value as sent."""
         sealed, headers = self.sealer.seal(self.topic, key, event_id, value)
         self._producer.produce(
             self.topic, key=key, value=sealed, headers=headers, on_delivery=on_delivery
         )
+        return sealed
 
     def produce_unsealed(
         self,
