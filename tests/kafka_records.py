@@ -61,11 +61,17 @@ class SealingProducer:
         value: bytes,
         event_id: int,
         on_delivery: Callable[..., None] | None = None,
+        extra_headers: Headers | None = None,
     ) -> bytes:
-        """Seal and send any value bound to `event_id`; returns the sealed value as sent."""
+        """Seal and send any value bound to `event_id` (`extra_headers` after the seal's);
+        returns the sealed value as sent."""
         sealed, headers = self.sealer.seal(self.topic, key, event_id, value)
         self._producer.produce(
-            self.topic, key=key, value=sealed, headers=headers, on_delivery=on_delivery
+            self.topic,
+            key=key,
+            value=sealed,
+            headers=[*headers, *(extra_headers or [])],
+            on_delivery=on_delivery,
         )
         return sealed
 
