@@ -80,6 +80,7 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _EVENT_ID = re.compile(r"[1-9][0-9]{0,18}")
 
 _AAD_LABEL = b"sealstream/record/v1"
+_VERSION_BYTE = bytes((RECORD_FORMAT_V1,))
 _EVENT = struct.Struct(">Q")
 
 
@@ -99,6 +100,8 @@ class TopicKey:
         object.__setattr__(self, "material", bytes(self.material))
         # Built once per key, not per record: the key schedule is the costly part of AESGCM().
         object.__setattr__(self, "_aead", AESGCM(self.material))
+        # The AAD up to the record key is the same for every record of this key's own topic.
+        object.__setattr__(self, "_aad_head", _aad_head(self.topic, self.key_id))
 
     def __repr__(self) -> str:
         return f"TopicKey(key_id={self.key_id!r}, topic={self.topic!r}, material=<redacted>)"
@@ -123,14 +126,7 @@ def _check_event_id(event_id: object) -> None:
         raise ValueError(f"event_id must be between 1 and {MAX_EVENT_ID}")
 
 
-def record_aad(topic: str, key_id: str, record_key: bytes, event_id: int) -> bytes:
-    """The associated data of a v1 sealed record (docs/format.md). Every variable-length field
-    is length-prefixed, so two different bindings never encode to the same bytes.
-
-    What it binds and why: the format version (a value relabelled to another format fails), the
-    key id (a value re-labelled with another key's header fails), the topic (a record copied to
-    another topic fails), the record key (moved to another chat, i.e. partition key, fails) and
-    the event id (replayed under another message's id fails)."""
+def _aad_head(topic: str, key_id: str) -> bytes:
     key_id_bytes = key_id.encode("ascii")
     topic_bytes = topic.encode("ascii")
     return b"".join(
@@ -140,10 +136,32 @@ def record_aad(topic: str, key_id: str, record_key: bytes, event_id: int) -> byt
             key_id_bytes,
             len(topic_bytes).to_bytes(2, "big"),
             topic_bytes,
-            len(record_key).to_bytes(4, "big"),
-            record_key,
-            _EVENT.pack(event_id),
         )
+    )
+
+
+def _aad_for(key: TopicKey, topic: str, record_key: bytes, event_id: int) -> bytes:
+    head: bytes = (
+        object.__getattribute__(key, "_aad_head")
+        if topic == key.topic
+        else _aad_head(topic, key.key_id)
+    )
+    return head + len(record_key).to_bytes(4, "big") + record_key + _EVENT.pack(event_id)
+
+
+def record_aad(topic: str, key_id: str, record_key: bytes, event_id: int) -> bytes:
+    """The associated data of a v1 sealed record (docs/format.md). Every variable-length field
+    is length-prefixed, so two different bindings never encode to the same bytes.
+
+    What it binds and why: the format version (a value relabelled to another format fails), the
+    key id (a value re-labelled with another key's header fails), the topic (a record copied to
+    another topic fails), the record key (moved to another chat, i.e. partition key, fails) and
+    the event id (replayed under another message's id fails)."""
+    return (
+        _aad_head(topic, key_id)
+        + len(record_key).to_bytes(4, "big")
+        + record_key
+        + _EVENT.pack(event_id)
     )
 
 
@@ -153,7 +171,8 @@ def _seal_record_with(
     """Deterministic core of :func:`seal_record`: tests and the vector generator only. Never
     pass a fixed or reused nonce elsewhere: GCM under a repeated nonce loses its secrecy and
     its integrity."""
-    _check_topic(topic)
+    if topic != key.topic:  # the key's own topic was checked when the key was made
+        _check_topic(topic)
     _check_event_id(event_id)
     if not isinstance(record_key, (bytes, bytearray)):
         raise TypeError("record key must be bytes")
@@ -161,9 +180,9 @@ def _seal_record_with(
         raise TypeError("value must be bytes")
     if len(nonce) != NONCE_LEN:
         raise ValueError(f"nonce must be {NONCE_LEN} bytes")
-    aad = record_aad(topic, key.key_id, bytes(record_key), event_id)
+    aad = _aad_for(key, topic, bytes(record_key), event_id)
     aead: AESGCM = object.__getattribute__(key, "_aead")
-    return bytes((RECORD_FORMAT_V1,)) + nonce + aead.encrypt(nonce, bytes(value), aad)
+    return _VERSION_BYTE + nonce + aead.encrypt(nonce, bytes(value), aad)
 
 
 def seal_record(key: TopicKey, topic: str, record_key: bytes, event_id: int, value: bytes) -> bytes:
@@ -185,7 +204,7 @@ def open_record(
         raise SealRefused(f"sealed value: shorter than the {SEALED_OVERHEAD} bytes of a v1 seal")
     if sealed[0] != RECORD_FORMAT_V1:
         raise SealRefused("sealed value: unknown format version byte")
-    aad = record_aad(topic, key.key_id, record_key, event_id)
+    aad = _aad_for(key, topic, record_key, event_id)
     aead: AESGCM = object.__getattribute__(key, "_aead")
     plain: bytes | None
     try:
@@ -319,12 +338,23 @@ class RecordOpener:
         (retriable: hold and retry) when Postgres or the KMS cannot answer. The reason names the
         header or field, never a value. The caller must still check that the decoded record's
         event id equals `sealed_event_id(headers)` (the AAD binds the header's id)."""
+        return self.open_with_event_id(topic, key, headers, value)[0]
+
+    def open_with_event_id(
+        self,
+        topic: str,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None,
+        value: bytes,
+    ) -> tuple[bytes, int]:
+        """As `open`, and the event id the seal bound (`sealstream.event_id`), for the caller's
+        check against the decoded record."""
         key_id = sealed_key_id(headers)
         event_id = sealed_event_id(headers)
         if key is None:
             raise SealRefused("record key: missing (a sealed record binds its record key)")
         topic_key = self.keys.by_id(topic, key_id)
-        return open_record(topic_key, topic, key, event_id, value)
+        return open_record(topic_key, topic, key, event_id, value), event_id
 
     def close(self) -> None:
         if self._on_close is not None:

@@ -55,7 +55,7 @@ from sealstream.adapters.kafka import (
     dead_letter_headers,
 )
 from sealstream.errors import SealRefused
-from sealstream.record_seal import RecordOpener, is_sealed, record_opener, sealed_event_id
+from sealstream.record_seal import RecordOpener, is_sealed, record_opener
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -566,18 +566,17 @@ class ConsumerRuntime:
             return list(records), []
         opened: list[RawRecord] = []
         refused: list[Rejected] = []
+        required = self.kafka.seal_records
         for r in records:
-            if not self.kafka.seal_records and not is_sealed(r.headers):
+            if not required and not is_sealed(r.headers):
                 opened.append(r)  # sealing off: a plaintext record is taken as it is
                 continue
             try:
-                plain = self.opener.open(r.topic, r.key, r.headers, r.value)
+                plain, event_id = self.opener.open_with_event_id(r.topic, r.key, r.headers, r.value)
             except SealRefused as exc:
                 refused.append(Rejected(r, exc.reason))
                 continue
-            opened.append(
-                replace(r, value=plain, sealed_value=r.value, event_id=sealed_event_id(r.headers))
-            )
+            opened.append(replace(r, value=plain, sealed_value=r.value, event_id=event_id))
         return opened, refused
 
     def _hold(self, consumer: Consumer, batch: Batch, work: BatchThread) -> None:
