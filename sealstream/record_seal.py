@@ -220,46 +220,68 @@ def open_record(
     ) from None
 
 
-def _header(headers: Sequence[tuple[str, bytes | str | None]] | None, name: str) -> bytes:
-    """The one value of header `name`; SealRefused naming it when missing or repeated."""
-    found = [v for k, v in (headers or ()) if k == name]
-    if not found:
-        raise SealRefused(f"record is not sealed: header {name} missing")
-    if len(found) > 1:
-        raise SealRefused(f"header {name}: present more than once")
-    value = found[0]
-    if value is None:
-        raise SealRefused(f"header {name}: empty")
-    return value.encode() if isinstance(value, str) else bytes(value)
+_Headers = Sequence[tuple[str, bytes | str | None]] | None
 
 
-def sealed_key_id(headers: Sequence[tuple[str, bytes | str | None]] | None) -> str:
-    """The key id a record names (`sealstream.key_id`); SealRefused when missing or malformed."""
-    raw = _header(headers, HEADER_KEY_ID)
+def _seal_headers(headers: _Headers) -> tuple[str, int]:
+    """(key id, event id) of a sealed record's headers, in one pass; SealRefused naming the
+    header that is missing, repeated or malformed."""
+    key_id_raw: bytes | str | None = None
+    event_raw: bytes | str | None = None
+    seen_key = seen_event = False
+    for name, value in headers or ():
+        if name == HEADER_KEY_ID:
+            if seen_key:
+                raise SealRefused(f"header {HEADER_KEY_ID}: present more than once")
+            seen_key, key_id_raw = True, value
+        elif name == HEADER_EVENT_ID:
+            if seen_event:
+                raise SealRefused(f"header {HEADER_EVENT_ID}: present more than once")
+            seen_event, event_raw = True, value
+    if not seen_key:
+        raise SealRefused(f"record is not sealed: header {HEADER_KEY_ID} missing")
+    if not seen_event:
+        raise SealRefused(f"record is not sealed: header {HEADER_EVENT_ID} missing")
+    return _key_id_of(key_id_raw), _event_id_of(event_raw)
+
+
+def _text(raw: bytes | str | None) -> str:
+    if isinstance(raw, str):
+        return raw
     try:
-        key_id = raw.decode("ascii")
-        _check_key_id(key_id)
-    except (UnicodeDecodeError, ValueError):
-        raise SealRefused(
-            f"header {HEADER_KEY_ID}: not 1 to 64 characters of [A-Za-z0-9._-]"
-        ) from None
+        return bytes(raw or b"").decode("ascii")
+    except UnicodeDecodeError:
+        return ""
+
+
+def _key_id_of(raw: bytes | str | None) -> str:
+    key_id = _text(raw)
+    if not _KEY_ID.fullmatch(key_id):
+        raise SealRefused(f"header {HEADER_KEY_ID}: not 1 to 64 characters of [A-Za-z0-9._-]")
     return key_id
 
 
-def sealed_event_id(headers: Sequence[tuple[str, bytes | str | None]] | None) -> int:
-    """The event id a record names (`sealstream.event_id`, decimal ASCII 1..2**63-1, no sign or
-    leading zero, so one id has one spelling); SealRefused when missing or malformed."""
-    raw = _header(headers, HEADER_EVENT_ID)
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        text = ""
+def _event_id_of(raw: bytes | str | None) -> int:
+    text = _text(raw)
     if not _EVENT_ID.fullmatch(text) or int(text) > MAX_EVENT_ID:
         raise SealRefused(f"header {HEADER_EVENT_ID}: not a decimal id between 1 and 2**63-1")
     return int(text)
 
 
-def is_sealed(headers: Sequence[tuple[str, bytes | str | None]] | None) -> bool:
+def sealed_key_id(headers: _Headers) -> str:
+    """The key id a record names (`sealstream.key_id`); SealRefused when a seal header is
+    missing, repeated or malformed."""
+    return _seal_headers(headers)[0]
+
+
+def sealed_event_id(headers: _Headers) -> int:
+    """The event id a record names (`sealstream.event_id`, decimal ASCII 1..2**63-1, no sign or
+    leading zero, so one id has one spelling); SealRefused when a seal header is missing,
+    repeated or malformed."""
+    return _seal_headers(headers)[1]
+
+
+def is_sealed(headers: _Headers) -> bool:
     """Whether a record claims to be sealed (carries a `sealstream.key_id` header)."""
     return any(k == HEADER_KEY_ID for k, _ in (headers or ()))
 
@@ -349,8 +371,7 @@ class RecordOpener:
     ) -> tuple[bytes, int]:
         """As `open`, and the event id the seal bound (`sealstream.event_id`), for the caller's
         check against the decoded record."""
-        key_id = sealed_key_id(headers)
-        event_id = sealed_event_id(headers)
+        key_id, event_id = _seal_headers(headers)
         if key is None:
             raise SealRefused("record key: missing (a sealed record binds its record key)")
         topic_key = self.keys.by_id(topic, key_id)
