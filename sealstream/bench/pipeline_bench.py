@@ -90,6 +90,10 @@ def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
 _CHILDREN: dict[str, int] = {}
 
 
+# Processes whose CPU per message a sealed/plaintext round reports ("gateway": the round's own).
+_ROUND_CPU = ("gateway", "encryptor", "indexer", "kafka")
+
+
 def _unsealed(kafka: KafkaSettings) -> KafkaSettings:
     return kafka.model_copy(update={"seal_records": False})
 
@@ -280,14 +284,15 @@ def _measure(
     # the sealing gateway and one with sealing off (order swapped each round), each round
     # started on an idle pipeline (the indexer caught up), measured as the sustained phase.
     rates: dict[str, dict[str, list[float]]] = {
-        mode: {"e2e": [], "acked": [], "cpu": []} for mode in ("sealed", "plain")
+        mode: {"e2e": [], "acked": [], "cpu": [], **{f"cpu_{k}": [] for k in _ROUND_CPU}}
+        for mode in ("sealed", "plain")
     }
     round_batches = max(1, compare_messages // batch)
     for n in range(compare_rounds):
         for mode in ("sealed", "plain") if n % 2 == 0 else ("plain", "sealed"):
             gateway = "ingest" if mode == "sealed" else "ingest_plain"
-            names = (gateway, "encryptor", "indexer", "kafka")
-            cpu_round = {k: group_cpu_seconds(groups[k]) for k in names if k in groups}
+            names = {"gateway": gateway, **{k: k for k in _ROUND_CPU if k != "gateway"}}
+            cpu_round = {k: group_cpu_seconds(groups[g]) for k, g in names.items() if g in groups}
             t0 = time.perf_counter()
             with ThreadPoolExecutor(4) as pool:
                 sent = set(pool.map(post_batch, range(round_batches), [gateway] * round_batches))
@@ -297,15 +302,20 @@ def _measure(
             count = round_batches * batch
             rates[mode]["e2e"].append(count / (t1 - t0))
             rates[mode]["acked"].append(count / (acked_at - t0))
-            used = sum(group_cpu_seconds(groups[k]) - v for k, v in cpu_round.items())
-            rates[mode]["cpu"].append(1000 * used / count)
+            spent = {k: group_cpu_seconds(groups[names[k]]) - v for k, v in cpu_round.items()}
+            rates[mode]["cpu"].append(1000 * sum(spent.values()) / count)
+            for k, seconds in spent.items():
+                rates[mode][f"cpu_{k}"].append(1000 * seconds / count)
+            figures[f"compare_round{n + 1}_{mode}_e2e_msgs_per_s"] = count / (t1 - t0)
             posted_total += count
             wait_for(partial(indexed, posted_total), 600, "indexer caught up", interval=0.5)
     for mode, series in rates.items():
         figures[f"compare_{mode}_e2e_msgs_per_s"] = statistics.median(series["e2e"])
         figures[f"compare_{mode}_gateway_msgs_per_s"] = statistics.median(series["acked"])
-        # Gateway + encryptor + indexer + Kafka CPU per message of the round.
+        # Gateway + encryptor + indexer + Kafka CPU per message of the round, and each.
         figures[f"compare_{mode}_cpu_ms_per_msg"] = statistics.median(series["cpu"])
+        for k in _ROUND_CPU:
+            figures[f"compare_{mode}_cpu_ms_per_msg_{k}"] = statistics.median(series[f"cpu_{k}"])
     figures["compare_rounds"] = float(compare_rounds)
     figures["compare_messages_per_round"] = float(round_batches * batch)
     figures["sealed_e2e_throughput_loss_pct"] = 100 * (
