@@ -302,9 +302,9 @@ def _measure(
             count = round_batches * batch
             rates[mode]["e2e"].append(count / (t1 - t0))
             rates[mode]["acked"].append(count / (acked_at - t0))
-            spent = {k: group_cpu_seconds(groups[names[k]]) - v for k, v in cpu_round.items()}
-            rates[mode]["cpu"].append(1000 * sum(spent.values()) / count)
-            for k, seconds in spent.items():
+            round_cpu = {k: group_cpu_seconds(groups[names[k]]) - v for k, v in cpu_round.items()}
+            rates[mode]["cpu"].append(1000 * sum(round_cpu.values()) / count)
+            for k, seconds in round_cpu.items():
                 rates[mode][f"cpu_{k}"].append(1000 * seconds / count)
             figures[f"compare_round{n + 1}_{mode}_e2e_msgs_per_s"] = count / (t1 - t0)
             posted_total += count
