@@ -11,7 +11,7 @@ import pytest
 from sealstream.adapters.postgres import ChatKeyRepository, Database, TopicKeyRepository
 from sealstream.adapters.vault import TransitKms
 from sealstream.errors import SealRefused, StoreUnavailable
-from sealstream.keys.topic_keys import TopicKeys, destroy_topic_keys
+from sealstream.keys.topic_keys import TopicKeys, destroy_topic_keys, topic_key_cutoff
 from sealstream.record_seal import HEADER_KEY_ID, RecordOpener, RecordSealer
 from sealstream.settings import Settings
 
@@ -64,18 +64,20 @@ def test_a_destroyed_key_cannot_open_even_with_postgres_and_kms(
     topic_keys: Any, database: Database, settings: Settings, run_id: str
 ) -> None:
     topic = f"t.{run_id}.shred"
-    now = [1_800_000_000.0]  # a slot long past (2027): its key is due for destruction
+    now = [1_000_000_000.0]  # a slot long past (2001): its key is due for destruction
     producer = topic_keys(clock=lambda: now[0])
     sealed, headers = RecordSealer(producer).seal(topic, CHAT, 9, b"expired text")
     repo = TopicKeyRepository(database)
     key_id = dict(headers)[HEADER_KEY_ID].decode()
     row = repo.by_id(key_id)
     assert row is not None and row.wrapped is not None
-    # The cut-off: retention + segment roll + grace before the database's now. Destruction runs
-    # as if it were the day after the slot ended plus the retention.
-    later = row.valid_to + timedelta(milliseconds=settings.kafka.retention_ms) + timedelta(days=1)
-    destroyed = destroy_topic_keys(repo, settings.kafka, actor="test", now=later)
-    assert key_id in destroyed
+    # Destruction as it runs a minute after the key's cut-off (retention + segment roll + grace
+    # after its slot): only keys of slots that ended before 2001 go, none of the run's others.
+    later = row.valid_to - topic_key_cutoff(settings.kafka, row.valid_to) + row.valid_to
+    destroyed = destroy_topic_keys(
+        repo, settings.kafka, actor="test", now=later + timedelta(minutes=1)
+    )
+    assert destroyed == [key_id]
     after = repo.by_id(key_id)
     assert after is not None and after.wrapped is None and after.destroyed_at is not None
     # A fresh process (nothing cached) with Postgres and the KMS at hand cannot open it.
