@@ -90,12 +90,11 @@ class AckedPublisher:
 def _sealed(
     sealer: RecordSealer, topic: str, records: Sequence[MessageRecord]
 ) -> list[tuple[bytes, bytes, Headers]]:
-    out: list[tuple[bytes, bytes, Headers]] = []
-    for record in records:
-        key = record.key()
-        value, headers = sealer.seal(topic, key, record.change_id, record.value())
-        out.append((key, value, list(headers)))
-    return out
+    keys = [record.key() for record in records]
+    sealed = sealer.seal_many(
+        topic, [(key, r.change_id, r.value()) for key, r in zip(keys, records, strict=True)]
+    )
+    return [(key, value, list(headers)) for key, (value, headers) in zip(keys, sealed, strict=True)]
 
 
 class StoredMessages:

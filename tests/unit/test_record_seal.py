@@ -233,3 +233,14 @@ def test_destruction_cutoff_is_retention_plus_segment_roll_plus_grace() -> None:
     now = datetime(2026, 6, 1, 12, tzinfo=UTC)
     # 24 h retention rolls a segment every hour (segment_ms_for): 24 h + 1 h + 10 min.
     assert topic_key_cutoff(kafka, now) == now - timedelta(hours=25, minutes=10)
+
+
+def test_seal_many_seals_each_record_like_seal() -> None:
+    sealer, opener, _ = _pair()
+    items = [(CHAT, 40 + i, b'{"text": "record %d"}' % i) for i in range(5)]
+    sealed = sealer.seal_many(TOPIC, items)
+    assert len({value[1:13] for value, _ in sealed}) == 5  # five distinct nonces
+    for (key, event_id, value), (sealed_value, headers) in zip(items, sealed, strict=True):
+        assert dict(headers) == {HEADER_KEY_ID: b"k1", HEADER_EVENT_ID: str(event_id).encode()}
+        assert opener.open(TOPIC, key, headers, sealed_value) == value
+    assert sealer.seal_many(TOPIC, []) == []
