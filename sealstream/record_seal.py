@@ -47,12 +47,14 @@ __all__ = [
     "StoreUnavailable",
     "TopicKey",
     "TopicKeySource",
+    "is_sealed",
     "open_record",
     "record_aad",
     "record_opener",
     "record_sealer",
     "seal_record",
     "sealed_event_id",
+    "sealed_key_id",
 ]
 
 HEADER_KEY_ID = "sealstream.key_id"
