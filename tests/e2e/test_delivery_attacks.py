@@ -34,6 +34,7 @@ from tests.e2e.test_delivery import (
     _ws,
 )
 from tests.e2e.test_pipeline import create_chat, wait_until
+from tests.kafka_records import SealingProducer
 
 SECRET_TEXT = "attack-plaintext-7f3a"
 
@@ -513,9 +514,10 @@ def test_a_replayed_post_record_after_an_edit_does_not_push_the_old_text(
     )
     with _ws(url, pipe, "bob") as ws:
         assert _subscribe(ws, chat)["type"] == "subscribed"
-        producer = Producer({"bootstrap.servers": pipe.settings.kafka.bootstrap})
-        producer.produce(pipe.settings.kafka.messages_topic, key=record.key(), value=record.value())
+        producer = SealingProducer(pipe.settings)  # a replay sealed like any direct record
+        producer.produce_record(record)
         assert producer.flush(30) == 0
+        producer.close()
         later = _post(pipe, "alice", chat, "a later post")
         frames = _changes(ws, 1) + _quiet(ws, 2.0)
     assert [f.get("text") for f in frames if f["type"] in CHANGE_TYPES] == ["a later post"]
