@@ -300,12 +300,14 @@ class Publisher:
     def publish(
         self,
         topic: str,
-        items: Sequence[tuple[bytes, bytes | None]],
+        items: Sequence[tuple[bytes, bytes | None] | tuple[bytes, bytes | None, Headers]],
         headers: Headers | None = None,
         timeout: float = 30.0,
     ) -> list[Delivery]:
         """Publish and wait for the acknowledgement of every record.
 
+        Each item is `(key, value)`, sent with `headers`, or `(key, value, headers)` with
+        headers of its own (sealed records: each carries its own key id and event id).
         Raises `RecordRefused` when a record can never be accepted (too large, invalid) and
         `StoreUnavailable` for anything else (no broker, no acknowledgement in `timeout`).
         """
@@ -330,8 +332,9 @@ class Publisher:
 
         if not items:
             return []
-        for index, (key, value) in enumerate(items):
-            self._produce(topic, key, value, headers, callback_for(index))
+        for index, item in enumerate(items):
+            own = item[2] if len(item) == 3 else headers
+            self._produce(topic, item[0], item[1], own, callback_for(index))
         if not done.wait(timeout):
             raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
         for result in results:
