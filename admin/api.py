@@ -24,12 +24,13 @@ from schemas.changes import ChangeEvent
 from schemas.events import MAX_ID_LEN
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
+from sealstream.adapters.postgres import ChatRow, IndexKeyConflict, TopicKeyRepository
 from sealstream.errors import KmsError, MembershipRefused
 from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
 from sealstream.http import message_id as parse_message_id
 from sealstream.keys.index_keys import IndexKeys
 from sealstream.keys.service import KeyService
+from sealstream.keys.topic_keys import destroy_topic_keys
 from sealstream.lifecycle import (
     WorkerProgress,
     apply_retention,
@@ -641,7 +642,8 @@ def create_app(
         response_model=JobOut,
         status_code=202,
         tags=[TAG_DATA],
-        summary="Apply retention: remove expired messages, destroy DEK versions none uses",
+        summary="Apply retention: remove expired messages, destroy DEK versions none uses "
+        "and topic keys past the message topic's retention",
     )
     def retention_run(admin: CurrentAdmin) -> JobOut:
         keys = keys_for(admin)
@@ -650,7 +652,11 @@ def create_app(
             report = apply_retention(
                 keys, ctx.index, ctx.store, progress=lambda n: progress(chats=n)
             )
-            return _report(report)
+            # Sealed Kafka records past the topic's retention: crypto-shred them (their keys).
+            topic_keys = destroy_topic_keys(
+                TopicKeyRepository(keys.repo.db), settings.kafka, actor=f"admin:{admin}"
+            )
+            return {**_report(report), "topic_keys_destroyed": len(topic_keys)}
 
         return _job(jobs.submit("retention", admin, run))
 

@@ -6,13 +6,16 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sealstream.settings import StackSettings
+
+if TYPE_CHECKING:
+    from sealstream.settings import Settings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext, StackError
 from sealstream.wiring import key_service, message_stores
@@ -320,11 +323,35 @@ def keys_retention(
                 store,
                 progress=lambda n: bar.update(task, completed=n, description=f"chats {n}"),
             )
+        topic_keys = _destroy_topic_keys(settings)
     console.print(
         f"{report.chats} chats with retention: {report.rows_deleted} rows, "
         f"{report.index_documents_deleted} index documents removed, "
-        f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s)"
+        f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s); "
+        f"{len(topic_keys)} topic keys destroyed"
     )
+
+
+def _destroy_topic_keys(settings: Settings) -> list[str]:
+    from sealstream.adapters.postgres import Database, TopicKeyRepository
+    from sealstream.keys.topic_keys import destroy_topic_keys
+
+    db = Database(settings.postgres)
+    db.open()
+    try:
+        return destroy_topic_keys(TopicKeyRepository(db), settings.kafka, actor="cli")
+    finally:
+        db.close()
+
+
+@keys_app.command("destroy-topic-keys")
+def keys_destroy_topic_keys() -> None:
+    """Destroy the message topic's keys past its retention + segment roll (crypto-shredding
+    what Kafka and its backups still hold of them); also run by `keys retention`."""
+    from sealstream.settings import Settings
+
+    destroyed = _destroy_topic_keys(Settings())
+    console.print(f"{len(destroyed)} topic keys destroyed")
 
 
 @keys_app.command("audit")

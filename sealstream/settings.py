@@ -75,7 +75,8 @@ class KafkaSettings(BaseModel):
     encryptor_group: str = "sealstream-encryptor"
     indexer_group: str = "sealstream-indexer"
     partitions: int = 6
-    # The message topic holds plaintext: keep it short-lived (docs/security.md).
+    # Records are sealed (seal_records), and a topic key is destroyed once every record sealed
+    # under it is past this retention (docs/security.md): keep it short all the same.
     retention_ms: int = 24 * 3600 * 1000
     # Topic durability (docs/operations.md, "Durability"): the local broker is alone, so 1 and 1;
     # production runs 3 brokers with replication_factor 3 and min_insync_replicas 2.
@@ -91,6 +92,19 @@ class KafkaSettings(BaseModel):
     # How long a revocation waits for the batch in hand to finish (then commits it) before it
     # abandons that partition's records uncommitted to the new owner. Below max_poll_interval_ms.
     revoke_wait_ms: int = Field(default=5_000, ge=0)
+    # Sealed message topic (docs/format.md "Sealed Kafka records", docs/operations.md "Topic
+    # keys"): producers seal every record's value under the topic key of the current rotation
+    # slot; consumers open it. Off: producers publish plaintext and consumers still open sealed
+    # records (so switching it off never dead-letters what was sealed before), only to measure
+    # the cost (`sealstream bench pipeline`) or to read an old plaintext backlog.
+    seal_records: bool = True
+    # One topic data key per topic per slot of this length; every producer uses the same one.
+    topic_key_rotation_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # How long a consumer keeps a topic key it unwrapped (memory only, looked up by key id).
+    topic_key_cache_seconds: float = Field(default=300.0, gt=0)
+    # Added to retention + segment roll before a topic key is destroyed: producers' clock skew,
+    # the broker's log.retention.check.interval.ms (5 min) and file.delete.delay.ms (1 min).
+    topic_key_destroy_grace_ms: int = Field(default=15 * 60 * 1000, ge=0)
 
     @model_validator(mode="after")
     def _check_group_timings(self) -> KafkaSettings:

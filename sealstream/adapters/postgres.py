@@ -1213,3 +1213,106 @@ class IndexKeyRepository:
             finally:
                 if taken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+
+
+# --- topic keys of the sealed message topic (schemas/postgres/011_topic_keys.sql) ------------
+
+
+@dataclass(frozen=True)
+class TopicKeyRow:
+    """One topic data key as stored: wrapped only (None once destroyed)."""
+
+    key_id: str
+    topic: str
+    valid_from: datetime
+    valid_to: datetime
+    kms_key_name: str
+    wrapped: str | None
+    destroyed_at: datetime | None
+
+
+def _topic_key(row: Row) -> TopicKeyRow:
+    return TopicKeyRow(
+        row["key_id"],
+        row["topic"],
+        row["valid_from"],
+        row["valid_to"],
+        row["kms_key_name"],
+        row["wrapped"],
+        row["destroyed_at"],
+    )
+
+
+class TopicKeyRepository:
+    """The `topic_keys` table: the wrapped data keys that seal the message topic's records."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def for_slot(self, topic: str, valid_from: datetime) -> TopicKeyRow | None:
+        """The key of `topic`'s rotation slot starting at `valid_from`, if one was made."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT * FROM topic_keys WHERE topic = %s AND valid_from = %s",
+                (topic, valid_from),
+            ).fetchone()
+        return None if row is None else _topic_key(row)
+
+    def claim_slot(self, candidate: TopicKeyRow) -> TopicKeyRow:
+        """Store `candidate` as its slot's key unless another producer stored one first;
+        returns the slot's key either way (so every producer of the topic uses the same one)."""
+        with self.db.connection() as conn:
+            conn.execute(
+                "INSERT INTO topic_keys (key_id, topic, valid_from, valid_to, kms_key_name,"
+                " wrapped) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (topic, valid_from) DO NOTHING",
+                (
+                    candidate.key_id,
+                    candidate.topic,
+                    candidate.valid_from,
+                    candidate.valid_to,
+                    candidate.kms_key_name,
+                    candidate.wrapped,
+                ),
+            )
+            row = conn.execute(
+                "SELECT * FROM topic_keys WHERE topic = %s AND valid_from = %s",
+                (candidate.topic, candidate.valid_from),
+            ).fetchone()
+        assert row is not None  # inserted above, or by the producer that won the race
+        return _topic_key(row)
+
+    def by_id(self, key_id: str) -> TopicKeyRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT * FROM topic_keys WHERE key_id = %s", (key_id,)).fetchone()
+        return None if row is None else _topic_key(row)
+
+    def destroy_ended_before(self, cutoff: datetime, audit: AuditRecord | None = None) -> list[str]:
+        """Destroy every live key whose slot ended before `cutoff` (wrapped key erased,
+        `destroyed_at` set); returns their key ids. `audit` (if any) is written in the same
+        transaction when at least one key was destroyed, listing the key ids."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "UPDATE topic_keys SET wrapped = NULL, destroyed_at = now()"
+                " WHERE destroyed_at IS NULL AND valid_to < %s RETURNING key_id, topic",
+                (cutoff,),
+            ).fetchall()
+            destroyed = sorted(str(r["key_id"]) for r in rows)
+            if destroyed and audit is not None:
+                topics = sorted({str(r["topic"]) for r in rows})
+                conn.execute(
+                    "INSERT INTO key_audit (actor, action, chat_id, dek_version, reason)"
+                    " VALUES (%s, %s, NULL, NULL, %s)",
+                    (
+                        audit.actor,
+                        audit.action,
+                        f"{audit.reason} (topics {topics}; topic keys destroyed: {destroyed})",
+                    ),
+                )
+        return destroyed
+
+    def db_now(self) -> datetime:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT now() AS now").fetchone()
+        assert row is not None
+        return cast("datetime", row["now"])
