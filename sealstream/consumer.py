@@ -47,7 +47,8 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.events import MessageRecord, decode_record
-from sealstream.errors import SealstreamError, StoreUnavailable
+from sealstream.errors import SealRefused, SealstreamError, StoreUnavailable
+from sealstream.record_seal import HEADER_EVENT_ID, is_sealed, record_opener, sealed_event_id
 from sealstream.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,43 @@ class _Raw:
     key: bytes | None
     headers: list[tuple[str, bytes]] | None
     value: bytes | None
+
+
+def open_message(
+    opener: Opener,
+    topic: str,
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]] | None,
+    value: bytes | None,
+    *,
+    sealed_only: bool = True,
+) -> MessageRecord | str:
+    """One record of the message topic as a validated `MessageRecord`, or the reason it cannot
+    be used (names the header, field and rule; never a value). The one opening path of the
+    consumer library and of the Faust topic (`sealstream.faust_records`).
+
+    A sealed record (header `sealstream.key_id`) is opened with `opener`; an unsealed one is
+    refused when `sealed_only` (setting `kafka.seal_records`, on by default) and read as
+    plaintext JSON otherwise. Then the workers' rules (`schemas.events.decode_record`: schema,
+    key is the chat id) and the seal's: the record is the event its `sealstream.event_id`
+    header names. Raises `StoreUnavailable` (retriable: the KMS or Postgres is down; try again,
+    never skip)."""
+    if value is None:
+        return NO_VALUE
+    sealed = is_sealed(headers)
+    if sealed or sealed_only:
+        try:
+            plain = opener.open(topic, key, headers, value)
+        except SealRefused as refused:
+            return refused.reason
+    else:
+        plain = value
+    decoded = decode_record(plain, key)
+    if sealed and isinstance(decoded, MessageRecord):
+        if decoded.change_id != sealed_event_id(headers):
+            # The seal binds the header's event id: the record must be that very event.
+            return f"header {HEADER_EVENT_ID}: not the record's event id"
+    return decoded
 
 
 def _headers(message: Message) -> list[tuple[str, bytes]] | None:
@@ -213,8 +251,6 @@ class MessageConsumer:
     def __enter__(self) -> MessageConsumer:
         try:
             if self._opener is None:
-                from sealstream.record_seal import record_opener
-
                 opener = record_opener(self.settings)
                 self._stack.callback(opener.close)
                 self._opener = opener
@@ -360,18 +396,19 @@ class MessageConsumer:
 
     def _open_one(self, consumer: Consumer, raw: _Raw) -> MessageRecord | str | None:
         """The record, the reason it is refused, or None once stopping."""
-        if raw.value is None:
-            return NO_VALUE
         assert self._opener is not None
-        from sealstream.record_seal import SealRefused, sealed_event_id
-
         delay, paused = 0.1, False
         try:
             while True:
                 try:
-                    plain = self._opener.open(raw.topic, raw.key, raw.headers, raw.value)
-                except SealRefused as refusal:
-                    return f"sealed value refused: {refusal}"
+                    return open_message(
+                        self._opener,
+                        raw.topic,
+                        raw.key,
+                        raw.headers,
+                        raw.value,
+                        sealed_only=self.settings.kafka.seal_records,
+                    )
                 except SealstreamError as exc:
                     if not exc.retriable:
                         raise
@@ -385,14 +422,6 @@ class MessageConsumer:
                     if not self._hold(consumer, delay):
                         return None
                     delay = min(delay * 2, MAX_BACKOFF_S)
-                    continue
-                decoded = decode_record(plain, raw.key)
-                if isinstance(decoded, MessageRecord) and decoded.change_id != sealed_event_id(
-                    raw.headers
-                ):
-                    # The seal binds the header's event id; the record must be that event.
-                    return "header sealstream.event_id: not the record's event id"
-                return decoded
         finally:
             if paused and self._consumer is not None:
                 consumer.resume(self._assignment(consumer))
