@@ -48,7 +48,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from schemas.events import MessageRecord, decode_record
 from sealstream.errors import SealRefused, SealstreamError, StoreUnavailable
-from sealstream.record_seal import HEADER_EVENT_ID, is_sealed, record_opener, sealed_event_id
+from sealstream.record_seal import is_sealed, record_opener, sealed_event_id
 from sealstream.settings import KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,8 @@ def open_message(
             return refused.reason
     else:
         plain = value
-    decoded = decode_record(plain, key)
-    if sealed and isinstance(decoded, MessageRecord):
-        if decoded.change_id != sealed_event_id(headers):
-            # The seal binds the header's event id: the record must be that very event.
-            return f"header {HEADER_EVENT_ID}: not the record's event id"
+    # A sealed record must be the very event its seal bound (the `sealstream.event_id` header).
+    decoded = decode_record(plain, key, sealed_event_id(headers) if sealed else None)
     return decoded
 
 

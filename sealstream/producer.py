@@ -127,9 +127,10 @@ class AckedPublisher(Protocol):
     def publish(
         self,
         topic: str,
-        items: Sequence[tuple[bytes, bytes | None, Headers]],
+        items: Sequence[tuple[bytes, bytes | None]],
         headers: Headers | None = None,
         timeout: float = 30.0,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]: ...
 
 
@@ -253,20 +254,24 @@ class MessageProducer:
         if not records:
             return []
         try:
-            items: list[tuple[bytes, bytes | None, Headers]] = []
+            items: list[tuple[bytes, bytes | None]] = []
+            record_headers: list[Headers] = []
             for record in records:
                 key = record.key()
+                if not self.settings.kafka.seal_records:  # only to measure the cost
+                    items.append((key, record.value()))
+                    record_headers.append([])
+                    continue
                 # Bound to topic, chat id (the key) and event id: a sealed value copied to
                 # another topic, chat or position does not open (docs/format.md).
-                if not self.settings.kafka.seal_records:  # only to measure the cost
-                    items.append((key, record.value(), []))
-                    continue
                 sealed, headers = self._sealer.seal(
                     self.topic, key, record.change_id, record.value()
                 )
-                own: Headers = [(name, value) for name, value in headers]
-                items.append((key, sealed, own))
-            deliveries = self._publisher.publish(self.topic, items, timeout=self.timeout_seconds)
+                items.append((key, sealed))
+                record_headers.append([(name, value) for name, value in headers])
+            deliveries = self._publisher.publish(
+                self.topic, items, timeout=self.timeout_seconds, record_headers=record_headers
+            )
         except StoreUnavailable as exc:
             raise NotAcknowledged(records, str(exc)) from None
         return [

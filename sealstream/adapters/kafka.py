@@ -242,8 +242,12 @@ class Publisher:
         items: Sequence[tuple[bytes, bytes]],
         headers: Headers | None = None,
         timeout: float | None = None,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]:
         """Publish and await every acknowledgement, never blocking the event loop.
+
+        `headers` go with every record, then `record_headers[i]` (if given) with record `i`
+        (a sealed record's `sealstream.*` headers).
 
         Raises `StoreUnavailable` when a record was refused, or not acknowledged within
         `timeout` seconds: then the outcome is unknown, since librdkafka keeps trying in the
@@ -283,7 +287,12 @@ class Publisher:
         for index, (key, value) in enumerate(items):
             # With a deadline a full local queue fails at once rather than block the loop.
             self._produce(
-                topic, key, value, headers, callback_for(index), wait_for_room=timeout is None
+                topic,
+                key,
+                value,
+                _headers_of(headers, record_headers, index),
+                callback_for(index),
+                wait_for_room=timeout is None,
             )
         expiry = None
         if timeout is not None:
@@ -300,14 +309,14 @@ class Publisher:
     def publish(
         self,
         topic: str,
-        items: Sequence[tuple[bytes, bytes | None] | tuple[bytes, bytes | None, Headers]],
+        items: Sequence[tuple[bytes, bytes | None]],
         headers: Headers | None = None,
         timeout: float = 30.0,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]:
-        """Publish and wait for the acknowledgement of every record.
+        """Publish and wait for the acknowledgement of every record (`headers` with every
+        record, then `record_headers[i]` with record `i`, as in `publish_async`).
 
-        Each item is `(key, value)`, sent with `headers`, or `(key, value, headers)` with
-        headers of its own (sealed records: each carries its own key id and event id).
         Raises `RecordRefused` when a record can never be accepted (too large, invalid) and
         `StoreUnavailable` for anything else (no broker, no acknowledgement in `timeout`).
         """
@@ -332,9 +341,10 @@ class Publisher:
 
         if not items:
             return []
-        for index, item in enumerate(items):
-            own = item[2] if len(item) == 3 else headers
-            self._produce(topic, item[0], item[1], own, callback_for(index))
+        for index, (key, value) in enumerate(items):
+            self._produce(
+                topic, key, value, _headers_of(headers, record_headers, index), callback_for(index)
+            )
         if not done.wait(timeout):
             raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
         for result in results:
@@ -346,6 +356,14 @@ class Publisher:
         self._producer.flush(timeout)
         self._stop.set()
         self._poller.join(timeout=2)
+
+
+def _headers_of(
+    shared: Headers | None, per_record: Sequence[Headers] | None, index: int
+) -> Headers | None:
+    if per_record is None:
+        return shared
+    return [*(shared or []), *per_record[index]]
 
 
 def _succeed(future: asyncio.Future[list[Delivery]], value: Sequence[Delivery | None]) -> None:

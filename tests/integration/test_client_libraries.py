@@ -211,7 +211,7 @@ def test_records_the_consumer_cannot_use_are_handed_back_with_their_reason(
     reasons = [r.reason for r in refused]
     assert reasons[0] == "record is not sealed: header sealstream.key_id missing"
     assert reasons[1].startswith("invalid record: sender_id: ")
-    assert reasons[2] == "header sealstream.event_id: not the record's event id"
+    assert reasons[2] == "header sealstream.event_id does not match the record's event id"
     assert "authentication failed" in reasons[3]
     assert reasons[4].startswith("record has no value")
     assert not any("zqlib" in r for r in reasons)

@@ -226,7 +226,7 @@ def test_the_topic_opens_sealed_records_skips_and_counts_refused_ones_and_passes
     assert reasons[NO_VALUE] == 1
     assert reasons["record key: missing (a sealed record binds its record key)"] == 1
     assert reasons["record is not sealed: header sealstream.key_id missing"] == 1
-    assert reasons["header sealstream.event_id: not the record's event id"] == 1
+    assert reasons["header sealstream.event_id does not match the record's event id"] == 1
     assert sum(n for r, n in reasons.items() if "authentication failed" in r) == 1
     assert sum(n for r, n in reasons.items() if r.startswith("invalid record: ")) == 2
     assert not any(SECRET in reason for reason in reasons)

@@ -41,14 +41,18 @@ class FakePublisher:
     def publish(
         self,
         topic: str,
-        items: Sequence[tuple[bytes, bytes | None, Headers]],
+        items: Sequence[tuple[bytes, bytes | None]],
         headers: Headers | None = None,
         timeout: float = 30.0,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]:
         if self.fail_times:
             self.fail_times -= 1
             raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
-        self.published += [(topic, k, v, h) for k, v, h in items]
+        assert record_headers is not None and len(record_headers) == len(items)
+        self.published += [
+            (topic, k, v, h) for (k, v), h in zip(items, record_headers, strict=True)
+        ]
         return [Delivery(topic, 0, len(self.published) + i) for i in range(len(items))]
 
 
