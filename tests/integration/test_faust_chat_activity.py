@@ -271,7 +271,8 @@ def test_chat_activity_windows_equal_what_was_produced(
         data_dir=str(tmp_path / "faust"),
     )
     # The run's settings (Postgres schema, KMS key: to open the sealed records) + the app's own.
-    built = build_app(ActivityAppSettings(**{**dict(settings), "chat_activity": own}))
+    fields = {name: value for name, value in settings}
+    built = build_app(ActivityAppSettings(**{**fields, "chat_activity": own}))
     view: dict[str, Any] = {}
 
     async def main() -> None:
