@@ -24,8 +24,9 @@ from confluent_kafka import Consumer, Producer
 from schemas.ids import SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.vault import TransitKms
 from sealstream.consumer import BatchNotCommitted, MessageBatch, MessageConsumer
+from sealstream.errors import KmsUnavailable
 from sealstream.producer import InvalidProducerMessage, MessageProducer, Sent
-from sealstream.record_seal import HEADER_EVENT_ID, HEADER_KEY_ID, record_sealer
+from sealstream.record_seal import HEADER_EVENT_ID, HEADER_KEY_ID, record_opener, record_sealer
 from sealstream.services import settings_env
 from sealstream.settings import Settings
 from tests.integration.conftest import KafkaTopics, NewGroup
@@ -215,6 +216,38 @@ def test_records_the_consumer_cannot_use_are_handed_back_with_their_reason(
     assert "authentication failed" in reasons[3]
     assert reasons[4].startswith("record has no value")
     assert not any("zqlib" in r for r in reasons)
+
+
+class FlakyOpener:
+    """The real opener behind an outage: the first `failures` calls fail as a KMS that is down."""
+
+    def __init__(self, opener: Any, failures: int) -> None:
+        self.opener, self.failures, self.calls = opener, failures, 0
+
+    def open(self, topic: str, key: bytes | None, headers: Any, value: bytes) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise KmsUnavailable("KMS down")
+        return bytes(self.opener.open(topic, key, headers, value))
+
+
+def test_a_kms_outage_holds_the_batch_and_skips_nothing(
+    lib_settings: Settings, kafka_topic_factory: KafkaTopics, kafka_group: NewGroup
+) -> None:
+    settings = lib_settings.model_copy(update={"kafka": kafka_topic_factory("libs-outage")})
+    chat = uuid.uuid4()
+    with MessageProducer(settings, service="test-outage") as producer:
+        sent = producer.send_batch([post(chat, f"{SECRET} {i}") for i in range(3)])
+    opener = record_opener(settings)
+    flaky = FlakyOpener(opener, failures=4)
+    try:
+        with MessageConsumer(settings, kafka_group("libs-outage"), opener=flaky) as consumer:
+            batches = read_all(consumer, 3)
+    finally:
+        opener.close()
+    assert flaky.calls == 4 + 3
+    assert [r.message_id for b in batches for r in b.records] == [s.message_id for s in sent]
+    assert not [r for b in batches for r in b.refused]
 
 
 KILLED_CONSUMER = """
