@@ -340,7 +340,13 @@ class MessageConsumer:
             if left <= 0:
                 break
             self._accept(consumer.consume(self.batch_size - len(raws), left), raws)
-        return raws[: self.batch_size] if not self._stop.is_set() else []
+        if self._stop.is_set():
+            return []
+        # Records polled while an earlier batch was held can make more than one batch: the rest
+        # waits, in order, for the next one.
+        raws, rest = raws[: self.batch_size], raws[self.batch_size :]
+        self._carry = rest + self._carry
+        return raws
 
     def _accept(self, messages: list[Message], into: list[_Raw]) -> None:
         for m in messages:
