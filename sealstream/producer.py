@@ -46,7 +46,9 @@ from pydantic import ValidationError
 from schemas.events import MessageRecord
 from sealstream.adapters.kafka import Delivery, Headers, Publisher
 from sealstream.errors import InvalidMessage, StoreUnavailable
+from sealstream.record_seal import record_sealer
 from sealstream.settings import Settings
+from sealstream.worker_ids import lease_worker_id
 
 # Fields a caller may give. The ids are the producer's: `message_id` only to name the message an
 # edit or deletion changes; `event_id` never.
@@ -169,9 +171,8 @@ class MessageProducer:
         self.topic = settings.kafka.messages_topic
         self.service = service
         self.timeout_seconds = timeout_seconds
-        self._ids = ids
-        self._sealer = sealer
-        self._publisher = publisher
+        self._given = (ids, sealer, publisher)
+        self._ids, self._sealer, self._publisher = self._given
         self._stack = ExitStack()
 
     def __enter__(self) -> MessageProducer:
@@ -184,12 +185,8 @@ class MessageProducer:
 
     def _open(self) -> None:
         if self._ids is None:
-            from sealstream.worker_ids import lease_worker_id
-
             self._ids = self._stack.enter_context(lease_worker_id(self.settings, self.service))
         if self._sealer is None:
-            from sealstream.record_seal import record_sealer
-
             sealer = record_sealer(self.settings)
             self._stack.callback(sealer.close)
             self._sealer = sealer
@@ -208,8 +205,10 @@ class MessageProducer:
         self.close()
 
     def close(self) -> None:
-        """Flush what is queued, release the worker id and the sealer (idempotent)."""
+        """Flush what is queued, release the worker id and the sealer (idempotent); entering
+        again builds them afresh."""
         self._stack.close()
+        self._ids, self._sealer, self._publisher = self._given
 
     # --- the calls -------------------------------------------------------------------------------
 
