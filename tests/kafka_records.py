@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from schemas.events import MessageRecord
 from sealstream.adapters.kafka import Delivery, Headers, Publisher
 from sealstream.record_seal import RecordOpener, RecordSealer, record_opener, record_sealer
-from sealstream.settings import Settings
+from sealstream.settings import KafkaSettings, Settings
 
 
 def sealed_items(
@@ -51,8 +51,9 @@ class SealingProducer:
 
     def produce_record(
         self, record: MessageRecord, on_delivery: Callable[..., None] | None = None
-    ) -> None:
-        self.produce(record.key(), record.value(), record.change_id, on_delivery=on_delivery)
+    ) -> bytes:
+        """Seal and send `record`; returns the sealed value as sent."""
+        return self.produce(record.key(), record.value(), record.change_id, on_delivery)
 
     def produce(
         self,
@@ -60,11 +61,13 @@ class SealingProducer:
         value: bytes,
         event_id: int,
         on_delivery: Callable[..., None] | None = None,
-    ) -> None:
+    ) -> bytes:
+        """Seal and send any value bound to `event_id`; returns the sealed value as sent."""
         sealed, headers = self.sealer.seal(self.topic, key, event_id, value)
         self._producer.produce(
             self.topic, key=key, value=sealed, headers=headers, on_delivery=on_delivery
         )
+        return sealed
 
     def produce_unsealed(
         self,
@@ -93,3 +96,17 @@ def opener_for(settings: Settings) -> RecordOpener:
 def opened_value(opener: RecordOpener, msg: Any) -> bytes:
     """The plaintext value of a confluent-kafka message read from the message topic."""
     return opener.open(msg.topic(), msg.key(), msg.headers(), msg.value() or b"")
+
+
+def publish_records(
+    settings: Settings, kafka: KafkaSettings, records: Sequence[MessageRecord], client_id: str
+) -> list[Delivery]:
+    """Seal `records` (topic keys of `settings`' Postgres and KMS) and publish them to
+    `kafka.messages_topic` with an acknowledged publisher, as a direct producer does."""
+    publisher = Publisher(kafka, client_id=client_id)
+    sealer = record_sealer(settings)
+    try:
+        return publish_sealed(publisher, sealer, kafka.messages_topic, records)
+    finally:
+        sealer.close()
+        publisher.close()
