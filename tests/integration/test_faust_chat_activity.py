@@ -61,9 +61,6 @@ def gateway(
         update={
             "messages_topic": f"{settings.kafka.messages_topic}.faust-activity",
             "dead_letter_topic": f"{settings.kafka.dead_letter_topic}.faust-activity",
-            # The example app's codec reads plaintext records; the sealed-topic Faust codec
-            # (issue 13, `sealstream.consumer`) replaces it, and this line goes with it.
-            "seal_records": False,
         }
     )
     gateway_settings = settings.model_copy(update={"kafka": kafka})
