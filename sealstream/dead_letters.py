@@ -17,6 +17,7 @@ id once and the indexer indexes it at external version 1 (docs/operations.md, "D
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Callable, Generator, Sequence
@@ -127,14 +128,33 @@ def _chat_id(key: bytes | None) -> str | None:
         return None
 
 
+def split_headers(
+    letter: StoredLetter,
+) -> tuple[list[tuple[str, bytes | None]], dict[str, bytes | None]]:
+    """The record's own headers (as it came, in order) and the letter's `dlq.*` headers.
+
+    The writer appends its block after the record's own headers, starting with `dlq.stage`; a
+    direct producer may name its own headers `dlq.*` too, so the block is what follows the
+    *last* `dlq.stage` (no `dlq.stage`: the trailing `dlq.*` headers); other names there are
+    the record's. A producer's `dlq.value`
+    is thus never taken for the writer's (shown to the operator, or refusing the replay)."""
+    headers = list(letter.headers)
+    names = [k for k, _ in headers]
+    if "dlq.stage" in names:
+        start = len(names) - 1 - names[::-1].index("dlq.stage")
+    else:
+        start = len(names)
+        while start > 0 and names[start - 1].startswith(DLQ_PREFIX):
+            start -= 1
+    block = {k: v for k, v in headers[start:] if k.startswith(DLQ_PREFIX)}
+    later = [(k, v) for k, v in headers[start:] if not k.startswith(DLQ_PREFIX)]
+    return headers[:start] + later, block
+
+
 def describe(letter: StoredLetter) -> DeadLetterInfo:
     """The metadata of a letter (its value is measured, never kept)."""
-    dlq = {k: v for k, v in letter.headers if k.startswith(DLQ_PREFIX)}
-    own = tuple(
-        dict.fromkeys(
-            k[:MAX_HEADER_NAME] for k, _ in letter.headers if not k.startswith(DLQ_PREFIX)
-        )
-    )
+    own_headers, dlq = split_headers(letter)
+    own = tuple(dict.fromkeys(k[:MAX_HEADER_NAME] for k, _ in own_headers))
     omitted = dlq.get("dlq.value")
     return DeadLetterInfo(
         partition=letter.partition,
@@ -242,8 +262,9 @@ def replay_headers(letter: StoredLetter) -> Headers:
     """The record's own headers (not `dlq.*`, not an earlier replay's mark), then the mark of
     this replay: the contract between the pipeline's parts (sealed records carry their key id
     in a `sealstream.*` header, which must travel with the value)."""
+    own_headers, _ = split_headers(letter)
     own: Headers = [
-        (k, v) for k, v in letter.headers if not k.startswith(DLQ_PREFIX) and k != REPLAYED_FROM
+        (k, v) for k, v in own_headers if not k.startswith(DLQ_PREFIX) and k != REPLAYED_FROM
     ]
     return [*own, (REPLAYED_FROM, f"{letter.partition}:{letter.offset}".encode())]
 
@@ -279,13 +300,17 @@ def replay(
 
     A letter already in the ledger is skipped unless `force`; one without a value, not from
     the message topic, or without a key is refused; `dry_run` reads and checks, publishes
-    nothing. `progress` is called after each letter. Raises `StoreUnavailable` when Kafka or
+    nothing. Letters of the same record (both stages refused it: same origin, key, value and
+    headers) publish it once: both stages read the message topic, and a record still refused
+    would otherwise come back as twice as many letters at every replay; each letter is
+    recorded. `progress` is called after each letter. Raises `StoreUnavailable` when Kafka or
     Postgres fails; the letters replayed before are recorded, so running it again goes on
     where it stopped.
     """
     report = ReplayReport()
     unique = list(dict.fromkeys(coordinates))
     done_before = ledger.replayed(source.topic, unique)
+    sent: dict[bytes, ReplayResult] = {}  # record digest -> the result that published it
     for partition, offset in unique:
         result = _replay_one(
             source,
@@ -294,6 +319,7 @@ def replay(
             partition,
             offset,
             done_before.get((partition, offset)),
+            sent,
             messages_topic=messages_topic,
             actor=actor,
             force=force,
@@ -311,6 +337,7 @@ def _replay_one(
     partition: int,
     offset: int,
     before: ReplayRow | None,
+    sent: dict[bytes, ReplayResult],
     *,
     messages_topic: str,
     actor: str,
@@ -334,11 +361,21 @@ def _replay_one(
             f"{before.last_replayed_at.isoformat(timespec='seconds')} (--force to replay again)",
             info,
         )
+    digest = _record_digest(info, letter)
+    twin = sent.get(digest)
+    with_twin = "" if twin is None else f" with letter {twin.partition}:{twin.offset} (same record)"
     if dry_run:
-        return ReplayResult(partition, offset, WOULD_REPLAY, f"would go to {messages_topic}", info)
-    [delivery] = sink.publish(
-        messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
-    )
+        result = ReplayResult(
+            partition, offset, WOULD_REPLAY, f"would go to {messages_topic}{with_twin}", info
+        )
+        sent.setdefault(digest, result)
+        return result
+    if twin is not None and twin.replayed_to is not None:
+        delivery = Delivery(messages_topic, *twin.replayed_to)
+    else:
+        [delivery] = sink.publish(
+            messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
+        )
     times = ledger.record(
         ReplayDone(
             dlq_topic=source.topic,
@@ -353,14 +390,29 @@ def _replay_one(
         ),
         actor,
     )
-    return ReplayResult(
+    result = ReplayResult(
         partition,
         offset,
         REPLAYED,
-        f"to {delivery.topic}/{delivery.partition}:{delivery.offset} (replay {times})",
+        f"to {delivery.topic}/{delivery.partition}:{delivery.offset} (replay {times}){with_twin}",
         info,
         (delivery.partition, delivery.offset),
     )
+    sent.setdefault(digest, result)
+    return result
+
+
+def _record_digest(info: DeadLetterInfo, letter: StoredLetter) -> bytes:
+    """What makes two letters the same record: origin, key, value and own headers (a digest:
+    up to 1,000 values are not kept in memory)."""
+    h = hashlib.sha256()
+    origin = f"{info.origin_topic}/{info.origin_partition}:{info.origin_offset}"
+    for part in (origin.encode(), letter.key or b"", letter.value or b""):
+        h.update(len(part).to_bytes(8, "big") + part)
+    for name, value in replay_headers(letter)[:-1]:  # the replay mark names the letter
+        raw = value.encode() if isinstance(value, str) else value or b""
+        h.update(len(name).to_bytes(8, "big") + name.encode() + len(raw).to_bytes(8, "big") + raw)
+    return h.digest()
 
 
 # --- times given by operators ----------------------------------------------------------------

@@ -188,3 +188,137 @@ def test_replay_republishes_once_recorded_and_audited(
             ("trace", b"zqtracex"),
             (REPLAYED_FROM, f"{coords[1][0]}:{coords[1][1]}".encode()),
         ]
+
+
+# --- attacks and operator mistakes (review of issue 13) ------------------------------------
+
+
+def _publish_letter(
+    kafka: KafkaSettings,
+    key: bytes,
+    value: bytes | None,
+    own: list[tuple[str, bytes]],
+    letter: DeadLetter,
+) -> tuple[int, int]:
+    """One letter as the contract writes it: the record's own headers, then the `dlq.*` ones."""
+    publisher = Publisher(kafka, client_id="test-dlq-writer")
+    try:
+        headers: Any = [*own, *dead_letter_headers(letter)]
+        [d] = publisher.publish(kafka.dead_letter_topic, [(key, value)], headers=headers)
+        return (d.partition, d.offset)
+    finally:
+        publisher.close()
+
+
+def _message_topic_records(kafka: KafkaSettings, at_least: int) -> list[Any]:
+    """Every record on the message topic (waits for `at_least`, then reads to the end)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "group.id": f"test-dlq-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    consumer.subscribe([kafka.messages_topic])
+    got: list[Any] = []
+    eof: set[int] = set()
+    deadline = datetime.now(UTC) + timedelta(seconds=30)
+    partitions = kafka.partitions
+    while datetime.now(UTC) < deadline and (len(got) < at_least or len(eof) < partitions):
+        msg = consumer.poll(0.5)
+        if msg is None:
+            continue
+        if msg.error():
+            eof.add(msg.partition())
+        else:
+            got.append(msg)
+    consumer.close()
+    return got
+
+
+def test_a_producers_own_dlq_header_is_neither_shown_nor_taken_for_the_letters(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """A direct producer chooses its record's headers, `dlq.*` names included; the letter keeps
+    them before the worker's own. Before: its `dlq.value` was taken for the worker's, shown to
+    the operator (a header value a producer set, text included) and made the letter
+    unreplayable."""
+    kafka = kafka_topic_factory("dlq-spoof")
+    chat = str(uuid.uuid4())
+    letter = DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 5)
+    own = [("dlq.value", b"zqspoofx what the producer wrote"), ("dlq.reason", b"zqreasonx")]
+    coords = _publish_letter(kafka, chat.encode(), SECRET, own, letter)
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-spoof")
+    try:
+        info = show(reader, *coords)
+        assert info is not None
+        shown = json.dumps(asdict(info), default=str)
+        assert "zqspoofx" not in shown and "zqreasonx" not in shown and "zqsecretx" not in shown
+        assert info.value_omitted is None and info.value_bytes == len(SECRET)
+        assert info.reason == f"unknown chat {chat}"
+        assert info.headers == ("dlq.value", "dlq.reason")  # the producer's, by name
+        report = replay(
+            reader,
+            publisher,
+            DeadLetterReplays(database),  # type: ignore[arg-type]
+            [coords],
+            messages_topic=kafka.messages_topic,
+            actor="cli:test",
+        )
+        assert [r.outcome for r in report.results] == [REPLAYED], report.results[0].detail
+    finally:
+        publisher.close()
+        reader.close()
+
+
+def test_both_stages_letters_of_one_record_replay_it_once(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """The encryptor and the indexer each letter a record they refuse; both consume the message
+    topic, so one republished record serves both. Before: each letter published it again, and
+    a record still refused came back as twice as many letters at every replay."""
+    kafka = kafka_topic_factory("dlq-twins")
+    chat = str(uuid.uuid4())
+    own = [("trace", b"zqtracex")]
+    twins = [
+        _publish_letter(
+            kafka,
+            chat.encode(),
+            SECRET,
+            own,
+            DeadLetter(stage, f"unknown chat {chat}", kafka.messages_topic, 2, 40),
+        )
+        for stage in ("encryptor", "indexer")
+    ]
+    # Another record (other origin offset) is its own replay.
+    other = _publish_letter(
+        kafka,
+        chat.encode(),
+        SECRET,
+        own,
+        DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 2, 41),
+    )
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-twins")
+    ledger = DeadLetterReplays(database)  # type: ignore[arg-type]
+    try:
+        report = replay(
+            reader,
+            publisher,
+            ledger,
+            [*twins, other],
+            messages_topic=kafka.messages_topic,
+            actor="cli:test",
+        )
+        assert [r.outcome for r in report.results] == [REPLAYED] * 3
+        assert report.results[0].replayed_to == report.results[1].replayed_to
+        assert report.results[2].replayed_to != report.results[0].replayed_to
+        rows = ledger.replayed(kafka.dead_letter_topic, [*twins, other])
+        assert set(rows) == {*twins, other}  # each letter is marked replayed
+    finally:
+        publisher.close()
+        reader.close()
+    assert len(_message_topic_records(kafka, 2)) == 2  # one per record, not one per letter
