@@ -29,6 +29,8 @@ from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
 from sealstream.dead_letters import (
     MAX_LIST,
+    MAX_REASON_FILTER,
+    TOPIC_PATTERN,
     DeadLetterInfo,
     LetterFilter,
     LetterSource,
@@ -255,8 +257,7 @@ def _report(report: object) -> dict[str, Any]:
 
 # --- dead letters ----------------------------------------------------------------------------
 
-TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"  # Kafka's rule for topic names
-Stage = Literal["encryptor", "indexer"]
+Stage = Literal["encryptor", "indexer"]  # dead_letters.STAGES
 
 
 class ReplayedOut(BaseModel):
@@ -308,7 +309,10 @@ class ReplayIn(_Request):
         description="The letters to replay by coordinates; or leave out and give a filter",
     )
     reason: str | None = Field(
-        default=None, min_length=1, max_length=200, description="Reason contains (any case)"
+        default=None,
+        min_length=1,
+        max_length=MAX_REASON_FILTER,
+        description="Reason contains (any case)",
     )
     stage: Stage | None = None
     since: datetime | None = Field(default=None, description="Dead-lettered at or after")
@@ -826,7 +830,9 @@ def create_app(
         admin: CurrentAdmin,
         reason: Annotated[
             str | None,
-            Query(min_length=1, max_length=200, description="Reason contains (any case)"),
+            Query(
+                min_length=1, max_length=MAX_REASON_FILTER, description="Reason contains (any case)"
+            ),
         ] = None,
         stage: Annotated[Stage | None, Query()] = None,
         since: Annotated[datetime | None, Query(description="Dead-lettered at or after")] = None,

@@ -423,12 +423,18 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 def parse_when(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (no zone: UTC) or a duration ago ("90s", "15m", "2h", "7d") as an
-    aware UTC datetime. Raises `ValueError` naming the accepted forms."""
+    aware UTC datetime. Raises `ValueError` naming the accepted forms (or the range, for a
+    duration reaching before year 1)."""
     now = now or datetime.now(UTC)
     relative = _RELATIVE.match(text.strip())
     if relative:
         amount, unit = relative.groups()
-        return now - timedelta(**{_UNITS[unit]: int(amount)})
+        try:
+            return now - timedelta(**{_UNITS[unit]: int(amount)})
+        except OverflowError:
+            raise ValueError(
+                f"{text[:40]!r} ago is before year 1 (give a shorter duration)"
+            ) from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -439,12 +445,69 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+_COORDINATES = re.compile(r"^([0-9]{1,10}):([0-9]{1,19})$")  # ASCII digits: int() takes others
+
+
 def parse_coordinates(text: str) -> tuple[int, int]:
     """ "partition:offset" as two ints; raises `ValueError` naming the expected form."""
-    partition, sep, offset = text.partition(":")
-    if not sep or not partition.isdigit() or not offset.isdigit():
+    match = _COORDINATES.match(text)
+    if match is None:
         raise ValueError(f"not dead-letter coordinates: {text[:40]!r} (give partition:offset)")
-    return int(partition), int(offset)
+    return int(match[1]), int(match[2])
+
+
+# --- filters given by operators (the CLI; the admin API checks the same rules) ---------------
+
+STAGES = ("encryptor", "indexer")
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"  # Kafka's rule for topic names
+MAX_REASON_FILTER = 200
+
+
+def operator_filter(
+    *,
+    reason: str | None = None,
+    stage: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    topic: str | None = None,
+    chat: str | None = None,
+    now: datetime | None = None,
+) -> LetterFilter:
+    """A `LetterFilter` of options as typed: the admin API's rules (a stage of `STAGES`, a
+    chat id that is a UUID, in any case, a reason of 1..200 characters, a Kafka topic name,
+    times as `parse_when`). Raises `ValueError` starting with the option's name (`--stage: ...`):
+    a filter that can match nothing, or everything, is a typo, never a silent empty list or a
+    replay of every letter."""
+
+    def fail(option: str, why: str) -> ValueError:
+        return ValueError(f"{option}: {why}")
+
+    if reason is not None and not 1 <= len(reason) <= MAX_REASON_FILTER:
+        raise fail("--reason", f"give 1 to {MAX_REASON_FILTER} characters (--all: every letter)")
+    if stage is not None and stage not in STAGES:
+        raise fail("--stage", f"{stage[:40]!r} is not a stage (give {' or '.join(STAGES)})")
+    if topic is not None and not re.match(TOPIC_PATTERN, topic):
+        raise fail("--topic", f"{topic[:40]!r} is not a Kafka topic name ({TOPIC_PATTERN})")
+    chat_id = None
+    if chat is not None:
+        try:
+            chat_id = str(uuid.UUID(chat.strip()))
+        except ValueError:
+            raise fail("--chat", f"{chat[:40]!r} is not a chat id (a UUID)") from None
+    times: dict[str, datetime | None] = {}
+    for option, raw in (("--since", since), ("--until", until)):
+        try:
+            times[option] = None if raw is None else parse_when(raw, now)
+        except ValueError as err:
+            raise fail(option, str(err)) from None
+    return LetterFilter(
+        reason=reason,
+        stage=stage,
+        since=times["--since"],
+        until=times["--until"],
+        origin_topic=topic,
+        chat_id=chat_id,
+    )
 
 
 def as_json(info: DeadLetterInfo, replayed: ReplayRow | None = None) -> dict[str, object]:

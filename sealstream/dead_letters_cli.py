@@ -8,7 +8,6 @@ import getpass
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -62,18 +61,6 @@ def _tools() -> Iterator[tuple[Settings, DeadLetterReader, Publisher, DeadLetter
         database.close()
 
 
-def _when(raw: str | None, option: str) -> datetime | None:
-    from sealstream.dead_letters import parse_when
-
-    if raw is None:
-        return None
-    try:
-        return parse_when(raw)
-    except ValueError as err:
-        console.print(Text(f"{option}: {err}", style="red"))
-        raise typer.Exit(2) from None
-
-
 def _filter(
     reason: str | None,
     stage: str | None,
@@ -82,16 +69,16 @@ def _filter(
     topic: str | None,
     chat: str | None,
 ) -> LetterFilter:
-    from sealstream.dead_letters import LetterFilter
+    """The options as a filter; a bad one ends the command (exit 2) naming it and why."""
+    from sealstream.dead_letters import operator_filter
 
-    return LetterFilter(
-        reason=reason,
-        stage=stage,
-        since=_when(since, "--since"),
-        until=_when(until, "--until"),
-        origin_topic=topic,
-        chat_id=chat,
-    )
+    try:
+        return operator_filter(
+            reason=reason, stage=stage, since=since, until=until, topic=topic, chat=chat
+        )
+    except ValueError as err:
+        console.print(Text(str(err), style="red"))
+        raise typer.Exit(2) from None
 
 
 def _value_cell(info: DeadLetterInfo) -> str:

@@ -6,6 +6,9 @@ tests/e2e/test_dead_letters.py.)"""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -33,7 +36,8 @@ from sealstream.dead_letters import (
     select,
     show,
 )
-from sealstream.settings import KafkaSettings
+from sealstream.services import settings_env
+from sealstream.settings import KafkaSettings, Settings
 from tests.integration.conftest import KafkaTopics
 
 SECRET = b"zqsecretx the plaintext of a refused record"
@@ -322,3 +326,53 @@ def test_both_stages_letters_of_one_record_replay_it_once(
         publisher.close()
         reader.close()
     assert len(_message_topic_records(kafka, 2)) == 2  # one per record, not one per letter
+
+
+def _cli(settings: Settings, kafka: KafkaSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`sealstream dlq ...` as an operator runs it, on these topics and the run's schema."""
+    env = {
+        **os.environ,
+        **settings_env(settings.model_copy(update={"kafka": kafka})),
+        "COLUMNS": "300",
+        "NO_COLOR": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sealstream.cli", "dlq", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_filters_are_checked_like_the_apis_and_a_chat_id_matches_in_any_case(
+    kafka_topic_factory: KafkaTopics, settings: Settings, database: Any
+) -> None:
+    """The admin API refuses a stage other than encryptor|indexer, a chat id that is no UUID and
+    an empty reason; the CLI took them as given. Before: `--chat` in capitals (as a UUID is
+    often pasted) matched no letter, a misspelt `--stage` listed nothing and said nothing,
+    `--reason ""` selected every letter without `--all`, and `--since 1000000d` or coordinates
+    with a non-ASCII digit ended in a traceback instead of naming the option."""
+    kafka = kafka_topic_factory("dlq-cli")
+    chat = str(uuid.uuid4())
+    coords = _write_letters(kafka, chat)
+    listed = _cli(settings, kafka, "list", "--chat", chat.upper(), "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [
+        (d["partition"], d["offset"]) for d in json.loads(listed.stdout)["dead_letters"]
+    ] == coords
+    for args, option in [
+        (("list", "--stage", "Encryptor"), "--stage"),
+        (("list", "--chat", "zq-not-a-chat"), "--chat"),
+        (("list", "--topic", "no spaces/in topics"), "--topic"),
+        (("replay", "--reason", "", "--yes"), "--reason"),
+        (("list", "--since", "1000000d"), "--since"),
+        (("list", "--until", "99999999999d"), "--until"),
+        (("show", "\u00b2:1"), "partition:offset"),
+    ]:
+        out = _cli(settings, kafka, *args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert option in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+    # Nothing was replayed by the refused `--reason ""`.
+    assert not DeadLetterReplays(database).replayed(kafka.dead_letter_topic, coords)  # type: ignore[arg-type]
