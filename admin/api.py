@@ -329,7 +329,8 @@ class ReplayResultOut(BaseModel):
     offset: int
     outcome: str = Field(
         description="replayed | would_replay (dry run) | already_replayed (skipped; force to "
-        "replay again) | refused (no value, not from the message topic, or no key) | not_found"
+        "replay again) | being_replayed (skipped: another replay holds it now) | refused (no "
+        "value, not from the message topic, or no key) | not_found"
     )
     detail: str
     replayed_to_partition: int | None

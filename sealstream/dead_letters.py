@@ -27,12 +27,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from sealstream.adapters.kafka import Delivery, Headers, StoredLetter
-from sealstream.adapters.postgres import ReplayDone, ReplayRow
+from sealstream.adapters.postgres import ReplayClaim, ReplayDone, ReplayRow
 
 DLQ_PREFIX = "dlq."
 REPLAYED_FROM = "sealstream.replayed_from"
 MAX_HEADER_NAME = 64  # header names are shown; a longer one is cut (a producer chose it)
 MAX_LIST = 1000  # letters per list or replay call at most (the admin API's limit too)
+# A replay's claim on a letter older than this is its dead holder's (a publish waits 30 s at
+# most): another replay takes it over.
+CLAIM_STALE_SECONDS = 300.0
 
 
 class LetterSource(Protocol):
@@ -64,7 +67,13 @@ class ReplayLedger(Protocol):
         self, dlq_topic: str, coordinates: Sequence[tuple[int, int]]
     ) -> dict[tuple[int, int], ReplayRow]: ...
 
-    def record(self, done: ReplayDone, actor: str) -> int: ...
+    def claim(
+        self, dlq_topic: str, partition: int, offset: int, actor: str, stale_seconds: float
+    ) -> uuid.UUID | ReplayClaim: ...
+
+    def release(self, claim: uuid.UUID) -> None: ...
+
+    def record(self, done: ReplayDone, actor: str, claim: uuid.UUID | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,7 @@ def show(source: LetterSource, partition: int, offset: int) -> DeadLetterInfo | 
 REPLAYED = "replayed"
 WOULD_REPLAY = "would_replay"  # --dry-run
 ALREADY_REPLAYED = "already_replayed"  # skipped: replayed before, not forced
+BEING_REPLAYED = "being_replayed"  # skipped: another replay (process) holds it now
 REFUSED = "refused"  # cannot be replayed (no value, not from the message topic, no key)
 NOT_FOUND = "not_found"  # no letter at these coordinates (never written, or expired)
 
@@ -253,7 +263,7 @@ class ReplayReport:
     def counts(self) -> dict[str, int]:
         return {
             o: self.count(o)
-            for o in (REPLAYED, WOULD_REPLAY, ALREADY_REPLAYED, REFUSED, NOT_FOUND)
+            for o in (REPLAYED, WOULD_REPLAY, ALREADY_REPLAYED, BEING_REPLAYED, REFUSED, NOT_FOUND)
             if self.count(o)
         }
 
@@ -298,7 +308,9 @@ def replay(
     `messages_topic`, one at a time, each acknowledged by every in-sync replica (acks=all)
     before it is recorded in `ledger` as replayed by `actor` (audited).
 
-    A letter already in the ledger is skipped unless `force`; one without a value, not from
+    A letter already in the ledger is skipped unless `force`; one another replay (another
+    process) is publishing now is skipped (`being_replayed`): each letter is claimed in the
+    ledger before it is published; one without a value, not from
     the message topic, or without a key is refused; `dry_run` reads and checks, publishes
     nothing. Letters of the same record (both stages refused it: same origin, key, value and
     headers) publish it once: both stages read the message topic, and a record still refused
@@ -353,14 +365,7 @@ def _replay_one(
     if (why := info.unreplayable(messages_topic)) is not None:
         return ReplayResult(partition, offset, REFUSED, f"cannot be replayed: {why}", info)
     if before is not None and not force:
-        return ReplayResult(
-            partition,
-            offset,
-            ALREADY_REPLAYED,
-            f"replayed {before.replays}x already, last by {before.last_replayed_by} at "
-            f"{before.last_replayed_at.isoformat(timespec='seconds')} (--force to replay again)",
-            info,
-        )
+        return _already(partition, offset, before, info)
     digest = _record_digest(info, letter)
     twin = sent.get(digest)
     with_twin = "" if twin is None else f" with letter {twin.partition}:{twin.offset} (same record)"
@@ -370,12 +375,32 @@ def _replay_one(
         )
         sent.setdefault(digest, result)
         return result
-    if twin is not None and twin.replayed_to is not None:
-        delivery = Delivery(messages_topic, *twin.replayed_to)
-    else:
-        [delivery] = sink.publish(
-            messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
+    # Claimed in Postgres before publishing: another process replaying it now skips it.
+    claim = ledger.claim(source.topic, partition, offset, actor, CLAIM_STALE_SECONDS)
+    if isinstance(claim, ReplayClaim):
+        return ReplayResult(
+            partition,
+            offset,
+            BEING_REPLAYED,
+            f"being replayed by {claim.claimed_by} since "
+            f"{claim.claimed_at.isoformat(timespec='seconds')} (see `dlq show` when it is done)",
+            info,
         )
+    try:
+        # Read again under the claim: another replay may have recorded it since we began.
+        now = ledger.replayed(source.topic, [(partition, offset)]).get((partition, offset))
+        if now is not None and not force:
+            ledger.release(claim)
+            return _already(partition, offset, now, info)
+        if twin is not None and twin.replayed_to is not None:
+            delivery = Delivery(messages_topic, *twin.replayed_to)
+        else:
+            [delivery] = sink.publish(
+                messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
+            )
+    except BaseException:
+        ledger.release(claim)
+        raise
     times = ledger.record(
         ReplayDone(
             dlq_topic=source.topic,
@@ -389,6 +414,7 @@ def _replay_one(
             chat_id=uuid.UUID(info.chat_id) if info.chat_id else None,
         ),
         actor,
+        claim,
     )
     result = ReplayResult(
         partition,
@@ -400,6 +426,17 @@ def _replay_one(
     )
     sent.setdefault(digest, result)
     return result
+
+
+def _already(partition: int, offset: int, row: ReplayRow, info: DeadLetterInfo) -> ReplayResult:
+    return ReplayResult(
+        partition,
+        offset,
+        ALREADY_REPLAYED,
+        f"replayed {row.replays}x already, last by {row.last_replayed_by} at "
+        f"{row.last_replayed_at.isoformat(timespec='seconds')} (--force to replay again)",
+        info,
+    )
 
 
 def _record_digest(info: DeadLetterInfo, letter: StoredLetter) -> bytes:

@@ -278,5 +278,5 @@ def dlq_replay(
         )
     console.print(table)
     console.print(", ".join(f"{n} {outcome}" for outcome, n in report.counts().items()))
-    if report.count(REFUSED) or report.count("not_found"):
+    if report.count(REFUSED) or report.count("not_found") or report.count("being_replayed"):
         raise typer.Exit(1)

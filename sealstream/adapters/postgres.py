@@ -1236,6 +1236,14 @@ class ReplayRow:
 
 
 @dataclass(frozen=True)
+class ReplayClaim:
+    """Another replay holds this letter now (DeadLetterReplays.claim)."""
+
+    claimed_by: str
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
 class ReplayDone:
     """A replay the broker acknowledged, to record (coordinates only: never a value)."""
 
@@ -1279,9 +1287,46 @@ class DeadLetterReplays:
             for r in rows
         }
 
-    def record(self, done: ReplayDone, actor: str) -> int:
-        """Record an acknowledged replay and audit it; returns how many times it was replayed."""
+    def claim(
+        self, dlq_topic: str, partition: int, offset: int, actor: str, stale_seconds: float
+    ) -> uuid.UUID | ReplayClaim:
+        """Claim a letter before publishing it: a token (give it to `record` or `release`), or
+        the claim another replay holds. A claim older than `stale_seconds` (its holder died
+        mid-replay) is taken over."""
+        token = uuid.uuid4()
         with self.db.transaction() as conn:
+            taken = conn.execute(
+                "INSERT INTO dead_letter_replay_claims"
+                " (dlq_topic, dlq_partition, dlq_offset, claim, claimed_by)"
+                " VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET"
+                " claim = EXCLUDED.claim, claimed_by = EXCLUDED.claimed_by, claimed_at = now()"
+                " WHERE dead_letter_replay_claims.claimed_at"
+                " < now() - make_interval(secs => %s)"
+                " RETURNING claim",
+                (dlq_topic, partition, offset, token, actor, stale_seconds),
+            ).fetchone()
+            if taken is not None:
+                return token
+            holder = conn.execute(
+                "SELECT claimed_by, claimed_at FROM dead_letter_replay_claims"
+                " WHERE dlq_topic = %s AND dlq_partition = %s AND dlq_offset = %s",
+                (dlq_topic, partition, offset),
+            ).fetchone()
+        assert holder is not None  # a claim is removed only by its holder, which is not us
+        return ReplayClaim(holder["claimed_by"], holder["claimed_at"])
+
+    def release(self, claim: uuid.UUID) -> None:
+        """Give a claim up without a replay (the publish failed)."""
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM dead_letter_replay_claims WHERE claim = %s", (claim,))
+
+    def record(self, done: ReplayDone, actor: str, claim: uuid.UUID | None = None) -> int:
+        """Record an acknowledged replay and audit it, removing its `claim` in the same
+        transaction; returns how many times it was replayed."""
+        with self.db.transaction() as conn:
+            if claim is not None:
+                conn.execute("DELETE FROM dead_letter_replay_claims WHERE claim = %s", (claim,))
             row = conn.execute(
                 "INSERT INTO dead_letter_replays (dlq_topic, dlq_partition, dlq_offset,"
                 " origin_topic, origin_partition, origin_offset, replayed_partition,"

@@ -25,6 +25,7 @@ from sealstream.adapters.kafka import (
 from sealstream.adapters.postgres import ChatKeyRepository, DeadLetterReplays
 from sealstream.dead_letters import (
     ALREADY_REPLAYED,
+    BEING_REPLAYED,
     NOT_FOUND,
     REFUSED,
     REPLAYED,
@@ -376,3 +377,68 @@ def test_cli_filters_are_checked_like_the_apis_and_a_chat_id_matches_in_any_case
         assert "Traceback" not in out.stderr, out.stderr
     # Nothing was replayed by the refused `--reason ""`.
     assert not DeadLetterReplays(database).replayed(kafka.dead_letter_topic, coords)  # type: ignore[arg-type]
+
+
+class _OtherReplayMeanwhile:
+    """The real publisher; on its first publish, before delegating, another operator (another
+    process: its own reader, publisher and ledger) replays the same letters, unforced."""
+
+    def __init__(self, kafka: KafkaSettings, database: Any, publisher: Publisher) -> None:
+        self.kafka, self.database, self.publisher = kafka, database, publisher
+        self.other: list[str] = []
+        self.letters: list[tuple[int, int]] = []
+
+    def publish(self, topic: str, items: Any, headers: Any = None, timeout: float = 30.0) -> Any:
+        if not self.other:
+            reader = DeadLetterReader(self.kafka)
+            publisher = Publisher(self.kafka, client_id="test-dlq-other-operator")
+            try:
+                report = replay(
+                    reader,
+                    publisher,
+                    DeadLetterReplays(self.database),
+                    self.letters,
+                    messages_topic=self.kafka.messages_topic,
+                    actor="admin:other",
+                )
+                self.other = [r.outcome for r in report.results]
+            finally:
+                publisher.close()
+                reader.close()
+        return self.publisher.publish(topic, items, headers=headers, timeout=timeout)
+
+
+def test_two_operators_replaying_the_same_letter_at_once_publish_it_once(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """The admin API held a lock per process only: the CLI and the API (or two CLIs) both read
+    "never replayed" and both published, and the ledger counted two replays nobody forced.
+    A letter is now claimed in Postgres before it is published."""
+    kafka = kafka_topic_factory("dlq-race")
+    chat = str(uuid.uuid4())
+    coords = _write_letters(kafka, chat)[:2]
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-race")
+    sink = _OtherReplayMeanwhile(kafka, database, publisher)
+    sink.letters = coords
+    ledger = DeadLetterReplays(database)  # type: ignore[arg-type]
+    try:
+        report = replay(
+            reader, sink, ledger, coords, messages_topic=kafka.messages_topic, actor="cli:test"
+        )
+    finally:
+        publisher.close()
+        reader.close()
+    mine = [r.outcome for r in report.results]
+    # Each letter published by exactly one of the two; the other was told it is being replayed.
+    assert sorted([mine[0], sink.other[0]]) == sorted([REPLAYED, BEING_REPLAYED]), (
+        mine,
+        sink.other,
+    )
+    assert sorted([mine[1], sink.other[1]]) in (
+        sorted([REPLAYED, BEING_REPLAYED]),
+        sorted([REPLAYED, ALREADY_REPLAYED]),
+    ), (mine, sink.other)
+    rows = ledger.replayed(kafka.dead_letter_topic, coords)
+    assert [rows[c].replays for c in coords] == [1, 1]
+    assert len(_message_topic_records(kafka, 2)) == 2  # one per letter, not two
