@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from sealstream.adapters.kafka import Delivery, Headers, StoredLetter
+from sealstream.adapters.kafka import Delivery, Headers, RecordRefused, StoredLetter
 from sealstream.adapters.postgres import ReplayClaim, ReplayDone, ReplayRow
 
 DLQ_PREFIX = "dlq."
@@ -239,7 +239,7 @@ REPLAYED = "replayed"
 WOULD_REPLAY = "would_replay"  # --dry-run
 ALREADY_REPLAYED = "already_replayed"  # skipped: replayed before, not forced
 BEING_REPLAYED = "being_replayed"  # skipped: another replay (process) holds it now
-REFUSED = "refused"  # cannot be replayed (no value, not from the message topic, no key)
+REFUSED = "refused"  # cannot be replayed (no value, not from the message topic, no key, too large)
 NOT_FOUND = "not_found"  # no letter at these coordinates (never written, or expired)
 
 
@@ -311,7 +311,8 @@ def replay(
     A letter already in the ledger is skipped unless `force`; one another replay (another
     process) is publishing now is skipped (`being_replayed`): each letter is claimed in the
     ledger before it is published; one without a value, not from
-    the message topic, or without a key is refused; `dry_run` reads and checks, publishes
+    the message topic, without a key, or that the message topic refuses for good (too large for
+    it now) is refused, and the others go on; `dry_run` reads and checks, publishes
     nothing. Letters of the same record (both stages refused it: same origin, key, value and
     headers) publish it once: both stages read the message topic, and a record still refused
     would otherwise come back as twice as many letters at every replay; each letter is
@@ -398,6 +399,10 @@ def _replay_one(
             [delivery] = sink.publish(
                 messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
             )
+    except RecordRefused as exc:  # this record only (too large for the topic now): the rest go on
+        ledger.release(claim)
+        why = f"the message topic refused the record for good ({exc.code}): check its limits"
+        return ReplayResult(partition, offset, REFUSED, f"cannot be replayed: {why}", info)
     except BaseException:
         ledger.release(claim)
         raise

@@ -442,3 +442,62 @@ def test_two_operators_replaying_the_same_letter_at_once_publish_it_once(
     rows = ledger.replayed(kafka.dead_letter_topic, coords)
     assert [rows[c].replays for c in coords] == [1, 1]
     assert len(_message_topic_records(kafka, 2)) == 2  # one per letter, not two
+
+
+def test_a_letter_the_message_topic_refuses_is_reported_and_the_rest_replayed(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """A letter whose record the message topic refuses for good (larger than it takes now: its
+    limit was lowered, or the letter came from a topic with a higher one). Before: Kafka's
+    refusal ended the whole replay (the CLI with a traceback, the API with a 500) and the
+    letters after it were never tried."""
+    from confluent_kafka.admin import AdminClient
+
+    from tests.e2e.test_pipeline import _set_topic_config
+
+    kafka = kafka_topic_factory("dlq-too-large")
+    chat = str(uuid.uuid4())
+    big = _publish_letter(
+        kafka,
+        chat.encode(),
+        os.urandom(20_000),  # incompressible: over the message topic's 4 KiB below
+        [],
+        DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 1),
+    )
+    small = _publish_letter(
+        kafka,
+        chat.encode(),
+        SECRET,
+        [],
+        DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 2),
+    )
+    _set_topic_config(
+        AdminClient({"bootstrap.servers": kafka.bootstrap}),
+        kafka.messages_topic,
+        "max.message.bytes",
+        "4096",
+    )
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-too-large")
+    ledger = DeadLetterReplays(database)  # type: ignore[arg-type]
+    try:
+        report = replay(
+            reader,
+            publisher,
+            ledger,
+            [big, small],
+            messages_topic=kafka.messages_topic,
+            actor="cli:test",
+        )
+        # Again: the refused letter is not held by a claim left behind.
+        again = replay(
+            reader, publisher, ledger, [big], messages_topic=kafka.messages_topic, actor="cli:t"
+        )
+    finally:
+        publisher.close()
+        reader.close()
+    outcomes = [(r.outcome, r.detail) for r in report.results]
+    assert [o for o, _ in outcomes] == [REFUSED, REPLAYED], outcomes
+    assert "MSG_SIZE_TOO_LARGE" in outcomes[0][1] and "zqsecretx" not in outcomes[0][1]
+    assert [r.outcome for r in again.results] == [REFUSED]
+    assert list(ledger.replayed(kafka.dead_letter_topic, [big, small])) == [small]
