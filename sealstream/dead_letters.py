@@ -5,7 +5,8 @@ value, its own headers) plus `dlq.*` headers saying which stage refused it, why,
 read from. This module only ever describes a letter by its metadata: coordinates, time, stage,
 reason, origin, record key when it is a chat id, value size and the names of the other headers.
 A value is opaque (a sealed blob, or an old plaintext record): it is never returned, printed or
-logged; `replay` hands it back to Kafka as it is.
+logged; `replay` hands it back to Kafka as it is. Every string shown is `printable` (no control
+character of a producer's reaches a terminal).
 
 Replay republishes key + value + the record's own headers (those not starting with `dlq.`) to
 the message topic, plus `sealstream.replayed_from` = "partition:offset" of the letter. It is
@@ -115,8 +116,20 @@ class DeadLetterInfo:
         return None
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (escape sequences, BEL, CR, bidi
+    overrides) written as `\\xNN` / `\\uNNNN`: what a letter says goes to an operator's
+    terminal, and header names are a producer's choice (an ESC could retitle the terminal,
+    clear it or overwrite a line)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def _text(value: bytes | None, limit: int = 1000) -> str:
-    return (value or b"")[:limit].decode("utf-8", "replace")
+    return printable((value or b"")[:limit].decode("utf-8", "replace"))
 
 
 def _int(value: bytes | None) -> int | None:
@@ -163,7 +176,7 @@ def split_headers(
 def describe(letter: StoredLetter) -> DeadLetterInfo:
     """The metadata of a letter (its value is measured, never kept)."""
     own_headers, dlq = split_headers(letter)
-    own = tuple(dict.fromkeys(k[:MAX_HEADER_NAME] for k, _ in own_headers))
+    own = tuple(dict.fromkeys(printable(k[:MAX_HEADER_NAME]) for k, _ in own_headers))
     omitted = dlq.get("dlq.value")
     return DeadLetterInfo(
         partition=letter.partition,

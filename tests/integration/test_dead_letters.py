@@ -501,3 +501,33 @@ def test_a_letter_the_message_topic_refuses_is_reported_and_the_rest_replayed(
     assert "MSG_SIZE_TOO_LARGE" in outcomes[0][1] and "zqsecretx" not in outcomes[0][1]
     assert [r.outcome for r in again.results] == [REFUSED]
     assert list(ledger.replayed(kafka.dead_letter_topic, [big, small])) == [small]
+
+
+def test_control_characters_a_producer_put_in_a_header_name_never_reach_the_terminal(
+    kafka_topic_factory: KafkaTopics, settings: Settings, database: Any
+) -> None:
+    """Header names are the producer's choice and `dlq show` prints them: an escape sequence in
+    one (set the terminal's title, clear the screen, move the cursor to overwrite "replayable:
+    no") went to the operator's terminal as it was. Before: the ESC byte was printed."""
+    kafka = kafka_topic_factory("dlq-escape")
+    chat = str(uuid.uuid4())
+    evil = "x\x1b]0;zqtitle\x07\x1b[2J\x1b[1A\u202e\rend"
+    coords = _publish_letter(
+        kafka,
+        chat.encode(),
+        SECRET,
+        [(evil, b"v"), ("trace", b"zqtracex")],
+        DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 1),
+    )
+    reader = DeadLetterReader(kafka)
+    try:
+        info = show(reader, *coords)
+    finally:
+        reader.close()
+    assert info is not None
+    assert all(name.isprintable() for name in info.headers), info.headers
+    out = _cli(settings, kafka, "show", f"{coords[0]}:{coords[1]}")
+    assert out.returncode == 0, out.stderr
+    for control in ("\x1b", "\x07", "\u202e", "\r"):
+        assert control not in out.stdout, repr(out.stdout)
+    assert "trace" in out.stdout
