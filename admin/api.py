@@ -330,7 +330,7 @@ class ReplayResultOut(BaseModel):
     outcome: str = Field(
         description="replayed | would_replay (dry run) | already_replayed (skipped; force to "
         "replay again) | being_replayed (skipped: another replay holds it now) | refused (no "
-        "value, not from the message topic, no key, or too large for it) | not_found"
+        "value, not from the message topic, key not a chat id, or too large for it) | not_found"
     )
     detail: str
     replayed_to_partition: int | None

@@ -113,6 +113,11 @@ class DeadLetterInfo:
             return f"its origin topic {self.origin_topic!r} is not the message topic"
         if self.key_bytes == 0:
             return "the record has no key (chat id): the workers would refuse it again"
+        if self.chat_id is None:
+            return (
+                f"the record key is not a chat id ({self.key_bytes} bytes): the workers would "
+                "refuse it again"
+            )
         return None
 
 
@@ -140,12 +145,14 @@ def _int(value: bytes | None) -> int | None:
 
 
 def _chat_id(key: bytes | None) -> str | None:
-    """The key if it is a chat id. Any other key is never shown: a direct producer may have put
-    anything there, text included."""
-    if not key or len(key) > 64:
+    """The key if it is a chat id as the workers take it (`str(chat_id)`: lower case, hyphens;
+    another spelling is refused by them). Any other key is never shown: a direct producer may
+    have put anything there, text included."""
+    if not key or len(key) != 36:
         return None
     try:
-        return str(uuid.UUID(key.decode("ascii")))
+        text = key.decode("ascii")
+        return text if str(uuid.UUID(text)) == text else None
     except (UnicodeDecodeError, ValueError):
         return None
 
@@ -252,7 +259,7 @@ REPLAYED = "replayed"
 WOULD_REPLAY = "would_replay"  # --dry-run
 ALREADY_REPLAYED = "already_replayed"  # skipped: replayed before, not forced
 BEING_REPLAYED = "being_replayed"  # skipped: another replay (process) holds it now
-REFUSED = "refused"  # cannot be replayed (no value, not from the message topic, no key, too large)
+REFUSED = "refused"  # cannot be replayed (no value, not from the message topic, key not a chat id, too large)
 NOT_FOUND = "not_found"  # no letter at these coordinates (never written, or expired)
 
 

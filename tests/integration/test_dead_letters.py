@@ -531,3 +531,45 @@ def test_control_characters_a_producer_put_in_a_header_name_never_reach_the_term
     for control in ("\x1b", "\x07", "\u202e", "\r"):
         assert control not in out.stdout, repr(out.stdout)
     assert "trace" in out.stdout
+
+
+def test_a_letter_whose_key_is_no_chat_id_is_not_replayable(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """The workers refuse a record whose key is not its chat id as written (`str(chat_id)`);
+    before, any non-empty key passed as replayable ("yes" in `dlq show`), and a replay only
+    made new letters. A chat id in another spelling (capitals, braces, `urn:uuid:`) is not the
+    key the workers accept either."""
+    kafka = kafka_topic_factory("dlq-odd-key")
+    chat = uuid.uuid4()
+    keys = [b"zq-not-a-chat", str(chat).upper().encode(), f"urn:uuid:{chat}".encode()]
+    coords = [
+        _publish_letter(
+            kafka,
+            key,
+            SECRET,
+            [],
+            DeadLetter(
+                "encryptor", "record key does not match chat_id", kafka.messages_topic, 0, i
+            ),
+        )
+        for i, key in enumerate(keys)
+    ]
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-odd-key")
+    try:
+        infos = [show(reader, *c) for c in coords]
+        assert all(i is not None and i.chat_id is None for i in infos), infos
+        report = replay(
+            reader,
+            publisher,
+            DeadLetterReplays(database),  # type: ignore[arg-type]
+            coords,
+            messages_topic=kafka.messages_topic,
+            actor="cli:test",
+        )
+    finally:
+        publisher.close()
+        reader.close()
+    assert [r.outcome for r in report.results] == [REFUSED] * 3, report.results
+    assert all("not a chat id" in r.detail and "zq" not in r.detail for r in report.results)
