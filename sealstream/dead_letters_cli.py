@@ -224,8 +224,9 @@ def dlq_replay(
     )
 
     filtered = any(v is not None for v in (reason, stage, since, until, topic, chat))
-    if coordinates and filtered:
-        console.print("[red]give coordinates or filters, not both[/red]")
+    if coordinates and (filtered or all_letters):
+        # As the admin API: coordinates with --all would otherwise silently replay fewer.
+        console.print("[red]give coordinates, or filters / --all, not both[/red]")
         raise typer.Exit(2)
     if not coordinates and not filtered and not all_letters:
         console.print("[red]give coordinates (partition:offset), a filter, or --all[/red]")

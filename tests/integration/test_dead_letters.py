@@ -370,6 +370,7 @@ def test_cli_filters_are_checked_like_the_apis_and_a_chat_id_matches_in_any_case
         (("list", "--since", "1000000d"), "--since"),
         (("list", "--until", "99999999999d"), "--until"),
         (("show", "\u00b2:1"), "partition:offset"),
+        (("replay", "0:0", "--all", "--yes"), "--all"),
     ]:
         out = _cli(settings, kafka, *args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
