@@ -22,21 +22,18 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable, Generator, Sequence
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from sealstream.adapters.kafka import Delivery, Headers, RecordRefused, StoredLetter
-from sealstream.adapters.postgres import ReplayClaim, ReplayDone, ReplayRow
+from sealstream.adapters.postgres import ReplayDone, ReplayRow
 
 DLQ_PREFIX = "dlq."
 REPLAYED_FROM = "sealstream.replayed_from"
 MAX_HEADER_NAME = 64  # header names are shown; a longer one is cut (a producer chose it)
 MAX_LIST = 1000  # letters per list or replay call at most (the admin API's limit too)
-# A replay's claim on a letter older than this is its dead holder's (a publish waits 30 s at
-# most): another replay takes it over.
-CLAIM_STALE_SECONDS = 300.0
 
 
 class LetterSource(Protocol):
@@ -69,12 +66,10 @@ class ReplayLedger(Protocol):
     ) -> dict[tuple[int, int], ReplayRow]: ...
 
     def claim(
-        self, dlq_topic: str, partition: int, offset: int, actor: str, stale_seconds: float
-    ) -> uuid.UUID | ReplayClaim: ...
+        self, dlq_topic: str, partition: int, offset: int
+    ) -> AbstractContextManager[bool]: ...
 
-    def release(self, claim: uuid.UUID) -> None: ...
-
-    def record(self, done: ReplayDone, actor: str, claim: uuid.UUID | None = None) -> int: ...
+    def record(self, done: ReplayDone, actor: str) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -330,7 +325,7 @@ def replay(
 
     A letter already in the ledger is skipped unless `force`; one another replay (another
     process) is publishing now is skipped (`being_replayed`): each letter is claimed in the
-    ledger before it is published; one without a value, not from
+    ledger while it is published and recorded; one without a value, not from
     the message topic, without a key, or that the message topic refuses for good (too large for
     it now) is refused, and the others go on; `dry_run` reads and checks, publishes
     nothing. Letters of the same record (both stages refused it: same origin, key, value and
@@ -396,51 +391,49 @@ def _replay_one(
         )
         sent.setdefault(digest, result)
         return result
-    # Claimed in Postgres before publishing: another process replaying it now skips it.
-    claim = ledger.claim(source.topic, partition, offset, actor, CLAIM_STALE_SECONDS)
-    if isinstance(claim, ReplayClaim):
-        return ReplayResult(
-            partition,
-            offset,
-            BEING_REPLAYED,
-            f"being replayed by {claim.claimed_by} since "
-            f"{claim.claimed_at.isoformat(timespec='seconds')} (see `dlq show` when it is done)",
-            info,
-        )
-    try:
+    # Claimed in Postgres while it is published and recorded: another process replaying it
+    # now skips it (the claim ends with this block, or with this process).
+    with ledger.claim(source.topic, partition, offset) as held:
+        if not held:
+            return ReplayResult(
+                partition,
+                offset,
+                BEING_REPLAYED,
+                "another replay is publishing it now (see `dlq show` when it is done)",
+                info,
+            )
         # Read again under the claim: another replay may have recorded it since we began.
         now = ledger.replayed(source.topic, [(partition, offset)]).get((partition, offset))
         if now is not None and not force:
-            ledger.release(claim)
             return _already(partition, offset, now, info)
         if twin is not None and twin.replayed_to is not None:
             delivery = Delivery(messages_topic, *twin.replayed_to)
         else:
-            [delivery] = sink.publish(
-                messages_topic, [(letter.key or b"", letter.value)], headers=replay_headers(letter)
-            )
-    except RecordRefused as exc:  # this record only (too large for the topic now): the rest go on
-        ledger.release(claim)
-        why = f"the message topic refused the record for good ({exc.code}): check its limits"
-        return ReplayResult(partition, offset, REFUSED, f"cannot be replayed: {why}", info)
-    except BaseException:
-        ledger.release(claim)
-        raise
-    times = ledger.record(
-        ReplayDone(
-            dlq_topic=source.topic,
-            dlq_partition=partition,
-            dlq_offset=offset,
-            origin_topic=info.origin_topic,
-            origin_partition=info.origin_partition if info.origin_partition is not None else -1,
-            origin_offset=info.origin_offset if info.origin_offset is not None else -1,
-            replayed_partition=delivery.partition,
-            replayed_offset=delivery.offset,
-            chat_id=uuid.UUID(info.chat_id) if info.chat_id else None,
-        ),
-        actor,
-        claim,
-    )
+            try:
+                [delivery] = sink.publish(
+                    messages_topic,
+                    [(letter.key or b"", letter.value)],
+                    headers=replay_headers(letter),
+                )
+            except RecordRefused as exc:  # this record only (too large for the topic now)
+                why = (
+                    f"the message topic refused the record for good ({exc.code}): check its limits"
+                )
+                return ReplayResult(partition, offset, REFUSED, f"cannot be replayed: {why}", info)
+        times = ledger.record(
+            ReplayDone(
+                dlq_topic=source.topic,
+                dlq_partition=partition,
+                dlq_offset=offset,
+                origin_topic=info.origin_topic,
+                origin_partition=info.origin_partition if info.origin_partition is not None else -1,
+                origin_offset=info.origin_offset if info.origin_offset is not None else -1,
+                replayed_partition=delivery.partition,
+                replayed_offset=delivery.offset,
+                chat_id=uuid.UUID(info.chat_id) if info.chat_id else None,
+            ),
+            actor,
+        )
     result = ReplayResult(
         partition,
         offset,

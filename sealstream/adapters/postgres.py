@@ -1236,14 +1236,6 @@ class ReplayRow:
 
 
 @dataclass(frozen=True)
-class ReplayClaim:
-    """Another replay holds this letter now (DeadLetterReplays.claim)."""
-
-    claimed_by: str
-    claimed_at: datetime
-
-
-@dataclass(frozen=True)
 class ReplayDone:
     """A replay the broker acknowledged, to record (coordinates only: never a value)."""
 
@@ -1287,46 +1279,27 @@ class DeadLetterReplays:
             for r in rows
         }
 
-    def claim(
-        self, dlq_topic: str, partition: int, offset: int, actor: str, stale_seconds: float
-    ) -> uuid.UUID | ReplayClaim:
-        """Claim a letter before publishing it: a token (give it to `record` or `release`), or
-        the claim another replay holds. A claim older than `stale_seconds` (its holder died
-        mid-replay) is taken over."""
-        token = uuid.uuid4()
-        with self.db.transaction() as conn:
-            taken = conn.execute(
-                "INSERT INTO dead_letter_replay_claims"
-                " (dlq_topic, dlq_partition, dlq_offset, claim, claimed_by)"
-                " VALUES (%s, %s, %s, %s, %s)"
-                " ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET"
-                " claim = EXCLUDED.claim, claimed_by = EXCLUDED.claimed_by, claimed_at = now()"
-                " WHERE dead_letter_replay_claims.claimed_at"
-                " < now() - make_interval(secs => %s)"
-                " RETURNING claim",
-                (dlq_topic, partition, offset, token, actor, stale_seconds),
+    @contextmanager
+    def claim(self, dlq_topic: str, partition: int, offset: int) -> Iterator[bool]:
+        """Hold a letter for a replay while the block runs: True if held, False if another
+        replay (another process) holds it now. A Postgres session advisory lock, released when
+        the block ends, or by the server when this process or its connection dies: no claim
+        outlives its holder."""
+        key = f"dead-letter-replay/{self.db.settings.schema_name}/{dlq_topic}/{partition}:{offset}"
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS held", (key,)
             ).fetchone()
-            if taken is not None:
-                return token
-            holder = conn.execute(
-                "SELECT claimed_by, claimed_at FROM dead_letter_replay_claims"
-                " WHERE dlq_topic = %s AND dlq_partition = %s AND dlq_offset = %s",
-                (dlq_topic, partition, offset),
-            ).fetchone()
-        assert holder is not None  # a claim is removed only by its holder, which is not us
-        return ReplayClaim(holder["claimed_by"], holder["claimed_at"])
+            held = bool(row and row["held"])
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
-    def release(self, claim: uuid.UUID) -> None:
-        """Give a claim up without a replay (the publish failed)."""
+    def record(self, done: ReplayDone, actor: str) -> int:
+        """Record an acknowledged replay and audit it; returns how many times it was replayed."""
         with self.db.transaction() as conn:
-            conn.execute("DELETE FROM dead_letter_replay_claims WHERE claim = %s", (claim,))
-
-    def record(self, done: ReplayDone, actor: str, claim: uuid.UUID | None = None) -> int:
-        """Record an acknowledged replay and audit it, removing its `claim` in the same
-        transaction; returns how many times it was replayed."""
-        with self.db.transaction() as conn:
-            if claim is not None:
-                conn.execute("DELETE FROM dead_letter_replay_claims WHERE claim = %s", (claim,))
             row = conn.execute(
                 "INSERT INTO dead_letter_replays (dlq_topic, dlq_partition, dlq_offset,"
                 " origin_topic, origin_partition, origin_offset, replayed_partition,"

@@ -574,3 +574,58 @@ def test_a_letter_whose_key_is_no_chat_id_is_not_replayable(
         reader.close()
     assert [r.outcome for r in report.results] == [REFUSED] * 3, report.results
     assert all("not a chat id" in r.detail and "zq" not in r.detail for r in report.results)
+
+
+_HOLDER = """
+import sys, time
+from sealstream.adapters.postgres import Database, DeadLetterReplays
+from sealstream.settings import Settings
+db = Database(Settings().postgres)
+db.open()
+with DeadLetterReplays(db).claim(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])) as held:
+    print("held" if held else "refused", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_replay_killed_mid_letter_leaves_no_claim_behind(
+    kafka_topic_factory: KafkaTopics, settings: Settings, database: Any
+) -> None:
+    """A replay process SIGKILLed while it holds a letter: meanwhile the letter is
+    `being_replayed` to others; once it is dead the next replay publishes it (the claim is the
+    holder's Postgres session, not a row left behind)."""
+    kafka = kafka_topic_factory("dlq-killed")
+    chat = str(uuid.uuid4())
+    coords = _write_letters(kafka, chat)[0]
+    env = {**os.environ, **settings_env(settings)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, kafka.dead_letter_topic, *map(str, coords)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    reader = DeadLetterReader(kafka)
+    publisher = Publisher(kafka, client_id="test-dlq-killed")
+    ledger = DeadLetterReplays(database)  # type: ignore[arg-type]
+
+    def outcome() -> str:
+        report = replay(
+            reader, publisher, ledger, [coords], messages_topic=kafka.messages_topic, actor="t"
+        )
+        return report.results[0].outcome
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert outcome() == BEING_REPLAYED
+        holder.kill()
+        holder.wait(30)
+        # The server ends the dead client's session as soon as it reads the closed socket.
+        deadline = datetime.now(UTC) + timedelta(seconds=30)
+        result = outcome()
+        while result == BEING_REPLAYED and datetime.now(UTC) < deadline:
+            result = outcome()
+        assert result == REPLAYED
+    finally:
+        holder.kill()
+        publisher.close()
+        reader.close()

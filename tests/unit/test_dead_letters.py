@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Generator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from sealstream.adapters.kafka import Delivery, Headers, StoredLetter
-from sealstream.adapters.postgres import ReplayClaim, ReplayDone, ReplayRow
+from sealstream.adapters.postgres import ReplayDone, ReplayRow
 from sealstream.dead_letters import (
     ALREADY_REPLAYED,
     NOT_FOUND,
@@ -99,15 +100,10 @@ class FakeLedger:
     ) -> dict[tuple[int, int], ReplayRow]:
         return {c: self.rows[c] for c in coordinates if c in self.rows}
 
-    def claim(
-        self, dlq_topic: str, partition: int, offset: int, actor: str, stale_seconds: float
-    ) -> uuid.UUID | ReplayClaim:
-        return uuid.uuid4()
+    def claim(self, dlq_topic: str, partition: int, offset: int) -> AbstractContextManager[bool]:
+        return nullcontext(True)
 
-    def release(self, claim: uuid.UUID) -> None:
-        pass
-
-    def record(self, done: ReplayDone, actor: str, claim: uuid.UUID | None = None) -> int:
+    def record(self, done: ReplayDone, actor: str) -> int:
         key = (done.dlq_partition, done.dlq_offset)
         times = self.rows[key].replays + 1 if key in self.rows else 1
         self.rows[key] = ReplayRow(
