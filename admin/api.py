@@ -285,7 +285,10 @@ class DeadLetterOut(BaseModel):
     value_omitted: str | None = Field(
         description="Why the letter carries no value (the dead-letter topic refused it)"
     )
-    headers: list[str] = Field(description="Names of the record's own headers (not `dlq.*`)")
+    headers: list[str] = Field(
+        description="Names of the record's own headers (not `dlq.*`), the first 32 distinct"
+    )
+    header_count: int = Field(description="How many own headers the record has")
     replayable: bool
     not_replayable_because: str | None
     replayed: ReplayedOut | None = Field(description="Its replays so far; null: never replayed")

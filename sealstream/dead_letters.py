@@ -33,6 +33,7 @@ from sealstream.adapters.postgres import ReplayDone, ReplayRow
 DLQ_PREFIX = "dlq."
 REPLAYED_FROM = "sealstream.replayed_from"
 MAX_HEADER_NAME = 64  # header names are shown; a longer one is cut (a producer chose it)
+MAX_HEADERS_SHOWN = 32  # names of the first 32 distinct headers at most (a producer chose them)
 MAX_LIST = 1000  # letters per list or replay call at most (the admin API's limit too)
 
 
@@ -88,7 +89,8 @@ class DeadLetterInfo:
     key_bytes: int  # size of the record key (0: none)
     value_bytes: int | None  # size of the value; None: the letter carries none
     value_omitted: str | None  # the `dlq.value` header: why the value was left out
-    headers: tuple[str, ...]  # names of the record's own headers (not `dlq.*`)
+    headers: tuple[str, ...]  # names of the record's own headers, the first MAX_HEADERS_SHOWN
+    header_count: int  # how many own headers the record has (names shown: at most 32 of them)
 
     @property
     def coordinates(self) -> tuple[int, int]:
@@ -178,7 +180,12 @@ def split_headers(
 def describe(letter: StoredLetter) -> DeadLetterInfo:
     """The metadata of a letter (its value is measured, never kept)."""
     own_headers, dlq = split_headers(letter)
-    own = tuple(dict.fromkeys(printable(k[:MAX_HEADER_NAME]) for k, _ in own_headers))
+    names: dict[str, None] = {}
+    for k, _ in own_headers:  # a producer chose how many: never more than a few names shown
+        if len(names) == MAX_HEADERS_SHOWN:
+            break
+        names.setdefault(printable(k[:MAX_HEADER_NAME]))
+    own = tuple(names)
     omitted = dlq.get("dlq.value")
     return DeadLetterInfo(
         partition=letter.partition,
@@ -194,6 +201,7 @@ def describe(letter: StoredLetter) -> DeadLetterInfo:
         value_bytes=None if letter.value is None else len(letter.value),
         value_omitted=None if omitted is None else _text(omitted, 200),
         headers=own,
+        header_count=len(own_headers),
     )
 
 

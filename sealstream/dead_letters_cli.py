@@ -174,7 +174,11 @@ def dlq_show(
             if info.value_bytes is None
             else f"{info.value_bytes} bytes",
         ),
-        ("other headers (names)", ", ".join(info.headers) or "-"),
+        (
+            "other headers (names)",
+            (", ".join(info.headers) or "-")
+            + (f" (of {info.header_count})" if info.header_count > len(info.headers) else ""),
+        ),
         ("replayable", "yes" if why_not is None else f"no: {why_not}"),
         (
             "replayed",

@@ -26,6 +26,7 @@ from sealstream.adapters.postgres import ChatKeyRepository, DeadLetterReplays
 from sealstream.dead_letters import (
     ALREADY_REPLAYED,
     BEING_REPLAYED,
+    MAX_HEADERS_SHOWN,
     NOT_FOUND,
     REFUSED,
     REPLAYED,
@@ -629,3 +630,29 @@ def test_a_replay_killed_mid_letter_leaves_no_claim_behind(
         holder.kill()
         publisher.close()
         reader.close()
+
+
+def test_a_letter_with_thousands_of_headers_is_described_in_a_few_names(
+    kafka_topic_factory: KafkaTopics, database: Any
+) -> None:
+    """Header names are listed, and a producer chooses how many: a 1 MB record of tiny headers
+    carries tens of thousands. Before, every distinct name went into the answer: a list of
+    1,000 such letters was a response of up to a gigabyte, for the API and the CLI alike."""
+    kafka = kafka_topic_factory("dlq-many-headers")
+    chat = str(uuid.uuid4())
+    own = [(f"h{i:05d}", b"") for i in range(5000)]
+    coords = _publish_letter(
+        kafka,
+        chat.encode(),
+        SECRET,
+        own,
+        DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 1),
+    )
+    reader = DeadLetterReader(kafka)
+    try:
+        info = show(reader, *coords)
+    finally:
+        reader.close()
+    assert info is not None
+    assert info.header_count == 5000
+    assert info.headers == tuple(f"h{i:05d}" for i in range(MAX_HEADERS_SHOWN))
