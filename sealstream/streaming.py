@@ -165,6 +165,14 @@ def run_until_done(
     raise Stopped()
 
 
+MAX_LETTER_KEY = 1024
+"""Longest record key a dead letter keeps once its value and headers had to be left out (a
+chat id is 36 bytes)."""
+
+MAX_SEAL_HEADER = 64
+"""Longest `sealstream.*` header value such a letter keeps (a key id: 1..64 characters)."""
+
+
 class DeadLetterWriter:
     """Publishes dead letters: the record as it came (key, value still sealed, its own
     headers) followed by the `dlq.*` headers.
@@ -234,19 +242,53 @@ class DeadLetterWriter:
                         self.topic, [(r.key or b"", r.original_value)], headers=headers
                     )
                 except RecordRefused as exc:
-                    log.warning(
-                        "dead letter published without its value",
-                        extra={"stage": letter.stage, "offset": letter.offset, "error": exc.code},
-                    )
-                    omitted = f"omitted: the dead-letter topic refused it ({exc.code})"
-                    self.publisher.publish(
-                        self.topic,
-                        [(r.key or b"", None)],
-                        headers=[*headers, ("dlq.value", omitted.encode())],
-                    )
+                    self._publish_without_value(r, letter, headers, exc.code)
             return sent
 
         return publish
+
+    def _publish_without_value(
+        self, r: RawRecord, letter: DeadLetter, headers: Headers, code: str
+    ) -> None:
+        """The letter without its value; if the topic refuses that too (the record's own key
+        or headers fill the record limit: anyone who may write the message topic can send
+        one), without the record's own headers and with its key only if short, so that one
+        record can never hold a stage in a retry loop. The `dlq.*` headers are always kept."""
+        log.warning(
+            "dead letter published without its value",
+            extra={"stage": letter.stage, "offset": letter.offset, "error": code},
+        )
+        omitted = f"omitted: the dead-letter topic refused it ({code})"
+        try:
+            self.publisher.publish(
+                self.topic,
+                [(r.key or b"", None)],
+                headers=[*headers, ("dlq.value", omitted.encode())],
+            )
+            return
+        except RecordRefused:
+            pass
+        log.warning(
+            "dead letter published without its value, key and headers",
+            extra={"stage": letter.stage, "offset": letter.offset, "error": code},
+        )
+        key = r.key or b""
+        # Its seal headers are kept when they are of a seal's size (a key id is at most 64
+        # characters, an event id 19 digits); every other header of its own is left out.
+        seal_headers = [
+            (name, value)
+            for name, value in r.headers
+            if name.startswith("sealstream.") and len(value or b"") <= MAX_SEAL_HEADER
+        ]
+        stripped = (
+            f"{omitted}; so were the record's own headers (but its seal's) and a key over "
+            f"{MAX_LETTER_KEY} bytes"
+        )
+        self.publisher.publish(
+            self.topic,
+            [(key if len(key) <= MAX_LETTER_KEY else b"", None)],
+            headers=[*seal_headers, *dead_letter_headers(letter), ("dlq.value", stripped.encode())],
+        )
 
 
 Partition = tuple[str, int]
