@@ -406,7 +406,7 @@ class RecordOpener:
 def _topic_keys(settings: Settings, database: Database, kms_deadline: float | None) -> TopicKeys:
     from sealstream.adapters.postgres import TopicKeyRepository
     from sealstream.adapters.vault import TransitKms
-    from sealstream.keys.topic_keys import TopicKeys
+    from sealstream.keys.topic_keys import TopicKeys, max_clock_skew_for
 
     kms = (
         TransitKms(settings.vault)
@@ -419,6 +419,7 @@ def _topic_keys(settings: Settings, database: Database, kms_deadline: float | No
         kms_key_name=settings.vault.default_key,
         rotation_seconds=settings.kafka.topic_key_rotation_seconds,
         cache_seconds=settings.kafka.topic_key_cache_seconds,
+        max_clock_skew_seconds=max_clock_skew_for(settings.kafka),
     )
 
 

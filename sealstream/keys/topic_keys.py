@@ -35,11 +35,27 @@ from sealstream.keys.ports import Kms
 from sealstream.record_seal import HEADER_KEY_ID, TopicKey
 from sealstream.settings import KafkaSettings
 
-__all__ = ["TopicKeys", "destroy_topic_keys", "topic_key_context", "topic_key_cutoff"]
+__all__ = [
+    "TopicKeys",
+    "destroy_topic_keys",
+    "max_clock_skew_for",
+    "topic_key_context",
+    "topic_key_cutoff",
+]
 
 log = logging.getLogger(__name__)
 
 _CONTEXT_LABEL = b"sealstream/topic-key/v1:"
+
+DEFAULT_MAX_CLOCK_SKEW_SECONDS = 420.0
+"""Half the default destruction grace (15 min), which covers producers' clock skew and the
+broker's retention check and delete delays (`max_clock_skew_for` derives it from settings)."""
+
+
+def max_clock_skew_for(kafka: KafkaSettings) -> float:
+    """How far a producer's clock may be from the database's (seconds): half of
+    `topic_key_destroy_grace_ms`, at least 5 s."""
+    return max(kafka.topic_key_destroy_grace_ms / 2000, 5.0)
 
 
 def topic_key_context(topic: str, key_id: str) -> bytes:
@@ -53,7 +69,11 @@ class TopicKeys:
     """The `TopicKeySource` of `sealstream.record_seal` on Postgres + the KMS.
 
     `clock`: Unix seconds (wall clock: producers on different hosts must agree on the slot,
-    which a monotonic clock would not give)."""
+    which a monotonic clock would not give). `max_clock_skew_seconds`: how far `clock` may be
+    from the database's (whose clock `destroy_topic_keys` runs on) when a slot's key is loaded;
+    further off, `current` raises the retriable `StoreUnavailable` instead of sealing under a
+    key that would be destroyed while records it sealed are still read (a clock behind), or
+    kept past its records (ahead). None: no check (tests of far slots only)."""
 
     def __init__(
         self,
@@ -64,9 +84,11 @@ class TopicKeys:
         cache_seconds: float,
         clock: Callable[[], float] = time.time,
         max_entries: int = 10_000,
+        max_clock_skew_seconds: float | None = DEFAULT_MAX_CLOCK_SKEW_SECONDS,
     ) -> None:
         if rotation_seconds < 1:
             raise ValueError("rotation_seconds must be at least 1")
+        self.max_clock_skew_seconds = max_clock_skew_seconds
         self.repo = repo
         self.kms = kms
         self.kms_key_name = kms_key_name
@@ -88,7 +110,25 @@ class TopicKeys:
         key, _ = self._current.get_or_load((topic, start), lambda: self._load_slot(topic, start))
         return key
 
+    def _check_clock(self) -> None:
+        """StoreUnavailable when this process's clock is further from the database's than
+        `max_clock_skew_seconds` (one Postgres round trip, once per slot's key loaded)."""
+        if self.max_clock_skew_seconds is None:
+            return
+        skew = self._clock() - self.repo.db_now().timestamp()
+        if abs(skew) > self.max_clock_skew_seconds:
+            log.error(
+                "clock too far from the database's: not sealing",
+                extra={"skew_seconds": round(skew, 1), "max": self.max_clock_skew_seconds},
+            )
+            raise StoreUnavailable(
+                f"this host's clock is {skew:+.0f} s off the database's (more than "
+                f"{self.max_clock_skew_seconds:.0f} s): its topic key slot would be wrong, so "
+                "nothing is sealed until its time is synchronised"
+            )
+
     def _load_slot(self, topic: str, start_ms: int) -> TopicKey:
+        self._check_clock()
         valid_from = datetime.fromtimestamp(start_ms / 1000, UTC)
         row = self.repo.for_slot(topic, valid_from)
         if row is None:

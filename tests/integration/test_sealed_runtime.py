@@ -119,6 +119,7 @@ def test_a_record_under_a_destroyed_key_is_dead_lettered_with_the_reason(
             rotation_seconds=3600,
             cache_seconds=300,
             clock=clock,
+            max_clock_skew_seconds=None,  # a slot of 2001 on purpose
         )
 
     # Sealed under the key of a slot that ended in 2001 (a record long past retention, found

@@ -3,6 +3,7 @@ by key id, and a destroyed key leaves its records unopenable with Postgres and t
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,8 @@ def topic_keys(database: Database, kms: TransitKms, settings: Settings) -> Any:
     kms.ensure_key(settings.vault.default_key)
 
     def make(rotation_seconds: int = 3600, clock: Any = None) -> TopicKeys:
-        extra = {} if clock is None else {"clock": clock}
+        # A far clock (a slot of 2001) on purpose: no skew check against the database.
+        extra = {} if clock is None else {"clock": clock, "max_clock_skew_seconds": None}
         return TopicKeys(
             TopicKeyRepository(database),
             kms,
@@ -106,3 +108,47 @@ def test_postgres_down_is_retriable_not_a_refusal(
     headers = [(HEADER_KEY_ID, b"k1"), ("sealstream.event_id", b"1")]
     with pytest.raises(StoreUnavailable):
         RecordOpener(keys).open(f"t.{run_id}.down", CHAT, headers, b"\x01" + b"\x00" * 40)
+
+
+def test_a_producer_whose_clock_is_far_off_never_seals_under_a_key_soon_destroyed(
+    database: Database, kms: TransitKms, settings: Settings, run_id: str
+) -> None:
+    """A gateway whose clock is two days behind (a VM restored from a snapshot, NTP down) made
+    the key of a slot two days old and sealed with it: the next hourly `destroy-topic-keys`
+    (on the database's clock) destroyed that key while the records it sealed were still being
+    read, so the messages the gateway had accepted were dead-lettered for good. A producer must
+    refuse to seal (retriable: the gateway answers 503) while its clock is that far off."""
+    kms.ensure_key(settings.vault.default_key)
+    topic = f"t.{run_id}.skew"
+    repo = TopicKeyRepository(database)
+    behind = repo.db_now().timestamp() - 2 * 24 * 3600
+    skewed = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+        clock=lambda: behind,
+    )
+    with pytest.raises(StoreUnavailable, match="clock"):
+        RecordSealer(skewed).seal(topic, CHAT, 11, b"accepted text")
+    destroy_topic_keys(repo, settings.kafka, actor="test")
+    # A clock within the tolerated skew still seals, and its key outlives a destruction run.
+    near = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+        clock=lambda: time.time() - 60,
+    )
+    sealed, headers = RecordSealer(near).seal(topic, CHAT, 12, b"accepted text")
+    destroy_topic_keys(repo, settings.kafka, actor="test")
+    fresh = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+    )
+    assert RecordOpener(fresh).open(topic, CHAT, headers, sealed) == b"accepted text"
