@@ -121,7 +121,17 @@ class Rejected:
 
     record: RawRecord
     reason: str
+    # False for a record that was not sealed while sealing is required: its value may be
+    # message text in the clear, so its dead letter leaves the value out (`dlq.value` says why)
+    # instead of keeping it 7 x the message topic's retention, shredded by no key. It could not
+    # be replayed anyway: it would be refused again as not sealed.
+    keep_value: bool = True
 
+
+UNSEALED_VALUE_OMITTED = (
+    "omitted: the record was not sealed (a value in the clear is never kept in the dead-letter "
+    "topic); have its producer publish it again, sealed"
+)
 
 Process = Callable[[Sequence[RawRecord]], list[Rejected]]
 
@@ -222,11 +232,14 @@ class DeadLetterWriter:
                     "offset": letter.offset,
                 },
             )
-            sent = run_until_done(stage, self._publisher_for(letter, owned), [item.record], stop)
+            publish = self._publisher_for(letter, owned, item.keep_value)
+            sent = run_until_done(stage, publish, [item.record], stop)
             published += len(sent)
         return published
 
-    def _publisher_for(self, letter: DeadLetter, owned: Callable[[RawRecord], bool]) -> Process:
+    def _publisher_for(
+        self, letter: DeadLetter, owned: Callable[[RawRecord], bool], keep_value: bool = True
+    ) -> Process:
         def publish(records: Sequence[RawRecord]) -> list[Rejected]:
             """Returns the letters published (as `Rejected`, for counting)."""
             sent: list[Rejected] = []
@@ -237,28 +250,32 @@ class DeadLetterWriter:
                 # The record's own headers first (its seal's key and event id), then why: a
                 # replay republishes the original value with the headers not starting `dlq.`.
                 headers: Headers = [*r.headers, *dead_letter_headers(letter)]
+                if not keep_value:
+                    self._publish_without_value(r, letter, headers, UNSEALED_VALUE_OMITTED)
+                    continue
                 try:
                     self.publisher.publish(
                         self.topic, [(r.key or b"", r.original_value)], headers=headers
                     )
                 except RecordRefused as exc:
-                    self._publish_without_value(r, letter, headers, exc.code)
+                    log.warning(
+                        "dead letter published without its value",
+                        extra={"stage": letter.stage, "offset": letter.offset, "error": exc.code},
+                    )
+                    omitted = f"omitted: the dead-letter topic refused it ({exc.code})"
+                    self._publish_without_value(r, letter, headers, omitted)
             return sent
 
         return publish
 
     def _publish_without_value(
-        self, r: RawRecord, letter: DeadLetter, headers: Headers, code: str
+        self, r: RawRecord, letter: DeadLetter, headers: Headers, omitted: str
     ) -> None:
-        """The letter without its value; if the topic refuses that too (the record's own key
-        or headers fill the record limit: anyone who may write the message topic can send
-        one), without the record's own headers and with its key only if short, so that one
-        record can never hold a stage in a retry loop. The `dlq.*` headers are always kept."""
-        log.warning(
-            "dead letter published without its value",
-            extra={"stage": letter.stage, "offset": letter.offset, "error": code},
-        )
-        omitted = f"omitted: the dead-letter topic refused it ({code})"
+        """The letter without its value (`dlq.value`: `omitted`, why); if the topic refuses
+        that too (the record's own key or headers fill the record limit: anyone who may write
+        the message topic can send one), without the record's own headers and with its key only
+        if short, so that one record can never hold a stage in a retry loop. The `dlq.*`
+        headers are always kept."""
         try:
             self.publisher.publish(
                 self.topic,
@@ -270,7 +287,7 @@ class DeadLetterWriter:
             pass
         log.warning(
             "dead letter published without its value, key and headers",
-            extra={"stage": letter.stage, "offset": letter.offset, "error": code},
+            extra={"stage": letter.stage, "offset": letter.offset},
         )
         key = r.key or b""
         # Its seal headers are kept when they are of a seal's size (a key id is at most 64
@@ -616,7 +633,7 @@ class ConsumerRuntime:
             try:
                 plain, event_id = self.opener.open_with_event_id(r.topic, r.key, r.headers, r.value)
             except SealRefused as exc:
-                refused.append(Rejected(r, exc.reason))
+                refused.append(Rejected(r, exc.reason, keep_value=is_sealed(r.headers)))
                 continue
             opened.append(replace(r, value=plain, sealed_value=r.value, event_id=event_id))
         return opened, refused

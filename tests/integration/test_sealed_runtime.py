@@ -272,3 +272,81 @@ def test_a_record_with_headers_too_large_for_a_dead_letter_never_stops_the_stage
     assert b"header sealstream.event_id missing" in letter_headers["dlq.reason"]
     assert "x-pad" not in letter_headers and letter.value() is None
     assert letter.key() == good.key()  # the chat id, short, is kept
+
+
+def test_a_plaintext_record_is_dead_lettered_without_its_text(
+    settings: Settings, database: Database, kms: TransitKms, kafka_topic_factory: KafkaTopics
+) -> None:
+    """A producer that does not seal (one written before sealing, or run with
+    `seal_records=false`) publishes message text in the clear. The workers refuse it, but its
+    dead letter copied the plaintext value into the dead-letter topic, kept 7 x the message
+    topic's retention and shredded by no key: a week of plaintext at rest instead of a day. The
+    letter must keep the reason, origin and headers, and leave the value out."""
+    kms.ensure_key(settings.vault.default_key)
+    kafka = kafka_topic_factory(f"sealplain-{uuid.uuid4().hex[:8]}")
+    stage = f"sealplain-{uuid.uuid4().hex[:8]}"
+    keys = TopicKeys(
+        TopicKeyRepository(database),
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+    )
+    secret = f"plaintext-{uuid.uuid4().hex}"
+    legacy = MessageRecord(
+        message_id=SnowflakeIds(97).next_id(),
+        chat_id=uuid.uuid4(),
+        sender_id="alice",
+        text=secret,
+        sent_at=datetime.now(UTC),
+    )
+    publisher = Publisher(kafka, client_id=f"{stage}-producer")
+    publisher.publish(kafka.messages_topic, [(legacy.key(), legacy.value())])
+    publisher.close()
+
+    handled: list[RawRecord] = []
+    letters = Publisher(kafka, client_id=f"{stage}-dlq")
+    runtime = ConsumerRuntime(
+        stage,
+        kafka,
+        f"{stage}-group",
+        lambda records: handled.extend(records) or [],  # type: ignore[func-returns-value]
+        DeadLetterWriter(letters, kafka.dead_letter_topic),
+        opener=RecordOpener(keys),
+    )
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        dead = "sealstream_consumer_records_total"
+        _wait_for(
+            "the record dead-lettered",
+            lambda: _sample(dead, stage=stage, outcome="dead_letter") == 1,
+            90,
+        )
+    finally:
+        runtime.stop.set()
+        thread.join(60)
+        letters.close()
+    assert handled == []
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "group.id": f"{stage}-check",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([kafka.dead_letter_topic])
+    letter = None
+    deadline = time.monotonic() + 30
+    while letter is None and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and not msg.error():
+            letter = msg
+    consumer.close()
+    assert letter is not None
+    letter_headers = dict(letter.headers() or [])
+    assert b"not sealed" in letter_headers["dlq.reason"]
+    assert letter_headers["dlq.offset"] == b"0" and letter.key() == legacy.key()
+    assert letter.value() is None, "the plaintext value was copied into the dead-letter topic"
+    assert b"not sealed" in letter_headers["dlq.value"]
+    assert all(secret.encode() not in (v or b"") for v in letter_headers.values())
