@@ -152,3 +152,55 @@ def test_a_producer_whose_clock_is_far_off_never_seals_under_a_key_soon_destroye
         cache_seconds=300,
     )
     assert RecordOpener(fresh).open(topic, CHAT, headers, sealed) == b"accepted text"
+
+
+def test_keys_outlive_a_retention_raised_on_the_broker(
+    topic_keys: Any,
+    database: Database,
+    settings: Settings,
+    kafka_topic_factory: Any,
+    run_id: str,
+) -> None:
+    """An operator raises the message topic's retention on the broker (`kafka-configs`, say,
+    so that a lagging ML consumer can catch up) without changing `SEALSTREAM_KAFKA__RETENTION_MS`.
+    Kafka then still holds, and serves, records whose key the hourly destruction erased on the
+    setting's horizon: every one of them refused. The destruction must take the longer of the
+    two retentions, per topic, as the broker has it."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    kafka = kafka_topic_factory(f"keep-{run_id[:8]}")
+    topic = kafka.messages_topic
+    longer = settings.kafka.retention_ms * 3
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("retention.ms", str(longer), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+    # A key of a slot of 1995 (no other test's), then destruction a minute after the setting's
+    # cut-off for it: Kafka (retention x 3) may still serve what it sealed.
+    producer = topic_keys(clock=lambda: 800_000_000.0)
+    sealed, headers = RecordSealer(producer).seal(topic, CHAT, 5, b"still on the broker")
+    repo = TopicKeyRepository(database)
+    key_id = dict(headers)[HEADER_KEY_ID].decode()
+    row = repo.by_id(key_id)
+    assert row is not None
+    at_setting = row.valid_to + (row.valid_to - topic_key_cutoff(settings.kafka, row.valid_to))
+    destroyed = destroy_topic_keys(
+        repo, settings.kafka, actor="test", now=at_setting + timedelta(minutes=1)
+    )
+    assert key_id not in destroyed
+    assert RecordOpener(topic_keys()).open(topic, CHAT, headers, sealed) == b"still on the broker"
+    # Past the broker's own retention (+ segment roll + grace) it goes.
+    past = at_setting + timedelta(milliseconds=longer - settings.kafka.retention_ms, minutes=1)
+    assert key_id in destroy_topic_keys(repo, settings.kafka, actor="test", now=past)
