@@ -47,6 +47,7 @@ __all__ = [
     "StoreUnavailable",
     "TopicKey",
     "TopicKeySource",
+    "has_sealed_format",
     "is_sealed",
     "open_record",
     "record_aad",
@@ -281,6 +282,13 @@ def sealed_event_id(headers: _Headers) -> int:
     leading zero, so one id has one spelling); SealRefused when a seal header is missing,
     repeated or malformed."""
     return _seal_headers(headers)[1]
+
+
+def has_sealed_format(value: bytes | None) -> bool:
+    """Whether `value` is shaped like a v1 sealed value (format byte, at least 29 bytes): what
+    a dead letter may keep of a record whose seal did not open. JSON in the clear starts with
+    `{`, so a producer's plaintext under copied seal headers is not kept."""
+    return value is not None and len(value) >= SEALED_OVERHEAD and value[0] == RECORD_FORMAT_V1
 
 
 def is_sealed(headers: _Headers) -> bool:

@@ -55,7 +55,7 @@ from sealstream.adapters.kafka import (
     dead_letter_headers,
 )
 from sealstream.errors import SealRefused
-from sealstream.record_seal import RecordOpener, is_sealed, record_opener
+from sealstream.record_seal import RecordOpener, has_sealed_format, is_sealed, record_opener
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -121,8 +121,9 @@ class Rejected:
 
     record: RawRecord
     reason: str
-    # False for a record that was not sealed while sealing is required: its value may be
-    # message text in the clear, so its dead letter leaves the value out (`dlq.value` says why)
+    # False for a record whose seal did not open and whose value is not sealed bytes (no seal
+    # headers, or plaintext under copied ones) while sealing is required: it may be message
+    # text in the clear, so its dead letter leaves the value out (`dlq.value` says why)
     # instead of keeping it 7 x the message topic's retention, shredded by no key. It could not
     # be replayed anyway: it would be refused again as not sealed.
     keep_value: bool = True
@@ -633,7 +634,10 @@ class ConsumerRuntime:
             try:
                 plain, event_id = self.opener.open_with_event_id(r.topic, r.key, r.headers, r.value)
             except SealRefused as exc:
-                refused.append(Rejected(r, exc.reason, keep_value=is_sealed(r.headers)))
+                # Kept only if it is sealed bytes: not sealed, or plaintext under seal headers
+                # copied from another record, is possibly text in the clear.
+                keep = is_sealed(r.headers) and has_sealed_format(r.value)
+                refused.append(Rejected(r, exc.reason, keep_value=keep))
                 continue
             opened.append(replace(r, value=plain, sealed_value=r.value, event_id=event_id))
         return opened, refused
