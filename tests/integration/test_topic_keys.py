@@ -187,9 +187,11 @@ def test_keys_outlive_a_retention_raised_on_the_broker(
     )
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
-    # A key of a slot of 1995 (no other test's), then destruction a minute after the setting's
+    # A key of a slot 30 days ahead (no destruction run of another test, on the database's
+    # clock or of a 2001 slot, reaches it), then destruction a minute after the setting's
     # cut-off for it: Kafka (retention x 3) may still serve what it sealed.
-    producer = topic_keys(clock=lambda: 800_000_000.0)
+    ahead = time.time() + 30 * 24 * 3600
+    producer = topic_keys(clock=lambda: ahead)
     sealed, headers = RecordSealer(producer).seal(topic, CHAT, 5, b"still on the broker")
     repo = TopicKeyRepository(database)
     key_id = dict(headers)[HEADER_KEY_ID].decode()
