@@ -167,14 +167,20 @@ def open_message(
 
 
 def _headers(message: Message) -> list[tuple[str, bytes]] | None:
-    """A record's headers as (name, bytes) pairs (a header without a value is left out)."""
+    """A record's headers as (name, bytes) pairs; a header without a value reads as empty, as
+    the workers' runtime reads it (`sealstream.streaming`): a null `sealstream.key_id` next to
+    a real one is then a repeated header, refused here as there, not a header left out."""
     raw: Any = message.headers()
     if not raw:
         return None
     pairs = raw.items() if isinstance(raw, dict) else raw
-    return [
-        (str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in pairs if v is not None
-    ]
+    return [(str(k), _header_bytes(v)) for k, v in pairs]
+
+
+def _header_bytes(value: object) -> bytes:
+    if value is None:
+        return b""
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def consumer_config(kafka: KafkaSettings, group: str, client_id: str) -> dict[str, Any]:

@@ -236,11 +236,12 @@ class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, Messa
 
 
 def _header_pairs(headers: Any) -> list[tuple[str, bytes]] | None:
-    """Faust's headers (a list of pairs or a mapping) as (name, bytes) pairs."""
+    """Faust's headers (a list of pairs or a mapping) as (name, bytes) pairs; a header without
+    a value reads as empty, as the workers and the consumer library read it."""
     if not headers:
         return None
     pairs = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), bytes(v)) for k, v in pairs if v is not None]
+    return [(str(k), b"" if v is None else bytes(v)) for k, v in pairs]
 
 
 class OpenerOnFirstUse:

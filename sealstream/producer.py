@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ from sealstream.errors import InvalidMessage, StoreUnavailable
 from sealstream.record_seal import record_sealer
 from sealstream.settings import Settings
 from sealstream.worker_ids import lease_worker_id
+
+MAX_PREPARED = 100_000
+"""How many prepared records a producer remembers for `publish` (a retry's records are recent)."""
 
 # Fields a caller may give. The ids are the producer's: `message_id` only to name the message an
 # edit or deletion changes; `event_id` never.
@@ -174,6 +178,9 @@ class MessageProducer:
         self._given = (ids, sealer, publisher)
         self._ids, self._sealer, self._publisher = self._given
         self._stack = ExitStack()
+        # The ids of the records `prepare` made (the newest MAX_PREPARED), which `publish`
+        # alone takes: change id -> (message id, event id, chat, kind).
+        self._prepared: OrderedDict[int, tuple[int, int | None, uuid.UUID, str]] = OrderedDict()
 
     def __enter__(self) -> MessageProducer:
         try:
@@ -252,6 +259,7 @@ class MessageProducer:
             raise RuntimeError("MessageProducer is used outside its `with` block")
         if not records:
             return []
+        records = self._checked(records)
         try:
             items: list[tuple[bytes, bytes | None]] = []
             record_headers: list[Headers] = []
@@ -279,6 +287,47 @@ class MessageProducer:
         ]
 
     # --- validation ------------------------------------------------------------------------------
+
+    def _checked(self, records: Sequence[MessageRecord]) -> list[MessageRecord]:
+        """`records` validated again, each one made by this producer's `prepare` with these
+        very ids and chat: pydantic's `model_copy(update=...)` and `model_construct` skip
+        validation, and a record built by hand carries ids no lease made (one that reuses an
+        id overwrites another message of the chat). `InvalidProducerMessage` naming
+        `records.N.<field>` otherwise; nothing is published."""
+        checked: list[MessageRecord] = []
+        problems: list[tuple[str, str]] = []
+        for i, record in enumerate(records):
+            prefix = f"records.{i}."
+            if not isinstance(record, MessageRecord):
+                problems.append((f"records.{i}", "must be a MessageRecord from prepare()"))
+                continue
+            try:
+                again = MessageRecord.model_validate(record.model_dump())
+            except ValidationError as exc:
+                found = _problems(exc, prefix)
+            else:
+                found = []
+                if self._prepared.get(again.change_id) != _identity(again):
+                    found = [
+                        (
+                            f"{prefix}message_id",
+                            "not a record this producer prepared with these ids and chat "
+                            "(prepare() or send() make the ids; publish takes their records "
+                            "back unchanged, for a retry)",
+                        )
+                    ]
+                checked.append(again)
+            problems += found
+        if problems:
+            # Outside any `except` block: pydantic's error quotes the input (possibly text).
+            raise InvalidProducerMessage(problems)
+        return checked
+
+    def _remember(self, record: MessageRecord) -> MessageRecord:
+        self._prepared[record.change_id] = _identity(record)
+        while len(self._prepared) > MAX_PREPARED:
+            self._prepared.popitem(last=False)
+        return record
 
     def _check(self, message: object, prefix: str) -> Mapping[str, Any]:
         """Problems the caller can fix that the schema alone does not name."""
@@ -313,12 +362,18 @@ class MessageProducer:
         else:
             fields["event_id"] = self._ids.next_id()
         try:
-            return MessageRecord.model_validate(fields)
+            return self._remember(MessageRecord.model_validate(fields))
         except ValidationError as exc:
             problems = _problems(exc, prefix)
         # Raised outside the `except` block: pydantic's error quotes the input (possibly text)
         # and must not ride along as `__context__` into a caller's log.
         raise InvalidProducerMessage(problems)
+
+
+def _identity(record: MessageRecord) -> tuple[int, int | None, uuid.UUID, str]:
+    """What a prepared record's ids were made for: an id reused for another message, kind or
+    chat is not the record prepared."""
+    return (record.message_id, record.event_id, record.chat_id, record.kind)
 
 
 def _problems(error: ValidationError, prefix: str) -> list[tuple[str, str]]:

@@ -47,6 +47,7 @@ __all__ = [
     "StoreUnavailable",
     "TopicKey",
     "TopicKeySource",
+    "has_sealed_format",
     "is_sealed",
     "open_record",
     "record_aad",
@@ -283,6 +284,13 @@ def sealed_event_id(headers: _Headers) -> int:
     return _seal_headers(headers)[1]
 
 
+def has_sealed_format(value: bytes | None) -> bool:
+    """Whether `value` is shaped like a v1 sealed value (format byte, at least 29 bytes): what
+    a dead letter may keep of a record whose seal did not open. JSON in the clear starts with
+    `{`, so a producer's plaintext under copied seal headers is not kept."""
+    return value is not None and len(value) >= SEALED_OVERHEAD and value[0] == RECORD_FORMAT_V1
+
+
 def is_sealed(headers: _Headers) -> bool:
     """Whether a record claims to be sealed (carries a `sealstream.key_id` header)."""
     return any(k == HEADER_KEY_ID for k, _ in (headers or ()))
@@ -406,7 +414,7 @@ class RecordOpener:
 def _topic_keys(settings: Settings, database: Database, kms_deadline: float | None) -> TopicKeys:
     from sealstream.adapters.postgres import TopicKeyRepository
     from sealstream.adapters.vault import TransitKms
-    from sealstream.keys.topic_keys import TopicKeys
+    from sealstream.keys.topic_keys import TopicKeys, max_clock_skew_for
 
     kms = (
         TransitKms(settings.vault)
@@ -419,6 +427,7 @@ def _topic_keys(settings: Settings, database: Database, kms_deadline: float | No
         kms_key_name=settings.vault.default_key,
         rotation_seconds=settings.kafka.topic_key_rotation_seconds,
         cache_seconds=settings.kafka.topic_key_cache_seconds,
+        max_clock_skew_seconds=max_clock_skew_for(settings.kafka),
     )
 
 

@@ -118,6 +118,14 @@ class KafkaSettings(BaseModel):
             raise ValueError("kafka.heartbeat_interval_ms must be < kafka.session_timeout_ms")
         if self.revoke_wait_ms >= self.max_poll_interval_ms:
             raise ValueError("kafka.revoke_wait_ms must be < kafka.max_poll_interval_ms")
+        if self.topic_key_rotation_seconds * 1000 > self.retention_ms:
+            # A key lives until its slot's end + retention: a slot longer than the retention
+            # would keep the records of its first hours openable (in a backup, with Postgres and
+            # the KMS) for up to slot + retention, well past the retention.
+            raise ValueError(
+                "kafka.topic_key_rotation_seconds must be at most kafka.retention_ms / 1000 (a "
+                "topic key outlives its slot by the retention)"
+            )
         return self
 
 

@@ -55,7 +55,7 @@ from sealstream.adapters.kafka import (
     dead_letter_headers,
 )
 from sealstream.errors import SealRefused
-from sealstream.record_seal import RecordOpener, is_sealed, record_opener
+from sealstream.record_seal import RecordOpener, has_sealed_format, is_sealed, record_opener
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -121,7 +121,18 @@ class Rejected:
 
     record: RawRecord
     reason: str
+    # False for a record whose seal did not open and whose value is not sealed bytes (no seal
+    # headers, or plaintext under copied ones) while sealing is required: it may be message
+    # text in the clear, so its dead letter leaves the value out (`dlq.value` says why)
+    # instead of keeping it 7 x the message topic's retention, shredded by no key. It could not
+    # be replayed anyway: it would be refused again as not sealed.
+    keep_value: bool = True
 
+
+UNSEALED_VALUE_OMITTED = (
+    "omitted: the record was not sealed (a value in the clear is never kept in the dead-letter "
+    "topic); have its producer publish it again, sealed"
+)
 
 Process = Callable[[Sequence[RawRecord]], list[Rejected]]
 
@@ -163,6 +174,14 @@ def run_until_done(
                 break
             delay = min(delay * 2, 5.0)
     raise Stopped()
+
+
+MAX_LETTER_KEY = 1024
+"""Longest record key a dead letter keeps once its value and headers had to be left out (a
+chat id is 36 bytes)."""
+
+MAX_SEAL_HEADER = 64
+"""Longest `sealstream.*` header value such a letter keeps (a key id: 1..64 characters)."""
 
 
 class DeadLetterWriter:
@@ -214,11 +233,14 @@ class DeadLetterWriter:
                     "offset": letter.offset,
                 },
             )
-            sent = run_until_done(stage, self._publisher_for(letter, owned), [item.record], stop)
+            publish = self._publisher_for(letter, owned, item.keep_value)
+            sent = run_until_done(stage, publish, [item.record], stop)
             published += len(sent)
         return published
 
-    def _publisher_for(self, letter: DeadLetter, owned: Callable[[RawRecord], bool]) -> Process:
+    def _publisher_for(
+        self, letter: DeadLetter, owned: Callable[[RawRecord], bool], keep_value: bool = True
+    ) -> Process:
         def publish(records: Sequence[RawRecord]) -> list[Rejected]:
             """Returns the letters published (as `Rejected`, for counting)."""
             sent: list[Rejected] = []
@@ -229,6 +251,9 @@ class DeadLetterWriter:
                 # The record's own headers first (its seal's key and event id), then why: a
                 # replay republishes the original value with the headers not starting `dlq.`.
                 headers: Headers = [*r.headers, *dead_letter_headers(letter)]
+                if not keep_value:
+                    self._publish_without_value(r, letter, headers, UNSEALED_VALUE_OMITTED)
+                    continue
                 try:
                     self.publisher.publish(
                         self.topic, [(r.key or b"", r.original_value)], headers=headers
@@ -239,14 +264,49 @@ class DeadLetterWriter:
                         extra={"stage": letter.stage, "offset": letter.offset, "error": exc.code},
                     )
                     omitted = f"omitted: the dead-letter topic refused it ({exc.code})"
-                    self.publisher.publish(
-                        self.topic,
-                        [(r.key or b"", None)],
-                        headers=[*headers, ("dlq.value", omitted.encode())],
-                    )
+                    self._publish_without_value(r, letter, headers, omitted)
             return sent
 
         return publish
+
+    def _publish_without_value(
+        self, r: RawRecord, letter: DeadLetter, headers: Headers, omitted: str
+    ) -> None:
+        """The letter without its value (`dlq.value`: `omitted`, why); if the topic refuses
+        that too (the record's own key or headers fill the record limit: anyone who may write
+        the message topic can send one), without the record's own headers and with its key only
+        if short, so that one record can never hold a stage in a retry loop. The `dlq.*`
+        headers are always kept."""
+        try:
+            self.publisher.publish(
+                self.topic,
+                [(r.key or b"", None)],
+                headers=[*headers, ("dlq.value", omitted.encode())],
+            )
+            return
+        except RecordRefused:
+            pass
+        log.warning(
+            "dead letter published without its value, key and headers",
+            extra={"stage": letter.stage, "offset": letter.offset},
+        )
+        key = r.key or b""
+        # Its seal headers are kept when they are of a seal's size (a key id is at most 64
+        # characters, an event id 19 digits); every other header of its own is left out.
+        seal_headers = [
+            (name, value)
+            for name, value in r.headers
+            if name.startswith("sealstream.") and len(value or b"") <= MAX_SEAL_HEADER
+        ]
+        stripped = (
+            f"{omitted}; so were the record's own headers (but its seal's) and a key over "
+            f"{MAX_LETTER_KEY} bytes"
+        )
+        self.publisher.publish(
+            self.topic,
+            [(key if len(key) <= MAX_LETTER_KEY else b"", None)],
+            headers=[*seal_headers, *dead_letter_headers(letter), ("dlq.value", stripped.encode())],
+        )
 
 
 Partition = tuple[str, int]
@@ -574,7 +634,10 @@ class ConsumerRuntime:
             try:
                 plain, event_id = self.opener.open_with_event_id(r.topic, r.key, r.headers, r.value)
             except SealRefused as exc:
-                refused.append(Rejected(r, exc.reason))
+                # Kept only if it is sealed bytes: not sealed, or plaintext under seal headers
+                # copied from another record, is possibly text in the clear.
+                keep = is_sealed(r.headers) and has_sealed_format(r.value)
+                refused.append(Rejected(r, exc.reason, keep_value=keep))
                 continue
             opened.append(replace(r, value=plain, sealed_value=r.value, event_id=event_id))
         return opened, refused

@@ -164,6 +164,38 @@ def _keep_stronger_isr(
             del wanted["min.insync.replicas"]
 
 
+def topic_retention(
+    settings: KafkaSettings, topics: Sequence[str], timeout: float = 30.0
+) -> dict[str, tuple[int, int]]:
+    """(`retention.ms`, `segment.ms`) of each of `topics` as the broker applies them (a topic's
+    own override, else the broker's default; retention -1: kept forever). Topics the broker does
+    not have are left out. Raises `StoreUnavailable` when Kafka does not answer."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise StoreUnavailable(f"Kafka did not list its topics: {exc.args[0].name()}") from None
+    wanted = sorted(set(topics) & existing)
+    if not wanted:
+        return {}
+    found: dict[str, tuple[int, int]] = {}
+    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in wanted])
+    for resource, future in futures.items():
+        try:
+            entries = future.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue  # deleted meanwhile: it holds no record any more
+            raise StoreUnavailable(
+                f"Kafka did not describe topic configs: {exc.args[0].name()}"
+            ) from None
+        found[resource.name] = (
+            int(entries["retention.ms"].value),
+            int(entries["segment.ms"].value),
+        )
+    return found
+
+
 def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:
     admin = AdminClient({"bootstrap.servers": settings.bootstrap})
     for future in admin.delete_topics(list(topics)).values():

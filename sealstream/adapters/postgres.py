@@ -1407,15 +1407,27 @@ class TopicKeyRepository:
             row = conn.execute("SELECT * FROM topic_keys WHERE key_id = %s", (key_id,)).fetchone()
         return None if row is None else _topic_key(row)
 
-    def destroy_ended_before(self, cutoff: datetime, audit: AuditRecord | None = None) -> list[str]:
-        """Destroy every live key whose slot ended before `cutoff` (wrapped key erased,
-        `destroyed_at` set); returns their key ids. `audit` (if any) is written in the same
-        transaction when at least one key was destroyed, listing the key ids."""
+    def live_topics(self) -> list[str]:
+        """The topics that have at least one key not destroyed yet."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT topic FROM topic_keys WHERE destroyed_at IS NULL ORDER BY topic"
+            ).fetchall()
+        return [str(r["topic"]) for r in rows]
+
+    def destroy_ended_before(
+        self, cutoff: datetime, audit: AuditRecord | None = None, topic: str | None = None
+    ) -> list[str]:
+        """Destroy every live key (of `topic`, or of every topic) whose slot ended before
+        `cutoff` (wrapped key erased, `destroyed_at` set); returns their key ids. `audit` (if
+        any) is written in the same transaction when at least one key was destroyed, listing
+        the key ids."""
         with self.db.transaction() as conn:
             rows = conn.execute(
                 "UPDATE topic_keys SET wrapped = NULL, destroyed_at = now()"
-                " WHERE destroyed_at IS NULL AND valid_to < %s RETURNING key_id, topic",
-                (cutoff,),
+                " WHERE destroyed_at IS NULL AND valid_to < %s"
+                " AND (%s::text IS NULL OR topic = %s) RETURNING key_id, topic",
+                (cutoff, topic, topic),
             ).fetchall()
             destroyed = sorted(str(r["key_id"]) for r in rows)
             if destroyed and audit is not None:

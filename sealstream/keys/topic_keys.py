@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
-from sealstream.adapters.kafka import segment_ms_for
+from sealstream.adapters.kafka import segment_ms_for, topic_retention
 from sealstream.adapters.postgres import AuditRecord, TopicKeyRepository, TopicKeyRow
 from sealstream.errors import (
     KmsError,
@@ -35,11 +35,28 @@ from sealstream.keys.ports import Kms
 from sealstream.record_seal import HEADER_KEY_ID, TopicKey
 from sealstream.settings import KafkaSettings
 
-__all__ = ["TopicKeys", "destroy_topic_keys", "topic_key_context", "topic_key_cutoff"]
+__all__ = [
+    "TopicKeys",
+    "TopicRetention",
+    "destroy_topic_keys",
+    "max_clock_skew_for",
+    "topic_key_context",
+    "topic_key_cutoff",
+]
 
 log = logging.getLogger(__name__)
 
 _CONTEXT_LABEL = b"sealstream/topic-key/v1:"
+
+DEFAULT_MAX_CLOCK_SKEW_SECONDS = 420.0
+"""Half the default destruction grace (15 min), which covers producers' clock skew and the
+broker's retention check and delete delays (`max_clock_skew_for` derives it from settings)."""
+
+
+def max_clock_skew_for(kafka: KafkaSettings) -> float:
+    """How far a producer's clock may be from the database's (seconds): half of
+    `topic_key_destroy_grace_ms`, at least 5 s."""
+    return max(kafka.topic_key_destroy_grace_ms / 2000, 5.0)
 
 
 def topic_key_context(topic: str, key_id: str) -> bytes:
@@ -53,7 +70,11 @@ class TopicKeys:
     """The `TopicKeySource` of `sealstream.record_seal` on Postgres + the KMS.
 
     `clock`: Unix seconds (wall clock: producers on different hosts must agree on the slot,
-    which a monotonic clock would not give)."""
+    which a monotonic clock would not give). `max_clock_skew_seconds`: how far `clock` may be
+    from the database's (whose clock `destroy_topic_keys` runs on) when a slot's key is loaded;
+    further off, `current` raises the retriable `StoreUnavailable` instead of sealing under a
+    key that would be destroyed while records it sealed are still read (a clock behind), or
+    kept past its records (ahead). None: no check (tests of far slots only)."""
 
     def __init__(
         self,
@@ -64,9 +85,11 @@ class TopicKeys:
         cache_seconds: float,
         clock: Callable[[], float] = time.time,
         max_entries: int = 10_000,
+        max_clock_skew_seconds: float | None = DEFAULT_MAX_CLOCK_SKEW_SECONDS,
     ) -> None:
         if rotation_seconds < 1:
             raise ValueError("rotation_seconds must be at least 1")
+        self.max_clock_skew_seconds = max_clock_skew_seconds
         self.repo = repo
         self.kms = kms
         self.kms_key_name = kms_key_name
@@ -88,7 +111,25 @@ class TopicKeys:
         key, _ = self._current.get_or_load((topic, start), lambda: self._load_slot(topic, start))
         return key
 
+    def _check_clock(self) -> None:
+        """StoreUnavailable when this process's clock is further from the database's than
+        `max_clock_skew_seconds` (one Postgres round trip, once per slot's key loaded)."""
+        if self.max_clock_skew_seconds is None:
+            return
+        skew = self._clock() - self.repo.db_now().timestamp()
+        if abs(skew) > self.max_clock_skew_seconds:
+            log.error(
+                "clock too far from the database's: not sealing",
+                extra={"skew_seconds": round(skew, 1), "max": self.max_clock_skew_seconds},
+            )
+            raise StoreUnavailable(
+                f"this host's clock is {skew:+.0f} s off the database's (more than "
+                f"{self.max_clock_skew_seconds:.0f} s): its topic key slot would be wrong, so "
+                "nothing is sealed until its time is synchronised"
+            )
+
     def _load_slot(self, topic: str, start_ms: int) -> TopicKey:
+        self._check_clock()
         valid_from = datetime.fromtimestamp(start_ms / 1000, UTC)
         row = self.repo.for_slot(topic, valid_from)
         if row is None:
@@ -159,17 +200,28 @@ class TopicKeys:
         self._by_id.clear()
 
 
-def topic_key_cutoff(kafka: KafkaSettings, now: datetime) -> datetime:
+def topic_key_cutoff(
+    kafka: KafkaSettings,
+    now: datetime,
+    broker_retention_ms: int | None = None,
+    broker_segment_ms: int | None = None,
+) -> datetime:
     """Topic keys whose slot ended before this instant have no record left in the topic.
 
     Kafka deletes a segment once its newest record is past `retention_ms`, and a segment rolls
     every `segment_ms_for(retention_ms)`, so a record sealed at the end of a slot is on disk
     until slot end + retention + segment roll; `topic_key_destroy_grace_ms` covers producers'
-    clock skew and the broker's retention check and delete delays."""
-    keep_ms = (
-        kafka.retention_ms + segment_ms_for(kafka.retention_ms) + kafka.topic_key_destroy_grace_ms
-    )
+    clock skew and the broker's retention check and delete delays. `broker_retention_ms` /
+    `broker_segment_ms`: the topic's as the broker applies them, when known; the longer of
+    those and the settings' counts (an operator may raise a retention on the broker alone)."""
+    retention_ms = max(kafka.retention_ms, broker_retention_ms or 0)
+    segment_ms = max(segment_ms_for(kafka.retention_ms), broker_segment_ms or 0)
+    keep_ms = retention_ms + segment_ms + kafka.topic_key_destroy_grace_ms
     return now - timedelta(milliseconds=keep_ms)
+
+
+TopicRetention = Callable[[Sequence[str]], Mapping[str, tuple[int, int]]]
+"""(retention.ms, segment.ms) per topic as the broker applies them (`topic_retention`)."""
 
 
 def destroy_topic_keys(
@@ -177,21 +229,43 @@ def destroy_topic_keys(
     kafka: KafkaSettings,
     actor: str,
     now: datetime | None = None,
+    broker: TopicRetention | None = None,
 ) -> list[str]:
-    """Destroy (erase the wrapped key of) every topic key past `topic_key_cutoff`, audited as
-    `topic_keys_destroyed` in the same transaction; returns the key ids destroyed. `now`: the
-    database's clock unless given. Records sealed under them can never be opened again, from
-    Kafka or from any backup of it. Raises `StoreUnavailable` when Postgres does not answer."""
+    """Destroy (erase the wrapped key of) every topic key past its topic's `topic_key_cutoff`,
+    audited as `topic_keys_destroyed` in the same transaction; returns the key ids destroyed.
+
+    The cut-off of each topic takes the longer of the settings' retention and the one the broker
+    applies to that topic (`broker`: `sealstream.adapters.kafka.topic_retention` unless given),
+    so no key goes while Kafka may still serve a record it sealed; a topic the broker keeps
+    forever (retention -1) keeps its keys (logged). `now`: the database's clock unless given.
+    Records sealed under a destroyed key can never be opened again, from Kafka or from any
+    backup of it. Raises `StoreUnavailable` when Postgres or Kafka does not answer (then nothing
+    is destroyed)."""
     at = now if now is not None else repo.db_now()
-    cutoff = topic_key_cutoff(kafka, at)
-    destroyed = repo.destroy_ended_before(
-        cutoff,
-        AuditRecord(
-            actor=actor,
-            action="topic_keys_destroyed",
-            reason=f"slot ended before {cutoff.isoformat()} (retention + segment roll + grace)",
-        ),
-    )
+    topics = repo.live_topics()
+    if not topics:
+        return []
+    configs = (broker or (lambda names: topic_retention(kafka, names)))(topics)
+    destroyed: list[str] = []
+    for topic in topics:
+        retention_ms, segment_ms = configs.get(topic, (None, None))
+        if retention_ms is not None and retention_ms < 0:
+            log.warning(
+                "topic keys kept: the broker keeps this topic's records forever",
+                extra={"topic": topic},
+            )
+            continue
+        cutoff = topic_key_cutoff(kafka, at, retention_ms, segment_ms)
+        destroyed += repo.destroy_ended_before(
+            cutoff,
+            AuditRecord(
+                actor=actor,
+                action="topic_keys_destroyed",
+                reason=f"slot ended before {cutoff.isoformat()} (retention + segment roll + "
+                "grace; the longer of the settings' and the broker's)",
+            ),
+            topic=topic,
+        )
     if destroyed:
         log.info("topic keys destroyed", extra={"count": len(destroyed)})
-    return destroyed
+    return sorted(destroyed)

@@ -21,14 +21,22 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from schemas.ids import SEQUENCE_BITS, WORKER_BITS
+from schemas.events import MessageRecord
+from schemas.ids import SEQUENCE_BITS, WORKER_BITS, SnowflakeIds
 from sealstream.adapters.vault import TransitKms
 from sealstream.consumer import BatchNotCommitted, MessageBatch, MessageConsumer
-from sealstream.errors import KmsUnavailable
+from sealstream.errors import KmsUnavailable, SealRefused
 from sealstream.producer import InvalidProducerMessage, MessageProducer, Sent
-from sealstream.record_seal import HEADER_EVENT_ID, HEADER_KEY_ID, record_opener, record_sealer
+from sealstream.record_seal import (
+    HEADER_EVENT_ID,
+    HEADER_KEY_ID,
+    record_opener,
+    record_sealer,
+    sealed_key_id,
+)
 from sealstream.services import settings_env
 from sealstream.settings import Settings
+from sealstream.streaming import _record_headers
 from tests.integration.conftest import KafkaTopics, NewGroup
 
 SECRET = "zqlibsecret launch words"
@@ -306,3 +314,43 @@ def test_the_consumer_refuses_the_pipelines_groups(lib_settings: Settings) -> No
     for group in (lib_settings.kafka.encryptor_group, lib_settings.kafka.indexer_group, ""):
         with pytest.raises(ValueError, match="consumer group of the caller's own"):
             MessageConsumer(lib_settings, group)
+
+
+def test_a_null_seal_header_is_refused_by_the_consumer_as_by_the_workers(
+    lib_settings: Settings, kafka_topic_factory: KafkaTopics, kafka_group: NewGroup
+) -> None:
+    """A writer of the topic re-sends a genuine sealed record with one more `sealstream.key_id`
+    header whose value is null. The encryptor and indexer read that header as empty, so the key
+    id is "present more than once" and the record is dead-lettered: the message is never
+    stored. The consumer library dropped null headers and handed the record on, so an ML
+    consumer saw a message the pipeline refused. Both must read a record alike."""
+    settings = lib_settings.model_copy(update={"kafka": kafka_topic_factory("libs-null")})
+    topic = settings.kafka.messages_topic
+    chat = uuid.uuid4()
+    record = MessageRecord(
+        message_id=SnowflakeIds(98).next_id(),
+        chat_id=chat,
+        sender_id="bot",
+        text=f"{SECRET} null header",
+        sent_at=datetime.now(UTC),
+    )
+    sealer = record_sealer(settings)
+    try:
+        value, headers = sealer.seal(topic, record.key(), record.change_id, record.value())
+    finally:
+        sealer.close()
+    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap})
+    producer.produce(
+        topic, key=record.key(), value=value, headers=[(HEADER_KEY_ID, None), *headers]
+    )
+    assert producer.flush(30) == 0
+    # What the workers' runtime reads of those headers, through the same opener.
+    worker_headers = _record_headers([(HEADER_KEY_ID, None), *headers])
+    with pytest.raises(SealRefused, match="more than once"):
+        sealed_key_id(worker_headers)
+
+    with MessageConsumer(settings, kafka_group("libs-null"), max_wait_seconds=1) as consumer:
+        batches = read_all(consumer, 1)
+    assert [r.message_id for b in batches for r in b.records] == []
+    [refusal] = [r for b in batches for r in b.refused]
+    assert refusal.reason == f"header {HEADER_KEY_ID}: present more than once"

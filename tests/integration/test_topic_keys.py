@@ -3,6 +3,7 @@ by key id, and a destroyed key leaves its records unopenable with Postgres and t
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +24,8 @@ def topic_keys(database: Database, kms: TransitKms, settings: Settings) -> Any:
     kms.ensure_key(settings.vault.default_key)
 
     def make(rotation_seconds: int = 3600, clock: Any = None) -> TopicKeys:
-        extra = {} if clock is None else {"clock": clock}
+        # A far clock (a slot of 2001) on purpose: no skew check against the database.
+        extra = {} if clock is None else {"clock": clock, "max_clock_skew_seconds": None}
         return TopicKeys(
             TopicKeyRepository(database),
             kms,
@@ -106,3 +108,101 @@ def test_postgres_down_is_retriable_not_a_refusal(
     headers = [(HEADER_KEY_ID, b"k1"), ("sealstream.event_id", b"1")]
     with pytest.raises(StoreUnavailable):
         RecordOpener(keys).open(f"t.{run_id}.down", CHAT, headers, b"\x01" + b"\x00" * 40)
+
+
+def test_a_producer_whose_clock_is_far_off_never_seals_under_a_key_soon_destroyed(
+    database: Database, kms: TransitKms, settings: Settings, run_id: str
+) -> None:
+    """A gateway whose clock is two days behind (a VM restored from a snapshot, NTP down) made
+    the key of a slot two days old and sealed with it: the next hourly `destroy-topic-keys`
+    (on the database's clock) destroyed that key while the records it sealed were still being
+    read, so the messages the gateway had accepted were dead-lettered for good. A producer must
+    refuse to seal (retriable: the gateway answers 503) while its clock is that far off."""
+    kms.ensure_key(settings.vault.default_key)
+    topic = f"t.{run_id}.skew"
+    repo = TopicKeyRepository(database)
+    behind = repo.db_now().timestamp() - 2 * 24 * 3600
+    skewed = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+        clock=lambda: behind,
+    )
+    with pytest.raises(StoreUnavailable, match="clock"):
+        RecordSealer(skewed).seal(topic, CHAT, 11, b"accepted text")
+    destroy_topic_keys(repo, settings.kafka, actor="test")
+    # A clock within the tolerated skew still seals, and its key outlives a destruction run.
+    near = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+        clock=lambda: time.time() - 60,
+    )
+    sealed, headers = RecordSealer(near).seal(topic, CHAT, 12, b"accepted text")
+    destroy_topic_keys(repo, settings.kafka, actor="test")
+    fresh = TopicKeys(
+        repo,
+        kms,
+        kms_key_name=settings.vault.default_key,
+        rotation_seconds=3600,
+        cache_seconds=300,
+    )
+    assert RecordOpener(fresh).open(topic, CHAT, headers, sealed) == b"accepted text"
+
+
+def test_keys_outlive_a_retention_raised_on_the_broker(
+    topic_keys: Any,
+    database: Database,
+    settings: Settings,
+    kafka_topic_factory: Any,
+    run_id: str,
+) -> None:
+    """An operator raises the message topic's retention on the broker (`kafka-configs`, say,
+    so that a lagging ML consumer can catch up) without changing `SEALSTREAM_KAFKA__RETENTION_MS`.
+    Kafka then still holds, and serves, records whose key the hourly destruction erased on the
+    setting's horizon: every one of them refused. The destruction must take the longer of the
+    two retentions, per topic, as the broker has it."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AdminClient,
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    kafka = kafka_topic_factory(f"keep-{run_id[:8]}")
+    topic = kafka.messages_topic
+    longer = settings.kafka.retention_ms * 3
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    resource = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("retention.ms", str(longer), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+    # A key of a slot 30 days ahead (no destruction run of another test, on the database's
+    # clock or of a 2001 slot, reaches it), then destruction a minute after the setting's
+    # cut-off for it: Kafka (retention x 3) may still serve what it sealed.
+    ahead = time.time() + 30 * 24 * 3600
+    producer = topic_keys(clock=lambda: ahead)
+    sealed, headers = RecordSealer(producer).seal(topic, CHAT, 5, b"still on the broker")
+    repo = TopicKeyRepository(database)
+    key_id = dict(headers)[HEADER_KEY_ID].decode()
+    row = repo.by_id(key_id)
+    assert row is not None
+    at_setting = row.valid_to + (row.valid_to - topic_key_cutoff(settings.kafka, row.valid_to))
+    destroyed = destroy_topic_keys(
+        repo, settings.kafka, actor="test", now=at_setting + timedelta(minutes=1)
+    )
+    assert key_id not in destroyed
+    assert RecordOpener(topic_keys()).open(topic, CHAT, headers, sealed) == b"still on the broker"
+    # Past the broker's own retention (+ segment roll + grace) it goes.
+    past = at_setting + timedelta(milliseconds=longer - settings.kafka.retention_ms, minutes=1)
+    assert key_id in destroy_topic_keys(repo, settings.kafka, actor="test", now=past)

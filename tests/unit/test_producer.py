@@ -183,3 +183,31 @@ def test_using_it_outside_its_with_block_is_an_error() -> None:
     made = MessageProducer(Settings(), publisher=FakePublisher(), sealer=FakeSealer())
     with pytest.raises(RuntimeError, match="with"):
         made.send(message())
+
+
+def test_publish_refuses_records_changed_after_prepare_or_not_made_here() -> None:
+    """`publish` takes records back (a retry). pydantic's `model_copy(update=...)` and
+    `model_construct` skip validation, and a record built by hand carries ids no lease made:
+    each would reach the topic unchecked (a blank text; an id that overwrites another message of
+    the chat). They are refused naming the record and field, and nothing is published."""
+    made, sink = producer()
+    with made:
+        [good] = made.prepare_batch([message()])
+        blank = good.model_copy(update={"text": " "})
+        error = refused(lambda: made.publish([good, blank]))
+        assert error.field.startswith("records.1.text")
+        forged_id = good.model_copy(update={"message_id": good.message_id + 1})
+        error = refused(lambda: made.publish([forged_id]))
+        assert error.field == "records.0.message_id"
+        built = MessageRecord(
+            message_id=SnowflakeIds(8).next_id(),
+            chat_id=CHAT,
+            sender_id="bob",
+            text="zq hi",
+            sent_at=good.sent_at,
+        )
+        assert refused(lambda: made.publish([built])).field == "records.0.message_id"
+        other_chat = good.model_copy(update={"chat_id": uuid.uuid4()})
+        assert refused(lambda: made.publish([other_chat])).field == "records.0.message_id"
+        assert sink.published == []
+        assert [s.message_id for s in made.publish([good])] == [good.message_id]

@@ -235,6 +235,19 @@ def test_destruction_cutoff_is_retention_plus_segment_roll_plus_grace() -> None:
     assert topic_key_cutoff(kafka, now) == now - timedelta(hours=25, minutes=10)
 
 
+def test_a_key_slot_longer_than_the_retention_is_refused_naming_the_setting() -> None:
+    """A topic key lives until its slot's end + retention (+ segment roll + grace): a 7-day slot
+    behind a 24 h retention kept a week of records openable from a backup (with Postgres and the
+    KMS), far past the retention the crypto-shredding promises."""
+    with pytest.raises(ValueError, match="topic_key_rotation_seconds"):
+        KafkaSettings(retention_ms=24 * 3600 * 1000, topic_key_rotation_seconds=7 * 24 * 3600)
+    kept = KafkaSettings(retention_ms=24 * 3600 * 1000, topic_key_rotation_seconds=24 * 3600)
+    assert kept.topic_key_rotation_seconds * 1000 == kept.retention_ms
+    # A cut-off uses the broker's retention when longer (an operator raised it there alone).
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    assert topic_key_cutoff(kept, now, 48 * 3600 * 1000, None) < topic_key_cutoff(kept, now)
+
+
 def test_seal_many_seals_each_record_like_seal() -> None:
     sealer, opener, _ = _pair()
     items = [(CHAT, 40 + i, b'{"text": "record %d"}' % i) for i in range(5)]
