@@ -1,7 +1,7 @@
 """`sealstream migrate`: applies every schema the pipeline needs, idempotently.
 
 Postgres (versioned SQL files), Cassandra (keyspace + tables), the OpenSearch index with its
-mapping, the Kafka topics, and the default tenant's Transit master key. Topic configs and the
+mapping, the Kafka topics and their ACLs, and the default tenant's Transit master key. Topic configs and the
 index's dynamic durability settings are re-applied on every run, so an existing deployment gets
 them too.
 """
@@ -9,7 +9,7 @@ them too.
 from __future__ import annotations
 
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.kafka import ensure_topics
+from sealstream.adapters.kafka import apply_acls, ensure_topics
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.vault import TransitKms
@@ -46,4 +46,7 @@ def migrate_all(settings: Settings) -> dict[str, object]:
     created = ensure_topics(settings.kafka)
     # Retention, segment roll and durability are (re)applied to existing topics as well.
     report["kafka"] = f"created {created}" if created else "topics exist, configs applied"
+    # As the admin principal (a super user): each service's rights on these topics and groups.
+    if settings.kafka.security_protocol != "PLAINTEXT":
+        report["kafka acls"] = f"{apply_acls(settings.kafka)} bindings (docs/operations.md)"
     return report

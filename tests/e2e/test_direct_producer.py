@@ -14,6 +14,7 @@ from confluent_kafka import Producer
 from opensearchpy import OpenSearch
 
 from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.conftest import index_folder, phrases
 from tests.e2e.conftest import Pipeline
@@ -86,7 +87,7 @@ def test_direct_records_end_stored_or_dead_lettered_and_leak_no_text(pipeline: P
     ]
 
     producer = Producer(
-        {"bootstrap.servers": pipeline.settings.kafka.bootstrap, "message.max.bytes": 2_000_000}
+        kafka_client_config(pipeline.settings.kafka, {"message.max.bytes": 2_000_000})
     )
     bad_offsets: set[tuple[str, str]] = set()  # (partition, offset) of each bad record
 

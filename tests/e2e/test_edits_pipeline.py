@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_pipeline import create_chat, post_batch, search, wait_until
@@ -27,7 +28,7 @@ _IDS = SnowflakeIds(worker_id=913)
 
 
 def publish(pipe: Pipeline, *records: MessageRecord | tuple[bytes, bytes]) -> None:
-    producer = Producer({"bootstrap.servers": pipe.settings.kafka.bootstrap, "acks": "all"})
+    producer = Producer(kafka_client_config(pipe.settings.kafka, {"acks": "all"}))
     for record in records:
         key, value = record if isinstance(record, tuple) else (record.key(), record.value())
         producer.produce(pipe.settings.kafka.messages_topic, key=key, value=value)
@@ -77,11 +78,13 @@ def change_events(pipe: Pipeline, chat: str) -> list[ChangeEvent]:
     """Every change event of `chat` on the change topic, in topic order."""
     kafka = pipe.settings.kafka
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"changes-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            kafka,
+            {
+                "group.id": f"changes-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+            },
+        )
     )
     topic = kafka.changes_topic
     metadata = consumer.list_topics(topic, timeout=10).topics[topic]

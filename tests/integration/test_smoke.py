@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.ids import SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import Publisher
+from sealstream.adapters.kafka import Publisher, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache, WrappedDek
@@ -37,7 +37,7 @@ from tests.integration.conftest import KafkaTopics, NewGroup, text_message
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def kafka_version(bootstrap: str) -> str:
+def kafka_version(kafka: KafkaSettings) -> str:
     """What the broker says about itself, plus the release the stack module runs.
 
     The Kafka protocol has no "server version" request, so the release comes from the stack
@@ -45,7 +45,7 @@ def kafka_version(bootstrap: str) -> str:
     that it is this broker that answered.
     """
     # Keep the client referenced until the future resolves: a collected handle fails it.
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     cluster = admin.describe_cluster(request_timeout=10).result(15)
     [stack] = runner.status(runner.build(StackContext(StackSettings(), REPO_ROOT), ["kafka"]))
     nodes = ",".join(str(node.id) for node in cluster.nodes)
@@ -80,13 +80,15 @@ def test_kafka_confluent_publish_and_consume(
     assert delivery.topic == kafka_topics.messages_topic and delivery.offset >= 0
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka_topics.bootstrap,
-            # A group nobody used before: with `earliest` it starts at the record just written.
-            "group.id": kafka_group("smoke-confluent"),
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            kafka_topics,
+            {
+                # A group nobody used before: with `earliest` it starts at the record just written.
+                "group.id": kafka_group("smoke-confluent"),
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     try:
         consumer.subscribe([kafka_topics.messages_topic])
@@ -97,7 +99,7 @@ def test_kafka_confluent_publish_and_consume(
     assert msg.key() == b"chat-1"
     assert msg.value() == b"sealed payload"
     assert msg.headers() == headers
-    print(f"\nkafka: {kafka_version(kafka_topics.bootstrap)}")
+    print(f"\nkafka: {kafka_version(kafka_topics)}")
 
 
 def test_kafka_faust_agent_sees_every_record_in_order_per_key(
@@ -148,7 +150,7 @@ def test_kafka_faust_agent_sees_every_record_in_order_per_key(
     assert sorted(seen) == sorted(expected), f"agent saw {len(seen)} of {len(expected)}"
     for key in {k for k, _ in expected}:  # Kafka orders per partition, hence per key
         assert [v for k, v in seen if k == key] == [v for k, v in expected if k == key]
-    print(f"\nkafka (faust {faust.__version__}): {kafka_version(cfg.bootstrap)}")
+    print(f"\nkafka (faust {faust.__version__}): {kafka_version(cfg)}")
 
 
 # --- Cassandra ---------------------------------------------------------------------------------

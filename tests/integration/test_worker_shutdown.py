@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher
+from sealstream.adapters.kafka import Publisher, kafka_client_config
 from sealstream.services import settings_env, spawn
 from sealstream.settings import EncryptorHttp, IndexerHttp, Settings
 from sealstream.wiring import key_service
@@ -104,7 +104,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
         print(f"\nindexer exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert code == 0, log.read_text()[-2000:]
 
-        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(topics, {"group.id": group}))
         try:
             partitions = [
                 TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)
@@ -118,7 +118,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+        admin = AdminClient(kafka_client_config(topics))
         for future in admin.delete_consumer_groups([group], request_timeout=15).values():
             with contextlib.suppress(KafkaException):  # a SIGKILLed member holds it a while
                 future.result(20)
@@ -202,7 +202,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
         print(f"\nencryptor exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert code == 0, log.read_text()[-2000:]
 
-        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(topics, {"group.id": group}))
         try:
             partitions = [
                 TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)
@@ -218,7 +218,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+        admin = AdminClient(kafka_client_config(topics))
         for future in admin.delete_consumer_groups([group], request_timeout=15).values():
             with contextlib.suppress(KafkaException):
                 future.result(20)
