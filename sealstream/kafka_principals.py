@@ -31,6 +31,10 @@ DIRECT_PRODUCER = "sealstream-producer"
 # by mistake fails at once instead of running as someone else.
 READER = "sealstream-reader"
 
+# Consumers that read with assign() (TopicTail) never join a group, but librdkafka wants a group
+# id and looks its coordinator up (DESCRIBE on the group): theirs start with this.
+TAIL_GROUP_PREFIX = "sealstream-tail-"
+
 SUPER_USERS = (BROKER, ADMIN)
 SERVICE_PRINCIPALS = (
     GATEWAY,
@@ -77,7 +81,8 @@ def rights(kafka: KafkaSettings) -> list[Right]:
       Kafka 2.8, KIP-679), its readiness lists the topic (DESCRIBE, implied by WRITE);
     - encryptor/indexer: consume the message topic in their group, dead-letter poison records;
       the encryptor also publishes what it stored to the change topic;
-    - delivery: reads the change topic with assign() (no group membership, no commits);
+    - delivery: reads the change topic with assign() (no group membership, no commits; its
+      client still looks up the coordinator of its throwaway group id);
     - admin API: publishes deletions to the change topic; chat deletion reads the end offsets
       of the message topic and the committed offsets of both worker groups;
     - ML consumer: reads the message topic in groups of its own prefix, nothing else;
@@ -94,6 +99,7 @@ def rights(kafka: KafkaSettings) -> list[Right]:
         Right(INDEXER, "read", "group", kafka.indexer_group),
         Right(INDEXER, "write", "topic", dlq),
         Right(DELIVERY, "read", "topic", changes),
+        Right(DELIVERY, "describe", "group", TAIL_GROUP_PREFIX, prefixed=True),
         Right(ADMIN_API, "write", "topic", changes),
         Right(ADMIN_API, "describe", "topic", messages),
         Right(ADMIN_API, "describe", "group", kafka.encryptor_group),

@@ -507,11 +507,11 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "production needs TLS: set ingest/reader/admin/delivery tls_cert and tls_key"
                 )
+            if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
+                raise ValueError("postgres.password is the local default")
             if self.kafka.security_protocol != "SASL_SSL":
                 raise ValueError(
                     "kafka.security_protocol must be SASL_SSL in production (credentials and "
                     "records would cross the network in clear)"
                 )
-            if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
-                raise ValueError("postgres.password is the local default")
         return self

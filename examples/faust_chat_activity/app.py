@@ -24,7 +24,13 @@ from faust.web import Request, Response, View
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sealstream.faust_records import MessageEvent, MessageTopic, RefusedRecords, message_topic
+from sealstream.faust_records import (
+    MessageEvent,
+    MessageTopic,
+    RefusedRecords,
+    faust_broker_credentials,
+    message_topic,
+)
 from sealstream.settings import KafkaSettings
 
 TABLE_NAME = "chat-activity"
@@ -167,6 +173,7 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
     app = faust.App(
         own.group,
         broker=brokers(kafka.bootstrap),
+        broker_credentials=faust_broker_credentials(kafka),
         store="memory://",  # rebuilt from the changelog topic at start-up
         datadir=own.data_dir,
         web_enabled=own.web_enabled,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from pydantic import SecretStr
 
 from sealstream.errors import SealstreamError, StoreUnavailable
-from sealstream.kafka_principals import Right, rights
+from sealstream.kafka_principals import TAIL_GROUP_PREFIX, Right, rights
 from sealstream.settings import KafkaSettings
 
 HOUR_MS = 3_600_000
@@ -240,6 +241,26 @@ def apply_acls(settings: KafkaSettings, timeout: float = 30.0) -> int:
     return len(bindings)
 
 
+def remove_acls(settings: KafkaSettings, timeout: float = 30.0) -> None:
+    """Delete exactly the ACLs `apply_acls` makes for `settings` (e.g. a test run's topics and
+    groups, which would otherwise stay on the broker after their topics are gone)."""
+    admin = AdminClient(kafka_client_config(settings))
+    filters = [
+        AclBindingFilter(
+            binding.restype,
+            binding.name,
+            binding.resource_pattern_type,
+            binding.principal,
+            binding.host,
+            binding.operation,
+            binding.permission_type,
+        )
+        for binding in map(acl_binding, rights(settings))
+    ]
+    for future in admin.delete_acls(filters, request_timeout=timeout).values():
+        future.result(timeout)
+
+
 def upsert_scram_credentials(
     settings: KafkaSettings,
     passwords: Mapping[str, SecretStr],
@@ -330,12 +351,23 @@ class Publisher:
             )
         )
         self._stop = threading.Event()
+        # A fatal error (e.g. CLUSTER_AUTHORIZATION_FAILED: the principal may write no topic, so
+        # the idempotent producer gets no producer id) ends this producer for good.
+        self._fatal: str | None = None
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                self._fatal = exc.args[0].name()
+                return
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise StoreUnavailable(f"Kafka producer failed for good: {self._fatal}")
 
     def _produce(
         self,
@@ -346,6 +378,7 @@ class Publisher:
         on_done: OnDelivery,
         wait_for_room: bool = True,
     ) -> None:
+        self._check_fatal()
         while True:
             try:
                 self._producer.produce(
@@ -455,8 +488,11 @@ class Publisher:
             return []
         for index, (key, value) in enumerate(items):
             self._produce(topic, key, value, headers, callback_for(index))
-        if not done.wait(timeout):
-            raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            self._check_fatal()
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -568,7 +604,7 @@ class TopicTail:
             kafka_client_config(
                 settings,
                 {
-                    "group.id": f"{client_id}-{uuid.uuid4().hex}",
+                    "group.id": f"{TAIL_GROUP_PREFIX}{client_id}-{uuid.uuid4().hex}",
                     "client.id": client_id,
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,

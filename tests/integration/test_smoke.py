@@ -29,6 +29,7 @@ from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache, WrappedDek
 from sealstream.adapters.vault import TransitKms
 from sealstream.errors import KmsError
+from sealstream.faust_records import faust_broker_credentials
 from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
@@ -110,6 +111,7 @@ def test_kafka_faust_agent_sees_every_record_in_order_per_key(
     app = faust.App(
         app_id,
         broker=f"kafka://{cfg.bootstrap}",
+        broker_credentials=faust_broker_credentials(cfg),
         store="memory://",
         # Faust writes `<id>-data/` into the working directory unless told otherwise.
         datadir=str(tmp_path / "faust"),
