@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher, kafka_client_config
+from sealstream.adapters.kafka import Publisher, apply_acls, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.services import settings_env, spawn
 from sealstream.settings import IndexerHttp, Settings
@@ -90,6 +90,7 @@ def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membersh
             "indexer_http": http,
         }
     )
+    apply_acls(kafka)  # the indexer principal may join this test's own group
     log = tmp_path / "indexer.log"
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     url = f"http://127.0.0.1:{http.port}"

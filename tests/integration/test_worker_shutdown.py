@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher, kafka_client_config
+from sealstream.adapters.kafka import Publisher, apply_acls, kafka_client_config
 from sealstream.services import settings_env, spawn
 from sealstream.settings import EncryptorHttp, IndexerHttp, Settings
 from sealstream.wiring import key_service
@@ -69,6 +69,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
             "indexer_http": http,
         }
     )
+    apply_acls(worker.kafka)  # the indexer principal may join this test's own group
     log = tmp_path / "indexer.log"
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     try:
@@ -158,6 +159,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
             "encryptor_http": http,
         }
     )
+    apply_acls(worker.kafka)  # the encryptor principal may join this test's own group
     log = tmp_path / "encryptor.log"
     proc = spawn("encryptor", {**os.environ, **settings_env(worker)}, log=log)
     url = f"http://127.0.0.1:{http.port}"
