@@ -59,7 +59,6 @@ def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
                 update={
                     "messages_topic": f"{prefix}.{run}.messages",
                     "dead_letter_topic": f"{prefix}.{run}.dlq",
-                    "changes_topic": f"{prefix}.{run}.changes",
                     "encryptor_group": f"{prefix}-{run}-enc",
                     "indexer_group": f"{prefix}-{run}-idx",
                 }
