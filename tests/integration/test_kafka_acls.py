@@ -22,6 +22,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from sealstream.adapters.kafka import (
@@ -82,6 +83,14 @@ def acl_kafka(settings: Settings) -> Iterator[KafkaSettings]:
     finally:
         delete_topics(kafka, [kafka.messages_topic, kafka.dead_letter_topic, kafka.changes_topic])
         remove_acls(kafka)
+        # The groups the allowed reads joined; Kafka would keep them (and offsets) for a week.
+        joined = [kafka.encryptor_group, kafka.indexer_group, f"{kafka.ml_group_prefix}model"]
+        admin = AdminClient(kafka_client_config(kafka))
+        for future in admin.delete_consumer_groups(joined, request_timeout=15).values():
+            try:
+                future.result(20)
+            except KafkaException:
+                pass  # never formed: the test that joins it failed first
 
 
 def principal(kafka: KafkaSettings, name: str) -> KafkaSettings:
