@@ -2,8 +2,10 @@
 
 This module owns what is specific to Kafka: the Maven-resolved runtime (``stack/kafka/pom.xml``, no
 tarball download), ``server.properties`` and ``log4j2.properties`` in the server's data folder, the
-one-time storage format (cluster id kept in ``cluster-id``), the ``java`` command line, and a probe
-that asks the broker for cluster metadata over the Kafka protocol.
+one-time storage format (cluster id kept in ``cluster-id``), the ``java`` command line, a probe
+that asks the broker for cluster metadata over the Kafka protocol, and authentication: one
+password per principal in ``credentials.json`` (0600), SASL listeners, ACL enforcement, and the
+SCRAM credentials set after every start (docs/operations.md, "Broker authentication and ACLs").
 """
 
 from __future__ import annotations
