@@ -21,7 +21,7 @@ lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy sealstream ingest encryptor indexer reader schemas admin delivery examples
 
-stack-up: $(STAMP)  ## Install (if missing) and start the six servers of the local stack
+stack-up: $(STAMP)  ## Install (if missing) and start the seven servers of the local stack
 	$(SEAL) stack up
 
 stack-down: $(STAMP)  ## Stop exactly what stack-up started

@@ -1,5 +1,5 @@
-"""The admin HTTP API: the `sealstream keys ...` operations for operators (tokens with the
-`admin` role). Quick operations answer at once; long ones start a background job (202) whose
+"""The admin HTTP API: the `sealstream keys ...` and `sealstream dlq ...` operations for
+operators (tokens with the `admin` role). Quick operations answer at once; long ones start a background job (202) whose
 progress and result are read from `/v1/jobs/{job_id}`.
 
 Every change to a chat's keys is recorded in the key audit trail with the operator's user id as
@@ -10,11 +10,13 @@ No response carries key material: DEK versions are described by number, state an
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,12 +26,25 @@ from schemas.changes import ChangeEvent
 from schemas.events import MAX_ID_LEN
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.adapters.postgres import ChatRow, IndexKeyConflict
+from sealstream.adapters.postgres import ChatRow, IndexKeyConflict, TopicKeyRepository
+from sealstream.dead_letters import (
+    MAX_LIST,
+    DeadLetterInfo,
+    LetterFilter,
+    LetterSource,
+    RecordSink,
+    ReplayLedger,
+    list_letters,
+    replay,
+    select,
+    show,
+)
 from sealstream.errors import KmsError, MembershipRefused
 from sealstream.http import ApiError, CurrentAdmin, MessageIdPath, install
 from sealstream.http import message_id as parse_message_id
 from sealstream.keys.index_keys import IndexKeys
 from sealstream.keys.service import KeyService
+from sealstream.keys.topic_keys import destroy_topic_keys
 from sealstream.lifecycle import (
     WorkerProgress,
     apply_retention,
@@ -47,9 +62,21 @@ from sealstream.text_rules import ID_PATTERN, MAX_REASON, TEXT_PATTERN, Reason, 
 TAG_KEYS = "keys"
 TAG_DATA = "deletion and retention"
 TAG_JOBS = "jobs"
+TAG_DLQ = "dead letters"
 # Tenant, master-key and region names. They become KMS URL paths: a name must start with a
 # letter or digit, so "." and ".." cannot step out of the key's path.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+@dataclass(frozen=True)
+class DeadLetterAccess:
+    """The dead-letter topic (a reader per request: a Kafka consumer is not shared between
+    threads), the acks=all publisher and the replay ledger (built by admin.wiring)."""
+
+    open_reader: Callable[[], AbstractContextManager[LetterSource]]
+    sink: RecordSink
+    ledger: ReplayLedger
+    messages_topic: str
 
 
 @dataclass(frozen=True)
@@ -64,6 +91,7 @@ class AdminContext:
     # Publishes a message deletion's change event for live delivery (None: not published).
     changes: Callable[[ChangeEvent], None] | None = None
     ids: Callable[[], int] | None = None  # event ids (the process's leased Snowflake generator)
+    dead_letters: DeadLetterAccess | None = None  # None: the dead-letter routes answer 404
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -226,6 +254,95 @@ def _report(report: object) -> dict[str, Any]:
     }
 
 
+# --- dead letters ----------------------------------------------------------------------------
+
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"  # Kafka's rule for topic names
+Stage = Literal["encryptor", "indexer"]
+
+
+class ReplayedOut(BaseModel):
+    times: int = Field(description="How many times the letter was replayed")
+    last_at: datetime
+    last_by: str
+    to_partition: int = Field(description="Where the last replay landed in the message topic")
+    to_offset: int
+
+
+class DeadLetterOut(BaseModel):
+    """A dead letter's metadata. Never its value, nor the values of its other headers."""
+
+    partition: int = Field(description="Its partition in the dead-letter topic")
+    offset: int = Field(description="Its offset there (with `partition`: its coordinates)")
+    at: datetime = Field(description="When it was dead-lettered")
+    stage: str = Field(description="encryptor | indexer: the stage that refused the record")
+    reason: str = Field(description="Why: names the field and the rule, never the text")
+    origin_topic: str = Field(description="The topic the record was read from (`dlq.topic`)")
+    origin_partition: int | None
+    origin_offset: int | None
+    chat_id: uuid.UUID | None = Field(description="The record key, when it is a chat id")
+    key_bytes: int = Field(description="Size of the record key (0: none)")
+    value_bytes: int | None = Field(description="Size of the value; null: the letter has none")
+    value_omitted: str | None = Field(
+        description="Why the letter carries no value (the dead-letter topic refused it)"
+    )
+    headers: list[str] = Field(description="Names of the record's own headers (not `dlq.*`)")
+    replayable: bool
+    not_replayable_because: str | None
+    replayed: ReplayedOut | None = Field(description="Its replays so far; null: never replayed")
+
+
+class DeadLettersOut(BaseModel):
+    dead_letters: list[DeadLetterOut] = Field(description="Oldest first")
+    truncated: bool = Field(description="More letters matched than `limit`: narrow the filter")
+
+
+class LetterRef(_Request):
+    partition: int = Field(ge=0, le=2**31 - 1)
+    offset: int = Field(ge=0, le=2**63 - 1)
+
+
+class ReplayIn(_Request):
+    letters: list[LetterRef] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_LIST,
+        description="The letters to replay by coordinates; or leave out and give a filter",
+    )
+    reason: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Reason contains (any case)"
+    )
+    stage: Stage | None = None
+    since: datetime | None = Field(default=None, description="Dead-lettered at or after")
+    until: datetime | None = Field(default=None, description="Dead-lettered before")
+    topic: str | None = Field(default=None, pattern=TOPIC_PATTERN, description="Origin topic")
+    chat_id: uuid.UUID | None = None
+    all: bool = Field(default=False, description="Every letter (no coordinates, no filter)")
+    dry_run: bool = Field(default=False, description="Check and report, publish nothing")
+    force: bool = Field(default=False, description="Replay letters replayed before too")
+
+
+class ReplayResultOut(BaseModel):
+    partition: int
+    offset: int
+    outcome: str = Field(
+        description="replayed | would_replay (dry run) | already_replayed (skipped; force to "
+        "replay again) | refused (no value, not from the message topic, or no key) | not_found"
+    )
+    detail: str
+    replayed_to_partition: int | None
+    replayed_to_offset: int | None
+
+
+class ReplayOut(BaseModel):
+    results: list[ReplayResultOut]
+    counts: dict[str, int] = Field(description="Letters per outcome")
+
+
+def _utc(when: datetime | None) -> datetime | None:
+    """A time without a zone is UTC."""
+    return when if when is None or when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 ChatId = Annotated[uuid.UUID, Path(description="The chat's UUID")]
 UserId = Annotated[
     str,
@@ -262,6 +379,11 @@ def create_app(
             {"name": TAG_KEYS, "description": "Data keys and master keys"},
             {"name": TAG_DATA, "description": "Deleting messages and chats, retention"},
             {"name": TAG_JOBS, "description": "Background jobs and the audit trail"},
+            {
+                "name": TAG_DLQ,
+                "description": "Records the workers refused: their metadata (never a value) "
+                "and their replay into the message topic",
+            },
         ],
     )
     install(app, "admin", settings.auth, ready)
@@ -641,7 +763,8 @@ def create_app(
         response_model=JobOut,
         status_code=202,
         tags=[TAG_DATA],
-        summary="Apply retention: remove expired messages, destroy DEK versions none uses",
+        summary="Apply retention: remove expired messages, destroy DEK versions none uses "
+        "and topic keys past the message topic's retention",
     )
     def retention_run(admin: CurrentAdmin) -> JobOut:
         keys = keys_for(admin)
@@ -650,9 +773,181 @@ def create_app(
             report = apply_retention(
                 keys, ctx.index, ctx.store, progress=lambda n: progress(chats=n)
             )
-            return _report(report)
+            # Sealed Kafka records past the topic's retention: crypto-shred them (their keys).
+            topic_keys = destroy_topic_keys(
+                TopicKeyRepository(keys.repo.db), settings.kafka, actor=f"admin:{admin}"
+            )
+            return {**_report(report), "topic_keys_destroyed": len(topic_keys)}
 
         return _job(jobs.submit("retention", admin, run))
+
+    # --- dead letters --------------------------------------------------------------------------
+
+    _NO_DLQ: dict[int | str, dict[str, Any]] = {
+        404: {"description": "No such dead letter, or dead letters are not configured here"}
+    }
+    replaying = threading.Lock()  # one replay at a time: two would both publish a letter
+
+    def dead_letters() -> DeadLetterAccess:
+        if ctx.dead_letters is None:
+            raise ApiError(404, "not_found", "dead letters are not configured here")
+        return ctx.dead_letters
+
+    def letters_out(
+        access: DeadLetterAccess, topic: str, infos: list[DeadLetterInfo]
+    ) -> list[DeadLetterOut]:
+        replayed = access.ledger.replayed(topic, [i.coordinates for i in infos])
+        out = []
+        for info in infos:
+            why = info.unreplayable(access.messages_topic)
+            again = replayed.get(info.coordinates)
+            fields = {k: v for k, v in asdict(info).items() if k != "headers"}
+            out.append(
+                DeadLetterOut(
+                    **fields,
+                    headers=list(info.headers),
+                    replayable=why is None,
+                    not_replayable_because=why,
+                    replayed=None
+                    if again is None
+                    else ReplayedOut(
+                        times=again.replays,
+                        last_at=again.last_replayed_at,
+                        last_by=again.last_replayed_by,
+                        to_partition=again.replayed_partition,
+                        to_offset=again.replayed_offset,
+                    ),
+                )
+            )
+        return out
+
+    @app.get(
+        "/v1/dead-letters",
+        response_model=DeadLettersOut,
+        responses=_NO_DLQ,
+        tags=[TAG_DLQ],
+        summary="Dead letters with stage, reason and origin, oldest first (never a value)",
+    )
+    def list_dead_letters(
+        admin: CurrentAdmin,
+        reason: Annotated[
+            str | None,
+            Query(min_length=1, max_length=200, description="Reason contains (any case)"),
+        ] = None,
+        stage: Annotated[Stage | None, Query()] = None,
+        since: Annotated[datetime | None, Query(description="Dead-lettered at or after")] = None,
+        until: Annotated[datetime | None, Query(description="Dead-lettered before")] = None,
+        topic: Annotated[
+            str | None, Query(pattern=TOPIC_PATTERN, description="Origin topic (`dlq.topic`)")
+        ] = None,
+        chat_id: Annotated[uuid.UUID | None, Query(description="The record key")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 100,
+    ) -> DeadLettersOut:
+        access = dead_letters()
+        where = LetterFilter(
+            reason=reason,
+            stage=stage,
+            since=_utc(since),
+            until=_utc(until),
+            origin_topic=topic,
+            chat_id=None if chat_id is None else str(chat_id),
+        )
+        with access.open_reader() as reader:
+            page = list_letters(reader, where, limit)
+            return DeadLettersOut(
+                dead_letters=letters_out(access, reader.topic, page.letters),
+                truncated=page.truncated,
+            )
+
+    @app.get(
+        "/v1/dead-letters/{partition}/{offset}",
+        response_model=DeadLetterOut,
+        responses=_NO_DLQ,
+        tags=[TAG_DLQ],
+        summary="One dead letter's metadata by its coordinates (never its value)",
+    )
+    def show_dead_letter(
+        admin: CurrentAdmin,
+        partition: Annotated[int, Path(ge=0, le=2**31 - 1)],
+        offset: Annotated[int, Path(ge=0, le=2**63 - 1)],
+    ) -> DeadLetterOut:
+        access = dead_letters()
+        with access.open_reader() as reader:
+            info = show(reader, partition, offset)
+            if info is None:
+                raise ApiError(
+                    404, "not_found", f"no dead letter at {partition}:{offset}", "path.offset"
+                )
+            [out] = letters_out(access, reader.topic, [info])
+            return out
+
+    @app.post(
+        "/v1/dead-letters/replay",
+        response_model=ReplayOut,
+        responses={
+            **_NO_DLQ,
+            422: {
+                "description": "Coordinates and a filter both given, or neither (nor `all`), "
+                f"or more than {MAX_LIST} letters match"
+            },
+        },
+        tags=[TAG_DLQ],
+        summary="Replay dead letters into the message topic after a fix (once each unless forced)",
+    )
+    def replay_dead_letters(admin: CurrentAdmin, body: ReplayIn) -> ReplayOut:
+        access = dead_letters()
+        filtered = any(
+            v is not None
+            for v in (body.reason, body.stage, body.since, body.until, body.topic, body.chat_id)
+        )
+        if body.letters is not None and (filtered or body.all):
+            raise ApiError(
+                422, "invalid_request", "body: give letters or a filter, not both", "body.letters"
+            )
+        if body.letters is None and not (filtered or body.all):
+            raise ApiError(
+                422, "invalid_request", "body: give letters, a filter, or all=true", "body"
+            )
+        with access.open_reader() as reader, replaying:
+            if body.letters is not None:
+                chosen = [(ref.partition, ref.offset) for ref in body.letters]
+            else:
+                where = LetterFilter(
+                    reason=body.reason,
+                    stage=body.stage,
+                    since=_utc(body.since),
+                    until=_utc(body.until),
+                    origin_topic=body.topic,
+                    chat_id=None if body.chat_id is None else str(body.chat_id),
+                )
+                try:
+                    chosen = select(reader, where)
+                except ValueError as exc:
+                    raise ApiError(422, "invalid_request", str(exc), "body") from None
+            report = replay(
+                reader,
+                access.sink,
+                access.ledger,
+                chosen,
+                messages_topic=access.messages_topic,
+                actor=f"admin:{admin}",
+                force=body.force,
+                dry_run=body.dry_run,
+            )
+        return ReplayOut(
+            results=[
+                ReplayResultOut(
+                    partition=r.partition,
+                    offset=r.offset,
+                    outcome=r.outcome,
+                    detail=r.detail,
+                    replayed_to_partition=r.replayed_to[0] if r.replayed_to else None,
+                    replayed_to_offset=r.replayed_to[1] if r.replayed_to else None,
+                )
+                for r in report.results
+            ],
+            counts=report.counts(),
+        )
 
     # --- jobs and audit ------------------------------------------------------------------------
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 
 from fastapi import FastAPI
 
-from admin.api import AdminContext, create_app
+from admin.api import AdminContext, DeadLetterAccess, create_app
 from admin.jobs import JobRunner
 from schemas.changes import ChangeEvent
-from sealstream.adapters.kafka import ConsumerGroupsProgress, Publisher
-from sealstream.adapters.postgres import Database
+from sealstream.adapters.kafka import ConsumerGroupsProgress, DeadLetterReader, Publisher
+from sealstream.adapters.postgres import Database, DeadLetterReplays
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -51,6 +51,12 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
                 index_keys(settings, database, actor=SERVICE),
                 changes=publish_change,
                 ids=ids.next_id,
+                dead_letters=DeadLetterAccess(
+                    open_reader=lambda: closing(DeadLetterReader(settings.kafka)),
+                    sink=publisher,  # acks=all, idempotent: replays are acknowledged like posts
+                    ledger=DeadLetterReplays(database),
+                    messages_topic=settings.kafka.messages_topic,
+                ),
             ),
             jobs,
             settings,

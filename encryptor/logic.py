@@ -64,7 +64,7 @@ class MessageSink(Protocol):
 
 
 def decode(record: RawRecord) -> MessageRecord | Rejected:
-    decoded = decode_record(record.value, record.key)
+    decoded = decode_record(record.value, record.key, record.event_id)
     return Rejected(record, decoded) if isinstance(decoded, str) else decoded
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from schemas.events import MessageRecord
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 
@@ -44,11 +45,13 @@ class MessageLookup(Protocol):
 
 
 class RecordPublisher(Protocol):
-    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Publish (key, value) records; return once the broker acknowledged every one of them.
+    async def publish(self, topic: str, records: Sequence[MessageRecord]) -> None:
+        """Publish the records (sealed, unless sealing is off: docs/format.md "Sealed Kafka
+        records"); return once the broker acknowledged every one of them.
 
         Raises `StoreUnavailable` (retriable) when they were not acknowledged within the
-        publish deadline: an *unknown* outcome, since the broker may still get them later."""
+        publish deadline (an *unknown* outcome, since the broker may still get them later), or
+        when the topic key could not be had (Postgres or the KMS did not answer)."""
 
 
 @dataclass(frozen=True)

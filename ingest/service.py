@@ -329,7 +329,7 @@ class IngestService:
         else:
             plan = await self._in_thread(self._plan, user, chat_id, items, fields)
         if plan.records:
-            await self.publisher.publish(self.topic, [(r.key(), r.value()) for r in plan.records])
+            await self.publisher.publish(self.topic, plan.records)
         if plan.claimed:
             try:
                 await self._in_thread(self._acknowledge, chat_id, user, plan.claimed)
@@ -388,7 +388,7 @@ class IngestService:
             text=text,
             sent_at=self._now(),
         )
-        await self.publisher.publish(self.topic, [(record.key(), record.value())])
+        await self.publisher.publish(self.topic, [record])
         CHANGES.labels(kind).inc()
         return Change(kind, message_id, event_id)
 

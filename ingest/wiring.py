@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
@@ -15,14 +16,16 @@ from fastapi import FastAPI
 from ingest.api import create_app
 from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
+from schemas.events import MessageRecord
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import Publisher, kafka_client_config
+from sealstream.adapters.kafka import Headers, Publisher, kafka_client_config
 from sealstream.adapters.postgres import ChatRow, Database
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import StoreUnavailable, WorkerIdConflict
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
+from sealstream.record_seal import RecordSealer, record_sealer
 from sealstream.settings import CassandraSettings, KafkaSettings, Settings
 from sealstream.wiring import key_service
 from sealstream.worker_ids import LeasedIds, lease_worker_id
@@ -54,15 +57,44 @@ class KeyServiceChats:
 
 
 class AckedPublisher:
-    """`RecordPublisher` on the shared acks=all producer: awaits every acknowledgement for at
-    most `deadline` seconds, on the event loop (no thread waits for Kafka)."""
+    """`RecordPublisher` on the shared acks=all producer: seals each record (when a `sealer` is
+    given: `kafka.seal_records`), then awaits every acknowledgement for at most `deadline`
+    seconds, on the event loop (no thread waits for Kafka)."""
 
-    def __init__(self, publisher: Publisher, deadline: float) -> None:
+    def __init__(
+        self, publisher: Publisher, deadline: float, sealer: RecordSealer | None = None
+    ) -> None:
         self.publisher = publisher
         self.deadline = deadline
+        self.sealer = sealer
 
-    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        await self.publisher.publish_async(topic, items, timeout=self.deadline)
+    async def publish(self, topic: str, records: Sequence[MessageRecord]) -> None:
+        if self.sealer is None:
+            items = [(r.key(), r.value()) for r in records]
+            await self.publisher.publish_async(topic, items, timeout=self.deadline)
+            return
+        if self.sealer.ready(topic):
+            # The slot's key is in memory: AES-GCM of a batch takes microseconds per record.
+            sealed = _sealed(self.sealer, topic, records)
+        else:
+            # Once per slot (an hour): Postgres and maybe the KMS, off the event loop.
+            sealed = await asyncio.to_thread(_sealed, self.sealer, topic, records)
+        await self.publisher.publish_async(
+            topic,
+            [(key, value) for key, value, _ in sealed],
+            timeout=self.deadline,
+            record_headers=[headers for _, _, headers in sealed],
+        )
+
+
+def _sealed(
+    sealer: RecordSealer, topic: str, records: Sequence[MessageRecord]
+) -> list[tuple[bytes, bytes, Headers]]:
+    keys = [record.key() for record in records]
+    sealed = sealer.seal_many(
+        topic, [(key, r.change_id, r.value()) for key, r in zip(keys, records, strict=True)]
+    )
+    return [(key, value, list(headers)) for key, (value, headers) in zip(keys, sealed, strict=True)]
 
 
 class StoredMessages:
@@ -144,6 +176,15 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         # 43 % (docs/benchmarks.md), for one more millisecond per post.
         publisher = Publisher(settings.kafka, client_id=f"ingest-{ids.worker_id}", linger_ms=1)
         stack.callback(publisher.close)
+        # Every record is sealed under the topic's current key (docs/format.md); the gateway's
+        # pool and KMS deadline apply to getting that key, once per rotation slot.
+        sealer = (
+            record_sealer(settings, database, kms_deadline=deadlines.kms_deadline_seconds)
+            if settings.kafka.seal_records
+            else None
+        )
+        if sealer is not None:
+            stack.callback(sealer.close)
         claims = PostgresClaims(database, deadlines.idempotency_window_hours)
         claims.start_purging()
         stack.callback(claims.close)
@@ -154,7 +195,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = IngestService(
             chats=chats,
-            publisher=AckedPublisher(publisher, deadlines.kafka_deadline_seconds),
+            publisher=AckedPublisher(publisher, deadlines.kafka_deadline_seconds, sealer),
             ids=ids,
             claims=claims,
             fingerprints=TextFingerprints(deadlines.fingerprint_key(settings.auth)),

@@ -170,12 +170,17 @@ def describe(error: ValidationError) -> str:
     return "; ".join(parts)[:500]
 
 
-def decode_record(value: bytes, key: bytes | None) -> MessageRecord | str:
+def decode_record(
+    value: bytes, key: bytes | None, sealed_event_id: int | None = None
+) -> MessageRecord | str:
     """Parse a record from the message topic; on failure return the reason (for the DLQ).
 
     The key is part of the contract: a record without one is refused like one whose key does not
     match, since the workers read each batch's deletion state by key (sealstream.deletion_state)
-    and a keyless record would slip past it into a deleted or expired chat.
+    and a keyless record would slip past it into a deleted or expired chat. `sealed_event_id`:
+    the event id a sealed record's `sealstream.event_id` header named (and its seal bound); the
+    decoded record must carry the same (`change_id`), so the id consumers deduplicate by is the
+    one the producer sealed (docs/format.md "Sealed Kafka records").
     """
     try:
         message = MessageRecord.model_validate_json(value)
@@ -185,4 +190,6 @@ def decode_record(value: bytes, key: bytes | None) -> MessageRecord | str:
         return "record has no key; the key must be chat_id (per-chat ordering, deletion checks)"
     if key != message.key():
         return "record key does not match chat_id (breaks per-chat ordering)"
+    if sealed_event_id is not None and sealed_event_id != message.change_id:
+        return "header sealstream.event_id does not match the record's event id"
     return message

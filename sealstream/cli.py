@@ -1,4 +1,5 @@
-"""The `sealstream` command line: stack control, migrations, services, demo and benchmarks."""
+"""The `sealstream` command line: stack control, migrations, services, demo, benchmarks, and the
+operators' key, search and dead-letter commands."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sealstream.settings import StackSettings
+
+if TYPE_CHECKING:
+    from sealstream.settings import Settings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext, StackError
 from sealstream.wiring import key_service, message_stores
@@ -20,7 +24,7 @@ from sealstream.wiring import key_service, message_stores
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 app = typer.Typer(help="Sealstream: server-side encrypted chat pipeline.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack of six real servers.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack of seven real servers.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 console = Console()
 
@@ -320,11 +324,35 @@ def keys_retention(
                 store,
                 progress=lambda n: bar.update(task, completed=n, description=f"chats {n}"),
             )
+        topic_keys = _destroy_topic_keys(settings)
     console.print(
         f"{report.chats} chats with retention: {report.rows_deleted} rows, "
         f"{report.index_documents_deleted} index documents removed, "
-        f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s)"
+        f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s); "
+        f"{len(topic_keys)} topic keys destroyed"
     )
+
+
+def _destroy_topic_keys(settings: Settings) -> list[str]:
+    from sealstream.adapters.postgres import Database, TopicKeyRepository
+    from sealstream.keys.topic_keys import destroy_topic_keys
+
+    db = Database(settings.postgres)
+    db.open()
+    try:
+        return destroy_topic_keys(TopicKeyRepository(db), settings.kafka, actor="cli")
+    finally:
+        db.close()
+
+
+@keys_app.command("destroy-topic-keys")
+def keys_destroy_topic_keys() -> None:
+    """Destroy the message topic's keys past its retention + segment roll (crypto-shredding
+    what Kafka and its backups still hold of them); also run by `keys retention`."""
+    from sealstream.settings import Settings
+
+    destroyed = _destroy_topic_keys(Settings())
+    console.print(f"{len(destroyed)} topic keys destroyed")
 
 
 @keys_app.command("audit")
@@ -357,7 +385,8 @@ def keys_audit(
 
 @app.command("migrate")
 def migrate() -> None:
-    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas (idempotent)."""
+    """Apply Postgres, Cassandra, OpenSearch, Kafka and Transit schemas and create the
+    attachments bucket (idempotent)."""
     from sealstream.migrate import migrate_all
     from sealstream.settings import Settings
 
@@ -444,7 +473,7 @@ def bench(
         str,
         typer.Argument(
             help="crypto | keys | pipeline | consumer | lifecycle | durability | throughput | "
-            "gateway | search | delivery | all"
+            "gateway | search | delivery | attachments | all"
         ),
     ] = "all",
     quick: Annotated[
@@ -481,6 +510,7 @@ def bench(
 ) -> None:
     """Run benchmarks on this machine and print their figures (docs/benchmarks.md)."""
     from sealstream.bench import (
+        attachments_bench,
         consumer_bench,
         crypto_bench,
         delivery_bench,
@@ -502,6 +532,7 @@ def bench(
         "gateway": gateway_bench.run,
         "search": lambda: search_bench.run(messages=messages, log=console.print),
         "delivery": lambda: delivery_bench.run(clients=idle_clients, rate=rate, log=console.print),
+        "attachments": attachments_bench.run,
     }
     if which == "throughput" or which == "all":
         from dataclasses import replace
@@ -672,6 +703,24 @@ def _add_search() -> None:
 
 
 _add_search()
+
+
+def _add_dead_letters() -> None:
+    from sealstream.dead_letters_cli import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
+
+_add_dead_letters()
+
+
+def _add_attachments() -> None:
+    from sealstream.attachments_cli import attachments_app
+
+    app.add_typer(attachments_app, name="attachments")
+
+
+_add_attachments()
 
 
 def main() -> None:

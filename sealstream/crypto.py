@@ -1,6 +1,8 @@
 """Per-message envelope encryption for Sealstream (envelope formats v1 and v2).
 
-This is the only module in the project that touches HKDF, AES-GCM, salts or nonces. The byte
+This module and its sibling ``sealstream/file_crypto.py`` (attachment files, which use the
+``ChatKey`` defined here) are the only ones in the project that touch HKDF, AES-GCM, salts or
+nonces. The byte
 format, derivation strings, check order and rationale are specified in ``docs/format.md``; the
 test vectors in ``tests/vectors/envelope_v1.json`` and ``envelope_v2.json`` pin it down byte for
 byte. Keep the three in step: any change to the bytes produced here needs a new format version,

@@ -131,7 +131,7 @@ def admitted_records(
     admitted: list[tuple[RawRecord, MessageRecord]] = []
     rejected: list[Rejected] = []
     for record in records:
-        decoded = decode_record(record.value, record.key)
+        decoded = decode_record(record.value, record.key, record.event_id)
         if isinstance(decoded, str):
             rejected.append(Rejected(record, decoded))
         elif deletion.unknown(decoded.chat_id):

@@ -75,3 +75,14 @@ class WorkerIdConflict(SealstreamError):
 class MembershipRefused(SealstreamError):
     """A participant change the chat cannot take: removing its last participant (delete the chat
     instead) or adding one past the limit of 1,000 (the `chats` table's CHECK). Not retriable."""
+
+
+class SealRefused(SealstreamError):
+    """A record of the message topic can never be opened as it is: not sealed, a header missing
+    or malformed, tampered bytes or a wrong binding (topic, record key, event id, key id, format
+    version), or a topic key unknown, of another topic or destroyed. Permanent: the consumer
+    dead-letters the record with `reason`, which names the header or field and never a value."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,24 +1,32 @@
 """The message topic for Faust apps of downstream consumers: the record, its codec, its topic.
 
 Owns `MessageEvent` (a `faust.Record` with the fields and types of `schemas.events.MessageRecord`),
-the codec `sealstream.message.v1` that turns the topic's JSON values into it (validated by that
+the codec `sealstream.message.v1` that turns the record's plaintext JSON into it (validated by that
 same pydantic model, so a Faust app accepts exactly what the encryptor and indexer accept), and
-`MessageTopic`, a `faust.Topic` that skips and counts the records the schema refuses instead of
-crashing the agent. Usage and the choices behind it: docs/faust.md.
+`MessageTopic`, a `faust.Topic` that opens each sealed value before decoding it and skips and
+counts the records it refuses instead of crashing the agent. Usage and the choices behind it:
+docs/faust.md.
 
-Shapes: the record key is the chat id, UTF-8 of its canonical text (36 bytes); the value is UTF-8
-JSON (`MessageRecord.value()`); the gateway sets no headers. Nothing here ever puts message text
-into a log line, an exception or a `repr`.
+Shapes: the record key is the chat id, UTF-8 of its canonical text (36 bytes); the value is sealed
+(docs/format.md, "Sealed Kafka records": an AEAD blob bound to topic, key and event id) with the
+headers `sealstream.key_id` and `sealstream.event_id`. Opening is the consumer library's own code
+(`sealstream.consumer.open_message`), run off the event loop; a retriable failure (KMS or Postgres
+down) holds the partition and retries, never skips. Nothing here ever puts message text into a
+log line, an exception or a `repr`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Optional
+from weakref import WeakKeyDictionary
 
 import faust
 from faust.exceptions import KeyDecodeError, ValueDecodeError
@@ -29,7 +37,9 @@ from pydantic import ValidationError
 from schemas.events import SCHEMA_VERSION, MessageRecord, describe
 from schemas.ids import id_millis
 from sealstream.adapters.kafka import kafka_client_config
-from sealstream.errors import InvalidMessage
+from sealstream.consumer import MAX_BACKOFF_S, Opener, open_message
+from sealstream.consumer import NO_VALUE as NO_VALUE
+from sealstream.errors import InvalidMessage, SealstreamError
 from sealstream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -74,7 +84,6 @@ CODEC_NAME = "sealstream.message.v1"
 # letters (a unit test keeps them in step), so one refused record reads the same everywhere.
 NO_KEY = "record has no key; the key must be chat_id (per-chat ordering, deletion checks)"
 KEY_MISMATCH = "record key does not match chat_id (breaks per-chat ordering)"
-NO_VALUE = "record has no value (the message topic has no tombstones or deletion records)"
 
 
 class InvalidMessageRecord(InvalidMessage, ValueError):
@@ -187,17 +196,64 @@ def key_refusal(key: bytes | None, chat_id: uuid.UUID) -> str | None:
     return None
 
 
-class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, MessageEvent value
-    """Key bytes + `MessageEvent` value, refusing what the workers refuse: no value (a tombstone),
-    a value schema v1 refuses, no key, a key that is not the value's chat id."""
+Outcome = MessageRecord | str  # the validated record, or why it is refused
 
-    def __init__(self) -> None:
+
+class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, MessageEvent value
+    """Key bytes + `MessageEvent` value of a sealed record, refusing what the workers refuse: no
+    value (a tombstone), a seal that does not open (not sealed, tampered, wrong binding, key
+    unknown or destroyed), a value schema v1 refuses, no key, a key that is not the chat id.
+
+    `opener` opens sealed values (`sealstream.record_seal.RecordOpener`, or `OpenerOnFirstUse`);
+    `sealed_only` (setting `kafka.seal_records`) refuses unsealed records, else reads them as
+    plaintext. `MessageTopic` opens each value off the event loop first (`open_value`);
+    `loads_value` opens it itself, blocking, only for a message that did not pass there.
+    """
+
+    def __init__(self, opener: Opener, sealed_only: bool = True) -> None:
         super().__init__(
             key_type=bytes,
             value_type=MessageEvent,
             key_serializer="raw",
             value_serializer=CODEC_NAME,
         )
+        self.opener = opener
+        self.sealed_only = sealed_only
+        # Outcome per message, from `open_value` to `loads_value`; gone with the message.
+        self._opened: WeakKeyDictionary[Message, Outcome] = WeakKeyDictionary()
+
+    def _open(self, message: Message) -> Outcome:
+        return open_message(
+            self.opener,
+            message.topic,
+            message.key,
+            _header_pairs(message.headers),
+            message.value,
+            sealed_only=self.sealed_only,
+        )
+
+    async def open_value(self, message: Message) -> None:
+        """Open `message` in a worker thread (the KMS or Postgres may be called), retrying with
+        backoff while they are down: the partition waits, the record is never skipped."""
+        if message in self._opened:
+            return
+        delay = 0.1
+        while True:
+            try:
+                self._opened[message] = await asyncio.to_thread(self._open, message)
+                return
+            except SealstreamError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning(
+                    "cannot open records now (%s); retrying in %.1f s (topic %s, partition %s)",
+                    type(exc).__name__,
+                    delay,
+                    message.topic,
+                    message.partition,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     def loads_value(
         self,
@@ -207,13 +263,49 @@ class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, Messa
         loads: Any = None,
         serializer: Any = None,
     ) -> Any:
-        if message.value is None:
-            raise ValueDecodeError(NO_VALUE)
-        event = super().loads_value(app, message, loads=loads, serializer=serializer)
-        refusal = key_refusal(message.key, event.chat_id)
-        if refusal is not None:
-            raise ValueDecodeError(refusal)
-        return event
+        outcome = self._opened.get(message)
+        if outcome is None:
+            outcome = self._open(message)
+        if isinstance(outcome, str):
+            raise ValueDecodeError(outcome)
+        return MessageEvent.from_record(outcome)
+
+
+def _header_pairs(headers: Any) -> list[tuple[str, bytes]] | None:
+    """Faust's headers (a list of pairs or a mapping) as (name, bytes) pairs."""
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return [(str(k), bytes(v)) for k, v in pairs if v is not None]
+
+
+class OpenerOnFirstUse:
+    """An `Opener` built by `factory` at its first use (in a worker thread), so that building a
+    Faust app connects to nothing (`faust -A` imports the module); `close()` closes it."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._opener: Any = None
+        self._lock = threading.Lock()
+
+    def open(
+        self,
+        topic: str,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None,
+        value: bytes,
+    ) -> bytes:
+        with self._lock:
+            if self._opener is None:
+                self._opener = self._factory()  # StoreUnavailable while Postgres is down
+            opener = self._opener
+        return bytes(opener.open(topic, key, headers, value))
+
+    def close(self) -> None:
+        with self._lock:
+            opener, self._opener = self._opener, None
+        if opener is not None:
+            opener.close()
 
 
 class RefusedRecords:
@@ -257,6 +349,20 @@ class MessageTopic(faust.Topic):
         # Agents iterate a clone of the topic: it must count into the same `refusals`.
         return {**super()._clone_args(), "refusals": self.refusals}
 
+    def _compile_decode(self) -> None:
+        # Faust decodes through a compiled function that calls the schema's synchronous
+        # `loads_value`; opening may call the KMS, so it runs first, awaited, off the loop.
+        super()._compile_decode()
+        decode_opened = self.decode
+        schema = self.schema
+
+        async def decode(message: Message, *, propagate: bool = False) -> Any:
+            if isinstance(schema, MessageSchema) and message.value is not None:
+                await schema.open_value(message)
+            return await decode_opened(message, propagate=propagate)
+
+        self.decode = decode  # type: ignore[method-assign]
+
     async def declare(self) -> None:
         """Never create the message topic: a Faust-made one would keep plaintext for the
         broker's default retention (7 days unless configured) instead of Sealstream's."""
@@ -275,7 +381,15 @@ def _reason(exc: Exception) -> str:
 
 
 def message_topic(
-    app: faust.App, name: str, refusals: RefusedRecords | None = None
+    app: faust.App,
+    name: str,
+    opener: Opener,
+    refusals: RefusedRecords | None = None,
+    sealed_only: bool = True,
 ) -> MessageTopic:
-    """The Sealstream message topic `name` (setting `SEALSTREAM_KAFKA__MESSAGES_TOPIC`) for `app`."""
-    return MessageTopic(app, topics=[name], schema=MessageSchema(), refusals=refusals)
+    """The Sealstream message topic `name` (setting `SEALSTREAM_KAFKA__MESSAGES_TOPIC`) for `app`,
+    its sealed values opened by `opener` (`sealstream.record_seal.record_opener(settings)`, or
+    `OpenerOnFirstUse` of it); `sealed_only`: setting `kafka.seal_records`."""
+    return MessageTopic(
+        app, topics=[name], schema=MessageSchema(opener, sealed_only), refusals=refusals
+    )

@@ -1,7 +1,8 @@
 """`sealstream migrate`: applies every schema the pipeline needs, idempotently.
 
 Postgres (versioned SQL files), Cassandra (keyspace + tables), the OpenSearch index with its
-mapping, the Kafka topics and their ACLs, and the default tenant's Transit master key. Topic configs and the
+mapping, the Kafka topics and their ACLs, the default tenant's Transit master key, and the object
+store's attachments bucket. Topic configs and the
 index's dynamic durability settings are re-applied on every run, so an existing deployment gets
 them too.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import apply_acls, ensure_topics
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.vault import TransitKms
@@ -49,4 +51,11 @@ def migrate_all(settings: Settings) -> dict[str, object]:
     # As the admin principal (a super user): each service's rights on these topics and groups.
     if settings.kafka.security_protocol != "PLAINTEXT":
         report["kafka acls"] = f"{apply_acls(settings.kafka)} bindings (docs/operations.md)"
+    objects = ObjectStore(settings.object_store)
+    try:
+        # The attachments bucket, and a lifecycle rule for abandoned multipart uploads where the
+        # store has lifecycle rules (S3Proxy has none: `sealstream attachments sweep-uploads`).
+        report["objects"] = objects.ensure_bucket()
+    finally:
+        objects.close()
     return report

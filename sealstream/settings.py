@@ -33,6 +33,7 @@ OPENSEARCH_TRANSPORT_PORT = 19300
 POSTGRES_PORT = 15432
 REDIS_PORT = 16379
 OPENBAO_PORT = 18200
+S3PROXY_PORT = 19000
 INGEST_PORT = 8443
 READER_PORT = 8444
 ENCRYPTOR_PORT = 8445
@@ -56,10 +57,12 @@ class StackSettings(BaseSettings):
     postgres_port: int = POSTGRES_PORT
     redis_port: int = REDIS_PORT
     openbao_port: int = OPENBAO_PORT
+    s3proxy_port: int = S3PROXY_PORT
     # Heaps are sized so all six servers fit together in a few GiB (see README "Memory").
     kafka_heap_mb: int = 512
     cassandra_heap_mb: int = 1024
     opensearch_heap_mb: int = 768
+    s3proxy_heap_mb: int = 256
     # Durability of the local stack (docs/operations.md, "Durability"). The defaults sync before
     # acknowledging; the other values exist only to measure what that costs (docs/stack.md).
     postgres_fsync: bool = True
@@ -94,7 +97,8 @@ class KafkaSettings(BaseModel):
     encryptor_group: str = "sealstream-encryptor"
     indexer_group: str = "sealstream-indexer"
     partitions: int = 6
-    # The message topic holds plaintext: keep it short-lived (docs/security.md).
+    # Records are sealed (seal_records), and a topic key is destroyed once every record sealed
+    # under it is past this retention (docs/security.md): keep it short all the same.
     retention_ms: int = 24 * 3600 * 1000
     # Topic durability (docs/operations.md, "Durability"): the local broker is alone, so 1 and 1;
     # production runs 3 brokers with replication_factor 3 and min_insync_replicas 2.
@@ -110,6 +114,19 @@ class KafkaSettings(BaseModel):
     # How long a revocation waits for the batch in hand to finish (then commits it) before it
     # abandons that partition's records uncommitted to the new owner. Below max_poll_interval_ms.
     revoke_wait_ms: int = Field(default=5_000, ge=0)
+    # Sealed message topic (docs/format.md "Sealed Kafka records", docs/operations.md "Topic
+    # keys"): producers seal every record's value under the topic key of the current rotation
+    # slot; consumers open it. Off: producers publish plaintext and consumers still open sealed
+    # records (so switching it off never dead-letters what was sealed before), only to measure
+    # the cost (`sealstream bench pipeline`) or to read an old plaintext backlog.
+    seal_records: bool = True
+    # One topic data key per topic per slot of this length; every producer uses the same one.
+    topic_key_rotation_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # How long a consumer keeps a topic key it unwrapped (memory only, looked up by key id).
+    topic_key_cache_seconds: float = Field(default=300.0, gt=0)
+    # Added to retention + segment roll before a topic key is destroyed: producers' clock skew,
+    # the broker's log.retention.check.interval.ms (5 min) and file.delete.delay.ms (1 min).
+    topic_key_destroy_grace_ms: int = Field(default=15 * 60 * 1000, ge=0)
 
     def acting_as(self, principal: str) -> KafkaSettings:
         """These settings with `principal` as the username, unless one was configured: the
@@ -259,6 +276,59 @@ class OpenSearchSettings(BaseModel):
 
     url: str = f"http://127.0.0.1:{OPENSEARCH_PORT}"
     index_prefix: str = "sealstream"
+
+
+class ObjectStoreSettings(BaseModel):
+    """The S3-compatible object store that holds encrypted attachments (``SEALSTREAM_OBJECT_STORE__*``,
+    adapter `sealstream.adapters.object_store`, docs/operations.md "Object store").
+
+    Locally S3Proxy (`sealstream stack up`), which writes its generated credentials to
+    `credentials_file`; production sets `access_key` and `secret_key` (or a file of its own).
+    """
+
+    model_config = {"frozen": True}
+
+    endpoint: str = f"http://127.0.0.1:{S3PROXY_PORT}"
+    bucket: str = Field(default="sealstream-attachments", min_length=3, max_length=63)
+    region: str = "us-east-1"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    # Local stack only: `stack up` writes `{"access_key": ..., "secret_key": ...}` here (0600).
+    credentials_file: Path = DEFAULT_STACK_DIR / "s3proxy" / "credentials.json"
+    # Path-style URLs (`endpoint/bucket/key`): S3Proxy and most self-hosted stores need them.
+    path_style: bool = True
+    # Files at least this large go up as multipart uploads of parts this size; S3 refuses parts
+    # under 5 MiB (except the last) and more than 10,000 parts, so 8 MiB covers files to 78 GiB.
+    part_size_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
+    # botocore: connection set-up and per-read socket timeouts, attempts per request (first try
+    # included; retries back off, "standard" mode: throttling, 5xx and connection errors).
+    connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    read_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    # `sealstream attachments sweep-uploads` aborts multipart uploads started longer ago than this.
+    abandoned_upload_hours: float = Field(default=24.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectStoreSettings:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("object_store: set both access_key and secret_key, or neither")
+        return self
+
+    def resolved_credentials(self) -> tuple[str, SecretStr]:
+        """(access key id, secret access key): from the settings, else from `credentials_file`.
+
+        Raises ValueError naming what to set when neither is there.
+        """
+        if self.access_key is not None and self.secret_key is not None:
+            return self.access_key.get_secret_value(), self.secret_key
+        if self.credentials_file.exists():
+            data = json.loads(self.credentials_file.read_text())
+            return str(data["access_key"]), SecretStr(str(data["secret_key"]))
+        raise ValueError(
+            "no object-store credentials: set SEALSTREAM_OBJECT_STORE__ACCESS_KEY and "
+            f"SEALSTREAM_OBJECT_STORE__SECRET_KEY, or run `sealstream stack up` so that "
+            f"{self.credentials_file} exists"
+        )
 
 
 class KeyCacheSettings(BaseModel):
@@ -469,6 +539,7 @@ class Settings(BaseSettings):
     vault: VaultSettings = Field(default_factory=VaultSettings)
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
     keys: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     ingest: IngestHttp = Field(default_factory=IngestHttp)
     reader: ReaderHttp = Field(default_factory=ReaderHttp)

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -49,11 +49,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from sealstream.adapters.kafka import (
     DeadLetter,
+    Headers,
     Publisher,
     RecordRefused,
     dead_letter_headers,
     kafka_client_config,
 )
+from sealstream.errors import SealRefused
+from sealstream.record_seal import RecordOpener, is_sealed, record_opener
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -87,13 +90,30 @@ POLL_S = 0.2
 LAG_EVERY_S = 5.0
 
 
+RecordHeaders = tuple[tuple[str, bytes], ...]
+
+
 @dataclass(frozen=True)
 class RawRecord:
+    """A record as read from the message topic. Once opened by the runtime (sealed records,
+    docs/format.md), `value` is the plaintext, `sealed_value` the value as it was read and
+    `event_id` the `sealstream.event_id` its seal bound (the decoder checks the record's own);
+    `headers` are the record's Kafka headers as read. Dead letters carry `original_value` and
+    `headers`, never the opened value."""
+
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
+    headers: RecordHeaders = ()
+    sealed_value: bytes | None = None
+    event_id: int | None = None
+
+    @property
+    def original_value(self) -> bytes:
+        """The value exactly as it was read from Kafka (still sealed, if it was)."""
+        return self.sealed_value if self.sealed_value is not None else self.value
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,8 @@ def run_until_done(
 
 
 class DeadLetterWriter:
-    """Publishes dead letters: the record as it came (key, value) with `dlq.*` headers.
+    """Publishes dead letters: the record as it came (key, value still sealed, its own
+    headers) followed by the `dlq.*` headers.
 
     A record the dead-letter topic refuses for good (larger than the topic takes) is replaced by
     a letter with the same key and headers, no value, and a `dlq.value` header saying why: the
@@ -201,14 +222,18 @@ class DeadLetterWriter:
     def _publisher_for(self, letter: DeadLetter, owned: Callable[[RawRecord], bool]) -> Process:
         def publish(records: Sequence[RawRecord]) -> list[Rejected]:
             """Returns the letters published (as `Rejected`, for counting)."""
-            headers = dead_letter_headers(letter)
             sent: list[Rejected] = []
             for r in records:
                 if not owned(r):
                     continue
                 sent.append(Rejected(r, letter.reason))
+                # The record's own headers first (its seal's key and event id), then why: a
+                # replay republishes the original value with the headers not starting `dlq.`.
+                headers: Headers = [*r.headers, *dead_letter_headers(letter)]
                 try:
-                    self.publisher.publish(self.topic, [(r.key or b"", r.value)], headers=headers)
+                    self.publisher.publish(
+                        self.topic, [(r.key or b"", r.original_value)], headers=headers
+                    )
                 except RecordRefused as exc:
                     log.warning(
                         "dead letter published without its value",
@@ -320,6 +345,16 @@ def consumer_config(kafka: KafkaSettings, group_id: str, client_id: str) -> dict
     )
 
 
+def _record_headers(headers: object) -> RecordHeaders:
+    """confluent-kafka's headers (a list of (name, bytes | None), or None) as a tuple."""
+    if not headers:
+        return ()
+    pairs: list[tuple[str, bytes]] = []
+    for name, value in headers:  # type: ignore[attr-defined]
+        pairs.append((str(name), value if isinstance(value, bytes) else b""))
+    return tuple(pairs)
+
+
 class ConsumerRuntime:
     """Reads the message topic in batches in consumer group `group_id` until `stop` is set."""
 
@@ -333,9 +368,13 @@ class ConsumerRuntime:
         max_size: int = 500,
         max_wait: float = 0.05,
         stop: threading.Event | None = None,
+        opener: RecordOpener | None = None,
     ) -> None:
         self.stage = stage
         self.kafka = kafka
+        # Sealed records are opened with it before `process` sees them; with
+        # `kafka.seal_records` every record must be sealed, else unsealed ones pass as they are.
+        self.opener = opener
         self.group_id = group_id
         self.process = process
         self.dead_letters = dead_letters
@@ -454,9 +493,15 @@ class ConsumerRuntime:
             if (m.topic() or "", m.partition() or 0) not in self._owned:
                 continue
             value = m.value()
+            headers = m.headers()
             into.append(
                 RawRecord(
-                    m.topic() or "", m.partition() or 0, m.offset() or 0, m.key(), value or b""
+                    m.topic() or "",
+                    m.partition() or 0,
+                    m.offset() or 0,
+                    m.key(),
+                    value or b"",
+                    _record_headers(headers),
                 )
             )
 
@@ -501,7 +546,12 @@ class ConsumerRuntime:
 
         def attempt(_: Sequence[RawRecord]) -> list[Rejected]:
             live = batch.live()
-            return self.process(live) if live else []
+            if not live:
+                return []
+            # Opening is inside the retried attempt: Postgres or the KMS down (a topic key not
+            # to be had) holds the batch like any sink outage; only a refusal dead-letters.
+            opened, refused = self._open(live)
+            return [*refused, *(self.process(opened) if opened else [])]
 
         rejected = run_until_done(self.stage, attempt, batch.records, self.stop)
         rejected = [r for r in rejected if batch.owns(r.record)]
@@ -510,6 +560,27 @@ class ConsumerRuntime:
         # A partition may be abandoned while its letters are published (the topic is down): its
         # new owner letters those records, so they are left out here.
         return self.dead_letters.write(self.stage, rejected, self.stop, owned=batch.owns)
+
+    def _open(self, records: Sequence[RawRecord]) -> tuple[list[RawRecord], list[Rejected]]:
+        """The records with their values opened, and the refusals (not sealed while sealing is
+        required, tampered, a key unknown or destroyed). Raises `StoreUnavailable` when a key
+        cannot be fetched now (retried by the caller)."""
+        if self.opener is None:
+            return list(records), []
+        opened: list[RawRecord] = []
+        refused: list[Rejected] = []
+        required = self.kafka.seal_records
+        for r in records:
+            if not required and not is_sealed(r.headers):
+                opened.append(r)  # sealing off: a plaintext record is taken as it is
+                continue
+            try:
+                plain, event_id = self.opener.open_with_event_id(r.topic, r.key, r.headers, r.value)
+            except SealRefused as exc:
+                refused.append(Rejected(r, exc.reason))
+                continue
+            opened.append(replace(r, value=plain, sealed_value=r.value, event_id=event_id))
+        return opened, refused
 
     def _hold(self, consumer: Consumer, batch: Batch, work: BatchThread) -> None:
         """Keep the membership while the batch is retried: pause every partition and poll."""
@@ -655,6 +726,9 @@ def run_worker(
     """
     publisher = Publisher(settings.kafka, client_id=f"{stage}-dlq")
     stack.callback(publisher.close)
+    # Always: with sealing off, records sealed before are still opened (not dead-lettered).
+    opener = record_opener(settings)
+    stack.callback(opener.close)
     stop = threading.Event()
     stack.callback(stop.set)  # whatever ends the worker also ends a retry loop still running
     runtime = ConsumerRuntime(
@@ -666,6 +740,7 @@ def run_worker(
         max_size=max_size,
         max_wait=max_wait,
         stop=stop,
+        opener=opener,
     )
 
     def on_signal(signum: int, _frame: object) -> None:

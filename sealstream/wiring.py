@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import DeadLetterReader, Publisher
 from sealstream.adapters.opensearch import SearchIndex
-from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.adapters.postgres import ChatKeyRepository, Database, DeadLetterReplays
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.keys.index_keys import IndexKeys
 from sealstream.keys.router import KmsRouter
@@ -85,3 +86,18 @@ def index_keys(settings: Settings, database: Database, actor: str = "sealstream"
         key_ttl_seconds=settings.keys.ttl_seconds,
         actor=actor,
     )
+
+
+@contextmanager
+def dead_letter_tools(
+    settings: Settings, database: Database
+) -> Iterator[tuple[DeadLetterReader, Publisher, DeadLetterReplays]]:
+    """What `sealstream dlq` and the admin API's dead-letter routes act on: the dead-letter
+    topic's reader, an acks=all publisher (replays) and the replay ledger; closed on exit."""
+    reader = DeadLetterReader(settings.kafka)
+    publisher = Publisher(settings.kafka, client_id="sealstream-dlq-replay")
+    try:
+        yield reader, publisher, DeadLetterReplays(database)
+    finally:
+        publisher.close()
+        reader.close()

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import ingest.wiring as wiring
+from schemas.events import MessageRecord
 from sealstream.settings import Settings
 
 
@@ -27,12 +28,12 @@ def main(mode: str) -> None:
     if mode not in ("after-publish", "before-publish"):
         raise SystemExit(f"unknown mode {mode!r}")
 
-    def with_client_id(items: Sequence[tuple[bytes, bytes]]) -> bool:
-        return any(b'"client_message_id":"' in value for _, value in items)
+    def with_client_id(items: Sequence[MessageRecord]) -> bool:
+        return any(r.client_message_id is not None for r in items)
 
     if inspect.iscoroutinefunction(original):
 
-        async def publish_async(self: object, topic: str, items: Sequence[tuple[bytes, bytes]]):  # type: ignore[no-untyped-def]
+        async def publish_async(self: object, topic: str, items: Sequence[MessageRecord]):  # type: ignore[no-untyped-def]
             if with_client_id(items) and mode == "before-publish":
                 _die()
             await original(self, topic, items)  # type: ignore[arg-type]
@@ -42,7 +43,7 @@ def main(mode: str) -> None:
         wiring.AckedPublisher.publish = publish_async  # type: ignore[method-assign,assignment]
     else:
 
-        def publish(self: object, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        def publish(self: object, topic: str, items: Sequence[MessageRecord]) -> None:
             if with_client_id(items) and mode == "before-publish":
                 _die()
             original(self, topic, items)  # type: ignore[arg-type]

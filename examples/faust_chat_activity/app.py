@@ -22,16 +22,17 @@ from faust.types import EventT, StreamT
 from faust.types.tables import WindowWrapperT
 from faust.web import Request, Response, View
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sealstream.faust_records import (
     MessageEvent,
     MessageTopic,
+    OpenerOnFirstUse,
     RefusedRecords,
     faust_broker_credentials,
     message_topic,
 )
-from sealstream.settings import KafkaSettings
+from sealstream.record_seal import record_opener
+from sealstream.settings import Settings
 
 TABLE_NAME = "chat-activity"
 
@@ -54,16 +55,12 @@ class ChatActivitySettings(BaseModel):
     data_dir: str = ".faust/chat-activity"
 
 
-class ActivityAppSettings(BaseSettings):
-    """One settings object for the app's process: the Sealstream Kafka settings it needs
-    (`SEALSTREAM_KAFKA__BOOTSTRAP`, `__MESSAGES_TOPIC`, `__PARTITIONS`, `__REPLICATION_FACTOR`,
-    the workers' groups to stay out of) and its own (`SEALSTREAM_CHAT_ACTIVITY__*`)."""
+class ActivityAppSettings(Settings):
+    """One settings object for the app's process: Sealstream's (`SEALSTREAM_KAFKA__BOOTSTRAP`,
+    `__MESSAGES_TOPIC`, `__PARTITIONS`, `__REPLICATION_FACTOR`, `__SEAL_RECORDS`, the workers'
+    groups to stay out of; `SEALSTREAM_POSTGRES__*` and `SEALSTREAM_VAULT__*` to open the
+    sealed records' topic keys) and its own (`SEALSTREAM_CHAT_ACTIVITY__*`)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SEALSTREAM_", env_nested_delimiter="__", frozen=True, extra="ignore"
-    )
-
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     chat_activity: ChatActivitySettings = Field(default_factory=ChatActivitySettings)
 
     @model_validator(mode="after")
@@ -140,6 +137,12 @@ class ChatActivityApp:
     sink: faust.TopicT
     refusals: RefusedRecords
     settings: ActivityAppSettings
+    opener: OpenerOnFirstUse
+
+    def close(self) -> None:
+        """Close what opening sealed records opened (its Postgres pool), after `app.stop()`; a
+        `faust worker` process leaves it to its exit."""
+        self.opener.close()
 
     def windows(self, chat_id: str | None = None) -> list[ChatWindowActivity]:
         """The windows this process holds (its partitions'), oldest first; one chat's or all."""
@@ -188,7 +191,9 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
         topic_disable_leader=True,  # no `<group>-__assignor-__leader` topic
     )
     refusals = RefusedRecords()
-    topic = message_topic(app, kafka.messages_topic, refusals)
+    # Built at the first record, in a worker thread: building the app connects to nothing.
+    opener = OpenerOnFirstUse(lambda: record_opener(settings))
+    topic = message_topic(app, kafka.messages_topic, opener, refusals, kafka.seal_records)
     size = own.window_seconds
     activity = (
         app.Table(
@@ -230,7 +235,7 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
             await sink.send(key=chat, value=window_activity(chat, start, size, after))
 
     app.agent(topic, name=f"{own.group}.count-activity")(count_activity)
-    built = ChatActivityApp(app, topic, activity, sink, refusals, settings)
+    built = ChatActivityApp(app, topic, activity, sink, refusals, settings, opener)
 
     class ChatActivityView(View):
         """`GET /chat-activity/` (every window this worker holds) and

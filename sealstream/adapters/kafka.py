@@ -11,7 +11,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -398,8 +398,12 @@ class Publisher:
         items: Sequence[tuple[bytes, bytes]],
         headers: Headers | None = None,
         timeout: float | None = None,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]:
         """Publish and await every acknowledgement, never blocking the event loop.
+
+        `headers` go with every record, then `record_headers[i]` (if given) with record `i`
+        (a sealed record's `sealstream.*` headers).
 
         Raises `StoreUnavailable` when a record was refused, or not acknowledged within
         `timeout` seconds: then the outcome is unknown, since librdkafka keeps trying in the
@@ -439,7 +443,12 @@ class Publisher:
         for index, (key, value) in enumerate(items):
             # With a deadline a full local queue fails at once rather than block the loop.
             self._produce(
-                topic, key, value, headers, callback_for(index), wait_for_room=timeout is None
+                topic,
+                key,
+                value,
+                _headers_of(headers, record_headers, index),
+                callback_for(index),
+                wait_for_room=timeout is None,
             )
         expiry = None
         if timeout is not None:
@@ -459,8 +468,10 @@ class Publisher:
         items: Sequence[tuple[bytes, bytes | None]],
         headers: Headers | None = None,
         timeout: float = 30.0,
+        record_headers: Sequence[Headers] | None = None,
     ) -> list[Delivery]:
-        """Publish and wait for the acknowledgement of every record.
+        """Publish and wait for the acknowledgement of every record (`headers` with every
+        record, then `record_headers[i]` with record `i`, as in `publish_async`).
 
         Raises `RecordRefused` when a record can never be accepted (too large, invalid) and
         `StoreUnavailable` for anything else (no broker, no acknowledgement in `timeout`).
@@ -487,7 +498,9 @@ class Publisher:
         if not items:
             return []
         for index, (key, value) in enumerate(items):
-            self._produce(topic, key, value, headers, callback_for(index))
+            self._produce(
+                topic, key, value, _headers_of(headers, record_headers, index), callback_for(index)
+            )
         deadline = time.monotonic() + timeout
         while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
             self._check_fatal()
@@ -502,6 +515,14 @@ class Publisher:
         self._producer.flush(timeout)
         self._stop.set()
         self._poller.join(timeout=2)
+
+
+def _headers_of(
+    shared: Headers | None, per_record: Sequence[Headers] | None, index: int
+) -> Headers | None:
+    if per_record is None:
+        return shared
+    return [*(shared or []), *per_record[index]]
 
 
 def _succeed(future: asyncio.Future[list[Delivery]], value: Sequence[Delivery | None]) -> None:
@@ -664,3 +685,136 @@ class TopicTail:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@dataclass(frozen=True)
+class StoredLetter:
+    """A record of the dead-letter topic as read. `value` is opaque (possibly sealed, possibly
+    an old plaintext record): callers hand it back to Kafka and never show it."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int  # when the letter was written (the record's Kafka timestamp)
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+
+class DeadLetterReader:
+    """Reads the dead-letter topic from the beginning (or a time) up to its end as of the call:
+    `assign()` over its partitions, no consumer group joined, no offset ever committed, so an
+    operator reading letters never moves anybody's position. `group.id` is a fresh one only
+    because librdkafka requires one. Kafka errors raise `StoreUnavailable`."""
+
+    def __init__(self, settings: KafkaSettings, timeout: float = 15.0) -> None:
+        self.topic = settings.dead_letter_topic
+        self.timeout = timeout
+        self._consumer = Consumer(
+            kafka_client_config(
+                settings,
+                {
+                    # The tail prefix: the principals that read it (admin API, operator) may
+                    # look that group's coordinator up, and no one can commit in it.
+                    "group.id": f"{TAIL_GROUP_PREFIX}dlq-reader-{uuid.uuid4().hex}",
+                    "client.id": "sealstream-dlq-reader",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                },
+            )
+        )
+
+    def _ranges(self, since_ms: int | None) -> dict[int, tuple[int, int]]:
+        """Per partition: (first offset to read, end offset now); empty ranges left out."""
+        try:
+            metadata = self._consumer.list_topics(self.topic, timeout=self.timeout).topics[
+                self.topic
+            ]
+            if metadata.error is not None or not metadata.partitions:
+                raise StoreUnavailable(
+                    f"Kafka: no topic {self.topic!r} ({metadata.error}); run `sealstream migrate`"
+                )
+            ranges: dict[int, tuple[int, int]] = {}
+            for p in sorted(metadata.partitions):
+                low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=self.timeout, cached=False
+                )
+                start = low
+                if since_ms is not None:
+                    [found] = self._consumer.offsets_for_times(
+                        [TopicPartition(self.topic, p, since_ms)], timeout=self.timeout
+                    )
+                    start = high if found.offset < 0 else max(low, found.offset)
+                if start < high:
+                    ranges[p] = (start, high)
+            return ranges
+        except KafkaException as exc:
+            raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+
+    def scan(self, since_ms: int | None = None) -> Generator[StoredLetter, None, None]:
+        """Every letter written at or after `since_ms` (epoch milliseconds; None: all), up to
+        the end of each partition as it was when the scan began, partition by partition in
+        offset order."""
+        for partition, (start, end) in self._ranges(since_ms).items():
+            yield from self._read_range(partition, start, end)
+
+    def read(self, partition: int, offset: int) -> StoredLetter | None:
+        """The letter at these coordinates; None if there is none (never written, or expired)."""
+        ranges = self._ranges(None)
+        if partition not in ranges:
+            return None
+        low, high = ranges[partition]
+        if not low <= offset < high:
+            return None
+        for letter in self._read_range(partition, offset, offset + 1):
+            return letter
+        return None
+
+    def _read_range(
+        self, partition: int, start: int, end: int
+    ) -> Generator[StoredLetter, None, None]:
+        self._consumer.assign([TopicPartition(self.topic, partition, start)])
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                messages = self._consumer.consume(500, 0.5)
+                if not messages and time.monotonic() > deadline:
+                    raise StoreUnavailable(
+                        f"Kafka: no record of {self.topic}/{partition} within {self.timeout:.0f}s"
+                    )
+                for msg in messages:
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            return  # the end came first (records expired or deleted meanwhile)
+                        if error.fatal():
+                            raise StoreUnavailable(f"Kafka: {error.name()}")
+                        continue  # transient: librdkafka retries; the deadline bounds the wait
+                    offset = msg.offset() or 0
+                    if offset >= end:
+                        return
+                    deadline = time.monotonic() + self.timeout
+                    _, stamp = msg.timestamp()
+                    yield StoredLetter(
+                        partition=partition,
+                        offset=offset,
+                        timestamp_ms=stamp,
+                        key=msg.key(),
+                        value=msg.value(),
+                        headers=_read_headers(msg),
+                    )
+                    if offset + 1 >= end:
+                        return
+        finally:
+            self._consumer.unassign()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _read_headers(msg: Message) -> tuple[tuple[str, bytes | None], ...]:
+    """A consumed record's headers in order (a consumer always gets a list of pairs)."""
+    raw = msg.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    return tuple((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)

@@ -1213,3 +1213,208 @@ class IndexKeyRepository:
             finally:
                 if taken:
                     conn.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+
+
+# --- dead-letter replays (schemas/postgres/011_dead_letter_replays.sql) ----------------------
+
+
+@dataclass(frozen=True)
+class ReplayRow:
+    """One dead letter's replays: where the last one landed, who made the first and the last."""
+
+    dlq_topic: str
+    dlq_partition: int
+    dlq_offset: int
+    origin_topic: str
+    replayed_partition: int
+    replayed_offset: int
+    first_replayed_at: datetime
+    first_replayed_by: str
+    last_replayed_at: datetime
+    last_replayed_by: str
+    replays: int
+
+
+@dataclass(frozen=True)
+class ReplayDone:
+    """A replay the broker acknowledged, to record (coordinates only: never a value)."""
+
+    dlq_topic: str
+    dlq_partition: int
+    dlq_offset: int
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    replayed_partition: int
+    replayed_offset: int
+    chat_id: uuid.UUID | None  # the record key, when it is a chat id (for the audit trail)
+
+
+class DeadLetterReplays:
+    """Which dead letters were replayed, by whom and when; each replay also audited in
+    `key_audit` (action `dead_letter_replayed`) in the same transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def replayed(
+        self, dlq_topic: str, coordinates: Collection[tuple[int, int]]
+    ) -> dict[tuple[int, int], ReplayRow]:
+        """The replay rows of these letters (partition, offset) of `dlq_topic`, by coordinates."""
+        if not coordinates:
+            return {}
+        partitions = [p for p, _ in coordinates]
+        offsets = [o for _, o in coordinates]
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT r.* FROM dead_letter_replays r"
+                " JOIN unnest(%s::integer[], %s::bigint[]) AS c(p, o)"
+                " ON r.dlq_partition = c.p AND r.dlq_offset = c.o WHERE r.dlq_topic = %s",
+                (partitions, offsets, dlq_topic),
+            ).fetchall()
+        return {
+            (r["dlq_partition"], r["dlq_offset"]): ReplayRow(
+                **{k: r[k] for k in ReplayRow.__dataclass_fields__}
+            )
+            for r in rows
+        }
+
+    def record(self, done: ReplayDone, actor: str) -> int:
+        """Record an acknowledged replay and audit it; returns how many times it was replayed."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO dead_letter_replays (dlq_topic, dlq_partition, dlq_offset,"
+                " origin_topic, origin_partition, origin_offset, replayed_partition,"
+                " replayed_offset, first_replayed_by, last_replayed_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (dlq_topic, dlq_partition, dlq_offset) DO UPDATE SET"
+                " replayed_partition = EXCLUDED.replayed_partition,"
+                " replayed_offset = EXCLUDED.replayed_offset,"
+                " last_replayed_at = now(), last_replayed_by = EXCLUDED.last_replayed_by,"
+                " replays = dead_letter_replays.replays + 1"
+                " RETURNING replays",
+                (
+                    done.dlq_topic,
+                    done.dlq_partition,
+                    done.dlq_offset,
+                    done.origin_topic,
+                    done.origin_partition,
+                    done.origin_offset,
+                    done.replayed_partition,
+                    done.replayed_offset,
+                    actor,
+                    actor,
+                ),
+            ).fetchone()
+            reason = (
+                f"dead letter {done.dlq_topic}/{done.dlq_partition}:{done.dlq_offset}"
+                f" (from {done.origin_topic}/{done.origin_partition}:{done.origin_offset})"
+                f" replayed to {done.origin_topic}/{done.replayed_partition}:"
+                f"{done.replayed_offset}"
+            )
+            _audit(conn, AuditRecord(actor, "dead_letter_replayed", reason), done.chat_id, None)
+        assert row is not None
+        return int(row["replays"])
+
+
+# --- topic keys of the sealed message topic (schemas/postgres/012_topic_keys.sql) ------------
+
+
+@dataclass(frozen=True)
+class TopicKeyRow:
+    """One topic data key as stored: wrapped only (None once destroyed)."""
+
+    key_id: str
+    topic: str
+    valid_from: datetime
+    valid_to: datetime
+    kms_key_name: str
+    wrapped: str | None
+    destroyed_at: datetime | None
+
+
+def _topic_key(row: Row) -> TopicKeyRow:
+    return TopicKeyRow(
+        row["key_id"],
+        row["topic"],
+        row["valid_from"],
+        row["valid_to"],
+        row["kms_key_name"],
+        row["wrapped"],
+        row["destroyed_at"],
+    )
+
+
+class TopicKeyRepository:
+    """The `topic_keys` table: the wrapped data keys that seal the message topic's records."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def for_slot(self, topic: str, valid_from: datetime) -> TopicKeyRow | None:
+        """The key of `topic`'s rotation slot starting at `valid_from`, if one was made."""
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT * FROM topic_keys WHERE topic = %s AND valid_from = %s",
+                (topic, valid_from),
+            ).fetchone()
+        return None if row is None else _topic_key(row)
+
+    def claim_slot(self, candidate: TopicKeyRow) -> TopicKeyRow:
+        """Store `candidate` as its slot's key unless another producer stored one first;
+        returns the slot's key either way (so every producer of the topic uses the same one)."""
+        with self.db.connection() as conn:
+            conn.execute(
+                "INSERT INTO topic_keys (key_id, topic, valid_from, valid_to, kms_key_name,"
+                " wrapped) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (topic, valid_from) DO NOTHING",
+                (
+                    candidate.key_id,
+                    candidate.topic,
+                    candidate.valid_from,
+                    candidate.valid_to,
+                    candidate.kms_key_name,
+                    candidate.wrapped,
+                ),
+            )
+            row = conn.execute(
+                "SELECT * FROM topic_keys WHERE topic = %s AND valid_from = %s",
+                (candidate.topic, candidate.valid_from),
+            ).fetchone()
+        assert row is not None  # inserted above, or by the producer that won the race
+        return _topic_key(row)
+
+    def by_id(self, key_id: str) -> TopicKeyRow | None:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT * FROM topic_keys WHERE key_id = %s", (key_id,)).fetchone()
+        return None if row is None else _topic_key(row)
+
+    def destroy_ended_before(self, cutoff: datetime, audit: AuditRecord | None = None) -> list[str]:
+        """Destroy every live key whose slot ended before `cutoff` (wrapped key erased,
+        `destroyed_at` set); returns their key ids. `audit` (if any) is written in the same
+        transaction when at least one key was destroyed, listing the key ids."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "UPDATE topic_keys SET wrapped = NULL, destroyed_at = now()"
+                " WHERE destroyed_at IS NULL AND valid_to < %s RETURNING key_id, topic",
+                (cutoff,),
+            ).fetchall()
+            destroyed = sorted(str(r["key_id"]) for r in rows)
+            if destroyed and audit is not None:
+                topics = sorted({str(r["topic"]) for r in rows})
+                conn.execute(
+                    "INSERT INTO key_audit (actor, action, chat_id, dek_version, reason)"
+                    " VALUES (%s, %s, NULL, NULL, %s)",
+                    (
+                        audit.actor,
+                        audit.action,
+                        f"{audit.reason} (topics {topics}; topic keys destroyed: {destroyed})",
+                    ),
+                )
+        return destroyed
+
+    def db_now(self) -> datetime:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT now() AS now").fetchone()
+        assert row is not None
+        return cast("datetime", row["now"])

@@ -3,8 +3,10 @@
 Runs in its own namespace (topics, groups, keyspace, index, schema, Redis prefix, Transit key) and
 removes it afterwards. Prints nothing itself; `sealstream bench pipeline` prints the figures.
 Figures (docs/benchmarks.md): gateway throughput for single and batched posts, sustained end-to-end
-throughput (first post to last row written), post-to-readable latency at about half that rate,
-reader latency (one message, a 50-message page), KMS calls, and where the encryptor's time goes.
+throughput (first post to last row written), the same with sealed Kafka records beside plaintext
+ones in alternating rounds (`compare_*`, `sealed_*_throughput_loss_pct`), post-to-readable latency
+at about half that rate, reader latency (one message, a 50-message page), KMS calls, and where the
+encryptor's time goes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import httpx
 
@@ -34,6 +37,7 @@ from sealstream.services import service_urls, settings_env, spawn, stop, wait_fo
 from sealstream.settings import (
     CassandraSettings,
     HttpSettings,
+    KafkaSettings,
     OpenSearchSettings,
     PostgresSettings,
     RedisSettings,
@@ -87,6 +91,14 @@ def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
 _CHILDREN: dict[str, int] = {}
 
 
+# Processes whose CPU per message a sealed/plaintext round reports ("gateway": the round's own).
+_ROUND_CPU = ("gateway", "encryptor", "indexer", "kafka")
+
+
+def _unsealed(kafka: KafkaSettings) -> KafkaSettings:
+    return kafka.model_copy(update={"seal_records": False})
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -113,12 +125,28 @@ def _process_groups(children: dict[str, int]) -> dict[str, int]:
 
 @contextmanager
 def _services(settings: Settings) -> Iterator[dict[str, str]]:
-    env = {**os.environ, **settings_env(settings)}
-    names = ("ingest", "encryptor", "indexer", "reader")
-    children: list[subprocess.Popen[bytes]] = [spawn(name, env) for name in names]
+    """The four services, plus a second gateway with sealing off (`ingest_plain`) for the
+    sealed-beside-plaintext rounds. The workers run with `kafka.seal_records` off, so they take
+    the plain gateway's records too; they open every sealed record all the same (same cost as
+    with sealing required, which only adds refusing unsealed records)."""
+    plain_port = _free_port()
+    env = {
+        **os.environ,
+        **settings_env(settings.model_copy(update={"kafka": _unsealed(settings.kafka)})),
+    }
+    started = {
+        # The sealing gateway: the production default (kafka.seal_records on).
+        "ingest": spawn("ingest", {**env, "SEALSTREAM_KAFKA__SEAL_RECORDS": "true"}),
+        "encryptor": spawn("encryptor", env),
+        "indexer": spawn("indexer", env),
+        "reader": spawn("reader", env),
+        "ingest_plain": spawn("ingest", {**env, "SEALSTREAM_INGEST__PORT": str(plain_port)}),
+    }
+    children: list[subprocess.Popen[bytes]] = list(started.values())
     _CHILDREN.clear()
-    _CHILDREN.update({name: child.pid for name, child in zip(names, children, strict=True)})
-    urls = service_urls(settings)
+    _CHILDREN.update({name: child.pid for name, child in started.items()})
+    urls = {name: url for name, url in service_urls(settings).items() if name in started}
+    urls["ingest_plain"] = f"http://{settings.ingest.host}:{plain_port}"
     try:
         wait_ready(urls)
         yield urls
@@ -132,19 +160,32 @@ def run(
     batch: int = 100,
     settings: Settings | None = None,
     warmup: int = 10_000,
+    compare_rounds: int = 3,
+    compare_messages: int = 10_000,
 ) -> dict[str, float]:
+    """Run the benchmark in a namespace of its own; `compare_rounds` rounds of
+    `compare_messages` per mode measure sealed Kafka records beside plaintext ones."""
     run_id = secrets.token_hex(3)
     cfg = isolated(settings or Settings(), run_id)
     migrate_all(cfg)
     try:
         with _services(cfg) as urls:
-            return _measure(cfg, urls, messages, chats, batch, warmup)
+            return _measure(
+                cfg, urls, messages, chats, batch, warmup, compare_rounds, compare_messages
+            )
     finally:
         drop_namespace(cfg)
 
 
 def _measure(
-    cfg: Settings, urls: dict[str, str], messages: int, chats: int, batch: int, warmup: int
+    cfg: Settings,
+    urls: dict[str, str],
+    messages: int,
+    chats: int,
+    batch: int,
+    warmup: int,
+    compare_rounds: int = 3,
+    compare_messages: int = 10_000,
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
     auth = {"Authorization": f"Bearer {mint_token(cfg.auth, 'bench')}"}
@@ -185,10 +226,10 @@ def _measure(
     wait_for(lambda: store.count() >= base_rows, 120, "single posts written", interval=0.5)
     texts = [f"benchmark message {i} lorem ipsum dolor sit amet consectetur" for i in range(batch)]
 
-    def post_batch(i: int) -> tuple[uuid.UUID, int]:
+    def post_batch(i: int, gateway: str = "ingest") -> tuple[uuid.UUID, int]:
         chat = chat_ids[i % chats]
         r = http.post(
-            f"{urls['ingest']}/v1/chats/{chat}/messages:batch",
+            f"{urls[gateway]}/v1/chats/{chat}/messages:batch",
             json={"messages": [{"text": t} for t in texts]},
             headers=auth,
         )
@@ -239,6 +280,52 @@ def _measure(
     posted_total = singles + (warm_batches + batches) * batch
     wait_for(lambda: indexed(posted_total), 600, "indexer caught up", interval=0.5)
     figures["indexer_catch_up_s"] = time.perf_counter() - done_at
+
+    # 2b. Sealed beside plaintext, same run, same workers, same chats: rounds alternate between
+    # the sealing gateway and one with sealing off (order swapped each round), each round
+    # started on an idle pipeline (the indexer caught up), measured as the sustained phase.
+    rates: dict[str, dict[str, list[float]]] = {
+        mode: {"e2e": [], "acked": [], "cpu": [], **{f"cpu_{k}": [] for k in _ROUND_CPU}}
+        for mode in ("sealed", "plain")
+    }
+    round_batches = max(1, compare_messages // batch)
+    for n in range(compare_rounds):
+        for mode in ("sealed", "plain") if n % 2 == 0 else ("plain", "sealed"):
+            gateway = "ingest" if mode == "sealed" else "ingest_plain"
+            names = {"gateway": gateway, **{k: k for k in _ROUND_CPU if k != "gateway"}}
+            cpu_round = {k: group_cpu_seconds(groups[g]) for k, g in names.items() if g in groups}
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                sent = set(pool.map(post_batch, range(round_batches), [gateway] * round_batches))
+            acked_at = time.perf_counter()
+            wait_for(partial(all_written, sent), 600, f"{mode} round written")
+            t1 = time.perf_counter()
+            count = round_batches * batch
+            rates[mode]["e2e"].append(count / (t1 - t0))
+            rates[mode]["acked"].append(count / (acked_at - t0))
+            round_cpu = {k: group_cpu_seconds(groups[names[k]]) - v for k, v in cpu_round.items()}
+            rates[mode]["cpu"].append(1000 * sum(round_cpu.values()) / count)
+            for k, seconds in round_cpu.items():
+                rates[mode][f"cpu_{k}"].append(1000 * seconds / count)
+            figures[f"compare_round{n + 1}_{mode}_e2e_msgs_per_s"] = count / (t1 - t0)
+            posted_total += count
+            wait_for(partial(indexed, posted_total), 600, "indexer caught up", interval=0.5)
+    for mode, series in rates.items():
+        figures[f"compare_{mode}_e2e_msgs_per_s"] = statistics.median(series["e2e"])
+        figures[f"compare_{mode}_gateway_msgs_per_s"] = statistics.median(series["acked"])
+        # Gateway + encryptor + indexer + Kafka CPU per message of the round, and each.
+        figures[f"compare_{mode}_cpu_ms_per_msg"] = statistics.median(series["cpu"])
+        for k in _ROUND_CPU:
+            figures[f"compare_{mode}_cpu_ms_per_msg_{k}"] = statistics.median(series[f"cpu_{k}"])
+    figures["compare_rounds"] = float(compare_rounds)
+    figures["compare_messages_per_round"] = float(round_batches * batch)
+    figures["sealed_e2e_throughput_loss_pct"] = 100 * (
+        1 - figures["compare_sealed_e2e_msgs_per_s"] / figures["compare_plain_e2e_msgs_per_s"]
+    )
+    figures["sealed_gateway_throughput_loss_pct"] = 100 * (
+        1
+        - figures["compare_sealed_gateway_msgs_per_s"] / figures["compare_plain_gateway_msgs_per_s"]
+    )
 
     # 3. Post-to-readable latency at about half the sustained rate.
     # The same batched posts as the sustained phase (100 per request), then a chattier client

@@ -382,6 +382,8 @@ def _plain_settings(cfg: Settings) -> Settings:
                     "dead_letter_topic": f"{kafka.dead_letter_topic}.plain",
                     "encryptor_group": f"{kafka.encryptor_group}-plain",
                     "indexer_group": f"{kafka.indexer_group}-plain",
+                    # The baseline encrypts nothing: its Kafka records are not sealed either.
+                    "seal_records": False,
                 }
             ),
             "cassandra": cfg.cassandra.model_copy(

@@ -217,6 +217,7 @@ SERVERS: dict[str, str] = {
     "cassandra": "sealstream.stack.cassandra:CassandraServer",
     "kafka": "sealstream.stack.kafka:KafkaServer",
     "opensearch": "sealstream.stack.opensearch:OpenSearchServer",
+    "s3proxy": "sealstream.stack.s3proxy:S3ProxyServer",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
@@ -30,6 +30,7 @@ from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_key_lifecycle import call, finished
 from tests.e2e.test_pipeline import create_chat, history, post_batch, search, wait_until
+from tests.kafka_records import SealingProducer, opened_value, opener_for
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,13 @@ def index(admin: Pipeline) -> Iterator[SearchIndex]:
     index.close()
 
 
-def topic_records(pipe: Pipeline, chat: str) -> list[tuple[bytes, bytes]]:
-    """Every record of a chat on the message topic, as (key, value), in topic order."""
+TopicRecord = tuple[bytes, bytes, bytes, list[tuple[str, bytes]]]
+
+
+def topic_records(pipe: Pipeline, chat: str) -> list[TopicRecord]:
+    """Every record of a chat on the message topic, in topic order, as (key, opened value,
+    value as sealed, headers)."""
+    opener = opener_for(pipe.settings)
     consumer = Consumer(
         kafka_client_config(
             pipe.settings.kafka,
@@ -76,7 +82,7 @@ def topic_records(pipe: Pipeline, chat: str) -> list[tuple[bytes, bytes]]:
         p: consumer.get_watermark_offsets(TopicPartition(topic, p))[1]
         for p in range(pipe.settings.kafka.partitions)
     }
-    found: list[tuple[bytes, bytes]] = []
+    found: list[TopicRecord] = []
     done: set[int] = {p for p, end in ends.items() if end == 0}
     deadline = time.monotonic() + 60
     while len(done) < len(ends) and time.monotonic() < deadline:
@@ -84,18 +90,38 @@ def topic_records(pipe: Pipeline, chat: str) -> list[tuple[bytes, bytes]]:
         if msg is None or msg.error():
             continue
         if msg.key() == chat.encode():
-            found.append((msg.key() or b"", msg.value() or b""))
+            found.append(
+                (
+                    msg.key() or b"",
+                    opened_value(opener, msg),
+                    msg.value() or b"",
+                    list(msg.headers() or []),
+                )
+            )
         if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
             done.add(msg.partition() or 0)
     consumer.close()
+    opener.close()
     return found
 
 
-def republish(pipe: Pipeline, records: list[tuple[bytes, bytes]]) -> None:
-    producer = Producer(kafka_client_config(pipe.settings.kafka, {"acks": "all"}))
-    for key, value in records:
-        producer.produce(pipe.settings.kafka.messages_topic, key=key, value=value)
+def republish(pipe: Pipeline, records: list[TopicRecord]) -> None:
+    """Publish records read from the topic again as they are (sealed value, same headers), as a
+    replay would."""
+    producer = SealingProducer(pipe.settings)
+    for key, _, sealed, headers in records:
+        producer.produce_unsealed(key, sealed, headers)  # already sealed: sent byte for byte
     assert producer.flush(30) == 0
+    producer.close()
+
+
+def publish(pipe: Pipeline, records: list[MessageRecord]) -> None:
+    """Publish new records straight to the message topic, sealed."""
+    producer = SealingProducer(pipe.settings)
+    for record in records:
+        producer.produce_record(record)
+    assert producer.flush(30) == 0
+    producer.close()
 
 
 def workers_caught_up(pipe: Pipeline) -> bool:
@@ -272,7 +298,7 @@ def test_retention_uses_the_id_clock_whatever_sent_at_says(
     recent = raw_record(
         chat, now - timedelta(hours=1), now - timedelta(days=3), f"{recent_word} b", 2
     )
-    republish(admin, [(r.key(), r.value()) for r in (old, recent)])
+    publish(admin, [old, recent])
     wait_until(lambda: len(history(admin, "alice", chat)) == 2, what="both readable")
     wait_until(lambda: indexed(index, chat, old_word) == [old.message_id], what="old indexed")
     wait_until(lambda: indexed(index, chat, recent_word) == [recent.message_id], what="indexed")

@@ -35,6 +35,7 @@ from tests.e2e.test_delivery import (
     _ws,
 )
 from tests.e2e.test_pipeline import create_chat, wait_until
+from tests.kafka_records import SealingProducer
 
 SECRET_TEXT = "attack-plaintext-7f3a"
 
@@ -339,9 +340,10 @@ def _tiny_socket(url: str) -> socket.socket:
 
 def _flood_until_dropped(pipe: Pipeline, chat: str, url: str, before: float) -> None:
     """Posts of 16 000 characters, 20 at a time, until delivery counted a client too slow (the
-    kernel's socket buffers take a few MB before the server's queue fills)."""
+    kernel's socket buffers take a few MB before the server's queue fills; on a loaded machine
+    the kernel grows the server's send buffer further, hence up to 60 rounds, about 19 MB)."""
     with ThreadPoolExecutor(4) as pool:
-        for round_ in range(20):
+        for round_ in range(60):
             texts = [f"{round_:02d}{i:03d}" + "x" * 15_995 for i in range(20)]
             list(pool.map(lambda text: _post(pipe, "alice", chat, text), texts))
             deadline = time.monotonic() + 5
@@ -383,6 +385,9 @@ def test_a_websocket_client_that_stops_reading_is_dropped(slow: tuple[Pipeline, 
         sock=sock,
         additional_headers={"Authorization": f"Bearer {token}"},
         max_queue=1,
+        # The client must not close the socket itself: its keepalive pong is never read while
+        # it stops reading, and under load its ping timed out before the server's queue filled.
+        ping_interval=None,
     ) as ws:
         assert _subscribe(ws, chat)["type"] == "subscribed"
         _flood_until_dropped(pipe, chat, url, dropped)
@@ -510,9 +515,10 @@ def test_a_replayed_post_record_after_an_edit_does_not_push_the_old_text(
     )
     with _ws(url, pipe, "bob") as ws:
         assert _subscribe(ws, chat)["type"] == "subscribed"
-        producer = Producer(kafka_client_config(pipe.settings.kafka))
-        producer.produce(pipe.settings.kafka.messages_topic, key=record.key(), value=record.value())
+        producer = SealingProducer(pipe.settings)  # a replay sealed like any direct record
+        producer.produce_record(record)
         assert producer.flush(30) == 0
+        producer.close()
         later = _post(pipe, "alice", chat, "a later post")
         frames = _changes(ws, 1) + _quiet(ws, 2.0)
     assert [f.get("text") for f in frames if f["type"] in CHANGE_TYPES] == ["a later post"]

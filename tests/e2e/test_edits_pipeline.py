@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
@@ -23,16 +23,18 @@ from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_pipeline import create_chat, post_batch, search, wait_until
+from tests.kafka_records import SealingProducer
 
 _IDS = SnowflakeIds(worker_id=913)
 
 
-def publish(pipe: Pipeline, *records: MessageRecord | tuple[bytes, bytes]) -> None:
-    producer = Producer(kafka_client_config(pipe.settings.kafka, {"acks": "all"}))
+def publish(pipe: Pipeline, *records: MessageRecord) -> None:
+    """Publish straight to the message topic, sealed as every producer must."""
+    producer = SealingProducer(pipe.settings)
     for record in records:
-        key, value = record if isinstance(record, tuple) else (record.key(), record.value())
-        producer.produce(pipe.settings.kafka.messages_topic, key=key, value=value)
+        producer.produce_record(record)
     assert producer.flush(30) == 0
+    producer.close()
 
 
 def change(kind: str, chat: str, message_id: str, sender: str, text: str | None) -> MessageRecord:

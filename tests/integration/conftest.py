@@ -11,14 +11,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client_config
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, document_terms
 from sealstream.settings import KafkaSettings, Settings
 from tests.conftest import require_port
@@ -197,3 +199,30 @@ def fresh_index(settings: Settings) -> Iterator[SearchIndex]:
     finally:
         index.drop()
         index.close()
+
+
+SCRATCH_PART_SIZE = 5 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def scratch_object_store(settings: Settings, run_id: str) -> Iterator[ObjectStore]:
+    """An object-store bucket of the run's own, parts of 5 MiB (the least S3 allows, so multipart
+    uploads happen at test sizes); emptied (incomplete uploads aborted) and removed at the end."""
+    endpoint = urlsplit(settings.object_store.endpoint)
+    require_port("s3proxy", endpoint.hostname or "127.0.0.1", endpoint.port or 80)
+    config = settings.object_store.model_copy(
+        update={
+            "bucket": f"sealstream-test-{run_id}-{uuid.uuid4().hex[:6]}",
+            "part_size_bytes": SCRATCH_PART_SIZE,
+        }
+    )
+    objects = ObjectStore(config)
+    assert "created" in objects.ensure_bucket()
+    yield objects
+    client = objects._client
+    objects.abort_incomplete(timedelta(0), now=datetime.now(UTC) + timedelta(days=1))
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=objects.bucket):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=objects.bucket, Key=item["Key"])
+    objects.delete_empty_bucket()
+    objects.close()

@@ -36,9 +36,11 @@ from examples.faust_chat_activity.app import (
 )
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, id_millis
-from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client_config
+from sealstream.adapters.kafka import Headers, delete_topics, ensure_topics, kafka_client_config
+from sealstream.adapters.vault import TransitKms
 from sealstream.auth import mint_token
-from sealstream.faust_records import KEY_MISMATCH, NO_KEY, NO_VALUE
+from sealstream.faust_records import KEY_MISMATCH, NO_VALUE
+from sealstream.record_seal import record_sealer
 from sealstream.settings import KafkaSettings, Settings
 from tests.conftest import require_port
 from tests.integration.conftest import NewGroup, host_port
@@ -48,10 +50,13 @@ Window = tuple[str, datetime]  # (chat id, window start)
 
 
 @pytest.fixture(scope="module")
-def gateway(settings: Settings, database: object) -> Iterator[tuple[TestClient, Settings]]:
+def gateway(
+    settings: Settings, database: object, kms: TransitKms
+) -> Iterator[tuple[TestClient, Settings]]:
     """The real gateway publishing to a message topic of this module's own."""
     from ingest.wiring import build
 
+    kms.ensure_key(settings.vault.default_key)  # the master key of chat and topic keys
     kafka = settings.kafka.model_copy(
         update={
             "messages_topic": f"{settings.kafka.messages_topic}.faust-activity",
@@ -197,18 +202,37 @@ def test_chat_activity_windows_equal_what_was_produced(
     old = [direct(chat_c, "frank", "old one"), direct(chat_c, "gina", "old two")]
     old += [direct(chat_b, "erin", "old three")]
     produced += [(str(r.chat_id), r.message_id, r.sender_id) for r in old]
-    invalid_sender = json.loads(direct(chat_a, "alice", "no sender").value())
-    invalid_sender["sender_id"] = ""
+    invalid_sender = direct(chat_a, "alice", "no sender")
     keyless = direct(chat_a, "alice", "keyless")
     other_key = direct(chat_b, "dave", "filed under another chat")
-    records: list[tuple[bytes | None, bytes | None]] = [(r.key(), r.value()) for r in old]
+    plaintext = direct(chat_a, "alice", "plaintext")
+    not_json = direct(chat_b, "erin", "not JSON")
+    sealer = record_sealer(settings)
+
+    def sealed(key: bytes, event_id: int, value: bytes) -> tuple[bytes, Headers]:
+        """Sealed as every producer must seal (bound to topic, key and event id)."""
+        blob, headers = sealer.seal(kafka.messages_topic, key, event_id, value)
+        return blob, list(headers)
+
+    def record_of(record: MessageRecord) -> tuple[bytes, bytes, Headers]:
+        return (record.key(), *sealed(record.key(), record.change_id, record.value()))
+
+    # (key, value, headers): valid records sealed, then the ones the app must refuse.
+    no_sender = json.loads(invalid_sender.value()) | {"sender_id": ""}
+    records: list[tuple[bytes | None, bytes | None, Headers | None]] = [record_of(r) for r in old]
     records += [
-        (chat_a.encode(), json.dumps(invalid_sender).encode()),
-        (None, keyless.value()),
-        (chat_a.encode(), other_key.value()),  # a chat B record keyed by chat A
-        (chat_a.encode(), None),  # a tombstone
-        (chat_b.encode(), f"{marker} not JSON".encode()),
-        (old[0].key(), old[0].value()),  # the same record again: counted once
+        (
+            chat_a.encode(),
+            *sealed(chat_a.encode(), invalid_sender.message_id, json.dumps(no_sender).encode()),
+        ),
+        # Sealed under its chat's key, sent without one: the seal binds the key.
+        (None, *sealed(chat_a.encode(), keyless.message_id, keyless.value())),
+        # A chat B record keyed (and sealed) by chat A: opens, but its key is not its chat.
+        (chat_a.encode(), *sealed(chat_a.encode(), other_key.message_id, other_key.value())),
+        (chat_a.encode(), None, None),  # a tombstone
+        (chat_b.encode(), *sealed(chat_b.encode(), not_json.message_id, f"{marker} x".encode())),
+        (plaintext.key(), plaintext.value(), None),  # not sealed
+        record_of(old[0]),  # the same record again: counted once
     ]
     # Edits and deletions are no new messages: not counted (their sender neither, which here
     # is one the window has not seen: counted, it would show as a distinct sender).
@@ -222,10 +246,11 @@ def test_chat_activity_windows_equal_what_was_produced(
             text=text,
             sent_at=datetime.now(UTC),
         )
-        records.append((change.key(), change.value()))
+        records.append(record_of(change))
+    sealer.close()
     producer = Producer(kafka_client_config(kafka, {"enable.idempotence": True}))
-    for key, value in records:
-        producer.produce(kafka.messages_topic, key=key, value=value)
+    for key, value, headers in records:
+        producer.produce(kafka.messages_topic, key=key, value=value, headers=headers)
     assert producer.flush(30) == 0
 
     post("carol", chat_a, 2)  # after the refused records, on the same partitions
@@ -247,7 +272,9 @@ def test_chat_activity_windows_equal_what_was_produced(
         web_port=web_port,
         data_dir=str(tmp_path / "faust"),
     )
-    built = build_app(ActivityAppSettings(kafka=kafka, chat_activity=own))
+    # The run's settings (Postgres schema, KMS key: to open the sealed records) + the app's own.
+    fields = {name: value for name, value in settings}
+    built = build_app(ActivityAppSettings(**{**fields, "chat_activity": own}))
     view: dict[str, Any] = {}
 
     async def main() -> None:
@@ -259,7 +286,7 @@ def test_chat_activity_windows_equal_what_was_produced(
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 counted = sum(m for m, _ in computed(built).values())
-                if counted >= expected_messages and built.refusals.total >= 5:
+                if counted >= expected_messages and built.refusals.total >= 6:
                     break
                 await asyncio.sleep(0.2)
             async with httpx.AsyncClient(timeout=30) as http:
@@ -268,6 +295,7 @@ def test_chat_activity_windows_equal_what_was_produced(
                 view.update(answer.json())
         finally:
             await built.app.stop()  # leaves the group, so the kafka_group fixture can delete it
+            built.close()
 
     caplog.set_level(logging.INFO)
     try:
@@ -287,10 +315,11 @@ def test_chat_activity_windows_equal_what_was_produced(
     assert computed(built) == expected
     refused = {
         "invalid record: sender_id: String should have at least 1 character": 1,
-        NO_KEY: 1,
+        "record key: missing (a sealed record binds its record key)": 1,
         KEY_MISMATCH: 1,
         NO_VALUE: 1,
         "invalid record: record: Invalid JSON: expected value at line 1 column 1": 1,
+        "record is not sealed: header sealstream.key_id missing": 1,
     }
     assert built.refusals.by_reason == refused
 

@@ -24,6 +24,7 @@ from sealstream.adapters.cassandra import MessageStore, StoredMessage
 from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
+from sealstream.record_seal import HEADER_EVENT_ID, HEADER_KEY_ID
 from sealstream.settings import Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import fresh_store, module_stores
@@ -129,7 +130,10 @@ def test_an_edit_and_a_deletion_each_publish_one_record(
     assert len(records) == 3  # one post, one edit, one deletion: nothing more
     (_, post, _), (key, edited, headers), (_, deleted, _) = records
     assert post.kind == "post" and post.message_id == message
-    assert key == chat.encode() and headers == []  # keyed by chat id; no text in headers
+    assert key == chat.encode()  # keyed by chat id
+    # Sealed like a post, under its own event id; no text in the headers.
+    assert {k for k, _ in headers} == {HEADER_KEY_ID, HEADER_EVENT_ID}  # type: ignore[attr-defined]
+    assert dict(headers)[HEADER_EVENT_ID] == str(edit_id).encode()  # type: ignore[call-overload]
     assert (edited.kind, edited.message_id, edited.event_id) == ("edit", message, edit_id)
     assert (edited.sender_id, edited.text, edited.tenant_id) == (
         "alice",

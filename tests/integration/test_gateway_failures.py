@@ -31,6 +31,7 @@ from sealstream.services import settings_env, spawn, stop
 from sealstream.settings import HttpSettings, Settings
 from tests.conftest import require_port
 from tests.integration.conftest import host_port
+from tests.kafka_records import opened_value, opener_for
 from tests.tcp_proxy import TcpProxy, free_port, proxy
 
 # Bounds for "answered without waiting out the hung server": the deadlines are 2 s (Postgres) and
@@ -155,6 +156,7 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
     found: dict[str, set[int]] = {}
     copies: dict[str, int] = {}  # a re-published record is a second copy of the same message
     deadline, settled = time.monotonic() + 60, None
+    opener = opener_for(settings)  # the gateway seals every record (docs/format.md)
     try:
         while time.monotonic() < deadline:
             if settled is None and len(found) >= expected:
@@ -164,7 +166,7 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            record = MessageRecord.model_validate_json(msg.value() or b"")
+            record = MessageRecord.model_validate_json(opened_value(opener, msg))
             if str(record.chat_id) == chat:
                 found.setdefault(record.client_message_id or "", set()).add(record.message_id)
                 copies[record.client_message_id or ""] = (
@@ -172,6 +174,7 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
                 )
     finally:
         consumer.close()
+        opener.close()
     print(f"records on the topic per client_message_id: {copies}")
     return found
 

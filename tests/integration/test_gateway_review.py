@@ -43,6 +43,7 @@ from tests.integration.test_gateway_failures import (
     through,
     topic_ids,
 )
+from tests.kafka_records import opened_value, opener_for
 from tests.tcp_proxy import free_port, proxy
 
 
@@ -540,15 +541,17 @@ def test_a_record_with_a_client_id_is_the_same_record_in_utc_whatever_the_pg_tim
     consumer.subscribe([base.kafka.messages_topic])
     values: list[bytes] = []
     deadline = time.monotonic() + 60
+    opener = opener_for(base)  # the gateway seals every record (docs/format.md)
     try:
         while len(values) < 2 and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is not None and not msg.error() and f'"{chat}"'.encode() in (msg.value() or b""):
-                values.append(msg.value() or b"")
+            if msg is not None and not msg.error() and msg.key() == chat.encode():
+                values.append(opened_value(opener, msg))
     finally:
         consumer.close()
+        opener.close()
     assert len(values) == 2
-    assert values[1] == values[0]
+    assert values[1] == values[0]  # the same record (each sealed with its own nonce)
     # In UTC like every other record of the gateway, whatever the session's time zone.
     sent_at = json.loads(values[0])["sent_at"]
     assert sent_at.endswith("Z"), sent_at

@@ -20,8 +20,10 @@ from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client
 from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
 from sealstream.crypto import TextFingerprints
+from sealstream.record_seal import HEADER_EVENT_ID, HEADER_KEY_ID
 from sealstream.settings import Settings
 from tests.conftest import require_port
+from tests.kafka_records import opened_value, opener_for
 
 Record = tuple[bytes, MessageRecord, object]
 
@@ -87,6 +89,7 @@ def consume(settings: Settings, chat: str, count: int, settle: float = 0.0) -> l
     out: list[Record] = []
     deadline = time.monotonic() + 30
     settled: float | None = None
+    opener = opener_for(settings)  # the gateway seals every record (docs/format.md)
     try:
         while time.monotonic() < deadline:
             if settled is None and len(out) >= count:
@@ -96,11 +99,12 @@ def consume(settings: Settings, chat: str, count: int, settle: float = 0.0) -> l
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            record = MessageRecord.model_validate_json(msg.value() or b"")
+            record = MessageRecord.model_validate_json(opened_value(opener, msg))
             if str(record.chat_id) == chat:
                 out.append((msg.key() or b"", record, msg.headers() or []))
     finally:
         consumer.close()
+        opener.close()
     return out
 
 
@@ -129,7 +133,12 @@ def test_accepted_messages_are_on_the_topic(client: TestClient, gateway_settings
         ("third", "alice", "k3"),
     ]
     for key, record, headers in records:
-        assert key == chat.encode() and headers == []  # keyed by chat id; no text in headers
+        assert key == chat.encode()  # keyed by chat id
+        # The seal's key id and the event id; no text in the headers.
+        assert dict(headers) == {  # type: ignore[call-overload]
+            HEADER_KEY_ID: dict(headers)[HEADER_KEY_ID],  # type: ignore[call-overload]
+            HEADER_EVENT_ID: str(record.change_id).encode(),
+        }
         assert record.tenant_id == "default" and record.schema_version == 1
         assert abs(time.time() - record.sent_at.timestamp()) < 60
 

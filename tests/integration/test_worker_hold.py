@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher, apply_acls, kafka_client_config
+from sealstream.adapters.kafka import apply_acls, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.services import settings_env, spawn
 from sealstream.settings import IndexerHttp, Settings
@@ -33,26 +33,25 @@ from sealstream.wiring import key_service
 from tests.e2e.conftest import free_port
 from tests.integration.conftest import KafkaTopics, host_port
 from tests.integration.test_worker_shutdown import retries
+from tests.kafka_records import publish_records
 
 MAX_POLL_MS = 10_000
 
 
-def _publish(topics: Any, chat: uuid.UUID, ids: SnowflakeIds, n: int, what: str) -> None:
-    publisher = Publisher(topics, client_id="hold-test")
-    try:
-        records = [
-            MessageRecord(
-                message_id=ids.next_id(),
-                chat_id=chat,
-                sender_id="alice",
-                text=f"{what} {i}",
-                sent_at=datetime.now(UTC),
-            )
-            for i in range(n)
-        ]
-        publisher.publish(topics.messages_topic, [(r.key(), r.value()) for r in records])
-    finally:
-        publisher.close()
+def _publish(
+    settings: Settings, topics: Any, chat: uuid.UUID, ids: SnowflakeIds, n: int, what: str
+) -> None:
+    records = [
+        MessageRecord(
+            message_id=ids.next_id(),
+            chat_id=chat,
+            sender_id="alice",
+            text=f"{what} {i}",
+            sent_at=datetime.now(UTC),
+        )
+        for i in range(n)
+    ]
+    publish_records(settings, topics, records, client_id="hold-test")
 
 
 def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membership(
@@ -103,7 +102,7 @@ def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membersh
     forwarder: subprocess.Popen[bytes] | None = None
     try:
         ids = SnowflakeIds(73)
-        _publish(topics, chat, ids, 30, "held while the index is down")
+        _publish(settings, topics, chat, ids, 30, "held while the index is down")
         deadline = time.monotonic() + 120
         while retries(url) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()[-2000:]
@@ -114,7 +113,7 @@ def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membersh
 
         # Held for 2.5 x max.poll.interval.ms; more records arrive meanwhile.
         time.sleep(MAX_POLL_MS / 1000 * 1.5)
-        _publish(topics, chat, ids, 30, "arrived during the hold")
+        _publish(settings, topics, chat, ids, 30, "arrived during the hold")
         time.sleep(MAX_POLL_MS / 1000)
         assert proc.poll() is None, log.read_text()[-2000:]
         assert member_ids() == before, "the worker lost its place in the group while held"

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,6 +24,7 @@ from sealstream.adapters.kafka import Publisher
 from sealstream.adapters.postgres import Database, WorkerLeaseRepository
 from sealstream.auth import mint_token
 from sealstream.errors import WorkerIdConflict, WorkerIdUnavailable
+from sealstream.record_seal import record_sealer
 from sealstream.settings import KafkaSettings, Settings, WorkerLeaseSettings
 from sealstream.worker_ids import WorkerIdLease, lease_worker_id
 
@@ -340,12 +342,18 @@ def test_gateway_answers_503_while_it_holds_no_lease(
 
 
 def test_direct_producers_lease_their_own_ids(
-    kafka_topic_factory: Callable[[str], KafkaSettings], settings: Settings, database: Database
+    kafka_topic_factory: Callable[[str], KafkaSettings],
+    settings: Settings,
+    database: Database,
+    kms: Any,
 ) -> None:
     """The docs' example for a process that publishes to Kafka itself (docs/operations.md,
     "Message ids across processes"), run twice at once: two ids, released on exit."""
+    kms.ensure_key(settings.vault.default_key)  # as `sealstream migrate` does
     cfg = settings.model_copy(update={"kafka": kafka_topic_factory("producers")})
     publisher = Publisher(cfg.kafka, client_id="importer")
+    sealer = record_sealer(cfg)
+    topic = cfg.kafka.messages_topic
     repo = WorkerLeaseRepository(database)
     try:
         with (
@@ -360,7 +368,8 @@ def test_direct_producers_lease_their_own_ids(
                 text="imported",
                 sent_at=datetime.now(UTC),
             )
-            publisher.publish(cfg.kafka.messages_topic, [(record.key(), record.value())])
+            value, headers = sealer.seal(topic, record.key(), record.change_id, record.value())
+            publisher.publish(topic, [(record.key(), value)], headers=headers)
             held = (ids.worker_id, other.worker_id)
             assert all(repo.holder_of(w) is not None for w in held)
             with pytest.raises(WorkerIdConflict):  # a configured id is leased too
@@ -368,6 +377,7 @@ def test_direct_producers_lease_their_own_ids(
                     pass
         assert all(repo.holder_of(w) is None for w in held)
     finally:
+        sealer.close()
         publisher.close()
 
 

@@ -24,12 +24,13 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher, apply_acls, kafka_client_config
+from sealstream.adapters.kafka import apply_acls, kafka_client_config
 from sealstream.services import settings_env, spawn
 from sealstream.settings import EncryptorHttp, IndexerHttp, Settings
 from sealstream.wiring import key_service
 from tests.e2e.conftest import free_port
 from tests.integration.conftest import KafkaTopics
+from tests.kafka_records import publish_records
 
 GRACE_SECONDS = 30  # what an orchestrator gives a container between SIGTERM and SIGKILL
 
@@ -73,7 +74,6 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
     log = tmp_path / "indexer.log"
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     try:
-        publisher = Publisher(topics, client_id="shutdown-test")
         ids = SnowflakeIds(71)
         records = [
             MessageRecord(
@@ -85,8 +85,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
             )
             for i in range(20)
         ]
-        publisher.publish(topics.messages_topic, [(r.key(), r.value()) for r in records])
-        publisher.close()
+        publish_records(settings, topics, records, client_id="shutdown-test")
 
         # The worker has the batch and is retrying it (its index is unreachable).
         url = f"http://127.0.0.1:{http.port}"
@@ -174,7 +173,6 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
         forwarder.kill()
         forwarder.wait(10)
 
-        publisher = Publisher(topics, client_id="shutdown-test")
         ids = SnowflakeIds(72)
         records = [
             MessageRecord(
@@ -186,8 +184,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
             )
             for i in range(20)
         ]
-        publisher.publish(topics.messages_topic, [(r.key(), r.value()) for r in records])
-        publisher.close()
+        publish_records(settings, topics, records, client_id="shutdown-test")
 
         deadline = time.monotonic() + 180
         while retries(url, "encryptor") < 2 and time.monotonic() < deadline:

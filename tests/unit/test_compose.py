@@ -26,7 +26,7 @@ from sealstream.settings import Settings, StackSettings
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-INFRASTRUCTURE = ("kafka", "cassandra", "opensearch", "postgres", "redis", "openbao")
+INFRASTRUCTURE = ("kafka", "cassandra", "opensearch", "postgres", "redis", "openbao", "s3proxy")
 PROJECT_SERVICES = ("ingest", "encryptor", "indexer", "reader", "admin", "delivery")
 PREFIX = "SEALSTREAM_"
 
@@ -171,6 +171,7 @@ def test_servers_publish_the_local_stack_ports() -> None:
         "postgres": (settings_module.POSTGRES_PORT, stack.postgres_port),
         "redis": (settings_module.REDIS_PORT, stack.redis_port),
         "openbao": (settings_module.OPENBAO_PORT, stack.openbao_port),
+        "s3proxy": (settings_module.S3PROXY_PORT, stack.s3proxy_port),
     }
     for service, (constant, stack_default) in expected.items():
         assert constant == stack_default, f"{service}: settings constant and StackSettings differ"
@@ -187,6 +188,7 @@ def test_default_settings_reach_the_published_ports() -> None:
         "postgres": defaults.postgres.port,
         "redis": urlsplit(defaults.redis.url).port,
         "openbao": urlsplit(defaults.vault.address).port,
+        "s3proxy": urlsplit(defaults.object_store.endpoint).port,
     }
     for service, port in reached.items():
         assert port in port_mappings(service), f"default settings miss {service}'s port"
@@ -224,6 +226,10 @@ def test_services_use_ports_the_servers_listen_on(
         "postgres": (cfg.postgres.host, cfg.postgres.port),
         "redis": (urlsplit(cfg.redis.url).hostname, urlsplit(cfg.redis.url).port),
         "openbao": (urlsplit(cfg.vault.address).hostname, urlsplit(cfg.vault.address).port),
+        "s3proxy": (
+            urlsplit(cfg.object_store.endpoint).hostname,
+            urlsplit(cfg.object_store.endpoint).port,
+        ),
     }
     for server, (host, port) in targets.items():
         assert host == server

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -25,6 +26,7 @@ from sealstream.adapters.kafka import Headers, RecordRefused
 from sealstream.adapters.opensearch import IndexedMessage, RefusedDocument
 from sealstream.crypto import ChatKey
 from sealstream.errors import StoreUnavailable
+from sealstream.record_seal import RecordOpener, RecordSealer, TopicKey
 from sealstream.settings import KafkaSettings
 from sealstream.streaming import (
     Batch,
@@ -467,6 +469,9 @@ class FetchedMessage:
     def value(self) -> bytes:
         return b"v%d" % self._offset
 
+    def headers(self) -> None:
+        return None
+
 
 class ScriptedConsumer(FakeConsumer):
     """Each `poll()`/`consume()` call runs the next step: rebalance callbacks to run inside the
@@ -522,3 +527,94 @@ def test_records_a_consume_call_returns_after_revoking_their_partition_are_not_h
     batch = runtime._collect(consumer)  # type: ignore[arg-type]
     assert [(r.partition, r.offset) for r in batch] == [(1, 4), (1, 5)]
     assert [(tp.partition, tp.offset) for tp in Batch(batch).next_offsets()] == [(1, 6)]
+
+
+# --- sealed records: opened before `process`, dead-lettered as they came ---------------------
+
+
+class TopicKeys:
+    """Our own `TopicKeySource` port: one key, or down (Postgres / KMS unreachable)."""
+
+    def __init__(self) -> None:
+        self.key = TopicKey("k1", "t", bytes(range(32)))
+        self.down = 0
+
+    def current(self, topic: str) -> TopicKey:
+        return self.key
+
+    def has_current(self, topic: str) -> bool:
+        return True
+
+    def by_id(self, topic: str, key_id: str) -> TopicKey:
+        if self.down:
+            self.down -= 1
+            raise StoreUnavailable("Postgres unavailable")
+        return self.key
+
+
+def sealed_raw(offset: int, value: bytes, event_id: int) -> RawRecord:
+    key = str(json.loads(value)["chat_id"]).encode()
+    sealed, headers = RecordSealer(TopicKeys()).seal("t", key, event_id, value)
+    return RawRecord("t", 0, offset, key, sealed, tuple(headers))
+
+
+def test_sealed_records_are_opened_and_refusals_dead_lettered_as_they_came() -> None:
+    keys = TopicKeys()
+    keys.down = 2  # the first two attempts cannot fetch the key: the batch is held, then done
+    seen: list[RawRecord] = []
+
+    def process(records: Sequence[RawRecord]) -> list[Rejected]:
+        seen.extend(records)
+        return []
+
+    topic = Topic(max_bytes=10_000)
+    writer = DeadLetterWriter(topic, "dlq")  # type: ignore[arg-type]
+    runtime = ConsumerRuntime("t", KafkaSettings(), "g", process, writer, opener=RecordOpener(keys))
+    good_value = record_json()
+    good = sealed_raw(0, good_value, json.loads(good_value)["message_id"])
+    tampered = replace(good, offset=1, value=good.value[:-1] + bytes([good.value[-1] ^ 1]))
+    plain = RawRecord("t", 0, 2, good.key, good_value)  # not sealed while sealing is on
+    batch = Batch([good, tampered, plain])
+    assert runtime._work(batch) == 2
+    # The good record reached `process` opened, with its sealed value and event id kept.
+    [opened] = seen
+    assert opened.value == good_value and opened.original_value == good.value
+    assert opened.event_id == json.loads(good_value)["message_id"]
+    # Each refusal went to the dead-letter topic as it came: sealed value and own headers first.
+    [(_, v1, h1), (_, v2, h2)] = topic.letters
+    assert v1 == tampered.value and b"authentication failed" in h1["dlq.reason"]
+    assert h1["sealstream.key_id"] == b"k1"
+    assert v2 == good_value and h2["dlq.reason"].startswith(b"record is not sealed")
+
+
+def test_the_decoder_checks_the_sealed_event_id() -> None:
+    value = record_json()
+    key = str(json.loads(value)["chat_id"]).encode()
+    own = json.loads(value)["message_id"]
+    assert isinstance(decode_record(value, key, own), MessageRecord)
+    assert decode_record(value, key, own + 1) == (
+        "header sealstream.event_id does not match the record's event id"
+    )
+
+
+def test_with_sealing_off_plaintext_passes_and_sealed_records_still_open() -> None:
+    seen: list[RawRecord] = []
+
+    def process(records: Sequence[RawRecord]) -> list[Rejected]:
+        seen.extend(records)
+        return []
+
+    writer = DeadLetterWriter(Topic(max_bytes=10_000), "dlq")  # type: ignore[arg-type]
+    runtime = ConsumerRuntime(
+        "t",
+        KafkaSettings(seal_records=False),
+        "g",
+        process,
+        writer,
+        opener=RecordOpener(TopicKeys()),
+    )
+    value = record_json()
+    sealed = sealed_raw(0, value, json.loads(value)["message_id"])
+    plain = RawRecord("t", 0, 1, sealed.key, value)
+    assert runtime._work(Batch([sealed, plain])) == 0
+    assert [r.value for r in seen] == [value, value]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import faust
 import pytest
@@ -25,6 +27,7 @@ from examples.faust_chat_activity.app import (
     empty_window,
 )
 from schemas.events import MessageRecord, decode_record
+from sealstream.errors import SealRefused, StoreUnavailable
 from sealstream.faust_records import (
     CODEC_NAME,
     KEY_MISMATCH,
@@ -36,6 +39,7 @@ from sealstream.faust_records import (
     key_refusal,
     message_topic,
 )
+from sealstream.record_seal import RecordOpener, RecordSealer, TopicKey
 from sealstream.settings import KafkaSettings
 
 SECRET = "zqsecret launch words"
@@ -131,41 +135,130 @@ def test_key_rules_are_the_workers() -> None:
     assert isinstance(decode_record(value(), right), MessageRecord)
 
 
-def message(key: bytes | None, payload: bytes | None, offset: int = 7) -> Message:
-    return Message("t.messages", 2, offset, 0.0, 0, [], key, payload, None)
+class MemoryKeys:
+    """`TopicKeySource` in memory (our own port): one key per topic."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, TopicKey] = {}
+
+    def current(self, topic: str) -> TopicKey:
+        return self.keys.setdefault(topic, TopicKey(f"{topic}.k1", topic, os.urandom(32)))
+
+    def has_current(self, topic: str) -> bool:
+        return topic in self.keys
+
+    def by_id(self, topic: str, key_id: str) -> TopicKey:
+        key = self.keys.get(topic)
+        if key is None or key.key_id != key_id:
+            raise SealRefused(f"header sealstream.key_id: unknown key of topic {topic}")
+        return key
 
 
-def test_the_topic_skips_and_counts_refused_records_and_passes_the_rest() -> None:
+class FlakyOpener:
+    """Fails retriably `failures` times (the KMS down), then opens."""
+
+    def __init__(self, opener: RecordOpener, failures: int) -> None:
+        self.opener, self.failures, self.calls = opener, failures, 0
+
+    def open(self, topic: str, key: bytes | None, headers: Any, value: bytes) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreUnavailable("KMS down")
+        return self.opener.open(topic, key, headers, value)
+
+
+TOPIC = "t.messages"
+
+
+def message(
+    key: bytes | None,
+    payload: bytes | None,
+    offset: int = 7,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> Message:
+    return Message(TOPIC, 2, offset, 0.0, 0, headers or [], key, payload, None)
+
+
+def sealed(
+    sealer: RecordSealer, key: bytes | None, payload: bytes, offset: int, event_id: int = 0
+) -> Message:
+    """A record sealed as producers seal it (`event_id`: the record's own unless given)."""
+    if not event_id:
+        event_id = json.loads(payload).get("event_id") or json.loads(payload)["message_id"]
+    value, headers = sealer.seal(TOPIC, key or str(CHAT).encode(), event_id, payload)
+    return message(key, value, offset, headers)
+
+
+def test_the_topic_opens_sealed_records_skips_and_counts_refused_ones_and_passes_the_rest() -> None:
+    keys = MemoryKeys()
+    sealer, opener = RecordSealer(keys), RecordOpener(keys)
     app = faust.App("unit-faust-records-topic", web_enabled=False)
-    topic = message_topic(app, "t.messages")
+    topic = message_topic(app, TOPIC, opener)
     clone = topic.clone()  # what an agent iterates: must count into the same place
     right = str(CHAT).encode()
+    tampered = sealed(sealer, right, value(), 9)
+    assert tampered.value is not None
+    tampered.value = tampered.value[:-1] + bytes([tampered.value[-1] ^ 1])
+    inputs = [
+        sealed(sealer, right, value(), 0),
+        sealed(sealer, right, value(sender_id=""), 1),
+        sealed(sealer, None, value(), 2),
+        sealed(sealer, str(uuid.uuid4()).encode(), value(), 3),
+        message(right, None, 4),
+        sealed(sealer, right, b"\xff\xfe not json " + SECRET.encode(), 5, event_id=5),
+        message(right, value(), 6),  # plaintext: not sealed
+        sealed(sealer, right, value(), 7, event_id=99),  # sealed as another event
+        tampered,
+    ]
 
     async def decode_all() -> list[object]:
-        got = []
-        for i, (key, payload) in enumerate(
-            [
-                (right, value()),
-                (right, value(sender_id="")),
-                (None, value()),
-                (str(uuid.uuid4()).encode(), value()),
-                (right, None),
-                (right, b"\xff\xfe not json " + SECRET.encode()),
-            ]
-        ):
-            got.append(await clone.decode(message(key, payload, offset=i)))
-        return got
+        return [await clone.decode(m) for m in inputs]
 
     events = asyncio.run(decode_all())
     assert isinstance(events[0].value, MessageEvent)  # type: ignore[attr-defined]
+    assert events[0].value.text == SECRET  # type: ignore[attr-defined]
     assert events[0].key == right  # type: ignore[attr-defined]
-    assert events[1:] == [None] * 5  # skipped, not thrown
+    assert events[1:] == [None] * 8  # skipped, not thrown
     assert topic.refusals is clone.refusals
-    assert topic.refusals.total == 5
-    assert topic.refusals.by_reason[NO_KEY] == 1
-    assert topic.refusals.by_reason[KEY_MISMATCH] == 1
-    assert topic.refusals.by_reason[NO_VALUE] == 1
-    assert not any(SECRET in reason for reason in topic.refusals.by_reason)
+    assert topic.refusals.total == 8
+    reasons = topic.refusals.by_reason
+    assert reasons[KEY_MISMATCH] == 1
+    assert reasons[NO_VALUE] == 1
+    assert reasons["record key: missing (a sealed record binds its record key)"] == 1
+    assert reasons["record is not sealed: header sealstream.key_id missing"] == 1
+    assert reasons["header sealstream.event_id does not match the record's event id"] == 1
+    assert sum(n for r, n in reasons.items() if "authentication failed" in r) == 1
+    assert sum(n for r, n in reasons.items() if r.startswith("invalid record: ")) == 2
+    assert not any(SECRET in reason for reason in reasons)
+
+
+def test_a_topic_with_sealing_off_still_opens_sealed_records_and_reads_plaintext() -> None:
+    keys = MemoryKeys()
+    app = faust.App("unit-faust-records-plain", web_enabled=False)
+    topic = message_topic(app, TOPIC, RecordOpener(keys), sealed_only=False)
+    right = str(CHAT).encode()
+
+    async def decode_all() -> list[object]:
+        plain = message(right, value(), 0)
+        return [
+            await topic.decode(plain),
+            await topic.decode(sealed(RecordSealer(keys), right, value(), 1)),
+        ]
+
+    events = asyncio.run(decode_all())
+    assert [e.value.text for e in events] == [SECRET, SECRET]  # type: ignore[attr-defined]
+
+
+def test_a_kms_outage_holds_the_record_and_retries_never_skips() -> None:
+    keys = MemoryKeys()
+    flaky = FlakyOpener(RecordOpener(keys), failures=3)
+    app = faust.App("unit-faust-records-flaky", web_enabled=False)
+    topic = message_topic(app, TOPIC, flaky)
+    record = sealed(RecordSealer(keys), str(CHAT).encode(), value(), 0)
+    event = asyncio.run(topic.decode(record))
+    assert event.value.text == SECRET  # type: ignore[attr-defined]
+    assert flaky.calls == 4
+    assert topic.refusals.total == 0
 
 
 def test_repr_of_an_event_holds_no_text() -> None:

@@ -61,11 +61,11 @@ class FakePublisher:
         self.fail = False
         self.calls = 0
 
-    async def publish(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def publish(self, topic: str, records: Sequence[MessageRecord]) -> None:
         self.calls += 1
         if self.fail:
             raise StoreUnavailable("Kafka did not acknowledge")
-        self.records += [(topic, k, v) for k, v in items]
+        self.records += [(topic, r.key(), r.value()) for r in records]
 
     def decoded(self) -> list[MessageRecord]:
         return [MessageRecord.model_validate_json(v) for _, _, v in self.records]

@@ -1,0 +1,408 @@
+"""The S3-compatible object store (locally S3Proxy) that holds encrypted attachments, via boto3.
+
+One `ObjectStore` per process, thread-safe (one botocore client). Every byte it stores is already
+ciphertext (`sealstream.file_crypto`); this module only moves bytes, and never holds a whole
+object in memory:
+
+- `put(key, chunks)` streams an iterator of byte chunks up. A stream shorter than
+  `part_size_bytes` goes up in one `PutObject`; a longer one as a multipart upload of parts of
+  exactly `part_size_bytes` (the last one shorter), so at most one part is buffered. Any failure
+  while the upload is open (the store, the iterator raising, the caller closing the generator)
+  aborts the multipart upload before the error propagates: nothing becomes readable, and the
+  parts are deleted.
+- `get(key, start, length)` returns an iterator over the bytes of a range, read from the network
+  as the caller consumes it.
+- `head`, `delete`, and the sweep of abandoned multipart uploads (`incomplete_uploads`,
+  `abort_incomplete`), which `sealstream attachments sweep-uploads` runs where the store has no
+  lifecycle rules (S3Proxy; docs/operations.md "Object store").
+
+Errors: `ObjectNotFound` (no such key), `ObjectStoreError` (anything else the store refused; its
+`retriable` flag is set for connection failures, timeouts, throttling and 5xx once botocore's
+own retries are spent). Messages name the bucket, key and S3 error code, never object content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from sealstream.errors import SealstreamError
+from sealstream.settings import ObjectStoreSettings
+
+# Bytes per chunk yielded by `get` (what one network read returns at most).
+READ_CHUNK_BYTES = 256 * 1024
+_RETRIABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+}
+
+
+class ObjectStoreError(SealstreamError):
+    """The object store refused or failed a request; `retriable` says whether to try later."""
+
+    def __init__(self, message: str, *, retriable: bool = False, code: str = "") -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.code = code
+
+
+class ObjectNotFound(ObjectStoreError):
+    """No object under that key (or no such bucket: run `sealstream migrate`)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What `put` wrote: its key, size in bytes, the store's ETag and how many parts it took
+    (0 for a single `PutObject`)."""
+
+    key: str
+    size: int
+    etag: str
+    parts: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """`head`: size in bytes, ETag, content type, user metadata (`x-amz-meta-*`), last write."""
+
+    key: str
+    size: int
+    etag: str
+    content_type: str
+    metadata: dict[str, str]
+    last_modified: datetime
+
+
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """A multipart upload neither completed nor aborted; `started` is when it began (UTC), as the
+    earliest of the store's `Initiated` and its parts' `LastModified` (S3Proxy reports the time of
+    the listing as `Initiated`, so its parts are the only true age there)."""
+
+    key: str
+    upload_id: str
+    started: datetime
+    parts: int
+
+
+def build_client(settings: ObjectStoreSettings) -> Any:
+    """A boto3 S3 client for `settings`: timeouts, standard retries, path-style addressing.
+
+    Checksums are sent and checked only where S3 requires them: S3Proxy answers `NotImplemented`
+    to the CRC32 headers newer botocore adds to every upload. Integrity does not rest on them:
+    every attachment segment carries its own AEAD tag (docs/format.md).
+    """
+    access_key, secret_key = settings.resolved_credentials()
+    config = Config(
+        region_name=settings.region,
+        connect_timeout=settings.connect_timeout_seconds,
+        read_timeout=settings.read_timeout_seconds,
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        s3={"addressing_style": "path" if settings.path_style else "auto"},
+        signature_version="s3v4",
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # One client is shared by the threads of a process (botocore clients are thread-safe).
+        max_pool_connections=32,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key.get_secret_value(),
+        config=config,
+    )
+
+
+class ObjectStore:
+    """Streams objects in and out of one bucket (`settings.bucket`)."""
+
+    def __init__(self, settings: ObjectStoreSettings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.part_size = settings.part_size_bytes
+        self._client = client if client is not None else build_client(settings)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- set-up (sealstream migrate) --------------------------------------------------------------
+
+    def ensure_bucket(self) -> str:
+        """Create the bucket if missing and ask for a lifecycle rule that aborts multipart uploads
+        after `abandoned_upload_hours` (rounded up to whole days, S3's unit). Idempotent.
+
+        Returns a line for `migrate`'s report: whether the rule is in place, or that the store
+        has no lifecycle rules (S3Proxy) and `sealstream attachments sweep-uploads` must run.
+        """
+        created = False
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) not in {"404", "NoSuchBucket", "NotFound"}:
+                raise self._error("HeadBucket", exc) from None
+            try:
+                self._client.create_bucket(Bucket=self.bucket)
+                created = True
+            except ClientError as create_exc:  # a concurrent migrate made it first
+                if _code(create_exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise self._error("CreateBucket", create_exc) from None
+        except BotoCoreError as exc:
+            raise self._error("HeadBucket", exc) from None
+        days = max(1, -(-int(self.settings.abandoned_upload_hours) // 24))
+        rule = {
+            "ID": "sealstream-abort-incomplete-uploads",
+            "Status": "Enabled",
+            "Filter": {"Prefix": ""},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+        }
+        try:
+            self._client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": [rule]}
+            )
+            lifecycle = f"lifecycle aborts incomplete uploads after {days} day(s)"
+        except ClientError as exc:
+            if _code(exc) not in {"NotImplemented", "501"}:
+                raise self._error("PutBucketLifecycleConfiguration", exc) from None
+            lifecycle = (
+                "no lifecycle rules on this store: run `sealstream attachments sweep-uploads` "
+                "on a schedule"
+            )
+        return f"bucket {self.bucket} {'created' if created else 'exists'}; {lifecycle}"
+
+    def delete_empty_bucket(self) -> None:
+        """Delete the bucket, which must be empty (benchmarks and tests make buckets of their own;
+        S3 refuses with `BucketNotEmpty` otherwise)."""
+        try:
+            self._client.delete_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("DeleteBucket", exc) from None
+
+    # -- put --------------------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> StoredObject:
+        """Store the concatenation of `chunks` under `key`; returns only once it is readable.
+
+        Chunks may have any size (empty ones are skipped). At most one part (`part_size_bytes`)
+        plus one chunk is held in memory. `metadata` becomes `x-amz-meta-*` (ASCII; never put
+        anything there that reveals content). Raises `ObjectStoreError`; if `chunks` itself
+        raises, that error propagates. Either way an open multipart upload is aborted first.
+        """
+        extra = {"ContentType": content_type, "Metadata": dict(metadata or {})}
+        buffer = bytearray()
+        iterator = iter(chunks)
+        for chunk in iterator:
+            buffer += chunk
+            if len(buffer) >= self.part_size:
+                return self._put_multipart(key, buffer, iterator, extra)
+        try:
+            answer = self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=bytes(buffer), **extra
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("PutObject", exc, key) from None
+        return StoredObject(key, len(buffer), answer["ETag"].strip('"'), 0)
+
+    def _put_multipart(
+        self, key: str, buffer: bytearray, rest: Iterator[bytes], extra: dict[str, Any]
+    ) -> StoredObject:
+        try:
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)[
+                "UploadId"
+            ]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("CreateMultipartUpload", exc, key) from None
+        parts: list[dict[str, Any]] = []
+        size = 0
+        try:
+            exhausted = False
+            while True:
+                while len(buffer) < self.part_size and not exhausted:
+                    try:
+                        buffer += next(rest)
+                    except StopIteration:
+                        exhausted = True
+                if not buffer and parts:
+                    break
+                body = bytes(buffer[: self.part_size])
+                del buffer[: self.part_size]
+                number = len(parts) + 1
+                answer = self._client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+                size += len(body)
+                if exhausted and not buffer:
+                    break
+            answer = self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:  # the iterator, the store, or the caller giving up
+            self._abort_quietly(key, upload_id)
+            if isinstance(exc, ClientError | BotoCoreError):
+                raise self._error("multipart upload", exc, key) from None
+            raise
+        return StoredObject(key, size, str(answer.get("ETag", "")).strip('"'), len(parts))
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """Abort after a failure; if the store is down too, the sweep removes it later."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError):
+            pass
+
+    # -- get, head, delete ------------------------------------------------------------------------
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Bytes `start` .. `start + length - 1` of the object (to its end when `length` is None,
+        or when the object ends first: S3 answers a range running past the end with what there
+        is), as an iterator of chunks of at most `READ_CHUNK_BYTES` read as they are consumed.
+
+        The request is made before this returns, so `ObjectNotFound` and an invalid range
+        (`ObjectStoreError` code `InvalidRange`: `start` at or past the end) are raised here, not
+        on the first `next()`. Close the iterator (or exhaust it) to release the connection.
+        """
+        if start < 0 or (length is not None and length < 1):
+            raise ValueError(f"object range: start {start} must be >= 0 and length {length} >= 1")
+        if length is None:
+            byte_range = f"bytes={start}-"
+        else:
+            byte_range = f"bytes={start}-{start + length - 1}"
+        try:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("GetObject", exc, key) from None
+        return self._stream(key, answer["Body"])
+
+    def _stream(self, key: str, body: Any) -> Iterator[bytes]:
+        try:
+            yield from body.iter_chunks(chunk_size=READ_CHUNK_BYTES)
+        except BotoCoreError as exc:  # the connection broke or timed out mid-body
+            raise self._error("GetObject body", exc, key) from None
+        finally:
+            body.close()
+
+    def head(self, key: str) -> ObjectInfo:
+        """Size, ETag, content type and metadata of `key`; `ObjectNotFound` if there is none."""
+        try:
+            answer = self._client.head_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("HeadObject", exc, key) from None
+        return ObjectInfo(
+            key=key,
+            size=int(answer["ContentLength"]),
+            etag=str(answer["ETag"]).strip('"'),
+            content_type=str(answer.get("ContentType", "")),
+            metadata=dict(answer.get("Metadata", {})),
+            last_modified=answer["LastModified"],
+        )
+
+    def delete(self, key: str) -> None:
+        """Delete `key`. Deleting a key that does not exist is not an error (S3 semantics)."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("DeleteObject", exc, key) from None
+
+    # -- abandoned multipart uploads --------------------------------------------------------------
+
+    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+        """Every multipart upload under `prefix` neither completed nor aborted, oldest first."""
+        found: list[IncompleteUpload] = []
+        try:
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    found.append(self._describe(upload))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("ListMultipartUploads", exc) from None
+        return sorted(found, key=lambda upload: upload.started)
+
+    def _describe(self, upload: dict[str, Any]) -> IncompleteUpload:
+        times = [upload["Initiated"]]
+        count = 0
+        try:
+            pages = self._client.get_paginator("list_parts").paginate(
+                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+            for page in pages:
+                for part in page.get("Parts", []):
+                    times.append(part["LastModified"])
+                    count += 1
+        except ClientError as exc:
+            if _code(exc) != "NoSuchUpload":  # completed or aborted since it was listed
+                raise
+        started = min(t if t.tzinfo else t.replace(tzinfo=UTC) for t in times)
+        return IncompleteUpload(upload["Key"], upload["UploadId"], started.astimezone(UTC), count)
+
+    def abort_incomplete(
+        self, older_than: timedelta, *, prefix: str = "", now: datetime | None = None
+    ) -> list[IncompleteUpload]:
+        """Abort every incomplete upload under `prefix` started before `now - older_than`
+        (`now` defaults to the current UTC time); returns those aborted. An upload that finished
+        meanwhile is skipped. Raises `ObjectStoreError`.
+        """
+        cutoff = (now or datetime.now(UTC)) - older_than
+        aborted = []
+        for upload in self.incomplete_uploads(prefix):
+            if upload.started >= cutoff:
+                continue
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+                )
+            except ClientError as exc:
+                if _code(exc) == "NoSuchUpload":
+                    continue
+                raise self._error("AbortMultipartUpload", exc, upload.key) from None
+            aborted.append(upload)
+        return aborted
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    def _error(self, operation: str, exc: Exception, key: str | None = None) -> ObjectStoreError:
+        where = f"s3://{self.bucket}/{key}" if key is not None else f"s3://{self.bucket}"
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}:
+                return ObjectNotFound(f"{operation} {where}: not found ({code})", code=code)
+            return ObjectStoreError(
+                f"{operation} {where} refused: {code} (HTTP {status})",
+                retriable=code in _RETRIABLE_CODES or status >= 500,
+                code=code,
+            )
+        # Connection refused, timeouts, a body cut short: the store is down or slow.
+        return ObjectStoreError(
+            f"{operation} {where} failed: {type(exc).__name__}: {exc}",
+            retriable=True,
+            code=type(exc).__name__,
+        )
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
