@@ -24,7 +24,7 @@ backoff until the record opens or `stop()` is called; it never skips a record.
 
 Usage (README.md, "Reading the stream (ML consumers)")::
 
-    with MessageConsumer(Settings(), group="acme-ml-features") as consumer:
+    with MessageConsumer(Settings(), group="sealstream-ml-acme-features") as consumer:
         for batch in consumer.batches():
             for record in batch.records:
                 ...                    # MessageRecord: kind, message_id, chat_id, text, ...

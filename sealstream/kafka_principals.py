@@ -31,8 +31,9 @@ DIRECT_PRODUCER = "sealstream-producer"
 # by mistake fails at once instead of running as someone else.
 READER = "sealstream-reader"
 
-# Consumers that read with assign() (TopicTail) never join a group, but librdkafka wants a group
-# id and looks its coordinator up (DESCRIBE on the group): theirs start with this.
+# Consumers that read with assign() (TopicTail, DeadLetterReader) never join a group, but
+# librdkafka wants a group id and looks its coordinator up (DESCRIBE on the group): theirs start
+# with this.
 TAIL_GROUP_PREFIX = "sealstream-tail-"
 
 SUPER_USERS = (BROKER, ADMIN)
@@ -84,7 +85,10 @@ def rights(kafka: KafkaSettings) -> list[Right]:
     - delivery: reads the change topic with assign() (no group membership, no commits; its
       client still looks up the coordinator of its throwaway group id);
     - admin API: publishes deletions to the change topic; chat deletion reads the end offsets
-      of the message topic and the committed offsets of both worker groups;
+      of the message topic and the committed offsets of both worker groups; its dead-letter
+      routes read the dead-letter topic with assign() (`DeadLetterReader`: a throwaway group id
+      under `TAIL_GROUP_PREFIX`, never joined nor committed) and replay letters into the
+      message topic (WRITE);
     - ML consumer: reads the message topic in groups of its own prefix, nothing else;
     - direct producer: publishes to the message topic.
     """
@@ -104,6 +108,9 @@ def rights(kafka: KafkaSettings) -> list[Right]:
         Right(ADMIN_API, "describe", "topic", messages),
         Right(ADMIN_API, "describe", "group", kafka.encryptor_group),
         Right(ADMIN_API, "describe", "group", kafka.indexer_group),
+        Right(ADMIN_API, "read", "topic", dlq),
+        Right(ADMIN_API, "describe", "group", TAIL_GROUP_PREFIX, prefixed=True),
+        Right(ADMIN_API, "write", "topic", messages),
         Right(ML_CONSUMER, "read", "topic", messages),
         Right(ML_CONSUMER, "read", "group", kafka.ml_group_prefix, prefixed=True),
         Right(DIRECT_PRODUCER, "write", "topic", messages),

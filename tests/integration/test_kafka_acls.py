@@ -27,6 +27,7 @@ from pydantic import SecretStr
 
 from sealstream.adapters.kafka import (
     ConsumerGroupsProgress,
+    DeadLetterReader,
     Publisher,
     TopicTail,
     delete_topics,
@@ -181,6 +182,26 @@ def test_the_admin_api_can_follow_the_worker_groups_for_chat_deletion(
     assert position[0] >= 1  # the fixture's record, at least
     # The groups committed nothing on this topic: not passed (and no authorisation error).
     assert progress.passed(position) is False
+
+
+def test_the_admin_api_reads_dead_letters_and_replays_them_into_the_message_topic(
+    acl_kafka: KafkaSettings,
+) -> None:
+    api = principal(acl_kafka, ADMIN_API)
+    reader = DeadLetterReader(api)
+    try:
+        letters = list(reader.scan())
+    finally:
+        reader.close()
+    assert [(letter.key, letter.value) for letter in letters] == [(b"k", b"opaque")]
+    assert write(api, acl_kafka.messages_topic) is None  # a replay
+    # Reading dead letters is the admin API's (and the operator's): not the ML consumer's.
+    ml_reader = DeadLetterReader(principal(acl_kafka, ML_CONSUMER))
+    try:
+        with pytest.raises(StoreUnavailable, match="TOPIC_AUTHORIZATION_FAILED"):
+            list(ml_reader.scan())
+    finally:
+        ml_reader.close()
 
 
 def test_delivery_tails_the_change_topic_without_a_group(acl_kafka: KafkaSettings) -> None:

@@ -11,8 +11,10 @@ import pytest
 from pydantic import SecretStr
 
 from sealstream.adapters.kafka import kafka_client_config
+from sealstream.consumer import MessageConsumer, consumer_config
 from sealstream.kafka_principals import (
     ADMIN,
+    ADMIN_API,
     BY_SERVICE,
     DIRECT_PRODUCER,
     ENCRYPTOR,
@@ -20,10 +22,12 @@ from sealstream.kafka_principals import (
     LOCAL_PRINCIPALS,
     ML_CONSUMER,
     READER,
+    TAIL_GROUP_PREFIX,
     rights,
 )
+from sealstream.producer import MessageProducer
 from sealstream.services import child_env
-from sealstream.settings import KafkaSettings
+from sealstream.settings import KafkaSettings, Settings
 
 
 def credentials(tmp_path: Path, **passwords: str) -> Path:
@@ -103,7 +107,8 @@ def test_only_producers_write_the_message_topic_and_the_ml_consumer_only_reads_i
     writers = {
         r.principal for r in table if r.name == kafka.messages_topic and r.operation == "write"
     }
-    assert writers == {GATEWAY, DIRECT_PRODUCER}
+    # The admin API writes only to replay dead letters (`/v1/dead-letters/replay`).
+    assert writers == {GATEWAY, DIRECT_PRODUCER, ADMIN_API}
     ml = [r for r in table if r.principal == ML_CONSUMER]
     assert {(r.operation, r.resource, r.name, r.prefixed) for r in ml} == {
         ("read", "topic", kafka.messages_topic, False),
@@ -113,3 +118,39 @@ def test_only_producers_write_the_message_topic_and_the_ml_consumer_only_reads_i
     for group, worker in ((kafka.encryptor_group, ENCRYPTOR),):
         joiners = {r.principal for r in table if r.name == group and r.operation == "read"}
         assert joiners == {worker}
+
+
+def test_the_admin_api_reads_dead_letters_but_never_the_message_topic() -> None:
+    kafka = KafkaSettings()
+    api = {
+        (r.operation, r.resource, r.name, r.prefixed)
+        for r in rights(kafka)
+        if r.principal == ADMIN_API
+    }
+    # DeadLetterReader: assign() on the dead-letter topic, a throwaway group id of the tail
+    # prefix (looked up, never joined); replays write the message topic.
+    assert ("read", "topic", kafka.dead_letter_topic, False) in api
+    assert ("describe", "group", TAIL_GROUP_PREFIX, True) in api
+    assert ("write", "topic", kafka.messages_topic, False) in api
+    assert ("read", "topic", kafka.messages_topic, False) not in api
+
+
+def test_the_libraries_run_as_their_principals_unless_one_is_configured(tmp_path: Path) -> None:
+    file = credentials(tmp_path, **{ML_CONSUMER: "ml-secret", DIRECT_PRODUCER: "dp-secret"})
+    settings = Settings(kafka=KafkaSettings(credentials_file=file))
+    assert MessageProducer(settings).kafka.principal == DIRECT_PRODUCER
+    group = f"{settings.kafka.ml_group_prefix}features"
+    consumer = MessageConsumer(settings, group)
+    config = consumer_config(consumer.kafka, group, "c")
+    assert (config["sasl.username"], config["sasl.password"]) == (ML_CONSUMER, "ml-secret")
+    own = Settings(kafka=KafkaSettings(username="acme-ml", password=SecretStr("p")))
+    assert MessageProducer(own).kafka.principal == "acme-ml"
+    # A configured principal has ACLs of its operator's making: any group of its own.
+    assert MessageConsumer(own, "acme-features").kafka.principal == "acme-ml"
+
+
+def test_the_ml_consumer_principal_is_refused_a_group_outside_its_prefix() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="ml_group_prefix") as refused:
+        MessageConsumer(settings, "acme-features")
+    assert settings.kafka.ml_group_prefix in str(refused.value)
