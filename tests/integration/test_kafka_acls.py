@@ -193,7 +193,8 @@ def test_the_admin_api_reads_dead_letters_and_replays_them_into_the_message_topi
         letters = list(reader.scan())
     finally:
         reader.close()
-    assert [(letter.key, letter.value) for letter in letters] == [(b"k", b"opaque")]
+    # The fixture's letter first (other tests of this module write more, the same).
+    assert letters and {(letter.key, letter.value) for letter in letters} == {(b"k", b"opaque")}
     assert write(api, acl_kafka.messages_topic) is None  # a replay
     # Reading dead letters is the admin API's (and the operator's): not the ML consumer's.
     ml_reader = DeadLetterReader(principal(acl_kafka, ML_CONSUMER))
