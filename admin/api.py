@@ -29,6 +29,8 @@ from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict, TopicKeyRepository
 from sealstream.dead_letters import (
     MAX_LIST,
+    MAX_REASON_FILTER,
+    TOPIC_PATTERN,
     DeadLetterInfo,
     LetterFilter,
     LetterSource,
@@ -256,8 +258,7 @@ def _report(report: object) -> dict[str, Any]:
 
 # --- dead letters ----------------------------------------------------------------------------
 
-TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"  # Kafka's rule for topic names
-Stage = Literal["encryptor", "indexer"]
+Stage = Literal["encryptor", "indexer"]  # dead_letters.STAGES
 
 
 class ReplayedOut(BaseModel):
@@ -285,7 +286,10 @@ class DeadLetterOut(BaseModel):
     value_omitted: str | None = Field(
         description="Why the letter carries no value (the dead-letter topic refused it)"
     )
-    headers: list[str] = Field(description="Names of the record's own headers (not `dlq.*`)")
+    headers: list[str] = Field(
+        description="Names of the record's own headers (not `dlq.*`), the first 32 distinct"
+    )
+    header_count: int = Field(description="How many own headers the record has")
     replayable: bool
     not_replayable_because: str | None
     replayed: ReplayedOut | None = Field(description="Its replays so far; null: never replayed")
@@ -309,7 +313,10 @@ class ReplayIn(_Request):
         description="The letters to replay by coordinates; or leave out and give a filter",
     )
     reason: str | None = Field(
-        default=None, min_length=1, max_length=200, description="Reason contains (any case)"
+        default=None,
+        min_length=1,
+        max_length=MAX_REASON_FILTER,
+        description="Reason contains (any case)",
     )
     stage: Stage | None = None
     since: datetime | None = Field(default=None, description="Dead-lettered at or after")
@@ -326,7 +333,8 @@ class ReplayResultOut(BaseModel):
     offset: int
     outcome: str = Field(
         description="replayed | would_replay (dry run) | already_replayed (skipped; force to "
-        "replay again) | refused (no value, not from the message topic, or no key) | not_found"
+        "replay again) | being_replayed (skipped: another replay holds it now) | refused (no "
+        "value, not from the message topic, key not a chat id, or too large for it) | not_found"
     )
     detail: str
     replayed_to_partition: int | None
@@ -832,7 +840,9 @@ def create_app(
         admin: CurrentAdmin,
         reason: Annotated[
             str | None,
-            Query(min_length=1, max_length=200, description="Reason contains (any case)"),
+            Query(
+                min_length=1, max_length=MAX_REASON_FILTER, description="Reason contains (any case)"
+            ),
         ] = None,
         stage: Annotated[Stage | None, Query()] = None,
         since: Annotated[datetime | None, Query(description="Dead-lettered at or after")] = None,

@@ -8,7 +8,6 @@ import getpass
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -62,18 +61,6 @@ def _tools() -> Iterator[tuple[Settings, DeadLetterReader, Publisher, DeadLetter
         database.close()
 
 
-def _when(raw: str | None, option: str) -> datetime | None:
-    from sealstream.dead_letters import parse_when
-
-    if raw is None:
-        return None
-    try:
-        return parse_when(raw)
-    except ValueError as err:
-        console.print(Text(f"{option}: {err}", style="red"))
-        raise typer.Exit(2) from None
-
-
 def _filter(
     reason: str | None,
     stage: str | None,
@@ -82,16 +69,16 @@ def _filter(
     topic: str | None,
     chat: str | None,
 ) -> LetterFilter:
-    from sealstream.dead_letters import LetterFilter
+    """The options as a filter; a bad one ends the command (exit 2) naming it and why."""
+    from sealstream.dead_letters import operator_filter
 
-    return LetterFilter(
-        reason=reason,
-        stage=stage,
-        since=_when(since, "--since"),
-        until=_when(until, "--until"),
-        origin_topic=topic,
-        chat_id=chat,
-    )
+    try:
+        return operator_filter(
+            reason=reason, stage=stage, since=since, until=until, topic=topic, chat=chat
+        )
+    except ValueError as err:
+        console.print(Text(str(err), style="red"))
+        raise typer.Exit(2) from None
 
 
 def _value_cell(info: DeadLetterInfo) -> str:
@@ -187,7 +174,11 @@ def dlq_show(
             if info.value_bytes is None
             else f"{info.value_bytes} bytes",
         ),
-        ("other headers (names)", ", ".join(info.headers) or "-"),
+        (
+            "other headers (names)",
+            (", ".join(info.headers) or "-")
+            + (f" (of {info.header_count})" if info.header_count > len(info.headers) else ""),
+        ),
         ("replayable", "yes" if why_not is None else f"no: {why_not}"),
         (
             "replayed",
@@ -237,8 +228,9 @@ def dlq_replay(
     )
 
     filtered = any(v is not None for v in (reason, stage, since, until, topic, chat))
-    if coordinates and filtered:
-        console.print("[red]give coordinates or filters, not both[/red]")
+    if coordinates and (filtered or all_letters):
+        # As the admin API: coordinates with --all would otherwise silently replay fewer.
+        console.print("[red]give coordinates, or filters / --all, not both[/red]")
         raise typer.Exit(2)
     if not coordinates and not filtered and not all_letters:
         console.print("[red]give coordinates (partition:offset), a filter, or --all[/red]")
@@ -291,5 +283,5 @@ def dlq_replay(
         )
     console.print(table)
     console.print(", ".join(f"{n} {outcome}" for outcome, n in report.counts().items()))
-    if report.count(REFUSED) or report.count("not_found"):
+    if report.count(REFUSED) or report.count("not_found") or report.count("being_replayed"):
         raise typer.Exit(1)

@@ -709,6 +709,7 @@ class DeadLetterReader:
     def __init__(self, settings: KafkaSettings, timeout: float = 15.0) -> None:
         self.topic = settings.dead_letter_topic
         self.timeout = timeout
+        self._known: list[int] | None = None  # the topic's partitions (see _partitions)
         self._consumer = Consumer(
             kafka_client_config(
                 settings,
@@ -721,6 +722,9 @@ class DeadLetterReader:
                     "enable.auto.offset.store": False,
                     "enable.partition.eof": True,
                     "auto.offset.reset": "earliest",
+                    # A fetch left waiting at the end of a read holds the connection: the next
+                    # request (watermarks, metadata) queued behind it for the default 500 ms.
+                    "fetch.wait.max.ms": 20,
                 },
             )
         )
@@ -728,15 +732,8 @@ class DeadLetterReader:
     def _ranges(self, since_ms: int | None) -> dict[int, tuple[int, int]]:
         """Per partition: (first offset to read, end offset now); empty ranges left out."""
         try:
-            metadata = self._consumer.list_topics(self.topic, timeout=self.timeout).topics[
-                self.topic
-            ]
-            if metadata.error is not None or not metadata.partitions:
-                raise StoreUnavailable(
-                    f"Kafka: no topic {self.topic!r} ({metadata.error}); run `sealstream migrate`"
-                )
             ranges: dict[int, tuple[int, int]] = {}
-            for p in sorted(metadata.partitions):
+            for p in self._partitions():
                 low, high = self._consumer.get_watermark_offsets(
                     TopicPartition(self.topic, p), timeout=self.timeout, cached=False
                 )
@@ -751,6 +748,21 @@ class DeadLetterReader:
             return ranges
         except KafkaException as exc:
             raise StoreUnavailable(f"Kafka unavailable: {exc.args[0].name()}") from None
+
+    def _partitions(self) -> list[int]:
+        """The topic's partitions, asked once per reader (a reader lives for one command or
+        request; a replay reads each letter by coordinates). Raises `KafkaException`, or
+        `StoreUnavailable` if there is no such topic."""
+        if self._known is None:
+            metadata = self._consumer.list_topics(self.topic, timeout=self.timeout).topics[
+                self.topic
+            ]
+            if metadata.error is not None or not metadata.partitions:
+                raise StoreUnavailable(
+                    f"Kafka: no topic {self.topic!r} ({metadata.error}); run `sealstream migrate`"
+                )
+            self._known = sorted(metadata.partitions)
+        return self._known
 
     def scan(self, since_ms: int | None = None) -> Generator[StoredLetter, None, None]:
         """Every letter written at or after `since_ms` (epoch milliseconds; None: all), up to
@@ -776,9 +788,12 @@ class DeadLetterReader:
     ) -> Generator[StoredLetter, None, None]:
         self._consumer.assign([TopicPartition(self.topic, partition, start)])
         deadline = time.monotonic() + self.timeout
+        next_offset = start
         try:
             while True:
-                messages = self._consumer.consume(500, 0.5)
+                # At most what is left of the range: consume() returns once it has that many,
+                # instead of waiting out its 0.5 s for records beyond the range.
+                messages = self._consumer.consume(max(1, min(500, end - next_offset)), 0.5)
                 if not messages and time.monotonic() > deadline:
                     raise StoreUnavailable(
                         f"Kafka: no record of {self.topic}/{partition} within {self.timeout:.0f}s"
@@ -794,6 +809,7 @@ class DeadLetterReader:
                     offset = msg.offset() or 0
                     if offset >= end:
                         return
+                    next_offset = offset + 1
                     deadline = time.monotonic() + self.timeout
                     _, stamp = msg.timestamp()
                     yield StoredLetter(

@@ -1279,6 +1279,24 @@ class DeadLetterReplays:
             for r in rows
         }
 
+    @contextmanager
+    def claim(self, dlq_topic: str, partition: int, offset: int) -> Iterator[bool]:
+        """Hold a letter for a replay while the block runs: True if held, False if another
+        replay (another process) holds it now. A Postgres session advisory lock, released when
+        the block ends, or by the server when this process or its connection dies: no claim
+        outlives its holder."""
+        key = f"dead-letter-replay/{self.db.settings.schema_name}/{dlq_topic}/{partition}:{offset}"
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS held", (key,)
+            ).fetchone()
+            held = bool(row and row["held"])
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+
     def record(self, done: ReplayDone, actor: str) -> int:
         """Record an acknowledged replay and audit it; returns how many times it was replayed."""
         with self.db.transaction() as conn:

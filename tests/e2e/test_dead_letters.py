@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
@@ -32,33 +31,35 @@ from tests.e2e.test_pipeline import (
     search,
     wait_until,
 )
+from tests.kafka_records import SealingProducer
 
 SECRET = "zqdlqsecretx launch words of a refused record"
 
 
 def produce_to_message_topic(
     pipe: Pipeline, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
-) -> tuple[int, int]:
-    """Publish one record straight to the message topic, as a direct producer would; returns
-    its (partition, offset). The only place this module produces: when message-topic records
-    become sealed, this is the line that calls the shared sealing helper instead."""
-    producer = Producer(kafka_client_config(pipe.settings.kafka, {"acks": "all"}))
+) -> tuple[int, int, int]:
+    """Publish one record straight to the message topic, sealed as a direct producer must
+    (tests/kafka_records.py), bound to the value's `message_id` when it has a numeric one;
+    returns its (partition, offset, sealed size). The only place this module produces."""
+    try:
+        event_id = int(json.loads(value)["message_id"])
+    except (ValueError, KeyError, TypeError):
+        event_id = 1  # a poison record: bound to some id, refused for what it holds
+    producer = SealingProducer(pipe.settings)
     delivered: list[tuple[int, int]] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
         assert err is None, err
         delivered.append((msg.partition(), msg.offset()))
 
-    producer.produce(
-        pipe.settings.kafka.messages_topic,
-        key=key,
-        value=value,
-        headers=headers,
-        on_delivery=on_delivery,
-    )
-    producer.flush(30)
-    [coordinates] = delivered
-    return coordinates
+    try:
+        sealed = producer.produce(key, value, event_id, on_delivery, extra_headers=headers)
+        producer.flush(30)
+    finally:
+        producer.close()
+    [(partition, offset)] = delivered
+    return partition, offset, len(sealed)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,9 @@ def test_unknown_chat_letter_listed_without_value_then_replayed_into_one_message
         sent_at=datetime.now(UTC),
     )
     value = record.value()
-    origin = produce_to_message_topic(pipe, chat.encode(), value, [("trace", b"zqtracex")])
+    *origin, sealed_size = produce_to_message_topic(
+        pipe, chat.encode(), value, [("trace", b"zqtracex")]
+    )
     # And a poison record (a field the schema refuses) in a chat that exists: both stages refuse.
     other = create_chat(pipe, "erin", ["frank"])
     poison = json.dumps({"schema_version": 1, "message_id": "not-a-number", "text": SECRET})
@@ -139,7 +142,7 @@ def test_unknown_chat_letter_listed_without_value_then_replayed_into_one_message
         pipe.settings.kafka.messages_topic,
         *origin,
     )
-    assert letter.value_bytes == len(value) and letter.value_omitted is None
+    assert letter.value_bytes == sealed_size and letter.value_omitted is None
     assert letter.at >= before
     poisoned = wait_for_letters(pipe, LetterFilter(chat_id=other), 2)
     assert sorted(i.stage for i in poisoned) == ["encryptor", "indexer"]
@@ -166,7 +169,9 @@ def test_unknown_chat_letter_listed_without_value_then_replayed_into_one_message
         letter.offset,
         letter.reason,
     )
-    assert as_json["value_bytes"] == len(value)
+    assert as_json["value_bytes"] == sealed_size
+    # A letter carries the record's own headers (names only are shown, never their values).
+    assert "trace" in as_json["headers"] and "sealstream.key_id" in as_json["headers"]
     outputs = [listed, cli(pipe, "list", "--reason", "unknown chat"), cli(pipe, "show", coords)]
     outputs.append(cli(pipe, "show", coords, "--json"))
     outputs.append(cli(pipe, "list", "--chat", other, "--stage", "indexer"))
