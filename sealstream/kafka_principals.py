@@ -85,7 +85,8 @@ def rights(kafka: KafkaSettings) -> list[Right]:
     - delivery: reads the change topic with assign() (no group membership, no commits; its
       client still looks up the coordinator of its throwaway group id);
     - admin API: publishes deletions to the change topic; chat deletion reads the end offsets
-      of the message topic and the committed offsets of both worker groups; its dead-letter
+      of the message topic (a consumer whose throwaway group id is tail-prefixed) and the
+      committed offsets of both worker groups; its dead-letter
       routes read the dead-letter topic with assign() (`DeadLetterReader`: a throwaway group id
       under `TAIL_GROUP_PREFIX`, never joined nor committed) and replay letters into the
       message topic (WRITE);

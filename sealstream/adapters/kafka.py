@@ -579,9 +579,10 @@ class ConsumerGroupsProgress:
         return [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
 
     def position(self) -> dict[int, int]:
-        # Never joins nor commits: the group id is only there because librdkafka wants one.
+        # Never joins nor commits: the group id is only there because librdkafka wants one, and
+        # looks its coordinator up (DESCRIBE): a tail-prefixed one, which the admin API may.
         consumer = Consumer(
-            kafka_client_config(self.settings, {"group.id": "sealstream-positions"})
+            kafka_client_config(self.settings, {"group.id": f"{TAIL_GROUP_PREFIX}positions"})
         )
         try:
             return {
