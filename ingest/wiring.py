@@ -18,7 +18,7 @@ from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
 from schemas.events import MessageRecord
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import Headers, Publisher
+from sealstream.adapters.kafka import Headers, Publisher, kafka_client_config
 from sealstream.adapters.postgres import ChatRow, Database
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import StoreUnavailable, WorkerIdConflict
@@ -142,7 +142,7 @@ def _readiness(
     """Ready when it holds a valid worker-id lease, Postgres answers and Kafka has the message
     topic. Redis is not checked: the gateway posts without it (a Redis outage must not take every
     gateway out of service). Nor is Cassandra: only edits and deletions read it."""
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
 
     def check() -> None:
         ids.check()

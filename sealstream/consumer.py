@@ -24,7 +24,7 @@ backoff until the record opens or `stop()` is called; it never skips a record.
 
 Usage (README.md, "Reading the stream (ML consumers)")::
 
-    with MessageConsumer(Settings(), group="acme-ml-features") as consumer:
+    with MessageConsumer(Settings(), group="sealstream-ml-acme-features") as consumer:
         for batch in consumer.batches():
             for record in batch.records:
                 ...                    # MessageRecord: kind, message_id, chat_id, text, ...
@@ -47,7 +47,9 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.events import MessageRecord, decode_record
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.errors import SealRefused, SealstreamError, StoreUnavailable
+from sealstream.kafka_principals import ML_CONSUMER
 from sealstream.record_seal import is_sealed, record_opener, sealed_event_id
 from sealstream.settings import KafkaSettings, Settings
 
@@ -185,21 +187,23 @@ def _header_bytes(value: object) -> bytes:
 
 def consumer_config(kafka: KafkaSettings, group: str, client_id: str) -> dict[str, Any]:
     """The librdkafka configuration of a library consumer (the one place it is built)."""
-    return {
-        "bootstrap.servers": kafka.bootstrap,
-        "group.id": group,
-        "client.id": client_id,
-        # A new group starts at the oldest record still on the topic (at most its retention).
-        "auto.offset.reset": "earliest",
-        # Committed by `MessageBatch.commit()` only, after the caller is done with the batch.
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": kafka.session_timeout_ms,
-        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
-        "max.poll.interval.ms": kafka.max_poll_interval_ms,
-        "queued.max.messages.kbytes": 16384,
-    }
+    return kafka_client_config(
+        kafka,
+        {
+            "group.id": group,
+            "client.id": client_id,
+            # A new group starts at the oldest record still on the topic (at most its retention).
+            "auto.offset.reset": "earliest",
+            # Committed by `MessageBatch.commit()` only, after the caller is done with the batch.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": kafka.session_timeout_ms,
+            "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+            "max.poll.interval.ms": kafka.max_poll_interval_ms,
+            "queued.max.messages.kbytes": 16384,
+        },
+    )
 
 
 class MessageConsumer:
@@ -208,7 +212,11 @@ class MessageConsumer:
     `group`; leaving it leaves the group (an uncommitted batch is delivered again).
 
     `group`: the Kafka consumer group, the caller's own (never the encryptor's or indexer's:
-    refused with `ValueError`, since records it took would never be stored). `batch_size`: most
+    refused with `ValueError`, since records it took would never be stored). The consumer
+    authenticates as the read-only ML consumer principal (`sealstream-ml`) unless
+    `settings.kafka.username` names another; as that principal, a group not starting with
+    `settings.kafka.ml_group_prefix` is refused with `ValueError` (the broker would refuse it
+    at the first poll, with a less clear error). `batch_size`: most
     records per batch (1..10000). `max_wait_seconds`: how long a batch waits for more records
     after its first one. `topic`: `settings.kafka.messages_topic` by default. Not thread-safe
     (one thread iterates), except `stop()`.
@@ -231,11 +239,21 @@ class MessageConsumer:
                 "group must be a consumer group of the caller's own, not empty and not the "
                 "encryptor's or the indexer's (their records would never be stored)"
             )
+        # The read-only ML consumer principal unless this process configured its own
+        # (`SEALSTREAM_KAFKA__USERNAME`); that principal may join only groups of its prefix.
+        kafka = kafka.acting_as(ML_CONSUMER)
+        if kafka.principal == ML_CONSUMER and not group.startswith(kafka.ml_group_prefix):
+            raise ValueError(
+                f"group must start with kafka.ml_group_prefix ({kafka.ml_group_prefix!r}): the "
+                f"consumer runs as the Kafka principal {ML_CONSUMER!r}, whose ACL allows only "
+                "those groups (docs/operations.md, 'Broker authentication and ACLs')"
+            )
         if not 1 <= batch_size <= 10_000:
             raise ValueError("batch_size must be between 1 and 10000")
         if max_wait_seconds < 0:
             raise ValueError("max_wait_seconds must be >= 0")
         self.settings = settings
+        self.kafka = kafka  # the principal this consumer authenticates as
         self.group = group
         self.topic = topic or kafka.messages_topic
         self.batch_size = batch_size
@@ -257,7 +275,7 @@ class MessageConsumer:
                 opener = record_opener(self.settings)
                 self._stack.callback(opener.close)
                 self._opener = opener
-            consumer = Consumer(consumer_config(self.settings.kafka, self.group, self.client_id))
+            consumer = Consumer(consumer_config(self.kafka, self.group, self.client_id))
             self._stack.callback(consumer.close)  # leaves the group: partitions move at once
             consumer.subscribe(
                 [self.topic],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 import uuid
 from collections import Counter
@@ -35,11 +36,46 @@ from pydantic import ValidationError
 
 from schemas.events import SCHEMA_VERSION, MessageRecord, describe
 from schemas.ids import id_millis
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MAX_BACKOFF_S, Opener, open_message
 from sealstream.consumer import NO_VALUE as NO_VALUE
 from sealstream.errors import InvalidMessage, SealstreamError
+from sealstream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+
+class _PrincipalCredentials(faust.SASLCredentials):
+    """SASL credentials whose password is looked up when Faust connects, not when the app is
+    built: importing an app module (`faust -A`, a test) needs no credentials file."""
+
+    def __init__(self, kafka: KafkaSettings, ssl_context: ssl.SSLContext | None) -> None:
+        self._kafka = kafka
+        super().__init__(
+            username=kafka.principal, mechanism=kafka.sasl_mechanism, ssl_context=ssl_context
+        )
+
+    @property
+    def password(self) -> str:
+        return str(kafka_client_config(self._kafka)["sasl.password"])
+
+    @password.setter
+    def password(self, _value: str | None) -> None:
+        pass  # always the principal's, from the settings
+
+
+def faust_broker_credentials(kafka: KafkaSettings) -> faust.SASLCredentials | None:
+    """The `broker_credentials` of a `faust.App` for the principal of `kafka` (None on a broker
+    without authentication): the same principal, password and mechanism `kafka_client_config`
+    gives confluent-kafka clients, for Faust's aiokafka driver."""
+    if not kafka.security_protocol.startswith("SASL"):
+        return None
+    context = None
+    if kafka.security_protocol == "SASL_SSL":
+        cafile = str(kafka.ssl_ca_location) if kafka.ssl_ca_location else None
+        context = ssl.create_default_context(cafile=cafile)
+    return _PrincipalCredentials(kafka, context)
+
 
 CODEC_NAME = "sealstream.message.v1"
 """Faust codec name of the message topic's values (schema version 1)."""

@@ -1,8 +1,8 @@
 """`sealstream migrate`: applies every schema the pipeline needs, idempotently.
 
 Postgres (versioned SQL files), Cassandra (keyspace + tables), the OpenSearch index with its
-mapping, the Kafka topics, the default tenant's Transit master key, and the object store's
-attachments bucket. Topic configs and the
+mapping, the Kafka topics and their ACLs, the default tenant's Transit master key, and the object
+store's attachments bucket. Topic configs and the
 index's dynamic durability settings are re-applied on every run, so an existing deployment gets
 them too.
 """
@@ -10,7 +10,7 @@ them too.
 from __future__ import annotations
 
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.kafka import ensure_topics
+from sealstream.adapters.kafka import apply_acls, ensure_topics
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
@@ -48,6 +48,9 @@ def migrate_all(settings: Settings) -> dict[str, object]:
     created = ensure_topics(settings.kafka)
     # Retention, segment roll and durability are (re)applied to existing topics as well.
     report["kafka"] = f"created {created}" if created else "topics exist, configs applied"
+    # As the admin principal (a super user): each service's rights on these topics and groups.
+    if settings.kafka.security_protocol != "PLAINTEXT":
+        report["kafka acls"] = f"{apply_acls(settings.kafka)} bindings (docs/operations.md)"
     objects = ObjectStore(settings.object_store)
     try:
         # The attachments bucket, and a lifecycle rule for abandoned multipart uploads where the

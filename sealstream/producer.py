@@ -47,6 +47,7 @@ from pydantic import ValidationError
 from schemas.events import MessageRecord
 from sealstream.adapters.kafka import Delivery, Headers, Publisher
 from sealstream.errors import InvalidMessage, StoreUnavailable
+from sealstream.kafka_principals import DIRECT_PRODUCER
 from sealstream.record_seal import record_sealer
 from sealstream.settings import Settings
 from sealstream.worker_ids import lease_worker_id
@@ -144,7 +145,9 @@ class MessageProducer:
     """Validated, id-assigned, sealed, acknowledged posts, edits and deletions to the message
     topic (`settings.kafka.messages_topic`). A context manager: entering it leases a worker id
     (Postgres), builds the sealer (KMS, Postgres) and the Kafka producer; leaving it flushes and
-    releases them. Thread-safe: one producer per process is enough.
+    releases them. Thread-safe: one producer per process is enough. On the broker it
+    authenticates as the direct-producer principal (`sealstream-producer`: write on the message
+    topic, nothing else) unless `settings.kafka.username` names another.
 
     A message is a mapping of `MessageRecord` fields: `chat_id` (UUID or its text), `sender_id`,
     `text`, and optionally `tenant_id` (the chat's tenant; `"default"`), `client_message_id`,
@@ -172,6 +175,9 @@ class MessageProducer:
         `NotAcknowledged`. `ids`, `sealer`, `publisher`: given ones are used as they are (and
         not closed); the others are built from `settings` on entering."""
         self.settings = settings
+        # As the direct-producer principal (write on the message topic only) unless this
+        # process configured its own (`SEALSTREAM_KAFKA__USERNAME`).
+        self.kafka = settings.kafka.acting_as(DIRECT_PRODUCER)
         self.topic = settings.kafka.messages_topic
         self.service = service
         self.timeout_seconds = timeout_seconds
@@ -199,7 +205,7 @@ class MessageProducer:
             self._sealer = sealer
         if self._publisher is None:
             # acks=all and idempotence: built in one place, sealstream.adapters.kafka.Publisher.
-            publisher = Publisher(self.settings.kafka, client_id=f"{self.service}-producer")
+            publisher = Publisher(self.kafka, client_id=f"{self.service}-producer")
             self._stack.callback(publisher.close)
             self._publisher = publisher
 

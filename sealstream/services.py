@@ -30,8 +30,24 @@ _ENTRYPOINTS = {
 
 
 def run_service(name: str, settings: Settings) -> None:
+    """Run service `name` in the foreground, as its own Kafka principal unless the settings
+    name one (docs/operations.md, "Broker authentication and ACLs")."""
+    from sealstream.kafka_principals import BY_SERVICE
+
+    kafka = settings.kafka.acting_as(BY_SERVICE[name])
     module, func = _ENTRYPOINTS[name].split(":")
-    getattr(importlib.import_module(module), func)(settings)
+    getattr(importlib.import_module(module), func)(settings.model_copy(update={"kafka": kafka}))
+
+
+def child_env(name: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child running service `name`: its own Kafka principal, never its parent's
+    (an operator's shell, a test acting as the admin); its password then comes from
+    `kafka.credentials_file`, which holds every principal's."""
+    from sealstream.kafka_principals import BY_SERVICE
+
+    env = {k: v for k, v in env.items() if k != "SEALSTREAM_KAFKA__PASSWORD"}
+    env["SEALSTREAM_KAFKA__USERNAME"] = BY_SERVICE[name]
+    return env
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -72,12 +88,13 @@ def _plain(value: object) -> object:
 def spawn(
     name: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start `sealstream run <name>` as a child process (own process group), logging to `log`."""
+    """Start `sealstream run <name>` as a child process (own process group), logging to `log`,
+    as the service's own Kafka principal (`child_env`)."""
     out = log.open("ab") if log is not None else None
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "sealstream.cli", "run", name],
-            env=env if env is not None else dict(os.environ),
+            env=child_env(name, env if env is not None else dict(os.environ)),
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,

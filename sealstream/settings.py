@@ -20,6 +20,8 @@ DEFAULT_STACK_DIR = Path(".stack")
 # Credentials of the local stack only (loopback, throwaway data); production sets its own.
 LOCAL_POSTGRES_PASSWORD = "sealstream-local"  # noqa: S105 - local stack only, refused in production
 LOCAL_AUTH_SECRET = "local-stack-only-not-a-secret-0123456789"  # noqa: S105 - idem
+# The Kafka super user `migrate` and other operator commands run as (sealstream/kafka_principals.py).
+KAFKA_OPERATOR = "sealstream-admin"
 
 # Local-stack ports. docker-compose.yml publishes the same numbers (a test checks they agree).
 KAFKA_PORT = 19092
@@ -72,6 +74,22 @@ class KafkaSettings(BaseModel):
     model_config = {"frozen": True}
 
     bootstrap: str = f"127.0.0.1:{KAFKA_PORT}"
+    # Broker authentication (docs/operations.md, "Broker authentication and ACLs"). Locally
+    # SASL/SCRAM over plaintext on 127.0.0.1; production uses SASL_SSL (with `ssl_ca_location`).
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"] = "SASL_PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    # The principal this process runs as. Unset: a service started by `sealstream run` takes
+    # its own (sealstream/kafka_principals.py); any other process (migrate, benchmarks, tests)
+    # acts as the operator, `KAFKA_OPERATOR`, whose password only an operator's file holds.
+    username: str | None = None
+    # Unset: read from `credentials_file` (a JSON object principal -> password), which
+    # `sealstream stack up` writes (0600) for the local stack; production mounts its own.
+    password: SecretStr | None = None
+    credentials_file: Path = DEFAULT_STACK_DIR / "kafka" / "credentials.json"
+    # CA bundle that signed the brokers' certificates (SASL_SSL); unset: the system's.
+    ssl_ca_location: Path | None = None
+    # Consumer groups of the ML consumer principal start with this (a prefixed ACL allows them).
+    ml_group_prefix: str = "sealstream-ml-"
     messages_topic: str = "sealstream.messages.v1"
     dead_letter_topic: str = "sealstream.messages.dlq.v1"
     # What the encryptor stored (schemas/changes.py): ciphertext and ids only, read by delivery.
@@ -109,6 +127,39 @@ class KafkaSettings(BaseModel):
     # Added to retention + segment roll before a topic key is destroyed: producers' clock skew,
     # the broker's log.retention.check.interval.ms (5 min) and file.delete.delay.ms (1 min).
     topic_key_destroy_grace_ms: int = Field(default=15 * 60 * 1000, ge=0)
+
+    def acting_as(self, principal: str) -> KafkaSettings:
+        """These settings with `principal` as the username, unless one was configured: the
+        configured one (production, one principal per process) always wins."""
+        if self.username is not None:
+            return self
+        return self.model_copy(update={"username": principal, "password": None})
+
+    @property
+    def principal(self) -> str:
+        """The Kafka principal (SASL username) this process authenticates as."""
+        return self.username or KAFKA_OPERATOR
+
+    def resolved_password(self) -> SecretStr:
+        """The password of `principal`: `password`, else its entry in `credentials_file`.
+
+        Raises `ValueError` naming the setting to set; the password is never in the message.
+        """
+        if self.password is not None:
+            return self.password
+        try:
+            known = json.loads(self.credentials_file.read_text())
+        except FileNotFoundError:
+            known = {}
+        except ValueError:
+            raise ValueError(f"kafka.credentials_file {self.credentials_file}: not JSON") from None
+        if not isinstance(known, dict) or not isinstance(known.get(self.principal), str):
+            raise ValueError(
+                f"no Kafka password for principal {self.principal!r}: set "
+                "SEALSTREAM_KAFKA__PASSWORD, or run `sealstream stack up` so that "
+                f"{self.credentials_file} holds it"
+            )
+        return SecretStr(known[self.principal])
 
     @model_validator(mode="after")
     def _check_group_timings(self) -> KafkaSettings:
@@ -537,4 +588,9 @@ class Settings(BaseSettings):
                 )
             if self.postgres.password.get_secret_value() == LOCAL_POSTGRES_PASSWORD:
                 raise ValueError("postgres.password is the local default")
+            if self.kafka.security_protocol != "SASL_SSL":
+                raise ValueError(
+                    "kafka.security_protocol must be SASL_SSL in production (credentials and "
+                    "records would cross the network in clear)"
+                )
         return self

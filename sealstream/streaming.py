@@ -53,6 +53,7 @@ from sealstream.adapters.kafka import (
     Publisher,
     RecordRefused,
     dead_letter_headers,
+    kafka_client_config,
 )
 from sealstream.errors import SealRefused
 from sealstream.record_seal import RecordOpener, has_sealed_format, is_sealed, record_opener
@@ -384,22 +385,24 @@ class BatchThread:
 
 def consumer_config(kafka: KafkaSettings, group_id: str, client_id: str) -> dict[str, Any]:
     """The librdkafka configuration of a worker's consumer (see the module docstring)."""
-    return {
-        "bootstrap.servers": kafka.bootstrap,
-        "group.id": group_id,
-        "client.id": client_id,
-        "auto.offset.reset": "earliest",
-        # Offsets are committed by the runtime, explicitly, after the batch was handled.
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        # Only the partitions that move stop during a rebalance; the others keep flowing.
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": kafka.session_timeout_ms,
-        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
-        "max.poll.interval.ms": kafka.max_poll_interval_ms,
-        # Bounded prefetch per partition (librdkafka's default is 64 MiB per partition).
-        "queued.max.messages.kbytes": 16384,
-    }
+    return kafka_client_config(
+        kafka,
+        {
+            "group.id": group_id,
+            "client.id": client_id,
+            "auto.offset.reset": "earliest",
+            # Offsets are committed by the runtime, explicitly, after the batch was handled.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # Only the partitions that move stop during a rebalance; the others keep flowing.
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": kafka.session_timeout_ms,
+            "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+            "max.poll.interval.ms": kafka.max_poll_interval_ms,
+            # Bounded prefetch per partition (librdkafka's default is 64 MiB per partition).
+            "queued.max.messages.kbytes": 16384,
+        },
+    )
 
 
 def _record_headers(headers: object) -> RecordHeaders:

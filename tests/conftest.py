@@ -18,7 +18,6 @@ from opensearchpy import OpenSearch
 
 from sealstream.settings import (
     CassandraSettings,
-    KafkaSettings,
     OpenSearchSettings,
     PostgresSettings,
     RedisSettings,
@@ -37,17 +36,21 @@ def run_id() -> str:
 def settings(run_id: str) -> Settings:
     base = Settings()
     return Settings(
-        kafka=KafkaSettings(
-            bootstrap=base.kafka.bootstrap,
-            messages_topic=f"t.{run_id}.messages",
-            dead_letter_topic=f"t.{run_id}.dlq",
-            # The run's own change topic too: tests read it from offset 0 (a shared one only grows).
-            changes_topic=f"t.{run_id}.changes",
-            # Groups of the run's own: in a shared group, other runs' workers would keep it from
-            # being empty (offsets cannot be reset) and count as members.
-            encryptor_group=f"t.{run_id}.encryptor",
-            indexer_group=f"t.{run_id}.indexer",
-            partitions=4,
+        # The base's connection and credentials (the test process acts as the operator, the
+        # services it starts as their own principals), with names of the run's own.
+        kafka=base.kafka.model_copy(
+            update=dict(
+                messages_topic=f"t.{run_id}.messages",
+                dead_letter_topic=f"t.{run_id}.dlq",
+                # The run's own change topic too: tests read it from offset 0 (a shared one only grows).
+                changes_topic=f"t.{run_id}.changes",
+                # Groups of the run's own: in a shared group, other runs' workers would keep it from
+                # being empty (offsets cannot be reset) and count as members.
+                encryptor_group=f"t.{run_id}.encryptor",
+                indexer_group=f"t.{run_id}.indexer",
+                ml_group_prefix=f"t.{run_id}.ml-",
+                partitions=4,
+            )
         ),
         cassandra=CassandraSettings(
             hosts=base.cassandra.hosts, port=base.cassandra.port, keyspace=f"t_{run_id}"

@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from schemas.events import MessageRecord
-from sealstream.adapters.kafka import Delivery, Headers, Publisher
+from sealstream.adapters.kafka import Delivery, Headers, Publisher, kafka_client_config
 from sealstream.record_seal import RecordOpener, RecordSealer, record_opener, record_sealer
 from sealstream.settings import KafkaSettings, Settings
 
@@ -45,9 +45,7 @@ class SealingProducer:
     def __init__(self, settings: Settings, **config: Any) -> None:
         self.topic = settings.kafka.messages_topic
         self.sealer = record_sealer(settings)
-        self._producer = Producer(
-            {"bootstrap.servers": settings.kafka.bootstrap, "acks": "all", **config}
-        )
+        self._producer = Producer(kafka_client_config(settings.kafka, {"acks": "all", **config}))
 
     def produce_record(
         self, record: MessageRecord, on_delivery: Callable[..., None] | None = None

@@ -28,6 +28,7 @@ from sealstream.faust_records import (
     MessageTopic,
     OpenerOnFirstUse,
     RefusedRecords,
+    faust_broker_credentials,
     message_topic,
 )
 from sealstream.record_seal import record_opener
@@ -175,6 +176,7 @@ def build_app(settings: ActivityAppSettings) -> ChatActivityApp:
     app = faust.App(
         own.group,
         broker=brokers(kafka.bootstrap),
+        broker_credentials=faust_broker_credentials(kafka),
         store="memory://",  # rebuilt from the changelog topic at start-up
         datadir=own.data_dir,
         web_enabled=own.web_enabled,

@@ -11,8 +11,9 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from confluent_kafka import (
     OFFSET_END,
@@ -25,18 +26,54 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
     AdminClient,
     AlterConfigOpType,
     ConfigEntry,
     ConfigResource,
     NewTopic,
+    ResourcePatternType,
     ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialAlteration,
+    UserScramCredentialUpsertion,
 )
+from pydantic import SecretStr
 
 from sealstream.errors import SealstreamError, StoreUnavailable
+from sealstream.kafka_principals import TAIL_GROUP_PREFIX, Right, rights
 from sealstream.settings import KafkaSettings
 
 HOUR_MS = 3_600_000
+
+
+def kafka_client_config(
+    settings: KafkaSettings, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The configuration of every Kafka client of this code base (confluent-kafka's Producer,
+    Consumer and AdminClient): bootstrap servers, security protocol and the SASL credentials of
+    the process's principal (`settings.principal`), then the librdkafka properties of `extra`.
+
+    Raises `ValueError` when SASL is on and the principal's password is unknown (the message
+    names the setting to set; it never holds a password).
+    """
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap,
+        "security.protocol": settings.security_protocol.lower(),
+    }
+    if settings.security_protocol.startswith("SASL"):
+        password = settings.resolved_password()
+        config["sasl.mechanism"] = settings.sasl_mechanism
+        config["sasl.username"] = settings.principal
+        config["sasl.password"] = password.get_secret_value()
+    if settings.security_protocol == "SASL_SSL" and settings.ssl_ca_location is not None:
+        config["ssl.ca.location"] = str(settings.ssl_ca_location)
+    config.update(extra or {})
+    return config
 
 
 def segment_ms_for(retention_ms: int) -> int:
@@ -99,12 +136,13 @@ def _delivery_error(err: KafkaError) -> SealstreamError:
 
 
 def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
-    """Create the message and dead-letter topics if missing, and (re)apply `topic_configs` to
-    both, so a deployment made by an older release gets today's retention and durability.
+    """Create the message, dead-letter and change topics if missing, (re)apply `topic_configs`
+    to them, so a deployment made by an older release gets today's retention and durability,
+    and (on an authenticated broker) create each service's ACLs on them (`apply_acls`).
 
     Returns the topics created. Raises `KafkaException` if the broker refuses a topic or config.
     """
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = AdminClient(kafka_client_config(settings))
     existing = set(admin.list_topics(timeout=timeout).topics)
     configs = topic_configs(settings)
     partitions = {
@@ -146,6 +184,9 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 30.0) -> list[str]:
     ]
     for future in (admin.incremental_alter_configs(resources) if resources else {}).values():
         future.result(timeout)
+    if settings.security_protocol != "PLAINTEXT":
+        # Each service's rights on these topics and groups come with them (broker with ACLs).
+        apply_acls(settings, timeout)
     return created
 
 
@@ -170,7 +211,7 @@ def topic_retention(
     """(`retention.ms`, `segment.ms`) of each of `topics` as the broker applies them (a topic's
     own override, else the broker's default; retention -1: kept forever). Topics the broker does
     not have are left out. Raises `StoreUnavailable` when Kafka does not answer."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = AdminClient(kafka_client_config(settings))
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
@@ -196,9 +237,110 @@ def topic_retention(
     return found
 
 
+_ACL_OPERATIONS = {
+    "read": AclOperation.READ,
+    "write": AclOperation.WRITE,
+    "describe": AclOperation.DESCRIBE,
+    "describe_configs": AclOperation.DESCRIBE_CONFIGS,
+}
+_ACL_RESOURCES = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP}
+
+
+def acl_binding(right: Right) -> AclBinding:
+    """The ALLOW ACL of one `Right`, from any host."""
+    return AclBinding(
+        _ACL_RESOURCES[right.resource],
+        right.name,
+        ResourcePatternType.PREFIXED if right.prefixed else ResourcePatternType.LITERAL,
+        f"User:{right.principal}",
+        "*",
+        _ACL_OPERATIONS[right.operation],
+        AclPermissionType.ALLOW,
+    )
+
+
+def apply_acls(settings: KafkaSettings, timeout: float = 30.0) -> int:
+    """Create the ACLs of `sealstream.kafka_principals.rights(settings)` (run by `migrate`, as
+    a super user). Idempotent: Kafka keeps one copy of a binding created twice. Rights removed
+    from the table are not revoked here (docs/operations.md says how).
+
+    Returns how many bindings were applied. Raises `KafkaException` if the broker refuses (e.g.
+    the process's principal may not alter ACLs, or the broker has no authorizer).
+    """
+    admin = AdminClient(kafka_client_config(settings))
+    bindings = [acl_binding(right) for right in rights(settings)]
+    for future in admin.create_acls(bindings, request_timeout=timeout).values():
+        future.result(timeout)
+    return len(bindings)
+
+
+def remove_acls(settings: KafkaSettings, timeout: float = 30.0) -> None:
+    """Delete exactly the ACLs `apply_acls` makes for `settings` (e.g. a test run's topics and
+    groups, which would otherwise stay on the broker after their topics are gone)."""
+    admin = AdminClient(kafka_client_config(settings))
+    filters = [
+        AclBindingFilter(
+            binding.restype,
+            binding.name,
+            binding.resource_pattern_type,
+            binding.principal,
+            binding.host,
+            binding.operation,
+            binding.permission_type,
+        )
+        for binding in map(acl_binding, rights(settings))
+    ]
+    for future in admin.delete_acls(filters, request_timeout=timeout).values():
+        future.result(timeout)
+
+
+def upsert_scram_credentials(
+    settings: KafkaSettings,
+    passwords: Mapping[str, SecretStr],
+    sha: Literal[256, 512] = 512,
+    iterations: int = 8192,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Set the SCRAM-SHA-`sha` credential of every principal in `passwords` on a running
+    cluster, connecting with `settings` (a super user); returns the names. Creating and
+    replacing are the same call, so this also rotates a password.
+    """
+    mechanism = ScramMechanism.SCRAM_SHA_256 if sha == 256 else ScramMechanism.SCRAM_SHA_512
+    admin = AdminClient(kafka_client_config(settings))
+    upserts: list[UserScramCredentialAlteration] = [
+        UserScramCredentialUpsertion(
+            user, ScramCredentialInfo(mechanism, iterations), password.get_secret_value().encode()
+        )
+        for user, password in passwords.items()
+    ]
+    for future in admin.alter_user_scram_credentials(upserts).values():
+        future.result(timeout)
+    return list(passwords)
+
+
 def delete_topics(settings: KafkaSettings, topics: Sequence[str]) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    """Delete `topics` and every ACL naming them (best effort: a missing topic is no error)."""
+    admin = AdminClient(kafka_client_config(settings))
     for future in admin.delete_topics(list(topics)).values():
+        try:
+            future.result(30)
+        except KafkaException:
+            pass
+    if settings.security_protocol == "PLAINTEXT" or not topics:
+        return
+    filters = [
+        AclBindingFilter(
+            ResourceType.TOPIC,
+            topic,
+            ResourcePatternType.LITERAL,
+            None,  # type: ignore[arg-type]  # None matches any principal / host
+            None,  # type: ignore[arg-type]
+            AclOperation.ANY,
+            AclPermissionType.ANY,
+        )
+        for topic in topics
+    ]
+    for future in admin.delete_acls(filters).values():
         try:
             future.result(30)
         except KafkaException:
@@ -226,26 +368,39 @@ class Publisher:
     def __init__(self, settings: KafkaSettings, client_id: str, linger_ms: int = 0) -> None:
         self.settings = settings
         self._producer = Producer(
-            {
-                "bootstrap.servers": settings.bootstrap,
-                "client.id": client_id,
-                "enable.idempotence": True,
-                "acks": "all",
-                # 0: a single post is acknowledged in <1 ms instead of ~3 ms; records queued while
-                # a request is in flight are still sent together.
-                "linger.ms": linger_ms,
-                "compression.type": "lz4",
-                # A record not acknowledged in this time fails its caller (gateway answers 503).
-                "delivery.timeout.ms": 30000,
-            }
+            kafka_client_config(
+                settings,
+                {
+                    "client.id": client_id,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    # 0: a single post is acknowledged in <1 ms instead of ~3 ms; records queued
+                    # while a request is in flight are still sent together.
+                    "linger.ms": linger_ms,
+                    "compression.type": "lz4",
+                    # A record not acknowledged in this time fails its caller (gateway: 503).
+                    "delivery.timeout.ms": 30000,
+                },
+            )
         )
         self._stop = threading.Event()
+        # A fatal error (e.g. CLUSTER_AUTHORIZATION_FAILED: the principal may write no topic, so
+        # the idempotent producer gets no producer id) ends this producer for good.
+        self._fatal: str | None = None
         self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                self._fatal = exc.args[0].name()
+                return
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise StoreUnavailable(f"Kafka producer failed for good: {self._fatal}")
 
     def _produce(
         self,
@@ -256,6 +411,7 @@ class Publisher:
         on_done: OnDelivery,
         wait_for_room: bool = True,
     ) -> None:
+        self._check_fatal()
         while True:
             try:
                 self._producer.produce(
@@ -378,8 +534,11 @@ class Publisher:
             self._produce(
                 topic, key, value, _headers_of(headers, record_headers, index), callback_for(index)
             )
-        if not done.wait(timeout):
-            raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            self._check_fatal()
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(f"Kafka did not acknowledge within {timeout:.0f}s")
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -446,15 +605,17 @@ class ConsumerGroupsProgress:
 
     def _partitions(self) -> list[TopicPartition]:
         topic = self.settings.messages_topic
-        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap})
+        admin = AdminClient(kafka_client_config(self.settings))
         metadata = admin.list_topics(topic, timeout=self.timeout).topics[topic]
         if metadata.error is not None:
             raise StoreUnavailable(f"Kafka: no metadata for the message topic ({metadata.error})")
         return [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
 
     def position(self) -> dict[int, int]:
+        # Never joins nor commits: the group id is only there because librdkafka wants one, and
+        # looks its coordinator up (DESCRIBE): a tail-prefixed one, which the admin API may.
         consumer = Consumer(
-            {"bootstrap.servers": self.settings.bootstrap, "group.id": "sealstream-positions"}
+            kafka_client_config(self.settings, {"group.id": f"{TAIL_GROUP_PREFIX}positions"})
         )
         try:
             return {
@@ -468,7 +629,7 @@ class ConsumerGroupsProgress:
 
     def passed(self, position: dict[int, int]) -> bool:
         wanted = [TopicPartition(self.settings.messages_topic, p) for p in sorted(position)]
-        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap})
+        admin = AdminClient(kafka_client_config(self.settings))
         try:
             for group in self.groups:
                 request = [ConsumerGroupTopicPartitions(group, wanted)]
@@ -495,15 +656,17 @@ class TopicTail:
         self.settings = settings
         self.topic = topic
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": f"{client_id}-{uuid.uuid4().hex}",
-                "client.id": client_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "latest",
-                "fetch.wait.max.ms": 50,  # latency first: a delivered message waits for this
-            }
+            kafka_client_config(
+                settings,
+                {
+                    "group.id": f"{TAIL_GROUP_PREFIX}{client_id}-{uuid.uuid4().hex}",
+                    "client.id": client_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "latest",
+                    "fetch.wait.max.ms": 50,  # latency first: a delivered message waits for this
+                },
+            )
         )
 
     def open(self, timeout: float = 10.0) -> int:
@@ -582,18 +745,22 @@ class DeadLetterReader:
         self.timeout = timeout
         self._known: list[int] | None = None  # the topic's partitions (see _partitions)
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": f"sealstream-dlq-reader-{uuid.uuid4().hex}",
-                "client.id": "sealstream-dlq-reader",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                # A fetch left waiting at the end of a read holds the connection: the next
-                # request (watermarks, metadata) queued behind it for the default 500 ms.
-                "fetch.wait.max.ms": 20,
-            }
+            kafka_client_config(
+                settings,
+                {
+                    # The tail prefix: the principals that read it (admin API, operator) may
+                    # look that group's coordinator up, and no one can commit in it.
+                    "group.id": f"{TAIL_GROUP_PREFIX}dlq-reader-{uuid.uuid4().hex}",
+                    "client.id": "sealstream-dlq-reader",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                    # A fetch left waiting at the end of a read holds the connection: the next
+                    # request (watermarks, metadata) queued behind it for the default 500 ms.
+                    "fetch.wait.max.ms": 20,
+                },
+            )
         )
 
     def _ranges(self, since_ms: int | None) -> dict[int, tuple[int, int]]:

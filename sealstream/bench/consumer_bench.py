@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics
+from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics, kafka_client_config
 from sealstream.bench.pipeline_bench import isolated
 from sealstream.services import settings_env, stop, wait_for
 from sealstream.settings import Settings
@@ -79,12 +79,14 @@ def _confluent_consumer(count: int) -> None:
 
     settings = Settings()
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "group.id": f"{settings.kafka.encryptor_group}-confluent",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            settings.kafka,
+            {
+                "group.id": f"{settings.kafka.encryptor_group}-confluent",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     started: list[float] = []
 

@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import Publisher, delete_topics
+from sealstream.adapters.kafka import Publisher, delete_topics, kafka_client_config
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.vault import TransitKms
 from sealstream.bench.keys_bench import _delete_redis_prefix, _percentile, bench_settings
@@ -137,7 +137,7 @@ def cassandra(ns: Settings, run_id: str, out: dict[str, float | str]) -> None:
 
 
 def kafka(ns: Settings, run_id: str, out: dict[str, float | str]) -> None:
-    admin = AdminClient({"bootstrap.servers": ns.kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(ns.kafka))
     topics = {
         "kafka": f"bench.durability.{run_id}.default",
         "kafka_flush1": f"bench.durability.{run_id}.flush1",

@@ -58,13 +58,14 @@ def isolated(base: Settings, run: str, prefix: str = "bench") -> Settings:
     index named after `prefix` and `run`, and free ports for the services."""
     return base.model_copy(
         update={
-            "kafka": KafkaSettings(
-                bootstrap=base.kafka.bootstrap,
-                messages_topic=f"{prefix}.{run}.messages",
-                dead_letter_topic=f"{prefix}.{run}.dlq",
-                encryptor_group=f"{prefix}-{run}-enc",
-                indexer_group=f"{prefix}-{run}-idx",
-                partitions=base.kafka.partitions,
+            # The base's connection and credentials, with topics and groups of the run's own.
+            "kafka": base.kafka.model_copy(
+                update={
+                    "messages_topic": f"{prefix}.{run}.messages",
+                    "dead_letter_topic": f"{prefix}.{run}.dlq",
+                    "encryptor_group": f"{prefix}-{run}-enc",
+                    "indexer_group": f"{prefix}-{run}-idx",
+                }
             ),
             "cassandra": CassandraSettings(
                 hosts=base.cassandra.hosts, port=base.cassandra.port, keyspace=f"{prefix}_{run}"

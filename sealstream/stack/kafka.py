@@ -2,14 +2,19 @@
 
 This module owns what is specific to Kafka: the Maven-resolved runtime (``stack/kafka/pom.xml``, no
 tarball download), ``server.properties`` and ``log4j2.properties`` in the server's data folder, the
-one-time storage format (cluster id kept in ``cluster-id``), the ``java`` command line, and a probe
-that asks the broker for cluster metadata over the Kafka protocol.
+one-time storage format (cluster id kept in ``cluster-id``), the ``java`` command line, a probe
+that asks the broker for cluster metadata over the Kafka protocol, and authentication: one
+password per principal in ``credentials.json`` (0600), SASL listeners, ACL enforcement, and the
+SCRAM credentials set after every start (docs/operations.md, "Broker authentication and ACLs").
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import os
 import re
+import secrets
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,9 +22,15 @@ from typing import ClassVar
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
+from sealstream.adapters.kafka import kafka_client_config, upsert_scram_credentials
+from sealstream.kafka_principals import ADMIN, BROKER, LOCAL_PRINCIPALS
+from sealstream.settings import KafkaSettings
 from sealstream.stack.base import Server, StackError
 
+PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
 # Single-node KRaft: the broker is node 1 and also the only controller voter.
 NODE_ID = 1
 MAIN_CLASS = "kafka.Kafka"
@@ -118,9 +129,54 @@ class KafkaServer(Server):
 
     # -- prepare ---------------------------------------------------------------------------------
 
+    @property
+    def credentials_file(self) -> Path:
+        """JSON object principal -> password, 0600, made once (``SEALSTREAM_KAFKA__CREDENTIALS_FILE``
+        of the processes points here)."""
+        return self.data / "credentials.json"
+
+    def credentials(self) -> dict[str, str]:
+        """The password of every local principal, generated once (256 bits each) and kept; a
+        principal added to `LOCAL_PRINCIPALS` later gets one at the next `stack up`."""
+        known: dict[str, str] = {}
+        if self.credentials_file.exists():
+            known = json.loads(self.credentials_file.read_text())
+        missing = [p for p in LOCAL_PRINCIPALS if p not in known]
+        if missing:
+            known.update({principal: secrets.token_urlsafe(32) for principal in missing})
+            # Created 0600 before anything is written to it: never world-readable, even briefly.
+            fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(known, out, indent=1)
+        self.credentials_file.chmod(0o600)
+        return known
+
+    def admin_settings(self) -> KafkaSettings:
+        """How the stack itself talks to the broker: as the admin, over PLAIN (its static user
+        works before any SCRAM credential exists, on a new data folder as on an old one)."""
+        return KafkaSettings(
+            bootstrap=self.bootstrap,
+            sasl_mechanism="PLAIN",
+            username=ADMIN,
+            password=SecretStr(self.credentials()[ADMIN]),
+        )
+
     def server_properties(self) -> str:
         host = "127.0.0.1"  # loopback only: the local stack is never reachable from outside
-        listeners = f"PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{self.controller_port}"
+        listeners = f"BROKER://{host}:{self.port},CONTROLLER://{host}:{self.controller_port}"
+        passwords = self.credentials()
+        broker, admin = passwords[BROKER], passwords[ADMIN]
+        # PLAIN's users are static (in this 0600 file): the broker, for its own inter-broker and
+        # controller connections, and the admin, so `stack up` can create the SCRAM credentials
+        # of everyone else on a running cluster. Every service authenticates with SCRAM.
+        plain_broker = (
+            f'{PLAIN_MODULE} required username="{BROKER}" password="{broker}" '
+            f'user_{BROKER}="{broker}" user_{ADMIN}="{admin}";'
+        )
+        plain_controller = (
+            f'{PLAIN_MODULE} required username="{BROKER}" password="{broker}" '
+            f'user_{BROKER}="{broker}";'
+        )
         lines = [
             "# Written by sealstream/stack/kafka.py; rewritten on every `stack up`.",
             "process.roles=broker,controller",
@@ -130,9 +186,23 @@ class KafkaServer(Server):
             f"controller.quorum.voters={NODE_ID}@{host}:{self.controller_port}",
             f"listeners={listeners}",
             f"advertised.listeners={listeners}",
-            "inter.broker.listener.name=PLAINTEXT",
+            "inter.broker.listener.name=BROKER",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            # Authentication on both listeners (docs/operations.md, "Broker authentication and
+            # ACLs"): SCRAM-SHA-512 for clients; production uses SASL_SSL or mTLS instead.
+            "listener.security.protocol.map=BROKER:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
+            "listener.name.broker.sasl.enabled.mechanisms=SCRAM-SHA-512,PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "sasl.mechanism.controller.protocol=PLAIN",
+            f"listener.name.broker.scram-sha-512.sasl.jaas.config={SCRAM_MODULE} required;",
+            f"listener.name.broker.plain.sasl.jaas.config={plain_broker}",
+            f"listener.name.controller.plain.sasl.jaas.config={plain_controller}",
+            # ACLs: whatever no ACL allows is refused; the broker and the admin are super users.
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found=false",
+            f"super.users=User:{BROKER};User:{ADMIN}",
             f"log.dirs={self.log_dir}",
             "num.partitions=6",
             # One broker: every internal topic must accept a replication factor and ISR of 1.
@@ -161,7 +231,11 @@ class KafkaServer(Server):
 
     def prepare(self) -> None:
         # Config files are rewritten every time, so a port change in settings takes effect.
-        self.properties_file.write_text(self.server_properties())
+        # Holds the PLAIN passwords: 0600 before it is written.
+        fd = os.open(self.properties_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.server_properties())
+        self.properties_file.chmod(0o600)
         self.log4j_file.write_text(LOG4J2_PROPERTIES)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cluster_id = self._cluster_id()
@@ -221,12 +295,14 @@ class KafkaServer(Server):
 
     def probe(self) -> str:
         admin = AdminClient(
-            {
-                "bootstrap.servers": self.bootstrap,
-                # Quiet: while the broker starts, every refused connection would be logged.
-                "log_level": 0,
-                "socket.connection.setup.timeout.ms": 2000,
-            }
+            kafka_client_config(
+                self.admin_settings(),
+                {
+                    # Quiet: while the broker starts, every refused connection would be logged.
+                    "log_level": 0,
+                    "socket.connection.setup.timeout.ms": 2000,
+                },
+            )
         )
         try:
             metadata = admin.list_topics(timeout=3)
@@ -235,3 +311,12 @@ class KafkaServer(Server):
         if NODE_ID not in metadata.brokers:
             raise StackError(f"Kafka at {self.bootstrap} lists no broker {NODE_ID} yet")
         return f"Apache Kafka {self.version()}"
+
+    def after_ready(self) -> None:
+        """Give every local principal its SCRAM credential (idempotent: the same passwords are
+        set again), on a data folder made by any release."""
+        passwords = self.credentials()
+        upsert_scram_credentials(
+            self.admin_settings(),
+            {p: SecretStr(passwords[p]) for p in LOCAL_PRINCIPALS if p != BROKER},
+        )

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.kafka import delete_topics
+from sealstream.adapters.kafka import delete_topics, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.auth import ADMIN_ROLE, mint_token
 from sealstream.migrate import migrate_all
@@ -130,7 +130,7 @@ def migrated(e2e_settings: Settings) -> Iterator[Settings]:
     )
     # The run's consumer groups (the services are stopped by now); Kafka would keep them a week.
     groups = [e2e_settings.kafka.encryptor_group, e2e_settings.kafka.indexer_group]
-    admin = AdminClient({"bootstrap.servers": e2e_settings.kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(e2e_settings.kafka))
     for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
         try:
             future.result(20)

@@ -14,6 +14,7 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MessageConsumer
 from sealstream.producer import InvalidProducerMessage, MessageProducer
 from tests.e2e.conftest import Pipeline
@@ -61,7 +62,7 @@ def test_producer_to_reader_and_consumer_reads_gateway_and_producer_records(
     # An ML consumer of its own reads the same records from the sealed topic, opened.
     chat_id = uuid.UUID(chat)
     seen: dict[int, tuple[str, str | None]] = {}
-    group = f"e2e-ml-{uuid.uuid4().hex[:12]}"
+    group = f"{pipeline.settings.kafka.ml_group_prefix}e2e-{uuid.uuid4().hex[:12]}"
     with MessageConsumer(pipeline.settings, group, batch_size=50, max_wait_seconds=0.5) as consumer:
         for batch in consumer.batches(idle_seconds=30):
             for record in batch.records:
@@ -70,7 +71,7 @@ def test_producer_to_reader_and_consumer_reads_gateway_and_producer_records(
             batch.commit()
             if len(seen) >= len(expected) + 2:
                 break
-    admin = AdminClient({"bootstrap.servers": pipeline.settings.kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(pipeline.settings.kafka))
     for future in admin.delete_consumer_groups([group], request_timeout=15).values():
         future.result(20)  # Kafka would keep the group's offsets for a week
     assert {

@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import ConsumerGroupsProgress, DeadLetterReader
+from sealstream.adapters.kafka import ConsumerGroupsProgress, DeadLetterReader, kafka_client_config
 from sealstream.dead_letters import DeadLetterInfo, LetterFilter, list_letters
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_pipeline import (
@@ -262,7 +262,7 @@ def test_letter_without_its_value_cannot_be_replayed(admin: Pipeline) -> None:
     pipe = admin
     kafka = pipe.settings.kafka
     chat = create_chat(pipe, "gina", ["hugo"])
-    kafka_admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    kafka_admin = AdminClient(kafka_client_config(kafka))
     # The dead-letter topic takes at most 16 KiB: a larger refused record is lettered without it.
     _set_topic_config(kafka_admin, kafka.dead_letter_topic, "max.message.bytes", "16384")
     try:

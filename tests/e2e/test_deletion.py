@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 from schemas.events import MessageRecord
 from schemas.ids import WORKER_BITS, first_id_at
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_key_lifecycle import call, finished
@@ -66,12 +67,14 @@ def topic_records(pipe: Pipeline, chat: str) -> list[TopicRecord]:
     value as sealed, headers)."""
     opener = opener_for(pipe.settings)
     consumer = Consumer(
-        {
-            "bootstrap.servers": pipe.settings.kafka.bootstrap,
-            "group.id": f"replay-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            pipe.settings.kafka,
+            {
+                "group.id": f"replay-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     topic = pipe.settings.kafka.messages_topic
     consumer.assign([TopicPartition(topic, p, 0) for p in range(pipe.settings.kafka.partitions)])
@@ -124,11 +127,11 @@ def publish(pipe: Pipeline, records: list[MessageRecord]) -> None:
 def workers_caught_up(pipe: Pipeline) -> bool:
     """Both consumer groups committed every record now on the message topic."""
     kafka = pipe.settings.kafka
-    consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "probe-unused"})
+    consumer = Consumer(kafka_client_config(kafka, {"group.id": "probe-unused"}))
     partitions = [TopicPartition(kafka.messages_topic, p) for p in range(kafka.partitions)]
     ends = {tp.partition: consumer.get_watermark_offsets(tp)[1] for tp in partitions}
     consumer.close()
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     for group in (kafka.encryptor_group, kafka.indexer_group):
         request = [ConsumerGroupTopicPartitions(group, partitions)]
         result = admin.list_consumer_group_offsets(request)[group].result(10)
@@ -220,7 +223,7 @@ def reset_groups_to_zero(pipe: Pipeline) -> None:
     kafka = pipe.settings.kafka
     pipe.signal("encryptor", signal.SIGTERM)
     pipe.signal("indexer", signal.SIGTERM)
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     partitions = [TopicPartition(kafka.messages_topic, p, 0) for p in range(kafka.partitions)]
     for group in (kafka.encryptor_group, kafka.indexer_group):
         deadline = time.monotonic() + 120

@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.auth import mint_token
 from tests.e2e.conftest import Pipeline, free_port
 from tests.e2e.test_delivery import (
@@ -198,7 +199,7 @@ def test_chat_deletion_while_subscribed_ends_both_streams_and_readding_works(
 
 
 def _produce(pipe: Pipeline, chat: str, values: list[bytes]) -> None:
-    producer = Producer({"bootstrap.servers": pipe.settings.kafka.bootstrap})
+    producer = Producer(kafka_client_config(pipe.settings.kafka))
     for value in values:
         producer.produce(pipe.settings.kafka.changes_topic, key=chat.encode(), value=value)
     assert producer.flush(30) == 0

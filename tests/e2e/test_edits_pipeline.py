@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 from schemas.changes import ChangeEvent
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_pipeline import create_chat, post_batch, search, wait_until
@@ -79,11 +80,13 @@ def change_events(pipe: Pipeline, chat: str) -> list[ChangeEvent]:
     """Every change event of `chat` on the change topic, in topic order."""
     kafka = pipe.settings.kafka
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"changes-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            kafka,
+            {
+                "group.id": f"changes-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+            },
+        )
     )
     topic = kafka.changes_topic
     metadata = consumer.list_topics(topic, timeout=10).topics[topic]

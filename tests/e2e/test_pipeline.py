@@ -21,6 +21,7 @@ from opensearchpy import OpenSearch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.redis import RedisKeyCache
 from tests.conftest import index_folder, phrases
@@ -243,11 +244,13 @@ def test_poison_record_goes_to_dead_letter_topic_and_pipeline_continues(
     wait_until(lambda: len(history(pipeline, "dave", chat)) == 1, what="pipeline continues")
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": pipeline.settings.kafka.bootstrap,
-            "group.id": f"dlq-check-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(
+            pipeline.settings.kafka,
+            {
+                "group.id": f"dlq-check-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     consumer.subscribe([pipeline.settings.kafka.dead_letter_topic])
     letters: dict[str, list[dict[str, str]]] = {"encryptor": [], "indexer": []}
@@ -270,11 +273,13 @@ def test_poison_record_goes_to_dead_letter_topic_and_pipeline_continues(
 def _dead_letters(pipe: Pipeline, until: Callable[[list[Any]], bool]) -> list[Any]:
     """Dead letters of this run's topic, read from the start until `until(letters)` holds."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": pipe.settings.kafka.bootstrap,
-            "group.id": f"dlq-check-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(
+            pipe.settings.kafka,
+            {
+                "group.id": f"dlq-check-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     consumer.subscribe([pipe.settings.kafka.dead_letter_topic])
     letters: list[Any] = []
@@ -298,7 +303,7 @@ def test_bad_records_are_dead_lettered_and_never_stop_a_stage(pipeline: Pipeline
     dead-letter topic: both stages dead-letter them and go on to the next message."""
     chat = create_chat(pipeline, "ivan", ["judy"])
     kafka = pipeline.settings.kafka
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     _set_topic_config(admin, kafka.dead_letter_topic, "max.message.bytes", "16384")
     try:
         far_east = MessageRecord(
@@ -401,7 +406,7 @@ def test_indexer_sigkill_loses_and_duplicates_nothing(pipeline: Pipeline) -> Non
 def test_two_encryptors_share_the_partitions(pipeline: Pipeline) -> None:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": pipeline.settings.kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(pipeline.settings.kafka))
     group = pipeline.settings.kafka.encryptor_group
 
     def members() -> list[Any]:

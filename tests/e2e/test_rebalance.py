@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from sealstream.adapters.kafka import ConsumerGroupsProgress
+from sealstream.adapters.kafka import ConsumerGroupsProgress, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from tests.e2e.conftest import Pipeline, free_port
 from tests.e2e.test_pipeline import (
@@ -36,11 +36,13 @@ def _all_dead_letters(pipe: Pipeline) -> list[Any]:
     is published before its record's offset is committed, and every offset was committed)."""
     topic = pipe.settings.kafka.dead_letter_topic
     consumer = Consumer(
-        {
-            "bootstrap.servers": pipe.settings.kafka.bootstrap,
-            "group.id": f"dlq-check-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            pipe.settings.kafka,
+            {
+                "group.id": f"dlq-check-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+            },
+        )
     )
     try:
         end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)[1]
@@ -92,7 +94,7 @@ class Stream:
 
 def test_partitions_moving_between_workers_lose_and_duplicate_nothing(pipeline: Pipeline) -> None:
     kafka = pipeline.settings.kafka
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
 
     def members(group: str) -> int:
         described = admin.describe_consumer_groups([group])[group].result(10)

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from sealstream.adapters.cassandra import MessageStore
-from sealstream.adapters.kafka import delete_topics, ensure_topics
+from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client_config
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import IndexedMessage, SearchIndex, document_terms
 from sealstream.settings import KafkaSettings, Settings
@@ -119,7 +119,7 @@ def kafka_group(settings: Settings) -> Iterator[NewGroup]:
     yield new
     if groups:
         # Fails the test if a member is still in a group: its consumer did not leave on close.
-        admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap})
+        admin = AdminClient(kafka_client_config(settings.kafka))
         for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
             future.result(20)
 

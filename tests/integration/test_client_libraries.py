@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer
 
 from schemas.events import MessageRecord
 from schemas.ids import SEQUENCE_BITS, WORKER_BITS, SnowflakeIds
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.vault import TransitKms
 from sealstream.consumer import BatchNotCommitted, MessageBatch, MessageConsumer
 from sealstream.errors import KmsUnavailable, SealRefused
@@ -76,12 +77,14 @@ def read_all(consumer: MessageConsumer, want: int) -> list[MessageBatch]:
 def raw_records(settings: Settings) -> list[Any]:
     """Every record of the topic as Kafka holds it."""
     reader = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "group.id": f"raw-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            settings.kafka,
+            {
+                "group.id": f"raw-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     reader.subscribe([settings.kafka.messages_topic])
     records: list[Any] = []
@@ -133,7 +136,10 @@ def test_producer_records_are_sealed_and_a_consumer_reads_them_back_validated(
 
     # A consumer of its own reads back exactly what was produced, in batches of at most 7.
     with MessageConsumer(
-        lib_settings, kafka_group("libs-read"), batch_size=7, max_wait_seconds=0.5
+        lib_settings,
+        kafka_group(f"{lib_settings.kafka.ml_group_prefix}libs-read"),
+        batch_size=7,
+        max_wait_seconds=0.5,
     ) as consumer:
         batches = read_all(consumer, len(everything))
     assert all(1 <= len(b) <= 7 for b in batches)
@@ -199,7 +205,7 @@ def test_records_the_consumer_cannot_use_are_handed_back_with_their_reason(
     finally:
         sealer.close()
     tampered = tampered[:-1] + bytes([tampered[-1] ^ 1])
-    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap})
+    producer = Producer(kafka_client_config(settings.kafka))
     for value, headers in [
         (good1, h1),
         (record(SECRET, 16), None),  # plaintext
@@ -212,7 +218,9 @@ def test_records_the_consumer_cannot_use_are_handed_back_with_their_reason(
         producer.produce(topic, key=key, value=value, headers=headers)
     assert producer.flush(30) == 0
 
-    with MessageConsumer(settings, kafka_group("libs-bad"), max_wait_seconds=1) as consumer:
+    with MessageConsumer(
+        settings, kafka_group(f"{settings.kafka.ml_group_prefix}libs-bad"), max_wait_seconds=1
+    ) as consumer:
         batches = read_all(consumer, 7)
     assert [r.text for b in batches for r in b.records] == [f"{SECRET} one", f"{SECRET} two"]
     refused = [r for b in batches for r in b.refused]
@@ -249,7 +257,9 @@ def test_a_kms_outage_holds_the_batch_and_skips_nothing(
     opener = record_opener(settings)
     flaky = FlakyOpener(opener, failures=4)
     try:
-        with MessageConsumer(settings, kafka_group("libs-outage"), opener=flaky) as consumer:
+        with MessageConsumer(
+            settings, kafka_group(f"{settings.kafka.ml_group_prefix}libs-outage"), opener=flaky
+        ) as consumer:
             batches = read_all(consumer, 3)
     finally:
         opener.close()
@@ -277,7 +287,7 @@ def test_a_consumer_killed_before_commit_leaves_its_batch_to_the_next_one(
     chat = uuid.uuid4()
     with MessageProducer(settings, service="test-kill") as producer:
         first = producer.send_batch([post(chat, f"{SECRET} {i}") for i in range(5)])
-    group = kafka_group("libs-kill")
+    group = kafka_group(f"{settings.kafka.ml_group_prefix}libs-kill")
     env = {**os.environ, **settings_env(settings)}
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_CONSUMER, group],
@@ -339,7 +349,7 @@ def test_a_null_seal_header_is_refused_by_the_consumer_as_by_the_workers(
         value, headers = sealer.seal(topic, record.key(), record.change_id, record.value())
     finally:
         sealer.close()
-    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap})
+    producer = Producer(kafka_client_config(settings.kafka))
     producer.produce(
         topic, key=record.key(), value=value, headers=[(HEADER_KEY_ID, None), *headers]
     )

@@ -21,6 +21,7 @@ from sealstream.adapters.kafka import (
     DeadLetterReader,
     Publisher,
     dead_letter_headers,
+    kafka_client_config,
 )
 from sealstream.adapters.postgres import ChatKeyRepository, DeadLetterReplays
 from sealstream.dead_letters import (
@@ -171,12 +172,14 @@ def test_replay_republishes_once_recorded_and_audited(
     # The message topic got the record twice (the forced replay), as it came: key, value and
     # its own headers, no dlq.* header, marked with the letter it was replayed from.
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"test-dlq-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            kafka,
+            {
+                "group.id": f"test-dlq-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([kafka.messages_topic])
     got: list[Any] = []
@@ -219,13 +222,15 @@ def _publish_letter(
 def _message_topic_records(kafka: KafkaSettings, at_least: int) -> list[Any]:
     """Every record on the message topic (waits for `at_least`, then reads to the end)."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"test-dlq-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
+        kafka_client_config(
+            kafka,
+            {
+                "group.id": f"test-dlq-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
     )
     consumer.subscribe([kafka.messages_topic])
     got: list[Any] = []
@@ -474,7 +479,7 @@ def test_a_letter_the_message_topic_refuses_is_reported_and_the_rest_replayed(
         DeadLetter("encryptor", f"unknown chat {chat}", kafka.messages_topic, 0, 2),
     )
     _set_topic_config(
-        AdminClient({"bootstrap.servers": kafka.bootstrap}),
+        AdminClient(kafka_client_config(kafka)),
         kafka.messages_topic,
         "max.message.bytes",
         "4096",

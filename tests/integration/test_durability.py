@@ -28,11 +28,11 @@ from opensearchpy import OpenSearch
 
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import delete_topics
+from sealstream.adapters.kafka import delete_topics, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.errors import StoreUnavailable
 from sealstream.migrate import migrate_all
-from sealstream.settings import Settings
+from sealstream.settings import KafkaSettings, Settings
 from tests.conftest import require_port
 from tests.integration.conftest import host_port
 
@@ -61,7 +61,7 @@ def old_deployment(settings: Settings, database: object) -> Iterator[Settings]:
     )
     require_port("kafka", *host_port(cfg.kafka.bootstrap))
     require_port("opensearch", *host_port(cfg.opensearch.url))
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(cfg.kafka))
     old = [
         NewTopic(cfg.kafka.messages_topic, 2, 1, config={"retention.ms": "86400000"}),
         NewTopic(cfg.kafka.dead_letter_topic, 1, 1, config={"retention.ms": "604800000"}),
@@ -96,14 +96,14 @@ def migrated(old_deployment: Settings) -> Settings:
     return old_deployment
 
 
-def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def topic_config(kafka: KafkaSettings, topic: str) -> dict[str, str]:
+    admin = AdminClient(kafka_client_config(kafka))
     [future] = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()
     return {name: entry.value for name, entry in future.result(30).items()}
 
 
-def broker_config(bootstrap: str) -> dict[str, str]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+def broker_config(kafka: KafkaSettings) -> dict[str, str]:
+    admin = AdminClient(kafka_client_config(kafka))
     broker = min(admin.describe_cluster(request_timeout=10).result(15).nodes, key=lambda n: n.id)
     [future] = admin.describe_configs(
         [ConfigResource(ResourceType.BROKER, str(broker.id))]
@@ -113,13 +113,13 @@ def broker_config(bootstrap: str) -> dict[str, str]:
 
 def test_migrate_bounds_how_long_kafka_keeps_records_on_disk(migrated: Settings) -> None:
     kafka = migrated.kafka
-    broker = broker_config(kafka.bootstrap)
+    broker = broker_config(kafka)
     check_ms = int(broker["log.retention.check.interval.ms"])
     for topic, retention_ms in (
         (kafka.messages_topic, kafka.retention_ms),
         (kafka.dead_letter_topic, kafka.retention_ms * 7),
     ):
-        config = topic_config(kafka.bootstrap, topic)
+        config = topic_config(kafka, topic)
         assert int(config["retention.ms"]) == retention_ms
         segment_ms = int(config["segment.ms"])
         delete_delay_ms = int(config["file.delete.delay.ms"])
@@ -141,7 +141,7 @@ def test_migrate_bounds_how_long_kafka_keeps_records_on_disk(migrated: Settings)
 
 def test_migrate_keeps_an_operators_other_topic_overrides(old_deployment: Settings) -> None:
     kafka = old_deployment.kafka
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     resource = ConfigResource(
         ResourceType.TOPIC,
         kafka.dead_letter_topic,
@@ -152,7 +152,7 @@ def test_migrate_keeps_an_operators_other_topic_overrides(old_deployment: Settin
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
     migrate_all(old_deployment)
-    config = topic_config(kafka.bootstrap, kafka.dead_letter_topic)
+    config = topic_config(kafka, kafka.dead_letter_topic)
     assert config["max.message.bytes"] == "2000000"
     assert int(config["segment.ms"]) <= HOUR_MS
 
@@ -262,7 +262,7 @@ def test_the_running_stack_syncs_before_it_acknowledges(settings: Settings) -> N
 def test_migrate_never_lowers_a_topics_min_insync_replicas(old_deployment: Settings) -> None:
     """A `migrate` run with the local default (1) must not weaken topics set up stronger."""
     kafka = old_deployment.kafka
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     stronger = ConfigResource(
         ResourceType.TOPIC,
         kafka.messages_topic,
@@ -275,7 +275,7 @@ def test_migrate_never_lowers_a_topics_min_insync_replicas(old_deployment: Setti
     try:
         assert kafka.min_insync_replicas == 1
         migrate_all(old_deployment)
-        assert topic_config(kafka.bootstrap, kafka.messages_topic)["min.insync.replicas"] == "2"
+        assert topic_config(kafka, kafka.messages_topic)["min.insync.replicas"] == "2"
     finally:
         back = ConfigResource(
             ResourceType.TOPIC,

@@ -36,12 +36,12 @@ from examples.faust_chat_activity.app import (
 )
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, id_millis
-from sealstream.adapters.kafka import Headers, delete_topics, ensure_topics
+from sealstream.adapters.kafka import Headers, delete_topics, ensure_topics, kafka_client_config
 from sealstream.adapters.vault import TransitKms
 from sealstream.auth import mint_token
 from sealstream.faust_records import KEY_MISMATCH, NO_VALUE
 from sealstream.record_seal import record_sealer
-from sealstream.settings import Settings
+from sealstream.settings import KafkaSettings, Settings
 from tests.conftest import require_port
 from tests.integration.conftest import NewGroup, host_port
 
@@ -109,16 +109,18 @@ def computed(built: ChatActivityApp) -> dict[Window, tuple[int, int]]:
     return {(w.chat_id, w.window_start): (w.messages, w.distinct_senders) for w in built.windows()}
 
 
-def read_sink(bootstrap: str, topic: str, group: str) -> list[Any]:
+def read_sink(kafka: KafkaSettings, topic: str, group: str) -> list[Any]:
     """Every record of the sink topic, read to the end of each partition."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
+        kafka_client_config(
+            kafka,
+            {
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
     )
     records: list[Any] = []
     try:
@@ -246,7 +248,7 @@ def test_chat_activity_windows_equal_what_was_produced(
         )
         records.append(record_of(change))
     sealer.close()
-    producer = Producer({"bootstrap.servers": kafka.bootstrap, "enable.idempotence": True})
+    producer = Producer(kafka_client_config(kafka, {"enable.idempotence": True}))
     for key, value, headers in records:
         producer.produce(kafka.messages_topic, key=key, value=value, headers=headers)
     assert producer.flush(30) == 0
@@ -298,15 +300,15 @@ def test_chat_activity_windows_equal_what_was_produced(
     caplog.set_level(logging.INFO)
     try:
         asyncio.run(main())
-        sink = read_sink(kafka.bootstrap, own.sink_topic, f"check-{uuid.uuid4()}")
-        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        sink = read_sink(kafka, own.sink_topic, f"check-{uuid.uuid4()}")
+        admin = AdminClient(kafka_client_config(kafka))
         sink_partitions = len(
             admin.list_topics(own.sink_topic, timeout=10).topics[own.sink_topic].partitions
         )
         resource = ConfigResource(ResourceType.TOPIC, own.sink_topic)
         sink_config = admin.describe_configs([resource])[resource].result(30)
     finally:
-        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        admin = AdminClient(kafka_client_config(kafka))
         made = [t for t in admin.list_topics(timeout=10).topics if t.startswith(group)]
         delete_topics(kafka, made)
 

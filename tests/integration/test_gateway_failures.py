@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from schemas.events import MessageRecord
-from sealstream.adapters.kafka import delete_topics, ensure_topics
+from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client_config
 from sealstream.auth import mint_token
 from sealstream.services import settings_env, spawn, stop
 from sealstream.settings import HttpSettings, Settings
@@ -143,12 +143,14 @@ def topic_ids(settings: Settings, chat: str, expected: int, settle: float = 3.0)
     """client_message_id -> the message ids published for it in `chat` (fresh consumer group,
     from the start of the topic); waits for `expected` client ids, then `settle` s more."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "group.id": f"check-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            settings.kafka,
+            {
+                "group.id": f"check-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([settings.kafka.messages_topic])
     found: dict[str, set[int]] = {}

@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 from ingest.idempotency import PostgresClaims, claim_key
 from ingest.ports import Claim, ClaimConflict
 from ingest.service import MAX_BATCH
+from sealstream.adapters.kafka import kafka_client_config
 from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
 from sealstream.crypto import TextFingerprints
@@ -529,11 +530,13 @@ def test_a_record_with_a_client_id_is_the_same_record_in_utc_whatever_the_pg_tim
     finally:
         stop([gw.proc], timeout=10)
     consumer = Consumer(
-        {
-            "bootstrap.servers": base.kafka.bootstrap,
-            "group.id": f"check-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(
+            base.kafka,
+            {
+                "group.id": f"check-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     consumer.subscribe([base.kafka.messages_topic])
     values: list[bytes] = []

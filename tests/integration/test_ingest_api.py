@@ -16,7 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from ingest.idempotency import PostgresClaims
 from ingest.ports import Claim, ClaimConflict, Granted
 from schemas.events import MAX_TEXT_BYTES, MessageRecord
-from sealstream.adapters.kafka import delete_topics, ensure_topics
+from sealstream.adapters.kafka import delete_topics, ensure_topics, kafka_client_config
 from sealstream.adapters.postgres import Database
 from sealstream.auth import mint_token
 from sealstream.crypto import TextFingerprints
@@ -76,12 +76,14 @@ def consume(settings: Settings, chat: str, count: int, settle: float = 0.0) -> l
     """The chat's records on the message topic (fresh group, from the earliest offset); waits
     for `count` of them, then `settle` seconds more to catch any record too many."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka.bootstrap,
-            "group.id": f"check-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            settings.kafka,
+            {
+                "group.id": f"check-{uuid.uuid4()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([settings.kafka.messages_topic])
     out: list[Record] = []

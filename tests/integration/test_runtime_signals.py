@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics
+from sealstream.adapters.kafka import Publisher, delete_topics, ensure_topics, kafka_client_config
 from sealstream.errors import StoreUnavailable
 from sealstream.settings import KafkaSettings, Settings
 from sealstream.streaming import ConsumerRuntime, DeadLetterWriter, RawRecord, Rejected
@@ -182,7 +182,7 @@ def test_a_partition_revoked_while_its_worker_held_a_batch_is_consumed_when_it_c
         )
         before = {name: set(seen) for name, seen in handled.items()}
         _publish(kafka, 60, "after the partitions came back")
-        consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(kafka, {"group.id": group}))
         try:
             partitions = [TopicPartition(kafka.messages_topic, p) for p in range(kafka.partitions)]
             ends = {

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
-from sealstream.adapters.kafka import Publisher
+from sealstream.adapters.kafka import Publisher, kafka_client_config
 from sealstream.adapters.postgres import Database, TopicKeyRepository
 from sealstream.adapters.vault import TransitKms
 from sealstream.keys.topic_keys import TopicKeys, destroy_topic_keys, topic_key_cutoff
@@ -169,11 +169,7 @@ def test_a_record_under_a_destroyed_key_is_dead_lettered_with_the_reason(
         letters.close()
     assert handled == []
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"{stage}-check",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(kafka, {"group.id": f"{stage}-check", "auto.offset.reset": "earliest"})
     )
     consumer.subscribe([kafka.dead_letter_topic])
     letter = None
@@ -252,11 +248,7 @@ def test_a_record_with_headers_too_large_for_a_dead_letter_never_stops_the_stage
         letters.close()
     assert [r.value for r in handled] == [good.value()]
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"{stage}-check",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(kafka, {"group.id": f"{stage}-check", "auto.offset.reset": "earliest"})
     )
     consumer.subscribe([kafka.dead_letter_topic])
     letter = None
@@ -338,11 +330,7 @@ def test_a_plaintext_record_is_dead_lettered_without_its_text(
         letters.close()
     assert handled == []
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap,
-            "group.id": f"{stage}-check",
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client_config(kafka, {"group.id": f"{stage}-check", "auto.offset.reset": "earliest"})
     )
     consumer.subscribe([kafka.dead_letter_topic])
     found: list[Any] = []

@@ -23,12 +23,13 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.ids import SnowflakeIds, id_millis
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
-from sealstream.adapters.kafka import Publisher
+from sealstream.adapters.kafka import Publisher, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache, WrappedDek
 from sealstream.adapters.vault import TransitKms
 from sealstream.errors import KmsError
+from sealstream.faust_records import faust_broker_credentials
 from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.stack import runner
 from sealstream.stack.base import StackContext
@@ -37,7 +38,7 @@ from tests.integration.conftest import KafkaTopics, NewGroup, text_message
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def kafka_version(bootstrap: str) -> str:
+def kafka_version(kafka: KafkaSettings) -> str:
     """What the broker says about itself, plus the release the stack module runs.
 
     The Kafka protocol has no "server version" request, so the release comes from the stack
@@ -45,7 +46,7 @@ def kafka_version(bootstrap: str) -> str:
     that it is this broker that answered.
     """
     # Keep the client referenced until the future resolves: a collected handle fails it.
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     cluster = admin.describe_cluster(request_timeout=10).result(15)
     [stack] = runner.status(runner.build(StackContext(StackSettings(), REPO_ROOT), ["kafka"]))
     nodes = ",".join(str(node.id) for node in cluster.nodes)
@@ -80,13 +81,15 @@ def test_kafka_confluent_publish_and_consume(
     assert delivery.topic == kafka_topics.messages_topic and delivery.offset >= 0
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": kafka_topics.bootstrap,
-            # A group nobody used before: with `earliest` it starts at the record just written.
-            "group.id": kafka_group("smoke-confluent"),
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_client_config(
+            kafka_topics,
+            {
+                # A group nobody used before: with `earliest` it starts at the record just written.
+                "group.id": kafka_group("smoke-confluent"),
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     try:
         consumer.subscribe([kafka_topics.messages_topic])
@@ -97,7 +100,7 @@ def test_kafka_confluent_publish_and_consume(
     assert msg.key() == b"chat-1"
     assert msg.value() == b"sealed payload"
     assert msg.headers() == headers
-    print(f"\nkafka: {kafka_version(kafka_topics.bootstrap)}")
+    print(f"\nkafka: {kafka_version(kafka_topics)}")
 
 
 def test_kafka_faust_agent_sees_every_record_in_order_per_key(
@@ -108,6 +111,7 @@ def test_kafka_faust_agent_sees_every_record_in_order_per_key(
     app = faust.App(
         app_id,
         broker=f"kafka://{cfg.bootstrap}",
+        broker_credentials=faust_broker_credentials(cfg),
         store="memory://",
         # Faust writes `<id>-data/` into the working directory unless told otherwise.
         datadir=str(tmp_path / "faust"),
@@ -148,7 +152,7 @@ def test_kafka_faust_agent_sees_every_record_in_order_per_key(
     assert sorted(seen) == sorted(expected), f"agent saw {len(seen)} of {len(expected)}"
     for key in {k for k, _ in expected}:  # Kafka orders per partition, hence per key
         assert [v for k, v in seen if k == key] == [v for k, v in expected if k == key]
-    print(f"\nkafka (faust {faust.__version__}): {kafka_version(cfg.bootstrap)}")
+    print(f"\nkafka (faust {faust.__version__}): {kafka_version(cfg)}")
 
 
 # --- Cassandra ---------------------------------------------------------------------------------

@@ -174,10 +174,12 @@ def test_keys_outlive_a_retention_raised_on_the_broker(
         ResourceType,
     )
 
+    from sealstream.adapters.kafka import kafka_client_config
+
     kafka = kafka_topic_factory(f"keep-{run_id[:8]}")
     topic = kafka.messages_topic
     longer = settings.kafka.retention_ms * 3
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin = AdminClient(kafka_client_config(kafka))
     resource = ConfigResource(
         ResourceType.TOPIC,
         topic,

@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import apply_acls, kafka_client_config
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.services import settings_env, spawn
 from sealstream.settings import IndexerHttp, Settings
@@ -88,10 +89,11 @@ def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membersh
             "indexer_http": http,
         }
     )
+    apply_acls(kafka)  # the indexer principal may join this test's own group
     log = tmp_path / "indexer.log"
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     url = f"http://127.0.0.1:{http.port}"
-    admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+    admin = AdminClient(kafka_client_config(topics))
 
     def member_ids() -> list[str]:
         described = admin.describe_consumer_groups([group])[group].result(10)
@@ -138,7 +140,7 @@ def test_indexer_held_longer_than_max_poll_interval_keeps_its_batch_and_membersh
             time.sleep(0.5)
 
         partitions = [TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)]
-        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(topics, {"group.id": group}))
         try:
             ends = [consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in partitions]
             deadline = time.monotonic() + 60

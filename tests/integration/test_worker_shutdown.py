@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
+from sealstream.adapters.kafka import apply_acls, kafka_client_config
 from sealstream.services import settings_env, spawn
 from sealstream.settings import EncryptorHttp, IndexerHttp, Settings
 from sealstream.wiring import key_service
@@ -69,6 +70,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
             "indexer_http": http,
         }
     )
+    apply_acls(worker.kafka)  # the indexer principal may join this test's own group
     log = tmp_path / "indexer.log"
     proc = spawn("indexer", {**os.environ, **settings_env(worker)}, log=log)
     try:
@@ -102,7 +104,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
         print(f"\nindexer exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert code == 0, log.read_text()[-2000:]
 
-        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(topics, {"group.id": group}))
         try:
             partitions = [
                 TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)
@@ -116,7 +118,7 @@ def test_indexer_with_its_index_down_stops_on_sigterm_without_committing(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+        admin = AdminClient(kafka_client_config(topics))
         for future in admin.delete_consumer_groups([group], request_timeout=15).values():
             with contextlib.suppress(KafkaException):  # a SIGKILLed member holds it a while
                 future.result(20)
@@ -156,6 +158,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
             "encryptor_http": http,
         }
     )
+    apply_acls(worker.kafka)  # the encryptor principal may join this test's own group
     log = tmp_path / "encryptor.log"
     proc = spawn("encryptor", {**os.environ, **settings_env(worker)}, log=log)
     url = f"http://127.0.0.1:{http.port}"
@@ -198,7 +201,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
         print(f"\nencryptor exited {time.monotonic() - signalled:.1f} s after SIGTERM")
         assert code == 0, log.read_text()[-2000:]
 
-        consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": group})
+        consumer = Consumer(kafka_client_config(topics, {"group.id": group}))
         try:
             partitions = [
                 TopicPartition(topics.messages_topic, p) for p in range(topics.partitions)
@@ -214,7 +217,7 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+        admin = AdminClient(kafka_client_config(topics))
         for future in admin.delete_consumer_groups([group], request_timeout=15).values():
             with contextlib.suppress(KafkaException):
                 future.result(20)

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel
 
 from sealstream import settings as settings_module
+from sealstream.kafka_principals import ADMIN, BROKER, BY_SERVICE
 from sealstream.settings import Settings, StackSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +117,35 @@ def test_migrate_runs_once_after_every_server_is_ready() -> None:
         else:
             assert migrate["depends_on"][server]["condition"] == "service_healthy"
         assert "healthcheck" in SERVICES[server], f"{server} has no healthcheck to wait for"
+
+
+def test_kafka_authenticates_every_client_and_denies_what_no_acl_allows() -> None:
+    kafka = environment("kafka")
+    protocols = dict(
+        item.split(":") for item in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    assert set(protocols.values()) == {"SASL_PLAINTEXT"}  # no listener takes anonymous clients
+    assert kafka["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert kafka["KAFKA_SUPER_USERS"] == f"User:{BROKER};User:{ADMIN}"
+
+
+@pytest.mark.parametrize("service", ["migrate", *PROJECT_SERVICES])
+def test_each_service_runs_as_its_own_kafka_principal_with_a_password_kafka_init_sets(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kafka = compose_settings(service, monkeypatch).kafka
+    expected = ADMIN if service == "migrate" else BY_SERVICE[service]
+    if service == "reader":  # no Kafka client, hence no credentials at all
+        assert kafka.username is None and kafka.password is None
+        return
+    assert kafka.username == expected
+    assert kafka.password is not None
+    script = " ".join(SERVICES["kafka-init"]["command"])
+    short = expected.removeprefix("sealstream-")
+    assert f" {short} " in script.split("; do")[0] + " "
+    assert kafka.password.get_secret_value() == f"sealstream-local-{short}"
+    assert "sealstream-local-$$principal" in script
 
 
 def test_openbao_init_makes_the_default_derived_key() -> None:

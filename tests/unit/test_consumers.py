@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from pydantic import SecretStr
 
 from encryptor.logic import encrypt_and_store
 from indexer.logic import index_batch
@@ -284,7 +285,8 @@ def records_on(partitions: dict[int, list[int]]) -> list[RawRecord]:
 
 
 def test_the_consumer_never_auto_commits_and_shares_partitions_cooperatively() -> None:
-    config = consumer_config(KafkaSettings(max_poll_interval_ms=20_000), "g", "c")
+    kafka = KafkaSettings(max_poll_interval_ms=20_000, password=SecretStr("unit-test"))
+    config = consumer_config(kafka, "g", "c")
     assert config["enable.auto.commit"] is False
     assert config["enable.auto.offset.store"] is False
     assert config["partition.assignment.strategy"] == "cooperative-sticky"

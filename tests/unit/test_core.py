@@ -23,6 +23,7 @@ from sealstream.settings import (
     AuthSettings,
     DeliveryHttp,
     IngestHttp,
+    PostgresSettings,
     ReaderHttp,
     Settings,
 )
@@ -293,6 +294,17 @@ def test_production_refuses_local_defaults() -> None:
             reader=ReaderHttp(**tls),
             admin=AdminHttp(**tls),
             delivery=DeliveryHttp(**tls),
+        )
+    # Kafka credentials and records never cross the network in clear in production.
+    with pytest.raises(ValidationError, match=r"kafka\.security_protocol must be SASL_SSL"):
+        Settings(
+            environment="production",
+            auth=AuthSettings(secret=SecretStr("p" * 40)),
+            ingest=IngestHttp(**tls),
+            reader=ReaderHttp(**tls),
+            admin=AdminHttp(**tls),
+            delivery=DeliveryHttp(**tls),
+            postgres=PostgresSettings(password=SecretStr("a-real-one")),
         )
     # Live delivery serves message text too: without its TLS, production refuses to start.
     with pytest.raises(ValidationError, match=r"delivery tls_cert"):

@@ -1,0 +1,156 @@
+"""Broker credentials and rights, without a broker: what each client config holds, where a
+password comes from, who runs as whom, and the rights table's promises (the broker's answers
+are in tests/integration/test_kafka_acls.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from sealstream.adapters.kafka import kafka_client_config
+from sealstream.consumer import MessageConsumer, consumer_config
+from sealstream.kafka_principals import (
+    ADMIN,
+    ADMIN_API,
+    BY_SERVICE,
+    DIRECT_PRODUCER,
+    ENCRYPTOR,
+    GATEWAY,
+    LOCAL_PRINCIPALS,
+    ML_CONSUMER,
+    READER,
+    TAIL_GROUP_PREFIX,
+    rights,
+)
+from sealstream.producer import MessageProducer
+from sealstream.services import child_env
+from sealstream.settings import KafkaSettings, Settings
+
+
+def credentials(tmp_path: Path, **passwords: str) -> Path:
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps(passwords))
+    return path
+
+
+def test_a_client_config_carries_the_principal_and_its_password(tmp_path: Path) -> None:
+    file = credentials(tmp_path, **{GATEWAY: "gw-secret", ADMIN: "admin-secret"})
+    kafka = KafkaSettings(bootstrap="b:1", credentials_file=file).acting_as(GATEWAY)
+    config = kafka_client_config(kafka, {"client.id": "x"})
+    assert config == {
+        "bootstrap.servers": "b:1",
+        "security.protocol": "sasl_plaintext",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": GATEWAY,
+        "sasl.password": "gw-secret",
+        "client.id": "x",
+    }
+
+
+def test_without_a_username_a_process_acts_as_the_operator(tmp_path: Path) -> None:
+    file = credentials(tmp_path, **{ADMIN: "admin-secret"})
+    config = kafka_client_config(KafkaSettings(credentials_file=file))
+    assert (config["sasl.username"], config["sasl.password"]) == (ADMIN, "admin-secret")
+
+
+def test_a_configured_principal_wins_over_the_service_default() -> None:
+    kafka = KafkaSettings(username="prod-gateway", password=SecretStr("p"))
+    assert kafka.acting_as(GATEWAY).principal == "prod-gateway"
+    assert kafka_client_config(kafka.acting_as(GATEWAY))["sasl.password"] == "p"
+
+
+def test_an_unknown_password_names_the_setting_and_never_a_password(tmp_path: Path) -> None:
+    file = credentials(tmp_path, **{ADMIN: "admin-secret"})
+    kafka = KafkaSettings(credentials_file=file).acting_as(ML_CONSUMER)
+    with pytest.raises(ValueError, match="SEALSTREAM_KAFKA__PASSWORD") as err:
+        kafka_client_config(kafka)
+    assert "admin-secret" not in str(err.value) and ML_CONSUMER in str(err.value)
+    missing = KafkaSettings(credentials_file=tmp_path / "nowhere.json")
+    with pytest.raises(ValueError, match="sealstream stack up"):
+        kafka_client_config(missing)
+
+
+def test_a_broker_without_authentication_gets_no_credentials() -> None:
+    config = kafka_client_config(KafkaSettings(security_protocol="PLAINTEXT"))
+    assert not any(key.startswith("sasl.") for key in config)
+
+
+def test_passwords_print_masked() -> None:
+    kafka = KafkaSettings(username=GATEWAY, password=SecretStr("hunter2-long-secret"))
+    assert "hunter2-long-secret" not in repr(kafka) + str(kafka.model_dump())
+
+
+def test_a_child_service_runs_as_its_own_principal_never_its_parents() -> None:
+    parent = {
+        "SEALSTREAM_KAFKA__USERNAME": ADMIN,
+        "SEALSTREAM_KAFKA__PASSWORD": "admin-secret",
+        "PATH": "/bin",
+    }
+    env = child_env("encryptor", parent)
+    assert env["SEALSTREAM_KAFKA__USERNAME"] == ENCRYPTOR
+    assert "SEALSTREAM_KAFKA__PASSWORD" not in env
+    assert env["PATH"] == "/bin"
+
+
+def test_every_service_but_the_reader_has_a_local_principal() -> None:
+    for service, principal in BY_SERVICE.items():
+        assert (principal in LOCAL_PRINCIPALS) == (service != "reader"), service
+    assert READER not in {right.principal for right in rights(KafkaSettings())}
+
+
+def test_only_producers_write_the_message_topic_and_the_ml_consumer_only_reads_it() -> None:
+    kafka = KafkaSettings()
+    table = rights(kafka)
+    writers = {
+        r.principal for r in table if r.name == kafka.messages_topic and r.operation == "write"
+    }
+    # The admin API writes only to replay dead letters (`/v1/dead-letters/replay`).
+    assert writers == {GATEWAY, DIRECT_PRODUCER, ADMIN_API}
+    ml = [r for r in table if r.principal == ML_CONSUMER]
+    assert {(r.operation, r.resource, r.name, r.prefixed) for r in ml} == {
+        ("read", "topic", kafka.messages_topic, False),
+        ("read", "group", kafka.ml_group_prefix, True),
+    }
+    # No service may join a worker group but that worker.
+    for group, worker in ((kafka.encryptor_group, ENCRYPTOR),):
+        joiners = {r.principal for r in table if r.name == group and r.operation == "read"}
+        assert joiners == {worker}
+
+
+def test_the_admin_api_reads_dead_letters_but_never_the_message_topic() -> None:
+    kafka = KafkaSettings()
+    api = {
+        (r.operation, r.resource, r.name, r.prefixed)
+        for r in rights(kafka)
+        if r.principal == ADMIN_API
+    }
+    # DeadLetterReader: assign() on the dead-letter topic, a throwaway group id of the tail
+    # prefix (looked up, never joined); replays write the message topic.
+    assert ("read", "topic", kafka.dead_letter_topic, False) in api
+    assert ("describe", "group", TAIL_GROUP_PREFIX, True) in api
+    assert ("write", "topic", kafka.messages_topic, False) in api
+    assert ("read", "topic", kafka.messages_topic, False) not in api
+
+
+def test_the_libraries_run_as_their_principals_unless_one_is_configured(tmp_path: Path) -> None:
+    file = credentials(tmp_path, **{ML_CONSUMER: "ml-secret", DIRECT_PRODUCER: "dp-secret"})
+    settings = Settings(kafka=KafkaSettings(credentials_file=file))
+    assert MessageProducer(settings).kafka.principal == DIRECT_PRODUCER
+    group = f"{settings.kafka.ml_group_prefix}features"
+    consumer = MessageConsumer(settings, group)
+    config = consumer_config(consumer.kafka, group, "c")
+    assert (config["sasl.username"], config["sasl.password"]) == (ML_CONSUMER, "ml-secret")
+    own = Settings(kafka=KafkaSettings(username="acme-ml", password=SecretStr("p")))
+    assert MessageProducer(own).kafka.principal == "acme-ml"
+    # A configured principal has ACLs of its operator's making: any group of its own.
+    assert MessageConsumer(own, "acme-features").kafka.principal == "acme-ml"
+
+
+def test_the_ml_consumer_principal_is_refused_a_group_outside_its_prefix() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="ml_group_prefix") as refused:
+        MessageConsumer(settings, "acme-features")
+    assert settings.kafka.ml_group_prefix in str(refused.value)
