@@ -246,13 +246,23 @@ def create_app(
         outbox = Outbox(outbox_limit)
         subs: dict[uuid.UUID, Subscription] = {}
         writer: asyncio.Task[None] | None = None
+        dropped: asyncio.Task[Literal[True]] | None = None
         try:
             principal = await socket_principal(socket, app.state.verified_tokens)
             if principal is None:
                 return
             writer = asyncio.create_task(_write(socket, outbox))
+            # Dropped as too slow: the writer may be stuck in a send to a client that stopped
+            # reading, so the end mark is never reached; the subscriptions end here at once.
+            dropped = asyncio.create_task(outbox.dropped.wait())
             while not writer.done():
-                message = await receive_until_expiry(socket, principal)
+                receiving = asyncio.create_task(receive_until_expiry(socket, principal))
+                waits: set[asyncio.Future[Any]] = {receiving, dropped}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    return
+                message = receiving.result()
                 if message is None or message["type"] == "websocket.disconnect":
                     return
                 reply = await _handle(principal.user_id, frame_text(message), subs, outbox)
@@ -267,6 +277,8 @@ def create_app(
             outbox.close()
             if writer is not None:
                 writer.cancel()
+            if dropped is not None:
+                dropped.cancel()
 
     async def _write(socket: WebSocket, outbox: Outbox) -> None:
         try:
