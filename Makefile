@@ -36,7 +36,7 @@ migrate: stack-up  ## Apply Postgres, Cassandra, OpenSearch and Kafka schemas
 test: stack-up  ## Run the whole test suite against the real local stack
 	$(PY) -m pytest
 
-demo: stack-up  ## Run the four services with demo traffic and print a report
+demo: stack-up  ## Run the five services (ingest, encryptor, indexer, reader, delivery) with demo traffic and print a report
 	$(SEAL) demo
 
 bench: stack-up  ## Print the benchmark figures (crypto, keys, pipeline, lifecycle)
