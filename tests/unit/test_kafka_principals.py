@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MessageConsumer, consumer_config
@@ -19,15 +19,25 @@ from sealstream.kafka_principals import (
     DIRECT_PRODUCER,
     ENCRYPTOR,
     GATEWAY,
+    INDEXER,
     LOCAL_PRINCIPALS,
     ML_CONSUMER,
     READER,
     TAIL_GROUP_PREFIX,
+    Right,
     rights,
 )
 from sealstream.producer import MessageProducer
 from sealstream.services import child_env
 from sealstream.settings import KafkaSettings, Settings
+
+
+def allows(right: Right, resource: str, name: str) -> bool:
+    """Whether `right` covers the resource `name`: a prefixed right covers every name starting
+    with its own."""
+    if right.resource != resource:
+        return False
+    return name.startswith(right.name) if right.prefixed else name == right.name
 
 
 def credentials(tmp_path: Path, **passwords: str) -> Path:
@@ -114,10 +124,45 @@ def test_only_producers_write_the_message_topic_and_the_ml_consumer_only_reads_i
         ("read", "topic", kafka.messages_topic, False),
         ("read", "group", kafka.ml_group_prefix, True),
     }
-    # No service may join a worker group but that worker.
-    for group, worker in ((kafka.encryptor_group, ENCRYPTOR),):
-        joiners = {r.principal for r in table if r.name == group and r.operation == "read"}
-        assert joiners == {worker}
+    # No service may join a worker group but that worker (a prefixed right counts too).
+    for group, worker in ((kafka.encryptor_group, ENCRYPTOR), (kafka.indexer_group, INDEXER)):
+        joiners = {
+            r.principal for r in table if allows(r, "group", group) and r.operation == "read"
+        }
+        assert joiners == {worker}, group
+
+
+@pytest.mark.parametrize(
+    ("prefix", "workers"),
+    [
+        ("", {}),
+        ("sealstream-", {}),
+        ("sealstream-encryptor", {}),
+        ("sealstream-indexer-ml-", {}),
+        ("sealstream-t", {}),
+        ("sealstream-tail-ml-", {}),
+        ("ml-", {"encryptor_group": "ml-encryptor"}),
+        ("ml-team-a-", {"indexer_group": "ml-"}),
+    ],
+)
+def test_an_ml_group_prefix_reaching_a_worker_or_tail_group_is_refused(
+    prefix: str, workers: dict[str, str]
+) -> None:
+    """A prefix that matches a worker group would let a leaked ML credential join it and commit
+    past records the worker never stored; one overlapping the tail prefix would share groups with
+    the services' throwaway ones."""
+    with pytest.raises(ValidationError, match="ml_group_prefix"):
+        KafkaSettings(ml_group_prefix=prefix, **workers)
+
+
+def test_a_separate_ml_group_prefix_is_accepted_and_reaches_no_other_group() -> None:
+    kafka = KafkaSettings(ml_group_prefix="acme-ml-")
+    ml_groups = {r.name for r in rights(kafka) if r.principal == ML_CONSUMER and r.prefixed}
+    assert ml_groups == {"acme-ml-"}
+    for group in (kafka.encryptor_group, kafka.indexer_group, f"{TAIL_GROUP_PREFIX}x"):
+        assert not any(
+            allows(r, "group", group) for r in rights(kafka) if r.principal == ML_CONSUMER
+        )
 
 
 def test_the_admin_api_reads_dead_letters_but_never_the_message_topic() -> None:
