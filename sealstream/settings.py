@@ -133,10 +133,21 @@ class KafkaSettings(BaseModel):
 
     def acting_as(self, principal: str) -> KafkaSettings:
         """These settings with `principal` as the username, unless one was configured: the
-        configured one (production, one principal per process) always wins."""
+        configured one (production, one principal per process) always wins, with its password.
+
+        Raises `ValueError` when a password is configured without a username: whose password it
+        is cannot be guessed, so the message names the username setting and `principal`, never
+        the password.
+        """
         if self.username is not None:
             return self
-        return self.model_copy(update={"username": principal, "password": None})
+        if self.password is not None:
+            raise ValueError(
+                "SEALSTREAM_KAFKA__PASSWORD is set but SEALSTREAM_KAFKA__USERNAME is not: set "
+                f"SEALSTREAM_KAFKA__USERNAME to the principal that password belongs to "
+                f"(this process expects {principal!r} unless your broker names it otherwise)"
+            )
+        return self.model_copy(update={"username": principal})
 
     @property
     def principal(self) -> str:

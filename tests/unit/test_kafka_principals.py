@@ -72,6 +72,17 @@ def test_a_configured_principal_wins_over_the_service_default() -> None:
     assert kafka_client_config(kafka.acting_as(GATEWAY))["sasl.password"] == "p"
 
 
+@pytest.mark.parametrize("principal", [GATEWAY, ENCRYPTOR, ML_CONSUMER, DIRECT_PRODUCER])
+def test_a_password_without_a_username_names_the_username_to_set(principal: str) -> None:
+    """A production process given only its password must not lose it (and then be told to set
+    the very variable it set): it is told which username goes with it, never the password."""
+    kafka = KafkaSettings(password=SecretStr("prod-secret-7f3a"))
+    with pytest.raises(ValueError, match="SEALSTREAM_KAFKA__USERNAME") as err:
+        kafka.acting_as(principal)
+    assert principal in str(err.value)
+    assert "prod-secret-7f3a" not in str(err.value)
+
+
 def test_an_unknown_password_names_the_setting_and_never_a_password(tmp_path: Path) -> None:
     file = credentials(tmp_path, **{ADMIN: "admin-secret"})
     kafka = KafkaSettings(credentials_file=file).acting_as(ML_CONSUMER)
