@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from sealstream import services
 from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MessageConsumer, consumer_config
 from sealstream.kafka_principals import (
     ADMIN,
     ADMIN_API,
+    BROKER,
     BY_SERVICE,
     DIRECT_PRODUCER,
     ENCRYPTOR,
@@ -114,6 +116,42 @@ def test_a_child_service_runs_as_its_own_principal_never_its_parents() -> None:
     assert env["SEALSTREAM_KAFKA__USERNAME"] == ENCRYPTOR
     assert "SEALSTREAM_KAFKA__PASSWORD" not in env
     assert env["PATH"] == "/bin"
+
+
+STARTED: list[Settings] = []
+
+
+def record_start(settings: Settings) -> None:
+    """Stands in for a service's `run` entrypoint: records the settings it was started with."""
+    STARTED.append(settings)
+
+
+@pytest.mark.parametrize("service", ["ingest", "encryptor", "admin", "delivery"])
+@pytest.mark.parametrize("super_user", [ADMIN, BROKER])
+def test_a_service_refuses_to_run_as_a_super_user(
+    service: str, super_user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SEALSTREAM_KAFKA__USERNAME=sealstream-admin` left in a shell (compose's migrate sets it)
+    must not start a service with every right on the broker."""
+    monkeypatch.setitem(services._ENTRYPOINTS, service, f"{__name__}:record_start")
+    STARTED.clear()
+    kafka = KafkaSettings(username=super_user, password=SecretStr("super-secret-9c1d"))
+    with pytest.raises(ValueError, match="SEALSTREAM_KAFKA__USERNAME") as err:
+        services.run_service(service, Settings(kafka=kafka))
+    assert super_user in str(err.value) and "super-secret-9c1d" not in str(err.value)
+    assert STARTED == []
+
+
+def test_a_service_starts_as_its_own_or_a_configured_principal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(services._ENTRYPOINTS, "ingest", f"{__name__}:record_start")
+    STARTED.clear()
+    file = credentials(tmp_path, **{GATEWAY: "gw-secret"})
+    services.run_service("ingest", Settings(kafka=KafkaSettings(credentials_file=file)))
+    own = KafkaSettings(username="prod-gateway", password=SecretStr("p"))
+    services.run_service("ingest", Settings(kafka=own))
+    assert [s.kafka.principal for s in STARTED] == [GATEWAY, "prod-gateway"]
 
 
 def test_every_service_but_the_reader_has_a_local_principal() -> None:
