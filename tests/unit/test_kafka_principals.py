@@ -5,6 +5,7 @@ are in tests/integration/test_kafka_acls.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,15 @@ def test_the_ml_consumer_principal_is_refused_a_group_outside_its_prefix() -> No
     with pytest.raises(ValueError, match="ml_group_prefix") as refused:
         MessageConsumer(settings, "acme-features")
     assert settings.kafka.ml_group_prefix in str(refused.value)
+
+
+def test_no_documented_command_puts_a_kafka_password_on_its_command_line() -> None:
+    """argv is readable by every local user (`ps`, /proc/<pid>/cmdline) and lands in shell
+    history: the docs' recipes pass SCRAM passwords through a 0600 file or the Python API."""
+    repo = Path(__file__).resolve().parents[2]
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        inline = re.findall(r"--add-config\s+['\"]?SCRAM-SHA-\d+=\[?password=", text)
+        assert not inline, f"{doc.name}: a SCRAM password on a kafka-configs command line"
+    operations = (repo / "docs" / "operations.md").read_text()
+    assert "--add-config-file" in operations and "upsert_scram_credentials" in operations
