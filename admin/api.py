@@ -782,8 +782,13 @@ def create_app(
                 keys, ctx.index, ctx.store, progress=lambda n: progress(chats=n)
             )
             # Sealed Kafka records past the topic's retention: crypto-shred them (their keys).
+            # The message topic's keys only: the one topic this process's Kafka principal may
+            # describe (the operator's `sealstream keys destroy-topic-keys` covers every topic).
             topic_keys = destroy_topic_keys(
-                TopicKeyRepository(keys.repo.db), settings.kafka, actor=f"admin:{admin}"
+                TopicKeyRepository(keys.repo.db),
+                settings.kafka,
+                actor=f"admin:{admin}",
+                topics=[settings.kafka.messages_topic],
             )
             return {**_report(report), "topic_keys_destroyed": len(topic_keys)}
 

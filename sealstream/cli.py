@@ -409,7 +409,7 @@ def run(
     ] = 30.0,
 ) -> None:
     """Run one service in the foreground (or all six as supervised child processes)."""
-    from sealstream.services import RestartPolicy, run_all, run_service
+    from sealstream.services import RestartPolicy, run_all, run_service, service_settings
     from sealstream.settings import Settings
 
     if service == "all":
@@ -422,7 +422,12 @@ def run(
             f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}, all"
         )
         raise typer.Exit(2)
-    run_service(service, Settings())
+    try:
+        settings = service_settings(service, Settings())
+    except ValueError as err:  # a principal the service must not run as: before it starts
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    run_service(service, settings)
 
 
 @app.command("token")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sealstream.settings import KAFKA_OPERATOR, KafkaSettings
+from sealstream.settings import TAIL_GROUP_PREFIX as TAIL_GROUP_PREFIX
 
 # The broker itself (inter-broker and controller traffic) and the operator: super users, never
 # checked against ACLs. `migrate`, `stack up`, the benchmarks and the tests (as "the operator")
@@ -33,8 +34,8 @@ READER = "sealstream-reader"
 
 # Consumers that read with assign() (TopicTail, DeadLetterReader) never join a group, but
 # librdkafka wants a group id and looks its coordinator up (DESCRIBE on the group): theirs start
-# with this.
-TAIL_GROUP_PREFIX = "sealstream-tail-"
+# with this: `TAIL_GROUP_PREFIX`, defined in settings (which refuses an ML group prefix
+# overlapping it) and re-exported here.
 
 SUPER_USERS = (BROKER, ADMIN)
 SERVICE_PRINCIPALS = (

@@ -29,14 +29,33 @@ _ENTRYPOINTS = {
 }
 
 
-def run_service(name: str, settings: Settings) -> None:
-    """Run service `name` in the foreground, as its own Kafka principal unless the settings
-    name one (docs/operations.md, "Broker authentication and ACLs")."""
-    from sealstream.kafka_principals import BY_SERVICE
+def service_settings(name: str, settings: Settings) -> Settings:
+    """`settings` as service `name` runs with them: its own Kafka principal unless the settings
+    name one (docs/operations.md, "Broker authentication and ACLs").
+
+    Raises `ValueError` (naming `SEALSTREAM_KAFKA__USERNAME`, never a password) when that
+    principal is a super user (the broker's or the operator's, `kafka_principals.SUPER_USERS`):
+    ACLs do not apply to them, so a service left with an operator's username (compose's migrate
+    sets one) would run with every right on the broker. Also what `acting_as` raises.
+    """
+    from sealstream.kafka_principals import BY_SERVICE, SUPER_USERS
 
     kafka = settings.kafka.acting_as(BY_SERVICE[name])
+    if kafka.principal in SUPER_USERS:
+        raise ValueError(
+            f"service {name!r} would run as the Kafka super user {kafka.principal!r}, which no "
+            f"ACL limits: unset SEALSTREAM_KAFKA__USERNAME (it then runs as "
+            f"{BY_SERVICE[name]!r}) or set it to the service's own principal"
+        )
+    return settings.model_copy(update={"kafka": kafka})
+
+
+def run_service(name: str, settings: Settings) -> None:
+    """Run service `name` in the foreground with `service_settings(name, settings)` (raises
+    its `ValueError` before starting anything)."""
+    resolved = service_settings(name, settings)
     module, func = _ENTRYPOINTS[name].split(":")
-    getattr(importlib.import_module(module), func)(settings.model_copy(update={"kafka": kafka}))
+    getattr(importlib.import_module(module), func)(resolved)
 
 
 def child_env(name: str, env: dict[str, str]) -> dict[str, str]:

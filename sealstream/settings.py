@@ -22,6 +22,9 @@ LOCAL_POSTGRES_PASSWORD = "sealstream-local"  # noqa: S105 - local stack only, r
 LOCAL_AUTH_SECRET = "local-stack-only-not-a-secret-0123456789"  # noqa: S105 - idem
 # The Kafka super user `migrate` and other operator commands run as (sealstream/kafka_principals.py).
 KAFKA_OPERATOR = "sealstream-admin"
+# Consumers that never join a group (TopicTail, DeadLetterReader) take a throwaway group id
+# starting with this (sealstream/kafka_principals.py re-exports it).
+TAIL_GROUP_PREFIX = "sealstream-tail-"
 
 # Local-stack ports. docker-compose.yml publishes the same numbers (a test checks they agree).
 KAFKA_PORT = 19092
@@ -130,10 +133,21 @@ class KafkaSettings(BaseModel):
 
     def acting_as(self, principal: str) -> KafkaSettings:
         """These settings with `principal` as the username, unless one was configured: the
-        configured one (production, one principal per process) always wins."""
+        configured one (production, one principal per process) always wins, with its password.
+
+        Raises `ValueError` when a password is configured without a username: whose password it
+        is cannot be guessed, so the message names the username setting and `principal`, never
+        the password.
+        """
         if self.username is not None:
             return self
-        return self.model_copy(update={"username": principal, "password": None})
+        if self.password is not None:
+            raise ValueError(
+                "SEALSTREAM_KAFKA__PASSWORD is set but SEALSTREAM_KAFKA__USERNAME is not: set "
+                f"SEALSTREAM_KAFKA__USERNAME to the principal that password belongs to "
+                f"(this process expects {principal!r} unless your broker names it otherwise)"
+            )
+        return self.model_copy(update={"username": principal})
 
     @property
     def principal(self) -> str:
@@ -160,6 +174,29 @@ class KafkaSettings(BaseModel):
                 f"{self.credentials_file} holds it"
             )
         return SecretStr(known[self.principal])
+
+    @model_validator(mode="after")
+    def _check_ml_group_prefix(self) -> KafkaSettings:
+        # The ML principal may READ every group starting with the prefix (a prefixed ACL): one
+        # that also matches a worker group would let a leaked ML credential join it and commit
+        # past records the worker never stored. Two prefixes share groups iff one starts with
+        # the other.
+        prefix = self.ml_group_prefix
+        if not prefix:
+            raise ValueError("kafka.ml_group_prefix must not be empty (it would match every group)")
+        others = {
+            "kafka.encryptor_group": self.encryptor_group,
+            "kafka.indexer_group": self.indexer_group,
+            "the tail group prefix": TAIL_GROUP_PREFIX,
+        }
+        for name, other in others.items():
+            if other.startswith(prefix) or prefix.startswith(other):
+                raise ValueError(
+                    f"kafka.ml_group_prefix {prefix!r} overlaps {name} {other!r}: the ML "
+                    "consumer could join that group; pick a prefix that is not the start of it and "
+                    "does not start with it"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_group_timings(self) -> KafkaSettings:

@@ -209,26 +209,46 @@ def topic_retention(
     settings: KafkaSettings, topics: Sequence[str], timeout: float = 30.0
 ) -> dict[str, tuple[int, int]]:
     """(`retention.ms`, `segment.ms`) of each of `topics` as the broker applies them (a topic's
-    own override, else the broker's default; retention -1: kept forever). Topics the broker does
-    not have are left out. Raises `StoreUnavailable` when Kafka does not answer."""
-    admin = AdminClient(kafka_client_config(settings))
-    try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
-    except KafkaException as exc:
-        raise StoreUnavailable(f"Kafka did not list its topics: {exc.args[0].name()}") from None
-    wanted = sorted(set(topics) & existing)
+    own override, else the broker's default; retention -1: kept forever).
+
+    Each topic is described directly (DESCRIBE_CONFIGS), never looked up in a topic listing
+    first: a listing leaves out the topics this principal may not DESCRIBE, which would read as
+    deleted. Only a topic the broker answers is unknown (UNKNOWN_TOPIC_OR_PART) is left out.
+    Raises `StoreUnavailable` when Kafka does not answer, when this principal may not read a
+    topic's configuration (TOPIC_AUTHORIZATION_FAILED: its retention is unknown) or on any other
+    error, so a caller never takes a topic it cannot see for a deleted one.
+    """
+    wanted = sorted(set(topics))
     if not wanted:
         return {}
+    admin = AdminClient(kafka_client_config(settings))
+    try:
+        futures = admin.describe_configs(
+            [ConfigResource(ResourceType.TOPIC, t) for t in wanted], request_timeout=timeout
+        )
+    except KafkaException as exc:
+        raise StoreUnavailable(
+            f"Kafka did not describe topic configs: {exc.args[0].name()}"
+        ) from None
     found: dict[str, tuple[int, int]] = {}
-    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in wanted])
     for resource, future in futures.items():
         try:
             entries = future.result(timeout)
         except KafkaException as exc:
-            if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                continue  # deleted meanwhile: it holds no record any more
+            error = exc.args[0]
+            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue  # deleted (or never made): it holds no record
+            if error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                raise StoreUnavailable(
+                    f"Kafka principal {settings.principal!r} may not read the configuration of "
+                    f"topic {resource.name!r} (DESCRIBE_CONFIGS): its retention is unknown"
+                ) from None
             raise StoreUnavailable(
-                f"Kafka did not describe topic configs: {exc.args[0].name()}"
+                f"Kafka did not describe the configs of topic {resource.name!r}: {error.name()}"
+            ) from None
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Kafka did not describe the configs of topic {resource.name!r} in {timeout} s"
             ) from None
         found[resource.name] = (
             int(entries["retention.ms"].value),

@@ -230,6 +230,7 @@ def destroy_topic_keys(
     actor: str,
     now: datetime | None = None,
     broker: TopicRetention | None = None,
+    topics: Sequence[str] | None = None,
 ) -> list[str]:
     """Destroy (erase the wrapped key of) every topic key past its topic's `topic_key_cutoff`,
     audited as `topic_keys_destroyed` in the same transaction; returns the key ids destroyed.
@@ -239,15 +240,18 @@ def destroy_topic_keys(
     so no key goes while Kafka may still serve a record it sealed; a topic the broker keeps
     forever (retention -1) keeps its keys (logged). `now`: the database's clock unless given.
     Records sealed under a destroyed key can never be opened again, from Kafka or from any
-    backup of it. Raises `StoreUnavailable` when Postgres or Kafka does not answer (then nothing
-    is destroyed)."""
+    backup of it. `topics`: only the keys of these topics (the admin API passes the message
+    topic, the only one its Kafka principal may describe); None: every topic with live keys (the
+    operator's command). Raises `StoreUnavailable` when Postgres or Kafka does not answer, or
+    the process's principal may not read a topic's config (then nothing is destroyed)."""
     at = now if now is not None else repo.db_now()
-    topics = repo.live_topics()
-    if not topics:
+    live = repo.live_topics()
+    wanted = live if topics is None else [t for t in live if t in set(topics)]
+    if not wanted:
         return []
-    configs = (broker or (lambda names: topic_retention(kafka, names)))(topics)
+    configs = (broker or (lambda names: topic_retention(kafka, names)))(wanted)
     destroyed: list[str] = []
-    for topic in topics:
+    for topic in wanted:
         retention_ms, segment_ms = configs.get(topic, (None, None))
         if retention_ms is not None and retention_ms < 0:
             log.warning(

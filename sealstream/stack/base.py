@@ -8,9 +8,11 @@ and log tails, so a server module holds only what is specific to that server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,33 @@ from sealstream.settings import StackSettings
 
 class StackError(RuntimeError):
     """A server could not be installed, started or reached; the message says why."""
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with a file holding `text`, readable by its owner only (0600).
+
+    The text goes to a new 0600 file in the same folder (`tempfile.mkstemp`), synced, then
+    renamed over `path` (`os.replace`, atomic): a reader holding the old file (perhaps 0644, made
+    by an older release) keeps reading the old content, never the new secret, and a reader
+    opening `path` meanwhile sees the whole old or the whole new file, never an empty one.
+    Raises `OSError`; the temporary file is removed on failure.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
 
 
 @dataclass(frozen=True)

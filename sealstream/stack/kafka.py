@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import subprocess
 import uuid
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import SecretStr
 from sealstream.adapters.kafka import kafka_client_config, upsert_scram_credentials
 from sealstream.kafka_principals import ADMIN, BROKER, LOCAL_PRINCIPALS
 from sealstream.settings import KafkaSettings
-from sealstream.stack.base import Server, StackError
+from sealstream.stack.base import Server, StackError, write_private
 
 PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
 SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
@@ -77,6 +78,16 @@ class KafkaServer(Server):
     """Apache Kafka 4.x in KRaft mode, listening on 127.0.0.1 only."""
 
     name: ClassVar[str] = "kafka"
+
+    @property
+    def data(self) -> Path:
+        """The data folder, 0700: it holds every principal's password and the topics' records,
+        and only this user (the broker's and the services') reads it."""
+        path = super().data
+        mode = path.stat()
+        if stat.S_IMODE(mode.st_mode) != 0o700 and mode.st_uid == os.getuid():
+            path.chmod(0o700)
+        return path
 
     @property
     def port(self) -> int:
@@ -144,10 +155,8 @@ class KafkaServer(Server):
         missing = [p for p in LOCAL_PRINCIPALS if p not in known]
         if missing:
             known.update({principal: secrets.token_urlsafe(32) for principal in missing})
-            # Created 0600 before anything is written to it: never world-readable, even briefly.
-            fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                json.dump(known, out, indent=1)
+            # A new 0600 file replaces the old one: whoever holds the old one never reads these.
+            write_private(self.credentials_file, json.dumps(known, indent=1))
         self.credentials_file.chmod(0o600)
         return known
 
@@ -231,11 +240,8 @@ class KafkaServer(Server):
 
     def prepare(self) -> None:
         # Config files are rewritten every time, so a port change in settings takes effect.
-        # Holds the PLAIN passwords: 0600 before it is written.
-        fd = os.open(self.properties_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(self.server_properties())
-        self.properties_file.chmod(0o600)
+        # Holds the PLAIN passwords: a new 0600 file replaces the old one.
+        write_private(self.properties_file, self.server_properties())
         self.log4j_file.write_text(LOG4J2_PROPERTIES)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cluster_id = self._cluster_id()

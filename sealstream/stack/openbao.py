@@ -17,7 +17,7 @@ from pathlib import Path
 import hvac
 
 from sealstream.settings import VaultSettings
-from sealstream.stack.base import Server, StackError
+from sealstream.stack.base import Server, StackError, write_private
 
 TRANSIT_MOUNT = VaultSettings().transit_mount
 DEFAULT_KEY = VaultSettings().default_key
@@ -123,8 +123,7 @@ log_level    = "warn"
                 (self.unseal_file, result["keys"][0]),
                 (self.token_file, result["root_token"]),
             ):
-                path.write_text(value)
-                path.chmod(0o600)
+                write_private(path, value)
         if not (self.unseal_file.exists() and self.token_file.exists()):
             raise StackError(
                 f"OpenBao on port {self.port} was initialised by another stack folder "

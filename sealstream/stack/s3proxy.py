@@ -15,7 +15,6 @@ backend, so incomplete multipart uploads are swept by ``sealstream attachments s
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import ClassVar
 import boto3
 from botocore.config import Config
 
-from sealstream.stack.base import Server, StackError
+from sealstream.stack.base import Server, StackError, write_private
 
 MAIN_CLASS = "org.gaul.s3proxy.Main"
 _POM_VERSION = re.compile(r"<s3proxy\.version>\s*([^<\s]+)\s*</s3proxy\.version>")
@@ -84,7 +83,7 @@ class S3ProxyServer(Server):
             "access_key": "local" + secrets.token_hex(8),
             "secret_key": secrets.token_urlsafe(32),
         }
-        _write_private(path, json.dumps(data) + "\n")
+        write_private(path, json.dumps(data) + "\n")
         return data
 
     def prepare(self) -> None:
@@ -105,7 +104,7 @@ class S3ProxyServer(Server):
                 "jclouds.credential=local",
             ]
         )
-        _write_private(self.data / "s3proxy.conf", conf + "\n")
+        write_private(self.data / "s3proxy.conf", conf + "\n")
 
     def argv(self) -> list[str]:
         heap_mb = self.ctx.settings.s3proxy_heap_mb
@@ -144,11 +143,3 @@ class S3ProxyServer(Server):
         finally:
             client.close()
         return f"S3Proxy {self.version()} ({len(buckets)} bucket(s))"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only, from the first byte (no window at 0644)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    path.chmod(0o600)

@@ -34,6 +34,7 @@ from sealstream.adapters.kafka import (
     ensure_topics,
     kafka_client_config,
     remove_acls,
+    topic_retention,
 )
 from sealstream.errors import StoreUnavailable
 from sealstream.kafka_principals import (
@@ -260,6 +261,23 @@ def test_delivery_the_admin_api_and_direct_producers_cannot_read_the_message_top
     for name in (DELIVERY, ADMIN_API, DIRECT_PRODUCER):
         outcome = read(principal(acl_kafka, name), acl_kafka.messages_topic, tail_group(), False)
         assert refused(outcome), name
+
+
+def test_a_topic_the_principal_may_not_describe_is_never_taken_for_deleted(
+    acl_kafka: KafkaSettings,
+) -> None:
+    """Topic keys are destroyed past the retention `topic_retention` reads: a topic left out of
+    its answer counts as deleted, so one this principal cannot see must raise, not vanish."""
+    topic = acl_kafka.messages_topic
+    # Delivery has no right on the message topic at all (a listing would omit it).
+    with pytest.raises(StoreUnavailable, match="DESCRIBE_CONFIGS"):
+        topic_retention(principal(acl_kafka, DELIVERY), [topic])
+    with pytest.raises(StoreUnavailable, match="DESCRIBE_CONFIGS"):
+        topic_retention(principal(acl_kafka, ML_CONSUMER), [topic])
+    missing = f"{topic}.never-made-{uuid.uuid4().hex[:8]}"
+    found = topic_retention(acl_kafka, [topic, missing])  # the operator sees every topic
+    assert set(found) == {topic}
+    assert found[topic][0] == acl_kafka.retention_ms
 
 
 def connection_errors(kafka: KafkaSettings) -> list[str]:

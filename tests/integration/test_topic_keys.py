@@ -93,6 +93,47 @@ def test_a_destroyed_key_cannot_open_even_with_postgres_and_kms(
     assert repo.by_id(current.key_id).wrapped is not None  # type: ignore[union-attr]
 
 
+def test_destruction_limited_to_some_topics_leaves_the_others_keys(
+    topic_keys: Any, database: Database, settings: Settings, run_id: str
+) -> None:
+    """The admin API's retention run destroys the message topic's keys only (the one topic its
+    Kafka principal may describe); keys of other topics wait for the operator's command."""
+    now = [1_000_000_000.0]  # a slot of 2001: due for destruction on both topics
+    producer = topic_keys(clock=lambda: now[0])
+    mine, other = f"t.{run_id}.only-mine", f"t.{run_id}.not-mine"
+    key_mine, key_other = producer.current(mine), producer.current(other)
+    repo = TopicKeyRepository(database)
+    row = repo.by_id(key_mine.key_id)
+    assert row is not None
+    later = row.valid_to - topic_key_cutoff(settings.kafka, row.valid_to) + row.valid_to
+    asked: list[list[str]] = []
+
+    def broker(names: Any) -> dict[str, tuple[int, int]]:
+        asked.append(list(names))
+        return {}  # neither topic on the broker: the settings' retention applies
+
+    destroyed = destroy_topic_keys(
+        repo,
+        settings.kafka,
+        actor="test",
+        now=later + timedelta(minutes=1),
+        broker=broker,
+        topics=[mine],
+    )
+    assert destroyed == [key_mine.key_id]
+    assert asked == [[mine]]  # the broker is asked about that topic only
+    assert repo.by_id(key_other.key_id).wrapped is not None  # type: ignore[union-attr]
+    destroy_topic_keys(
+        repo,
+        settings.kafka,
+        actor="test",
+        now=later + timedelta(minutes=1),
+        broker=broker,
+        topics=[other],
+    )
+    assert repo.by_id(key_other.key_id).wrapped is None  # type: ignore[union-attr]
+
+
 def test_postgres_down_is_retriable_not_a_refusal(
     settings: Settings, kms: TransitKms, run_id: str
 ) -> None:

@@ -178,6 +178,25 @@ def test_servers_publish_the_local_stack_ports() -> None:
         assert constant in port_mappings(service), f"{service} should publish {constant}"
 
 
+def test_every_published_port_binds_loopback_only() -> None:
+    """The compose passwords are public (a Kafka super user's, OpenBao's root token): a port
+    published on every interface would hand them to the whole network. Only `127.0.0.1:` will do,
+    in the short (`ip:host:container`) and the long (`host_ip`) syntax alike."""
+    published = 0
+    for service, spec in SERVICES.items():
+        for entry in spec.get("ports", []):
+            published += 1
+            if isinstance(entry, dict):
+                host_ip = entry.get("host_ip")
+            else:
+                parts = str(entry).split("/", 1)[0].split(":")
+                host_ip = parts[0] if len(parts) == 3 else None
+            assert host_ip == "127.0.0.1", (
+                f"{service}: port {entry!r} is published on every interface, not 127.0.0.1 only"
+            )
+    assert published >= len(INFRASTRUCTURE) + len(PROJECT_SERVICES)
+
+
 def test_default_settings_reach_the_published_ports() -> None:
     """A host process with default settings talks to the compose servers unchanged."""
     defaults = Settings()

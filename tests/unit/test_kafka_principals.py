@@ -5,29 +5,42 @@ are in tests/integration/test_kafka_acls.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
+from sealstream import services
 from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MessageConsumer, consumer_config
 from sealstream.kafka_principals import (
     ADMIN,
     ADMIN_API,
+    BROKER,
     BY_SERVICE,
     DIRECT_PRODUCER,
     ENCRYPTOR,
     GATEWAY,
+    INDEXER,
     LOCAL_PRINCIPALS,
     ML_CONSUMER,
     READER,
     TAIL_GROUP_PREFIX,
+    Right,
     rights,
 )
 from sealstream.producer import MessageProducer
 from sealstream.services import child_env
 from sealstream.settings import KafkaSettings, Settings
+
+
+def allows(right: Right, resource: str, name: str) -> bool:
+    """Whether `right` covers the resource `name`: a prefixed right covers every name starting
+    with its own."""
+    if right.resource != resource:
+        return False
+    return name.startswith(right.name) if right.prefixed else name == right.name
 
 
 def credentials(tmp_path: Path, **passwords: str) -> Path:
@@ -60,6 +73,17 @@ def test_a_configured_principal_wins_over_the_service_default() -> None:
     kafka = KafkaSettings(username="prod-gateway", password=SecretStr("p"))
     assert kafka.acting_as(GATEWAY).principal == "prod-gateway"
     assert kafka_client_config(kafka.acting_as(GATEWAY))["sasl.password"] == "p"
+
+
+@pytest.mark.parametrize("principal", [GATEWAY, ENCRYPTOR, ML_CONSUMER, DIRECT_PRODUCER])
+def test_a_password_without_a_username_names_the_username_to_set(principal: str) -> None:
+    """A production process given only its password must not lose it (and then be told to set
+    the very variable it set): it is told which username goes with it, never the password."""
+    kafka = KafkaSettings(password=SecretStr("prod-secret-7f3a"))
+    with pytest.raises(ValueError, match="SEALSTREAM_KAFKA__USERNAME") as err:
+        kafka.acting_as(principal)
+    assert principal in str(err.value)
+    assert "prod-secret-7f3a" not in str(err.value)
 
 
 def test_an_unknown_password_names_the_setting_and_never_a_password(tmp_path: Path) -> None:
@@ -95,6 +119,42 @@ def test_a_child_service_runs_as_its_own_principal_never_its_parents() -> None:
     assert env["PATH"] == "/bin"
 
 
+STARTED: list[Settings] = []
+
+
+def record_start(settings: Settings) -> None:
+    """Stands in for a service's `run` entrypoint: records the settings it was started with."""
+    STARTED.append(settings)
+
+
+@pytest.mark.parametrize("service", ["ingest", "encryptor", "admin", "delivery"])
+@pytest.mark.parametrize("super_user", [ADMIN, BROKER])
+def test_a_service_refuses_to_run_as_a_super_user(
+    service: str, super_user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SEALSTREAM_KAFKA__USERNAME=sealstream-admin` left in a shell (compose's migrate sets it)
+    must not start a service with every right on the broker."""
+    monkeypatch.setitem(services._ENTRYPOINTS, service, f"{__name__}:record_start")
+    STARTED.clear()
+    kafka = KafkaSettings(username=super_user, password=SecretStr("super-secret-9c1d"))
+    with pytest.raises(ValueError, match="SEALSTREAM_KAFKA__USERNAME") as err:
+        services.run_service(service, Settings(kafka=kafka))
+    assert super_user in str(err.value) and "super-secret-9c1d" not in str(err.value)
+    assert STARTED == []
+
+
+def test_a_service_starts_as_its_own_or_a_configured_principal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(services._ENTRYPOINTS, "ingest", f"{__name__}:record_start")
+    STARTED.clear()
+    file = credentials(tmp_path, **{GATEWAY: "gw-secret"})
+    services.run_service("ingest", Settings(kafka=KafkaSettings(credentials_file=file)))
+    own = KafkaSettings(username="prod-gateway", password=SecretStr("p"))
+    services.run_service("ingest", Settings(kafka=own))
+    assert [s.kafka.principal for s in STARTED] == [GATEWAY, "prod-gateway"]
+
+
 def test_every_service_but_the_reader_has_a_local_principal() -> None:
     for service, principal in BY_SERVICE.items():
         assert (principal in LOCAL_PRINCIPALS) == (service != "reader"), service
@@ -114,10 +174,45 @@ def test_only_producers_write_the_message_topic_and_the_ml_consumer_only_reads_i
         ("read", "topic", kafka.messages_topic, False),
         ("read", "group", kafka.ml_group_prefix, True),
     }
-    # No service may join a worker group but that worker.
-    for group, worker in ((kafka.encryptor_group, ENCRYPTOR),):
-        joiners = {r.principal for r in table if r.name == group and r.operation == "read"}
-        assert joiners == {worker}
+    # No service may join a worker group but that worker (a prefixed right counts too).
+    for group, worker in ((kafka.encryptor_group, ENCRYPTOR), (kafka.indexer_group, INDEXER)):
+        joiners = {
+            r.principal for r in table if allows(r, "group", group) and r.operation == "read"
+        }
+        assert joiners == {worker}, group
+
+
+@pytest.mark.parametrize(
+    ("prefix", "workers"),
+    [
+        ("", {}),
+        ("sealstream-", {}),
+        ("sealstream-encryptor", {}),
+        ("sealstream-indexer-ml-", {}),
+        ("sealstream-t", {}),
+        ("sealstream-tail-ml-", {}),
+        ("ml-", {"encryptor_group": "ml-encryptor"}),
+        ("ml-team-a-", {"indexer_group": "ml-"}),
+    ],
+)
+def test_an_ml_group_prefix_reaching_a_worker_or_tail_group_is_refused(
+    prefix: str, workers: dict[str, str]
+) -> None:
+    """A prefix that matches a worker group would let a leaked ML credential join it and commit
+    past records the worker never stored; one overlapping the tail prefix would share groups with
+    the services' throwaway ones."""
+    with pytest.raises(ValidationError, match="ml_group_prefix"):
+        KafkaSettings(ml_group_prefix=prefix, **workers)
+
+
+def test_a_separate_ml_group_prefix_is_accepted_and_reaches_no_other_group() -> None:
+    kafka = KafkaSettings(ml_group_prefix="acme-ml-")
+    ml_groups = {r.name for r in rights(kafka) if r.principal == ML_CONSUMER and r.prefixed}
+    assert ml_groups == {"acme-ml-"}
+    for group in (kafka.encryptor_group, kafka.indexer_group, f"{TAIL_GROUP_PREFIX}x"):
+        assert not any(
+            allows(r, "group", group) for r in rights(kafka) if r.principal == ML_CONSUMER
+        )
 
 
 def test_the_admin_api_reads_dead_letters_but_never_the_message_topic() -> None:
@@ -154,3 +249,15 @@ def test_the_ml_consumer_principal_is_refused_a_group_outside_its_prefix() -> No
     with pytest.raises(ValueError, match="ml_group_prefix") as refused:
         MessageConsumer(settings, "acme-features")
     assert settings.kafka.ml_group_prefix in str(refused.value)
+
+
+def test_no_documented_command_puts_a_kafka_password_on_its_command_line() -> None:
+    """argv is readable by every local user (`ps`, /proc/<pid>/cmdline) and lands in shell
+    history: the docs' recipes pass SCRAM passwords through a 0600 file or the Python API."""
+    repo = Path(__file__).resolve().parents[2]
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        inline = re.findall(r"--add-config\s+['\"]?SCRAM-SHA-\d+=\[?password=", text)
+        assert not inline, f"{doc.name}: a SCRAM password on a kafka-configs command line"
+    operations = (repo / "docs" / "operations.md").read_text()
+    assert "--add-config-file" in operations and "upsert_scram_credentials" in operations
