@@ -359,7 +359,8 @@ def test_a_null_seal_header_is_refused_by_the_consumer_as_by_the_workers(
     with pytest.raises(SealRefused, match="more than once"):
         sealed_key_id(worker_headers)
 
-    with MessageConsumer(settings, kafka_group("libs-null"), max_wait_seconds=1) as consumer:
+    group = kafka_group(f"{settings.kafka.ml_group_prefix}libs-null")
+    with MessageConsumer(settings, group, max_wait_seconds=1) as consumer:
         batches = read_all(consumer, 1)
     assert [r.message_id for b in batches for r in b.records] == []
     [refusal] = [r for b in batches for r in b.refused]
