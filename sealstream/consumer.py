@@ -47,11 +47,11 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.events import MessageRecord, decode_record
-from sealstream.adapters.kafka import kafka_client_config
 from sealstream.errors import SealRefused, SealstreamError, StoreUnavailable
 from sealstream.kafka_principals import ML_CONSUMER
-from sealstream.record_seal import is_sealed, record_opener, sealed_event_id
+from sealstream.record_seal import header_pairs, is_sealed, record_opener, sealed_event_id
 from sealstream.settings import KafkaSettings, Settings
+from sealstream.streaming import consumer_config as worker_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -169,41 +169,15 @@ def open_message(
 
 
 def _headers(message: Message) -> list[tuple[str, bytes]] | None:
-    """A record's headers as (name, bytes) pairs; a header without a value reads as empty, as
-    the workers' runtime reads it (`sealstream.streaming`): a null `sealstream.key_id` next to
-    a real one is then a repeated header, refused here as there, not a header left out."""
-    raw: Any = message.headers()
-    if not raw:
-        return None
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    return [(str(k), _header_bytes(v)) for k, v in pairs]
-
-
-def _header_bytes(value: object) -> bytes:
-    if value is None:
-        return b""
-    return value if isinstance(value, bytes) else str(value).encode()
+    """A record's headers read as every stage reads them (`record_seal.header_pairs`)."""
+    return header_pairs(message.headers()) or None
 
 
 def consumer_config(kafka: KafkaSettings, group: str, client_id: str) -> dict[str, Any]:
-    """The librdkafka configuration of a library consumer (the one place it is built)."""
-    return kafka_client_config(
-        kafka,
-        {
-            "group.id": group,
-            "client.id": client_id,
-            # A new group starts at the oldest record still on the topic (at most its retention).
-            "auto.offset.reset": "earliest",
-            # Committed by `MessageBatch.commit()` only, after the caller is done with the batch.
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": kafka.session_timeout_ms,
-            "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
-            "max.poll.interval.ms": kafka.max_poll_interval_ms,
-            "queued.max.messages.kbytes": 16384,
-        },
-    )
+    """The librdkafka configuration of a library consumer: the workers' own
+    (`sealstream.streaming.consumer_config`: explicit commits after the batch, cooperative-sticky
+    rebalances, bounded prefetch)."""
+    return worker_consumer_config(kafka, group, client_id)
 
 
 class MessageConsumer:

@@ -40,6 +40,7 @@ from sealstream.adapters.kafka import kafka_client_config
 from sealstream.consumer import MAX_BACKOFF_S, Opener, open_message
 from sealstream.consumer import NO_VALUE as NO_VALUE
 from sealstream.errors import InvalidMessage, SealstreamError
+from sealstream.record_seal import header_pairs
 from sealstream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -272,12 +273,8 @@ class MessageSchema(faust.Schema):  # type: ignore[type-arg]  # bytes key, Messa
 
 
 def _header_pairs(headers: Any) -> list[tuple[str, bytes]] | None:
-    """Faust's headers (a list of pairs or a mapping) as (name, bytes) pairs; a header without
-    a value reads as empty, as the workers and the consumer library read it."""
-    if not headers:
-        return None
-    pairs = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), b"" if v is None else bytes(v)) for k, v in pairs]
+    """Faust's headers read as every stage reads them (`record_seal.header_pairs`)."""
+    return header_pairs(headers) or None
 
 
 class OpenerOnFirstUse:

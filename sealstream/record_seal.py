@@ -271,6 +271,26 @@ def _event_id_of(raw: bytes | str | None) -> int:
     return int(text)
 
 
+def header_pairs(headers: object) -> list[tuple[str, bytes]]:
+    """A Kafka client's record headers (confluent-kafka's list of pairs, or aiokafka/Faust's
+    pairs or mapping; None) as (name, bytes) pairs. A header without a value reads as empty:
+    the one reading of the workers' runtime, the consumer library and the Faust codec, so that
+    a null `sealstream.key_id` beside a real one is a repeated header everywhere (refused), never
+    a header left out by one reader and not by another."""
+    if not headers:
+        return []
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    out: list[tuple[str, bytes]] = []
+    for name, value in pairs:  # type: ignore[attr-defined]
+        if value is None:
+            out.append((str(name), b""))
+        elif isinstance(value, str):
+            out.append((str(name), value.encode()))
+        else:
+            out.append((str(name), bytes(value)))
+    return out
+
+
 def sealed_key_id(headers: _Headers) -> str:
     """The key id a record names (`sealstream.key_id`); SealRefused when a seal header is
     missing, repeated or malformed."""

@@ -56,7 +56,13 @@ from sealstream.adapters.kafka import (
     kafka_client_config,
 )
 from sealstream.errors import SealRefused
-from sealstream.record_seal import RecordOpener, has_sealed_format, is_sealed, record_opener
+from sealstream.record_seal import (
+    RecordOpener,
+    has_sealed_format,
+    header_pairs,
+    is_sealed,
+    record_opener,
+)
 from sealstream.settings import HttpSettings, KafkaSettings, Settings
 from sealstream.worker_http import serve
 
@@ -406,13 +412,8 @@ def consumer_config(kafka: KafkaSettings, group_id: str, client_id: str) -> dict
 
 
 def _record_headers(headers: object) -> RecordHeaders:
-    """confluent-kafka's headers (a list of (name, bytes | None), or None) as a tuple."""
-    if not headers:
-        return ()
-    pairs: list[tuple[str, bytes]] = []
-    for name, value in headers:  # type: ignore[attr-defined]
-        pairs.append((str(name), value if isinstance(value, bytes) else b""))
-    return tuple(pairs)
+    """confluent-kafka's headers as a tuple (`sealstream.record_seal.header_pairs`)."""
+    return tuple(header_pairs(headers))
 
 
 class ConsumerRuntime:
