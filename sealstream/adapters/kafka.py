@@ -404,6 +404,7 @@ class Publisher:
             )
         )
         self._stop = threading.Event()
+        self._closed = False
         # A fatal error (e.g. CLUSTER_AUTHORIZATION_FAILED: the principal may write no topic, so
         # the idempotent producer gets no producer id) ends this producer for good.
         self._fatal: str | None = None
@@ -565,9 +566,19 @@ class Publisher:
         return [r for r in results if isinstance(r, Delivery)]
 
     def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` seconds for outstanding acknowledgements, then shut the
+        producer down: what is still unacknowledged fails its caller (a purge), and librdkafka's
+        threads end now rather than when the object happens to be collected (until then they
+        would keep reconnecting to an unreachable broker, in the log). A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._producer.flush(timeout)
         self._stop.set()
         self._poller.join(timeout=2)
+        self._producer.purge(in_queue=True, in_flight=True)
+        self._producer.poll(0)  # serve the purged records' callbacks: their callers fail now
+        self._producer.close()
 
 
 def _headers_of(
