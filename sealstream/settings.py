@@ -570,6 +570,36 @@ class EditSettings(BaseModel):
     window_seconds: int = Field(default=48 * 3600, ge=60, le=30 * 24 * 3600)
 
 
+class AttachmentSettings(BaseModel):
+    """Attachment files (``SEALSTREAM_ATTACHMENTS__*``; docs/operations.md "Attachments",
+    format in docs/format.md "Attachment files")."""
+
+    model_config = {"frozen": True}
+
+    # Largest file the gateway accepts (plaintext bytes); a larger body is refused with 413
+    # as soon as it passes the limit, and nothing of it stays in the object store.
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, le=5 * 1024**4)
+    # Content types an upload may declare (exact match of the media type, parameters such as
+    # `; charset=` ignored); anything else is refused with 415. JSON list in the environment.
+    content_types: tuple[str, ...] = (
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
+        "application/pdf",
+        "text/plain",
+        "audio/mpeg",
+        "audio/ogg",
+        "video/mp4",
+        "application/zip",
+        "application/octet-stream",
+    )
+    # Plaintext bytes per encrypted segment (file format v1; the Range granularity).
+    segment_size: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
+    # Attachments one message may reference.
+    max_per_message: int = Field(default=10, ge=1, le=100)
+
+
 class Settings(BaseSettings):
     """Connection settings shared by every Sealstream process (``SEALSTREAM_*``)."""
 
@@ -585,6 +615,7 @@ class Settings(BaseSettings):
     opensearch: OpenSearchSettings = Field(default_factory=OpenSearchSettings)
     keys: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    attachments: AttachmentSettings = Field(default_factory=AttachmentSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     ingest: IngestHttp = Field(default_factory=IngestHttp)
     reader: ReaderHttp = Field(default_factory=ReaderHttp)

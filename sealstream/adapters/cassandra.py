@@ -164,6 +164,43 @@ def _row(row: Any) -> StoredMessage:
     )
 
 
+@dataclass(frozen=True)
+class AttachmentRow:
+    """Metadata of one encrypted attachment file (table `attachments`, schemas/cassandra/005).
+
+    `size` is the plaintext size in bytes, `ciphertext_size` what the object store holds
+    (`FileLayout(segment_size).ciphertext_size(size)`); `object_key` is where; `dek_version`
+    the chat DEK version the file key derives from. Nothing here reveals the content."""
+
+    chat_id: uuid.UUID
+    file_id: int
+    sender_id: str
+    size: int
+    ciphertext_size: int
+    content_type: str
+    dek_version: int
+    segment_size: int
+    object_key: str
+    created_at: datetime
+    deleted_at: datetime | None = None
+
+
+def _attachment(row: Any) -> AttachmentRow:
+    return AttachmentRow(
+        chat_id=row.chat_id,
+        file_id=row.file_id,
+        sender_id=row.sender_id,
+        size=row.size,
+        ciphertext_size=row.ciphertext_size,
+        content_type=row.content_type,
+        dek_version=row.dek_version,
+        segment_size=row.segment_size,
+        object_key=row.object_key,
+        created_at=row.created_at.replace(tzinfo=UTC),
+        deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
+    )
+
+
 class MessageStore:
     def __init__(self, settings: CassandraSettings, concurrency: int = 64) -> None:
         self.settings = settings
@@ -279,6 +316,17 @@ class MessageStore:
             "reseal": f"UPDATE {ks}.messages SET envelope = ?, dek_version = ?"
             " WHERE chat_id = ? AND bucket = ? AND message_id = ?"
             " IF dek_version = ? AND envelope = ? AND deleted_at = null",
+            # Attachments (schemas/cassandra/005): written at the file id's time, so that every
+            # deletion (DELETION_TIMESTAMP) wins over a late or repeated write of the row.
+            "attachment_insert": f"INSERT INTO {ks}.attachments (chat_id, bucket, file_id,"
+            " sender_id, size, ciphertext_size, content_type, dek_version, segment_size,"
+            " object_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            "attachment_get": f"SELECT * FROM {ks}.attachments WHERE chat_id = ? AND bucket = ?"
+            " AND file_id = ?",
+            "attachment_delete_mark": f"UPDATE {ks}.attachments USING TIMESTAMP"
+            f" {DELETION_TIMESTAMP} SET deleted_at = ? WHERE chat_id = ? AND bucket = ?"
+            " AND file_id = ?",
+            "attachment_scan": f"SELECT * FROM {ks}.attachments WHERE chat_id = ? AND bucket = ?",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))
@@ -659,6 +707,67 @@ class MessageStore:
                     )
                 )
         return deleted
+
+    # --- attachments ------------------------------------------------------------------------
+
+    def write_attachment(self, row: AttachmentRow) -> None:
+        """Write an attachment's metadata (after its object is complete in the object store).
+        Idempotent by (chat, file id); a deleted or shredded one stays deleted."""
+        values = (
+            row.chat_id,
+            bucket_of(row.file_id),
+            row.file_id,
+            row.sender_id,
+            row.size,
+            row.ciphertext_size,
+            row.content_type,
+            row.dek_version,
+            row.segment_size,
+            row.object_key,
+            row.created_at,
+            id_millis(row.file_id) * 1000,
+        )
+        self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_insert"), values, execution_profile=_WRITE
+            )
+        )
+
+    def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        """The attachment's metadata, deletion marker included (`deleted_at` set); None when
+        there is no row (never uploaded, another chat's id, removed with its chat)."""
+        row = self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_get"), (chat_id, bucket_of(file_id), file_id)
+            ).one()
+        )
+        return None if row is None or row.created_at is None else _attachment(row)
+
+    def mark_attachment_deleted(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None:
+        """Mark the attachment deleted (its object is deleted by the caller); a later write of
+        its row cannot undo this (DELETION_TIMESTAMP)."""
+        self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_delete_mark"),
+                (when, chat_id, bucket_of(file_id), file_id),
+                execution_profile=_WRITE,
+            )
+        )
+
+    def chat_attachments(
+        self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int
+    ) -> Iterator[AttachmentRow]:
+        """Every attachment row of a chat whose id's time is between two times (deleted ones
+        included), newest first within each bucket."""
+        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
+            rows = self._run(
+                lambda b=bucket: list(
+                    self.session.execute(self._stmt("attachment_scan"), (chat_id, b))
+                )
+            )
+            for row in rows:
+                if row.created_at is not None:
+                    yield _attachment(row)
 
     def overwrite_envelope(self, chat_id: uuid.UUID, message_id: int, envelope: bytes) -> None:
         """Tests only: tamper with a stored row as an attacker with database access could."""

@@ -1,0 +1,192 @@
+"""Attachment files: encrypted objects in the object store, their metadata in Cassandra.
+
+The one place that puts the pieces together (the gateway uploads through it, the reader
+downloads through it, deletion and retention remove through it):
+
+- the bytes: `sealstream.file_crypto` (streaming AEAD over segments, docs/format.md
+  "Attachment files") under a per-file key derived from the chat's current DEK;
+- where they live: `sealstream.adapters.object_store` under `object_key(chat, file)`
+  (``chats/<chat_id>/files/<file_id>``, so a chat's objects are one prefix);
+- what is known about them: `AttachmentRow` in Cassandra's `attachments` table, written only
+  once the object is complete, so an upload that fails or is cut off halfway leaves no row (and
+  `ObjectStore.put` aborts its multipart upload: no object either).
+
+Neither the plaintext nor anything derived from it (hash, name) is stored outside the ciphertext.
+Every call blocks (boto3, the Cassandra driver): async callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from schemas.ids import id_time
+from sealstream.adapters.cassandra import AttachmentRow
+from sealstream.adapters.object_store import ObjectStore
+from sealstream.crypto import ChatKey
+from sealstream.errors import SealstreamError
+from sealstream.file_crypto import (
+    FILE_HEADER_LEN,
+    FileContext,
+    FileLayout,
+    FileOpener,
+    decrypt_file,
+    encrypt_file,
+)
+
+OBJECT_CONTENT_TYPE = "application/octet-stream"
+"""What the object store is told an attachment object is: ciphertext, whatever the file."""
+
+
+def chat_prefix(chat_id: uuid.UUID) -> str:
+    """The object-key prefix of every attachment of a chat (chat deletion removes it whole)."""
+    return f"chats/{chat_id}/files/"
+
+
+def object_key(chat_id: uuid.UUID, file_id: int) -> str:
+    """Where the ciphertext of a file is kept: ``chats/<chat_id>/files/<file_id>``."""
+    return f"{chat_prefix(chat_id)}{file_id}"
+
+
+class AttachmentTooLarge(SealstreamError):
+    """The upload passed `limit` bytes (plaintext); raised from inside the stream, so the
+    object store aborts the upload and nothing of it remains."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"attachment larger than {limit} bytes")
+        self.limit = limit
+
+
+class AttachmentKeys(Protocol):
+    """The chat DEKs (`sealstream.keys.service.KeyService`)."""
+
+    def current_key(self, chat_id: uuid.UUID) -> ChatKey: ...
+
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey: ...
+
+
+class AttachmentRows(Protocol):
+    """Attachment metadata (`sealstream.adapters.cassandra.MessageStore`)."""
+
+    def write_attachment(self, row: AttachmentRow) -> None: ...
+
+    def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None: ...
+
+
+def _limited(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            raise AttachmentTooLarge(limit)
+        yield chunk
+
+
+class AttachmentFiles:
+    """Store, find and read attachment files of chats.
+
+    `segment_size`: plaintext bytes per segment for new files (`AttachmentSettings`).
+    """
+
+    def __init__(
+        self,
+        objects: ObjectStore,
+        rows: AttachmentRows,
+        keys: AttachmentKeys,
+        segment_size: int,
+    ) -> None:
+        self.objects = objects
+        self.rows = rows
+        self.keys = keys
+        self.segment_size = segment_size
+
+    def store(
+        self,
+        chat_id: uuid.UUID,
+        file_id: int,
+        sender_id: str,
+        content_type: str,
+        chunks: Iterable[bytes],
+        max_bytes: int,
+    ) -> AttachmentRow:
+        """Encrypt the concatenation of `chunks` under the chat's current DEK, store it, then
+        write its metadata; returns the metadata. Holds at most one object-store part plus two
+        segments in memory, whatever the size.
+
+        Raises `AttachmentTooLarge` past `max_bytes` plaintext bytes, `ObjectStoreError` when the
+        store fails, `StoreUnavailable` (Cassandra), `KeyNotFound`/`KeyDestroyed` (no live
+        DEK); whatever `chunks` raises propagates. In every case no row is written and the
+        multipart upload, if one was started, is aborted (docs/operations.md "Attachments").
+        """
+        key = self.keys.current_key(chat_id)
+        ctx = FileContext(chat_id, file_id)
+        where = object_key(chat_id, file_id)
+        ciphertext = encrypt_file(
+            key, ctx, _limited(chunks, max_bytes), segment_size=self.segment_size
+        )
+        stored = self.objects.put(where, ciphertext, content_type=OBJECT_CONTENT_TYPE)
+        layout = FileLayout(self.segment_size)
+        row = AttachmentRow(
+            chat_id=chat_id,
+            file_id=file_id,
+            sender_id=sender_id,
+            size=layout.plaintext_size(stored.size),
+            ciphertext_size=stored.size,
+            content_type=content_type,
+            dek_version=key.version,
+            segment_size=self.segment_size,
+            object_key=where,
+            created_at=id_time(file_id),
+        )
+        self.rows.write_attachment(row)
+        return row
+
+    def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        """The metadata of a live attachment of this chat; None if unknown or deleted."""
+        row = self.rows.attachment(chat_id, file_id)
+        return None if row is None or row.deleted_at is not None else row
+
+    def read(
+        self, row: AttachmentRow, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """Plaintext bytes `start` .. `start + length - 1` of the file (to its end when
+        `length` is None), decrypting only the segments they touch.
+
+        The header and the first segment are fetched and checked before this returns, so a
+        wrong key, a swapped or damaged header and a missing object raise here
+        (`DecryptionError`, `ObjectNotFound`, `KeyDestroyed`); a later damaged segment raises
+        `DecryptionError` from the iterator, after the segments before it were yielded: an HTTP
+        response must then be aborted, never ended cleanly. `ValueError` for a range outside
+        the file (the HTTP layer answers 416 before calling this).
+        """
+        size = row.size
+        if length is None:
+            length = size - start
+        whole = start == 0 and length == size
+        if not whole and (start < 0 or length < 1 or start + length > size):
+            raise ValueError(f"range {start}+{length} is not inside a file of {size} bytes")
+        key = self.keys.key(row.chat_id, row.dek_version)
+        ctx = FileContext(row.chat_id, row.file_id)
+        if whole:  # one request for the whole object (an empty file is one empty segment)
+            chunks = decrypt_file(key, ctx, self.objects.get(row.object_key))
+        else:
+            header = b"".join(self.objects.get(row.object_key, 0, FILE_HEADER_LEN))
+            opener = FileOpener.from_header(key, ctx, header)
+            span = opener.layout.span(start, length, size)
+            body = self.objects.get(
+                row.object_key, span.ciphertext_start, span.ciphertext_end - span.ciphertext_start
+            )
+            chunks = opener.decrypt_range(body, span, size)
+        return _primed(chunks)
+
+
+def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """`chunks` with its first item computed now: errors of the header and first segment
+    surface to the caller before it commits to a response."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return iter(())
+    return itertools.chain((first,), chunks)
