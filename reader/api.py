@@ -1,19 +1,25 @@
 """The reader's HTTP API: a thin FastAPI layer over `ReaderService`.
 
 Handlers are plain `def`s: the Cassandra, Postgres and OpenSearch drivers block, so FastAPI runs
-each request in its thread pool. Every route needs a bearer token (`CurrentUser`).
+each request in its thread pool. Every route needs a bearer token (`CurrentUser`). Attachment
+downloads stream: the file is decrypted segment by segment in the thread pool as the client
+reads it (reader.downloads holds their HTTP semantics).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Path, Query, Response
+from fastapi import FastAPI, Header, Path, Query, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import Send
 
+from reader import downloads
 from reader.messages import ReadMessage
 from reader.search import (
     MAX_CHAT_FILTER,
@@ -25,13 +31,23 @@ from reader.search import (
     SearchPage,
 )
 from reader.service import HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX, ReaderService
+from sealstream.adapters.cassandra import AttachmentRow
 from sealstream.adapters.opensearch import MAX_SEARCH_CHATS
-from sealstream.http import CurrentUser, MessageIdPath, install
+from sealstream.http import (
+    MESSAGE_ID_PATTERN,
+    ApiError,
+    CurrentUser,
+    MessageIdPath,
+    error_body,
+    install,
+)
 from sealstream.http import message_id as parse_message_id
 from sealstream.settings import Settings
 from sealstream.text_rules import ID_PATTERN
 
 TAG = "messages"
+FILES_TAG = "attachments"
+log = logging.getLogger(__name__)
 
 
 class MessageOut(BaseModel):
@@ -168,6 +184,139 @@ ChatFilter = Annotated[
 ]
 
 
+AttachmentIdPath = Annotated[
+    str, Path(pattern=MESSAGE_ID_PATTERN, description="Decimal 64-bit attachment id")
+]
+RangeHeader = Annotated[
+    str | None,
+    Header(
+        alias="Range",
+        description="One byte range (`bytes=a-b`, `bytes=a-`, `bytes=-n`): 206 with only those "
+        "bytes. Several ranges, another unit or a malformed value are ignored (200, whole file)",
+    ),
+]
+IfNoneMatchHeader = Annotated[
+    str | None,
+    Header(alias="If-None-Match", description="The ETag of a copy held: 304 if it still is"),
+]
+IfRangeHeader = Annotated[
+    str | None,
+    Header(
+        alias="If-Range",
+        description="Honour Range only if the file's ETag is still this one (else 200, whole)",
+    ),
+]
+_BINARY = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+_FILE_HEADERS = {
+    name: {"description": text, "schema": {"type": "string"}}
+    for name, text in {
+        "ETag": "Strong; the same for as long as the file exists",
+        "Content-Length": "Bytes of this response's body",
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": 'attachment; filename="<attachment id><extension>"',
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "private",
+    }.items()
+}
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The whole file, with the media type it was uploaded with",
+        "content": _BINARY,
+        "headers": _FILE_HEADERS,
+    },
+    206: {
+        "description": "The requested byte range (`Content-Range: bytes a-b/size`)",
+        "content": _BINARY,
+        "headers": {**_FILE_HEADERS, "Content-Range": {"schema": {"type": "string"}}},
+    },
+    304: {"description": "Not modified: If-None-Match named the file's ETag"},
+    404: {"description": "No such chat, or no such (or a deleted) attachment in it"},
+    416: {"description": "The range starts past the end (`Content-Range: bytes */size`)"},
+    500: {
+        "description": "The stored file failed its integrity check before its first byte "
+        "(`integrity_error`), or a bug. A failure after the first byte aborts the connection: "
+        "the body ends short of Content-Length"
+    },
+}
+
+_HEAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "As GET, with no body", "headers": _FILE_HEADERS},
+    304: _DOWNLOAD_RESPONSES[304],
+    404: _DOWNLOAD_RESPONSES[404],
+}
+
+
+def parse_attachment_id(raw: str) -> int:
+    """The value of an `AttachmentIdPath`; 422 naming the field when out of range."""
+    value = int(raw)
+    if not 1 <= value <= 2**63 - 1:
+        raise ApiError(
+            422,
+            "invalid_request",
+            "path.attachment_id: must be a decimal 64-bit attachment id",
+            "path.attachment_id",
+        )
+    return value
+
+
+class DecryptedFile(StreamingResponse):
+    """A streamed download that is aborted, never ended cleanly, when its source fails.
+
+    Once the status line is sent, the only way left to tell the client that the body is not
+    the file is to break the transfer: the last (empty) body message is never sent, so the
+    server closes the connection short of Content-Length and the client sees a truncated
+    transfer (curl: "transfer closed with N bytes remaining"), not a complete file."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:  # noqa: BLE001 - any failure mid-body ends in an abort
+            # The integrity failure itself was logged by ids (ReaderService); the type only.
+            log.error("attachment download aborted", extra={"error": type(exc).__name__})
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _file_response(
+    service: ReaderService,
+    row: AttachmentRow,
+    head: bool,
+    range_header: str | None,
+    if_none_match: str | None,
+    if_range: str | None,
+) -> Response:
+    tag = downloads.etag(row)
+    headers = downloads.headers(row, tag)
+    if downloads.not_modified(if_none_match, tag):
+        return Response(status_code=304, headers=headers)
+    wanted = None
+    if not head and downloads.range_applies(if_range, tag):
+        try:
+            wanted = downloads.parse_range(range_header, row.size)
+        except downloads.Unsatisfiable as err:
+            return JSONResponse(
+                error_body("range_not_satisfiable", str(err), "header.range"),
+                status_code=416,
+                headers={**headers, "Content-Range": f"bytes */{err.size}"},
+            )
+    # Set here, not as media_type: Starlette would append "; charset=utf-8" to text/* types.
+    headers["Content-Type"] = row.content_type
+    if head:
+        headers["Content-Length"] = str(row.size)
+        return Response(status_code=200, headers=headers)
+    if wanted is None:
+        headers["Content-Length"] = str(row.size)
+        return DecryptedFile(service.attachment_bytes(row), status_code=200, headers=headers)
+    headers["Content-Length"] = str(wanted.length)
+    headers["Content-Range"] = wanted.content_range
+    chunks: Iterator[bytes] = service.attachment_bytes(row, wanted.start, wanted.length)
+    return DecryptedFile(chunks, status_code=206, headers=headers)
+
+
 def create_app(
     service: ReaderService, settings: Settings, ready: Callable[[], Awaitable[bool]]
 ) -> FastAPI:
@@ -179,7 +328,10 @@ def create_app(
             "decrypted on demand for participants. "
             'Errors are {"error": {"code", "message", "field"?}}.'
         ),
-        openapi_tags=[{"name": TAG, "description": "Reading a chat's messages"}],
+        openapi_tags=[
+            {"name": TAG, "description": "Reading a chat's messages"},
+            {"name": FILES_TAG, "description": "Downloading a chat's attachment files"},
+        ],
     )
     install(app, "reader", settings.auth, ready)
 
@@ -266,5 +418,49 @@ def create_app(
             cursor=cursor,
         )
         return _json(_search_out(service.search_all(user, q, options)))
+
+    download_doc = (
+        "Participants only. Streamed and decrypted on the fly; a single `Range` decrypts only "
+        "the segments it touches. `Content-Type` is the media type given at upload; the file "
+        "name is the attachment id with an extension guessed from that type (no user file name "
+        "is stored). Conditional requests: `If-None-Match` (304) and `If-Range`."
+    )
+
+    @app.get(
+        "/v1/chats/{chat_id}/attachments/{attachment_id}",
+        tags=[FILES_TAG],
+        summary="Download an attachment, decrypted, whole or one byte range",
+        description=download_doc,
+        response_class=Response,
+        responses=_DOWNLOAD_RESPONSES,
+    )
+    def download(
+        user: CurrentUser,
+        chat_id: ChatId,
+        attachment_id: AttachmentIdPath,
+        range_header: RangeHeader = None,
+        if_none_match: IfNoneMatchHeader = None,
+        if_range: IfRangeHeader = None,
+    ) -> Response:
+        row = service.attachment(user, chat_id, parse_attachment_id(attachment_id))
+        return _file_response(service, row, False, range_header, if_none_match, if_range)
+
+    @app.head(
+        "/v1/chats/{chat_id}/attachments/{attachment_id}",
+        tags=[FILES_TAG],
+        summary="An attachment's headers (size, type, ETag) without its bytes",
+        description="The headers GET would answer for the whole file; `Range` is not "
+        "honoured on HEAD (RFC 9110 §14.2). Checks the metadata only: no byte is decrypted.",
+        response_class=Response,
+        responses=_HEAD_RESPONSES,
+    )
+    def download_head(
+        user: CurrentUser,
+        chat_id: ChatId,
+        attachment_id: AttachmentIdPath,
+        if_none_match: IfNoneMatchHeader = None,
+    ) -> Response:
+        row = service.attachment(user, chat_id, parse_attachment_id(attachment_id))
+        return _file_response(service, row, True, None, if_none_match, None)
 
     return app

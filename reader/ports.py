@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol
 
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
 from sealstream.adapters.opensearch import SearchHits, SearchRequest, TextToken, WordMatch
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
@@ -37,6 +37,22 @@ class MessageSource(Protocol):
         self, chat_id: uuid.UUID, before_id: int, oldest_ms: int, limit: int
     ) -> Iterable[StoredMessage]:
         """Rows older than `before_id`, newest first, down to `oldest_ms`; no deleted rows."""
+        ...
+
+
+class AttachmentSource(Protocol):
+    """Attachment files of chats (`sealstream.attachments.AttachmentFiles`)."""
+
+    def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        """A live attachment of the chat; None if unknown, another chat's or deleted."""
+        ...
+
+    def read(
+        self, row: AttachmentRow, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """Plaintext bytes of the file (a range of it), decrypted segment by segment; header
+        and first segment checked before it returns (`DecryptionError`, `ObjectNotFound`,
+        `KeyDestroyed`), a later bad segment raises `DecryptionError` from the iterator."""
         ...
 
 

@@ -1,4 +1,5 @@
-"""The reader's logic: who may read a chat, history paging, search, and opening envelopes.
+"""The reader's logic: who may read a chat, history paging, search, opening envelopes, and
+finding and decrypting attachment files.
 
 Plain classes that take their collaborators (reader.ports) as arguments; no I/O set-up here.
 Errors meant for the client are `ApiError`s (403/404/410/422); a failed integrity check is the
@@ -14,7 +15,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -22,6 +23,7 @@ from prometheus_client import Counter, Histogram
 
 from reader.messages import ReadMessage
 from reader.ports import (
+    AttachmentSource,
     ChatDirectory,
     KeySource,
     MessageSource,
@@ -39,7 +41,8 @@ from reader.search import (
     check_query,
 )
 from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
+from sealstream.adapters.object_store import ObjectNotFound
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import envelope_dek_version, open_envelope
 from sealstream.errors import DecryptionError, KeyNotFound
@@ -68,6 +71,11 @@ DECRYPTS_PER_REQUEST = Histogram(
 )
 INTEGRITY_FAILURES = Counter(
     "sealstream_reader_integrity_failures", "Stored envelopes that failed to open"
+)
+ATTACHMENT_INTEGRITY_FAILURES = Counter(
+    "sealstream_reader_attachment_integrity_failures",
+    "Attachment files that failed their integrity check, before or during a download",
+    ["when"],
 )
 
 
@@ -249,11 +257,14 @@ class ReaderService:
         *,
         analyzer: TextAnalyzer,
         query_terms: QueryTerms | None = None,
+        attachments: AttachmentSource | None = None,
     ) -> None:
         """`analyzer` analyses queries and the texts about to be returned (the index's own,
         `SearchIndex.analyze`); `query_terms` turns query words into index terms per tenant
-        (plain words by default; the blind index plugs in its keyed terms here)."""
+        (plain words by default; the blind index plugs in its keyed terms here); `attachments`
+        the attachment files (downloads answer 503 without it)."""
         self.chats = chats
+        self.attachments = attachments
         self.messages = messages
         self.keys = keys
         self._open = EnvelopeOpener(keys).open
@@ -346,3 +357,59 @@ class ReaderService:
         page = self.finder.run(user, q, checked)
         DECRYPTS_PER_REQUEST.labels("search_all").observe(page.decrypted)
         return page
+
+    # --- attachments ---------------------------------------------------------------------------
+
+    def _files(self) -> AttachmentSource:
+        if self.attachments is None:
+            raise ApiError(503, "unavailable", "attachments are not configured on this reader")
+        return self.attachments
+
+    def attachment(self, user: str, chat_id: uuid.UUID, file_id: int) -> AttachmentRow:
+        """The metadata of a live attachment of the chat, if `user` may read the chat: the chat
+        checks of the message routes first (404 unknown chat, 410 deleted, 403 not a
+        participant), then 404 for an unknown, deleted or other chat's attachment."""
+        self._chat_for(user, chat_id)
+        row = self._files().get(chat_id, file_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no such attachment in this chat")
+        return row
+
+    def attachment_bytes(
+        self, row: AttachmentRow, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        """Plaintext bytes `start` .. `start + length - 1` of the file (to its end when
+        `length` is None), decrypted as they are consumed. Header and first segment are checked
+        before this returns: `DecryptionError` (logged by ids, the HTTP layer answers 500
+        `integrity_error`), 404 `ApiError` when the object is gone though its row is live (a
+        deletion under way), `KeyDestroyed` (410). A later bad segment raises
+        `DecryptionError` from the iterator, logged here by ids: the caller must abort."""
+        try:
+            chunks = self._files().read(row, start, length)
+        except DecryptionError:
+            self._integrity_failure(row, "first_segment")
+            raise
+        except ObjectNotFound:
+            raise ApiError(404, "not_found", "no such attachment in this chat") from None
+        return self._watched(row, chunks)
+
+    def _watched(self, row: AttachmentRow, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from chunks
+        except DecryptionError:
+            self._integrity_failure(row, "mid_stream")
+            raise
+
+    @staticmethod
+    def _integrity_failure(row: AttachmentRow, when: str) -> None:
+        ATTACHMENT_INTEGRITY_FAILURES.labels(when).inc()
+        # Ids and version only: never a byte of the file.
+        log.error(
+            "attachment failed its integrity check",
+            extra={
+                "chat_id": str(row.chat_id),
+                "file_id": row.file_id,
+                "dek_version": row.dek_version,
+                "when": when,
+            },
+        )

@@ -12,8 +12,10 @@ from reader.api import create_app
 from reader.query import TenantQueryTerms
 from reader.service import CachedChatDirectory, ReaderService
 from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
+from sealstream.attachments import AttachmentFiles
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
@@ -44,6 +46,11 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         _ensure_keyspace(store)
         index = SearchIndex(settings.opensearch)
         stack.callback(index.close)
+        # Not in the readiness check: history and search do not need the object store, and a
+        # download while it is down answers 503 like any other unavailable dependency.
+        objects = ObjectStore(settings.object_store)
+        stack.callback(objects.close)
+        files = AttachmentFiles(objects, store, keys, settings.attachments.segment_size)
         chats = CachedChatDirectory(keys.chat, members=ChatKeyRepository(database).member_chats)
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
         service = ReaderService(
@@ -54,6 +61,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             analyzer=index,
             # Plain words for plain tenants, keyed terms for blind-index tenants.
             query_terms=TenantQueryTerms(index_keys(settings, database, actor=SERVICE)),
+            attachments=files,
         )
         app = create_app(
             service, settings, readiness(lambda: stores_reachable(database, store, index))
