@@ -42,7 +42,7 @@ from reader.search import (
 )
 from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
-from sealstream.adapters.object_store import ObjectNotFound
+from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import envelope_dek_version, open_envelope
 from sealstream.errors import DecryptionError, KeyNotFound
@@ -391,6 +391,13 @@ class ReaderService:
             raise
         except ObjectNotFound:
             raise ApiError(404, "not_found", "no such attachment in this chat") from None
+        except ObjectStoreError as exc:
+            if exc.code != "InvalidRange":
+                raise  # retriable: 503; anything else: 500 internal
+            # The range is inside the size the row records, so the object is shorter than the
+            # file it should hold: cut or replaced, an integrity failure like a bad tag.
+            self._integrity_failure(row, "first_segment")
+            raise DecryptionError() from None
         return self._watched(row, chunks)
 
     def _watched(self, row: AttachmentRow, chunks: Iterator[bytes]) -> Iterator[bytes]:
