@@ -1,0 +1,261 @@
+"""The attachment APIs measured end to end (part of `sealstream bench attachments`).
+
+Starts a gateway (`sealstream run ingest`) and a reader (`sealstream run reader`) as child
+processes in a namespace of their own (keyspace, Postgres schema, Transit key, index, topics,
+bucket; all removed afterwards) on the real stack, then, from this process:
+
+- **upload**: `POST /v1/chats/{chat_id}/attachments` with the file as a raw body of
+  `Content-Length` bytes (the API contract of issue 14); when the gateway's OpenAPI has no such
+  route, the file is stored in-process with `AttachmentFiles.store` instead and the upload
+  figure is left out (`upload_mb_s` missing);
+- **download**: `GET /v1/chats/{chat_id}/attachments/{id}` of the whole file;
+- **range first byte**: time from sending a `Range: bytes=a-b` request for 64 KiB in the middle
+  of the file to the first byte of its body (median of 20): authentication, the chat and
+  attachment lookups, the header and one segment fetched and decrypted.
+
+The client is a plain socket (no HTTP library), so the client's CPU takes as little of the
+machine's two cores as possible: the figures are the services'. MB = 10^6 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from schemas.ids import SnowflakeIds
+from sealstream.adapters.cassandra import MessageStore
+from sealstream.adapters.kafka import delete_topics
+from sealstream.adapters.object_store import ObjectStore
+from sealstream.adapters.opensearch import SearchIndex
+from sealstream.adapters.postgres import Database
+from sealstream.adapters.vault import TransitKms
+from sealstream.attachments import AttachmentFiles, object_key
+from sealstream.auth import mint_token
+from sealstream.bench.pipeline_bench import isolated
+from sealstream.keys.service import KeyService
+from sealstream.migrate import migrate_all
+from sealstream.services import settings_env, spawn, stop, wait_ready
+from sealstream.settings import Settings
+from sealstream.wiring import key_service
+
+USER = "bench"
+RANGE_BYTES = 64 * 1024
+_SEND_BLOCK = 1024 * 1024
+
+
+class _Http:
+    """One request per connection on a raw socket: just enough HTTP/1.1 for these figures."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.token = token
+
+    def _connect(self, method: str, path: str, headers: dict[str, str]) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=120)
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+        lines.append(f"Authorization: Bearer {self.token}")
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return sock
+
+    @staticmethod
+    def _head(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            more = sock.recv(65536)
+            if not more:
+                raise RuntimeError("connection closed before the response head")
+            received += more
+        head, rest = received.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines)}
+        return int(status_line.split()[1]), headers, rest
+
+    def upload(
+        self, path: str, body: Iterator[bytes], size: int, media_type: str
+    ) -> tuple[int, bytes]:
+        """POST `size` bytes; returns the status and the response body."""
+        headers = {"Content-Type": media_type, "Content-Length": str(size)}
+        with self._connect("POST", path, headers) as sock:
+            for piece in body:
+                sock.sendall(piece)
+            status, _headers, answer = self._head(sock)
+            while more := sock.recv(65536):
+                answer += more
+            return status, answer
+
+    def download(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, int]:
+        """GET `path`; returns (status, body bytes received), the body read into one buffer."""
+        with self._connect("GET", path, headers or {}) as sock:
+            status, answer, rest = self._head(sock)
+            expected = int(answer.get("content-length", "0"))
+            buffer = bytearray(_SEND_BLOCK)
+            got = len(rest)
+            while got < expected:
+                n = sock.recv_into(buffer)
+                if n == 0:
+                    raise RuntimeError(f"body cut short: {got} of {expected} bytes")
+                got += n
+            return status, got
+
+    def first_byte_seconds(self, path: str, headers: dict[str, str]) -> float:
+        """Seconds from sending the request to the first byte of the body."""
+        started = time.perf_counter()
+        with self._connect("GET", path, headers) as sock:
+            status, _answer, rest = self._head(sock)
+            if not rest:
+                rest = sock.recv(1)
+            elapsed = time.perf_counter() - started
+            if status != 206 or not rest:
+                raise RuntimeError(f"range read answered {status}")
+            while sock.recv(65536):
+                pass
+            return elapsed
+
+
+def _drop(cfg: Settings, object_keys: list[str]) -> None:
+    kafka = cfg.kafka
+    delete_topics(kafka, [kafka.messages_topic, kafka.dead_letter_topic])
+    store = MessageStore(cfg.cassandra)
+    store.connect()
+    try:
+        store.drop_keyspace()
+    finally:
+        store.close()
+    index = SearchIndex(cfg.opensearch)
+    try:
+        index.drop()
+    finally:
+        index.close()
+    db = Database(cfg.postgres)
+    db.open()
+    try:
+        db.drop_schema()
+    finally:
+        db.close()
+    TransitKms(cfg.vault).delete_key(cfg.vault.default_key)
+    objects = ObjectStore(cfg.object_store)
+    try:
+        for key in object_keys:
+            objects.delete(key)
+        objects.abort_incomplete(timedelta(0), now=datetime.now(UTC) + timedelta(days=1))
+        objects.delete_empty_bucket()
+    finally:
+        objects.close()
+
+
+def run(chunk: bytes, size: int, base: Settings | None = None) -> dict[str, float]:
+    """Upload, download and range-read one file of `size` bytes (the concatenation of `chunk`)
+    through the services; returns `upload_mb_s` (absent without the upload route),
+    `download_mb_s` and `api_range_first_byte_ms` (median of 20)."""
+    run_id = secrets.token_hex(3)
+    cfg = isolated(base or Settings(), run_id, prefix="attbench")
+    cfg = cfg.model_copy(
+        update={
+            "object_store": cfg.object_store.model_copy(
+                update={"bucket": f"sealstream-attbench-{run_id}"}
+            ),
+            "attachments": cfg.attachments.model_copy(update={"max_bytes": max(size, 1)}),
+        }
+    )
+    migrate_all(cfg)
+    children: list[subprocess.Popen[bytes]] = []
+    object_keys: list[str] = []
+    try:
+        env = {**os.environ, **settings_env(cfg)}
+        logs = Path(tempfile.mkdtemp(prefix="sealstream-attachments-bench-"))
+        for name in ("ingest", "reader"):
+            children.append(spawn(name, env, log=logs / f"{name}.log"))
+        gateway = f"http://127.0.0.1:{cfg.ingest.port}"
+        reader = f"http://127.0.0.1:{cfg.reader.port}"
+        wait_ready({"ingest": gateway, "reader": reader})
+        return _measure(cfg, chunk, size, object_keys)
+    finally:
+        stop(children)
+        _drop(cfg, object_keys)
+
+
+def _stream(chunk: bytes, size: int) -> Iterator[bytes]:
+    sent = 0
+    while sent < size:
+        piece = chunk[: size - sent]
+        sent += len(piece)
+        yield piece
+
+
+def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> dict[str, float]:
+    token = mint_token(cfg.auth, USER)
+    chat_id = uuid.uuid4()
+    db = Database(cfg.postgres)
+    db.open()
+    figures: dict[str, float] = {}
+    try:
+        with key_service(cfg, db) as keys:
+            keys.create_chat(chat_id, (USER,))
+            uploads = _Http(cfg.ingest.port, token)
+            if _has_upload_route(cfg):
+                start = time.perf_counter()
+                status, answer = uploads.upload(
+                    f"/v1/chats/{chat_id}/attachments",
+                    _stream(chunk, size),
+                    size,
+                    "application/octet-stream",
+                )
+                upload_seconds = time.perf_counter() - start
+                if status != 201:
+                    raise RuntimeError(f"upload answered {status}: {answer[:300]!r}")
+                file_id = int(json.loads(answer)["attachment_id"])
+                figures["upload_mb_s"] = size / upload_seconds / 1e6
+            else:  # a gateway without issue 14's upload route (yet)
+                file_id = _store_directly(cfg, keys, chat_id, chunk, size)
+            object_keys.append(object_key(chat_id, file_id))
+    finally:
+        db.close()
+
+    downloads = _Http(cfg.reader.port, token)
+    path = f"/v1/chats/{chat_id}/attachments/{file_id}"
+    downloads.download(path)  # warm-up: connections, caches, the chat's key
+    start = time.perf_counter()
+    status, got = downloads.download(path)
+    download_seconds = time.perf_counter() - start
+    if status != 200 or got != size:
+        raise RuntimeError(f"download answered {status} with {got} of {size} bytes")
+    figures["download_mb_s"] = size / download_seconds / 1e6
+    middle = size // 2
+    wanted = {"Range": f"bytes={middle}-{middle + RANGE_BYTES - 1}"}
+    firsts = [downloads.first_byte_seconds(path, wanted) for _ in range(20)]
+    figures["api_range_first_byte_ms"] = statistics.median(firsts) * 1000
+    return figures
+
+
+def _has_upload_route(cfg: Settings) -> bool:
+    spec = httpx.get(f"http://127.0.0.1:{cfg.ingest.port}/openapi.json", timeout=30).json()
+    return "post" in spec.get("paths", {}).get("/v1/chats/{chat_id}/attachments", {})
+
+
+def _store_directly(
+    cfg: Settings, keys: KeyService, chat_id: uuid.UUID, chunk: bytes, size: int
+) -> int:
+    store = MessageStore(cfg.cassandra)
+    store.connect()
+    objects = ObjectStore(cfg.object_store)
+    try:
+        files = AttachmentFiles(objects, store, keys, cfg.attachments.segment_size)
+        file_id = SnowflakeIds(worker_id=1).next_id()
+        files.store(chat_id, file_id, USER, "application/octet-stream", _stream(chunk, size), size)
+        return file_id
+    finally:
+        objects.close()
+        store.close()
