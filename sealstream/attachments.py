@@ -20,13 +20,14 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from schemas.ids import id_time
 from sealstream.adapters.cassandra import AttachmentRow
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.crypto import ChatKey
-from sealstream.errors import SealstreamError
+from sealstream.errors import DecryptionError, SealstreamError
 from sealstream.file_crypto import (
     FILE_HEADER_LEN,
     FileContext,
@@ -172,14 +173,51 @@ class AttachmentFiles:
         if whole:  # one request for the whole object (an empty file is one empty segment)
             chunks = decrypt_file(key, ctx, self.objects.get(row.object_key))
         else:
-            header = b"".join(self.objects.get(row.object_key, 0, FILE_HEADER_LEN))
-            opener = FileOpener.from_header(key, ctx, header)
-            span = opener.layout.span(start, length, size)
+            chunks = self._read_range(row, key, ctx, start, length)
+        return _primed(chunks)
+
+    def _read_range(
+        self, row: AttachmentRow, key: ChatKey, ctx: FileContext, start: int, length: int
+    ) -> Iterator[bytes]:
+        # The header and the segments are requested at once (two round trips to the store side
+        # by side, not one after the other: a range read's first byte comes one store latency
+        # sooner). The span is computed from the row's segment size, so the header must agree.
+        try:
+            layout = FileLayout(row.segment_size)
+        except ValueError:
+            raise DecryptionError() from None  # a segment size no file has: the row is not genuine
+        header_request = _HEADER_FETCHES.submit(self._header, row.object_key)
+        try:
+            span = layout.span(start, length, row.size)
             body = self.objects.get(
                 row.object_key, span.ciphertext_start, span.ciphertext_end - span.ciphertext_start
             )
-            chunks = opener.decrypt_range(body, span, size)
-        return _primed(chunks)
+        except BaseException:
+            header_request.cancel()
+            raise
+        try:
+            opener = FileOpener.from_header(key, ctx, header_request.result())
+        except BaseException:
+            _close(body)
+            raise
+        if opener.layout != layout:  # the row's segment size is not the file's: not genuine
+            _close(body)
+            raise DecryptionError()
+        return opener.decrypt_range(body, span, row.size)
+
+    def _header(self, where: str) -> bytes:
+        return b"".join(self.objects.get(where, 0, FILE_HEADER_LEN))
+
+
+# Fetches of file headers that run beside the fetch of a range's segments (`_read_range`);
+# threads start on first use, none at import.
+_HEADER_FETCHES = ThreadPoolExecutor(max_workers=8, thread_name_prefix="attachment-header")
+
+
+def _close(chunks: Iterator[bytes]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
