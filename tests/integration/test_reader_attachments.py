@@ -108,8 +108,8 @@ def client(
 @pytest.fixture(scope="module")
 def live_reader(
     reader_settings: Settings, store: MessageStore, index: SearchIndex, keys: KeyService
-) -> Iterator[tuple[str, int]]:
-    """The reader as its own process on a free port: (base URL, pid)."""
+) -> Iterator[tuple[str, int, Path]]:
+    """The reader as its own process on a free port: (base URL, pid, its log file)."""
     log = Path(tempfile.mkdtemp(prefix="sealstream-reader-files-")) / "reader.log"
     proc = spawn("reader", {**os.environ, **settings_env(reader_settings)}, log=log)
     url = f"http://127.0.0.1:{reader_settings.reader.port}"
@@ -124,7 +124,7 @@ def live_reader(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"reader did not start: {log.read_text()[-2000:]}")
             time.sleep(0.2)
-        yield url, proc.pid
+        yield url, proc.pid, log
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
@@ -412,6 +412,7 @@ def swap(i: int, j: int) -> Callable[[bytes, list[bytes]], tuple[bytes, list[byt
     return tamper
 
 
+MARKER = b"plaintext-marker:"
 # name -> (tamper, True if the first segment is hit: an error before the first byte)
 TAMPERS: dict[str, tuple[Callable[[bytes, list[bytes]], tuple[bytes, list[bytes]]], bool]] = {
     "first-two-reordered": (swap(0, 1), True),
@@ -454,17 +455,17 @@ def raw_get(
 
 @pytest.mark.parametrize("case", list(TAMPERS))
 def test_a_tampered_object_never_downloads_as_a_complete_file(
-    live_reader: tuple[str, int],
+    live_reader: tuple[str, int, Path],
     chats: Chats,
     scratch_object_store: ObjectStore,
     as_user: Callable[[str], dict[str, str]],
     case: str,
 ) -> None:
     tamper, before_first_byte = TAMPERS[case]
-    data = os.urandom(6 * SEGMENT + 1234)
+    data = MARKER + os.urandom(6 * SEGMENT + 1234 - len(MARKER))
     row = chats.upload(chats.chat(), data)
     rewrite(scratch_object_store, row, *tamper(*segments_of(scratch_object_store, row)))
-    base_url, _pid = live_reader
+    base_url, _pid, log = live_reader
     status, headers, body, cut = raw_get(base_url, url_of(row), as_user("alice"))
     if before_first_byte:
         assert status == 500, body[:300]
@@ -485,6 +486,10 @@ def test_a_tampered_object_never_downloads_as_a_complete_file(
     else:
         assert status == 206 and data[SEGMENT:].startswith(body)
         assert cut or body == data[SEGMENT:], f"{case}: a short range ended cleanly"
+    # The failure is logged by ids, never with a byte of the file.
+    logged = log.read_bytes()
+    assert f'"file_id": {row.file_id}'.encode() in logged
+    assert MARKER not in logged
 
 
 @pytest.mark.parametrize("move", ["another-file-id", "another-chat"])
@@ -525,7 +530,7 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 def test_a_100_mib_file_downloads_through_the_server_in_flat_memory(
-    live_reader: tuple[str, int],
+    live_reader: tuple[str, int, Path],
     chats: Chats,
     as_user: Callable[[str], dict[str, str]],
 ) -> None:
@@ -541,7 +546,7 @@ def test_a_100_mib_file_downloads_through_the_server_in_flat_memory(
 
     chat = chats.chat()
     row = chats.files.store(chat, IDS.next_id(), "alice", "video/mp4", source(), size)
-    base_url, pid = live_reader
+    base_url, pid, _log = live_reader
     # Warm the process up with a small download first: the peak then measures the big one.
     small = chats.upload(chat, os.urandom(3 * SEGMENT))
     httpx.get(base_url + url_of(small), headers=as_user("alice"), timeout=60).raise_for_status()
