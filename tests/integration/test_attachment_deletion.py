@@ -18,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from admin.wiring import build as build_admin
 from encryptor.logic import store_batch
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds, bucket_of
@@ -28,6 +30,7 @@ from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.attachments import AttachmentFiles, chat_prefix, object_key
+from sealstream.auth import ADMIN_ROLE, mint_token
 from sealstream.crypto import ChatKey
 from sealstream.errors import DecryptionError, KeyDestroyed
 from sealstream.file_crypto import FileContext, decrypt_file
@@ -39,7 +42,7 @@ from sealstream.lifecycle import (
     reencrypt_chat,
     settle_upload,
 )
-from sealstream.settings import Settings, StackSettings
+from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.streaming import RawRecord
 from tests.integration.conftest import SCRATCH_PART_SIZE
 from tests.sealed_rows import sealed_row
@@ -331,6 +334,51 @@ def test_a_senders_deletion_during_an_object_store_outage_is_retried_not_dropped
     assert files.get(chat, doc.file_id) is None
     with pytest.raises(ObjectNotFound):
         files.objects.head(doc.object_key)
+
+
+def test_the_admin_api_receipts_count_attachments(
+    files: AttachmentFiles,
+    keys: KeyService,
+    message_store: MessageStore,
+    smoke_settings: Settings,
+    kafka_topics: KafkaSettings,
+) -> None:
+    """The admin API on the real adapters (its own ObjectStore on the test bucket): the message
+    deletion's answer and the chat deletion's receipt count the attachments they removed."""
+    settings = smoke_settings.model_copy(
+        update={
+            "object_store": files.objects.settings,
+            "kafka": kafka_topics,
+            "deletion": smoke_settings.deletion.model_copy(update={"sweep_seconds": 0.5}),
+        }
+    )
+    token = mint_token(settings.auth, "ops", roles=(ADMIN_ROLE,))
+    admin_headers = {"Authorization": f"Bearer {token}"}
+    chat = new_chat(keys)
+    message_id = IDS.next_id()
+    message_store.write_many([sealed_row(chat, message_id, "ann", keys.current_key(chat), "x")])
+    on_message = upload(files, chat, b"on the message")
+    set_attachments(message_store, chat, message_id, [on_message.file_id])
+    in_chat = [upload(files, chat, os.urandom(n)) for n in (1, 2, 3)]
+    app, close = build_admin(settings)
+    try:
+        with TestClient(app) as admin:
+            gone = admin.delete(f"/v1/chats/{chat}/messages/{message_id}", headers=admin_headers)
+            assert gone.status_code == 200, gone.text
+            assert gone.json()["attachments_deleted"] == 1
+            assert gone.json()["attachment_objects_deleted"] == 1
+            receipt = admin.delete(f"/v1/chats/{chat}", headers=admin_headers)
+            assert receipt.status_code == 200, receipt.text
+            body = receipt.json()
+    finally:
+        close()
+    # The message's attachment row (marked deleted) and the chat's three files.
+    assert body["attachment_rows_deleted"] == 4
+    assert body["attachment_objects_deleted"] == 3
+    assert body["incomplete_uploads_aborted"] == 0
+    for row in in_chat:
+        with pytest.raises(ObjectNotFound):
+            files.objects.head(row.object_key)
 
 
 # --- retention and re-encryption -----------------------------------------------------------------
