@@ -381,6 +381,38 @@ def test_the_admin_api_receipts_count_attachments(
             files.objects.head(row.object_key)
 
 
+def test_the_cli_message_deletion_prints_the_attachment_counts(
+    files: AttachmentFiles,
+    keys: KeyService,
+    message_store: MessageStore,
+    smoke_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from sealstream.cli import app
+
+    chat = new_chat(keys)
+    message_id = IDS.next_id()
+    message_store.write_many([sealed_row(chat, message_id, "ann", keys.current_key(chat), "x")])
+    attached = [upload(files, chat, b"one"), upload(files, chat, b"two")]
+    set_attachments(message_store, chat, message_id, [r.file_id for r in attached])
+    monkeypatch.setenv("SEALSTREAM_CASSANDRA__KEYSPACE", smoke_settings.cassandra.keyspace)
+    monkeypatch.setenv(
+        "SEALSTREAM_OPENSEARCH__INDEX_PREFIX", smoke_settings.opensearch.index_prefix
+    )
+    monkeypatch.setenv("SEALSTREAM_OBJECT_STORE__BUCKET", files.objects.bucket)
+
+    result = CliRunner().invoke(app, ["keys", "delete-message", str(chat), str(message_id)])
+
+    assert result.exit_code == 0, result.output
+    assert "deleted; 2 attachments marked deleted, 2 objects deleted" in result.output
+    for row in attached:
+        assert files.get(chat, row.file_id) is None
+        with pytest.raises(ObjectNotFound):
+            files.objects.head(row.object_key)
+
+
 # --- retention and re-encryption -----------------------------------------------------------------
 
 
