@@ -25,6 +25,7 @@ from admin.jobs import Job, JobRunner
 from schemas.changes import ChangeEvent
 from schemas.events import MAX_ID_LEN
 from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import ChatRow, IndexKeyConflict, TopicKeyRepository
 from sealstream.dead_letters import (
@@ -94,6 +95,8 @@ class AdminContext:
     changes: Callable[[ChangeEvent], None] | None = None
     ids: Callable[[], int] | None = None  # event ids (the process's leased Snowflake generator)
     dead_letters: DeadLetterAccess | None = None  # None: the dead-letter routes answer 404
+    # Attachment objects (None: deletion and retention remove attachment rows only).
+    objects: ObjectStore | None = None
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -215,12 +218,27 @@ class ShredReceiptOut(BaseModel):
         description="Both workers were seen past the deletion point and the index swept after "
         "that; false: run the deletion again once they caught up (idempotent)"
     )
+    attachment_rows_deleted: int = Field(
+        0, description="Attachment metadata rows deleted (deletion markers included)"
+    )
+    attachment_objects_deleted: int = Field(
+        0, description="Encrypted attachment objects deleted under the chat's prefix"
+    )
+    incomplete_uploads_aborted: int = Field(
+        0, description="Unfinished multipart uploads under the chat's prefix aborted"
+    )
 
 
 class MessageDeletedOut(BaseModel):
     chat_id: uuid.UUID
     message_id: str
     deleted: bool
+    attachments_deleted: int = Field(
+        0, description="Attachments the message referenced, marked deleted (downloads: 404)"
+    )
+    attachment_objects_deleted: int = Field(
+        0, description="Their encrypted objects deleted from the object store"
+    )
 
 
 class AuditOut(BaseModel):
@@ -648,7 +666,8 @@ def create_app(
         "/v1/chats/{chat_id}",
         response_model=ShredReceiptOut,
         tags=[TAG_DATA],
-        summary="Delete a chat: crypto-shred its DEKs, then its index documents and rows",
+        summary="Delete a chat: crypto-shred its DEKs, then its index documents, rows and "
+        "attachments (rows, objects, unfinished uploads)",
     )
     def remove_chat(
         admin: CurrentAdmin,
@@ -666,6 +685,7 @@ def create_app(
             reason,
             ctx.workers,
             settings.deletion.sweep_seconds,
+            ctx.objects,
         )
         return ShredReceiptOut(**asdict(receipt))
 
@@ -673,7 +693,8 @@ def create_app(
         "/v1/chats/{chat_id}/messages/{message_id}",
         response_model=MessageDeletedOut,
         tags=[TAG_DATA],
-        summary="Delete one message: hidden at once, ciphertext and index document removed",
+        summary="Delete one message: hidden at once, ciphertext, index document and its "
+        "attachments (marked deleted, objects removed)",
     )
     def remove_message(
         admin: CurrentAdmin, chat_id: ChatId, message_id: MessageIdPath
@@ -698,12 +719,18 @@ def create_app(
                 )
             )
 
-        found = delete_message(
-            ctx.store, ctx.index, chat_id, parse_message_id(message_id), announce
+        done = delete_message(
+            ctx.store, ctx.index, chat_id, parse_message_id(message_id), announce, ctx.objects
         )
-        if not found:
+        if not done.found:
             raise ApiError(404, "not_found", f"no message {message_id} in chat {chat_id}")
-        return MessageDeletedOut(chat_id=chat_id, message_id=message_id, deleted=True)
+        return MessageDeletedOut(
+            chat_id=chat_id,
+            message_id=message_id,
+            deleted=True,
+            attachments_deleted=done.attachments_deleted,
+            attachment_objects_deleted=done.attachment_objects_deleted,
+        )
 
     @app.put(
         "/v1/chats/{chat_id}/participants/{user_id}",
@@ -779,7 +806,11 @@ def create_app(
 
         def run(progress: Callable[..., None]) -> dict[str, Any]:
             report = apply_retention(
-                keys, ctx.index, ctx.store, progress=lambda n: progress(chats=n)
+                keys,
+                ctx.index,
+                ctx.store,
+                progress=lambda n: progress(chats=n),
+                objects=ctx.objects,
             )
             # Sealed Kafka records past the topic's retention: crypto-shred them (their keys).
             # The message topic's keys only: the one topic this process's Kafka principal may

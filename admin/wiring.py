@@ -11,6 +11,7 @@ from admin.api import AdminContext, DeadLetterAccess, create_app
 from admin.jobs import JobRunner
 from schemas.changes import ChangeEvent
 from sealstream.adapters.kafka import ConsumerGroupsProgress, DeadLetterReader, Publisher
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.postgres import Database, DeadLetterReplays
 from sealstream.http import readiness, serve
 from sealstream.observability import configure_logging
@@ -30,6 +31,9 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(database.close)
         keys = stack.enter_context(key_service(settings, database, actor=SERVICE))
         store, index = stack.enter_context(message_stores(settings))
+        # Deletion and retention remove attachment objects (no connection is made here).
+        objects = ObjectStore(settings.object_store)
+        stack.callback(objects.close)
         # Event ids of the deletions it announces come from a leased generator, like message ids.
         ids = stack.enter_context(lease_worker_id(settings, SERVICE, database))
         publisher = Publisher(settings.kafka, client_id=f"{SERVICE}-changes")
@@ -57,6 +61,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
                     ledger=DeadLetterReplays(database),
                     messages_topic=settings.kafka.messages_topic,
                 ),
+                objects=objects,
             ),
             jobs,
             settings,

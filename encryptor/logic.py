@@ -12,6 +12,12 @@ exist (else dead letter), be the same sender's (else dead letter), be made insid
 (else dead letter) and not be deleted or already superseded (else skipped: a replay or a stale
 change is not an error); an edit's row must also open with its own columns (else dead letter:
 a new revision is never sealed onto a tampered row).
+
+A sender's deletion also deletes the message's attachments (docs/operations.md, "Deletion
+guarantees"): each row is marked deleted (downloads answer 404 from then on) and its object is
+deleted from the object store, before the message's own marker, so a store outage fails the
+batch (retried, never dropped: `ObjectStoreError` propagates like `StoreUnavailable`) and the
+retry finds the message still live and does it all again.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from schemas.changes import ChangeEvent
 from schemas.events import MessageKind, MessageRecord, decode_record
 from schemas.ids import id_millis, id_time
 from sealstream.adapters.cassandra import EditWrite, RefusedRow, RowForChange, StoredMessage
+from sealstream.attachments import object_key
 from sealstream.crypto import ChatKey, MessageContext, open_envelope, seal
 from sealstream.deletion_state import CHAT_DELETED, ChatStates, DeletionCheck, deletion_check
 from sealstream.errors import (
@@ -61,6 +68,15 @@ class MessageSink(Protocol):
     def write_edits(self, edits: Sequence[EditWrite]) -> dict[int, str]: ...
 
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None: ...
+
+    def mark_attachment_deleted(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None: ...
+
+
+class AttachmentObjects(Protocol):
+    """Where attachment files are (`sealstream.adapters.object_store.ObjectStore`): a sender's
+    deletion deletes the objects of the message's attachments."""
+
+    def delete(self, key: str) -> None: ...
 
 
 def decode(record: RawRecord) -> MessageRecord | Rejected:
@@ -429,14 +445,16 @@ def store_batch(
     sink: MessageSink,
     states: ChatStates | None = None,
     edit_window_seconds: int = _DEFAULT_WINDOW,
+    objects: AttachmentObjects | None = None,
 ) -> StoredBatch:
     """One batch: seal every valid post and write them all, then apply the batch's edits and
     sender deletions in record order (one row read per message changed).
 
     Once the rows are written, the messages sealed per DEK version (posts and edits) are
     counted, which rotates a chat whose current version reached the rotation policy's message
-    limit. Raises `StoreUnavailable` / KMS outages (retriable: the whole batch is retried, and
-    every write in it is idempotent).
+    limit. Raises `StoreUnavailable` / KMS outages / `ObjectStoreError` (retriable: the whole
+    batch is retried, and every write in it is idempotent). Without `objects`, a sender's
+    deletion marks its attachments deleted but leaves their objects (tests of the logic alone).
     """
     sealed = seal_batch(records, keys, states)
     started = time.perf_counter()
@@ -472,6 +490,10 @@ def store_batch(
             # The admin deletion's marker (envelope dropped at DELETION_TIMESTAMP: no replay of
             # the post or of an edit brings it back), dated with the deletion's id time.
             assert deleted.deleted_at is not None
+            for file_id in deleted.attachment_ids:  # first: a failure leaves the message live
+                sink.mark_attachment_deleted(deleted.chat_id, file_id, deleted.deleted_at)
+                if objects is not None:
+                    objects.delete(object_key(deleted.chat_id, file_id))
             sink.mark_deleted(deleted.chat_id, deleted.message_id, deleted.deleted_at)
         store_seconds += time.perf_counter() - started
         # A refused edit (Cassandra will not take the row) leaves the row as it was; a later

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from encryptor.logic import store_batch
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import Publisher
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.observability import configure_logging
 from sealstream.settings import Settings
 from sealstream.streaming import RawRecord, Rejected, run_worker
@@ -24,11 +25,17 @@ def run(settings: Settings) -> None:
         store.connect()
         stack.callback(store.close)
 
+        # A sender's deletion deletes its message's attachment objects (encryptor/logic.py).
+        objects = ObjectStore(settings.object_store)
+        stack.callback(objects.close)
+
         changes = Publisher(settings.kafka, client_id=f"{STAGE}-changes")
         stack.callback(changes.close)
 
         def process(records: Sequence[RawRecord]) -> list[Rejected]:
-            stored = store_batch(records, keys, store, keys.repo, settings.edits.window_seconds)
+            stored = store_batch(
+                records, keys, store, keys.repo, settings.edits.window_seconds, objects
+            )
             # Before the batch is committed (schemas/changes.py): a failure here raises, and the
             # runtime retries the whole batch; the rewrites are idempotent, the events are
             # deduplicated by event id downstream.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -132,21 +133,37 @@ def keys_delete_chat(
     chat: ChatArg,
     reason: Annotated[str, typer.Option(help="why (recorded in the audit trail)")],
 ) -> None:
-    """Crypto-shred a chat: destroy its DEKs everywhere, then delete its index docs and rows."""
+    """Crypto-shred a chat: destroy its DEKs everywhere, then delete its index docs, rows and
+    attachments (rows, objects, unfinished uploads)."""
     from sealstream.adapters.kafka import ConsumerGroupsProgress
+    from sealstream.adapters.object_store import ObjectStore
     from sealstream.lifecycle import delete_chat
     from sealstream.settings import Settings
 
     settings = Settings()
-    with message_stores(settings) as (store, index), key_service(settings, actor="cli") as keys:
+    with (
+        message_stores(settings) as (store, index),
+        key_service(settings, actor="cli") as keys,
+        closing(ObjectStore(settings.object_store)) as objects,
+    ):
         workers = ConsumerGroupsProgress(settings.kafka)
         receipt = delete_chat(
-            keys, index, store, _chat_id(chat), reason, workers, settings.deletion.sweep_seconds
+            keys,
+            index,
+            store,
+            _chat_id(chat),
+            reason,
+            workers,
+            settings.deletion.sweep_seconds,
+            objects,
         )
     table = Table("receipt", "value", title=f"chat {chat} deleted")
     table.add_row("DEK versions destroyed", str(receipt.dek_versions_destroyed))
     table.add_row("index documents deleted", str(receipt.index_documents_deleted))
     table.add_row("rows deleted", str(receipt.rows_deleted))
+    table.add_row("attachment rows deleted", str(receipt.attachment_rows_deleted))
+    table.add_row("attachment objects deleted", str(receipt.attachment_objects_deleted))
+    table.add_row("unfinished uploads aborted", str(receipt.incomplete_uploads_aborted))
     table.add_row("sweep after the workers completed", str(receipt.sweep_completed))
     table.add_row("seconds", f"{receipt.seconds:.2f}")
     console.print(table)
@@ -236,6 +253,11 @@ def keys_reencrypt(
         f"{report.dek_version} in {report.seconds:.1f}s; versions destroyed: "
         f"{report.dek_versions_destroyed or 'none (still in use, or retired too recently)'}"
     )
+    if report.dek_versions_kept_for_attachments:
+        console.print(
+            f"versions {report.dek_versions_kept_for_attachments} kept: live attachments are "
+            "encrypted under them"
+        )
 
 
 @keys_app.command("rotate-master")
@@ -284,13 +306,25 @@ def keys_rotate_master(
 
 @keys_app.command("delete-message")
 def keys_delete_message(chat: ChatArg, message_id: Annotated[int, typer.Argument()]) -> None:
-    """Hide one message at once, drop its ciphertext and its search document."""
+    """Hide one message at once, drop its ciphertext, its search document and its attachments."""
+    from sealstream.adapters.object_store import ObjectStore
     from sealstream.lifecycle import delete_message
     from sealstream.settings import Settings
 
-    with message_stores(Settings()) as (store, index):
-        found = delete_message(store, index, _chat_id(chat), message_id)
-    console.print("deleted" if found else "no such message (index entry removed if any)")
+    settings = Settings()
+    with (
+        message_stores(settings) as (store, index),
+        closing(ObjectStore(settings.object_store)) as objects,
+    ):
+        done = delete_message(store, index, _chat_id(chat), message_id, objects=objects)
+    files = (
+        f"{done.attachments_deleted} attachments marked deleted, "
+        f"{done.attachment_objects_deleted} objects deleted"
+    )
+    if done.found:
+        console.print(f"deleted; {files}")
+    else:
+        console.print(f"no such message (index entry removed if any; {files})")
 
 
 @keys_app.command("retention")
@@ -303,14 +337,19 @@ def keys_retention(
         str | None, typer.Option(help="chat to set it on (overrides the tenant)")
     ] = None,
 ) -> None:
-    """Apply retention: remove expired messages, destroy DEK versions no message uses."""
+    """Apply retention: remove expired messages and attachments, destroy DEK versions none uses."""
     from rich.progress import Progress
 
+    from sealstream.adapters.object_store import ObjectStore
     from sealstream.lifecycle import apply_retention
     from sealstream.settings import Settings
 
     settings = Settings()
-    with message_stores(settings) as (store, index), key_service(settings, actor="cli") as keys:
+    with (
+        message_stores(settings) as (store, index),
+        key_service(settings, actor="cli") as keys,
+        closing(ObjectStore(settings.object_store)) as objects,
+    ):
         if days is not None:
             if not (tenant or chat):
                 console.print("[red]--days needs --tenant or --chat[/red]")
@@ -323,11 +362,14 @@ def keys_retention(
                 index,
                 store,
                 progress=lambda n: bar.update(task, completed=n, description=f"chats {n}"),
+                objects=objects,
             )
         topic_keys = _destroy_topic_keys(settings)
     console.print(
         f"{report.chats} chats with retention: {report.rows_deleted} rows, "
-        f"{report.index_documents_deleted} index documents removed, "
+        f"{report.index_documents_deleted} index documents, "
+        f"{report.attachment_rows_deleted} attachments, "
+        f"{report.attachment_objects_deleted} attachment objects removed, "
         f"{report.dek_versions_destroyed} DEK versions destroyed ({report.seconds:.1f}s); "
         f"{len(topic_keys)} topic keys destroyed"
     )

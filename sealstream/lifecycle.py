@@ -11,9 +11,22 @@ Chat deletion works across every store, in the order that makes the chat unreada
 2. Delete the chat's documents from the search index (tokens are not encrypted).
 3. Delete the chat's Cassandra partitions (the ciphertext, now useless, is also removed), with
    tombstones no later write can overwrite (adapters/cassandra.py), so rows in flight vanish too.
-4. Sweep: wait until both workers committed past the deletion point, then delete the chat's
-   documents again (what a worker indexed after reading the chat's state just before the shred).
+4. Delete the chat's attachments: their rows (partition tombstones, like the messages), every
+   object under the chat's prefix in the object store (listed, so an object whose row was never
+   written goes too) and every incomplete multipart upload under it.
+5. Sweep: wait until both workers committed past the deletion point, then delete the chat's
+   documents again (what a worker indexed after reading the chat's state just before the shred),
+   and the chat's objects and incomplete uploads again (an upload that completed meanwhile).
 Each step is idempotent, so a failed deletion is finished by running it again.
+
+An upload in flight during the deletion (the gateway encrypts under a DEK it read before the
+shred) is settled by `settle_upload`, which the upload path calls after `AttachmentFiles.store`
+returned: its row is already shadowed by the partition tombstones, and the check of the chat's
+state comes after its object was complete. The deletion marks the chat deleted (step 1) before
+it lists the prefix (steps 4 and 5), so either the listing sees the object, or the upload's
+check sees the chat deleted and deletes the object itself. Both lose nothing if the other also
+ran. Even an object that survived both (the store failed) cannot be decrypted: its DEK version
+was destroyed in step 1, and `delete_chat` run again removes it.
 """
 
 from __future__ import annotations
@@ -21,16 +34,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.ids import first_id_at
-from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, MessageStore, StoredMessage
+from sealstream.adapters.object_store import ObjectNotFound, ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import AuditRecord
 from sealstream.adapters.redis import WrappedDek
 from sealstream.adapters.vault import TransitKms
+from sealstream.attachments import chat_prefix, object_key
 from sealstream.crypto import FORMAT_VERSION, envelope_format, open_envelope, seal
 from sealstream.errors import KeyNotFound
 from sealstream.keys.service import KeyService, kms_context
@@ -75,6 +90,46 @@ class ShredReceipt:
     # False: a worker group did not get there in time (or none was given): run the deletion
     # again once the workers have caught up, it is idempotent.
     sweep_completed: bool = False
+    attachment_rows_deleted: int = 0  # attachment metadata rows (deleted ones included)
+    # Objects removed from the store under the chat's prefix (both passes; 0 without a store),
+    # and the incomplete multipart uploads under it aborted (uploads cut off or in flight).
+    attachment_objects_deleted: int = 0
+    incomplete_uploads_aborted: int = 0
+
+
+def _remove_chat_objects(objects: ObjectStore, chat_id: uuid.UUID) -> tuple[int, int]:
+    """Delete every object and abort every multipart upload under the chat's prefix; returns
+    (objects deleted, uploads aborted). Uploads of any age: the chat is gone, so an upload
+    still running can only produce an object that must not exist (its next part fails)."""
+    prefix = chat_prefix(chat_id)
+    deleted = objects.delete_prefix(prefix)
+    # `now` ahead by the skew allowance: S3Proxy's clock may run ahead of ours.
+    aborted = objects.abort_incomplete(timedelta(0), prefix=prefix, now=datetime.now(UTC) + _SKEW)
+    return deleted, len(aborted)
+
+
+class ChatStateSource(Protocol):
+    """The chat's key state (`KeyService.chat`)."""
+
+    def chat(self, chat_id: uuid.UUID) -> Any: ...
+
+
+def settle_upload(keys: ChatStateSource, objects: ObjectStore, row: AttachmentRow) -> bool:
+    """The upload path's half of chat deletion (module docstring): call it after
+    `AttachmentFiles.store` returned `row`. If the chat was deleted meanwhile (or is unknown
+    now), delete the object just written and return False: the upload must then answer as for a
+    deleted chat (410), not 201. True: the chat is live, the file stands.
+
+    Reads the state from Postgres (the source of truth, not a cache) so that a deletion which
+    marked the chat deleted before this read is always seen. Raises `ObjectStoreError` if the
+    object cannot be deleted (the row is shadowed and the DEK destroyed anyway; the deletion's
+    next run removes it), `StoreUnavailable` if Postgres cannot be read.
+    """
+    chat = keys.chat(row.chat_id)
+    if chat is not None and chat.state != "deleted":
+        return True
+    objects.delete(row.object_key)
+    return False
 
 
 def delete_chat(
@@ -85,14 +140,20 @@ def delete_chat(
     reason: str,
     workers: WorkerProgress | None = None,
     sweep_seconds: float = 60.0,
+    objects: ObjectStore | None = None,
 ) -> ShredReceipt:
-    """Crypto-shred a chat and remove its documents and rows, including those in flight.
+    """Crypto-shred a chat and remove its documents, rows and attachments (metadata rows; with
+    `objects`, every object and incomplete upload under the chat's prefix), including those in
+    flight.
 
     With `workers`, waits (at most `sweep_seconds`) until both worker groups committed past the
     topic position taken right after the shred, then deletes the chat's documents once more:
     every record below that position was written (or refused) before the commit, and every
     batch read after the shred refuses the chat. Cassandra needs no second pass: rows written
-    after its deletion are shadowed by it.
+    after its deletion are shadowed by it. The object store gets one (after the wait, or at
+    once without `workers`): objects of uploads that completed meanwhile.
+
+    Raises `KeyNotFound` (no such chat), `StoreUnavailable`, `ObjectStoreError`: run it again.
     """
     started = time.monotonic()
     chat = keys.chat(chat_id)
@@ -101,15 +162,31 @@ def delete_chat(
     destroyed = keys.delete_chat(chat_id, reason)
     point = workers.position() if workers is not None else None
     documents = index.delete_chat(chat_id)
-    rows = store.delete_chat(chat_id, *_chat_span(chat.created_at))
+    span = _chat_span(chat.created_at)
+    rows = store.delete_chat(chat_id, *span)
+    attachment_rows = store.delete_chat_attachments(chat_id, *span)
+    deleted = aborted = 0
+    if objects is not None:
+        deleted, aborted = _remove_chat_objects(objects, chat_id)
     swept = False
     if workers is not None and point is not None:
         deadline = time.monotonic() + sweep_seconds
         while not (swept := workers.passed(point)) and time.monotonic() < deadline:
             time.sleep(0.25)
         documents += index.delete_chat(chat_id)  # also when not passed: removes what it can
+    if objects is not None:
+        more_deleted, more_aborted = _remove_chat_objects(objects, chat_id)
+        deleted, aborted = deleted + more_deleted, aborted + more_aborted
     return ShredReceipt(
-        chat_id, destroyed, documents, rows, time.monotonic() - started, sweep_completed=swept
+        chat_id,
+        destroyed,
+        documents,
+        rows,
+        time.monotonic() - started,
+        sweep_completed=swept,
+        attachment_rows_deleted=attachment_rows,
+        attachment_objects_deleted=deleted,
+        incomplete_uploads_aborted=aborted,
     )
 
 
@@ -209,16 +286,61 @@ def rotate_master_key(
     )
 
 
+@dataclass(frozen=True)
+class MessageDeletion:
+    """What `delete_message` did. `found`: the message was live and is deleted now (False: not
+    stored, or deleted before). `attachments_deleted`: attachment rows it references marked
+    deleted by this call; `attachment_objects_deleted`: their objects found and deleted (also
+    when the message was deleted before: a failed call's objects are finished)."""
+
+    found: bool
+    attachments_deleted: int = 0
+    attachment_objects_deleted: int = 0
+
+
+def delete_attachments(
+    store: MessageStore,
+    objects: ObjectStore | None,
+    chat_id: uuid.UUID,
+    file_ids: tuple[int, ...],
+    when: datetime,
+) -> tuple[int, int]:
+    """Mark a deleted message's attachments deleted (the reader answers 404 from then on) and,
+    with `objects`, delete their objects; returns (rows marked, objects deleted). Idempotent: a
+    row already marked keeps its first date, a missing object is skipped. Raises
+    `StoreUnavailable`, `ObjectStoreError`."""
+    marked = removed = 0
+    for file_id in file_ids:
+        row = store.attachment(chat_id, file_id)
+        if row is not None and row.deleted_at is None:
+            store.mark_attachment_deleted(chat_id, file_id, when)
+            marked += 1
+        if objects is not None:
+            key = object_key(chat_id, file_id)
+            try:
+                objects.head(key)
+            except ObjectNotFound:
+                continue
+            objects.delete(key)
+            removed += 1
+    return marked, removed
+
+
 def delete_message(
     store: MessageStore,
     index: SearchIndex,
     chat_id: uuid.UUID,
     message_id: int,
     announce: Callable[[StoredMessage, datetime], None] | None = None,
-) -> bool:
+    objects: ObjectStore | None = None,
+) -> MessageDeletion:
     """Hide a message from reads at once, drop its envelope and replace its search document by a
-    tombstone; both writes win over any later redelivery of the message's record. Returns False
-    for a message not stored (unknown, or not yet written by the encryptor) or already deleted.
+    tombstone; both writes win over any later redelivery of the message's record. The
+    attachments it references are marked deleted and (with `objects`) their objects deleted,
+    before the message's own marker, so a failure leaves the message to delete again (this
+    function, run again, finishes the attachments of a message already deleted too).
+    `found` is False for a message not stored (unknown, or not yet written by the encryptor)
+    or already deleted.
 
     `announce(row, deleted_at)` is called after the deletion was written (the admin API publishes
     a delete change event with it, for live delivery); its failure propagates (the deletion
@@ -226,15 +348,16 @@ def delete_message(
     """
     row = store.get(chat_id, message_id)
     if row is None:
-        return False
+        return MessageDeletion(False)
     found = row.deleted_at is None
     when = datetime.now(UTC)
+    marked, removed = delete_attachments(store, objects, chat_id, row.attachment_ids, when)
     if found:
         store.mark_deleted(chat_id, message_id, when)
     index.delete_message(chat_id, message_id)  # again if already deleted: finishes a failed call
     if found and announce is not None:
         announce(row, when)
-    return found
+    return MessageDeletion(found, marked, removed)
 
 
 @dataclass(frozen=True)
@@ -288,6 +411,30 @@ class RetentionReport:
     index_documents_deleted: int
     dek_versions_destroyed: int
     seconds: float
+    attachment_rows_deleted: int = 0
+    attachment_objects_deleted: int = 0  # 0 without an object store
+
+
+def _live_attachment_versions(
+    store: MessageStore, chat_id: uuid.UUID, created_at: datetime
+) -> set[int]:
+    """The DEK versions the chat's live (not deleted) attachments are encrypted under."""
+    return {
+        row.dek_version
+        for row in store.chat_attachments(chat_id, *_chat_span(created_at))
+        if row.deleted_at is None
+    }
+
+
+def _expired_file(prefix: str, first_kept: int) -> Callable[[str], bool]:
+    """Whether an object key under `prefix` is a file whose id is below `first_kept`; keys that
+    are not `<prefix><decimal id>` are never taken for expired."""
+
+    def expired(key: str) -> bool:
+        name = key[len(prefix) :]
+        return name.isdigit() and int(name) < first_kept
+
+    return expired
 
 
 def apply_retention(
@@ -296,35 +443,55 @@ def apply_retention(
     store: MessageStore,
     now: datetime | None = None,
     progress: Callable[[int], None] | None = None,
+    objects: ObjectStore | None = None,
 ) -> RetentionReport:
-    """Remove messages past their chat's retention, then destroy DEK versions no message uses.
+    """Remove messages and attachments past their chat's retention, then destroy DEK versions
+    no message and no live attachment uses.
 
     A message's time is in its id, the one clock of record: expired rows are one range deletion
     per partition, and expired documents those with a smaller message id (never by the producer's
     `sent_at`, which can be days off either way, so history and search always agree). A DEK
     version is destroyed only if it was retired well before the cutoff (clock skew and the
     encryptors' pointer TTL allowed for), so that no remaining message can depend on it (seed 5.3).
+
+    Attachments expire by their file id's time in the same way: rows by range deletions, and
+    (with `objects`) every object under the chat's prefix whose file id is expired, listed, so an
+    object whose row was never written (an upload cut off between object and row) goes too. The
+    time rule holds for a file as for a message (its key is the chat's current one when its id
+    is assigned), and as a second guard no version a live attachment is encrypted under is
+    destroyed. Raises `StoreUnavailable`, `ObjectStoreError`: run it again (idempotent).
     """
     started = time.monotonic()
     now = now or datetime.now(UTC)
     margin = _SKEW + timedelta(seconds=keys.settings.pointer_ttl_seconds)
-    chats = rows = documents = versions = 0
+    chats = rows = documents = versions = attachment_rows = attachment_objects = 0
     for chat_id, days, created_at in keys.repo.chats_with_retention():
         cutoff = now - timedelta(days=days)
         cutoff_ms = int(cutoff.timestamp() * 1000)
         oldest_ms, _ = _chat_span(created_at)
-        chat_rows = 0
+        chat_rows = chat_files = chat_objects = 0
         first_kept = first_id_at(cutoff_ms)
         if cutoff_ms > oldest_ms:
             chat_rows = store.delete_older_than(chat_id, oldest_ms, cutoff_ms, first_kept)
+            chat_files = store.delete_attachments_older_than(
+                chat_id, oldest_ms, cutoff_ms, first_kept
+            )
+        if objects is not None:  # rows first: the reader answers 404 before the bytes go
+            prefix = chat_prefix(chat_id)
+            chat_objects = objects.delete_prefix(
+                prefix, keep=_not(_expired_file(prefix, first_kept))
+            )
         chat_documents = index.delete_chat(chat_id, before_id=first_kept)
+        in_use = _live_attachment_versions(store, chat_id, created_at)
         # Audited with the destruction, in one transaction; also when only data was removed.
         destroyed = keys.destroy_retired(
             chat_id,
             cutoff - margin,
             "retention",
-            f"{days} days: {chat_rows} rows, {chat_documents} documents",
-            audit_if_none=bool(chat_rows or chat_documents),
+            f"{days} days: {chat_rows} rows, {chat_documents} documents, "
+            f"{chat_files} attachments, {chat_objects} objects",
+            below_version=min(in_use) if in_use else None,
+            audit_if_none=bool(chat_rows or chat_documents or chat_files or chat_objects),
         )
         chats += 1
         if progress is not None:
@@ -332,7 +499,21 @@ def apply_retention(
         rows += chat_rows
         documents += chat_documents
         versions += len(destroyed)
-    return RetentionReport(chats, rows, documents, versions, time.monotonic() - started)
+        attachment_rows += chat_files
+        attachment_objects += chat_objects
+    return RetentionReport(
+        chats,
+        rows,
+        documents,
+        versions,
+        time.monotonic() - started,
+        attachment_rows,
+        attachment_objects,
+    )
+
+
+def _not(predicate: Callable[[str], bool]) -> Callable[[str], bool]:
+    return lambda value: not predicate(value)
 
 
 @dataclass(frozen=True)
@@ -343,6 +524,9 @@ class ReencryptReport:
     rows_reencrypted: int
     dek_versions_destroyed: list[int]
     seconds: float
+    # Old versions kept because live attachments are encrypted under them (files are not
+    # re-encrypted: their versions stay until the files are deleted or expire).
+    dek_versions_kept_for_attachments: list[int] = field(default_factory=list)
 
 
 def reencrypt_chat(
@@ -363,6 +547,11 @@ def reencrypt_chat(
     old or the new envelope, never a missing message, and a message deleted or changed meanwhile
     is left alone. Idempotent and resumable: rows already at the active version and format are
     skipped, so an interrupted job is finished by running it again.
+
+    Attachment files are not re-encrypted (a file can be hundreds of MiB, and its object would
+    have to be rewritten): the old versions a live attachment of the chat is encrypted under are
+    kept (`dek_versions_kept_for_attachments`), so every file stays readable; they go once
+    their files are deleted or expire, by retention or by this job run again.
 
     With `retire`, the old versions are then destroyed, provided no row still uses them and they
     were retired long enough before the scan began that no encryptor can still be writing with
@@ -400,6 +589,8 @@ def reencrypt_chat(
     flush()
     destroyed: list[int] = []
     reason = f"{changed} of {examined} rows re-sealed"
+    in_use = _live_attachment_versions(store, chat_id, chat.created_at)
+    kept = sorted(v for v in in_use if v < target.version)
     if retire and left == 0:
         margin = timedelta(seconds=2 * keys.settings.pointer_ttl_seconds)
         # The old versions' destruction and its audit row commit together.
@@ -407,11 +598,17 @@ def reencrypt_chat(
             chat_id,
             scan_started - margin,
             "history_reencrypted",
-            reason,
-            below_version=target.version,
+            reason + (f"; versions {kept} kept for attachments" if kept else ""),
+            below_version=min([target.version, *kept]),
         )
     else:
         keys.repo.audit(keys.actor, "history_reencrypted", chat_id, target.version, reason)
     return ReencryptReport(
-        chat_id, target.version, examined, changed, destroyed, time.monotonic() - started
+        chat_id,
+        target.version,
+        examined,
+        changed,
+        destroyed,
+        time.monotonic() - started,
+        dek_versions_kept_for_attachments=kept,
     )

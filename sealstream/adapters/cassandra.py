@@ -92,6 +92,8 @@ class StoredMessage:
     deleted_at: datetime | None = None
     revision: int = 1  # which revision of the message the envelope holds (1 = as first sent)
     last_event_id: int | None = None  # event id of the last edit applied (None: never edited)
+    # Ids of the attachments the message references (schemas/cassandra/005; same chat).
+    attachment_ids: tuple[int, ...] = ()
 
     def context(self) -> MessageContext:
         """What this row says its envelope is bound to (docs/format.md, envelope v2): chat,
@@ -109,7 +111,7 @@ class StoredMessage:
 
 _COLUMNS = (
     "chat_id, message_id, sender_id, dek_version, envelope, created_at, edited_at, deleted_at,"
-    " revision, last_event_id"
+    " revision, last_event_id, attachment_ids"
 )
 
 
@@ -161,6 +163,8 @@ def _row(row: Any) -> StoredMessage:
         # Rows written before the revision column (schemas/cassandra/002) are revision 1.
         revision=1 if row.revision is None else row.revision,
         last_event_id=row.last_event_id,
+        # A row read with a column list that lacks it (or written before it) has none.
+        attachment_ids=tuple(getattr(row, "attachment_ids", None) or ()),
     )
 
 
@@ -768,6 +772,60 @@ class MessageStore:
             for row in rows:
                 if row.created_at is not None:
                     yield _attachment(row)
+
+    def delete_chat_attachments(self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int) -> int:
+        """Delete every attachment partition of a chat between two times (file ids' times);
+        returns the rows deleted (deletion markers included). Like `delete_chat`: partition
+        tombstones at DELETION_TIMESTAMP, so a row an upload in flight writes later is shadowed
+        at once. The objects are the caller's (`sealstream.lifecycle.delete_chat`)."""
+        ks = self.keyspace
+        deleted = 0
+        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
+            row = self._run(
+                lambda b=bucket: self.session.execute(
+                    f"SELECT count(*) FROM {ks}.attachments WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
+                ).one()
+            )
+            deleted += int(row[0]) if row else 0
+            # Every bucket, even one empty now: an upload may still be writing into it.
+            self._run(
+                lambda b=bucket: self.session.execute(
+                    f"DELETE FROM {ks}.attachments USING TIMESTAMP {DELETION_TIMESTAMP}"
+                    " WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
+                    execution_profile=_WRITE,
+                )
+            )
+        return deleted
+
+    def delete_attachments_older_than(
+        self, chat_id: uuid.UUID, oldest_ms: int, cutoff_ms: int, first_id_after_cutoff: int
+    ) -> int:
+        """Delete a chat's attachment rows whose file id is below `first_id_after_cutoff` (older
+        than `cutoff_ms`, Unix ms): one range tombstone per partition at DELETION_TIMESTAMP, so
+        a late upload of an expired id stays deleted. Returns the rows deleted."""
+        ks = self.keyspace
+        deleted = 0
+        for bucket in range(bucket_at(oldest_ms), bucket_at(cutoff_ms) + 1):
+            row = self._run(
+                lambda b=bucket: self.session.execute(
+                    f"SELECT count(*) FROM {ks}.attachments WHERE chat_id = %s AND bucket = %s"
+                    " AND file_id < %s",
+                    (chat_id, b, first_id_after_cutoff),
+                ).one()
+            )
+            if row and row[0]:
+                deleted += int(row[0])
+                self._run(
+                    lambda b=bucket: self.session.execute(
+                        f"DELETE FROM {ks}.attachments USING TIMESTAMP {DELETION_TIMESTAMP}"
+                        " WHERE chat_id = %s AND bucket = %s AND file_id < %s",
+                        (chat_id, b, first_id_after_cutoff),
+                        execution_profile=_WRITE,
+                    )
+                )
+        return deleted
 
     def overwrite_envelope(self, chat_id: uuid.UUID, message_id: int, envelope: bytes) -> None:
         """Tests only: tamper with a stored row as an attacker with database access could."""

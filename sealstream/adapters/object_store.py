@@ -12,7 +12,8 @@ object in memory:
   parts are deleted.
 - `get(key, start, length)` returns an iterator over the bytes of a range, read from the network
   as the caller consumes it.
-- `head`, `delete`, and the sweep of abandoned multipart uploads (`incomplete_uploads`,
+- `head`, `delete`, `keys` / `delete_prefix` (a chat's objects are one prefix: chat deletion
+  and retention remove them by listing), and the sweep of abandoned multipart uploads (`incomplete_uploads`,
   `abort_incomplete`), which `sealstream attachments sweep-uploads` runs where the store has no
   lifecycle rules (S3Proxy; docs/operations.md "Object store").
 
@@ -23,7 +24,7 @@ own retries are spent). Messages name the bucket, key and S3 error code, never o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -325,6 +326,32 @@ class ObjectStore:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise self._error("DeleteObject", exc, key) from None
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        """Every object key under `prefix`, in the store's (lexicographic) order, listed page by
+        page as the caller consumes them. Raises `ObjectStoreError`."""
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield str(item["Key"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("ListObjectsV2", exc, prefix) from None
+
+    def delete_prefix(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
+        """Delete every object under `prefix` (but those `keep(key)` is true for); returns how
+        many were deleted. Listed, then deleted one by one (`DeleteObjects` needs a checksum
+        header S3Proxy refuses), so an object written meanwhile may survive: callers that need
+        it gone run this again after the writers stopped. Refuses an empty prefix (a whole
+        bucket is never deleted by accident). Raises `ObjectStoreError`."""
+        if not prefix:
+            raise ValueError("delete_prefix needs a non-empty prefix")
+        doomed = [key for key in self.keys(prefix) if keep is None or not keep(key)]
+        for key in doomed:
+            self.delete(key)
+        return len(doomed)
 
     # -- abandoned multipart uploads --------------------------------------------------------------
 

@@ -200,7 +200,7 @@ def test_a_deleted_message_survives_redelivery_and_reencryption(
     gone = MessageRecord.model_validate_json(batch[0].value).message_id
     assert encrypt_and_store(batch, keys, store, keys.repo) == []
     assert index_batch(batch, index, keys.repo) == []
-    assert delete_message(store, index, chat, gone)
+    assert delete_message(store, index, chat, gone).found
 
     # The same batch again (a rebalance), in both workers.
     assert encrypt_and_store(batch, keys, store, keys.repo) == []

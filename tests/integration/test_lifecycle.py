@@ -218,7 +218,7 @@ def test_deleted_message_is_hidden_and_unindexed(
                 [text_message(index, message_id, chat, "default", "alice", datetime.now(UTC), text)]
             )
         index.refresh()
-        assert delete_message(store, index, chat, gone)
+        assert delete_message(store, index, chat, gone).found
         index.refresh()
         history = [m.message_id for m in store.history(chat, ids.next_id(), 0, 10)]
         assert history == [kept]
