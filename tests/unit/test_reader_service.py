@@ -19,7 +19,8 @@ from reader.service import (
     encode_cursor,
 )
 from schemas.ids import EPOCH_MS, SnowflakeIds, id_millis
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
+from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.opensearch import SearchHit, SearchHits, SearchRequest, WordMatch
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
@@ -567,3 +568,86 @@ def test_chat_directory_caches_found_chats_briefly_and_never_unknown_ones() -> N
     chats.rows[unknown] = chats.rows[known]
     assert directory.get(unknown) is not None
     assert chats.lookups == 3
+
+
+# --- attachments -------------------------------------------------------------------------------
+
+
+class FakeFiles:
+    """Our own `AttachmentSource` port: rows by (chat, id), and what `read` does."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[uuid.UUID, int], AttachmentRow] = {}
+        self.failure: Exception | None = None
+        self.reads = 0
+
+    def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        return self.rows.get((chat_id, file_id))
+
+    def read(
+        self, row: AttachmentRow, start: int = 0, length: int | None = None
+    ) -> Iterator[bytes]:
+        self.reads += 1
+        if self.failure is not None:
+            raise self.failure
+        return iter([b"genuine", b"bytes"])
+
+
+def files_world() -> tuple[World, FakeFiles, AttachmentRow]:
+    world = World()
+    files = FakeFiles()
+    world.service.attachments = files
+    chat = world.chat(("alice", "bob"))
+    row = AttachmentRow(
+        chat,
+        77,
+        "alice",
+        12,
+        140,
+        "image/png",
+        1,
+        65536,
+        f"chats/{chat}/files/77",
+        datetime.now(UTC),
+    )
+    files.rows[(chat, 77)] = row
+    return world, files, row
+
+
+def test_attachment_downloads_take_the_chat_checks_of_the_message_routes() -> None:
+    world, files, row = files_world()
+    assert world.service.attachment("bob", row.chat_id, 77) == row
+    with pytest.raises(ApiError) as refused:
+        world.service.attachment("mallory", row.chat_id, 77)
+    assert refused.value.status == 403
+    with pytest.raises(ApiError) as unknown:
+        world.service.attachment("bob", row.chat_id, 78)
+    assert unknown.value.status == 404
+    gone = world.chat(("bob",), state="deleted")
+    with pytest.raises(ApiError) as deleted:
+        world.service.attachment("bob", gone, 77)
+    assert deleted.value.status == 410
+    assert files.reads == 0  # no object touched on any refusal
+
+
+def test_attachment_bytes_map_the_store_failures() -> None:
+    world, files, row = files_world()
+    assert b"".join(world.service.attachment_bytes(row)) == b"genuinebytes"
+    files.failure = ObjectNotFound("gone", code="NoSuchKey")
+    with pytest.raises(ApiError) as missing:
+        world.service.attachment_bytes(row)
+    assert missing.value.status == 404
+    files.failure = ObjectStoreError("short object", code="InvalidRange")
+    with pytest.raises(DecryptionError):
+        world.service.attachment_bytes(row)
+    files.failure = ObjectStoreError("down", retriable=True, code="ConnectTimeoutError")
+    with pytest.raises(ObjectStoreError):
+        world.service.attachment_bytes(row)
+
+
+def test_a_reader_without_attachments_answers_503() -> None:
+    world = World()
+    chat = world.chat()
+    with pytest.raises(ApiError) as unavailable:
+        world.service.attachment("alice", chat, 1)
+    assert unavailable.value.status == 503
