@@ -79,6 +79,10 @@ ATTACHMENT_INTEGRITY_FAILURES = Counter(
 )
 
 
+def _file_integrity_error() -> ApiError:
+    return ApiError(500, "integrity_error", "the stored file failed its integrity check")
+
+
 @dataclass(frozen=True)
 class Page:
     """A history page, newest first; `next_cursor` is None on the last page."""
@@ -380,15 +384,14 @@ class ReaderService:
     ) -> Iterator[bytes]:
         """Plaintext bytes `start` .. `start + length - 1` of the file (to its end when
         `length` is None), decrypted as they are consumed. Header and first segment are checked
-        before this returns: `DecryptionError` (logged by ids, the HTTP layer answers 500
-        `integrity_error`), 404 `ApiError` when the object is gone though its row is live (a
+        before this returns: a 500 `integrity_error` `ApiError` (logged by ids), 404 `ApiError` when the object is gone though its row is live (a
         deletion under way), `KeyDestroyed` (410). A later bad segment raises
         `DecryptionError` from the iterator, logged here by ids: the caller must abort."""
         try:
             chunks = self._files().read(row, start, length)
         except DecryptionError:
             self._integrity_failure(row, "first_segment")
-            raise
+            raise _file_integrity_error() from None
         except ObjectNotFound:
             raise ApiError(404, "not_found", "no such attachment in this chat") from None
         except ObjectStoreError as exc:
@@ -397,7 +400,7 @@ class ReaderService:
             # The range is inside the size the row records, so the object is shorter than the
             # file it should hold: cut or replaced, an integrity failure like a bad tag.
             self._integrity_failure(row, "first_segment")
-            raise DecryptionError() from None
+            raise _file_integrity_error() from None
         return self._watched(row, chunks)
 
     def _watched(self, row: AttachmentRow, chunks: Iterator[bytes]) -> Iterator[bytes]:

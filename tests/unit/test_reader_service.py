@@ -637,9 +637,11 @@ def test_attachment_bytes_map_the_store_failures() -> None:
     with pytest.raises(ApiError) as missing:
         world.service.attachment_bytes(row)
     assert missing.value.status == 404
-    files.failure = ObjectStoreError("short object", code="InvalidRange")
-    with pytest.raises(DecryptionError):
-        world.service.attachment_bytes(row)
+    for failure in (ObjectStoreError("short", code="InvalidRange"), DecryptionError()):
+        files.failure = failure
+        with pytest.raises(ApiError) as damaged:
+            world.service.attachment_bytes(row)
+        assert (damaged.value.status, damaged.value.code) == (500, "integrity_error")
     files.failure = ObjectStoreError("down", retriable=True, code="ConnectTimeoutError")
     with pytest.raises(ObjectStoreError):
         world.service.attachment_bytes(row)
