@@ -566,3 +566,37 @@ def test_a_100_mib_file_downloads_through_the_server_in_flat_memory(
     )
     assert received == size and got.digest() == expected.digest()
     assert growth_mib < 64, f"the reader's peak RSS grew {growth_mib:.1f} MiB for 100 MiB"
+
+
+def threads_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads")))
+
+
+def test_a_client_that_leaves_mid_download_releases_what_the_download_held(
+    live_reader: tuple[str, int, Path],
+    chats: Chats,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """The download's read-ahead thread stops (and lets go of its object-store connection)
+    once the client is gone, instead of decrypting the rest of the file for nobody."""
+    base_url, pid, _log = live_reader
+    row = chats.upload(chats.chat(), os.urandom(24 * MiB))
+    headers = as_user("alice")
+    httpx.get(base_url + url_of(row), headers=headers, timeout=60).raise_for_status()  # warm-up
+    baseline = threads_of(pid)
+    host, port = base_url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            request = f"GET {url_of(row)} HTTP/1.1\r\nHost: {host}\r\n"
+            request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            sock.sendall(request.encode())
+            received = 0
+            while received < MiB:
+                received += len(sock.recv(65536))
+    deadline = time.monotonic() + 30
+    while threads_of(pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert threads_of(pid) <= baseline, "a download's thread outlived its client"
+    again = httpx.get(base_url + url_of(row), headers=headers, timeout=60)
+    assert again.status_code == 200 and len(again.content) == row.size
