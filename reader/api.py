@@ -289,7 +289,8 @@ class DecryptedFile(StreamingResponse):
 
 SEND_BYTES = 1024 * 1024
 """Decrypted segments are joined into pieces of about this size before they go to the event
-loop: one thread-pool hop and one socket write per MiB instead of per 64 KiB segment."""
+loop: one hand-over between threads and one socket write per MiB instead of per 64 KiB
+segment (reader.prefetch)."""
 
 
 def _coalesced(chunks: Iterator[bytes], at_least: int = SEND_BYTES) -> Iterator[bytes]:
@@ -325,7 +326,12 @@ def _file_response(
             return JSONResponse(
                 error_body("range_not_satisfiable", str(err), "header.range"),
                 status_code=416,
-                headers={**headers, "Content-Range": f"bytes */{err.size}"},
+                headers={
+                    "ETag": tag,
+                    "Accept-Ranges": "bytes",
+                    "Cache-Control": "private",
+                    "Content-Range": f"bytes */{err.size}",
+                },
             )
     # Set here, not as media_type: Starlette would append "; charset=utf-8" to text/* types.
     headers["Content-Type"] = row.content_type
