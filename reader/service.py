@@ -384,12 +384,15 @@ class ReaderService:
     ) -> Iterator[bytes]:
         """Plaintext bytes `start` .. `start + length - 1` of the file (to its end when
         `length` is None), decrypted as they are consumed. Header and first segment are checked
-        before this returns: a 500 `integrity_error` `ApiError` (logged by ids), 404 `ApiError` when the object is gone though its row is live (a
-        deletion under way), `KeyDestroyed` (410). A later bad segment raises
-        `DecryptionError` from the iterator, logged here by ids: the caller must abort."""
+        before this returns: a 500 `integrity_error` `ApiError` (logged by ids), a 404
+        `ApiError` when the object is gone though its row is live (a deletion under way),
+        `KeyDestroyed` (410). A later bad segment raises `DecryptionError` from the iterator,
+        logged here by ids: the caller must abort."""
         try:
             chunks = self._files().read(row, start, length)
-        except DecryptionError:
+        except (DecryptionError, KeyNotFound):
+            # KeyNotFound: the chat exists (checked) but never had the row's DEK version, so
+            # the row is not genuine, as for message envelopes (EnvelopeOpener).
             self._integrity_failure(row, "first_segment")
             raise _file_integrity_error() from None
         except ObjectNotFound:

@@ -637,7 +637,11 @@ def test_attachment_bytes_map_the_store_failures() -> None:
     with pytest.raises(ApiError) as missing:
         world.service.attachment_bytes(row)
     assert missing.value.status == 404
-    for failure in (ObjectStoreError("short", code="InvalidRange"), DecryptionError()):
+    for failure in (
+        ObjectStoreError("short", code="InvalidRange"),
+        DecryptionError(),
+        KeyNotFound("no such version"),
+    ):
         files.failure = failure
         with pytest.raises(ApiError) as damaged:
             world.service.attachment_bytes(row)
