@@ -231,6 +231,7 @@ def seal_batch(
                 envelope=envelope,
                 # The id's time, the one clock of record; sent_at is the producer's clock.
                 created_at=id_time(decoded.message_id),
+                attachment_ids=decoded.attachment_ids,
             )
         )
     _CRYPTO.inc(crypto_seconds)
