@@ -77,6 +77,9 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
   published), `duplicate: false` when this request published it (again) under that id. The same
   `client_message_id` with another text is `409 idempotency_conflict`.
 * Message ids are decimal strings: 64-bit ids exceed JavaScript's safe integers.
+* Files: `POST /v1/chats/{{chat_id}}/attachments` with the raw bytes as the body and the media
+  type as `Content-Type` stores a file (streamed, encrypted) and answers its `attachment_id`;
+  a message references such ids in `attachments` (the sender's own files of that chat).
 * Text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank.
 * Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
   and never echo the input.
@@ -90,7 +93,7 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
 `Authorization: Bearer <jwt>` header, a first frame `{{"auth": "<jwt>"}}` (answered
 `{{"ok": true, "authenticated": true}}`, within {AUTH_FRAME_SECONDS:g} s of opening), or, discouraged
 because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames: a post
-`{{"chat_id", "text", "client_message_id"?}}` (`"type": "post"` optional), an edit
+`{{"chat_id", "text", "client_message_id"?, "attachments"?}}` (`"type": "post"` optional), an edit
 `{{"type": "edit", "chat_id", "message_id", "text"}}` or a deletion
 `{{"type": "delete", "chat_id", "message_id"}}` (`message_id` an integer or its decimal string). Each
 gets one reply, in order, after Kafka's ack: `{{"ok": true, "message_id", "chat_id",

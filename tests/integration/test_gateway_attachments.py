@@ -95,28 +95,33 @@ def client(
         yield test_client
 
 
-@pytest.fixture(scope="module")
-def server(upload_settings: Settings, store: MessageStore, database: object) -> Iterator[str]:
-    """The gateway served by uvicorn on a port, with the listener's limits, as `sealstream run
-    ingest` serves it; yields its base URL."""
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The gateway served by uvicorn on `settings.ingest.port`, with the listener's limits, as
+    `sealstream run ingest` serves it, in a thread of this process; yields its base URL."""
     from ingest.wiring import build
 
-    app, close = build(upload_settings)
-    config = server_config(app, upload_settings.ingest, large_bodies=[UPLOAD_BODY])
+    app, close = build(settings)
+    config = server_config(app, settings.ingest, large_bodies=[UPLOAD_BODY])
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{upload_settings.ingest.port}"
     deadline = time.monotonic() + 30
     while not uv.started:
         assert time.monotonic() < deadline, "the gateway did not start"
         time.sleep(0.05)
     try:
-        yield url
+        yield f"http://127.0.0.1:{settings.ingest.port}"
     finally:
         uv.should_exit = True
         thread.join(30)
         close()
+
+
+@pytest.fixture(scope="module")
+def server(upload_settings: Settings, store: MessageStore, database: object) -> Iterator[str]:
+    with serving(upload_settings) as url:
+        yield url
 
 
 def upload(
@@ -517,3 +522,57 @@ def test_the_openapi_describes_the_upload(client: TestClient) -> None:
     assert "application/octet-stream" in upload_op["requestBody"]["content"]
     message_in = spec["components"]["schemas"]["MessageIn"]
     assert "attachments" in message_in["properties"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_a_100_mib_upload_streams_with_flat_memory(
+    upload_settings: Settings, store: MessageStore, scratch_object_store: ObjectStore
+) -> None:
+    """The gateway (in this process) never holds the file: the process's resident memory,
+    sampled through the upload, grows by far less than the file. Prints the figures."""
+    size = 100 * MIB
+    settings = upload_settings.model_copy(
+        update={
+            "attachments": upload_settings.attachments.model_copy(update={"max_bytes": size}),
+            "ingest": IngestHttp(port=free_port()),
+        }
+    )
+    block = os.urandom(MIB)
+
+    def body() -> Iterator[bytes]:  # made as it is sent: the client holds 1 MiB at a time
+        for i in range(size // MIB):
+            yield bytes([i % 256]) + block[1:]
+
+    with serving(settings) as url, httpx.Client(base_url=url, timeout=120) as http:
+        chat = new_chat(http, settings, "uma")  # type: ignore[arg-type]
+        baseline, peak, done = rss_bytes(), 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_bytes())
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            stored = upload(http, settings, chat, "uma", body(), "video/mp4")
+        finally:
+            done.set()
+            sampler.join()
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["size"] == size
+    growth = peak - baseline
+    print(
+        f"100 MiB upload: RSS {baseline / MIB:.0f} MiB before, peak {peak / MIB:.0f} MiB "
+        f"(+{growth / MIB:.1f} MiB)"
+    )
+    # One object-store part (5 MiB here) plus the queue and the HTTP buffers, not the file.
+    assert growth < 40 * MIB
