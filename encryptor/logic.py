@@ -257,6 +257,7 @@ def change_event(
         created_at=row.created_at,
         edited_at=row.edited_at,
         deleted_at=row.deleted_at,
+        attachment_ids=row.attachment_ids,
     )
 
 
