@@ -451,6 +451,16 @@ def create_app(
             # The client went away: nobody reads this answer, and nothing was stored.
             log.info("upload abandoned by the client", extra={"chat_id": str(chat_id)})
             return _closing_error(ApiError(400, "upload_aborted", "the body ended early"))
+        except SealstreamError as err:
+            if not err.retriable:
+                raise  # the app's handler answers (and logs) it
+            # A store went down mid-upload: answer now, without reading the rest of the body.
+            log.warning("upload failed: dependency unavailable", extra={"error": str(err)})
+            refusal = _closing_error(
+                ApiError(503, "unavailable", "a backing service is unavailable; retry")
+            )
+            refusal.headers["Retry-After"] = "1"
+            return refusal
         where = f"/v1/chats/{chat_id}/attachments/{row.file_id}"
         return JSONResponse(
             {
