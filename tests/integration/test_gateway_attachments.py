@@ -33,7 +33,8 @@ from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.attachments import AttachmentFiles, chat_prefix
 from sealstream.http import server_config
-from sealstream.settings import IngestHttp, Settings
+from sealstream.http_limits import PROGRESS_BYTES
+from sealstream.settings import HttpLimits, IngestHttp, Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import SCRATCH_PART_SIZE, fresh_store, module_stores
 from tests.integration.test_ingest_api import auth, consume, new_chat
@@ -582,3 +583,45 @@ def test_a_100_mib_upload_streams_with_flat_memory(
     # the queue and the HTTP buffers: about 24 MiB for 100 MiB and for 200 MiB alike when
     # measured; bounded here at under half the file, which holding the file could not be.
     assert growth < 48 * MIB
+
+
+def test_a_slow_upload_that_progresses_passes_and_a_stalled_one_gets_408(
+    upload_settings: Settings,
+    client: TestClient,
+    store: MessageStore,
+    scratch_object_store: ObjectStore,
+) -> None:
+    """The upload's body deadline is a progress deadline: a body taking several times
+    `body_timeout_seconds` in all is accepted while each 64 KiB arrives in time; a client that
+    stops sending gets 408 and leaves nothing."""
+    limits = HttpLimits(max_body_bytes=10 * MIB, body_timeout_seconds=2.0)
+    settings = upload_settings.model_copy(
+        update={"ingest": IngestHttp(port=free_port(), limits=limits)}
+    )
+    chat = new_chat(client, settings, "val")
+    token = auth(settings, "val")["Authorization"]
+    piece = os.urandom(PROGRESS_BYTES)
+    pieces_sent = 12  # at 0.5 s apart: 6 s, three times the deadline
+    with serving(settings) as url:
+        head = (
+            f"POST /v1/chats/{chat}/attachments HTTP/1.1\r\nHost: x\r\nAuthorization: {token}"
+            f"\r\nContent-Type: text/plain\r\nContent-Length: {pieces_sent * len(piece)}\r\n\r\n"
+        )
+        with raw_request(url, head) as slow:
+            for _ in range(pieces_sent):
+                slow.sendall(piece)
+                time.sleep(0.5)
+            status, body = read_response(slow)
+        assert status == 201, body
+        assert body["size"] == pieces_sent * len(piece)
+
+        other = new_chat(client, settings, "val")
+        head = head.replace(chat, other)
+        with raw_request(url, head) as stalled:
+            stalled.sendall(piece[:1000])  # then nothing
+            status, body = read_response(stalled)
+        assert (status, body["error"]["code"]) == (408, "request_timeout")
+    deadline = time.monotonic() + 30
+    while not nothing_left(store, scratch_object_store, other):
+        assert time.monotonic() < deadline, "a stalled upload left something"
+        time.sleep(0.2)
