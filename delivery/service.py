@@ -84,6 +84,7 @@ def change_frame(
         frame["deleted_at"] = _iso(row.deleted_at)
     else:
         frame["text"] = text
+        frame["attachments"] = [str(a) for a in row.attachment_ids]
     return Delivered(row.chat_id, event_id, frame)
 
 
@@ -236,6 +237,7 @@ class DeliveryService:
             edited_at=event.edited_at,
             deleted_at=event.deleted_at,
             revision=event.revision,
+            attachment_ids=event.attachment_ids,
         )
         if event.kind == "delete":
             return change_frame("delete", event.event_id, row, None)

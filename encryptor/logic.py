@@ -247,6 +247,7 @@ def seal_batch(
                 envelope=envelope,
                 # The id's time, the one clock of record; sent_at is the producer's clock.
                 created_at=id_time(decoded.message_id),
+                attachment_ids=decoded.attachment_ids,
             )
         )
     _CRYPTO.inc(crypto_seconds)
@@ -272,6 +273,7 @@ def change_event(
         created_at=row.created_at,
         edited_at=row.edited_at,
         deleted_at=row.deleted_at,
+        attachment_ids=row.attachment_ids,
     )
 
 

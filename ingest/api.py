@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Path, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Path, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import (
@@ -39,7 +39,9 @@ from ingest.service import (
     IngestService,
     NewMessage,
 )
-from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES
+from ingest.uploads import UploadAborted
+from schemas.events import MAX_ATTACHMENTS, MAX_ID_LEN, MAX_TEXT_BYTES
+from schemas.ids import id_time
 from sealstream.auth import AuthError, Principal, VerifiedTokens
 from sealstream.errors import SealstreamError
 from sealstream.http import (
@@ -52,6 +54,7 @@ from sealstream.http import (
     install,
 )
 from sealstream.http import message_id as parse_message_id
+from sealstream.http_limits import LargeBody
 from sealstream.settings import Settings
 from sealstream.text_rules import ID_PATTERN, Utf8
 from sealstream.websocket_auth import AUTH_FRAME_SECONDS, accept
@@ -61,7 +64,7 @@ from sealstream.websocket_auth import socket_principal as _socket_principal
 
 log = logging.getLogger(__name__)
 
-CHATS, MESSAGES = "chats", "messages"
+CHATS, MESSAGES, ATTACHMENTS = "chats", "messages", "attachments"
 DESCRIPTION = f"""\
 Accepts chat messages and publishes them to Kafka for encryption at rest and indexing.
 
@@ -74,6 +77,9 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
   published), `duplicate: false` when this request published it (again) under that id. The same
   `client_message_id` with another text is `409 idempotency_conflict`.
 * Message ids are decimal strings: 64-bit ids exceed JavaScript's safe integers.
+* Files: `POST /v1/chats/{{chat_id}}/attachments` with the raw bytes as the body and the media
+  type as `Content-Type` stores a file (streamed, encrypted) and answers its `attachment_id`;
+  a message references such ids in `attachments` (the sender's own files of that chat).
 * Text: 1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank.
 * Errors are `{{"error": {{"code", "message", "field"?}}}}`; they name the field and the rule
   and never echo the input.
@@ -87,7 +93,7 @@ Accepts chat messages and publishes them to Kafka for encryption at rest and ind
 `Authorization: Bearer <jwt>` header, a first frame `{{"auth": "<jwt>"}}` (answered
 `{{"ok": true, "authenticated": true}}`, within {AUTH_FRAME_SECONDS:g} s of opening), or, discouraged
 because URLs land in proxies' logs, `?token=<jwt>`. Then send JSON frames: a post
-`{{"chat_id", "text", "client_message_id"?}}` (`"type": "post"` optional), an edit
+`{{"chat_id", "text", "client_message_id"?, "attachments"?}}` (`"type": "post"` optional), an edit
 `{{"type": "edit", "chat_id", "message_id", "text"}}` or a deletion
 `{{"type": "delete", "chat_id", "message_id"}}` (`message_id` an integer or its decimal string). Each
 gets one reply, in order, after Kafka's ack: `{{"ok": true, "message_id", "chat_id",
@@ -130,12 +136,40 @@ class ChatOut(BaseModel):
     created_at: datetime
 
 
+# An attachment id as the upload returned it: a decimal string (as message ids).
+AttachmentIdText = Annotated[str, Field(pattern=MESSAGE_ID_PATTERN)]
+_ATTACHMENTS_DESCRIPTION = (
+    "Ids of attachments (`POST /v1/chats/{chat_id}/attachments`) the message references: each "
+    "one uploaded to this chat by the sender and not deleted, distinct, at most "
+    "`AttachmentSettings.max_per_message` (10 by default); else 422 `unknown_attachment` / "
+    "`invalid_request` naming `attachments[i]`"
+)
+
+
 class MessageIn(Strict):
     text: str = Field(description=f"1 to {MAX_TEXT_BYTES} bytes of UTF-8, not blank")
     client_message_id: IdText | None = Field(
         default=None,
         description="Makes retries idempotent: the same id returns the same message_id",
     )
+    attachments: list[AttachmentIdText] = Field(
+        default_factory=list, max_length=MAX_ATTACHMENTS, description=_ATTACHMENTS_DESCRIPTION
+    )
+
+    def new_message(self) -> NewMessage:
+        return NewMessage(self.text, self.client_message_id, _attachment_ids(self.attachments))
+
+
+def _attachment_ids(ids: list[str]) -> tuple[int, ...]:
+    return tuple(int(i) for i in ids)
+
+
+class AttachmentOut(BaseModel):
+    attachment_id: str = Field(description="Decimal 64-bit id (exceeds JavaScript's safe integers)")
+    chat_id: uuid.UUID
+    size: int = Field(description="Bytes of the file")
+    content_type: str = Field(description="The media type sent, lower case, without parameters")
+    created_at: datetime = Field(description="The attachment id's time")
 
 
 class BatchIn(Strict):
@@ -175,6 +209,7 @@ class WsFrame(Strict):
     chat_id: uuid.UUID
     text: str
     client_message_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LEN)
+    attachments: list[AttachmentIdText] = Field(default_factory=list, max_length=MAX_ATTACHMENTS)
 
 
 def _integer_or_decimal(value: object) -> object:
@@ -222,9 +257,11 @@ _ERRORS = {
     401: "Missing, invalid or expired bearer token",
     403: "The caller is not a participant of the chat, or the tenant is not the token's",
     404: "No such chat",
-    409: "The chat id is taken / the client_message_id was used for another text",
+    409: "The chat id is taken / the client_message_id was used for another text or other "
+    "attachments",
     410: "The chat was deleted",
-    422: "Invalid request; `field` names the offending field",
+    422: "Invalid request; `field` names the offending field (`unknown_attachment`: "
+    "`attachments[i]` is not an attachment the sender uploaded to this chat)",
     503: "A backing service (Kafka, Postgres, KMS) did not answer within its deadline, or no worker-id lease is held; retry after `Retry-After` seconds",
 }
 
@@ -285,6 +322,7 @@ def create_app(
         openapi_tags=[
             {"name": CHATS, "description": "Creating chats"},
             {"name": MESSAGES, "description": "Posting messages (see also the WebSocket above)"},
+            {"name": ATTACHMENTS, "description": "Uploading files to reference in messages"},
         ],
     )
     install(app, "ingest", settings.auth, ready)
@@ -340,9 +378,7 @@ def create_app(
     )
     async def post_message(chat_id: ChatId, body: MessageIn, user: CurrentUser) -> JSONResponse:
         """Answers once Kafka acknowledged the message."""
-        [accepted] = await service.post(
-            user, chat_id, [NewMessage(body.text, body.client_message_id)], batch=False
-        )
+        [accepted] = await service.post(user, chat_id, [body.new_message()], batch=False)
         return JSONResponse(_out(chat_id, accepted), status_code=202)
 
     # Before the route above, which stays for what the fast path leaves to it (and the OpenAPI).
@@ -359,9 +395,84 @@ def create_app(
     )
     async def post_batch(chat_id: ChatId, body: BatchIn, user: CurrentUser) -> JSONResponse:
         """All or nothing: answers once Kafka acknowledged every message, in request order."""
-        items = [NewMessage(m.text, m.client_message_id) for m in body.messages]
+        items = [m.new_message() for m in body.messages]
         accepted = await service.post(user, chat_id, items, batch=True)
         return JSONResponse({"accepted": [_out(chat_id, a) for a in accepted]}, status_code=202)
+
+    @app.post(
+        UPLOAD_PATH,
+        status_code=201,
+        response_model=AttachmentOut,
+        tags=[ATTACHMENTS],
+        summary="Upload a file",
+        responses={
+            **_errors(401, 403, 404, 410, 413, 415, 422, 503, described=_UPLOAD_ERRORS),
+            201: {
+                "description": "Stored, encrypted; reference `attachment_id` in a message",
+                "headers": {
+                    "Location": {
+                        "description": "/v1/chats/{chat_id}/attachments/{attachment_id}",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "The file's bytes, as they are (no multipart form); the "
+                "`Content-Type` header names its media type",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "*/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def upload_attachment(chat_id: ChatId, request: Request, user: CurrentUser) -> Response:
+        """Stream the body into the chat's attachments, encrypted under the chat's current
+        key, without holding it in memory; answers once the file and its metadata are stored.
+        Participants only. The limit (`AttachmentSettings.max_bytes`) is checked against
+        `Content-Length` before the body is read, and against the bytes as they arrive
+        (chunked bodies); nothing of a refused, failed or interrupted upload remains."""
+        try:
+            row = await service.upload(
+                user,
+                chat_id,
+                request.headers.get("content-type"),
+                _declared_size(request),
+                request.stream(),
+            )
+        except ApiError as err:
+            if err.status == 413:  # do not read (and discard) the rest of a body too large
+                return _closing_error(err)
+            raise
+        except UploadAborted:
+            # The client went away: nobody reads this answer, and nothing was stored.
+            log.info("upload abandoned by the client", extra={"chat_id": str(chat_id)})
+            return _closing_error(ApiError(400, "upload_aborted", "the body ended early"))
+        except SealstreamError as err:
+            if not err.retriable:
+                raise  # the app's handler answers (and logs) it
+            # A store went down mid-upload: answer now, without reading the rest of the body.
+            log.warning("upload failed: dependency unavailable", extra={"error": str(err)})
+            refusal = _closing_error(
+                ApiError(503, "unavailable", "a backing service is unavailable; retry")
+            )
+            refusal.headers["Retry-After"] = "1"
+            return refusal
+        where = f"/v1/chats/{chat_id}/attachments/{row.file_id}"
+        return JSONResponse(
+            {
+                "attachment_id": str(row.file_id),
+                "chat_id": str(chat_id),
+                "size": row.size,
+                "content_type": row.content_type,
+                "created_at": id_time(row.file_id).isoformat(),
+            },
+            status_code=201,
+            headers={"Location": where},
+        )
 
     @app.patch(
         "/v1/chats/{chat_id}/messages/{message_id}",
@@ -416,6 +527,38 @@ def create_app(
             return
 
     return app
+
+
+UPLOAD_PATH = "/v1/chats/{chat_id}/attachments"
+UPLOAD_BODY = LargeBody("POST", r"/v1/chats/[^/]+/attachments")
+"""The upload's body streams past the listener's `max_body_bytes` (up to
+`AttachmentSettings.max_bytes`, which the route enforces itself): `serve` exempts it."""
+
+_UPLOAD_ERRORS = {
+    403: "`not_participant`: the caller is not a participant of the chat",
+    404: "`unknown_chat`: no such chat",
+    410: "`gone`: the chat was deleted",
+    413: "`attachment_too_large`: `Content-Length` or the body passed "
+    "`AttachmentSettings.max_bytes`",
+    415: "`unsupported_content_type`: `Content-Type` missing or not in "
+    "`AttachmentSettings.content_types` (field `header.content-type`)",
+    422: "Invalid request: the chat id is not a UUID (`path.chat_id`)",
+    503: "The object store, Cassandra, Postgres or the KMS did not answer; nothing was stored, "
+    "retry after `Retry-After` seconds",
+}
+
+
+def _declared_size(request: Request) -> int | None:
+    """The request's Content-Length, None when absent (chunked) or not a number."""
+    raw = request.headers.get("content-length")
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _closing_error(err: ApiError) -> JSONResponse:
+    """The error, and the connection closed after it: the rest of the body is not read."""
+    response = JSONResponse(error_body(err.code, err.message, err.field), status_code=err.status)
+    response.headers["Connection"] = "close"
+    return response
 
 
 _CHAT_ID: TypeAdapter[uuid.UUID] = TypeAdapter(uuid.UUID)  # what FastAPI checks `ChatId` with
@@ -476,7 +619,7 @@ class SinglePost(BaseRoute):
         [accepted] = await self.service.post(
             principal.user_id,
             chat_id,
-            [NewMessage(message_in.text, message_in.client_message_id)],
+            [message_in.new_message()],
             batch=False,
         )
         await JSONResponse(_out(chat_id, accepted), status_code=202)(scope, receive, send)
@@ -552,7 +695,11 @@ async def _handle_frame(service: IngestService, user: str, raw: str | None) -> d
             [accepted] = await service.post(
                 user,
                 frame.chat_id,
-                [NewMessage(frame.text, frame.client_message_id)],
+                [
+                    NewMessage(
+                        frame.text, frame.client_message_id, _attachment_ids(frame.attachments)
+                    )
+                ],
                 batch=False,
             )
             return {"ok": True, **_out(frame.chat_id, accepted)}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from schemas.events import MessageRecord
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
 from sealstream.adapters.postgres import ChatRow
 
 
@@ -41,6 +41,31 @@ class MessageLookup(Protocol):
         """The message's row, deletion marker included (`deleted_at` set); None when no row
         exists (never posted, not written by the encryptor yet, or removed with its chat or by
         retention). Blocking; raises `StoreUnavailable` when the store does not answer."""
+        ...
+
+
+class AttachmentStore(Protocol):
+    """Attachment files (`sealstream.attachments.AttachmentFiles`): blocking calls, run in a
+    worker thread."""
+
+    def store(
+        self,
+        chat_id: uuid.UUID,
+        file_id: int,
+        sender_id: str,
+        content_type: str,
+        chunks: Iterable[bytes],
+        max_bytes: int,
+    ) -> AttachmentRow:
+        """Encrypt and store the concatenation of `chunks`, then write its row; nothing is
+        left on any failure. Raises `AttachmentTooLarge` past `max_bytes`, a retriable
+        `SealstreamError` when the object store, Cassandra or the key service is down, and
+        whatever `chunks` raises."""
+        ...
+
+    def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        """A live attachment of the chat; None if unknown or deleted. Raises
+        `StoreUnavailable` when Cassandra does not answer."""
         ...
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
@@ -31,6 +31,7 @@ from anyio import to_thread
 from prometheus_client import Counter, Histogram
 
 from ingest.ports import (
+    AttachmentStore,
     ChatDirectory,
     Claim,
     ClaimConflict,
@@ -39,14 +40,17 @@ from ingest.ports import (
     MessageLookup,
     RecordPublisher,
 )
+from ingest.uploads import media_type, store_streamed, too_large
 from schemas.events import MAX_ID_LEN, MAX_TEXT_BYTES, MessageRecord
 from schemas.ids import SnowflakeIds, id_millis, id_time
-from sealstream.adapters.cassandra import StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
 from sealstream.adapters.postgres import ChatRow
+from sealstream.attachments import AttachmentTooLarge
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import KeyNotFound, MembershipRefused, StoreUnavailable
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
+from sealstream.settings import AttachmentSettings
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -72,6 +76,10 @@ CHANGES = Counter(
     "Edits and sender deletions the gateway published (kind: edit, delete)",
     ["kind"],
 )
+UPLOADS = Counter("sealstream_ingest_attachments", "Attachment files stored by the gateway")
+UPLOAD_BYTES = Counter(
+    "sealstream_ingest_attachment_bytes", "Plaintext bytes of the attachment files stored"
+)
 _NEW = MESSAGES.labels("new")
 _DUPLICATE = MESSAGES.labels("duplicate")
 _REPUBLISHED = MESSAGES.labels("republished")
@@ -81,6 +89,9 @@ _REPUBLISHED = MESSAGES.labels("republished")
 class NewMessage:
     text: str
     client_message_id: str | None = None
+    # Attachment ids the message references (checked by `post`: live, this chat's, the
+    # sender's own, distinct, at most `AttachmentSettings.max_per_message`).
+    attachments: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,9 @@ ChangeKind = Literal["edit", "delete"]
 # Cassandra lookups get threads of their own: a hung Cassandra then holds at most this many
 # threads (each until the driver's request timeout), never the ones posts need for Postgres.
 CASSANDRA_THREADS = 16
+# Uploads too (each holds its thread for the whole transfer): more at once wait for a thread
+# while TCP flow control holds their clients.
+UPLOAD_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -217,18 +231,25 @@ class IngestService:
         messages: MessageLookup | None = None,
         edit_window: timedelta = timedelta(hours=48),
         cassandra_budget: float | None = None,
+        attachments: AttachmentStore | None = None,
+        attachment_settings: AttachmentSettings | None = None,
     ) -> None:
         """`postgres_budget`: seconds a post may spend on its Postgres work, waiting for a
         worker thread included (None: no bound); past it the post is a retriable 503.
         `messages`: the stored rows edits and deletions are checked against (None: the
         gateway refuses them with a 503); `edit_window`: how long after its id's time a
         message may be changed by its sender (`Settings.edits.window_seconds`);
-        `cassandra_budget`: seconds for that row's read, as `postgres_budget`."""
+        `cassandra_budget`: seconds for that row's read, as `postgres_budget`.
+        `attachments`: where uploads go and references are checked (None: uploads and posts
+        referencing attachments answer 503); `attachment_settings`: their limits."""
         self.chats = chats
         self.messages = messages
         self.edit_window = edit_window
         self.cassandra_budget = cassandra_budget
         self._cassandra_threads = anyio.CapacityLimiter(CASSANDRA_THREADS)
+        self.attachments = attachments
+        self.attachment_settings = attachment_settings or AttachmentSettings()
+        self._upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
         self.publisher = publisher
         self.ids = ids
         self.claims = claims
@@ -304,6 +325,52 @@ class IngestService:
             raise ApiError(409, "last_participant", str(exc), "path.chat_id") from None
         return left if left is not None else chat
 
+    # --- attachments -------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        user: str,
+        chat_id: uuid.UUID,
+        content_type: str | None,
+        declared_size: int | None,
+        body: AsyncIterator[bytes],
+    ) -> AttachmentRow:
+        """Store the file `body` streams as a new attachment of the chat, sent by `user`;
+        returns its row (`file_id` from this gateway's leased ids, `created_at` its time).
+
+        `ApiError`s: 404 `unknown_chat`, 410 `gone`, 403 `not_participant` (as for posts);
+        415 `unsupported_content_type` (`content_type`, the header's value, missing or not in
+        `AttachmentSettings.content_types`; the media type is stored lower case, without
+        parameters); 413 `attachment_too_large` when `declared_size` (Content-Length) is over
+        `max_bytes` (the body is then not read) or the body passes it. `StoreUnavailable` or
+        another retriable error (-> 503) when Postgres, Cassandra, the object store or the KMS
+        is down; `UploadAborted` when the body ends early. Whatever fails, nothing of the file
+        remains (no row, no object, no open multipart upload)."""
+        chat = self._cached_chat(chat_id, ())
+        if chat is None:
+            await self._in_thread(self.authorize, user, chat_id)
+        else:
+            self._authorized(user, chat_id, chat)
+        media = media_type(content_type, self.attachment_settings.content_types)
+        limit = self.attachment_settings.max_bytes
+        if declared_size is not None and declared_size > limit:
+            raise too_large(limit)
+        files = self.attachments
+        if files is None:
+            raise StoreUnavailable("this gateway has no attachment store")
+        file_id = self.ids.next_id()
+        try:
+            row = await store_streamed(
+                lambda chunks: files.store(chat_id, file_id, user, media, chunks, limit),
+                body,
+                self._upload_threads,
+            )
+        except AttachmentTooLarge:
+            raise too_large(limit) from None
+        UPLOADS.inc()
+        UPLOAD_BYTES.inc(row.size)
+        return row
+
     # --- messages ----------------------------------------------------------------------------
 
     async def post(
@@ -324,6 +391,14 @@ class IngestService:
         """
         fields = self._check(items, batch)
         cached = self._cached_chat(chat_id, items)
+        if any(item.attachments for item in items):
+            # The caller's right to the chat first (404/410/403 before 422), then every
+            # reference, before a client id is claimed: a refused post claims nothing.
+            if cached is None:
+                await self._in_thread(self.authorize, user, chat_id)
+            else:
+                self._authorized(user, chat_id, cached)
+            await self._check_references(user, chat_id, items, fields)
         if cached is not None:  # no Postgres work at all: no hop to a worker thread and back
             plan = self._plan(user, chat_id, items, fields, cached)
         else:
@@ -397,19 +472,56 @@ class IngestService:
         Cassandra budget (the wait for a thread included)."""
         if self.messages is None:
             raise StoreUnavailable("this gateway has no message store for edits and deletions")
-        get = self.messages.get
+        return await self._in_cassandra(self.messages.get, chat_id, message_id)
+
+    async def _in_cassandra(self, work: Callable[..., _T], *args: object) -> _T:
+        """`work(*args)` (blocking Cassandra reads) in a thread of the Cassandra lookups' own,
+        within the Cassandra budget (the wait for a thread included)."""
         limiter = self._cassandra_threads
         if self.cassandra_budget is None:
-            return await to_thread.run_sync(get, chat_id, message_id, limiter=limiter)
+            return await to_thread.run_sync(work, *args, limiter=limiter)
         try:
             with anyio.fail_after(self.cassandra_budget):
                 return await to_thread.run_sync(
-                    get, chat_id, message_id, abandon_on_cancel=True, limiter=limiter
+                    work, *args, abandon_on_cancel=True, limiter=limiter
                 )
         except TimeoutError:
             raise StoreUnavailable(
                 f"Cassandra read not done within {self.cassandra_budget:.1f}s"
             ) from None
+
+    async def _check_references(
+        self, user: str, chat_id: uuid.UUID, items: Sequence[NewMessage], fields: list[str]
+    ) -> None:
+        """Every attachment id of every item is a live attachment of this chat uploaded by
+        `user`; else 422 `unknown_attachment` naming the first that is not (`attachments[i]`).
+        One answer for unknown, deleted, another chat's and another sender's: a reference
+        reveals nothing about files the caller did not upload."""
+        files = self.attachments
+        if files is None:
+            raise StoreUnavailable("this gateway has no attachment store")
+        wanted = [
+            (f"{prefix}attachments[{i}]", file_id)
+            for item, prefix in zip(items, fields, strict=True)
+            for i, file_id in enumerate(item.attachments)
+        ]
+
+        def first_unknown() -> tuple[str, int] | None:
+            for field, file_id in wanted:
+                row = files.get(chat_id, file_id)
+                if row is None or row.sender_id != user:
+                    return field, file_id
+            return None
+
+        unknown = await self._in_cassandra(first_unknown)
+        if unknown is not None:
+            field, file_id = unknown
+            raise ApiError(
+                422,
+                "unknown_attachment",
+                f"{field}: {file_id} is not an attachment you uploaded to this chat",
+                field,
+            )
 
     def _check_change(self, user: str, message_id: int, row: StoredMessage | None) -> None:
         """The stored row allows `user` to change the message now; `ApiError` otherwise."""
@@ -480,7 +592,34 @@ class IngestService:
             check_text(item.text, f"{prefix}text")
             if item.client_message_id is not None:
                 check_id(item.client_message_id, f"{prefix}client_message_id")
+            if item.attachments:
+                self._check_attachment_list(item.attachments, f"{prefix}attachments")
         return fields
+
+    def _check_attachment_list(self, attachments: Sequence[int], field: str) -> None:
+        """At most `max_per_message` ids, distinct, each a 64-bit id."""
+        most = self.attachment_settings.max_per_message
+        if len(attachments) > most:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}: at most {most} attachments per message (got {len(attachments)})",
+                field,
+            )
+        seen: set[int] = set()
+        for i, file_id in enumerate(attachments):
+            if not 1 <= file_id < 2**63:
+                raise ApiError(
+                    422, "invalid_request", f"{field}[{i}]: must be a 64-bit id", f"{field}[{i}]"
+                )
+            if file_id in seen:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"{field}[{i}]: repeats an earlier attachment id (ids must be distinct)",
+                    f"{field}[{i}]",
+                )
+            seen.add(file_id)
 
     def _plan(
         self,
@@ -509,7 +648,10 @@ class IngestService:
                 continue
             if client_id not in first:
                 first[client_id] = index
-            elif items[first[client_id]].text != item.text:
+            elif (items[first[client_id]].text, items[first[client_id]].attachments) != (
+                item.text,
+                item.attachments,
+            ):
                 raise _conflict(fields[index])
         granted = self._claim(
             chat_id,
@@ -519,7 +661,7 @@ class IngestService:
                     client_id,
                     message_ids[i],
                     # Bound to the claim: equal texts of other claims must not show.
-                    self.fingerprints.of(items[i].text, f"{chat_id}\0{user}\0{client_id}"),
+                    self.fingerprints.of(items[i].text, _claim_context(chat_id, user, items[i])),
                     sent_at,
                 )
                 for client_id, i in first.items()
@@ -549,6 +691,7 @@ class IngestService:
                     text=item.text,
                     client_message_id=client_id,
                     sent_at=at,
+                    attachment_ids=item.attachments,
                 )
             )
             plan.accepted.append(Accepted(message_id, client_id, duplicate=False))
@@ -576,11 +719,24 @@ class IngestService:
             )
 
 
+def _claim_context(chat_id: uuid.UUID, user: str, item: NewMessage) -> str:
+    """What a claim's fingerprint binds besides the text: chat, sender, client id and, when
+    the message references any, its attachment ids in order (so the same client id with other
+    attachments is a conflict). A message without attachments has the context it had before
+    attachments existed, so claims made then still match their retries; a client id holds no
+    NUL (`check_id`), so the two forms cannot collide."""
+    context = f"{chat_id}\0{user}\0{item.client_message_id}"
+    if item.attachments:
+        context += "\0attachments=" + ",".join(str(a) for a in item.attachments)
+    return context
+
+
 def _conflict(prefix: str) -> ApiError:
     field = f"{prefix}client_message_id"
     return ApiError(
         409,
         "idempotency_conflict",
-        f"{field}: already used for a message with another text; use a new id for a new message",
+        f"{field}: already used for a message with another text or other attachments; use a "
+        "new id for a new message",
         field,
     )

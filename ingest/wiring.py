@@ -6,27 +6,29 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import ExitStack
 from datetime import timedelta
 
 from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
 
-from ingest.api import create_app
+from ingest.api import UPLOAD_BODY, create_app
 from ingest.idempotency import PostgresClaims
 from ingest.service import CachedChats, IngestService
 from schemas.events import MessageRecord
-from sealstream.adapters.cassandra import MessageStore, StoredMessage
+from sealstream.adapters.cassandra import AttachmentRow, MessageStore, StoredMessage
 from sealstream.adapters.kafka import Headers, Publisher, kafka_client_config
+from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.postgres import ChatRow, Database
+from sealstream.attachments import AttachmentFiles
 from sealstream.crypto import TextFingerprints
 from sealstream.errors import StoreUnavailable, WorkerIdConflict
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
 from sealstream.observability import configure_logging
 from sealstream.record_seal import RecordSealer, record_sealer
-from sealstream.settings import CassandraSettings, KafkaSettings, Settings
+from sealstream.settings import CassandraSettings, KafkaSettings, ObjectStoreSettings, Settings
 from sealstream.wiring import key_service
 from sealstream.worker_ids import LeasedIds, lease_worker_id
 
@@ -113,6 +115,17 @@ class StoredMessages:
     def get(self, chat_id: uuid.UUID, message_id: int) -> StoredMessage | None:
         return self._connected().get(chat_id, message_id)
 
+    # The attachment rows (`sealstream.attachments.AttachmentRows`): uploads write them.
+    def write_attachment(self, row: AttachmentRow) -> None:
+        self._connected().write_attachment(row)
+
+    def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        return self._connected().attachment(chat_id, file_id)
+
+    def check(self) -> None:
+        """Connect now if not connected; `StoreUnavailable` when Cassandra does not answer."""
+        self._connected()
+
     def _connected(self) -> MessageStore:
         with self._lock:
             if self._store is None:
@@ -134,6 +147,64 @@ class StoredMessages:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+
+
+class GatewayAttachments:
+    """`AttachmentStore` of the gateway: `AttachmentFiles` on the object store, the Cassandra
+    rows of `StoredMessages` and the chat DEKs of the key service.
+
+    Like `StoredMessages`, nothing connects at start-up: posts need neither the object store
+    nor Cassandra, so an outage of either only makes uploads (and posts referencing
+    attachments) answer 503. An upload checks Cassandra first, so an outage there refuses it
+    before a byte is uploaded rather than after (`AttachmentFiles.store` would still remove
+    the object if the row's write failed)."""
+
+    def __init__(
+        self,
+        objects: ObjectStoreSettings,
+        rows: StoredMessages,
+        keys: KeyService,
+        segment_size: int,
+    ) -> None:
+        self.objects_settings = objects
+        self.rows = rows
+        self.keys = keys
+        self.segment_size = segment_size
+        self._files: AttachmentFiles | None = None
+        self._lock = threading.Lock()
+
+    def store(
+        self,
+        chat_id: uuid.UUID,
+        file_id: int,
+        sender_id: str,
+        content_type: str,
+        chunks: Iterable[bytes],
+        max_bytes: int,
+    ) -> AttachmentRow:
+        self.rows.check()
+        return self._opened().store(chat_id, file_id, sender_id, content_type, chunks, max_bytes)
+
+    def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
+        return self._opened().get(chat_id, file_id)
+
+    def _opened(self) -> AttachmentFiles:
+        with self._lock:
+            if self._files is None:
+                try:  # the client only (no request): local credentials are read from a file
+                    objects = ObjectStore(self.objects_settings)
+                except (OSError, ValueError) as exc:
+                    raise StoreUnavailable(
+                        f"object store client not configured ({type(exc).__name__})"
+                    ) from None
+                self._files = AttachmentFiles(objects, self.rows, self.keys, self.segment_size)
+            return self._files
+
+    def close(self) -> None:
+        with self._lock:
+            if self._files is not None:
+                self._files.objects.close()
+                self._files = None
 
 
 def _readiness(
@@ -190,6 +261,10 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
         stack.callback(claims.close)
         messages = StoredMessages(settings.cassandra)
         stack.callback(messages.close)
+        attachments = GatewayAttachments(
+            settings.object_store, messages, keys, settings.attachments.segment_size
+        )
+        stack.callback(attachments.close)
         chats = CachedChats(KeyServiceChats(keys))
         # A chat deleted by an operator refuses posts at once, not after the cache's TTL.
         keys.on_invalidation(lambda _action, chat_id: chats.forget(chat_id))
@@ -204,6 +279,8 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             messages=messages,
             edit_window=timedelta(seconds=settings.edits.window_seconds),
             cassandra_budget=deadlines.cassandra_deadline_seconds,
+            attachments=attachments,
+            attachment_settings=settings.attachments,
         )
         app = create_app(service, settings, _readiness(database, settings.kafka, ids))
         app.state.worker_ids = ids
@@ -230,4 +307,5 @@ def run(settings: Settings) -> None:
             "worker_id": app.state.worker_ids.worker_id,
         },
     )
-    serve(app, settings.ingest, close)
+    # The upload streams up to `attachments.max_bytes` past the listener's body limit.
+    serve(app, settings.ingest, close, large_bodies=[UPLOAD_BODY])

@@ -63,6 +63,11 @@ class MessageOut(BaseModel):
     edited_at: datetime | None = Field(
         description="RFC 3339 time of the last edit (from its id's clock); null if never edited"
     )
+    attachments: list[str] = Field(
+        default_factory=list,
+        description="Ids (decimal strings) of the chat's attachment files the message "
+        "references, in the sender's order; empty when none",
+    )
 
 
 class PageOut(BaseModel):
@@ -105,6 +110,7 @@ def _out(message: ReadMessage) -> MessageOut:
         sent_at=message.sent_at,
         revision=message.revision,
         edited_at=message.edited_at,
+        attachments=list(message.attachments),
     )
 
 

@@ -18,3 +18,5 @@ class ReadMessage:
     sent_at: datetime
     revision: int = 1  # 1 as posted, +1 per edit (the envelope is bound to it)
     edited_at: datetime | None = None  # the last edit's time; None if never edited
+    # Attachment ids the message references, decimal strings, in the sender's order.
+    attachments: tuple[str, ...] = ()

@@ -232,6 +232,7 @@ class EnvelopeOpener:
             sent_at=row.created_at,
             revision=row.revision,
             edited_at=row.edited_at,
+            attachments=tuple(str(a) for a in row.attachment_ids),
         )
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from schemas.events import MessageKind
 
@@ -50,6 +50,16 @@ class ChangeEvent(BaseModel):
     created_at: datetime
     edited_at: datetime | None = None
     deleted_at: datetime | None = None
+    # The attachment ids the message references (its row's `attachment_ids`), in order; absent
+    # from the JSON when none, so consumers of the previous version read every other event.
+    attachment_ids: tuple[Annotated[int, Field(ge=1, lt=2**63)], ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_attachments(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("attachment_ids"):
+            data.pop("attachment_ids", None)
+        return data
 
     def key(self) -> bytes:
         return str(self.chat_id).encode()

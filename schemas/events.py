@@ -11,9 +11,18 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from schemas.ids import id_millis
 
@@ -22,6 +31,10 @@ MAX_TEXT_BYTES = 16 * 1024
 """Largest message text, in UTF-8 bytes (well under the 64 KiB envelope limit)."""
 
 MAX_ID_LEN = 128
+
+MAX_ATTACHMENTS = 100
+"""Most attachment ids one record may carry (the gateway's own limit,
+`AttachmentSettings.max_per_message`, is at most this)."""
 
 MAX_UTC_OFFSET = timedelta(hours=18)
 """Largest UTC offset of `sent_at`: Java's time API, hence OpenSearch, refuses anything beyond."""
@@ -68,6 +81,13 @@ class MessageRecord(BaseModel):
     sent_at: datetime = Field(
         description="RFC 3339 date-time with a UTC offset of at most +/-18:00; held in UTC"
     )
+    attachment_ids: tuple[Annotated[int, Field(ge=1, lt=2**63)], ...] = Field(
+        default=(),
+        max_length=MAX_ATTACHMENTS,
+        description="Post only: ids of the chat's attachment files the message references "
+        "(uploaded by its sender, checked by the gateway), in the sender's order; absent when "
+        "none (records without it are read as referencing none)",
+    )
 
     @field_validator("text")
     @classmethod
@@ -97,8 +117,21 @@ class MessageRecord(BaseModel):
         except OverflowError:
             raise ValueError("is outside years 1 to 9999 once converted to UTC") from None
 
+    @model_serializer(mode="wrap")
+    def _without_empty_attachments(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A record without attachments is written exactly as before the field existed, so
+        # workers of the previous version (extra="forbid") still read every such record.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("attachment_ids"):
+            data.pop("attachment_ids", None)
+        return data
+
     @model_validator(mode="after")
     def _fields_of_kind(self) -> MessageRecord:
+        if self.attachment_ids and self.kind != "post":
+            raise ValueError("attachment_ids: only a post references attachments")
+        if len(set(self.attachment_ids)) != len(self.attachment_ids):
+            raise ValueError("attachment_ids: must be distinct")
         if self.kind == "delete":
             if self.text is not None:
                 raise ValueError("text: a delete carries no text")

@@ -17,6 +17,7 @@ Every call blocks (boto3, the Cassandra driver): async callers run them in a wor
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterable, Iterator
@@ -141,7 +142,16 @@ class AttachmentFiles:
             object_key=where,
             created_at=id_time(file_id),
         )
-        self.rows.write_attachment(row)
+        try:
+            self.rows.write_attachment(row)
+        except BaseException:
+            # No row, no object: a file without its row could never be read nor found for
+            # deletion. The row's error is the one that matters; a failed delete leaves an
+            # object nothing refers to (and no key names it), which deletion of the chat's
+            # prefix removes.
+            with contextlib.suppress(Exception):
+                self.objects.delete(where)
+            raise
         return row
 
     def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:

@@ -25,7 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Optional, Tuple  # noqa: UP035  (Faust parses typing.Tuple)
 from weakref import WeakKeyDictionary
 
 import faust
@@ -120,6 +120,8 @@ class MessageEvent(
     tenant_id: str = "default"
     # typing.Optional, not `str | None`: Faust's field parser does not read the `|` union.
     client_message_id: Optional[str] = None  # noqa: UP045
+    # Post only: ids of the chat's attachment files it references (empty when none).
+    attachment_ids: Tuple[int, ...] = ()  # noqa: UP006
 
     @classmethod
     def from_record(cls, record: MessageRecord) -> MessageEvent:
@@ -135,6 +137,7 @@ class MessageEvent(
             event_id=record.event_id,
             tenant_id=record.tenant_id,
             client_message_id=record.client_message_id,
+            attachment_ids=record.attachment_ids,
         )
 
     @property

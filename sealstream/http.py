@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
@@ -32,7 +32,7 @@ from sealstream.errors import (
     KmsError,
     SealstreamError,
 )
-from sealstream.http_limits import BodyLimit, limited_protocol
+from sealstream.http_limits import BodyLimit, LargeBody, limited_protocol
 from sealstream.settings import AuthSettings, HttpSettings
 
 log = logging.getLogger(__name__)
@@ -346,31 +346,52 @@ def _closing_lifespan(
     return lifespan
 
 
+def server_config(
+    app: FastAPI,
+    http: HttpSettings,
+    ws_deflate: bool = True,
+    large_bodies: Sequence[LargeBody] = (),
+) -> uvicorn.Config:
+    """uvicorn's configuration for `app` on `http`, with the listener's limits (`HttpLimits`)
+    installed: the body limit as the app's outermost middleware, the head, connection and
+    deadline limits in the protocol. `large_bodies`: routes that stream a body past
+    `max_body_bytes` and limit it themselves (`sealstream.http_limits.LargeBody`)."""
+    # Outermost, so that no other layer buffers a body before it is counted.
+    app.add_middleware(BodyLimit, limit=http.limits.max_body_bytes, large_bodies=large_bodies)
+    return uvicorn.Config(
+        app,
+        host=http.host,
+        port=http.port,
+        # Head (431) and connection (503) limits while parsing; messages (1009) by websockets.
+        http=limited_protocol(http.limits, large_bodies),
+        ws_per_message_deflate=ws_deflate,
+        ws_max_size=http.limits.max_ws_frame_bytes,
+        # TLS only when both certificate and key are set (production requires it).
+        ssl_certfile=str(http.tls_cert) if http.tls else None,
+        ssl_keyfile=str(http.tls_key) if http.tls else None,
+        log_config=None,  # keep the JSON logging configured by the service
+        # No access log: URLs carry search words, i.e. message text.
+        access_log=False,
+    )
+
+
 def serve(
-    app: FastAPI, http: HttpSettings, close: Callable[[], None], ws_deflate: bool = True
+    app: FastAPI,
+    http: HttpSettings,
+    close: Callable[[], None],
+    ws_deflate: bool = True,
+    large_bodies: Sequence[LargeBody] = (),
 ) -> None:
     """Run an app with uvicorn until SIGTERM/SIGINT, then close what the wiring opened.
-    `ws_deflate=False` refuses WebSocket per-message compression (live delivery: see there)."""
+    `ws_deflate=False` refuses WebSocket per-message compression (live delivery: see there);
+    `large_bodies` as for `server_config`."""
     # uvicorn re-raises SIGTERM after its graceful shutdown, so close on the app's shutdown
     # (the `finally` covers start-up failures; closing twice is a no-op).
     app.router.lifespan_context = _closing_lifespan(close)
-    # Outermost, so that no other layer buffers a body before it is counted.
-    app.add_middleware(BodyLimit, limit=http.limits.max_body_bytes)
     try:
-        uvicorn.run(
-            app,
-            host=http.host,
-            port=http.port,
-            # Head (431) and connection (503) limits while parsing; messages (1009) by websockets.
-            http=limited_protocol(http.limits),
-            ws_per_message_deflate=ws_deflate,
-            ws_max_size=http.limits.max_ws_frame_bytes,
-            # TLS only when both certificate and key are set (production requires it).
-            ssl_certfile=str(http.tls_cert) if http.tls else None,
-            ssl_keyfile=str(http.tls_key) if http.tls else None,
-            log_config=None,  # keep the JSON logging configured by the service
-            # No access log: URLs carry search words, i.e. message text.
-            access_log=False,
-        )
+        server = uvicorn.Server(server_config(app, http, ws_deflate, large_bodies))
+        server.run()
+        if not server.started:  # e.g. the port is taken: exit non-zero, as uvicorn.run does
+            raise SystemExit(3)
     finally:
         close()

@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -48,12 +51,45 @@ def _refusal(status: int, code: str, message: str, retry_after: bool = False) ->
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+@dataclass(frozen=True)
+class LargeBody:
+    """A route exempt from the listener's body limits because it streams its body and enforces
+    a limit of its own (the gateway's attachment upload, up to `AttachmentSettings.max_bytes`):
+
+    - `BodyLimit` passes its requests through uncounted (the route answers 413 itself, with its
+      own error code, and never buffers the body);
+    - the body deadline becomes a progress deadline: it starts again each time another
+      `PROGRESS_BYTES` of the body arrived, so a large upload at a modest rate is not cut at
+      `body_timeout_seconds`, while a client that stalls (or trickles below
+      `PROGRESS_BYTES` per `body_timeout_seconds`) still gets 408.
+
+    `method` is matched exactly, `path` (a regular expression) against the whole path."""
+
+    method: str
+    path: str
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and re.fullmatch(self.path, path) is not None
+
+
+# A streamed body's deadline starts again after each of these many bytes (64 KiB per
+# `body_timeout_seconds`, about 1 KiB/s at the default 60 s, is the slowest upload accepted).
+PROGRESS_BYTES = 64 * 1024
+
+
+def _large(large_bodies: Sequence[LargeBody], method: str, path: str) -> bool:
+    return any(large.matches(method, path) for large in large_bodies)
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing; the response is `protocol._refusal`."""
 
 
-def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with the head and connection limits of `limits`."""
+def limited_protocol(
+    limits: HttpLimits, large_bodies: Sequence[LargeBody] = ()
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the head and connection limits of `limits`; the
+    routes of `large_bodies` get a progress deadline for their body (`LargeBody`)."""
 
     head_limit = limits.max_header_bytes
     connection_limit = limits.max_connections
@@ -68,6 +104,9 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
         # The one pending read deadline (head or body); None while a response is being written
         # or the connection idles between requests (uvicorn's keep-alive timeout covers that).
         _deadline: asyncio.TimerHandle | None = None
+        # Body bytes still to come before a large body's deadline starts again (None: the body
+        # has one deadline for the whole of it).
+        _until_progress: int | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -109,6 +148,11 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
             self._in_head = False
             self._raw_head_bytes = 0
             self._arm(body_seconds, "request body")
+            self._until_progress = None
+            if large_bodies:
+                path = self.url.split(b"?", 1)[0].decode("latin-1")
+                if _large(large_bodies, self.parser.get_method().decode("latin-1"), path):
+                    self._until_progress = PROGRESS_BYTES
             if len(self.connections) > connection_limit:
                 log.warning("connection limit reached", extra={"limit": connection_limit})
                 self._refusal = _refusal(
@@ -137,6 +181,14 @@ def limited_protocol(limits: HttpLimits) -> type[HttpToolsProtocol]:
                     f"{WS_MAX_LINE} bytes per line (request line included)",
                 )
                 raise _Refused
+
+        def on_body(self, body: bytes) -> None:
+            if self._until_progress is not None and self._deadline is not None:
+                self._until_progress -= len(body)
+                if self._until_progress <= 0:
+                    self._until_progress = PROGRESS_BYTES
+                    self._arm(body_seconds, "request body")
+            super().on_body(body)
 
         def handle_websocket_upgrade(self) -> None:
             self._disarm()  # the socket's own rules (auth frame wait, token expiry) apply now
@@ -200,14 +252,18 @@ class BodyTooLarge(HTTPException):
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `limit` bytes with 413, by Content-Length at
-    once, else by counting the body as it arrives (chunked transfer has no length up front)."""
+    once, else by counting the body as it arrives (chunked transfer has no length up front).
+    Requests of `large_bodies` pass through: their route limits its body itself."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, large_bodies: Sequence[LargeBody] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.large_bodies = tuple(large_bodies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            self.large_bodies and _large(self.large_bodies, scope["method"], scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

@@ -290,6 +290,11 @@ class MessageStore:
             "insert": f"INSERT INTO {ks}.messages (chat_id, bucket, message_id, sender_id,"
             " dek_version, envelope, created_at, revision, stored_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, toTimestamp(now())) USING TIMESTAMP ?",
+            # A post that references attachments. A separate statement: writing an empty list
+            # would leave a tombstone in every other row.
+            "insert_attached": f"INSERT INTO {ks}.messages (chat_id, bucket, message_id,"
+            " sender_id, dek_version, envelope, created_at, revision, stored_at, attachment_ids)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, toTimestamp(now()), ?) USING TIMESTAMP ?",
             "get": f"SELECT * FROM {ks}.messages WHERE chat_id = ? AND bucket = ?"
             " AND message_id = ?",
             # A row as an edit or a sender's deletion needs it: with the write timestamp of its
@@ -364,7 +369,7 @@ class MessageStore:
             groups[(m.chat_id, bucket_of(m.message_id))].append(m)
         if not groups:
             return []
-        insert = self._stmt("insert")
+        insert, attached = self._stmt("insert"), self._stmt("insert_attached")
         batches: list[tuple[BatchStatement, None]] = []
         batch_rows: list[list[StoredMessage]] = []
         unencodable: list[RefusedRow] = []
@@ -374,7 +379,10 @@ class MessageStore:
                 added: list[StoredMessage] = []
                 for m in rows[start : start + _BATCH_ROWS]:
                     try:
-                        batch.add(insert, self._insert_values(m))
+                        if m.attachment_ids:
+                            batch.add(attached, self._insert_values(m))
+                        else:
+                            batch.add(insert, self._insert_values(m))
                     except _ROW_REFUSED as exc:  # the driver cannot encode a value of this row
                         unencodable.append(RefusedRow(m.message_id, _refusal(exc)))
                         continue
@@ -404,7 +412,8 @@ class MessageStore:
 
     @staticmethod
     def _insert_values(m: StoredMessage) -> tuple[Any, ...]:
-        return (
+        """Values of "insert", or of "insert_attached" when the row references attachments."""
+        values: tuple[Any, ...] = (
             m.chat_id,
             bucket_of(m.message_id),
             m.message_id,
@@ -413,8 +422,10 @@ class MessageStore:
             m.envelope,
             m.created_at,
             m.revision,
-            id_millis(m.message_id) * 1000,
         )
+        if m.attachment_ids:
+            values += (list(m.attachment_ids),)
+        return (*values, id_millis(m.message_id) * 1000)
 
     @staticmethod
     def _raise_unless_refused(error: BaseException, requests: int) -> None:
@@ -424,11 +435,11 @@ class MessageStore:
             )
 
     def _write_one_by_one(self, rows: list[StoredMessage]) -> list[RefusedRow]:
-        insert = self._stmt("insert")
+        insert, attached = self._stmt("insert"), self._stmt("insert_attached")
         results = self._run(
             lambda: execute_concurrent(
                 self.session,
-                [(insert, self._insert_values(m)) for m in rows],
+                [(attached if m.attachment_ids else insert, self._insert_values(m)) for m in rows],
                 concurrency=self.concurrency,
                 raise_on_first_error=False,
                 execution_profile=_WRITE,

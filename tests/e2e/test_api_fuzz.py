@@ -125,6 +125,7 @@ def test_ingest_api_matches_its_description(
     token = mint_token(live.settings.auth, "fuzzer")
     assert {
         "POST /v1/chats",
+        "POST /v1/chats/{chat_id}/attachments",
         "PATCH /v1/chats/{chat_id}/messages/{message_id}",
         "DELETE /v1/chats/{chat_id}/messages/{message_id}",
     } <= set(fuzz(ingest_api, live.ingest_url, token))

@@ -336,7 +336,7 @@ def test_websocket_round_trip_and_bad_frames(
 def test_openapi_health_and_metrics(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert spec["info"]["title"] == "Sealstream ingest gateway"
-    assert {t["name"] for t in spec["tags"]} == {"chats", "messages"}
+    assert {t["name"] for t in spec["tags"]} == {"chats", "messages", "attachments"}
     paths = spec["paths"]
     assert set(paths) >= {
         "/v1/chats",

@@ -7,6 +7,7 @@ Cassandra and token documents to OpenSearch. The reader then has to read it all 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -154,9 +155,40 @@ def test_one_message_reads_back_exact(client: TestClient, seed: Seeder, as_user)
         "sent_at": body["sent_at"],
         "revision": 1,  # as posted: never edited
         "edited_at": None,
+        "attachments": [],  # references no file
     }
     sent_at = datetime.fromisoformat(body["sent_at"])
     assert int(sent_at.timestamp() * 1000) == id_millis(message_id)
+
+
+def test_a_message_shows_the_attachments_it_references(
+    client: TestClient, seed: Seeder, store: MessageStore, as_user
+) -> None:
+    """The row's `attachment_ids` (written by the encryptor from the record) come out as
+    decimal strings in the sender's order, in one message, history and search alike."""
+    chat = seed.chat()
+    [plain] = seed.post(chat, ["attachedword plain"], sender="bob")
+    [message_id] = seed.post(chat, ["attachedword with files"], sender="bob")
+    row = store.get(chat, message_id)
+    assert row is not None
+    files = (2**62 + 5, 17)  # a large id stays exact: it is a string in JSON
+    store.write_many([dataclasses.replace(row, attachment_ids=files)])
+    expected = ["4611686018427387909", "17"]
+
+    one = client.get(f"/v1/chats/{chat}/messages/{message_id}", headers=as_user("alice"))
+    assert one.json()["attachments"] == expected
+    page = client.get(f"/v1/chats/{chat}/messages", headers=as_user("alice")).json()
+    assert {m["message_id"]: m["attachments"] for m in page["messages"]} == {
+        str(message_id): expected,
+        str(plain): [],
+    }
+    found = client.get(
+        f"/v1/chats/{chat}/search", params={"q": "attachedword"}, headers=as_user("alice")
+    ).json()
+    assert {m["message_id"]: m["attachments"] for m in found["messages"]} == {
+        str(message_id): expected,
+        str(plain): [],
+    }
 
 
 def test_history_of_120_pages_newest_first_50_50_20(

@@ -168,6 +168,20 @@ def test_a_live_change_event_is_opened_with_the_row_context() -> None:
     assert service([]).delivered(event.model_copy(update={"sender_id": "mallory"})) is None
 
 
+def test_a_live_post_frame_names_its_attachments_and_the_event_round_trips() -> None:
+    row = post(at(1_000), "see attached")
+    event = _post_event(row).model_copy(update={"attachment_ids": (2**62 + 1, 7)})
+    again = ChangeEvent.model_validate_json(event.value())
+    assert again.attachment_ids == (2**62 + 1, 7)
+    item = service([]).delivered(again)
+    assert item is not None and item.frame["attachments"] == ["4611686018427387905", "7"]
+    # An event without attachments is written as before the field existed.
+    plain = _post_event(row)
+    assert b"attachment_ids" not in plain.value()
+    item = service([]).delivered(plain)
+    assert item is not None and item.frame["attachments"] == []
+
+
 def _post_event(row: StoredMessage) -> ChangeEvent:
     return ChangeEvent(
         kind="post",
