@@ -19,13 +19,14 @@ from ingest.service import CachedChats, IngestService
 from schemas.events import MessageRecord
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore, StoredMessage
 from sealstream.adapters.kafka import Headers, Publisher, kafka_client_config
-from sealstream.adapters.object_store import ObjectStore
+from sealstream.adapters.object_store import ObjectStore, ObjectStoreError
 from sealstream.adapters.postgres import ChatRow, Database
 from sealstream.attachments import AttachmentFiles
 from sealstream.crypto import TextFingerprints
-from sealstream.errors import StoreUnavailable, WorkerIdConflict
+from sealstream.errors import KeyDestroyed, StoreUnavailable, WorkerIdConflict
 from sealstream.http import readiness, serve
 from sealstream.keys.service import KeyService
+from sealstream.lifecycle import settle_upload
 from sealstream.observability import configure_logging
 from sealstream.record_seal import RecordSealer, record_sealer
 from sealstream.settings import CassandraSettings, KafkaSettings, ObjectStoreSettings, Settings
@@ -183,7 +184,24 @@ class GatewayAttachments:
         max_bytes: int,
     ) -> AttachmentRow:
         self.rows.check()
-        return self._opened().store(chat_id, file_id, sender_id, content_type, chunks, max_bytes)
+        files = self._opened()
+        try:
+            row = files.store(chat_id, file_id, sender_id, content_type, chunks, max_bytes)
+        except ObjectStoreError:
+            # A chat deletion aborts the uploads under the chat's prefix (NoSuchUpload here):
+            # answer as for the deleted chat, not as for a store outage.
+            if self._chat_deleted(chat_id):
+                raise KeyDestroyed(f"chat {chat_id} was deleted during the upload") from None
+            raise
+        # The upload path's half of chat deletion (sealstream.lifecycle): a deletion that
+        # listed the chat's objects before this one was complete is caught here.
+        if not settle_upload(self.keys, files.objects, row):
+            raise KeyDestroyed(f"chat {chat_id} was deleted during the upload")
+        return row
+
+    def _chat_deleted(self, chat_id: uuid.UUID) -> bool:
+        chat = self.keys.chat(chat_id)
+        return chat is None or chat.state == "deleted"
 
     def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
         return self._opened().get(chat_id, file_id)

@@ -31,8 +31,10 @@ from ingest.api import UPLOAD_BODY
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore
 from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.adapters.object_store import ObjectStore
+from sealstream.adapters.opensearch import SearchIndex
 from sealstream.attachments import AttachmentFiles, chat_prefix
 from sealstream.http import server_config
+from sealstream.lifecycle import delete_chat
 from sealstream.http_limits import PROGRESS_BYTES
 from sealstream.settings import HttpLimits, IngestHttp, Settings
 from sealstream.wiring import key_service
@@ -397,6 +399,54 @@ def test_an_upload_cut_off_halfway_leaves_nothing(
     # and keeps serving.
     after = upload(client, settings, chat, "jo", b"after")
     assert after.status_code == 201
+
+
+def test_an_upload_racing_its_chats_deletion_answers_410_and_leaves_nothing(
+    server: str,
+    upload_settings: Settings,
+    client: TestClient,
+    store: MessageStore,
+    scratch_object_store: ObjectStore,
+    search_index: SearchIndex,
+    database: object,
+) -> None:
+    """A chat deleted (crypto-shred, rows, objects, unfinished uploads) while one of its files
+    is going up: the upload does not end as a 201 for a file of a deleted chat, nor leave a part,
+    an object or a row behind (the deletion aborts the multipart upload; the gateway answers as
+    for a deleted chat)."""
+    settings = upload_settings
+    chat = new_chat(client, settings, "kai")
+    token = auth(settings, "kai")["Authorization"]
+    declared = 2 * SCRATCH_PART_SIZE + MIB
+    sock = raw_request(
+        server,
+        f"POST /v1/chats/{chat}/attachments HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
+        f"Content-Type: application/zip\r\nContent-Length: {declared}\r\n\r\n",
+    )
+    with sock:
+        sent = 0
+        while sent < SCRATCH_PART_SIZE + MIB:  # the first part goes up: the upload is open
+            sock.sendall(os.urandom(MIB))
+            sent += MIB
+        prefix = chat_prefix(uuid.UUID(chat))
+        deadline = time.monotonic() + 60
+        while not scratch_object_store.incomplete_uploads(prefix):
+            assert time.monotonic() < deadline, "the upload never reached the object store"
+            time.sleep(0.1)
+        with key_service(settings, database) as keys:
+            receipt = delete_chat(
+                keys, search_index, store, uuid.UUID(chat), "race", objects=scratch_object_store
+            )
+        assert receipt.incomplete_uploads_aborted == 1
+        try:  # the rest of the body; the gateway may answer (and close) before it is all sent
+            while sent < declared:
+                sock.sendall(os.urandom(MIB))
+                sent += MIB
+        except OSError:
+            pass
+        status, body = read_response(sock)
+    assert (status, body["error"]["code"]) == (410, "gone")
+    assert nothing_left(store, scratch_object_store, chat)
 
 
 # --- references ------------------------------------------------------------------------------
