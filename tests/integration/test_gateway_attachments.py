@@ -34,8 +34,8 @@ from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.attachments import AttachmentFiles, chat_prefix
 from sealstream.http import server_config
-from sealstream.lifecycle import delete_chat
 from sealstream.http_limits import PROGRESS_BYTES
+from sealstream.lifecycle import delete_chat
 from sealstream.settings import HttpLimits, IngestHttp, Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import SCRATCH_PART_SIZE, fresh_store, module_stores
