@@ -234,7 +234,7 @@ class _Segments:
         nonce, aad = self._nonce_aad(index, last)
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, index: int, last: bool, ciphertext: bytes) -> bytes:
+    def open(self, index: int, last: bool, ciphertext: bytes | memoryview) -> bytes:
         nonce, aad = self._nonce_aad(index, last)
         try:
             return self._aead.decrypt(nonce, ciphertext, aad)
@@ -344,7 +344,7 @@ class FileOpener:
             raise DecryptionError()
         return cls(FileLayout(segment_size), _Segments(file_key, nonce_prefix, context))
 
-    def open_segment(self, index: int, last: bool, ciphertext: bytes) -> bytes:
+    def open_segment(self, index: int, last: bool, ciphertext: bytes | memoryview) -> bytes:
         """The plaintext of segment `index` (`last`: whether it is the file's last segment)."""
         if len(ciphertext) < TAG_LEN or len(ciphertext) > self.layout.ciphertext_segment_size:
             raise DecryptionError()
@@ -374,13 +374,16 @@ class FileOpener:
         for chunk in chunks:
             buffer += chunk
             done = 0
-            while len(buffer) - done >= full and index <= span.last:
-                last = index == count - 1
-                if last and len(buffer) - done > full:
-                    raise DecryptionError()  # bytes beyond the file's last segment
-                yield emit(self.open_segment(index, last, bytes(buffer[done : done + full])))
-                done += full
-                index += 1
+            # Segments are opened from a view of the buffer, not a copy of it (the tag is
+            # checked on the same bytes either way); the view is let go before the buffer moves.
+            with memoryview(buffer) as view:
+                while len(buffer) - done >= full and index <= span.last:
+                    last = index == count - 1
+                    if last and len(buffer) - done > full:
+                        raise DecryptionError()  # bytes beyond the file's last segment
+                    yield emit(self.open_segment(index, last, view[done : done + full]))
+                    done += full
+                    index += 1
             del buffer[:done]  # once per chunk (see encrypt_file)
         if index <= span.last:
             if index != count - 1 or index != span.last:
@@ -410,10 +413,11 @@ def decrypt_file(key: ChatKey, ctx: FileContext, chunks: Iterable[bytes]) -> Ite
     while True:
         # Only once a byte beyond it has arrived is a full segment known not to be the last.
         done = 0
-        while len(buffer) - done > full:
-            yield opener.open_segment(index, False, bytes(buffer[done : done + full]))
-            done += full
-            index += 1
+        with memoryview(buffer) as view:  # no copy of each segment (see decrypt_range)
+            while len(buffer) - done > full:
+                yield opener.open_segment(index, False, view[done : done + full])
+                done += full
+                index += 1
         del buffer[:done]  # once per chunk (see encrypt_file)
         more = next(iterator, None)
         if more is None:

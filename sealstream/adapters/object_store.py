@@ -25,6 +25,7 @@ own retries are spent). Messages name the bucket, key and S3 error code, never o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,7 +38,7 @@ from sealstream.errors import SealstreamError
 from sealstream.settings import ObjectStoreSettings
 
 # Bytes per chunk yielded by `get` (what one network read returns at most).
-READ_CHUNK_BYTES = 256 * 1024
+READ_CHUNK_BYTES = 1024 * 1024
 _RETRIABLE_CODES = {
     "SlowDown",
     "Throttling",
@@ -203,8 +204,8 @@ class ObjectStore:
     ) -> StoredObject:
         """Store the concatenation of `chunks` under `key`; returns only once it is readable.
 
-        Chunks may have any size (empty ones are skipped). At most one part (`part_size_bytes`)
-        plus one chunk is held in memory. `metadata` becomes `x-amz-meta-*` (ASCII; never put
+        Chunks may have any size (empty ones are skipped). At most two parts (`part_size_bytes`:
+        one going up while the next is read from `chunks`) plus one chunk are held in memory. `metadata` becomes `x-amz-meta-*` (ASCII; never put
         anything there that reveals content). Raises `ObjectStoreError`; if `chunks` itself
         raises, that error propagates. Either way an open multipart upload is aborted first.
         """
@@ -234,37 +235,54 @@ class ObjectStore:
             raise self._error("CreateMultipartUpload", exc, key) from None
         parts: list[dict[str, Any]] = []
         size = 0
-        try:
-            exhausted = False
-            while True:
-                while len(buffer) < self.part_size and not exhausted:
-                    try:
-                        buffer += next(rest)
-                    except StopIteration:
-                        exhausted = True
-                if not buffer and parts:
-                    break
-                body = bytes(buffer[: self.part_size])
-                del buffer[: self.part_size]
-                number = len(parts) + 1
-                answer = self._client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-                )
-                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-                size += len(body)
-                if exhausted and not buffer:
-                    break
-            answer = self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
+        in_flight: Future[dict[str, Any]] | None = None
+
+        def send(number: int, body: bytes) -> dict[str, Any]:
+            answer = self._client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
             )
-        except BaseException as exc:  # the iterator, the store, or the caller giving up
-            self._abort_quietly(key, upload_id)
-            if isinstance(exc, ClientError | BotoCoreError):
-                raise self._error("multipart upload", exc, key) from None
-            raise
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        # One part goes up (in a thread of this upload's) while the next one is read from
+        # `rest` (a client's request body, encrypted on the way): the store's time and the
+        # source's overlap instead of adding up. At most one part is in flight.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="object-part") as sender:
+            try:
+                exhausted = False
+                number = 0
+                while True:
+                    while len(buffer) < self.part_size and not exhausted:
+                        try:
+                            buffer += next(rest)
+                        except StopIteration:
+                            exhausted = True
+                    if not buffer and number:
+                        break
+                    body = bytes(buffer[: self.part_size])
+                    del buffer[: self.part_size]
+                    number += 1
+                    if in_flight is not None:
+                        parts.append(in_flight.result())
+                    in_flight = sender.submit(send, number, body)
+                    size += len(body)
+                    if exhausted and not buffer:
+                        break
+                if in_flight is not None:
+                    parts.append(in_flight.result())
+                    in_flight = None
+                answer = self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except BaseException as exc:  # the iterator, the store, or the caller giving up
+                if in_flight is not None:
+                    wait([in_flight])  # the part in flight ends before the upload is aborted
+                self._abort_quietly(key, upload_id)
+                if isinstance(exc, ClientError | BotoCoreError):
+                    raise self._error("multipart upload", exc, key) from None
+                raise
         return StoredObject(key, size, str(answer.get("ETag", "")).strip('"'), len(parts))
 
     def _abort_quietly(self, key: str, upload_id: str) -> None:

@@ -4,11 +4,11 @@ Starts a gateway (`sealstream run ingest`) and a reader (`sealstream run reader`
 processes in a namespace of their own (keyspace, Postgres schema, Transit key, index, topics,
 bucket; all removed afterwards) on the real stack, then, from this process:
 
-- **upload**: `POST /v1/chats/{chat_id}/attachments` with the file as a raw body of
-  `Content-Length` bytes (the API contract of issue 14); when the gateway's OpenAPI has no such
-  route, the file is stored in-process with `AttachmentFiles.store` instead and the upload
-  figure is left out (`upload_mb_s` missing);
-- **download**: `GET /v1/chats/{chat_id}/attachments/{id}` of the whole file;
+- rounds (`ROUNDS`, after one warm-up round) of, side by side: the raw **put** of the file
+  straight to the object store (`ObjectStore.put`, no crypto); the **upload**,
+  `POST /v1/chats/{chat_id}/attachments` with the file as a raw body of `Content-Length` bytes
+  (issue 14's contract); the raw **get** of that upload's object (the ciphertext the reader
+  reads); the **download**, `GET /v1/chats/{chat_id}/attachments/{id}` of the whole file;
 - **range first byte**: time from sending a `Range: bytes=a-b` request for 64 KiB in the middle
   of the file to the first byte of its body (median of 20): authentication, the chat and
   attachment lookups, the header and one segment fetched and decrypted.
@@ -32,19 +32,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
-
-from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.kafka import delete_topics
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
 from sealstream.adapters.postgres import Database
 from sealstream.adapters.vault import TransitKms
-from sealstream.attachments import AttachmentFiles, object_key
+from sealstream.attachments import object_key
 from sealstream.auth import mint_token
 from sealstream.bench.pipeline_bench import isolated
-from sealstream.keys.service import KeyService
 from sealstream.migrate import migrate_all
 from sealstream.services import settings_env, spawn, stop, wait_ready
 from sealstream.settings import Settings
@@ -195,67 +191,87 @@ def _stream(chunk: bytes, size: int) -> Iterator[bytes]:
         yield piece
 
 
+ROUNDS = 5
+"""Rounds of (raw put, upload, raw get, download): each figure is the median of its rounds, each
+ratio the median of the rounds' ratios, so a burst of load on the shared cores during one
+100 ms transfer moves neither."""
+
+
+def _rate(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
 def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> dict[str, float]:
     token = mint_token(cfg.auth, USER)
     chat_id = uuid.uuid4()
     db = Database(cfg.postgres)
     db.open()
-    figures: dict[str, float] = {}
     try:
         with key_service(cfg, db) as keys:
             keys.create_chat(chat_id, (USER,))
-            uploads = _Http(cfg.ingest.port, token)
-            if _has_upload_route(cfg):
-                start = time.perf_counter()
-                status, answer = uploads.upload(
-                    f"/v1/chats/{chat_id}/attachments",
-                    _stream(chunk, size),
-                    size,
-                    "application/octet-stream",
-                )
-                upload_seconds = time.perf_counter() - start
-                if status != 201:
-                    raise RuntimeError(f"upload answered {status}: {answer[:300]!r}")
-                file_id = int(json.loads(answer)["attachment_id"])
-                figures["upload_mb_s"] = size / upload_seconds / 1e6
-            else:  # a gateway without issue 14's upload route (yet)
-                file_id = _store_directly(cfg, keys, chat_id, chunk, size)
-            object_keys.append(object_key(chat_id, file_id))
     finally:
         db.close()
-
+    store = ObjectStore(cfg.object_store)
+    uploads = _Http(cfg.ingest.port, token)
     downloads = _Http(cfg.reader.port, token)
-    path = f"/v1/chats/{chat_id}/attachments/{file_id}"
-    downloads.download(path)  # warm-up: connections, caches, the chat's key
-    start = time.perf_counter()
-    status, got = downloads.download(path)
-    download_seconds = time.perf_counter() - start
-    if status != 200 or got != size:
-        raise RuntimeError(f"download answered {status} with {got} of {size} bytes")
-    figures["download_mb_s"] = size / download_seconds / 1e6
+    rounds: dict[str, list[float]] = {name: [] for name in ("put", "upload", "get", "download")}
+    path = ""
+    try:
+        for number in range(ROUNDS + 1):  # round 0 warms up (connections, caches, the DEK)
+            raw_key = f"bench/raw-{number}"
+            object_keys.append(raw_key)
+            start = time.perf_counter()
+            store.put(raw_key, _stream(chunk, size))
+            put_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            status, answer = uploads.upload(
+                f"/v1/chats/{chat_id}/attachments",
+                _stream(chunk, size),
+                size,
+                "application/octet-stream",
+            )
+            upload_seconds = time.perf_counter() - start
+            if status != 201:
+                raise RuntimeError(f"upload answered {status}: {answer[:300]!r}")
+            file_id = int(json.loads(answer)["attachment_id"])
+            object_keys.append(object_key(chat_id, file_id))
+            # The raw get reads the very object the reader then fetches and decrypts.
+            start = time.perf_counter()
+            got = sum(len(piece) for piece in store.get(object_key(chat_id, file_id)))
+            get_seconds = time.perf_counter() - start
+            path = f"/v1/chats/{chat_id}/attachments/{file_id}"
+            start = time.perf_counter()
+            status, body = downloads.download(path)
+            download_seconds = time.perf_counter() - start
+            if status != 200 or body != size:
+                raise RuntimeError(f"download answered {status} with {body} of {size} bytes")
+            if number == 0:
+                continue
+            rounds["put"].append(_rate(size, put_seconds))
+            rounds["upload"].append(_rate(size, upload_seconds))
+            rounds["get"].append(_rate(got, get_seconds))
+            rounds["download"].append(_rate(size, download_seconds))
+    finally:
+        store.close()
+    median = statistics.median
+    figures = {
+        "store_put_mb_s": median(rounds["put"]),
+        "upload_mb_s": median(rounds["upload"]),
+        "upload_vs_store_put": median(
+            u / p for u, p in zip(rounds["upload"], rounds["put"], strict=True)
+        ),
+        "store_get_mb_s": median(rounds["get"]),
+        "download_mb_s": median(rounds["download"]),
+        "download_vs_store_get": median(
+            d / g for d, g in zip(rounds["download"], rounds["get"], strict=True)
+        ),
+        "rounds": float(ROUNDS),
+    }
+    for name, values in rounds.items():
+        figures[f"{name}_mb_s_min"] = min(values)
+        figures[f"{name}_mb_s_max"] = max(values)
     middle = size // 2
     wanted = {"Range": f"bytes={middle}-{middle + RANGE_BYTES - 1}"}
     firsts = [downloads.first_byte_seconds(path, wanted) for _ in range(20)]
     figures["api_range_first_byte_ms"] = statistics.median(firsts) * 1000
     return figures
-
-
-def _has_upload_route(cfg: Settings) -> bool:
-    spec = httpx.get(f"http://127.0.0.1:{cfg.ingest.port}/openapi.json", timeout=30).json()
-    return "post" in spec.get("paths", {}).get("/v1/chats/{chat_id}/attachments", {})
-
-
-def _store_directly(
-    cfg: Settings, keys: KeyService, chat_id: uuid.UUID, chunk: bytes, size: int
-) -> int:
-    store = MessageStore(cfg.cassandra)
-    store.connect()
-    objects = ObjectStore(cfg.object_store)
-    try:
-        files = AttachmentFiles(objects, store, keys, cfg.attachments.segment_size)
-        file_id = SnowflakeIds(worker_id=1).next_id()
-        files.store(chat_id, file_id, USER, "application/octet-stream", _stream(chunk, size), size)
-        return file_id
-    finally:
-        objects.close()
-        store.close()
