@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import queue
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.ids import id_time
 from sealstream.adapters.cassandra import AttachmentRow
@@ -181,7 +183,7 @@ class AttachmentFiles:
         key = self.keys.key(row.chat_id, row.dek_version)
         ctx = FileContext(row.chat_id, row.file_id)
         if whole:  # one request for the whole object (an empty file is one empty segment)
-            chunks = decrypt_file(key, ctx, self.objects.get(row.object_key))
+            chunks = decrypt_file(key, ctx, _read_ahead(self.objects.get(row.object_key)))
         else:
             chunks = self._read_range(row, key, ctx, start, length)
         return _primed(chunks)
@@ -213,7 +215,7 @@ class AttachmentFiles:
         if opener.layout != layout:  # the row's segment size is not the file's: not genuine
             _close(body)
             raise DecryptionError()
-        return opener.decrypt_range(body, span, row.size)
+        return opener.decrypt_range(_read_ahead(body), span, row.size)
 
     def _header(self, where: str) -> bytes:
         return b"".join(self.objects.get(where, 0, FILE_HEADER_LEN))
@@ -228,6 +230,55 @@ def _close(chunks: Iterator[bytes]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
         close()
+
+
+READ_AHEAD_CHUNKS = 4
+"""Object-store reads (`READ_CHUNK_BYTES` each) a download's fetching thread may be ahead of its
+decryption (`_read_ahead`)."""
+
+_END = object()
+
+
+def _read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD_CHUNKS) -> Iterator[bytes]:
+    """The items of `chunks` (an object-store read), fetched by a thread of their own at most
+    `depth` items ahead: the socket reads of the next chunk overlap the decryption of this one
+    instead of adding to it (AES-GCM releases the GIL). An error of `chunks` is raised after the
+    items before it. Closing this iterator (or dropping it) stops the thread and closes `chunks`,
+    which releases the store's connection."""
+    ready: queue.Queue[Any] = queue.Queue(depth)
+    stopped = threading.Event()
+
+    def hand_over(item: Any) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fetch() -> None:
+        try:
+            for chunk in chunks:
+                if not hand_over(chunk):
+                    return
+            hand_over((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - raised by the consumer, in its thread
+            hand_over((_END, exc))
+        finally:
+            _close(chunks)
+
+    threading.Thread(target=fetch, name="attachment-fetch", daemon=True).start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, tuple) and item[0] is _END:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+    finally:
+        stopped.set()
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:
