@@ -181,7 +181,7 @@ class AttachmentFiles:
         key = self.keys.key(row.chat_id, row.dek_version)
         ctx = FileContext(row.chat_id, row.file_id)
         if whole:  # one request for the whole object (an empty file is one empty segment)
-            chunks = decrypt_file(key, ctx, self.objects.get(row.object_key))
+            chunks = _exactly(decrypt_file(key, ctx, self.objects.get(row.object_key)), size)
         else:
             chunks = self._read_range(row, key, ctx, start, length)
         return _primed(chunks)
@@ -228,6 +228,31 @@ def _close(chunks: Iterator[bytes]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
         close()
+
+
+def _exactly(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """`chunks`, the whole file's plaintext, checked to be exactly `size` bytes (the row's
+    size, which the response's Content-Length states): `DecryptionError` otherwise.
+
+    The file's own framing (its last-segment flag) proves where the file ends, but the row's
+    size is only a Cassandra column: a row cut to a segment boundary would otherwise end the
+    response cleanly with a truncated file. So the last piece is held back until the file is
+    known to end there, and a file longer than the row fails before the row's size is reached.
+    """
+    seen = 0
+    held: bytes | None = None
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > size:
+            _close(chunks)
+            raise DecryptionError()
+        if held is not None:
+            yield held
+        held = chunk
+    if seen != size:
+        raise DecryptionError()
+    if held is not None:
+        yield held
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 
 from reader.downloads import etag
 from reader.wiring import build
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, bucket_of
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
@@ -600,3 +600,46 @@ def test_a_client_that_leaves_mid_download_releases_what_the_download_held(
     assert threads_of(pid) <= baseline, "a download's thread outlived its client"
     again = httpx.get(base_url + url_of(row), headers=headers, timeout=60)
     assert again.status_code == 200 and len(again.content) == row.size
+
+
+# --- a row whose size is not the file's --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "forged_size",
+    [0, SEGMENT, MiB, "one-less", "one-more"],
+    ids=["zero", "one-segment", "one-mib", "one-byte-less", "one-byte-more"],
+)
+@pytest.mark.parametrize("asked", ["whole", "range-from-0"])
+def test_a_row_whose_size_was_changed_never_downloads_as_a_complete_file(
+    live_reader: tuple[str, int, Path],
+    chats: Chats,
+    store: MessageStore,
+    as_user: Callable[[str], dict[str, str]],
+    forged_size: int | str,
+    asked: str,
+) -> None:
+    """The attacker writes to Cassandra only: the file's row claims another size. The size
+    sets Content-Length, so a download that ended cleanly would hand the client a file cut at
+    (or padded to) the forged size as if it were the upload. It must fail before the first byte
+    or break off short of Content-Length."""
+    data = MARKER + os.urandom(2 * MiB + 1234 - len(MARKER))
+    row = chats.upload(chats.chat(), data)
+    size = {"one-less": len(data) - 1, "one-more": len(data) + 1}.get(str(forged_size))
+    forged = replace(row, size=forged_size if size is None else size)
+    store.session.execute(  # as an operator's cqlsh would: now, over the upload's write
+        f"UPDATE {store.keyspace}.attachments SET size = %s"
+        " WHERE chat_id = %s AND bucket = %s AND file_id = %s",
+        (forged.size, row.chat_id, bucket_of(row.file_id), row.file_id),
+    )
+    assert store.attachment(row.chat_id, row.file_id) == forged
+    base_url, _pid, _log = live_reader
+    headers = as_user("alice") if asked == "whole" else {**as_user("alice"), "Range": "bytes=0-"}
+    status, _headers, body, cut = raw_get(base_url, url_of(row), headers)
+    if status in (416, 500):  # no byte of the file sent
+        assert b'"integrity_error"' in body or b'"range_not_satisfiable"' in body
+        assert MARKER not in body
+        return
+    assert status in (200, 206), body[:300]
+    assert cut, f"a {forged.size}-byte row of a {len(data)}-byte file ended cleanly"
+    assert data.startswith(body)
