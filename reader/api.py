@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import FastAPI, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -272,16 +273,35 @@ class DecryptedFile(StreamingResponse):
     Once the status line is sent, the only way left to tell the client that the body is not
     the file is to break the transfer: the last (empty) body message is never sent, so the
     server closes the connection short of Content-Length and the client sees a truncated
-    transfer (curl: "transfer closed with N bytes remaining"), not a complete file."""
+    transfer (curl: "transfer closed with N bytes remaining"), not a complete file.
+
+    `send_timeout`: seconds the client may take to accept each piece (about 1 MiB). uvicorn
+    waits for ever on a client that keeps its socket open and reads nothing, and meanwhile the
+    download holds its read-ahead thread, a store connection and a few MiB of plaintext; past
+    this the download is cut off the same way and all of that is released."""
+
+    send_timeout: float | None = None
 
     async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
         chunks = aiter(self.body_iterator)
         try:
+            with anyio.fail_after(self.send_timeout):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": self.status_code,
+                        "headers": self.raw_headers,
+                    }
+                )
             async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                with anyio.fail_after(self.send_timeout):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except TimeoutError:
+            log.warning(
+                "attachment download cut off: the client read nothing in time",
+                extra={"send_timeout_seconds": self.send_timeout},
+            )
+            return
         except Exception as exc:  # noqa: BLE001 - any failure mid-body ends in an abort
             # The integrity failure itself was logged by ids (ReaderService); the type only.
             log.error("attachment download aborted", extra={"error": type(exc).__name__})
@@ -319,6 +339,7 @@ def _file_response(
     range_header: str | None,
     if_none_match: str | None,
     if_range: str | None,
+    send_timeout: float | None = None,
 ) -> Response:
     tag = downloads.etag(row)
     headers = downloads.headers(row, tag)
@@ -347,11 +368,14 @@ def _file_response(
     if wanted is None:
         headers["Content-Length"] = str(row.size)
         chunks = ReadAhead(_coalesced(service.attachment_bytes(row)))
-        return DecryptedFile(chunks, status_code=200, headers=headers)
-    headers["Content-Length"] = str(wanted.length)
-    headers["Content-Range"] = wanted.content_range
-    chunks = ReadAhead(_coalesced(service.attachment_bytes(row, wanted.start, wanted.length)))
-    return DecryptedFile(chunks, status_code=206, headers=headers)
+        response = DecryptedFile(chunks, status_code=200, headers=headers)
+    else:
+        headers["Content-Length"] = str(wanted.length)
+        headers["Content-Range"] = wanted.content_range
+        chunks = ReadAhead(_coalesced(service.attachment_bytes(row, wanted.start, wanted.length)))
+        response = DecryptedFile(chunks, status_code=206, headers=headers)
+    response.send_timeout = send_timeout
+    return response
 
 
 def create_app(
@@ -456,6 +480,7 @@ def create_app(
         )
         return _json(_search_out(service.search_all(user, q, options)))
 
+    send_timeout = settings.reader.limits.send_timeout_seconds
     download_doc = (
         "Participants only. Streamed and decrypted on the fly; a single `Range` decrypts only "
         "the segments it touches. `Content-Type` is the media type given at upload; the file "
@@ -480,7 +505,9 @@ def create_app(
         if_range: IfRangeHeader = None,
     ) -> Response:
         row = service.attachment(user, chat_id, parse_attachment_id(attachment_id))
-        return _file_response(service, row, False, range_header, if_none_match, if_range)
+        return _file_response(
+            service, row, False, range_header, if_none_match, if_range, send_timeout
+        )
 
     @app.head(
         "/v1/chats/{chat_id}/attachments/{attachment_id}",

@@ -415,7 +415,8 @@ class HttpLimits(BaseModel):
     beyond `max_connections` open at once gets 503 (with Retry-After) and is closed; a request
     head not complete within `head_timeout_seconds` of connecting (or of the request's first
     byte), or a body not complete within `body_timeout_seconds` after its head, gets 408 and the
-    connection is closed.
+    connection is closed. A streamed attachment download whose client takes none of the next
+    piece within `send_timeout_seconds` is cut off (the reader; docs/operations.md).
     """
 
     model_config = {"frozen": True}
@@ -429,6 +430,9 @@ class HttpLimits(BaseModel):
     # the connection opening / the request starting gets 408 and the connection is closed.
     head_timeout_seconds: float = Field(default=10.0, gt=0)
     body_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A streamed response (an attachment download) whose client takes none of the next piece
+    # (about 1 MiB) within these seconds is cut off: its thread and store connection are freed.
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class HttpSettings(BaseModel):

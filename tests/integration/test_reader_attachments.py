@@ -11,6 +11,7 @@ reader as its own process (`sealstream run reader`) and talk raw HTTP to it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -39,7 +40,7 @@ from sealstream.auth import mint_token
 from sealstream.file_crypto import FILE_HEADER_LEN, SEGMENT_OVERHEAD
 from sealstream.keys.service import KeyService
 from sealstream.services import settings_env, spawn
-from sealstream.settings import ReaderHttp, Settings
+from sealstream.settings import HttpLimits, ReaderHttp, Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import fresh_index, fresh_store, module_stores
 
@@ -110,6 +111,12 @@ def live_reader(
     reader_settings: Settings, store: MessageStore, index: SearchIndex, keys: KeyService
 ) -> Iterator[tuple[str, int, Path]]:
     """The reader as its own process on a free port: (base URL, pid, its log file)."""
+    with running_reader(reader_settings) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_reader(reader_settings: Settings) -> Iterator[tuple[str, int, Path]]:
     log = Path(tempfile.mkdtemp(prefix="sealstream-reader-files-")) / "reader.log"
     proc = spawn("reader", {**os.environ, **settings_env(reader_settings)}, log=log)
     url = f"http://127.0.0.1:{reader_settings.reader.port}"
@@ -643,3 +650,53 @@ def test_a_row_whose_size_was_changed_never_downloads_as_a_complete_file(
     assert status in (200, 206), body[:300]
     assert cut, f"a {forged.size}-byte row of a {len(data)}-byte file ended cleanly"
     assert data.startswith(body)
+
+
+# --- a client that stops reading ---------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_download_for_ever(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Clients that ask for a file and then read nothing, connection open: each download
+    held a read-ahead thread, a store connection and a few MiB of plaintext for as long as the
+    client kept the socket (uvicorn has no write deadline), so a few hundred such sockets, well
+    under the listener's connection limit, starved the reader. Past
+    `HttpLimits.send_timeout_seconds` without the client taking the next piece, the download
+    is cut off and what it held is released."""
+    stall = 2.0
+    settings = reader_settings.model_copy(
+        update={
+            "reader": ReaderHttp(port=free_port(), limits=HttpLimits(send_timeout_seconds=stall))
+        }
+    )
+    row = chats.upload(chats.chat(), os.urandom(24 * MiB))
+    headers = as_user("alice")
+    with running_reader(settings) as (base_url, pid, _log):
+        httpx.get(base_url + url_of(row), headers=headers, timeout=60).raise_for_status()
+        baseline = threads_of(pid)
+        host, port = base_url.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            request = f"GET {url_of(row)} HTTP/1.1\r\nHost: {host}\r\n"
+            request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            sock.sendall(request.encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # then nothing more is read
+            stalled.append(sock)
+        try:
+            deadline = time.monotonic() + 20 * stall
+            while threads_of(pid) > baseline and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert threads_of(pid) <= baseline, "a download held its thread for a stalled client"
+            again = httpx.get(base_url + url_of(row), headers=headers, timeout=60)
+            assert again.status_code == 200 and len(again.content) == row.size
+        finally:
+            for sock in stalled:
+                sock.close()
