@@ -602,6 +602,11 @@ class AttachmentSettings(BaseModel):
     segment_size: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
     # Attachments one message may reference.
     max_per_message: int = Field(default=10, ge=1, le=100)
+    # Uploads one user may have under way at once on one gateway; more are refused with 429.
+    # Each upload holds one of the gateway's upload threads (`ingest.service.UPLOAD_THREADS`)
+    # for its whole transfer, however slow: without a share per user, one user trickling that
+    # many bodies held every other user's uploads.
+    uploads_per_user: int = Field(default=4, ge=1)
 
 
 class Settings(BaseSettings):
