@@ -514,7 +514,8 @@ class IngestService:
         """Every attachment id of every item is a live attachment of this chat uploaded by
         `user`; else 422 `unknown_attachment` naming the first that is not (`attachments[i]`).
         One answer for unknown, deleted, another chat's and another sender's: a reference
-        reveals nothing about files the caller did not upload."""
+        reveals nothing about files the caller did not upload. Once all pass, the files not
+        shared yet are marked shared (`AttachmentFiles.share`): readable by the chat."""
         files = self.attachments
         if files is None:
             raise StoreUnavailable("this gateway has no attachment store")
@@ -525,10 +526,17 @@ class IngestService:
         ]
 
         def first_unknown() -> tuple[str, int] | None:
+            unshared = []
             for field, file_id in wanted:
                 row = files.get(chat_id, file_id)
                 if row is None or row.sender_id != user:
                     return field, file_id
+                if row.shared_at is None:
+                    unshared.append(file_id)
+            # Sent: the chat may read them from now on (before the record is published, so
+            # a participant who sees the message can fetch its files). A post that then fails
+            # leaves them readable, as the sender meant them to be.
+            files.share(chat_id, unshared)
             return None
 
         unknown = await self._in_cassandra(first_unknown)

@@ -22,6 +22,7 @@ import itertools
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Protocol
 
 from schemas.ids import id_time
@@ -40,6 +41,13 @@ from sealstream.file_crypto import (
 
 OBJECT_CONTENT_TYPE = "application/octet-stream"
 """What the object store is told an attachment object is: ciphertext, whatever the file."""
+
+
+def readable_by(row: AttachmentRow, user: str) -> bool:
+    """Whether a participant `user` of the row's chat may read the file: its uploader always,
+    the others once a message referenced it (an upload never sent stays its uploader's draft:
+    another participant must not fetch it by guessing its id)."""
+    return row.sender_id == user or row.shared_at is not None
 
 
 def chat_prefix(chat_id: uuid.UUID) -> str:
@@ -75,6 +83,8 @@ class AttachmentRows(Protocol):
     def write_attachment(self, row: AttachmentRow) -> None: ...
 
     def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None: ...
+
+    def mark_attachment_shared(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None: ...
 
 
 def _limited(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
@@ -158,6 +168,14 @@ class AttachmentFiles:
         """The metadata of a live attachment of this chat; None if unknown or deleted."""
         row = self.rows.attachment(chat_id, file_id)
         return None if row is None or row.deleted_at is not None else row
+
+    def share(self, chat_id: uuid.UUID, file_ids: Iterable[int]) -> None:
+        """Record that a message references these live attachments of the chat (the gateway,
+        once it checked them): until then a file is readable by its uploader only
+        (`readable_by`). Raises `StoreUnavailable`."""
+        now = datetime.now(UTC)
+        for file_id in file_ids:
+            self.rows.mark_attachment_shared(chat_id, file_id, now)
 
     def read(
         self, row: AttachmentRow, start: int = 0, length: int | None = None

@@ -174,7 +174,9 @@ class AttachmentRow:
 
     `size` is the plaintext size in bytes, `ciphertext_size` what the object store holds
     (`FileLayout(segment_size).ciphertext_size(size)`); `object_key` is where; `dek_version`
-    the chat DEK version the file key derives from. Nothing here reveals the content."""
+    the chat DEK version the file key derives from. `shared_at`: when a message first
+    referenced it (None: not sent yet, its uploader's alone; schemas/cassandra/006). Nothing
+    here reveals the content."""
 
     chat_id: uuid.UUID
     file_id: int
@@ -187,6 +189,7 @@ class AttachmentRow:
     object_key: str
     created_at: datetime
     deleted_at: datetime | None = None
+    shared_at: datetime | None = None
 
 
 def _attachment(row: Any) -> AttachmentRow:
@@ -202,6 +205,7 @@ def _attachment(row: Any) -> AttachmentRow:
         object_key=row.object_key,
         created_at=row.created_at.replace(tzinfo=UTC),
         deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
+        shared_at=row.shared_at.replace(tzinfo=UTC) if row.shared_at else None,
     )
 
 
@@ -336,6 +340,10 @@ class MessageStore:
             f" {DELETION_TIMESTAMP} SET deleted_at = ? WHERE chat_id = ? AND bucket = ?"
             " AND file_id = ?",
             "attachment_scan": f"SELECT * FROM {ks}.attachments WHERE chat_id = ? AND bucket = ?",
+            # At the current time, so a chat's or retention's deletion (DELETION_TIMESTAMP)
+            # still shadows it; only set on a row the caller just read live.
+            "attachment_share": f"UPDATE {ks}.attachments SET shared_at = ? WHERE chat_id = ?"
+            " AND bucket = ? AND file_id = ?",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))
@@ -764,6 +772,17 @@ class MessageStore:
         self._run(
             lambda: self.session.execute(
                 self._stmt("attachment_delete_mark"),
+                (when, chat_id, bucket_of(file_id), file_id),
+                execution_profile=_WRITE,
+            )
+        )
+
+    def mark_attachment_shared(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None:
+        """Record that a message referenced the attachment (`AttachmentRow.shared_at`): from
+        then on every participant may read it. Call only for a row read live just before."""
+        self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_share"),
                 (when, chat_id, bucket_of(file_id), file_id),
                 execution_profile=_WRITE,
             )

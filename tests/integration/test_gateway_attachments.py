@@ -724,3 +724,24 @@ def test_one_user_trickling_uploads_cannot_take_every_upload_slot(
     assert {(status, body["error"]["code"]) for status, body in refused} == {
         (429, "too_many_uploads")
     }
+
+
+def test_a_file_becomes_readable_by_the_chat_once_a_message_references_it(
+    client: TestClient, upload_settings: Settings, store: MessageStore
+) -> None:
+    """The gateway records that a file was sent when it accepts a message referencing it (the
+    reader serves an unsent file to its uploader only)."""
+    settings = upload_settings
+    chat = new_chat(client, settings, "nia", "oz")
+    sent, kept = uploaded(client, settings, chat, "nia"), uploaded(client, settings, chat, "nia")
+
+    def shared(file_id: str) -> bool:
+        row = store.attachment(uuid.UUID(chat), int(file_id))
+        assert row is not None
+        return row.shared_at is not None
+
+    assert not shared(sent) and not shared(kept)
+    body = {"text": "here", "attachments": [sent]}
+    posted = client.post(f"/v1/chats/{chat}/messages", json=body, headers=auth(settings, "nia"))
+    assert posted.status_code == 202, posted.text
+    assert shared(sent) and not shared(kept)

@@ -148,11 +148,20 @@ class Chats:
         return chat_id
 
     def upload(
-        self, chat_id: uuid.UUID, data: bytes, content_type: str = "application/pdf"
+        self,
+        chat_id: uuid.UUID,
+        data: bytes,
+        content_type: str = "application/pdf",
+        sent: bool = True,
     ) -> AttachmentRow:
-        return self.files.store(
+        """Alice's file; `sent`: referenced by a message of hers, as the gateway records it
+        (without, only alice may read it)."""
+        row = self.files.store(
             chat_id, IDS.next_id(), "alice", content_type, pieces(data), len(data) or 1
         )
+        if sent:
+            self.files.share(chat_id, [row.file_id])
+        return row
 
 
 @pytest.fixture(scope="module")
@@ -639,7 +648,8 @@ def test_a_row_whose_size_was_changed_never_downloads_as_a_complete_file(
         " WHERE chat_id = %s AND bucket = %s AND file_id = %s",
         (forged.size, row.chat_id, bucket_of(row.file_id), row.file_id),
     )
-    assert store.attachment(row.chat_id, row.file_id) == forged
+    stored = store.attachment(row.chat_id, row.file_id)
+    assert stored is not None and stored.size == forged.size
     base_url, _pid, _log = live_reader
     headers = as_user("alice") if asked == "whole" else {**as_user("alice"), "Range": "bytes=0-"}
     status, _headers, body, cut = raw_get(base_url, url_of(row), headers)
@@ -700,3 +710,25 @@ def test_a_client_that_stops_reading_does_not_hold_the_download_for_ever(
         finally:
             for sock in stalled:
                 sock.close()
+
+
+# --- a file not sent yet -----------------------------------------------------------------------
+
+
+def test_a_file_no_message_references_yet_is_its_uploaders_alone(
+    client: TestClient, chats: Chats, as_user: Callable[[str], dict[str, str]]
+) -> None:
+    """An upload is a draft until a message references it: the uploader may change their mind
+    and never send it. Ids are Snowflake ids (time, worker, sequence: a few thousand guesses per
+    second of upload time), so another participant must not be able to fetch it by its id
+    before it was sent."""
+    data = MARKER + os.urandom(3 * SEGMENT)
+    row = chats.upload(chats.chat(("alice", "bob")), data, sent=False)
+    assert client.get(url_of(row), headers=as_user("alice")).content == data
+    unsent = client.get(url_of(row), headers=as_user("bob"))
+    assert unsent.status_code == 404 and MARKER not in unsent.content
+    assert client.head(url_of(row), headers=as_user("bob")).status_code == 404
+    ranged = client.get(url_of(row), headers={**as_user("bob"), "Range": "bytes=0-99"})
+    assert ranged.status_code == 404
+    chats.files.share(row.chat_id, [row.file_id])  # a message of alice's references it
+    assert client.get(url_of(row), headers=as_user("bob")).content == data
