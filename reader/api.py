@@ -9,6 +9,7 @@ reads it (reader.downloads holds their HTTP semantics).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
@@ -240,6 +241,14 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: If-None-Match named the file's ETag"},
     404: {"description": "No such chat, or no such (or a deleted) attachment in it"},
     416: {"description": "The range starts past the end (`Content-Range: bytes */size`)"},
+    429: {
+        "description": "`too_many_downloads`: the caller already has "
+        "`AttachmentSettings.downloads_per_user` downloads under way on this reader"
+    },
+    503: {
+        "description": "`busy`: `AttachmentSettings.downloads_at_once` downloads under way on "
+        "this reader, or the object store is unavailable; retry after `Retry-After` seconds"
+    },
     500: {
         "description": "The stored file failed its integrity check before its first byte "
         "(`integrity_error`), or a bug. A failure after the first byte aborts the connection: "
@@ -267,6 +276,47 @@ def parse_attachment_id(raw: str) -> int:
     return value
 
 
+class DownloadSlots:
+    """Downloads under way on this reader, in all and per user: a download takes a slot before
+    its object is touched and gives it back when its response ends, however it ends. Beyond
+    `at_once` in all: 503 `busy` (Retry-After); beyond `per_user` of one user: 429
+    `too_many_downloads`. Taken in the route's worker thread, given back on the event loop:
+    hence the lock."""
+
+    def __init__(self, at_once: int, per_user: int) -> None:
+        self.at_once = at_once
+        self.per_user = per_user
+        self._lock = threading.Lock()
+        self._total = 0
+        self._of: dict[str, int] = {}
+
+    def take(self, user: str) -> Callable[[], None]:
+        """A slot for `user`, or `ApiError` (429/503); returns the function that gives it back
+        (call it once)."""
+        with self._lock:
+            mine = self._of.get(user, 0)
+            if mine >= self.per_user:
+                raise ApiError(
+                    429,
+                    "too_many_downloads",
+                    f"at most {self.per_user} downloads of one user at once "
+                    "(AttachmentSettings.downloads_per_user); retry when one has finished",
+                )
+            if self._total >= self.at_once:
+                raise ApiError(503, "busy", "too many downloads under way; retry")
+            self._total += 1
+            self._of[user] = mine + 1
+
+        def give_back() -> None:
+            with self._lock:
+                self._total -= 1
+                left = self._of.pop(user) - 1
+                if left:
+                    self._of[user] = left
+
+        return give_back
+
+
 class DecryptedFile(StreamingResponse):
     """A streamed download that is aborted, never ended cleanly, when its source fails.
 
@@ -281,8 +331,18 @@ class DecryptedFile(StreamingResponse):
     this the download is cut off the same way and all of that is released."""
 
     send_timeout: float | None = None
+    # Called once when the response ended, however (gives the download's slot back).
+    on_end: Callable[[], None] | None = None
 
     async def stream_response(self, send: Send) -> None:
+        try:
+            await self._stream(send)
+        finally:
+            if self.on_end is not None:
+                self.on_end()
+                self.on_end = None
+
+    async def _stream(self, send: Send) -> None:
         chunks = aiter(self.body_iterator)
         try:
             with anyio.fail_after(self.send_timeout):
@@ -340,6 +400,8 @@ def _file_response(
     if_none_match: str | None,
     if_range: str | None,
     send_timeout: float | None = None,
+    slots: DownloadSlots | None = None,
+    user: str = "",
 ) -> Response:
     tag = downloads.etag(row)
     headers = downloads.headers(row, tag)
@@ -365,16 +427,25 @@ def _file_response(
     if head:
         headers["Content-Length"] = str(row.size)
         return Response(status_code=200, headers=headers)
-    if wanted is None:
-        headers["Content-Length"] = str(row.size)
-        chunks = ReadAhead(_coalesced(service.attachment_bytes(row)))
-        response = DecryptedFile(chunks, status_code=200, headers=headers)
-    else:
-        headers["Content-Length"] = str(wanted.length)
-        headers["Content-Range"] = wanted.content_range
-        chunks = ReadAhead(_coalesced(service.attachment_bytes(row, wanted.start, wanted.length)))
-        response = DecryptedFile(chunks, status_code=206, headers=headers)
+    give_back = slots.take(user) if slots is not None else None
+    try:
+        if wanted is None:
+            headers["Content-Length"] = str(row.size)
+            chunks = ReadAhead(_coalesced(service.attachment_bytes(row)))
+            response = DecryptedFile(chunks, status_code=200, headers=headers)
+        else:
+            headers["Content-Length"] = str(wanted.length)
+            headers["Content-Range"] = wanted.content_range
+            chunks = ReadAhead(
+                _coalesced(service.attachment_bytes(row, wanted.start, wanted.length))
+            )
+            response = DecryptedFile(chunks, status_code=206, headers=headers)
+    except BaseException:
+        if give_back is not None:
+            give_back()
+        raise
     response.send_timeout = send_timeout
+    response.on_end = give_back
     return response
 
 
@@ -481,6 +552,9 @@ def create_app(
         return _json(_search_out(service.search_all(user, q, options)))
 
     send_timeout = settings.reader.limits.send_timeout_seconds
+    slots = DownloadSlots(
+        settings.attachments.downloads_at_once, settings.attachments.downloads_per_user
+    )
     download_doc = (
         "Participants only. Streamed and decrypted on the fly; a single `Range` decrypts only "
         "the segments it touches. `Content-Type` is the media type given at upload; the file "
@@ -506,7 +580,7 @@ def create_app(
     ) -> Response:
         row = service.attachment(user, chat_id, parse_attachment_id(attachment_id))
         return _file_response(
-            service, row, False, range_header, if_none_match, if_range, send_timeout
+            service, row, False, range_header, if_none_match, if_range, send_timeout, slots, user
         )
 
     @app.head(

@@ -607,6 +607,11 @@ class AttachmentSettings(BaseModel):
     # for its whole transfer, however slow: without a share per user, one user trickling that
     # many bodies held every other user's uploads.
     uploads_per_user: int = Field(default=4, ge=1)
+    # Downloads under way at once on one reader (beyond: 503 with Retry-After) and of one user
+    # on it (beyond: 429). A download holds a thread and a few MiB of plaintext for as long as
+    # its client takes to read it: these bound the reader's memory whatever clients do.
+    downloads_at_once: int = Field(default=64, ge=1)
+    downloads_per_user: int = Field(default=8, ge=1)
 
 
 class Settings(BaseSettings):

@@ -732,3 +732,60 @@ def test_a_file_no_message_references_yet_is_its_uploaders_alone(
     assert ranged.status_code == 404
     chats.files.share(row.chat_id, [row.file_id])  # a message of alice's references it
     assert client.get(url_of(row), headers=as_user("bob")).content == data
+
+
+def stalled_download(base_url: str, path: str, headers: dict[str, str]) -> socket.socket:
+    """A GET whose client then reads nothing (a tiny receive buffer, connection kept)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+    request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(request.encode())
+    assert sock.recv(12).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def test_downloads_at_once_are_bounded_per_reader_and_per_user(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Each download holds a thread and several MiB of plaintext while its client is slow
+    (40 stalled downloads grew the reader by about 300 MiB): the listener's 1000 connections
+    were enough to exhaust a reader's memory within the send timeout. Downloads under way are
+    bounded per reader (`AttachmentSettings.downloads_at_once`, else 503 with Retry-After) and
+    per user (`downloads_per_user`, else 429), refused before the object is touched."""
+    files = reader_settings.attachments.model_copy(
+        update={"downloads_at_once": 3, "downloads_per_user": 2}
+    )
+    settings = reader_settings.model_copy(
+        update={"reader": ReaderHttp(port=free_port()), "attachments": files}
+    )
+    chat = chats.chat(("alice", "bob", "carol"))
+    row = chats.upload(chat, os.urandom(8 * MiB))
+    with running_reader(settings) as (base_url, _pid, _log):
+        url = base_url + url_of(row)
+        held = [stalled_download(base_url, url_of(row), as_user("alice")) for _ in range(2)]
+        try:
+            third = httpx.get(url, headers=as_user("alice"), timeout=30)
+            assert third.status_code == 429, third.text
+            assert third.json()["error"]["code"] == "too_many_downloads"
+            held.append(stalled_download(base_url, url_of(row), as_user("bob")))
+            full = httpx.get(url, headers=as_user("carol"), timeout=30)
+            assert full.status_code == 503, full.text
+            assert full.headers["retry-after"] == "1"
+            assert full.json()["error"]["code"] == "busy"
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 30
+        while True:  # the slots come back once the server saw the clients go
+            again = httpx.get(url, headers=as_user("carol"), timeout=30)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200 and len(again.content) == row.size
