@@ -19,7 +19,7 @@ import anyio
 from fastapi import FastAPI, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from reader import downloads
 from reader.messages import ReadMessage
@@ -334,13 +334,25 @@ class DecryptedFile(StreamingResponse):
     # Called once when the response ended, however (gives the download's slot back).
     on_end: Callable[[], None] | None = None
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Here and not only around the streaming: Starlette may cancel the streaming task
+        # before it ever ran (the client left first), and the slot must come back anyway.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ended()
+
     async def stream_response(self, send: Send) -> None:
         try:
             await self._stream(send)
         finally:
-            if self.on_end is not None:
-                self.on_end()
-                self.on_end = None
+            self._ended()
+
+    def _ended(self) -> None:
+        on_end = self.on_end
+        if on_end is not None:
+            self.on_end = None
+            on_end()
 
     async def _stream(self, send: Send) -> None:
         chunks = aiter(self.body_iterator)

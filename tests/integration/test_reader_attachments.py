@@ -16,6 +16,7 @@ import hashlib
 import os
 import signal
 import socket
+import struct
 import tempfile
 import time
 import uuid
@@ -789,3 +790,40 @@ def test_downloads_at_once_are_bounded_per_reader_and_per_user(
                 break
             time.sleep(0.2)
         assert again.status_code == 200 and len(again.content) == row.size
+
+
+def test_download_slots_come_back_when_clients_leave_before_the_first_byte(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Clients that ask and hang up at once (before the response starts, or just after) must
+    not keep their download slots: else a few such requests would lock a user, or with
+    `downloads_at_once` of them the whole reader, out of downloads for good."""
+    files = reader_settings.attachments.model_copy(
+        update={"downloads_at_once": 2, "downloads_per_user": 2}
+    )
+    settings = reader_settings.model_copy(
+        update={"reader": ReaderHttp(port=free_port()), "attachments": files}
+    )
+    row = chats.upload(chats.chat(), os.urandom(4 * MiB))
+    headers = as_user("alice")
+    with running_reader(settings) as (base_url, _pid, _log):
+        host, port = base_url.removeprefix("http://").split(":")
+        request = f"GET {url_of(row)} HTTP/1.1\r\nHost: {host}\r\n"
+        request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(request.encode())
+            sock.close()  # a reset, before or while the reader answers
+        deadline = time.monotonic() + 30
+        while True:
+            again = httpx.get(base_url + url_of(row), headers=headers, timeout=30)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200, again.text
+        assert len(again.content) == row.size
