@@ -41,6 +41,7 @@ from sealstream.lifecycle import (
     delete_message,
     reencrypt_chat,
     settle_upload,
+    sweep_drafts,
 )
 from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.streaming import RawRecord
@@ -622,3 +623,36 @@ def test_the_object_stores_files_hold_no_plaintext_of_stored_attachments(
     assert files_holding_canary() == set()
     for row in stored:
         assert (folder / row.object_key).is_file()  # each encrypted file is there, and scanned
+
+
+def test_the_draft_sweep_removes_uploads_never_sent_and_keeps_sent_and_recent_ones(
+    files: AttachmentFiles, keys: KeyService, message_store: MessageStore, database: Database
+) -> None:
+    """An upload no message referenced (the sender changed their mind, or a client uploads
+    without ever sending) stayed, bytes and row, until its chat was deleted or retention
+    reached it: storage anyone in a chat could fill for good. `sweep_drafts` removes those
+    older than the threshold and never a sent file or a recent draft."""
+    objects = files.objects
+    chat = new_chat(keys)
+    now = datetime.now(UTC)
+    with database.connection() as conn:
+        conn.execute(
+            "UPDATE chats SET created_at = %s WHERE chat_id = %s", (now - timedelta(days=5), chat)
+        )
+    old_ids = SnowflakeIds(15, clock_ms=lambda: int((now - timedelta(days=3)).timestamp() * 1000))
+    old_draft = upload(files, chat, canary_file(SEGMENT + 3), old_ids.next_id())
+    old_sent = upload(files, chat, os.urandom(10), old_ids.next_id())
+    files.share(chat, [old_sent.file_id])
+    new_draft = upload(files, chat, os.urandom(10))
+
+    report = sweep_drafts(keys, message_store, objects, timedelta(hours=24), chats=[chat])
+
+    assert (report.drafts_deleted, report.objects_deleted) == (1, 1)
+    assert files.get(chat, old_draft.file_id) is None
+    with pytest.raises(ObjectNotFound):
+        objects.head(old_draft.object_key)
+    for kept in (old_sent, new_draft):
+        assert files.get(chat, kept.file_id) is not None
+        objects.head(kept.object_key)
+    again = sweep_drafts(keys, message_store, objects, timedelta(hours=24), chats=[chat])
+    assert again.drafts_deleted == 0
