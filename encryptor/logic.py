@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -70,6 +70,10 @@ class MessageSink(Protocol):
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None: ...
 
     def mark_attachment_deleted(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None: ...
+
+    def share_attachments(
+        self, chat_id: uuid.UUID, file_ids: Iterable[int], when: datetime
+    ) -> int: ...
 
 
 class AttachmentObjects(Protocol):
@@ -471,6 +475,12 @@ def store_batch(
         for m in written_rows
     ]
     usage = Tally((m.chat_id, m.dek_version) for m in written_rows)
+    shared_at = datetime.now(UTC)
+    for m in written_rows:
+        if m.attachment_ids:
+            # Sent: readable by the chat and never swept as a draft. The gateway did it before
+            # publishing; a direct producer's post only gets it here. Idempotent (redelivery).
+            sink.share_attachments(m.chat_id, m.attachment_ids, shared_at)
     if sealed.changes:
         # After the posts: an edit of a message posted earlier in this batch finds its row.
         rows = sink.rows_for_change(

@@ -788,6 +788,20 @@ class MessageStore:
             )
         )
 
+    def share_attachments(self, chat_id: uuid.UUID, file_ids: Iterable[int], when: datetime) -> int:
+        """`mark_attachment_shared` for each of `file_ids` that is a live attachment of the
+        chat not shared yet (read first: an id naming no file leaves no row behind); returns
+        how many were marked. The encryptor calls it for every stored post that references
+        files, so that a direct producer's references share them as the gateway's do."""
+        marked = 0
+        for file_id in file_ids:
+            row = self.attachment(chat_id, file_id)
+            if row is None or row.deleted_at is not None or row.shared_at is not None:
+                continue
+            self.mark_attachment_shared(chat_id, file_id, when)
+            marked += 1
+        return marked
+
     def chat_attachments(
         self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int
     ) -> Iterator[AttachmentRow]:

@@ -656,3 +656,31 @@ def test_the_draft_sweep_removes_uploads_never_sent_and_keeps_sent_and_recent_on
         objects.head(kept.object_key)
     again = sweep_drafts(keys, message_store, objects, timedelta(hours=24), chats=[chat])
     assert again.drafts_deleted == 0
+
+
+def test_a_post_stored_by_the_encryptor_shares_its_attachments(
+    files: AttachmentFiles, keys: KeyService, message_store: MessageStore, database: Database
+) -> None:
+    """A direct producer's post (no gateway in the way) referencing a file: the encryptor
+    marks the file sent when it stores the message, so the chat can read it and the draft
+    sweep never removes a file a message names. An id naming no file leaves no row behind."""
+    chat = new_chat(keys)
+    now = datetime.now(UTC)
+    with database.connection() as conn:
+        conn.execute(
+            "UPDATE chats SET created_at = %s WHERE chat_id = %s", (now - timedelta(days=5), chat)
+        )
+    old_ids = SnowflakeIds(16, clock_ms=lambda: int((now - timedelta(days=3)).timestamp() * 1000))
+    photo = upload(files, chat, os.urandom(100), old_ids.next_id())
+    missing = old_ids.next_id()
+    post = MessageRecord(
+        message_id=IDS.next_id(), chat_id=chat, sender_id="ann", text="photo",
+        sent_at=datetime.now(UTC), attachment_ids=(photo.file_id, missing),
+    )  # fmt: skip
+    assert store_batch([_raw(post)], keys, message_store, keys.repo).rejected == []
+    row = files.get(chat, photo.file_id)
+    assert row is not None and row.shared_at is not None
+    assert message_store.attachment(chat, missing) is None
+    swept = sweep_drafts(keys, message_store, files.objects, timedelta(hours=24), chats=[chat])
+    assert swept.drafts_deleted == 0
+    assert files.get(chat, photo.file_id) is not None
