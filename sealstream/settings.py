@@ -611,7 +611,17 @@ class AttachmentSettings(BaseModel):
     # on it (beyond: 429). A download holds a thread and a few MiB of plaintext for as long as
     # its client takes to read it: these bound the reader's memory whatever clients do.
     downloads_at_once: int = Field(default=64, ge=1)
-    downloads_per_user: int = Field(default=8, ge=1)
+    downloads_per_user: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _downloads_cover_a_message(self) -> AttachmentSettings:
+        # A client showing a message fetches its files side by side: never refuse that.
+        if self.downloads_per_user < self.max_per_message:
+            raise ValueError(
+                f"downloads_per_user ({self.downloads_per_user}) must be at least "
+                f"max_per_message ({self.max_per_message})"
+            )
+        return self
 
 
 class Settings(BaseSettings):

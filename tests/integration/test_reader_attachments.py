@@ -761,7 +761,7 @@ def test_downloads_at_once_are_bounded_per_reader_and_per_user(
     bounded per reader (`AttachmentSettings.downloads_at_once`, else 503 with Retry-After) and
     per user (`downloads_per_user`, else 429), refused before the object is touched."""
     files = reader_settings.attachments.model_copy(
-        update={"downloads_at_once": 3, "downloads_per_user": 2}
+        update={"downloads_at_once": 3, "downloads_per_user": 2, "max_per_message": 2}
     )
     settings = reader_settings.model_copy(
         update={"reader": ReaderHttp(port=free_port()), "attachments": files}
@@ -803,7 +803,7 @@ def test_download_slots_come_back_when_clients_leave_before_the_first_byte(
     not keep their download slots: else a few such requests would lock a user, or with
     `downloads_at_once` of them the whole reader, out of downloads for good."""
     files = reader_settings.attachments.model_copy(
-        update={"downloads_at_once": 2, "downloads_per_user": 2}
+        update={"downloads_at_once": 2, "downloads_per_user": 2, "max_per_message": 2}
     )
     settings = reader_settings.model_copy(
         update={"reader": ReaderHttp(port=free_port()), "attachments": files}
