@@ -19,7 +19,7 @@ import anyio
 from fastapi import FastAPI, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from reader import downloads
 from reader.messages import ReadMessage
@@ -317,6 +317,10 @@ class DownloadSlots:
         return give_back
 
 
+class _ClientStalled(Exception):
+    """The client took no piece of a download within the send timeout."""
+
+
 class DecryptedFile(StreamingResponse):
     """A streamed download that is aborted, never ended cleanly, when its source fails.
 
@@ -348,6 +352,14 @@ class DecryptedFile(StreamingResponse):
         finally:
             self._ended()
 
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            # Only this deadline: a timeout of the store's read is a failure of the source.
+            raise _ClientStalled() from None
+
     def _ended(self) -> None:
         on_end = self.on_end
         if on_end is not None:
@@ -357,18 +369,19 @@ class DecryptedFile(StreamingResponse):
     async def _stream(self, send: Send) -> None:
         chunks = aiter(self.body_iterator)
         try:
-            with anyio.fail_after(self.send_timeout):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": self.status_code,
-                        "headers": self.raw_headers,
-                    }
-                )
+            await self._send(
+                send,
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                },
+            )
             async for chunk in chunks:
-                with anyio.fail_after(self.send_timeout):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TimeoutError:
+                await self._send(
+                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
+        except _ClientStalled:
             log.warning(
                 "attachment download cut off: the client read nothing in time",
                 extra={"send_timeout_seconds": self.send_timeout},
