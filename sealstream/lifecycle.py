@@ -304,13 +304,17 @@ def delete_attachments(
     chat_id: uuid.UUID,
     file_ids: tuple[int, ...],
     when: datetime,
+    message_id: int,
 ) -> tuple[int, int]:
     """Mark a deleted message's attachments deleted (the reader answers 404 from then on) and,
     with `objects`, delete their objects; returns (rows marked, objects deleted). Idempotent: a
     row already marked keeps its first date, a missing object is skipped. Raises
-    `StoreUnavailable`, `ObjectStoreError`."""
+    `StoreUnavailable`, `ObjectStoreError`. A file another message (than `message_id`, being
+    deleted) still references is left alone."""
     marked = removed = 0
     for file_id in file_ids:
+        if not store.release_attachment(chat_id, file_id, message_id):
+            continue
         row = store.attachment(chat_id, file_id)
         if row is not None and row.deleted_at is None:
             store.mark_attachment_deleted(chat_id, file_id, when)
@@ -351,7 +355,9 @@ def delete_message(
         return MessageDeletion(False)
     found = row.deleted_at is None
     when = datetime.now(UTC)
-    marked, removed = delete_attachments(store, objects, chat_id, row.attachment_ids, when)
+    marked, removed = delete_attachments(
+        store, objects, chat_id, row.attachment_ids, when, message_id
+    )
     if found:
         store.mark_deleted(chat_id, message_id, when)
     index.delete_message(chat_id, message_id)  # again if already deleted: finishes a failed call

@@ -684,3 +684,48 @@ def test_a_post_stored_by_the_encryptor_shares_its_attachments(
     swept = sweep_drafts(keys, message_store, files.objects, timedelta(hours=24), chats=[chat])
     assert swept.drafts_deleted == 0
     assert files.get(chat, photo.file_id) is not None
+
+
+def test_a_file_two_messages_reference_goes_with_the_last_of_them(
+    files: AttachmentFiles,
+    keys: KeyService,
+    message_store: MessageStore,
+    search_index: SearchIndex,
+) -> None:
+    """The gateway lets a sender name one of their files in several messages (a forward, a
+    repost). Deleting one of them removed the file for all: the other message then named a
+    file that answered 404. A file goes when the last message naming it is deleted, by the
+    sender (encryptor) or an operator (admin API, CLI)."""
+    chat = new_chat(keys)
+    photo = upload(files, chat, os.urandom(100))
+    posts = [
+        MessageRecord(
+            message_id=IDS.next_id(),
+            chat_id=chat,
+            sender_id="ann",
+            text=f"photo {i}",
+            sent_at=datetime.now(UTC),
+            attachment_ids=(photo.file_id,),
+        )
+        for i in range(3)
+    ]
+    assert store_batch([_raw(p) for p in posts], keys, message_store, keys.repo).rejected == []
+    delete = MessageRecord(
+        kind="delete", message_id=posts[0].message_id, event_id=IDS.next_id(), chat_id=chat,
+        sender_id="ann", sent_at=datetime.now(UTC),
+    )  # fmt: skip
+    store_batch([_raw(delete)], keys, message_store, keys.repo, objects=files.objects)
+    assert files.get(chat, photo.file_id) is not None, "a sender's deletion took a shared file"
+    files.objects.head(photo.object_key)
+    done = delete_message(
+        message_store, search_index, chat, posts[1].message_id, objects=files.objects
+    )
+    assert done.found and done.attachments_deleted == 0
+    assert files.get(chat, photo.file_id) is not None, "an operator's deletion took it"
+    last = delete_message(
+        message_store, search_index, chat, posts[2].message_id, objects=files.objects
+    )
+    assert (last.attachments_deleted, last.attachment_objects_deleted) == (1, 1)
+    assert files.get(chat, photo.file_id) is None
+    with pytest.raises(ObjectNotFound):
+        files.objects.head(photo.object_key)
