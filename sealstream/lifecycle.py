@@ -289,8 +289,8 @@ def rotate_master_key(
 @dataclass(frozen=True)
 class MessageDeletion:
     """What `delete_message` did. `found`: the message was live and is deleted now (False: not
-    stored, or deleted before). `attachments_deleted`: attachment rows it references marked
-    deleted by this call; `attachment_objects_deleted`: their objects found and deleted (also
+    stored, or deleted before). `attachments_deleted`: attachment rows it references (and no
+    other message does) marked deleted by this call; `attachment_objects_deleted`: their objects found and deleted (also
     when the message was deleted before: a failed call's objects are finished)."""
 
     found: bool
