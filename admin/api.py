@@ -234,7 +234,9 @@ class MessageDeletedOut(BaseModel):
     message_id: str
     deleted: bool
     attachments_deleted: int = Field(
-        0, description="Attachments the message referenced, marked deleted (downloads: 404)"
+        0,
+        description="Attachments the message referenced and no other message does, marked "
+        "deleted (downloads: 404)",
     )
     attachment_objects_deleted: int = Field(
         0, description="Their encrypted objects deleted from the object store"

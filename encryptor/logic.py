@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -70,6 +70,12 @@ class MessageSink(Protocol):
     def mark_deleted(self, chat_id: uuid.UUID, message_id: int, when: datetime) -> None: ...
 
     def mark_attachment_deleted(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None: ...
+
+    def share_attachments(
+        self, chat_id: uuid.UUID, file_ids: Iterable[int], when: datetime, message_id: int
+    ) -> int: ...
+
+    def release_attachment(self, chat_id: uuid.UUID, file_id: int, message_id: int) -> bool: ...
 
 
 class AttachmentObjects(Protocol):
@@ -471,6 +477,12 @@ def store_batch(
         for m in written_rows
     ]
     usage = Tally((m.chat_id, m.dek_version) for m in written_rows)
+    shared_at = datetime.now(UTC)
+    for m in written_rows:
+        if m.attachment_ids:
+            # Sent: readable by the chat and never swept as a draft. The gateway did it before
+            # publishing; a direct producer's post only gets it here. Idempotent (redelivery).
+            sink.share_attachments(m.chat_id, m.attachment_ids, shared_at, m.message_id)
     if sealed.changes:
         # After the posts: an edit of a message posted earlier in this batch finds its row.
         rows = sink.rows_for_change(
@@ -493,6 +505,8 @@ def store_batch(
             # the post or of an edit brings it back), dated with the deletion's id time.
             assert deleted.deleted_at is not None
             for file_id in deleted.attachment_ids:  # first: a failure leaves the message live
+                if not sink.release_attachment(deleted.chat_id, file_id, deleted.message_id):
+                    continue  # another message still names the file: it stays
                 sink.mark_attachment_deleted(deleted.chat_id, file_id, deleted.deleted_at)
                 if objects is not None:
                     objects.delete(object_key(deleted.chat_id, file_id))

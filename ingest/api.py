@@ -406,7 +406,7 @@ def create_app(
         tags=[ATTACHMENTS],
         summary="Upload a file",
         responses={
-            **_errors(401, 403, 404, 410, 413, 415, 422, 503, described=_UPLOAD_ERRORS),
+            **_errors(401, 403, 404, 410, 413, 415, 422, 429, 503, described=_UPLOAD_ERRORS),
             201: {
                 "description": "Stored, encrypted; reference `attachment_id` in a message",
                 "headers": {
@@ -446,6 +446,10 @@ def create_app(
         except ApiError as err:
             if err.status == 413:  # do not read (and discard) the rest of a body too large
                 return _closing_error(err)
+            if err.status == 429:  # nor the body of an upload refused for now
+                refusal = _closing_error(err)
+                refusal.headers["Retry-After"] = "1"
+                return refusal
             raise
         except UploadAborted:
             # The client went away: nobody reads this answer, and nothing was stored.
@@ -543,6 +547,8 @@ _UPLOAD_ERRORS = {
     415: "`unsupported_content_type`: `Content-Type` missing or not in "
     "`AttachmentSettings.content_types` (field `header.content-type`)",
     422: "Invalid request: the chat id is not a UUID (`path.chat_id`)",
+    429: "`too_many_uploads`: the caller already has `AttachmentSettings.uploads_per_user` "
+    "uploads under way on this gateway; retry after `Retry-After` seconds",
     503: "The object store, Cassandra, Postgres or the KMS did not answer; nothing was stored, "
     "retry after `Retry-After` seconds",
 }

@@ -68,6 +68,11 @@ class AttachmentStore(Protocol):
         `StoreUnavailable` when Cassandra does not answer."""
         ...
 
+    def share(self, chat_id: uuid.UUID, file_ids: Iterable[int]) -> None:
+        """Record that a message references these attachments (then every participant may
+        read them). Raises `StoreUnavailable`."""
+        ...
+
 
 class RecordPublisher(Protocol):
     async def publish(self, topic: str, records: Sequence[MessageRecord]) -> None:

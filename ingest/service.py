@@ -250,6 +250,8 @@ class IngestService:
         self.attachments = attachments
         self.attachment_settings = attachment_settings or AttachmentSettings()
         self._upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
+        # Uploads under way per user (touched on the event loop only: no lock needed).
+        self._uploads_of: dict[str, int] = {}
         self.publisher = publisher
         self.ids = ids
         self.claims = claims
@@ -345,7 +347,9 @@ class IngestService:
         `max_bytes` (the body is then not read) or the body passes it. `StoreUnavailable` or
         another retriable error (-> 503) when Postgres, Cassandra, the object store or the KMS
         is down; `UploadAborted` when the body ends early. Whatever fails, nothing of the file
-        remains (no row, no object, no open multipart upload)."""
+        remains (no row, no object, no open multipart upload). 429 `too_many_uploads` when
+        `user` already has `AttachmentSettings.uploads_per_user` uploads under way here (the
+        body is then not read)."""
         chat = self._cached_chat(chat_id, ())
         if chat is None:
             await self._in_thread(self.authorize, user, chat_id)
@@ -358,6 +362,16 @@ class IngestService:
         files = self.attachments
         if files is None:
             raise StoreUnavailable("this gateway has no attachment store")
+        under_way = self._uploads_of.get(user, 0)
+        most = self.attachment_settings.uploads_per_user
+        if under_way >= most:
+            raise ApiError(
+                429,
+                "too_many_uploads",
+                f"at most {most} uploads of one user at once "
+                "(AttachmentSettings.uploads_per_user); retry when one has finished",
+            )
+        self._uploads_of[user] = under_way + 1
         file_id = self.ids.next_id()
         try:
             row = await store_streamed(
@@ -367,6 +381,10 @@ class IngestService:
             )
         except AttachmentTooLarge:
             raise too_large(limit) from None
+        finally:
+            left = self._uploads_of.pop(user) - 1
+            if left:
+                self._uploads_of[user] = left
         UPLOADS.inc()
         UPLOAD_BYTES.inc(row.size)
         return row
@@ -496,7 +514,8 @@ class IngestService:
         """Every attachment id of every item is a live attachment of this chat uploaded by
         `user`; else 422 `unknown_attachment` naming the first that is not (`attachments[i]`).
         One answer for unknown, deleted, another chat's and another sender's: a reference
-        reveals nothing about files the caller did not upload."""
+        reveals nothing about files the caller did not upload. Once all pass, the files not
+        shared yet are marked shared (`AttachmentFiles.share`): readable by the chat."""
         files = self.attachments
         if files is None:
             raise StoreUnavailable("this gateway has no attachment store")
@@ -507,10 +526,17 @@ class IngestService:
         ]
 
         def first_unknown() -> tuple[str, int] | None:
+            unshared = []
             for field, file_id in wanted:
                 row = files.get(chat_id, file_id)
                 if row is None or row.sender_id != user:
                     return field, file_id
+                if row.shared_at is None:
+                    unshared.append(file_id)
+            # Sent: the chat may read them from now on (before the record is published, so
+            # a participant who sees the message can fetch its files). A post that then fails
+            # leaves them readable, as the sender meant them to be.
+            files.share(chat_id, unshared)
             return None
 
         unknown = await self._in_cassandra(first_unknown)

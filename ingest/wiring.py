@@ -8,7 +8,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import ExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
@@ -123,6 +123,9 @@ class StoredMessages:
     def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
         return self._connected().attachment(chat_id, file_id)
 
+    def mark_attachment_shared(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None:
+        self._connected().mark_attachment_shared(chat_id, file_id, when)
+
     def check(self) -> None:
         """Connect now if not connected; `StoreUnavailable` when Cassandra does not answer."""
         self._connected()
@@ -205,6 +208,9 @@ class GatewayAttachments:
 
     def get(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None:
         return self._opened().get(chat_id, file_id)
+
+    def share(self, chat_id: uuid.UUID, file_ids: Iterable[int]) -> None:
+        self._opened().share(chat_id, file_ids)
 
     def _opened(self) -> AttachmentFiles:
         with self._lock:

@@ -9,15 +9,17 @@ reads it (reader.downloads holds their HTTP semantics).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import FastAPI, Header, Path, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.types import Send
+from starlette.types import Message, Receive, Scope, Send
 
 from reader import downloads
 from reader.messages import ReadMessage
@@ -239,6 +241,14 @@ _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: If-None-Match named the file's ETag"},
     404: {"description": "No such chat, or no such (or a deleted) attachment in it"},
     416: {"description": "The range starts past the end (`Content-Range: bytes */size`)"},
+    429: {
+        "description": "`too_many_downloads`: the caller already has "
+        "`AttachmentSettings.downloads_per_user` downloads under way on this reader"
+    },
+    503: {
+        "description": "`busy`: `AttachmentSettings.downloads_at_once` downloads under way on "
+        "this reader, or the object store is unavailable; retry after `Retry-After` seconds"
+    },
     500: {
         "description": "The stored file failed its integrity check before its first byte "
         "(`integrity_error`), or a bug. A failure after the first byte aborts the connection: "
@@ -266,22 +276,117 @@ def parse_attachment_id(raw: str) -> int:
     return value
 
 
+class DownloadSlots:
+    """Downloads under way on this reader, in all and per user: a download takes a slot before
+    its object is touched and gives it back when its response ends, however it ends. Beyond
+    `at_once` in all: 503 `busy` (Retry-After); beyond `per_user` of one user: 429
+    `too_many_downloads`. Taken in the route's worker thread, given back on the event loop:
+    hence the lock."""
+
+    def __init__(self, at_once: int, per_user: int) -> None:
+        self.at_once = at_once
+        self.per_user = per_user
+        self._lock = threading.Lock()
+        self._total = 0
+        self._of: dict[str, int] = {}
+
+    def take(self, user: str) -> Callable[[], None]:
+        """A slot for `user`, or `ApiError` (429/503); returns the function that gives it back
+        (call it once)."""
+        with self._lock:
+            mine = self._of.get(user, 0)
+            if mine >= self.per_user:
+                raise ApiError(
+                    429,
+                    "too_many_downloads",
+                    f"at most {self.per_user} downloads of one user at once "
+                    "(AttachmentSettings.downloads_per_user); retry when one has finished",
+                )
+            if self._total >= self.at_once:
+                raise ApiError(503, "busy", "too many downloads under way; retry")
+            self._total += 1
+            self._of[user] = mine + 1
+
+        def give_back() -> None:
+            with self._lock:
+                self._total -= 1
+                left = self._of.pop(user) - 1
+                if left:
+                    self._of[user] = left
+
+        return give_back
+
+
+class _ClientStalled(Exception):
+    """The client took no piece of a download within the send timeout."""
+
+
 class DecryptedFile(StreamingResponse):
     """A streamed download that is aborted, never ended cleanly, when its source fails.
 
     Once the status line is sent, the only way left to tell the client that the body is not
     the file is to break the transfer: the last (empty) body message is never sent, so the
     server closes the connection short of Content-Length and the client sees a truncated
-    transfer (curl: "transfer closed with N bytes remaining"), not a complete file."""
+    transfer (curl: "transfer closed with N bytes remaining"), not a complete file.
+
+    `send_timeout`: seconds the client may take to accept each piece (about 1 MiB). uvicorn
+    waits for ever on a client that keeps its socket open and reads nothing, and meanwhile the
+    download holds its read-ahead thread, a store connection and a few MiB of plaintext; past
+    this the download is cut off the same way and all of that is released."""
+
+    send_timeout: float | None = None
+    # Called once when the response ended, however (gives the download's slot back).
+    on_end: Callable[[], None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Here and not only around the streaming: Starlette may cancel the streaming task
+        # before it ever ran (the client left first), and the slot must come back anyway.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ended()
 
     async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        try:
+            await self._stream(send)
+        finally:
+            self._ended()
+
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            with anyio.fail_after(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            # Only this deadline: a timeout of the store's read is a failure of the source.
+            raise _ClientStalled() from None
+
+    def _ended(self) -> None:
+        on_end = self.on_end
+        if on_end is not None:
+            self.on_end = None
+            on_end()
+
+    async def _stream(self, send: Send) -> None:
         chunks = aiter(self.body_iterator)
         try:
+            await self._send(
+                send,
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                },
+            )
             async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._send(
+                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
+        except _ClientStalled:
+            log.warning(
+                "attachment download cut off: the client read nothing in time",
+                extra={"send_timeout_seconds": self.send_timeout},
+            )
+            return
         except Exception as exc:  # noqa: BLE001 - any failure mid-body ends in an abort
             # The integrity failure itself was logged by ids (ReaderService); the type only.
             log.error("attachment download aborted", extra={"error": type(exc).__name__})
@@ -319,6 +424,9 @@ def _file_response(
     range_header: str | None,
     if_none_match: str | None,
     if_range: str | None,
+    send_timeout: float | None = None,
+    slots: DownloadSlots | None = None,
+    user: str = "",
 ) -> Response:
     tag = downloads.etag(row)
     headers = downloads.headers(row, tag)
@@ -344,14 +452,26 @@ def _file_response(
     if head:
         headers["Content-Length"] = str(row.size)
         return Response(status_code=200, headers=headers)
-    if wanted is None:
-        headers["Content-Length"] = str(row.size)
-        chunks = ReadAhead(_coalesced(service.attachment_bytes(row)))
-        return DecryptedFile(chunks, status_code=200, headers=headers)
-    headers["Content-Length"] = str(wanted.length)
-    headers["Content-Range"] = wanted.content_range
-    chunks = ReadAhead(_coalesced(service.attachment_bytes(row, wanted.start, wanted.length)))
-    return DecryptedFile(chunks, status_code=206, headers=headers)
+    give_back = slots.take(user) if slots is not None else None
+    try:
+        if wanted is None:
+            headers["Content-Length"] = str(row.size)
+            chunks = ReadAhead(_coalesced(service.attachment_bytes(row)))
+            response = DecryptedFile(chunks, status_code=200, headers=headers)
+        else:
+            headers["Content-Length"] = str(wanted.length)
+            headers["Content-Range"] = wanted.content_range
+            chunks = ReadAhead(
+                _coalesced(service.attachment_bytes(row, wanted.start, wanted.length))
+            )
+            response = DecryptedFile(chunks, status_code=206, headers=headers)
+    except BaseException:
+        if give_back is not None:
+            give_back()
+        raise
+    response.send_timeout = send_timeout
+    response.on_end = give_back
+    return response
 
 
 def create_app(
@@ -456,6 +576,10 @@ def create_app(
         )
         return _json(_search_out(service.search_all(user, q, options)))
 
+    send_timeout = settings.reader.limits.send_timeout_seconds
+    slots = DownloadSlots(
+        settings.attachments.downloads_at_once, settings.attachments.downloads_per_user
+    )
     download_doc = (
         "Participants only. Streamed and decrypted on the fly; a single `Range` decrypts only "
         "the segments it touches. `Content-Type` is the media type given at upload; the file "
@@ -480,7 +604,9 @@ def create_app(
         if_range: IfRangeHeader = None,
     ) -> Response:
         row = service.attachment(user, chat_id, parse_attachment_id(attachment_id))
-        return _file_response(service, row, False, range_header, if_none_match, if_range)
+        return _file_response(
+            service, row, False, range_header, if_none_match, if_range, send_timeout, slots, user
+        )
 
     @app.head(
         "/v1/chats/{chat_id}/attachments/{attachment_id}",

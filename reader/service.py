@@ -44,6 +44,7 @@ from schemas.ids import EPOCH_MS, SEQUENCE_BITS, WORKER_BITS
 from sealstream.adapters.cassandra import AttachmentRow, StoredMessage
 from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.postgres import ChatRow
+from sealstream.attachments import readable_by
 from sealstream.crypto import envelope_dek_version, open_envelope
 from sealstream.errors import DecryptionError, KeyNotFound
 from sealstream.http import ApiError
@@ -373,10 +374,12 @@ class ReaderService:
     def attachment(self, user: str, chat_id: uuid.UUID, file_id: int) -> AttachmentRow:
         """The metadata of a live attachment of the chat, if `user` may read the chat: the chat
         checks of the message routes first (404 unknown chat, 410 deleted, 403 not a
-        participant), then 404 for an unknown, deleted or other chat's attachment."""
+        participant), then 404 for an unknown, deleted or other chat's attachment, and for
+        one no message referenced yet unless `user` uploaded it."""
         self._chat_for(user, chat_id)
         row = self._files().get(chat_id, file_id)
-        if row is None:
+        if row is None or not readable_by(row, user):
+            # Not sent in a message yet: the uploader's draft, answered as unknown to others.
             raise ApiError(404, "not_found", "no such attachment in this chat")
         return row
 

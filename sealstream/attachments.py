@@ -24,6 +24,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from schemas.ids import id_time
@@ -42,6 +43,13 @@ from sealstream.file_crypto import (
 
 OBJECT_CONTENT_TYPE = "application/octet-stream"
 """What the object store is told an attachment object is: ciphertext, whatever the file."""
+
+
+def readable_by(row: AttachmentRow, user: str) -> bool:
+    """Whether a participant `user` of the row's chat may read the file: its uploader always,
+    the others once a message referenced it (an upload never sent stays its uploader's draft:
+    another participant must not fetch it by guessing its id)."""
+    return row.sender_id == user or row.shared_at is not None
 
 
 def chat_prefix(chat_id: uuid.UUID) -> str:
@@ -77,6 +85,8 @@ class AttachmentRows(Protocol):
     def write_attachment(self, row: AttachmentRow) -> None: ...
 
     def attachment(self, chat_id: uuid.UUID, file_id: int) -> AttachmentRow | None: ...
+
+    def mark_attachment_shared(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None: ...
 
 
 def _limited(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
@@ -161,6 +171,14 @@ class AttachmentFiles:
         row = self.rows.attachment(chat_id, file_id)
         return None if row is None or row.deleted_at is not None else row
 
+    def share(self, chat_id: uuid.UUID, file_ids: Iterable[int]) -> None:
+        """Record that a message references these live attachments of the chat (the gateway,
+        once it checked them): until then a file is readable by its uploader only
+        (`readable_by`). Raises `StoreUnavailable`."""
+        now = datetime.now(UTC)
+        for file_id in file_ids:
+            self.rows.mark_attachment_shared(chat_id, file_id, now)
+
     def read(
         self, row: AttachmentRow, start: int = 0, length: int | None = None
     ) -> Iterator[bytes]:
@@ -183,7 +201,9 @@ class AttachmentFiles:
         key = self.keys.key(row.chat_id, row.dek_version)
         ctx = FileContext(row.chat_id, row.file_id)
         if whole:  # one request for the whole object (an empty file is one empty segment)
-            chunks = decrypt_file(key, ctx, _read_ahead(self.objects.get(row.object_key)))
+            chunks = _exactly(
+                decrypt_file(key, ctx, _read_ahead(self.objects.get(row.object_key))), size
+            )
         else:
             chunks = self._read_range(row, key, ctx, start, length)
         return _primed(chunks)
@@ -279,6 +299,31 @@ def _read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD_CHUNKS) -> Iter
             yield item
     finally:
         stopped.set()
+
+
+def _exactly(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """`chunks`, the whole file's plaintext, checked to be exactly `size` bytes (the row's
+    size, which the response's Content-Length states): `DecryptionError` otherwise.
+
+    The file's own framing (its last-segment flag) proves where the file ends, but the row's
+    size is only a Cassandra column: a row cut to a segment boundary would otherwise end the
+    response cleanly with a truncated file. So the last piece is held back until the file is
+    known to end there, and a file longer than the row fails before the row's size is reached.
+    """
+    seen = 0
+    held: bytes | None = None
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > size:
+            _close(chunks)
+            raise DecryptionError()
+        if held is not None:
+            yield held
+        held = chunk
+    if seen != size:
+        raise DecryptionError()
+    if held is not None:
+        yield held
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:

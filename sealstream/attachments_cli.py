@@ -67,3 +67,36 @@ def sweep_uploads(
     console.print(
         f"{verb} {len(chosen)} upload(s) started over {hours:g} h ago in {settings.bucket}"
     )
+
+
+@attachments_app.command("sweep-drafts")
+def sweep_drafts_command(
+    older_than_hours: Annotated[
+        float, typer.Option(help="delete uploads unsent for longer than this", min=1)
+    ] = 24.0,
+) -> None:
+    """Delete uploads no message referenced (drafts) older than a threshold, in every active
+    chat: rows marked deleted, then objects deleted. Idempotent; run it on a schedule."""
+    from contextlib import closing
+
+    from sealstream.adapters.object_store import ObjectStore, ObjectStoreError
+    from sealstream.errors import StoreUnavailable
+    from sealstream.lifecycle import sweep_drafts
+    from sealstream.settings import Settings
+    from sealstream.wiring import key_service, message_stores
+
+    settings = Settings()
+    try:
+        with (
+            message_stores(settings) as (store, _index),
+            key_service(settings, actor="cli") as keys,
+            closing(ObjectStore(settings.object_store)) as objects,
+        ):
+            report = sweep_drafts(keys, store, objects, timedelta(hours=older_than_hours))
+    except (ObjectStoreError, StoreUnavailable) as err:
+        console.print(f"[red]sweep failed (run it again):[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"{report.chats} chats: {report.drafts_deleted} unsent uploads older than "
+        f"{older_than_hours:g} h deleted, {report.objects_deleted} objects removed"
+    )

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from schemas.ids import first_id_at
+from schemas.ids import first_id_at, id_millis
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore, StoredMessage
 from sealstream.adapters.object_store import ObjectNotFound, ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
@@ -289,8 +289,8 @@ def rotate_master_key(
 @dataclass(frozen=True)
 class MessageDeletion:
     """What `delete_message` did. `found`: the message was live and is deleted now (False: not
-    stored, or deleted before). `attachments_deleted`: attachment rows it references marked
-    deleted by this call; `attachment_objects_deleted`: their objects found and deleted (also
+    stored, or deleted before). `attachments_deleted`: attachment rows it references (and no
+    other message does) marked deleted by this call; `attachment_objects_deleted`: their objects found and deleted (also
     when the message was deleted before: a failed call's objects are finished)."""
 
     found: bool
@@ -304,13 +304,17 @@ def delete_attachments(
     chat_id: uuid.UUID,
     file_ids: tuple[int, ...],
     when: datetime,
+    message_id: int,
 ) -> tuple[int, int]:
     """Mark a deleted message's attachments deleted (the reader answers 404 from then on) and,
     with `objects`, delete their objects; returns (rows marked, objects deleted). Idempotent: a
     row already marked keeps its first date, a missing object is skipped. Raises
-    `StoreUnavailable`, `ObjectStoreError`."""
+    `StoreUnavailable`, `ObjectStoreError`. A file another message (than `message_id`, being
+    deleted) still references is left alone."""
     marked = removed = 0
     for file_id in file_ids:
+        if not store.release_attachment(chat_id, file_id, message_id):
+            continue
         row = store.attachment(chat_id, file_id)
         if row is not None and row.deleted_at is None:
             store.mark_attachment_deleted(chat_id, file_id, when)
@@ -351,7 +355,9 @@ def delete_message(
         return MessageDeletion(False)
     found = row.deleted_at is None
     when = datetime.now(UTC)
-    marked, removed = delete_attachments(store, objects, chat_id, row.attachment_ids, when)
+    marked, removed = delete_attachments(
+        store, objects, chat_id, row.attachment_ids, when, message_id
+    )
     if found:
         store.mark_deleted(chat_id, message_id, when)
     index.delete_message(chat_id, message_id)  # again if already deleted: finishes a failed call
@@ -510,6 +516,60 @@ def apply_retention(
         attachment_rows,
         attachment_objects,
     )
+
+
+@dataclass(frozen=True)
+class DraftSweep:
+    """What `sweep_drafts` did: chats looked at, unsent uploads marked deleted, their objects
+    deleted."""
+
+    chats: int
+    drafts_deleted: int
+    objects_deleted: int
+
+
+def sweep_drafts(
+    keys: KeyService,
+    store: MessageStore,
+    objects: ObjectStore,
+    older_than: timedelta,
+    chats: Collection[uuid.UUID] | None = None,
+    now: datetime | None = None,
+) -> DraftSweep:
+    """Delete attachments no message referenced (`shared_at` unset) whose id is older than
+    `older_than`: an upload is a draft until sent, and one never sent would otherwise stay
+    until its chat's deletion or retention. Each is marked deleted (the reader answers 404)
+    before its object is deleted. Every active chat, or only `chats`. Idempotent; raises
+    `StoreUnavailable`, `ObjectStoreError` (run it again).
+
+    A message accepted by the gateway in the instant between its reference check and this
+    sweep's mark may name a file the sweep removes (then a 404 for that file): only files
+    unsent for `older_than` are at stake."""
+    now = now or datetime.now(UTC)
+    cutoff_ms = int((now - older_than).timestamp() * 1000)
+    wanted = None if chats is None else set(chats)
+    looked = drafts = removed = 0
+    for chat_id, created_at in keys.repo.active_chats():
+        if wanted is not None and chat_id not in wanted:
+            continue
+        looked += 1
+        oldest_ms, _ = _chat_span(created_at)
+        if cutoff_ms <= oldest_ms:
+            continue
+        for row in list(store.chat_attachments(chat_id, oldest_ms, cutoff_ms)):
+            if row.deleted_at is not None or row.shared_at is not None:
+                continue
+            if id_millis(row.file_id) >= cutoff_ms:
+                continue  # the scan covers whole buckets: newer files come with it
+            store.mark_attachment_deleted(chat_id, row.file_id, now)
+            drafts += 1
+            try:
+                objects.head(row.object_key)
+            except ObjectNotFound:
+                continue
+            objects.delete(row.object_key)
+            removed += 1
+    return DraftSweep(looked, drafts, removed)
 
 
 def _not(predicate: Callable[[str], bool]) -> Callable[[str], bool]:

@@ -415,7 +415,8 @@ class HttpLimits(BaseModel):
     beyond `max_connections` open at once gets 503 (with Retry-After) and is closed; a request
     head not complete within `head_timeout_seconds` of connecting (or of the request's first
     byte), or a body not complete within `body_timeout_seconds` after its head, gets 408 and the
-    connection is closed.
+    connection is closed. A streamed attachment download whose client takes none of the next
+    piece within `send_timeout_seconds` is cut off (the reader; docs/operations.md).
     """
 
     model_config = {"frozen": True}
@@ -429,6 +430,9 @@ class HttpLimits(BaseModel):
     # the connection opening / the request starting gets 408 and the connection is closed.
     head_timeout_seconds: float = Field(default=10.0, gt=0)
     body_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A streamed response (an attachment download) whose client takes none of the next piece
+    # (about 1 MiB) within these seconds is cut off: its thread and store connection are freed.
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class HttpSettings(BaseModel):
@@ -598,6 +602,26 @@ class AttachmentSettings(BaseModel):
     segment_size: int = Field(default=64 * 1024, ge=64, le=16 * 1024 * 1024)
     # Attachments one message may reference.
     max_per_message: int = Field(default=10, ge=1, le=100)
+    # Uploads one user may have under way at once on one gateway; more are refused with 429.
+    # Each upload holds one of the gateway's upload threads (`ingest.service.UPLOAD_THREADS`)
+    # for its whole transfer, however slow: without a share per user, one user trickling that
+    # many bodies held every other user's uploads.
+    uploads_per_user: int = Field(default=4, ge=1)
+    # Downloads under way at once on one reader (beyond: 503 with Retry-After) and of one user
+    # on it (beyond: 429). A download holds a thread and a few MiB of plaintext for as long as
+    # its client takes to read it: these bound the reader's memory whatever clients do.
+    downloads_at_once: int = Field(default=64, ge=1)
+    downloads_per_user: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _downloads_cover_a_message(self) -> AttachmentSettings:
+        # A client showing a message fetches its files side by side: never refuse that.
+        if self.downloads_per_user < self.max_per_message:
+            raise ValueError(
+                f"downloads_per_user ({self.downloads_per_user}) must be at least "
+                f"max_per_message ({self.max_per_message})"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -174,7 +174,9 @@ class AttachmentRow:
 
     `size` is the plaintext size in bytes, `ciphertext_size` what the object store holds
     (`FileLayout(segment_size).ciphertext_size(size)`); `object_key` is where; `dek_version`
-    the chat DEK version the file key derives from. Nothing here reveals the content."""
+    the chat DEK version the file key derives from. `shared_at`: when a message first
+    referenced it (None: not sent yet, its uploader's alone; schemas/cassandra/006). Nothing
+    here reveals the content."""
 
     chat_id: uuid.UUID
     file_id: int
@@ -187,6 +189,9 @@ class AttachmentRow:
     object_key: str
     created_at: datetime
     deleted_at: datetime | None = None
+    shared_at: datetime | None = None
+    # The stored posts that reference it (schemas/cassandra/006); empty for a draft.
+    message_ids: frozenset[int] = frozenset()
 
 
 def _attachment(row: Any) -> AttachmentRow:
@@ -202,6 +207,8 @@ def _attachment(row: Any) -> AttachmentRow:
         object_key=row.object_key,
         created_at=row.created_at.replace(tzinfo=UTC),
         deleted_at=row.deleted_at.replace(tzinfo=UTC) if row.deleted_at else None,
+        shared_at=row.shared_at.replace(tzinfo=UTC) if row.shared_at else None,
+        message_ids=frozenset(row.message_ids or ()),
     )
 
 
@@ -336,6 +343,14 @@ class MessageStore:
             f" {DELETION_TIMESTAMP} SET deleted_at = ? WHERE chat_id = ? AND bucket = ?"
             " AND file_id = ?",
             "attachment_scan": f"SELECT * FROM {ks}.attachments WHERE chat_id = ? AND bucket = ?",
+            # At the current time, so a chat's or retention's deletion (DELETION_TIMESTAMP)
+            # still shadows it; only set on a row the caller just read live.
+            "attachment_share": f"UPDATE {ks}.attachments SET shared_at = ? WHERE chat_id = ?"
+            " AND bucket = ? AND file_id = ?",
+            "attachment_reference": f"UPDATE {ks}.attachments SET message_ids = message_ids + ?"
+            " WHERE chat_id = ? AND bucket = ? AND file_id = ?",
+            "attachment_unreference": f"UPDATE {ks}.attachments SET message_ids = message_ids - ?"
+            " WHERE chat_id = ? AND bucket = ? AND file_id = ?",
         }
         for name, cql in queries.items():
             self._prepared[name] = self._run(lambda q=cql: self.session.prepare(q))
@@ -768,6 +783,55 @@ class MessageStore:
                 execution_profile=_WRITE,
             )
         )
+
+    def mark_attachment_shared(self, chat_id: uuid.UUID, file_id: int, when: datetime) -> None:
+        """Record that a message referenced the attachment (`AttachmentRow.shared_at`): from
+        then on every participant may read it. Call only for a row read live just before."""
+        self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_share"),
+                (when, chat_id, bucket_of(file_id), file_id),
+                execution_profile=_WRITE,
+            )
+        )
+
+    def share_attachments(
+        self, chat_id: uuid.UUID, file_ids: Iterable[int], when: datetime, message_id: int
+    ) -> int:
+        """Record that post `message_id` references each of `file_ids` that is a live
+        attachment of the chat (read first: an id naming no file leaves no row behind): its id
+        joins the file's `message_ids`, and a file not shared yet is marked shared (so a direct
+        producer's references share files as the gateway's do). Returns how many files were
+        newly shared. Idempotent (a redelivered post)."""
+        marked = 0
+        for file_id in file_ids:
+            row = self.attachment(chat_id, file_id)
+            if row is None or row.deleted_at is not None:
+                continue
+            key = (chat_id, bucket_of(file_id), file_id)
+            self._run(
+                lambda k=key: self.session.execute(
+                    self._stmt("attachment_reference"), ({message_id}, *k), execution_profile=_WRITE
+                )
+            )
+            if row.shared_at is None:
+                self.mark_attachment_shared(chat_id, file_id, when)
+                marked += 1
+        return marked
+
+    def release_attachment(self, chat_id: uuid.UUID, file_id: int, message_id: int) -> bool:
+        """Remove deleted message `message_id` from the file's `message_ids`; True when no
+        other message references the file any more (or it has no row): the caller then deletes
+        it. Idempotent, so a deletion retried after a failure finishes the job."""
+        self._run(
+            lambda: self.session.execute(
+                self._stmt("attachment_unreference"),
+                ({message_id}, chat_id, bucket_of(file_id), file_id),
+                execution_profile=_WRITE,
+            )
+        )
+        row = self.attachment(chat_id, file_id)
+        return row is None or not (row.message_ids - {message_id})
 
     def chat_attachments(
         self, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int

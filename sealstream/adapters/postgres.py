@@ -701,6 +701,14 @@ class ChatKeyRepository:
                 )
             _audit(conn, audit, chat_id, None)
 
+    def active_chats(self) -> list[tuple[uuid.UUID, datetime]]:
+        """(chat id, created at) of every active chat, by chat id."""
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                "SELECT chat_id, created_at FROM chats WHERE state = 'active' ORDER BY chat_id"
+            ).fetchall()
+        return [(r["chat_id"], r["created_at"]) for r in rows]
+
     def chats_with_retention(self) -> list[tuple[uuid.UUID, int, datetime]]:
         """Active chats with a retention period (the chat's own, else its tenant's)."""
         with self.db.connection() as conn:

@@ -15,9 +15,10 @@ from tests.e2e.test_pipeline import create_chat, history, wait_until
 def test_an_uploaded_file_referenced_in_a_message_shows_in_the_reader(pipeline: Pipeline) -> None:
     pipe = pipeline
     chat = create_chat(pipe, "ray", ["sue"])
+    contract = os.urandom(300_000)
     uploaded = httpx.post(
         f"{pipe.ingest_url}/v1/chats/{chat}/attachments",
-        content=os.urandom(300_000),
+        content=contract,
         headers={**pipe.token("ray"), "Content-Type": "application/pdf"},
         timeout=60,
     )
@@ -47,3 +48,19 @@ def test_an_uploaded_file_referenced_in_a_message_shows_in_the_reader(pipeline: 
         timeout=30,
     )
     assert one.status_code == 200 and one.json()["attachments"] == [file_id]
+
+    # The file a message names downloads for the other participant; one never sent does not.
+    url = f"{pipe.reader_url}/v1/chats/{chat}/attachments"
+    sent = httpx.get(f"{url}/{file_id}", headers=pipe.token("sue"), timeout=60)
+    assert sent.status_code == 200 and sent.content == contract
+    draft = httpx.post(
+        f"{pipe.ingest_url}/v1/chats/{chat}/attachments",
+        content=b"not sent after all",
+        headers={**pipe.token("ray"), "Content-Type": "text/plain"},
+        timeout=60,
+    )
+    assert draft.status_code == 201, draft.text
+    draft_url = f"{url}/{draft.json()['attachment_id']}"
+    assert httpx.get(draft_url, headers=pipe.token("sue"), timeout=30).status_code == 404
+    mine = httpx.get(draft_url, headers=pipe.token("ray"), timeout=30)
+    assert mine.status_code == 200 and mine.content == b"not sent after all"

@@ -41,6 +41,7 @@ from sealstream.lifecycle import (
     delete_message,
     reencrypt_chat,
     settle_upload,
+    sweep_drafts,
 )
 from sealstream.settings import KafkaSettings, Settings, StackSettings
 from sealstream.streaming import RawRecord
@@ -622,3 +623,109 @@ def test_the_object_stores_files_hold_no_plaintext_of_stored_attachments(
     assert files_holding_canary() == set()
     for row in stored:
         assert (folder / row.object_key).is_file()  # each encrypted file is there, and scanned
+
+
+def test_the_draft_sweep_removes_uploads_never_sent_and_keeps_sent_and_recent_ones(
+    files: AttachmentFiles, keys: KeyService, message_store: MessageStore, database: Database
+) -> None:
+    """An upload no message referenced (the sender changed their mind, or a client uploads
+    without ever sending) stayed, bytes and row, until its chat was deleted or retention
+    reached it: storage anyone in a chat could fill for good. `sweep_drafts` removes those
+    older than the threshold and never a sent file or a recent draft."""
+    objects = files.objects
+    chat = new_chat(keys)
+    now = datetime.now(UTC)
+    with database.connection() as conn:
+        conn.execute(
+            "UPDATE chats SET created_at = %s WHERE chat_id = %s", (now - timedelta(days=5), chat)
+        )
+    old_ids = SnowflakeIds(15, clock_ms=lambda: int((now - timedelta(days=3)).timestamp() * 1000))
+    old_draft = upload(files, chat, canary_file(SEGMENT + 3), old_ids.next_id())
+    old_sent = upload(files, chat, os.urandom(10), old_ids.next_id())
+    files.share(chat, [old_sent.file_id])
+    new_draft = upload(files, chat, os.urandom(10))
+
+    report = sweep_drafts(keys, message_store, objects, timedelta(hours=24), chats=[chat])
+
+    assert (report.drafts_deleted, report.objects_deleted) == (1, 1)
+    assert files.get(chat, old_draft.file_id) is None
+    with pytest.raises(ObjectNotFound):
+        objects.head(old_draft.object_key)
+    for kept in (old_sent, new_draft):
+        assert files.get(chat, kept.file_id) is not None
+        objects.head(kept.object_key)
+    again = sweep_drafts(keys, message_store, objects, timedelta(hours=24), chats=[chat])
+    assert again.drafts_deleted == 0
+
+
+def test_a_post_stored_by_the_encryptor_shares_its_attachments(
+    files: AttachmentFiles, keys: KeyService, message_store: MessageStore, database: Database
+) -> None:
+    """A direct producer's post (no gateway in the way) referencing a file: the encryptor
+    marks the file sent when it stores the message, so the chat can read it and the draft
+    sweep never removes a file a message names. An id naming no file leaves no row behind."""
+    chat = new_chat(keys)
+    now = datetime.now(UTC)
+    with database.connection() as conn:
+        conn.execute(
+            "UPDATE chats SET created_at = %s WHERE chat_id = %s", (now - timedelta(days=5), chat)
+        )
+    old_ids = SnowflakeIds(16, clock_ms=lambda: int((now - timedelta(days=3)).timestamp() * 1000))
+    photo = upload(files, chat, os.urandom(100), old_ids.next_id())
+    missing = old_ids.next_id()
+    post = MessageRecord(
+        message_id=IDS.next_id(), chat_id=chat, sender_id="ann", text="photo",
+        sent_at=datetime.now(UTC), attachment_ids=(photo.file_id, missing),
+    )  # fmt: skip
+    assert store_batch([_raw(post)], keys, message_store, keys.repo).rejected == []
+    row = files.get(chat, photo.file_id)
+    assert row is not None and row.shared_at is not None
+    assert message_store.attachment(chat, missing) is None
+    swept = sweep_drafts(keys, message_store, files.objects, timedelta(hours=24), chats=[chat])
+    assert swept.drafts_deleted == 0
+    assert files.get(chat, photo.file_id) is not None
+
+
+def test_a_file_two_messages_reference_goes_with_the_last_of_them(
+    files: AttachmentFiles,
+    keys: KeyService,
+    message_store: MessageStore,
+    search_index: SearchIndex,
+) -> None:
+    """The gateway lets a sender name one of their files in several messages (a forward, a
+    repost). Deleting one of them removed the file for all: the other message then named a
+    file that answered 404. A file goes when the last message naming it is deleted, by the
+    sender (encryptor) or an operator (admin API, CLI)."""
+    chat = new_chat(keys)
+    photo = upload(files, chat, os.urandom(100))
+    posts = [
+        MessageRecord(
+            message_id=IDS.next_id(),
+            chat_id=chat,
+            sender_id="ann",
+            text=f"photo {i}",
+            sent_at=datetime.now(UTC),
+            attachment_ids=(photo.file_id,),
+        )
+        for i in range(3)
+    ]
+    assert store_batch([_raw(p) for p in posts], keys, message_store, keys.repo).rejected == []
+    delete = MessageRecord(
+        kind="delete", message_id=posts[0].message_id, event_id=IDS.next_id(), chat_id=chat,
+        sender_id="ann", sent_at=datetime.now(UTC),
+    )  # fmt: skip
+    store_batch([_raw(delete)], keys, message_store, keys.repo, objects=files.objects)
+    assert files.get(chat, photo.file_id) is not None, "a sender's deletion took a shared file"
+    files.objects.head(photo.object_key)
+    done = delete_message(
+        message_store, search_index, chat, posts[1].message_id, objects=files.objects
+    )
+    assert done.found and done.attachments_deleted == 0
+    assert files.get(chat, photo.file_id) is not None, "an operator's deletion took it"
+    last = delete_message(
+        message_store, search_index, chat, posts[2].message_id, objects=files.objects
+    )
+    assert (last.attachments_deleted, last.attachment_objects_deleted) == (1, 1)
+    assert files.get(chat, photo.file_id) is None
+    with pytest.raises(ObjectNotFound):
+        files.objects.head(photo.object_key)

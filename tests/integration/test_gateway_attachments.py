@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -28,6 +29,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from ingest.api import UPLOAD_BODY
+from ingest.service import UPLOAD_THREADS
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore
 from sealstream.adapters.kafka import delete_topics, ensure_topics
 from sealstream.adapters.object_store import ObjectStore
@@ -675,3 +677,71 @@ def test_a_slow_upload_that_progresses_passes_and_a_stalled_one_gets_408(
     while not nothing_left(store, scratch_object_store, other):
         assert time.monotonic() < deadline, "a stalled upload left something"
         time.sleep(0.2)
+
+
+def test_one_user_trickling_uploads_cannot_take_every_upload_slot(
+    upload_settings: Settings,
+    client: TestClient,
+) -> None:
+    """Each upload holds one of the gateway's upload threads (`UPLOAD_THREADS`) for its whole
+    transfer, and a body trickling 64 KiB per `body_timeout_seconds` is a live upload. One
+    user who opens as many such uploads as there are threads held every upload of every other
+    user of that gateway (they waited for a thread, then got 408). A user's uploads beyond
+    `AttachmentSettings.uploads_per_user` at once are refused at once (429, Retry-After);
+    another user's upload goes through."""
+    settings = upload_settings.model_copy(update={"ingest": IngestHttp(port=free_port())})
+    chat = new_chat(client, settings, "mallory")
+    token = auth(settings, "mallory")["Authorization"]
+    head = (
+        f"POST /v1/chats/{chat}/attachments HTTP/1.1\r\nHost: x\r\nAuthorization: {token}"
+        f"\r\nContent-Type: text/plain\r\nContent-Length: {MAX_BYTES}\r\n\r\n"
+    )
+    refused: list[tuple[int, dict[str, Any]]] = []
+    with serving(settings) as url:
+        trickling = []
+        try:
+            for _ in range(UPLOAD_THREADS + 2):
+                sock = raw_request(url, head)
+                sock.sendall(b"x" * 1000)  # and nothing more while the test runs
+                trickling.append(sock)
+            allowed = settings.attachments.uploads_per_user
+            pending = list(trickling)
+            deadline = time.monotonic() + 30
+            while len(refused) < len(trickling) - allowed and time.monotonic() < deadline:
+                answered, _, _ = select.select(pending, [], [], 1.0)
+                for sock in answered:
+                    pending.remove(sock)
+                    refused.append(read_response(sock))
+            assert not select.select(pending, [], [], 1.0)[0], "an allowed upload was answered"
+            other = new_chat(client, settings, "olga")
+            with httpx.Client(base_url=url, timeout=20) as olga:
+                stored = upload(olga, settings, other, "olga", b"olga's file", "text/plain")
+        finally:
+            for sock in trickling:
+                sock.close()
+    assert stored.status_code == 201, stored.text
+    assert len(refused) == UPLOAD_THREADS + 2 - allowed
+    assert {(status, body["error"]["code"]) for status, body in refused} == {
+        (429, "too_many_uploads")
+    }
+
+
+def test_a_file_becomes_readable_by_the_chat_once_a_message_references_it(
+    client: TestClient, upload_settings: Settings, store: MessageStore
+) -> None:
+    """The gateway records that a file was sent when it accepts a message referencing it (the
+    reader serves an unsent file to its uploader only)."""
+    settings = upload_settings
+    chat = new_chat(client, settings, "nia", "oz")
+    sent, kept = uploaded(client, settings, chat, "nia"), uploaded(client, settings, chat, "nia")
+
+    def shared(file_id: str) -> bool:
+        row = store.attachment(uuid.UUID(chat), int(file_id))
+        assert row is not None
+        return row.shared_at is not None
+
+    assert not shared(sent) and not shared(kept)
+    body = {"text": "here", "attachments": [sent]}
+    posted = client.post(f"/v1/chats/{chat}/messages", json=body, headers=auth(settings, "nia"))
+    assert posted.status_code == 202, posted.text
+    assert shared(sent) and not shared(kept)

@@ -11,10 +11,12 @@ reader as its own process (`sealstream run reader`) and talk raw HTTP to it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import socket
+import struct
 import tempfile
 import time
 import uuid
@@ -30,7 +32,7 @@ from fastapi.testclient import TestClient
 
 from reader.downloads import etag
 from reader.wiring import build
-from schemas.ids import SnowflakeIds
+from schemas.ids import SnowflakeIds, bucket_of
 from sealstream.adapters.cassandra import AttachmentRow, MessageStore
 from sealstream.adapters.object_store import ObjectStore
 from sealstream.adapters.opensearch import SearchIndex
@@ -39,7 +41,7 @@ from sealstream.auth import mint_token
 from sealstream.file_crypto import FILE_HEADER_LEN, SEGMENT_OVERHEAD
 from sealstream.keys.service import KeyService
 from sealstream.services import settings_env, spawn
-from sealstream.settings import ReaderHttp, Settings
+from sealstream.settings import HttpLimits, ReaderHttp, Settings
 from sealstream.wiring import key_service
 from tests.integration.conftest import fresh_index, fresh_store, module_stores
 
@@ -110,6 +112,12 @@ def live_reader(
     reader_settings: Settings, store: MessageStore, index: SearchIndex, keys: KeyService
 ) -> Iterator[tuple[str, int, Path]]:
     """The reader as its own process on a free port: (base URL, pid, its log file)."""
+    with running_reader(reader_settings) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_reader(reader_settings: Settings) -> Iterator[tuple[str, int, Path]]:
     log = Path(tempfile.mkdtemp(prefix="sealstream-reader-files-")) / "reader.log"
     proc = spawn("reader", {**os.environ, **settings_env(reader_settings)}, log=log)
     url = f"http://127.0.0.1:{reader_settings.reader.port}"
@@ -141,11 +149,20 @@ class Chats:
         return chat_id
 
     def upload(
-        self, chat_id: uuid.UUID, data: bytes, content_type: str = "application/pdf"
+        self,
+        chat_id: uuid.UUID,
+        data: bytes,
+        content_type: str = "application/pdf",
+        sent: bool = True,
     ) -> AttachmentRow:
-        return self.files.store(
+        """Alice's file; `sent`: referenced by a message of hers, as the gateway records it
+        (without, only alice may read it)."""
+        row = self.files.store(
             chat_id, IDS.next_id(), "alice", content_type, pieces(data), len(data) or 1
         )
+        if sent:
+            self.files.share(chat_id, [row.file_id])
+        return row
 
 
 @pytest.fixture(scope="module")
@@ -600,3 +617,213 @@ def test_a_client_that_leaves_mid_download_releases_what_the_download_held(
     assert threads_of(pid) <= baseline, "a download's thread outlived its client"
     again = httpx.get(base_url + url_of(row), headers=headers, timeout=60)
     assert again.status_code == 200 and len(again.content) == row.size
+
+
+# --- a row whose size is not the file's --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "forged_size",
+    [0, SEGMENT, MiB, "one-less", "one-more"],
+    ids=["zero", "one-segment", "one-mib", "one-byte-less", "one-byte-more"],
+)
+@pytest.mark.parametrize("asked", ["whole", "range-from-0"])
+def test_a_row_whose_size_was_changed_never_downloads_as_a_complete_file(
+    live_reader: tuple[str, int, Path],
+    chats: Chats,
+    store: MessageStore,
+    as_user: Callable[[str], dict[str, str]],
+    forged_size: int | str,
+    asked: str,
+) -> None:
+    """The attacker writes to Cassandra only: the file's row claims another size. The size
+    sets Content-Length, so a download that ended cleanly would hand the client a file cut at
+    (or padded to) the forged size as if it were the upload. It must fail before the first byte
+    or break off short of Content-Length."""
+    data = MARKER + os.urandom(2 * MiB + 1234 - len(MARKER))
+    row = chats.upload(chats.chat(), data)
+    size = {"one-less": len(data) - 1, "one-more": len(data) + 1}.get(str(forged_size))
+    forged = replace(row, size=forged_size if size is None else size)
+    store.session.execute(  # as an operator's cqlsh would: now, over the upload's write
+        f"UPDATE {store.keyspace}.attachments SET size = %s"
+        " WHERE chat_id = %s AND bucket = %s AND file_id = %s",
+        (forged.size, row.chat_id, bucket_of(row.file_id), row.file_id),
+    )
+    stored = store.attachment(row.chat_id, row.file_id)
+    assert stored is not None and stored.size == forged.size
+    base_url, _pid, _log = live_reader
+    headers = as_user("alice") if asked == "whole" else {**as_user("alice"), "Range": "bytes=0-"}
+    status, _headers, body, cut = raw_get(base_url, url_of(row), headers)
+    if status in (416, 500):  # no byte of the file sent
+        assert b'"integrity_error"' in body or b'"range_not_satisfiable"' in body
+        assert MARKER not in body
+        return
+    assert status in (200, 206), body[:300]
+    assert cut, f"a {forged.size}-byte row of a {len(data)}-byte file ended cleanly"
+    assert data.startswith(body)
+
+
+# --- a client that stops reading ---------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_download_for_ever(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Clients that ask for a file and then read nothing, connection open: each download
+    held a read-ahead thread, a store connection and a few MiB of plaintext for as long as the
+    client kept the socket (uvicorn has no write deadline), so a few hundred such sockets, well
+    under the listener's connection limit, starved the reader. Past
+    `HttpLimits.send_timeout_seconds` without the client taking the next piece, the download
+    is cut off and what it held is released."""
+    stall = 2.0
+    settings = reader_settings.model_copy(
+        update={
+            "reader": ReaderHttp(port=free_port(), limits=HttpLimits(send_timeout_seconds=stall))
+        }
+    )
+    row = chats.upload(chats.chat(), os.urandom(24 * MiB))
+    headers = as_user("alice")
+    with running_reader(settings) as (base_url, pid, _log):
+        httpx.get(base_url + url_of(row), headers=headers, timeout=60).raise_for_status()
+        baseline = threads_of(pid)
+        host, port = base_url.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            request = f"GET {url_of(row)} HTTP/1.1\r\nHost: {host}\r\n"
+            request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+            sock.sendall(request.encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # then nothing more is read
+            stalled.append(sock)
+        try:
+            deadline = time.monotonic() + 20 * stall
+            while threads_of(pid) > baseline and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert threads_of(pid) <= baseline, "a download held its thread for a stalled client"
+            again = httpx.get(base_url + url_of(row), headers=headers, timeout=60)
+            assert again.status_code == 200 and len(again.content) == row.size
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+# --- a file not sent yet -----------------------------------------------------------------------
+
+
+def test_a_file_no_message_references_yet_is_its_uploaders_alone(
+    client: TestClient, chats: Chats, as_user: Callable[[str], dict[str, str]]
+) -> None:
+    """An upload is a draft until a message references it: the uploader may change their mind
+    and never send it. Ids are Snowflake ids (time, worker, sequence: a few thousand guesses per
+    second of upload time), so another participant must not be able to fetch it by its id
+    before it was sent."""
+    data = MARKER + os.urandom(3 * SEGMENT)
+    row = chats.upload(chats.chat(("alice", "bob")), data, sent=False)
+    assert client.get(url_of(row), headers=as_user("alice")).content == data
+    unsent = client.get(url_of(row), headers=as_user("bob"))
+    assert unsent.status_code == 404 and MARKER not in unsent.content
+    assert client.head(url_of(row), headers=as_user("bob")).status_code == 404
+    ranged = client.get(url_of(row), headers={**as_user("bob"), "Range": "bytes=0-99"})
+    assert ranged.status_code == 404
+    chats.files.share(row.chat_id, [row.file_id])  # a message of alice's references it
+    assert client.get(url_of(row), headers=as_user("bob")).content == data
+
+
+def stalled_download(base_url: str, path: str, headers: dict[str, str]) -> socket.socket:
+    """A GET whose client then reads nothing (a tiny receive buffer, connection kept)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+    request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock.sendall(request.encode())
+    assert sock.recv(12).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def test_downloads_at_once_are_bounded_per_reader_and_per_user(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Each download holds a thread and several MiB of plaintext while its client is slow
+    (40 stalled downloads grew the reader by about 300 MiB): the listener's 1000 connections
+    were enough to exhaust a reader's memory within the send timeout. Downloads under way are
+    bounded per reader (`AttachmentSettings.downloads_at_once`, else 503 with Retry-After) and
+    per user (`downloads_per_user`, else 429), refused before the object is touched."""
+    files = reader_settings.attachments.model_copy(
+        update={"downloads_at_once": 3, "downloads_per_user": 2, "max_per_message": 2}
+    )
+    settings = reader_settings.model_copy(
+        update={"reader": ReaderHttp(port=free_port()), "attachments": files}
+    )
+    chat = chats.chat(("alice", "bob", "carol"))
+    row = chats.upload(chat, os.urandom(8 * MiB))
+    with running_reader(settings) as (base_url, _pid, _log):
+        url = base_url + url_of(row)
+        held = [stalled_download(base_url, url_of(row), as_user("alice")) for _ in range(2)]
+        try:
+            third = httpx.get(url, headers=as_user("alice"), timeout=30)
+            assert third.status_code == 429, third.text
+            assert third.json()["error"]["code"] == "too_many_downloads"
+            held.append(stalled_download(base_url, url_of(row), as_user("bob")))
+            full = httpx.get(url, headers=as_user("carol"), timeout=30)
+            assert full.status_code == 503, full.text
+            assert full.headers["retry-after"] == "1"
+            assert full.json()["error"]["code"] == "busy"
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 30
+        while True:  # the slots come back once the server saw the clients go
+            again = httpx.get(url, headers=as_user("carol"), timeout=30)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200 and len(again.content) == row.size
+
+
+def test_download_slots_come_back_when_clients_leave_before_the_first_byte(
+    reader_settings: Settings,
+    chats: Chats,
+    store: MessageStore,
+    keys: KeyService,
+    as_user: Callable[[str], dict[str, str]],
+) -> None:
+    """Clients that ask and hang up at once (before the response starts, or just after) must
+    not keep their download slots: else a few such requests would lock a user, or with
+    `downloads_at_once` of them the whole reader, out of downloads for good."""
+    files = reader_settings.attachments.model_copy(
+        update={"downloads_at_once": 2, "downloads_per_user": 2, "max_per_message": 2}
+    )
+    settings = reader_settings.model_copy(
+        update={"reader": ReaderHttp(port=free_port()), "attachments": files}
+    )
+    row = chats.upload(chats.chat(), os.urandom(4 * MiB))
+    headers = as_user("alice")
+    with running_reader(settings) as (base_url, _pid, _log):
+        host, port = base_url.removeprefix("http://").split(":")
+        request = f"GET {url_of(row)} HTTP/1.1\r\nHost: {host}\r\n"
+        request += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        for _ in range(20):
+            sock = socket.create_connection((host, int(port)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(request.encode())
+            sock.close()  # a reset, before or while the reader answers
+        deadline = time.monotonic() + 30
+        while True:
+            again = httpx.get(base_url + url_of(row), headers=headers, timeout=30)
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200, again.text
+        assert len(again.content) == row.size

@@ -609,6 +609,7 @@ def files_world() -> tuple[World, FakeFiles, AttachmentRow]:
         65536,
         f"chats/{chat}/files/77",
         datetime.now(UTC),
+        shared_at=datetime.now(UTC),  # sent in a message: the chat may read it
     )
     files.rows[(chat, 77)] = row
     return world, files, row
@@ -627,6 +628,12 @@ def test_attachment_downloads_take_the_chat_checks_of_the_message_routes() -> No
     with pytest.raises(ApiError) as deleted:
         world.service.attachment("bob", gone, 77)
     assert deleted.value.status == 410
+    draft = replace(row, file_id=79, shared_at=None)  # no message references it yet
+    files.rows[(row.chat_id, 79)] = draft
+    assert world.service.attachment("alice", row.chat_id, 79) == draft
+    with pytest.raises(ApiError) as unsent:
+        world.service.attachment("bob", row.chat_id, 79)
+    assert unsent.value.status == 404
     assert files.reads == 0  # no object touched on any refusal
 
 
