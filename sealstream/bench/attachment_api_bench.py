@@ -43,7 +43,7 @@ from sealstream.auth import mint_token
 from sealstream.bench.pipeline_bench import isolated
 from sealstream.migrate import migrate_all
 from sealstream.services import settings_env, spawn, stop, wait_ready
-from sealstream.settings import Settings
+from sealstream.settings import Settings, StackSettings
 from sealstream.wiring import key_service
 
 USER = "bench"
@@ -177,7 +177,7 @@ def run(chunk: bytes, size: int, base: Settings | None = None) -> dict[str, floa
         gateway = f"http://127.0.0.1:{cfg.ingest.port}"
         reader = f"http://127.0.0.1:{cfg.reader.port}"
         wait_ready({"ingest": gateway, "reader": reader})
-        return _measure(cfg, chunk, size, object_keys)
+        return _measure(cfg, chunk, size, object_keys, reader_pid=children[1].pid)
     finally:
         stop(children)
         _drop(cfg, object_keys)
@@ -191,6 +191,52 @@ def _stream(chunk: bytes, size: int) -> Iterator[bytes]:
         yield piece
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc); 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _store_pid() -> int | None:
+    """The local object store's process (`sealstream stack up` writes its pid file)."""
+    try:
+        return int((StackSettings().dir / "s3proxy" / "server.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class _CpuMeter:
+    """CPU seconds per GB moved, by process: the reader, the object store, this client."""
+
+    def __init__(self, reader_pid: int | None, store_pid: int | None) -> None:
+        self.pids = {"reader": reader_pid, "store": store_pid}
+        self.spent: dict[str, float] = dict.fromkeys(("reader", "store", "client"), 0.0)
+        self.bytes = 0
+
+    def snapshot(self) -> dict[str, float]:
+        now = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+        times = os.times()
+        now["client"] = times.user + times.system
+        return now
+
+    def add(self, before: dict[str, float], moved: int) -> None:
+        after = self.snapshot()
+        for name in self.spent:
+            self.spent[name] += after[name] - before[name]
+        self.bytes += moved
+
+    def per_gb(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_cpu_s_per_gb_{k}": v / self.bytes * 1e9 for k, v in self.spent.items()}
+
+
 ROUNDS = 5
 """Rounds of (raw put, upload, raw get, download): each figure is the median of its rounds, each
 ratio the median of the rounds' ratios, so a burst of load on the shared cores during one
@@ -201,7 +247,9 @@ def _rate(size: int, seconds: float) -> float:
     return size / seconds / 1e6
 
 
-def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> dict[str, float]:
+def _measure(
+    cfg: Settings, chunk: bytes, size: int, object_keys: list[str], reader_pid: int | None = None
+) -> dict[str, float]:
     token = mint_token(cfg.auth, USER)
     chat_id = uuid.uuid4()
     db = Database(cfg.postgres)
@@ -215,6 +263,10 @@ def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> 
     uploads = _Http(cfg.ingest.port, token)
     downloads = _Http(cfg.reader.port, token)
     rounds: dict[str, list[float]] = {name: [] for name in ("put", "upload", "get", "download")}
+    # Where the CPU goes (the profile of the download figure): seconds per GB of each process
+    # during the raw gets and during the downloads.
+    store_pid = _store_pid()
+    get_cpu, download_cpu = _CpuMeter(None, store_pid), _CpuMeter(reader_pid, store_pid)
     path = ""
     try:
         for number in range(ROUNDS + 1):  # round 0 warms up (connections, caches, the DEK)
@@ -236,13 +288,19 @@ def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> 
             file_id = int(json.loads(answer)["attachment_id"])
             object_keys.append(object_key(chat_id, file_id))
             # The raw get reads the very object the reader then fetches and decrypts.
+            cpu = get_cpu.snapshot()
             start = time.perf_counter()
             got = sum(len(piece) for piece in store.get(object_key(chat_id, file_id)))
             get_seconds = time.perf_counter() - start
+            if number:
+                get_cpu.add(cpu, got)
             path = f"/v1/chats/{chat_id}/attachments/{file_id}"
+            cpu = download_cpu.snapshot()
             start = time.perf_counter()
             status, body = downloads.download(path)
             download_seconds = time.perf_counter() - start
+            if number:
+                download_cpu.add(cpu, body)
             if status != 200 or body != size:
                 raise RuntimeError(f"download answered {status} with {body} of {size} bytes")
             if number == 0:
@@ -267,6 +325,8 @@ def _measure(cfg: Settings, chunk: bytes, size: int, object_keys: list[str]) -> 
         ),
         "rounds": float(ROUNDS),
     }
+    figures |= get_cpu.per_gb("get") | download_cpu.per_gb("download")
+    del figures["get_cpu_s_per_gb_reader"]  # no reader in a raw get
     for name, values in rounds.items():
         figures[f"{name}_mb_s_min"] = min(values)
         figures[f"{name}_mb_s_max"] = max(values)
