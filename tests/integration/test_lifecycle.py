@@ -320,7 +320,10 @@ def test_retention_removes_expired_messages_and_unused_dek_versions(
         keys.repo.set_retention(7, chat_id=chat)
         report = apply_retention(keys, index, store)
         assert report.rows_deleted == 5 and report.index_documents_deleted == 5
-        assert report.dek_versions_destroyed == 1
+        # The run covers every chat of the schema with a retention policy, other test modules'
+        # too (in the full suite: an attachment test's chat whose files live in another
+        # keyspace), so this chat's own versions are checked below, by state.
+        assert report.dek_versions_destroyed >= 1
         remaining = [m.message_id for m in store.history(chat, new_ids.next_id(), 0, 100)]
         assert remaining == [r.message_id for r in reversed(new_rows)]
         index.refresh()
