@@ -521,5 +521,11 @@ def test_a_replayed_post_record_after_an_edit_does_not_push_the_old_text(
         producer.close()
         later = _post(pipe, "alice", chat, "a later post")
         frames = _changes(ws, 1) + _quiet(ws, 2.0)
-    assert [f.get("text") for f in frames if f["type"] in CHANGE_TYPES] == ["a later post"]
+    texts = [f.get("text") for f in frames if f["type"] in CHANGE_TYPES]
+    # The replay pushes nothing: never the old text. The edit's own event may still reach a
+    # subscriber that joined just after the edit was stored (delivery follows the change
+    # events, not the row: on a loaded machine it came after the subscription, CI run of
+    # 2026-12-01), and it carries the new text, which is right.
+    assert "words before the edit" not in texts, texts
+    assert texts[-1:] == ["a later post"] and set(texts) <= {"words after the edit", "a later post"}
     assert pipe_row(pipe, chat, message).revision == 2 and later
