@@ -689,54 +689,15 @@ class MessageStore:
         Rows written after this (a record in flight, a replay) are shadowed by the partition
         tombstones at once and are never visible, so they need no second deletion.
         """
-        ks = self.keyspace
-        deleted = 0
-        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
-            row = self._run(
-                lambda b=bucket: self.session.execute(
-                    f"SELECT count(*) FROM {ks}.messages WHERE chat_id = %s AND bucket = %s",
-                    (chat_id, b),
-                ).one()
-            )
-            deleted += int(row[0]) if row else 0
-            # Every bucket, even one empty now: the encryptor may still be writing into it.
-            self._run(
-                lambda b=bucket: self.session.execute(
-                    f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
-                    " WHERE chat_id = %s AND bucket = %s",
-                    (chat_id, b),
-                    execution_profile=_WRITE,
-                )
-            )
-        return deleted
+        return self._delete_partitions("messages", chat_id, oldest_ms, newest_ms)
 
     def delete_older_than(
         self, chat_id: uuid.UUID, oldest_ms: int, cutoff_ms: int, first_id_after_cutoff: int
     ) -> int:
         """Delete a chat's rows older than `cutoff_ms` (ids below `first_id_after_cutoff`)."""
-        ks = self.keyspace
-        deleted = 0
-        for bucket in range(bucket_at(oldest_ms), bucket_at(cutoff_ms) + 1):
-            row = self._run(
-                lambda b=bucket: self.session.execute(
-                    f"SELECT count(*) FROM {ks}.messages WHERE chat_id = %s AND bucket = %s"
-                    " AND message_id < %s",
-                    (chat_id, b, first_id_after_cutoff),
-                ).one()
-            )
-            if row and row[0]:
-                deleted += int(row[0])
-                # A range tombstone: one marker for the whole expired slice of the partition,
-                # at DELETION_TIMESTAMP so a replayed expired record stays deleted.
-                self._run(
-                    lambda b=bucket: self.session.execute(
-                        f"DELETE FROM {ks}.messages USING TIMESTAMP {DELETION_TIMESTAMP}"
-                        " WHERE chat_id = %s AND bucket = %s AND message_id < %s",
-                        (chat_id, b, first_id_after_cutoff),
-                        execution_profile=_WRITE,
-                    )
-                )
-        return deleted
+        return self._delete_before(
+            "messages", "message_id", chat_id, oldest_ms, cutoff_ms, first_id_after_cutoff
+        )
 
     # --- attachments ------------------------------------------------------------------------
 
@@ -853,26 +814,7 @@ class MessageStore:
         returns the rows deleted (deletion markers included). Like `delete_chat`: partition
         tombstones at DELETION_TIMESTAMP, so a row an upload in flight writes later is shadowed
         at once. The objects are the caller's (`sealstream.lifecycle.delete_chat`)."""
-        ks = self.keyspace
-        deleted = 0
-        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
-            row = self._run(
-                lambda b=bucket: self.session.execute(
-                    f"SELECT count(*) FROM {ks}.attachments WHERE chat_id = %s AND bucket = %s",
-                    (chat_id, b),
-                ).one()
-            )
-            deleted += int(row[0]) if row else 0
-            # Every bucket, even one empty now: an upload may still be writing into it.
-            self._run(
-                lambda b=bucket: self.session.execute(
-                    f"DELETE FROM {ks}.attachments USING TIMESTAMP {DELETION_TIMESTAMP}"
-                    " WHERE chat_id = %s AND bucket = %s",
-                    (chat_id, b),
-                    execution_profile=_WRITE,
-                )
-            )
-        return deleted
+        return self._delete_partitions("attachments", chat_id, oldest_ms, newest_ms)
 
     def delete_attachments_older_than(
         self, chat_id: uuid.UUID, oldest_ms: int, cutoff_ms: int, first_id_after_cutoff: int
@@ -880,13 +822,58 @@ class MessageStore:
         """Delete a chat's attachment rows whose file id is below `first_id_after_cutoff` (older
         than `cutoff_ms`, Unix ms): one range tombstone per partition at DELETION_TIMESTAMP, so
         a late upload of an expired id stays deleted. Returns the rows deleted."""
+        return self._delete_before(
+            "attachments", "file_id", chat_id, oldest_ms, cutoff_ms, first_id_after_cutoff
+        )
+
+    # --- deletions shared by the messages and attachments tables (same partitioning) -------
+
+    def _delete_partitions(
+        self, table: str, chat_id: uuid.UUID, oldest_ms: int, newest_ms: int
+    ) -> int:
+        """Partition tombstones at DELETION_TIMESTAMP on every (chat, bucket) of `table` between
+        two times; returns the rows there were."""
+        ks = self.keyspace
+        deleted = 0
+        for bucket in range(bucket_at(oldest_ms), bucket_at(newest_ms) + 1):
+            row = self._run(
+                lambda b=bucket: self.session.execute(
+                    f"SELECT count(*) FROM {ks}.{table} WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
+                ).one()
+            )
+            deleted += int(row[0]) if row else 0
+            # Every bucket, even one empty now: a writer (the encryptor, an upload) may still
+            # be writing into it.
+            self._run(
+                lambda b=bucket: self.session.execute(
+                    f"DELETE FROM {ks}.{table} USING TIMESTAMP {DELETION_TIMESTAMP}"
+                    " WHERE chat_id = %s AND bucket = %s",
+                    (chat_id, b),
+                    execution_profile=_WRITE,
+                )
+            )
+        return deleted
+
+    def _delete_before(
+        self,
+        table: str,
+        id_column: str,
+        chat_id: uuid.UUID,
+        oldest_ms: int,
+        cutoff_ms: int,
+        first_id_after_cutoff: int,
+    ) -> int:
+        """Rows of `table` whose `id_column` is below `first_id_after_cutoff`, one range
+        tombstone per partition at DELETION_TIMESTAMP (a replayed expired record or a late
+        write of an expired id stays deleted); returns the rows deleted."""
         ks = self.keyspace
         deleted = 0
         for bucket in range(bucket_at(oldest_ms), bucket_at(cutoff_ms) + 1):
             row = self._run(
                 lambda b=bucket: self.session.execute(
-                    f"SELECT count(*) FROM {ks}.attachments WHERE chat_id = %s AND bucket = %s"
-                    " AND file_id < %s",
+                    f"SELECT count(*) FROM {ks}.{table} WHERE chat_id = %s AND bucket = %s"
+                    f" AND {id_column} < %s",
                     (chat_id, b, first_id_after_cutoff),
                 ).one()
             )
@@ -894,8 +881,8 @@ class MessageStore:
                 deleted += int(row[0])
                 self._run(
                     lambda b=bucket: self.session.execute(
-                        f"DELETE FROM {ks}.attachments USING TIMESTAMP {DELETION_TIMESTAMP}"
-                        " WHERE chat_id = %s AND bucket = %s AND file_id < %s",
+                        f"DELETE FROM {ks}.{table} USING TIMESTAMP {DELETION_TIMESTAMP}"
+                        f" WHERE chat_id = %s AND bucket = %s AND {id_column} < %s",
                         (chat_id, b, first_id_after_cutoff),
                         execution_profile=_WRITE,
                     )
