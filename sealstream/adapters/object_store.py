@@ -24,6 +24,7 @@ own retries are spent). Messages name the bucket, key and S3 error code, never o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ _RETRIABLE_CODES = {
     "503",
     "500",
 }
+# S3Proxy (filesystem-nio2) answers 500 to a listing while a file under the listed directories
+# is being written (an object's or part's file has no checksum attribute until its body is all
+# in): any upload in flight, for as long as its request body takes. Listings are retried with
+# backoff (from `_LISTING_FIRST_DELAY`, doubling up to 1 s) for this long before they fail.
+_LISTING_PATIENCE_SECONDS = 30.0
+_LISTING_FIRST_DELAY = 0.05
+# How often an abort is tried again on an upload the store half-aborted (`_abort`).
+_ABORT_TRIES = 5
 
 
 class ObjectStoreError(SealstreamError):
@@ -288,8 +297,8 @@ class ObjectStore:
     def _abort_quietly(self, key: str, upload_id: str) -> None:
         """Abort after a failure; if the store is down too, the sweep removes it later."""
         try:
-            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except (ClientError, BotoCoreError):
+            self._abort(key, upload_id)
+        except ObjectStoreError:
             pass
 
     # -- get, head, delete ------------------------------------------------------------------------
@@ -347,16 +356,44 @@ class ObjectStore:
 
     def keys(self, prefix: str) -> Iterator[str]:
         """Every object key under `prefix`, in the store's (lexicographic) order, listed page by
-        page as the caller consumes them. Raises `ObjectStoreError`."""
-        try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
+        page as the caller consumes them (each page retried as `_listed` says). Raises
+        `ObjectStoreError`."""
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._listed(
+                "ListObjectsV2",
+                self._client.list_objects_v2,
+                prefix,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                **extra,
             )
-            for page in pages:
-                for item in page.get("Contents", []):
-                    yield str(item["Key"])
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("ListObjectsV2", exc, prefix) from None
+            for item in page.get("Contents", []):
+                yield str(item["Key"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _listed(
+        self, operation: str, call: Callable[..., Any], key: str | None = None, **params: Any
+    ) -> Any:
+        """`call(**params)` (one listing request), tried again on a 5xx for `_LISTING_PATIENCE_SECONDS`
+        (see there: S3Proxy fails listings while an upload writes under them). Raises
+        `ObjectStoreError`."""
+        deadline = time.monotonic() + _LISTING_PATIENCE_SECONDS
+        delay = _LISTING_FIRST_DELAY
+        while True:
+            try:
+                return call(**params)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status < 500 or time.monotonic() + delay > deadline:
+                    raise self._error(operation, exc, key) from None
+            except BotoCoreError as exc:
+                raise self._error(operation, exc, key) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def delete_prefix(self, prefix: str, keep: Callable[[str], bool] | None = None) -> int:
         """Delete every object under `prefix` (but those `keep(key)` is true for); returns how
@@ -374,58 +411,137 @@ class ObjectStore:
     # -- abandoned multipart uploads --------------------------------------------------------------
 
     def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
-        """Every multipart upload under `prefix` neither completed nor aborted, oldest first."""
+        """Every multipart upload under `prefix` neither completed nor aborted, oldest first.
+        Raises `ObjectStoreError`."""
         found: list[IncompleteUpload] = []
-        try:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=prefix
+        markers: dict[str, str] = {}
+        while True:
+            page = self._listed(
+                "ListMultipartUploads",
+                self._client.list_multipart_uploads,
+                Bucket=self.bucket,
+                Prefix=prefix,
+                **markers,
             )
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    found.append(self._describe(upload))
-        except (ClientError, BotoCoreError) as exc:
-            raise self._error("ListMultipartUploads", exc) from None
+            found.extend(self._describe(upload) for upload in page.get("Uploads", []))
+            if not page.get("IsTruncated"):
+                break
+            markers = {
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
         return sorted(found, key=lambda upload: upload.started)
 
     def _describe(self, upload: dict[str, Any]) -> IncompleteUpload:
+        """An `IncompleteUpload` for one `ListMultipartUploads` entry. Its start is the earliest
+        of the listed `Initiated` and its parts' times: S3Proxy lists the time of the listing as
+        `Initiated`."""
+        key, upload_id = upload["Key"], upload["UploadId"]
         times = [upload["Initiated"]]
         count = 0
-        try:
-            pages = self._client.get_paginator("list_parts").paginate(
-                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
-            for page in pages:
-                for part in page.get("Parts", []):
-                    times.append(part["LastModified"])
-                    count += 1
-        except ClientError as exc:
-            if _code(exc) != "NoSuchUpload":  # completed or aborted since it was listed
-                raise
+        marker = 0
+        while True:
+            try:
+                page = self._client_list_parts(key, upload_id, marker)
+            except ObjectNotFound:  # completed or aborted since it was listed
+                break
+            for part in page.get("Parts", []):
+                times.append(part["LastModified"])
+                count += 1
+            if not page.get("IsTruncated"):
+                break
+            marker = int(page.get("NextPartNumberMarker", 0))
         started = min(t if t.tzinfo else t.replace(tzinfo=UTC) for t in times)
-        return IncompleteUpload(upload["Key"], upload["UploadId"], started.astimezone(UTC), count)
+        return IncompleteUpload(key, upload_id, started.astimezone(UTC), count)
+
+    def _client_list_parts(self, key: str, upload_id: str, marker: int) -> Any:
+        extra = {"PartNumberMarker": marker} if marker else {}
+        try:
+            return self._listed(
+                "ListParts",
+                self._client.list_parts,
+                key,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                **extra,
+            )
+        except ObjectStoreError as exc:
+            if exc.code == "NoSuchUpload":
+                raise ObjectNotFound(str(exc), code=exc.code) from None
+            raise
 
     def abort_incomplete(
         self, older_than: timedelta, *, prefix: str = "", now: datetime | None = None
     ) -> list[IncompleteUpload]:
         """Abort every incomplete upload under `prefix` started before `now - older_than`
-        (`now` defaults to the current UTC time); returns those aborted. An upload that finished
-        meanwhile is skipped. Raises `ObjectStoreError`.
+        (`now` defaults to the current UTC time); returns those this call aborted. An upload that
+        finished meanwhile is skipped. Raises `ObjectStoreError`.
         """
         cutoff = (now or datetime.now(UTC)) - older_than
-        aborted = []
-        for upload in self.incomplete_uploads(prefix):
-            if upload.started >= cutoff:
-                continue
-            try:
-                self._client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
-                )
-            except ClientError as exc:
-                if _code(exc) == "NoSuchUpload":
-                    continue
-                raise self._error("AbortMultipartUpload", exc, upload.key) from None
-            aborted.append(upload)
-        return aborted
+        return [
+            upload
+            for upload in self.incomplete_uploads(prefix)
+            if upload.started < cutoff and self._abort(upload.key, upload.upload_id)
+        ]
+
+    def _abort(self, key: str, upload_id: str) -> bool:
+        """Abort one multipart upload; True if this call ended it, False if it had already
+        ended (completed, or aborted by someone else). Raises `ObjectStoreError`.
+
+        S3Proxy 2.6.0 aborts in two steps: it deletes its own record of the upload (an object
+        named by the upload id), then lists and deletes the parts. If a part is being written
+        at that moment, the listing fails (see `_LISTING_PATIENCE_SECONDS`), the abort answers
+        500, and every later abort answers `NoSuchUpload` while the upload stays listed with its
+        parts, for ever. So `NoSuchUpload` is trusted only once the upload is no longer listed;
+        while it still is, the record is written again (an empty object under the upload id, as
+        S3Proxy writes it at `CreateMultipartUpload`) and the abort retried. A part that was in
+        flight and lands after the abort is a file S3Proxy no longer lists (docs/operations.md
+        "Object store")."""
+        where = f"{key} (upload {upload_id})"
+        wrote_record = False
+        try:
+            for attempt in range(_ABORT_TRIES):
+                try:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                    return True
+                except ClientError as exc:
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if _code(exc) != "NoSuchUpload" and status < 500:
+                        raise self._error("AbortMultipartUpload", exc, where) from None
+                except BotoCoreError as exc:
+                    raise self._error("AbortMultipartUpload", exc, where) from None
+                if not self._still_listed(key, upload_id):
+                    return attempt > 0  # ended by an earlier try of ours, or before we came
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=upload_id, Body=b"")
+                    wrote_record = True
+                except (ClientError, BotoCoreError) as exc:
+                    raise self._error("PutObject", exc, upload_id) from None
+                time.sleep(_LISTING_FIRST_DELAY * 2**attempt)
+            raise ObjectStoreError(
+                f"AbortMultipartUpload s3://{self.bucket}/{where}: still listed after "
+                f"{_ABORT_TRIES} aborts",
+                code="AbortIncomplete",
+                retriable=True,
+            )
+        finally:
+            if wrote_record:  # gone after a successful abort; never left behind otherwise
+                try:
+                    self._client.delete_object(Bucket=self.bucket, Key=upload_id)
+                except (ClientError, BotoCoreError):
+                    pass
+
+    def _still_listed(self, key: str, upload_id: str) -> bool:
+        page = self._listed(
+            "ListMultipartUploads",
+            self._client.list_multipart_uploads,
+            Bucket=self.bucket,
+            Prefix=key,
+        )
+        return any(upload["UploadId"] == upload_id for upload in page.get("Uploads", []))
 
     # -- errors -----------------------------------------------------------------------------------
 

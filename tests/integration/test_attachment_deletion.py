@@ -199,15 +199,18 @@ def test_an_upload_completing_after_the_shred_leaves_nothing_readable(
     ]
     for thread in threads:
         thread.start()
-    assert small.reached.wait(30) and large.reached.wait(30)
-    assert objects.incomplete_uploads(chat_prefix(chat)), "the large upload should be open"
-
-    receipt = delete_chat(keys, search_index, message_store, chat, "erasure", objects=objects)
+    try:
+        assert small.reached.wait(30) and large.reached.wait(30)
+        assert objects.incomplete_uploads(chat_prefix(chat)), "the large upload should be open"
+        # The large upload's first part may still be in flight: the deletion's abort races it
+        # (test_object_store.py has that race on its own).
+        receipt = delete_chat(keys, search_index, message_store, chat, "erasure", objects=objects)
+    finally:  # a failure above must not leave the uploads hanging into the next tests
+        small.release.set()
+        large.release.set()
+        for thread in threads:
+            thread.join(60)
     assert receipt.incomplete_uploads_aborted == 1
-    small.release.set()
-    large.release.set()
-    for thread in threads:
-        thread.join(60)
 
     # The small upload completed with the DEK it held: its row is shadowed by the deletion, and
     # the upload path's check deletes its object and says the chat is gone.

@@ -8,11 +8,16 @@ fails half way leaves nothing readable and no parts behind.
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import pytest
+from botocore.exceptions import ClientError
 
 from sealstream.adapters.object_store import ObjectNotFound, ObjectStore, ObjectStoreError
 from tests.integration.conftest import SCRATCH_PART_SIZE as PART
@@ -139,6 +144,83 @@ def test_the_sweep_aborts_only_uploads_older_than_the_threshold(store: ObjectSto
     assert [u.upload_id for u in aborted] == [upload["UploadId"]]
     assert store.incomplete_uploads(prefix="abandoned/") == []
     assert not {key for key in all_keys(store) if "abandoned/one" in key}
+
+
+class PausedPart:
+    """A part upload sent by hand (a presigned `UploadPart`) that stops half way through its
+    body, so the store holds the part's half-written file, as it does while any upload's part
+    is in flight."""
+
+    def __init__(self, store: ObjectStore, key: str, upload_id: str, size: int = PART) -> None:
+        url = urlsplit(
+            store._client.generate_presigned_url(
+                "upload_part",
+                Params={"Bucket": store.bucket, "Key": key, "UploadId": upload_id, "PartNumber": 1},
+            )
+        )
+        self.body = os.urandom(size)
+        self.connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port)
+        self.connection.putrequest("PUT", f"{url.path}?{url.query}", skip_accept_encoding=True)
+        self.connection.putheader("Content-Length", str(size))
+        self.connection.endheaders()
+        self.connection.send(self.body[: size // 2])
+        time.sleep(0.5)  # the store has opened the part's file and written into it
+
+    def finish(self) -> int:
+        self.connection.send(self.body[len(self.body) // 2 :])
+        status = self.connection.getresponse().status
+        self.connection.close()
+        return status
+
+
+def test_an_abort_that_races_a_part_being_written_is_finished_not_left_half_done(
+    store: ObjectStore,
+) -> None:
+    """S3Proxy's abort removes its own record of the upload first, then lists the parts; a part
+    file being written at that moment (no checksum attribute yet) fails the listing, and every
+    later abort answers NoSuchUpload while the upload stays listed. Chat deletion and the sweep
+    counted such an upload as "finished meanwhile" and left it (and its parts) for ever."""
+    client = store._client
+    key = "racing/one"
+    upload_id = client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+    part = PausedPart(store, key, upload_id)
+    try:
+        with pytest.raises(ClientError):  # the store's half-done abort (a 500, then NoSuchUpload)
+            client.abort_multipart_upload(Bucket=store.bucket, Key=key, UploadId=upload_id)
+    finally:
+        part.finish()
+    assert [u.upload_id for u in store.incomplete_uploads(prefix="racing/")] == [upload_id], (
+        "precondition: the store left the upload listed after its failed abort"
+    )
+
+    aborted = store.abort_incomplete(
+        timedelta(0), prefix="racing/", now=datetime.now(UTC) + timedelta(minutes=10)
+    )
+
+    assert [u.upload_id for u in aborted] == [upload_id]
+    assert store.incomplete_uploads(prefix="racing/") == []
+    assert not {k for k in all_keys(store) if "racing/one" in k or k == upload_id}
+
+
+def test_listing_and_aborting_while_another_upload_writes_a_part(store: ObjectStore) -> None:
+    """A part in flight anywhere in the bucket makes S3Proxy's listings fail (500) while it is
+    written; the listing is retried, and an upload aborted meanwhile is aborted for good."""
+    client = store._client
+    writing = client.create_multipart_upload(Bucket=store.bucket, Key="busy/writing")["UploadId"]
+    idle = client.create_multipart_upload(Bucket=store.bucket, Key="busy/idle")["UploadId"]
+    part = PausedPart(store, "busy/writing", writing)
+    finisher = threading.Timer(1.0, part.finish)
+    finisher.start()
+    try:
+        aborted = store.abort_incomplete(
+            timedelta(0), prefix="busy/idle", now=datetime.now(UTC) + timedelta(minutes=10)
+        )
+    finally:
+        finisher.join()
+    assert [u.upload_id for u in aborted] == [idle]
+    assert [u.upload_id for u in store.incomplete_uploads(prefix="busy/")] == [writing]
+    store.abort_incomplete(timedelta(0), prefix="busy/", now=datetime.now(UTC) + timedelta(days=1))
+    assert store.incomplete_uploads(prefix="busy/") == []
 
 
 def test_the_sweep_command_aborts_and_lists_what_it_aborted(
