@@ -100,7 +100,8 @@ class ShredReceipt:
 def _remove_chat_objects(objects: ObjectStore, chat_id: uuid.UUID) -> tuple[int, int]:
     """Delete every object and abort every multipart upload under the chat's prefix; returns
     (objects deleted, uploads aborted). Uploads of any age: the chat is gone, so an upload
-    still running can only produce an object that must not exist (its next part fails)."""
+    still running can only produce an object that must not exist (its next part or its
+    completion fails; its parts sent after the abort are removed by its own failure path)."""
     prefix = chat_prefix(chat_id)
     deleted = objects.delete_prefix(prefix)
     # `now` ahead by the skew allowance: S3Proxy's clock may run ahead of ours.

@@ -19,7 +19,12 @@ from urllib.parse import urlsplit
 import pytest
 from botocore.exceptions import ClientError
 
-from sealstream.adapters.object_store import ObjectNotFound, ObjectStore, ObjectStoreError
+from sealstream.adapters.object_store import (
+    ObjectNotFound,
+    ObjectStore,
+    ObjectStoreError,
+    build_client,
+)
 from tests.integration.conftest import SCRATCH_PART_SIZE as PART
 
 MiB = 1024 * 1024
@@ -164,7 +169,27 @@ class PausedPart:
         self.connection.putheader("Content-Length", str(size))
         self.connection.endheaders()
         self.connection.send(self.body[: size // 2])
-        time.sleep(0.5)  # the store has opened the part's file and written into it
+        self._wait_until_writing(store)
+
+    @staticmethod
+    def _wait_until_writing(store: ObjectStore) -> None:
+        """Until the store holds the part's half-written file: S3Proxy then answers 500 to a
+        listing of the uploads (the bucket is this module's own: no other upload is in flight).
+        A loaded machine may take its time to get there; a fixed pause would race it."""
+        probe = build_client(store.settings.model_copy(update={"max_attempts": 1}))
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    probe.list_multipart_uploads(Bucket=store.bucket)
+                except ClientError as exc:
+                    if exc.response["ResponseMetadata"]["HTTPStatusCode"] >= 500:
+                        return
+                    raise
+                time.sleep(0.02)
+            raise AssertionError("the store never started writing the paused part")
+        finally:
+            probe.close()
 
     def finish(self) -> int:
         self.connection.send(self.body[len(self.body) // 2 :])
@@ -221,6 +246,48 @@ def test_listing_and_aborting_while_another_upload_writes_a_part(store: ObjectSt
     assert [u.upload_id for u in store.incomplete_uploads(prefix="busy/")] == [writing]
     store.abort_incomplete(timedelta(0), prefix="busy/", now=datetime.now(UTC) + timedelta(days=1))
     assert store.incomplete_uploads(prefix="busy/") == []
+
+
+def test_an_upload_aborted_under_its_uploader_leaves_none_of_its_parts(
+    store: ObjectStore,
+) -> None:
+    """Chat deletion or the sweep aborts an upload whose parts are still coming. S3Proxy takes
+    every part sent after the abort all the same, as files that no listing of uploads shows and
+    no later abort reaches (its record of the upload is gone): the uploader's failure must not
+    leave them on the store's disk for ever."""
+    sent_one = threading.Event()
+    go_on = threading.Event()
+
+    def paused_after_the_first_part() -> Iterator[bytes]:
+        yield os.urandom(PART)
+        yield os.urandom(PART)  # read once part 1 went up (in the upload's own thread)
+        sent_one.set()
+        assert go_on.wait(60)
+        yield os.urandom(PART)
+        yield os.urandom(1000)
+
+    failed: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            store.put("aborted-under/one", paused_after_the_first_part())
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            failed.append(exc)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    try:
+        assert sent_one.wait(30)
+        aborted = store.abort_incomplete(
+            timedelta(0), prefix="aborted-under/", now=datetime.now(UTC) + timedelta(minutes=10)
+        )
+    finally:
+        go_on.set()
+        uploader.join(60)
+    assert len(aborted) == 1
+    assert failed and isinstance(failed[0], ObjectStoreError)
+    assert store.incomplete_uploads(prefix="aborted-under/") == []
+    assert not {key for key in all_keys(store) if "aborted-under/one" in key}
 
 
 def test_the_sweep_command_aborts_and_lists_what_it_aborted(
