@@ -295,25 +295,38 @@ class ObjectStore:
         return StoredObject(key, size, str(answer.get("ETag", "")).strip('"'), len(parts))
 
     def _abort_quietly(self, key: str, upload_id: str) -> None:
-        """Abort after a failure; if the store is down too, the sweep removes it later.
+        """Abort after a failure (no part of this upload is in flight any more); if the store is
+        down too, the sweep removes it later.
 
-        If someone else ended the upload first (chat deletion or the sweep aborted it while its
-        parts were still coming), S3Proxy took every part sent since all the same, as files that
-        no listing of uploads shows and no later abort reaches, its record of the upload being
-        gone: the record is written again and the upload aborted once more, which deletes every
-        part file under the upload id (`_abort_unlisted`)."""
+        If the abort does not succeed at once, someone else ended the upload first or half way
+        (chat deletion or the sweep aborted it while its parts were still coming; see `_abort`),
+        and S3Proxy took every part sent since all the same, as files that no listing of uploads
+        shows and no later abort reaches, its record of the upload being gone: the record is
+        written again and the upload aborted once more, which deletes every part file under the
+        upload id (`_abort_unlisted`). No listing here, unlike `_abort`: this runs on an
+        upload's request path, and S3Proxy fails a listing of uploads while any upload of the
+        bucket writes a part."""
         try:
-            if not self._abort(key, upload_id):
-                self._abort_unlisted(key, upload_id)
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            return
+        except BotoCoreError:
+            return  # the store is down or slow
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if _code(exc) != "NoSuchUpload" and status < 500:
+                return
+        try:
+            self._abort_unlisted(key, upload_id)
         except ObjectStoreError:
             pass
 
     def _abort_unlisted(self, key: str, upload_id: str) -> None:
-        """One abort of an upload that is no longer listed, its record (see `_abort`) written
-        first and deleted after (S3Proxy's abort deletes it itself when it succeeds). S3Proxy's
-        abort deletes the parts it finds under the upload id whether the upload is listed or
-        not; a real S3 answers NoSuchUpload (it refused those parts). Raises `ObjectStoreError`
-        if the record cannot be written."""
+        """One more abort of an upload whose record (see `_abort`) someone else's abort
+        deleted: the record is written first and deleted after (S3Proxy's abort deletes it
+        itself when it succeeds). S3Proxy's abort then deletes every part file it finds under
+        the upload id, and the upload's own entry, whether the upload is still listed or not; a
+        real S3 answers NoSuchUpload (it refused such parts). Raises `ObjectStoreError` if the
+        record cannot be written."""
         try:
             self._client.put_object(Bucket=self.bucket, Key=upload_id, Body=b"")
         except (ClientError, BotoCoreError) as exc:

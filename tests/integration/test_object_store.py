@@ -248,13 +248,17 @@ def test_listing_and_aborting_while_another_upload_writes_a_part(store: ObjectSt
     assert store.incomplete_uploads(prefix="busy/") == []
 
 
+@pytest.mark.parametrize("another_part_in_flight", [False, True])
 def test_an_upload_aborted_under_its_uploader_leaves_none_of_its_parts(
-    store: ObjectStore,
+    store: ObjectStore, another_part_in_flight: bool
 ) -> None:
     """Chat deletion or the sweep aborts an upload whose parts are still coming. S3Proxy takes
     every part sent after the abort all the same, as files that no listing of uploads shows and
     no later abort reaches (its record of the upload is gone): the uploader's failure must not
-    leave them on the store's disk for ever."""
+    leave them on the store's disk for ever, also while another upload of the bucket writes a
+    part all along (S3Proxy's listings of uploads fail meanwhile: its failure path must not
+    depend on one, nor wait for one on an upload's request path)."""
+    client = store._client
     sent_one = threading.Event()
     go_on = threading.Event()
 
@@ -281,9 +285,18 @@ def test_an_upload_aborted_under_its_uploader_leaves_none_of_its_parts(
         aborted = store.abort_incomplete(
             timedelta(0), prefix="aborted-under/", now=datetime.now(UTC) + timedelta(minutes=10)
         )
+        other = None
+        if another_part_in_flight:
+            other_id = client.create_multipart_upload(Bucket=store.bucket, Key="elsewhere/one")
+            other = PausedPart(store, "elsewhere/one", other_id["UploadId"])
     finally:
         go_on.set()
         uploader.join(60)
+    if other is not None:  # only once the uploader is done
+        assert other.finish() == 200
+        store.abort_incomplete(
+            timedelta(0), prefix="elsewhere/", now=datetime.now(UTC) + timedelta(minutes=10)
+        )
     assert len(aborted) == 1
     assert failed and isinstance(failed[0], ObjectStoreError)
     assert store.incomplete_uploads(prefix="aborted-under/") == []
