@@ -223,6 +223,9 @@ def test_an_upload_completing_after_the_shred_leaves_nothing_readable(
         assert files.get(chat, file_id) is None
     assert list(objects.keys(chat_prefix(chat))) == []
     assert objects.incomplete_uploads(chat_prefix(chat)) == []
+    # Nor the large upload's parts: S3Proxy keeps those sent after the abort as files of its
+    # own (`.mpus-<upload>-<key>-<n>`) unless the uploader's failure removes them.
+    assert not [key for key in objects.keys(".mpus-") if object_key(chat, large_id) in key]
     with pytest.raises(KeyDestroyed):
         keys.key(chat, row.dek_version)
 
