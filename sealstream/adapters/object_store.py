@@ -535,13 +535,15 @@ class ObjectStore:
         500, and every later abort answers `NoSuchUpload` while the upload stays listed with its
         parts, for ever. So `NoSuchUpload` is trusted only once the upload is no longer listed;
         while it still is, the record is written again (an empty object under the upload id, as
-        S3Proxy writes it at `CreateMultipartUpload`) and the abort retried. A part that was in
-        flight and lands after the abort is a file S3Proxy no longer lists (docs/operations.md
-        "Object store")."""
+        S3Proxy writes it at `CreateMultipartUpload`) and the abort retried. Each abort waits
+        first while the upload is being completed (`_until_not_written`). A part that was in
+        flight and lands after the abort is a file S3Proxy no longer lists, removed by its
+        uploader's failure (`_abort_quietly`; docs/operations.md "Object store")."""
         where = f"{key} (upload {upload_id})"
         wrote_record = False
         try:
             for attempt in range(_ABORT_TRIES):
+                self._until_not_written(key)
                 try:
                     self._client.abort_multipart_upload(
                         Bucket=self.bucket, Key=key, UploadId=upload_id
@@ -573,6 +575,23 @@ class ObjectStore:
                     self._client.delete_object(Bucket=self.bucket, Key=upload_id)
                 except (ClientError, BotoCoreError):
                     pass
+
+    def _until_not_written(self, key: str) -> None:
+        """Returns once no file under `key`'s directory is being written, as far as S3Proxy
+        tells (it fails the listing meanwhile, see `_LISTING_PATIENCE_SECONDS`); raises
+        `ObjectStoreError` past that patience. S3Proxy completes an upload by copying its parts
+        into the object's file: an abort meanwhile deletes the parts under the copy, which
+        fails and leaves its half-written file in that directory for ever, so that every later
+        listing of the prefix (chat deletion's, retention's) answers 500. A completion that
+        starts between this listing and the abort is not seen (docs/operations.md)."""
+        self._listed(
+            "ListObjectsV2",
+            self._client.list_objects_v2,
+            key,
+            Bucket=self.bucket,
+            Prefix=key,
+            MaxKeys=1,
+        )
 
     def _still_listed(self, key: str, upload_id: str) -> bool:
         page = self._listed(

@@ -151,6 +151,30 @@ def test_the_sweep_aborts_only_uploads_older_than_the_threshold(store: ObjectSto
     assert not {key for key in all_keys(store) if "abandoned/one" in key}
 
 
+def wait_until_writing(store: ObjectStore, prefix: str | None = None) -> None:
+    """Until the store is writing a file: S3Proxy answers 500 to a listing of the uploads (or,
+    with `prefix`, of the objects under it) while a file under it is being written. The bucket
+    is this module's own: no other upload is in flight. A loaded machine may take its time to
+    get there; a fixed pause would race it."""
+    probe = build_client(store.settings.model_copy(update={"max_attempts": 1}))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if prefix is None:
+                    probe.list_multipart_uploads(Bucket=store.bucket)
+                else:
+                    probe.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
+            except ClientError as exc:
+                if exc.response["ResponseMetadata"]["HTTPStatusCode"] >= 500:
+                    return
+                raise
+            time.sleep(0.01)
+        raise AssertionError("the store never started writing")
+    finally:
+        probe.close()
+
+
 class PausedPart:
     """A part upload sent by hand (a presigned `UploadPart`) that stops half way through its
     body, so the store holds the part's half-written file, as it does while any upload's part
@@ -169,27 +193,7 @@ class PausedPart:
         self.connection.putheader("Content-Length", str(size))
         self.connection.endheaders()
         self.connection.send(self.body[: size // 2])
-        self._wait_until_writing(store)
-
-    @staticmethod
-    def _wait_until_writing(store: ObjectStore) -> None:
-        """Until the store holds the part's half-written file: S3Proxy then answers 500 to a
-        listing of the uploads (the bucket is this module's own: no other upload is in flight).
-        A loaded machine may take its time to get there; a fixed pause would race it."""
-        probe = build_client(store.settings.model_copy(update={"max_attempts": 1}))
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    probe.list_multipart_uploads(Bucket=store.bucket)
-                except ClientError as exc:
-                    if exc.response["ResponseMetadata"]["HTTPStatusCode"] >= 500:
-                        return
-                    raise
-                time.sleep(0.02)
-            raise AssertionError("the store never started writing the paused part")
-        finally:
-            probe.close()
+        wait_until_writing(store)
 
     def finish(self) -> int:
         self.connection.send(self.body[len(self.body) // 2 :])
@@ -301,6 +305,50 @@ def test_an_upload_aborted_under_its_uploader_leaves_none_of_its_parts(
     assert failed and isinstance(failed[0], ObjectStoreError)
     assert store.incomplete_uploads(prefix="aborted-under/") == []
     assert not {key for key in all_keys(store) if "aborted-under/one" in key}
+
+
+def test_an_abort_meeting_the_completion_of_its_upload_leaves_the_prefix_listable(
+    store: ObjectStore,
+) -> None:
+    """Chat deletion aborts an upload whose uploader is completing it. S3Proxy's completion
+    copies the parts into the object's file for a while; an abort meanwhile deletes the parts
+    under it, the completion fails, and its half-written file stays in the object's directory
+    for ever: every listing of the chat's prefix answers 500 from then on, so neither this
+    deletion nor any later one (nor retention) could remove the chat's objects. The abort
+    waits for the completion instead."""
+    client = store._client
+    key = "completing/one"
+    upload_id = client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+    body = os.urandom(PART)
+    parts = [
+        {
+            "PartNumber": number,
+            "ETag": client.upload_part(
+                Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )["ETag"],
+        }
+        for number in range(1, 9)
+    ]
+    completion = threading.Thread(
+        target=client.complete_multipart_upload,
+        kwargs={
+            "Bucket": store.bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "MultipartUpload": {"Parts": parts},
+        },
+    )
+    completion.start()
+    try:
+        wait_until_writing(store, "completing/")
+        store.abort_incomplete(
+            timedelta(0), prefix="completing/", now=datetime.now(UTC) + timedelta(minutes=10)
+        )
+    finally:
+        completion.join(60)
+    assert list(store.keys("completing/")) == [key]  # listable: a deletion can remove it
+    assert store.incomplete_uploads(prefix="completing/") == []
+    store.delete(key)
 
 
 def test_the_sweep_command_aborts_and_lists_what_it_aborted(
