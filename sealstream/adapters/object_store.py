@@ -577,8 +577,8 @@ class ObjectStore:
                     pass
 
     def _until_not_written(self, key: str) -> None:
-        """Returns once no file under `key`'s directory is being written, as far as S3Proxy
-        tells (it fails the listing meanwhile, see `_LISTING_PATIENCE_SECONDS`); raises
+        """Returns once no file whose name starts with `key` is being written, as far as
+        S3Proxy tells (it fails the listing meanwhile, see `_LISTING_PATIENCE_SECONDS`); raises
         `ObjectStoreError` past that patience. S3Proxy completes an upload by copying its parts
         into the object's file: an abort meanwhile deletes the parts under the copy, which
         fails and leaves its half-written file in that directory for ever, so that every later
