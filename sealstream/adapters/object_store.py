@@ -551,8 +551,13 @@ class ObjectStore:
                     return True
                 except ClientError as exc:
                     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                    if _code(exc) != "NoSuchUpload" and status < 500:
-                        raise self._error("AbortMultipartUpload", exc, where) from None
+                    if _code(exc) != "NoSuchUpload":
+                        if status < 500:
+                            raise self._error("AbortMultipartUpload", exc, where) from None
+                        # A 5xx after botocore's own attempts: try again, writing nothing (the
+                        # record is written back only on S3Proxy's NoSuchUpload below).
+                        time.sleep(_LISTING_FIRST_DELAY * 2**attempt)
+                        continue
                 except BotoCoreError as exc:
                     raise self._error("AbortMultipartUpload", exc, where) from None
                 if not self._still_listed(key, upload_id):
