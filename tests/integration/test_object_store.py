@@ -151,15 +151,20 @@ def test_the_sweep_aborts_only_uploads_older_than_the_threshold(store: ObjectSto
     assert not {key for key in all_keys(store) if "abandoned/one" in key}
 
 
-def wait_until_writing(store: ObjectStore, prefix: str | None = None) -> None:
+def wait_until_writing(
+    store: ObjectStore, prefix: str | None = None, writer: threading.Thread | None = None
+) -> bool:
     """Until the store is writing a file: S3Proxy answers 500 to a listing of the uploads (or,
     with `prefix`, of the objects under it) while a file under it is being written. The bucket
     is this module's own: no other upload is in flight. A loaded machine may take its time to
-    get there; a fixed pause would race it."""
+    get there; a fixed pause would race it. True once seen writing; False if `writer` (the
+    thread whose request writes) ended first, its write too short to be seen."""
     probe = build_client(store.settings.model_copy(update={"max_attempts": 1}))
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if writer is not None and not writer.is_alive():
+                return False
             try:
                 if prefix is None:
                     probe.list_multipart_uploads(Bucket=store.bucket)
@@ -167,7 +172,7 @@ def wait_until_writing(store: ObjectStore, prefix: str | None = None) -> None:
                     probe.list_objects_v2(Bucket=store.bucket, Prefix=prefix)
             except ClientError as exc:
                 if exc.response["ResponseMetadata"]["HTTPStatusCode"] >= 500:
-                    return
+                    return True
                 raise
             time.sleep(0.01)
         raise AssertionError("the store never started writing")
@@ -317,35 +322,46 @@ def test_an_abort_meeting_the_completion_of_its_upload_leaves_the_prefix_listabl
     deletion nor any later one (nor retention) could remove the chat's objects. The abort
     waits for the completion instead."""
     client = store._client
-    key = "completing/one"
-    upload_id = client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
     body = os.urandom(PART)
-    parts = [
-        {
-            "PartNumber": number,
-            "ETag": client.upload_part(
-                Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-            )["ETag"],
-        }
-        for number in range(1, 9)
-    ]
-    completion = threading.Thread(
-        target=client.complete_multipart_upload,
-        kwargs={
-            "Bucket": store.bucket,
-            "Key": key,
-            "UploadId": upload_id,
-            "MultipartUpload": {"Parts": parts},
-        },
-    )
-    completion.start()
-    try:
-        wait_until_writing(store, "completing/")
-        store.abort_incomplete(
-            timedelta(0), prefix="completing/", now=datetime.now(UTC) + timedelta(minutes=10)
+    # A completion copies 40 MiB: long enough to be seen writing, but a fast store may finish
+    # before the first look; then the scene is set again (another key), a few times at most.
+    for attempt in range(5):
+        key = f"completing/{attempt}"
+        upload_id = client.create_multipart_upload(Bucket=store.bucket, Key=key)["UploadId"]
+        parts = [
+            {
+                "PartNumber": number,
+                "ETag": client.upload_part(
+                    Bucket=store.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )["ETag"],
+            }
+            for number in range(1, 9)
+        ]
+        completion = threading.Thread(
+            target=client.complete_multipart_upload,
+            kwargs={
+                "Bucket": store.bucket,
+                "Key": key,
+                "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts},
+            },
         )
-    finally:
-        completion.join(60)
+        completion.start()
+        try:
+            caught = wait_until_writing(store, "completing/", writer=completion)
+            if caught:
+                store.abort_incomplete(
+                    timedelta(0),
+                    prefix="completing/",
+                    now=datetime.now(UTC) + timedelta(minutes=10),
+                )
+        finally:
+            completion.join(60)
+        if caught:
+            break
+        store.delete(key)
+    else:
+        raise AssertionError("no completion was long enough to be seen in 5 tries")
     assert list(store.keys("completing/")) == [key]  # listable: a deletion can remove it
     assert store.incomplete_uploads(prefix="completing/") == []
     store.delete(key)
