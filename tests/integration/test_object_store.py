@@ -146,6 +146,18 @@ def test_the_sweep_aborts_only_uploads_older_than_the_threshold(store: ObjectSto
     assert not {key for key in all_keys(store) if "abandoned/one" in key}
 
 
+def listing_refused(store: ObjectStore) -> bool:
+    """Whether S3Proxy answers a listing of the store's bucket with a 500 (after the client's
+    own retries), as it does while one of the bucket's files is being written."""
+    try:
+        store._client.list_objects_v2(Bucket=store.bucket, MaxKeys=1)
+    except ClientError as exc:
+        if exc.response["ResponseMetadata"]["HTTPStatusCode"] == 500:
+            return True
+        raise
+    return False
+
+
 class PausedPart:
     """A part upload sent by hand (a presigned `UploadPart`) that stops half way through its
     body, so the store holds the part's half-written file, as it does while any upload's part
@@ -164,7 +176,13 @@ class PausedPart:
         self.connection.putheader("Content-Length", str(size))
         self.connection.endheaders()
         self.connection.send(self.body[: size // 2])
-        time.sleep(0.5)  # the store has opened the part's file and written into it
+        # Until the store has opened the part's file and written into it: from then on (and
+        # only while a file of the bucket is being written) it answers listings with a 500.
+        # A fixed pause was not enough on a loaded machine; the bucket is this module's own.
+        deadline = time.monotonic() + 60
+        while not listing_refused(store):
+            assert time.monotonic() < deadline, "the store never began writing the part"
+            time.sleep(0.1)
 
     def finish(self) -> int:
         self.connection.send(self.body[len(self.body) // 2 :])
