@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from datetime import datetime, timedelta
 
@@ -231,23 +231,38 @@ class GatewayAttachments:
                 self._files = None
 
 
-def _readiness(
-    database: Database, kafka: KafkaSettings, ids: LeasedIds
-) -> Callable[[], Awaitable[bool]]:
-    """Ready when it holds a valid worker-id lease, Postgres answers and Kafka has the message
-    topic. Redis is not checked: the gateway posts without it (a Redis outage must not take every
-    gateway out of service). Nor is Cassandra: only edits and deletions read it."""
-    admin = AdminClient(kafka_client_config(kafka))
+class _ReadinessCheck:
+    """The gateway's readiness: it holds a valid worker-id lease, Postgres answers and Kafka has
+    the message topic. Redis is not checked: the gateway posts without it (a Redis outage must
+    not take every gateway out of service). Nor is Cassandra: only edits and deletions read it.
 
-    def check() -> None:
-        ids.check()
-        with database.connection() as conn:
+    One admin client serves every probe. `close` lets it go: an AdminClient has no `close`, and
+    librdkafka destroys it (and stops reconnecting to a broker that is gone) only once its last
+    reference goes, which an app still referenced somewhere would otherwise keep for good.
+    """
+
+    def __init__(self, database: Database, kafka: KafkaSettings, ids: LeasedIds) -> None:
+        self._database = database
+        self._topic = kafka.messages_topic
+        self._ids = ids
+        client_id = f"{SERVICE}-{ids.worker_id}-readiness"
+        self._admin: AdminClient | None = AdminClient(
+            kafka_client_config(kafka, {"client.id": client_id})
+        )
+
+    def check(self) -> None:
+        admin = self._admin
+        if admin is None:
+            raise StoreUnavailable("the gateway is shutting down")
+        self._ids.check()
+        with self._database.connection() as conn:
             conn.execute("SELECT 1")
         topics = admin.list_topics(timeout=2).topics  # all topics: never auto-creates one
-        if kafka.messages_topic not in topics:
+        if self._topic not in topics:
             raise StoreUnavailable("the message topic does not exist (run `sealstream migrate`)")
 
-    return readiness(check)
+    def close(self) -> None:
+        self._admin = None
 
 
 def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
@@ -306,7 +321,9 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             attachments=attachments,
             attachment_settings=settings.attachments,
         )
-        app = create_app(service, settings, _readiness(database, settings.kafka, ids))
+        ready = _ReadinessCheck(database, settings.kafka, ids)
+        stack.callback(ready.close)
+        app = create_app(service, settings, readiness(ready.check))
         app.state.worker_ids = ids
     except BaseException:
         stack.close()

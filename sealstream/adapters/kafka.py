@@ -57,6 +57,8 @@ def kafka_client_config(
     """The configuration of every Kafka client of this code base (confluent-kafka's Producer,
     Consumer and AdminClient): bootstrap servers, security protocol and the SASL credentials of
     the process's principal (`settings.principal`), then the librdkafka properties of `extra`.
+    A client that `extra` gives no `client.id` is named after that principal (the process's
+    role), never librdkafka's default "rdkafka", which names nobody in a broker or client log.
 
     Raises `ValueError` when SASL is on and the principal's password is unknown (the message
     names the setting to set; it never holds a password).
@@ -64,6 +66,7 @@ def kafka_client_config(
     config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap,
         "security.protocol": settings.security_protocol.lower(),
+        "client.id": settings.principal,
     }
     if settings.security_protocol.startswith("SASL"):
         password = settings.resolved_password()

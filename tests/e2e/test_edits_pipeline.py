@@ -141,6 +141,13 @@ def test_edits_replays_forgeries_and_a_sender_deletion(pipeline: Pipeline) -> No
     publish(pipeline, removal)
     wait_until(lambda: message(pipeline, chat, message_id).status_code == 404, what="deleted")
     wait_until(lambda: indexed(pipeline, chat, "quay") == [], what="deletion indexed")
+    # The encryptor publishes a change event once the change is stored, so on a loaded machine
+    # the deletion's can come after its row reads as deleted. It is the chat's last (keyed by
+    # the chat: one partition, in order), so every earlier event is there once it is.
+    wait_until(
+        lambda: removal.event_id in {e.event_id for e in change_events(pipeline, chat)},
+        what="the deletion's change event",
+    )
 
     events = [(e.kind, e.event_id, e.revision) for e in change_events(pipeline, chat)]
     mine = [e for e in events if e[1] != int(later)]

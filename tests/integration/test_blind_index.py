@@ -447,6 +447,32 @@ def test_kms_outage_holds_the_batch_and_indexes_it_once_the_kms_is_back(
         proxy.close()
 
 
+def sessions_blocked_by(
+    database: Database, holder_pid: int, proc: subprocess.Popen[bytes]
+) -> list[int]:
+    """The server sessions waiting on a lock of session `holder_pid`, once there is one."""
+    deadline = time.monotonic() + 120
+    with database.connection() as watcher:
+        while True:
+            rows = watcher.execute(
+                "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                (holder_pid,),
+            ).fetchall()
+            if rows:
+                return [int(row["pid"]) for row in rows]
+            assert proc.poll() is None, "the re-index ended before it waited on its progress row"
+            assert time.monotonic() < deadline, "the re-index never waited on its progress row"
+            time.sleep(0.05)
+
+
+def sessions_alive(database: Database, pids: list[int]) -> bool:
+    with database.connection() as watcher:
+        row = watcher.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone()
+    return row is not None and int(row["n"]) > 0
+
+
 def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
     blind: Blind, enabled: dict[str, object], database: Database
 ) -> None:
@@ -485,7 +511,9 @@ def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
             # Hold its progress row: the job blocks at its next chat, then dies there.
             conn.execute(f'SET search_path TO "{blind.settings.postgres.schema_name}"')
             conn.execute("SELECT 1 FROM search_reindex WHERE tenant_id = %s FOR UPDATE", (tenant,))
-            time.sleep(1.0)
+            # Its server sessions waiting on that row (not a fixed pause: a loaded machine
+            # may take longer to finish the chat it was on).
+            blocked = sessions_blocked_by(database, conn.info.backend_pid, proc)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         finally:
@@ -493,8 +521,12 @@ def test_rotation_reindex_resumes_after_a_kill_and_search_never_misses(
                 os.killpg(proc.pid, signal.SIGKILL)
         conn.rollback()
     # The killed job's last progress update was waiting on the row: it commits now (that chat
-    # was written), then its server process notices the client is gone.
-    time.sleep(1.0)
+    # was written), then its server process notices the client is gone. Read the progress
+    # once those sessions ended, so that no late update follows the reading.
+    deadline = time.monotonic() + 60
+    while sessions_alive(database, blocked):
+        assert time.monotonic() < deadline, "the killed job's sessions never ended"
+        time.sleep(0.1)
     mid = repo.reindex_job(tenant)
     assert mid is not None and mid.state == "running" and mid.target_version == new_version
     assert 3 <= mid.chats_done < total_chats, mid

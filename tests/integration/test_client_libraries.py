@@ -13,13 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from schemas.events import MessageRecord
 from schemas.ids import SEQUENCE_BITS, WORKER_BITS, SnowflakeIds
@@ -75,23 +76,36 @@ def read_all(consumer: MessageConsumer, want: int) -> list[MessageBatch]:
 
 
 def raw_records(settings: Settings) -> list[Any]:
-    """Every record of the topic as Kafka holds it."""
+    """Every record of the topic as Kafka holds it: each partition read from its start to its
+    end. Not "until nothing came for 10 s": on a loaded machine joining a group could take that
+    long, and the first poll's silence read as an empty topic."""
+    topic = settings.kafka.messages_topic
     reader = Consumer(
         kafka_client_config(
             settings.kafka,
             {
-                "group.id": f"raw-{uuid.uuid4()}",
-                "auto.offset.reset": "earliest",
+                "group.id": f"raw-{uuid.uuid4()}",  # never joined (assign), never committed
                 "enable.auto.commit": False,
+                "enable.partition.eof": True,
             },
         )
     )
-    reader.subscribe([settings.kafka.messages_topic])
     records: list[Any] = []
     try:
-        while (m := reader.poll(10)) is not None:
+        partitions = list(reader.list_topics(topic, timeout=30).topics[topic].partitions)
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        at_end: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(at_end) < len(partitions):
+            assert time.monotonic() < deadline, f"read to the end of partitions {at_end} only"
+            m = reader.poll(0.5)
+            if m is None:
+                continue
             if m.error() is None:
                 records.append(m)
+            else:
+                assert m.error().code() == KafkaError._PARTITION_EOF, m.error()
+                at_end.add(m.partition())
     finally:
         reader.close()
     return records

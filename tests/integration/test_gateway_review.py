@@ -354,14 +354,17 @@ def test_a_connection_held_past_the_deadline_is_not_handed_out_broken(
     was not blocked on it (a thread descheduled on a loaded machine, Python work between two
     statements) the use ends without an error; the connection must not go back to the pool
     broken, or the next request on a healthy Postgres fails with a 503."""
-    db = Database(settings.postgres, max_size=1, deadline=0.3)
+    # A deadline of a second (not the 0.3 s it had): the check and the first statement must
+    # end inside it (plus the grace), which a loaded machine may not do in 0.55 s.
+    db = Database(settings.postgres, max_size=1, deadline=1.0)
     db.open()
     try:
         with db.connection() as conn:
             conn.execute("SELECT 1")
-            time.sleep(1.0)  # past deadline + grace, no I/O in flight
+            time.sleep(3.0)  # well past deadline + grace, no I/O in flight
+        assert conn.closed, "precondition: the watchdog severed the held connection"
         # The severed connection was closed, so the pool (max_size=1) opens a new one in the
-        # background; on a loaded machine that can take longer than this pool's 0.3 s checkout
+        # background; on a loaded machine that can take longer than this pool's 1 s checkout
         # deadline (a PoolTimeout, CI stop 18). What is under test is that no *broken*
         # connection is handed out, so let the pool refill first.
         db._pool.wait(timeout=30.0)

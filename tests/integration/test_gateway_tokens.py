@@ -18,6 +18,8 @@ from tests.integration.test_gateway_failures import (
     gateway,
 )
 
+SHORT_TTL = 20
+
 
 def _post(url: str, chat: str, token: str, text: str) -> httpx.Response:
     return httpx.post(
@@ -34,8 +36,10 @@ def test_a_token_accepted_before_is_refused_once_expired_and_its_claims_are_its_
     with gateway(base) as gw:
         auth = gw.settings.auth
         chat = gw.new_chat("tia")
-        short = mint_token(auth, "tia", ttl_seconds=3)
-        expires = time.time() + 3
+        # Long enough for three posts and a WebSocket frame on a loaded machine: with 3 s,
+        # which `exp`'s whole seconds make 2 to 3, the uses "before expiry" could come after it.
+        short = mint_token(auth, "tia", ttl_seconds=SHORT_TTL)
+        expires = time.time() + SHORT_TTL  # not before the token's `exp`
         for i in range(3):  # the first use verifies it, the next ones find it verified
             answer = _post(gw.url, chat, short, f"before expiry {i}")
             assert answer.status_code == 202, answer.text

@@ -87,7 +87,9 @@ def consume(settings: Settings, chat: str, count: int, settle: float = 0.0) -> l
     )
     consumer.subscribe([settings.kafka.messages_topic])
     out: list[Record] = []
-    deadline = time.monotonic() + 30
+    # Joining the group and reading (opening) the module's whole topic: generous for a loaded
+    # machine; a read that is done leaves as soon as `count` came and `settle` passed.
+    deadline = time.monotonic() + 90
     settled: float | None = None
     opener = opener_for(settings)  # the gateway seals every record (docs/format.md)
     try:

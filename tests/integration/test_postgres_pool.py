@@ -78,8 +78,10 @@ def test_checking_a_pooled_connection_on_a_hung_server_keeps_the_deadline(
             assert len(outcome) == 1 and isinstance(outcome[0], tuple), outcome
             _, seconds = outcome[0]
             # The deadline for the check and the deadline (plus the watchdog's grace) for the
-            # statement; generous for a loaded machine, far below "forever".
-            assert seconds < 3 * deadline + 2
+            # statement; generous for a loaded machine (the gateway tests' bound for the same
+            # 2 s deadline: a 2-core machine under load answered in up to 11 s), and below the
+            # 30 s that tells a hang.
+            assert seconds < 20
         finally:
             postgres.forward()
             db.close()

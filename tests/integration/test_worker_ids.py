@@ -28,7 +28,10 @@ from sealstream.record_seal import record_sealer
 from sealstream.settings import KafkaSettings, Settings, WorkerLeaseSettings
 from sealstream.worker_ids import WorkerIdLease, lease_worker_id
 
-SHORT = WorkerLeaseSettings(ttl_seconds=3, renew_seconds=1, margin_seconds=1)
+# Short leases, so that expiries and outages show within seconds; renewed every second, a
+# holder makes ids until 6 s after its last renewal was sent, so a renewal may come 5 s late
+# (a loaded machine) before a healthy holder refuses ids (with a TTL of 3 s it was 1 s).
+SHORT = WorkerLeaseSettings(ttl_seconds=8, renew_seconds=1, margin_seconds=2)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
