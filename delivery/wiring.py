@@ -81,7 +81,7 @@ def build(settings: Settings) -> tuple[FastAPI, Callable[[], None]]:
             # Uncached: a participant removed is refused at the next subscribe.
             chat=ChatKeyRepository(database).chat,
             rows=store,
-            opener=EnvelopeOpener(keys),
+            opener=EnvelopeOpener(keys, store.get),
             window_seconds=settings.edits.window_seconds,
             max_resume_events=settings.delivery.max_resume_events,
         )

@@ -46,7 +46,7 @@ from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.postgres import ChatRow
 from sealstream.attachments import readable_by
 from sealstream.crypto import envelope_dek_version, open_envelope
-from sealstream.errors import DecryptionError, KeyNotFound
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
 
@@ -183,14 +183,34 @@ class EnvelopeOpener:
     with the row's own context (chat, id, sender, revision, time), so a rewritten column fails
     like a flipped bit: `DecryptionError`, counted and logged by ids only. `KeyDestroyed`
     (a shredded chat) propagates.
+
+    `reread(chat_id, message_id)` (the store's `get`) covers a row fetched before
+    `sealstream keys reencrypt` re-sealed it and opened after the job destroyed its old
+    version (the job destroys a version once no row uses it, which a read in flight does not
+    count): on `KeyDestroyed` the row is read again, once, and opened under the version it now
+    names. A row still naming the destroyed version (a shredded chat), gone or deleted since,
+    leaves `KeyDestroyed` standing.
     """
 
-    def __init__(self, keys: KeySource) -> None:
+    def __init__(
+        self,
+        keys: KeySource,
+        reread: Callable[[uuid.UUID, int], StoredMessage | None] | None = None,
+    ) -> None:
         self.keys = keys
+        self.reread = reread
 
     def open(self, row: StoredMessage) -> ReadMessage:
         try:
-            return self._open_row(row)
+            try:
+                return self._open_row(row)
+            except KeyDestroyed:
+                fresh = self.reread(row.chat_id, row.message_id) if self.reread else None
+                if fresh is None or fresh.deleted_at is not None:
+                    raise
+                if fresh.dek_version == row.dek_version:
+                    raise
+                return self._open_row(fresh)  # re-sealed meanwhile with a newer version
         except DecryptionError:
             INTEGRITY_FAILURES.inc()
             # Ids and version only: never the envelope or any part of a plaintext.
@@ -273,7 +293,7 @@ class ReaderService:
         self.attachments = attachments
         self.messages = messages
         self.keys = keys
-        self._open = EnvelopeOpener(keys).open
+        self._open = EnvelopeOpener(keys, messages.get).open
         self.search_index = search_index
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.clock_skew_ms = clock_skew_ms

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 import pytest
 
 from encryptor.logic import encrypt_and_store
+from reader.service import EnvelopeOpener
 from schemas.events import MessageRecord
 from schemas.ids import SnowflakeIds
 from sealstream.adapters.cassandra import MessageStore
 from sealstream.adapters.postgres import ChatKeyRepository, Database
 from sealstream.adapters.redis import RedisKeyCache
 from sealstream.adapters.vault import TransitKms
-from sealstream.crypto import open_envelope
 from sealstream.errors import KeyDestroyed
 from sealstream.keys.service import KeyService
 from sealstream.lifecycle import reencrypt_chat, rotate_due
@@ -173,12 +173,12 @@ def _write(
 
 
 def _read_all(keys: KeyService, store: MessageStore, chat: uuid.UUID) -> dict[int, str]:
-    """The chat's whole history as a reader sees it: every row opened with its own version."""
-    out = {}
-    for row in store.history(chat, 2**63 - 1, int(time.time() * 1000) - 3_600_000, 10_000):
-        key = keys.key(chat, row.dek_version)
-        out[row.message_id] = open_envelope(row.envelope, key, row.context()).decode()
-    return out
+    """The chat's whole history as the reader reads it: every row opened with its own version
+    by the reader's `EnvelopeOpener`, which reads a row again when the job re-sealed it and
+    destroyed its old version between the fetch and the opening."""
+    opener = EnvelopeOpener(keys, store.get)
+    rows = store.history(chat, 2**63 - 1, int(time.time() * 1000) - 3_600_000, 10_000)
+    return {row.message_id: opener.open(row).text for row in rows}
 
 
 def test_history_reencryption_moves_every_row_to_the_newest_dek_and_retires_old_ones(

@@ -664,3 +664,35 @@ def test_a_reader_without_attachments_answers_503() -> None:
     with pytest.raises(ApiError) as unavailable:
         world.service.attachment("alice", chat, 1)
     assert unavailable.value.status == 503
+
+
+def test_a_row_reencrypted_while_it_was_read_is_read_under_its_new_version(
+    world: World,
+) -> None:
+    """`sealstream keys reencrypt` re-seals every row with the newest DEK, then destroys the old
+    versions once no row uses them. A read that fetched a row before its re-seal and opens it
+    after the destruction must read the re-sealed row, not answer 410 for a live message."""
+    chat = world.chat()
+    ids = [world.post(chat, f"message {i}") for i in range(3)]
+    fetched = [world.messages.rows[(chat, i)] for i in ids]  # read before the job
+    newest = world.keys.new_version(chat)
+    for row, text in zip(fetched, ["message 0", "message 1", "message 2"], strict=True):
+        world.messages.add(
+            sealed_row(chat, row.message_id, row.sender_id, newest, text, row.created_at)
+        )
+    world.keys.destroyed.add((chat, 1))
+    world.messages.history = lambda *args: iter(sorted(fetched, key=lambda r: -r.message_id))  # type: ignore[method-assign]
+
+    page = world.service.history("alice", chat)
+
+    assert [m.text for m in page.messages] == ["message 2", "message 1", "message 0"]
+
+
+def test_a_shredded_chat_read_mid_history_is_still_gone(world: World) -> None:
+    """The re-read is for a row moved to a newer version only: when every version is destroyed
+    (chat deletion), or the row still names the destroyed one, `KeyDestroyed` stands."""
+    chat = world.chat()
+    world.post(chat, "shredded")
+    world.keys.destroyed.add((chat, 1))
+    with pytest.raises(KeyDestroyed):
+        world.service.history("alice", chat)
