@@ -176,6 +176,15 @@ class CachedChatDirectory:
 # --- opening envelopes ------------------------------------------------------------------------
 
 
+def _resealed(row: StoredMessage, fresh: StoredMessage) -> bool:
+    """Whether `fresh` is `row` re-sealed with another DEK version and nothing else changed."""
+    return (
+        fresh.deleted_at is None
+        and fresh.dek_version != row.dek_version
+        and replace(fresh, envelope=row.envelope, dek_version=row.dek_version) == row
+    )
+
+
 class EnvelopeOpener:
     """Opens stored rows with their chat's key, for every read path (reader and live delivery).
 
@@ -187,9 +196,13 @@ class EnvelopeOpener:
     `reread(chat_id, message_id)` (the store's `get`) covers a row fetched before
     `sealstream keys reencrypt` re-sealed it and opened after the job destroyed its old
     version (the job destroys a version once no row uses it, which a read in flight does not
-    count): on `KeyDestroyed` the row is read again, once, and opened under the version it now
-    names. A row still naming the destroyed version (a shredded chat), gone or deleted since,
-    leaves `KeyDestroyed` standing.
+    count): on `KeyDestroyed` the row is read again, once, and opened instead only if it is the
+    same message re-sealed, i.e. only its envelope and DEK version differ (what re-encryption
+    changes). Anything else leaves `KeyDestroyed` standing: a row still on the destroyed
+    version (a shredded chat), gone, deleted or edited since, or differing in any field the
+    caller may show beside the text (live delivery shows a change event's own sender,
+    revision, times and attachments; a forged event naming a destroyed version must not
+    borrow a real message's text).
     """
 
     def __init__(
@@ -206,11 +219,9 @@ class EnvelopeOpener:
                 return self._open_row(row)
             except KeyDestroyed:
                 fresh = self.reread(row.chat_id, row.message_id) if self.reread else None
-                if fresh is None or fresh.deleted_at is not None:
+                if fresh is None or not _resealed(row, fresh):
                     raise
-                if fresh.dek_version == row.dek_version:
-                    raise
-                return self._open_row(fresh)  # re-sealed meanwhile with a newer version
+                return self._open_row(fresh)
         except DecryptionError:
             INTEGRITY_FAILURES.inc()
             # Ids and version only: never the envelope or any part of a plaintext.

@@ -21,7 +21,7 @@ from schemas.ids import EPOCH_MS, first_id_at, id_time
 from sealstream.adapters.cassandra import StoredMessage
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
-from sealstream.errors import KeyNotFound, StoreUnavailable
+from sealstream.errors import KeyDestroyed, KeyNotFound, StoreUnavailable
 from sealstream.http import ApiError
 from tests.sealed_rows import sealed_row
 
@@ -320,3 +320,79 @@ def test_a_membership_re_check_that_fails_ends_the_chats_subscriptions() -> None
             "message": "membership could not be re-checked; subscribe again",
         },
     }
+
+
+# --- a chat re-encrypted: version 1 destroyed, version 2 active -----------------------------------
+
+OLD_KEY = ChatKey(version=1, material=os.urandom(32))
+NEW_KEY = ChatKey(version=2, material=os.urandom(32))
+
+
+class ReencryptedKeys:
+    def key(self, chat_id: uuid.UUID, version: int) -> ChatKey:
+        if chat_id == CHAT and version == OLD_KEY.version:
+            raise KeyDestroyed("destroyed")
+        if chat_id == CHAT and version == NEW_KEY.version:
+            return NEW_KEY
+        raise KeyNotFound("no such key")
+
+
+def reencrypted_service(rows: list[StoredMessage]) -> DeliveryService:
+    store = Rows(rows)
+    return DeliveryService(
+        hub=Hub(),
+        chat=lambda chat_id: chat_row() if chat_id == CHAT else None,
+        rows=store,
+        opener=EnvelopeOpener(ReencryptedKeys(), store.get),  # as delivery/wiring.py builds it
+        window_seconds=WINDOW_S,
+        max_resume_events=100,
+        clock_ms=lambda: NOW_MS,
+    )
+
+
+def test_a_forged_post_event_cannot_borrow_a_real_messages_text() -> None:
+    """A writer of the change topic names a real message's id, its own sender and attachments,
+    and an envelope under a destroyed version: the opener's re-read (for rows re-sealed by
+    re-encryption) must not hand it the real message's text under the forged fields."""
+    real = sealed_row(CHAT, at(1_000), "alice", NEW_KEY, "wire the money to ACME")
+    forged = ChangeEvent(
+        kind="post",
+        event_id=real.message_id,
+        chat_id=CHAT,
+        tenant_id="default",
+        message_id=real.message_id,
+        sender_id="mallory",
+        revision=1,
+        dek_version=1,
+        envelope=sealed_row(CHAT, real.message_id, "mallory", OLD_KEY, "x").envelope,
+        created_at=real.created_at,
+        attachment_ids=(12345,),
+    )
+    service_ = reencrypted_service([real])
+    assert service_.genuine(forged)  # a fresh post: nothing to compare it with
+    assert service_.delivered(forged) is None
+
+
+def test_a_post_frame_never_pairs_revision_1_with_a_later_revisions_text() -> None:
+    """Delivery lagging: the message was edited and its first version destroyed meanwhile. The
+    post event (revision 1) is not delivered with revision 2's text."""
+    first = sealed_row(CHAT, at(1_000), "alice", OLD_KEY, "first text")
+    now = replace(
+        sealed_row(CHAT, first.message_id, "alice", NEW_KEY, "edited text", revision=2),
+        last_event_id=at(500),
+        edited_at=first.created_at,
+    )
+    event = ChangeEvent(
+        kind="post",
+        event_id=first.message_id,
+        chat_id=CHAT,
+        tenant_id="default",
+        message_id=first.message_id,
+        sender_id="alice",
+        revision=1,
+        dek_version=1,
+        envelope=first.envelope,
+        created_at=first.created_at,
+    )
+    item = reencrypted_service([now]).delivered(event)
+    assert item is None or (item.frame["revision"], item.frame["text"]) != (1, "edited text")

@@ -14,6 +14,7 @@ import pytest
 from reader.service import (
     DEFAULT_CLOCK_SKEW_MS,
     CachedChatDirectory,
+    EnvelopeOpener,
     ReaderService,
     decode_cursor,
     encode_cursor,
@@ -696,3 +697,27 @@ def test_a_shredded_chat_read_mid_history_is_still_gone(world: World) -> None:
     world.keys.destroyed.add((chat, 1))
     with pytest.raises(KeyDestroyed):
         world.service.history("alice", chat)
+
+
+def test_a_row_reencrypted_then_shredded_or_deleted_meanwhile_stays_unreadable(
+    world: World,
+) -> None:
+    """The re-read opens a re-sealed row only: one re-sealed and then shredded too, or deleted
+    since, keeps `KeyDestroyed`; one extra store read, no loop."""
+    chat = world.chat()
+    message_id = world.post(chat, "secret")
+    fetched = world.messages.rows[(chat, message_id)]
+    newest = world.keys.new_version(chat)
+    world.messages.add(
+        sealed_row(chat, message_id, fetched.sender_id, newest, "secret", fetched.created_at)
+    )
+    world.keys.destroyed.update({(chat, 1), (chat, 2)})
+    opener = EnvelopeOpener(world.keys, world.messages.get)
+    before = world.messages.touched
+    with pytest.raises(KeyDestroyed):
+        opener.open(fetched)
+    assert world.messages.touched == before + 1
+    world.keys.destroyed.discard((chat, 2))
+    world.delete(chat, message_id)
+    with pytest.raises(KeyDestroyed):
+        opener.open(fetched)
