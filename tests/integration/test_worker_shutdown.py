@@ -170,6 +170,8 @@ def test_encryptor_losing_cassandra_stops_on_sigterm_without_committing(
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
+        else:
+            pytest.fail("the encryptor never became ready: " + log.read_text()[-2000:])
         forwarder.kill()
         forwarder.wait(10)
 
