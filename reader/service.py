@@ -46,7 +46,7 @@ from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.postgres import ChatRow
 from sealstream.attachments import readable_by
 from sealstream.crypto import envelope_dek_version, open_envelope
-from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, MessageGone
 from sealstream.http import ApiError
 from sealstream.keys.cache import TtlCache
 
@@ -199,10 +199,11 @@ class EnvelopeOpener:
     count): on `KeyDestroyed` the row is read again, once, and opened instead only if it is the
     same message re-sealed, i.e. only its envelope and DEK version differ (what re-encryption
     changes). Anything else leaves `KeyDestroyed` standing: a row still on the destroyed
-    version (a shredded chat), gone, deleted or edited since, or differing in any field the
+    version (a shredded chat), gone or edited since, or differing in any field the
     caller may show beside the text (live delivery shows a change event's own sender,
     revision, times and attachments; a forged event naming a destroyed version must not
-    borrow a real message's text).
+    borrow a real message's text). A message deleted since raises `MessageGone` (a
+    `KeyDestroyed`): history and search leave it out, a single read answers 404.
     """
 
     def __init__(
@@ -219,6 +220,8 @@ class EnvelopeOpener:
                 return self._open_row(row)
             except KeyDestroyed:
                 fresh = self.reread(row.chat_id, row.message_id) if self.reread else None
+                if fresh is not None and fresh.deleted_at is not None:
+                    raise MessageGone("the message was deleted while it was read") from None
                 if fresh is None or not _resealed(row, fresh):
                     raise
                 return self._open_row(fresh)
@@ -325,6 +328,13 @@ class ReaderService:
             raise ApiError(403, "forbidden", "you are not a participant of this chat")
         return chat
 
+    def _open_unless_gone(self, row: StoredMessage) -> ReadMessage | None:
+        """The row opened, or None for a message deleted while the page was read."""
+        try:
+            return self._open(row)
+        except MessageGone:
+            return None
+
     # --- queries -------------------------------------------------------------------------------
 
     def message(self, user: str, chat_id: uuid.UUID, message_id: int) -> ReadMessage:
@@ -332,7 +342,10 @@ class ReaderService:
         row = self.messages.get(chat_id, message_id)
         if row is None or row.deleted_at is not None:
             raise ApiError(404, "not_found", "no such chat or message")
-        read = self._open(row)
+        try:
+            read = self._open(row)
+        except MessageGone:
+            raise ApiError(404, "not_found", "no such chat or message") from None
         DECRYPTS_PER_REQUEST.labels("message").observe(1)
         return read
 
@@ -356,7 +369,7 @@ class ReaderService:
         # One row more than asked tells whether another page exists; it is not decrypted.
         rows = list(self.messages.history(chat_id, before_id, oldest_ms, limit + 1))
         more = len(rows) > limit
-        messages = [self._open(row) for row in rows[:limit]]
+        messages = [read for row in rows[:limit] if (read := self._open_unless_gone(row))]
         DECRYPTS_PER_REQUEST.labels("history").observe(len(messages))
         cursor = encode_cursor(rows[limit - 1].message_id) if more else None
         return Page(messages=messages, next_cursor=cursor)

@@ -38,6 +38,12 @@ class KeyDestroyed(SealstreamError):
     """The DEK version existed but was destroyed (crypto-shredded)."""
 
 
+class MessageGone(KeyDestroyed):
+    """A fetched row's DEK version was destroyed and the message has been deleted since
+    (`reader.service.EnvelopeOpener`): the message is gone, not the chat. A `KeyDestroyed`, so
+    every path that skips unreadable rows skips it; the reader answers 404 for it, not 410."""
+
+
 class KmsError(SealstreamError):
     """The KMS refused a request for a permanent reason (auth, permission, bad ciphertext)."""
 

@@ -25,7 +25,7 @@ from sealstream.adapters.object_store import ObjectNotFound, ObjectStoreError
 from sealstream.adapters.opensearch import SearchHit, SearchHits, SearchRequest, WordMatch
 from sealstream.adapters.postgres import ChatRow
 from sealstream.crypto import ChatKey
-from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound
+from sealstream.errors import DecryptionError, KeyDestroyed, KeyNotFound, MessageGone
 from sealstream.http import ApiError
 from tests.fake_analysis import StandInAnalyzer, analyze_one
 from tests.sealed_rows import sealed_row
@@ -721,3 +721,26 @@ def test_a_row_reencrypted_then_shredded_or_deleted_meanwhile_stays_unreadable(
     world.delete(chat, message_id)
     with pytest.raises(KeyDestroyed):
         opener.open(fetched)
+
+
+def test_a_message_deleted_while_its_page_was_read_is_left_out_not_a_410(world: World) -> None:
+    """Fetched, then deleted, then its version destroyed by re-encryption (deleted rows do not
+    hold a version back), then opened: the page of a live chat leaves that message out instead
+    of answering 410, and a single read of it answers 404."""
+    chat = world.chat()
+    kept, doomed = world.post(chat, "kept"), world.post(chat, "deleted meanwhile")
+    fetched = {i: world.messages.rows[(chat, i)] for i in (kept, doomed)}
+    newest = world.keys.new_version(chat)
+    world.messages.add(sealed_row(chat, kept, "alice", newest, "kept", fetched[kept].created_at))
+    world.delete(chat, doomed)
+    world.keys.destroyed.add((chat, 1))
+    world.messages.history = lambda *args: iter(  # type: ignore[method-assign]
+        sorted(fetched.values(), key=lambda r: -r.message_id)
+    )
+
+    page = world.service.history("alice", chat)
+
+    assert [m.text for m in page.messages] == ["kept"]
+    opener = EnvelopeOpener(world.keys, world.messages.get)
+    with pytest.raises(MessageGone):
+        opener.open(fetched[doomed])
