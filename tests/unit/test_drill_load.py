@@ -59,10 +59,19 @@ def gateway() -> Iterator[str]:
     server.shutdown()
 
 
+def wait_for_a_message(load: SteadyLoad) -> None:
+    """Until the load has sent at least one message (a loaded machine may take a while to
+    start its client threads; a fixed pause raced it)."""
+    deadline = time.monotonic() + 30
+    while not load.snapshot():
+        assert time.monotonic() < deadline, "the load sent nothing in 30 s"
+        time.sleep(0.05)
+
+
 def test_a_message_is_retried_with_the_same_id_and_text_until_accepted(gateway: str) -> None:
     load = SteadyLoad([gateway], ["chat-a"], ["t"], "u1", 50, 5.0, give_up_after=30)
     load.start()
-    time.sleep(0.5)
+    wait_for_a_message(load)
     load.stop()
     posted = load.snapshot()
     assert posted and all(m.message_id is not None for m in posted)
@@ -80,7 +89,7 @@ def test_a_message_is_retried_with_the_same_id_and_text_until_accepted(gateway: 
 def test_a_permanent_error_is_recorded_and_not_retried(gateway: str) -> None:
     load = SteadyLoad([gateway], ["refused"], ["t"], "u2", 20, 5.0, give_up_after=30)
     load.start()
-    time.sleep(0.3)
+    wait_for_a_message(load)
     load.stop()
     posted = load.snapshot()
     assert posted and all(m.rejected == "422" and len(m.attempts) == 1 for m in posted)

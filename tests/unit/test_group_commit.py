@@ -68,8 +68,10 @@ def test_a_failing_round_fails_its_callers_and_the_next_round_runs() -> None:
 
 def test_callers_queued_behind_a_hung_round_give_up_after_their_wait() -> None:
     release = threading.Event()
+    hung = threading.Event()
 
     def run(works: list[int]) -> list[int | BaseException]:
+        hung.set()
         release.wait(10)  # the first round hangs, as on a hung database
         return list(works)
 
@@ -78,7 +80,7 @@ def test_callers_queued_behind_a_hung_round_give_up_after_their_wait() -> None:
     )
     first = threading.Thread(target=group.submit, args=(1,))
     first.start()
-    time.sleep(0.1)  # the first caller leads the hung round
+    assert hung.wait(10)  # the first caller leads the hung round
     outcomes: list[object] = []
 
     def queued() -> None:
