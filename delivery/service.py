@@ -237,6 +237,9 @@ class DeliveryService:
             edited_at=event.edited_at,
             deleted_at=event.deleted_at,
             revision=event.revision,
+            # The row an edit leaves names that edit (`genuine` checks the stored row does):
+            # the opener's re-read after a re-encryption compares the whole row.
+            last_event_id=event.event_id if event.kind == "edit" else None,
             attachment_ids=event.attachment_ids,
         )
         if event.kind == "delete":

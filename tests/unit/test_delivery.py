@@ -396,3 +396,37 @@ def test_a_post_frame_never_pairs_revision_1_with_a_later_revisions_text() -> No
     )
     item = reencrypted_service([now]).delivered(event)
     assert item is None or (item.frame["revision"], item.frame["text"]) != (1, "edited text")
+
+
+def test_a_live_edit_reencrypted_before_delivery_is_still_delivered() -> None:
+    """The edit (revision 2) was sealed under version 1; re-encryption re-sealed the row under
+    version 2 and destroyed version 1 before live delivery opened the event: the edit's frame
+    is delivered with its text (the re-read row is the same edit, re-sealed)."""
+    message_id, edit_id = at(1_000), at(500)
+    sealed_then = replace(
+        sealed_row(CHAT, message_id, "alice", OLD_KEY, "edited", revision=2),
+        edited_at=id_time(edit_id),
+        last_event_id=edit_id,
+    )
+    now = replace(
+        sealed_row(CHAT, message_id, "alice", NEW_KEY, "edited", revision=2),
+        edited_at=id_time(edit_id),
+        last_event_id=edit_id,
+    )
+    event = ChangeEvent(
+        kind="edit",
+        event_id=edit_id,
+        chat_id=CHAT,
+        tenant_id="default",
+        message_id=message_id,
+        sender_id="alice",
+        revision=2,
+        dek_version=1,
+        envelope=sealed_then.envelope,
+        created_at=sealed_then.created_at,
+        edited_at=sealed_then.edited_at,
+    )
+    service_ = reencrypted_service([now])
+    assert service_.genuine(event)
+    item = service_.delivered(event)
+    assert item is not None and (item.frame["revision"], item.frame["text"]) == (2, "edited")
