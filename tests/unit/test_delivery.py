@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Literal
 
 import pytest
 
@@ -148,20 +149,28 @@ def test_cursors_are_decimal_event_ids() -> None:
         assert (refused.value.status, refused.value.field) == (422, "cursor")
 
 
-def test_a_live_change_event_is_opened_with_the_row_context() -> None:
-    row = post(at(1_000), "live text")
-    event = ChangeEvent(
-        kind="post",
-        event_id=row.message_id,
-        chat_id=CHAT,
+def change_of(
+    row: StoredMessage, kind: Literal["post", "edit"] = "post", event_id: int | None = None
+) -> ChangeEvent:
+    """The change event a worker publishes for `row` (a post's event id is its message id)."""
+    return ChangeEvent(
+        kind=kind,
+        event_id=row.message_id if event_id is None else event_id,
+        chat_id=row.chat_id,
         tenant_id="default",
         message_id=row.message_id,
-        sender_id="alice",
-        revision=1,
-        dek_version=1,
+        sender_id=row.sender_id,
+        revision=row.revision,
+        dek_version=row.dek_version,
         envelope=row.envelope,
         created_at=row.created_at,
+        edited_at=row.edited_at,
     )
+
+
+def test_a_live_change_event_is_opened_with_the_row_context() -> None:
+    row = post(at(1_000), "live text")
+    event = change_of(row)
     item = service([]).delivered(event)
     assert item is not None and item.frame["text"] == "live text"
     # A change whose envelope does not match its columns (here: another sender) is not sent.
@@ -382,18 +391,7 @@ def test_a_post_frame_never_pairs_revision_1_with_a_later_revisions_text() -> No
         last_event_id=at(500),
         edited_at=first.created_at,
     )
-    event = ChangeEvent(
-        kind="post",
-        event_id=first.message_id,
-        chat_id=CHAT,
-        tenant_id="default",
-        message_id=first.message_id,
-        sender_id="alice",
-        revision=1,
-        dek_version=1,
-        envelope=first.envelope,
-        created_at=first.created_at,
-    )
+    event = change_of(first)
     item = reencrypted_service([now]).delivered(event)
     assert item is None or (item.frame["revision"], item.frame["text"]) != (1, "edited text")
 
@@ -413,19 +411,7 @@ def test_a_live_edit_reencrypted_before_delivery_is_still_delivered() -> None:
         edited_at=id_time(edit_id),
         last_event_id=edit_id,
     )
-    event = ChangeEvent(
-        kind="edit",
-        event_id=edit_id,
-        chat_id=CHAT,
-        tenant_id="default",
-        message_id=message_id,
-        sender_id="alice",
-        revision=2,
-        dek_version=1,
-        envelope=sealed_then.envelope,
-        created_at=sealed_then.created_at,
-        edited_at=sealed_then.edited_at,
-    )
+    event = change_of(sealed_then, "edit", edit_id)
     service_ = reencrypted_service([now])
     assert service_.genuine(event)
     item = service_.delivered(event)
